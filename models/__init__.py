@@ -1,0 +1,4 @@
+"""The model side of moeflow: MoE transformer, tokenizer helpers, training step, losses, generation, metrics. Pure PyTorch/numpy."""
+
+if __name__ != "moeflow.models":  # pragma: no cover - guard against 'import models' from the repo root
+    raise ImportError("import moeflow.models, not the bare top-level 'models' package")
