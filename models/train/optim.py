@@ -1,0 +1,71 @@
+"""AdamW with parameter groups: which tensors get weight decay, and the fused kernel on CUDA.
+
+Decay policy (decided here, one place):
+
+* **no decay** on every tensor with fewer than 2 dimensions: RMSNorm gains and any bias
+  vector. Shrinking a norm gain towards 0 only rescales activations and fights the norm.
+* **no decay** on parameters that do not require grad. The router balancing bias is a
+  buffer in our model (no gradient, never in the optimiser); this rule also covers a model
+  that registers it as a frozen parameter.
+* **decay** on all matrices, including the token embedding, the LM head, the router weight
+  and the stacked expert weights ``(E, ...)``. We keep decay on the embedding as nanoGPT/
+  nanochat and torchtitan do: with tied embeddings the table *is* the LM head, and leaving
+  it undecayed would exempt the output projection too. ``decay_embeddings=False`` is there
+  for experiments.
+
+Fused AdamW is used when every parameter lives on CUDA (``fused="auto"``); on CPU the
+default for-each implementation keeps CPU runs bit-reproducible across torch builds.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def split_decay_groups(model: nn.Module, decay_embeddings: bool = True) -> tuple[list[str], list[str]]:
+    """Names of the parameters (decay, no_decay); shared (tied) parameters appear once."""
+    embedding_params = set()
+    if not decay_embeddings:
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                embedding_params.add(id(module.weight))
+    decay, no_decay, seen = [], [], set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or id(param) in embedding_params:
+            no_decay.append(name)
+        else:
+            decay.append(name)
+    return decay, no_decay
+
+
+def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas: Iterable[float] = (0.9, 0.95),
+                eps: float = 1e-8, fused: str | bool = "auto", decay_embeddings: bool = True) -> torch.optim.AdamW:
+    """AdamW over two groups; each group carries ``initial_lr`` so schedules can scale it."""
+    decay_names, no_decay_names = split_decay_groups(model, decay_embeddings)
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [params[n] for n in decay_names], "weight_decay": weight_decay, "name": "decay"},
+        {"params": [params[n] for n in no_decay_names], "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("build_adamw: the model has no trainable parameters")
+    if fused == "auto":
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None)
+    for group in opt.param_groups:
+        group["initial_lr"] = lr
+    return opt
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
