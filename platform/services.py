@@ -1,0 +1,284 @@
+"""Local services: the Prefect server, the MLflow server, the dashboard and a Ray head.
+
+``moeflow up`` starts each as a detached process (its own session, so it outlives the
+CLI), with its log and pid file under ``$MOEFLOW_HOME``; it is idempotent (a healthy
+service is left alone, a dead pid file is cleaned up) and health-checked over HTTP.
+The environment every service and every flow run shares comes from one function,
+``service_env``, so the Prefect server and a flow run always agree on ``PREFECT_HOME``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .compute import RAY_ADDRESS_FILE
+from .settings import Settings
+
+OFFLINE_ENV = {
+    # Nothing may phone home: this machine (and many clusters) have no internet.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+def prefect_env(settings: Settings) -> dict[str, str]:
+    """Prefect settings shared by the server and every flow run of this home."""
+    env = {
+        "PREFECT_HOME": str(settings.prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{settings.prefect_home / 'prefect.db'}",
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_LOCAL_STORAGE_PATH": str(settings.prefect_home / "results"),
+    }
+    if settings.prefect_api_url:
+        env["PREFECT_API_URL"] = settings.prefect_api_url
+    return env
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env.update(prefect_env(settings))
+    env["MOEFLOW_HOME"] = str(settings.home)
+    return env
+
+
+@dataclass
+class Service:
+    name: str
+    command: list[str]
+    health_url: str | None
+    url: str
+    env: dict[str, str] = field(default_factory=dict)
+    detaches: bool = False  # the command daemonises itself (ray start) and exits
+
+    def pid_file(self, settings: Settings) -> Path:
+        return settings.run_dir / f"{self.name}.pid"
+
+    def log_file(self, settings: Settings) -> Path:
+        return settings.log_dir / f"{self.name}.log"
+
+
+def _python_bin(name: str) -> str:
+    """The console script of the running interpreter's environment, else PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def services(settings: Settings) -> dict[str, Service]:
+    host = settings.host
+    dashboard_app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    mlflow_env = {}
+    if settings.uses_s3:
+        mlflow_env = {
+            "MLFLOW_S3_ENDPOINT_URL": ("https://" if settings.s3_secure else "http://") + settings.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": settings.s3_access_key.get_secret_value() if settings.s3_access_key else "",
+            "AWS_SECRET_ACCESS_KEY": settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else "",
+        }
+    ray_port = 6380
+    return {
+        "prefect": Service(
+            name="prefect",
+            command=[_python_bin("prefect"), "server", "start", "--host", host, "--port", str(settings.prefect_port),
+                     "--analytics-off", "--no-late-runs"],
+            health_url=f"http://{host}:{settings.prefect_port}/api/health",
+            url=f"http://{host}:{settings.prefect_port}",
+        ),
+        "mlflow": Service(
+            name="mlflow",
+            command=[_python_bin("mlflow"), "server", "--backend-store-uri", settings.mlflow_backend,
+                     "--artifacts-destination", settings.mlflow_artifacts_root, "--serve-artifacts",
+                     "--host", host, "--port", str(settings.mlflow_port), "--workers", "1",
+                     "--allowed-hosts", f"{host}:{settings.mlflow_port},localhost:{settings.mlflow_port},{host},localhost"],
+            health_url=f"{settings.mlflow_server_url}/health",
+            url=settings.mlflow_server_url,
+            env=mlflow_env,
+        ),
+        "dashboard": Service(
+            name="dashboard",
+            command=[sys.executable, "-m", "streamlit", "run", str(dashboard_app), "--server.port",
+                     str(settings.dashboard_port), "--server.address", host, "--server.headless", "true",
+                     "--browser.gatherUsageStats", "false"],
+            health_url=f"{settings.dashboard_url}/_stcore/health",
+            url=settings.dashboard_url,
+        ),
+        "ray": Service(
+            name="ray",
+            command=[_python_bin("ray"), "start", "--head", f"--port={ray_port}", "--include-dashboard=false",
+                     f"--object-store-memory={settings.ray_object_store_mb * 1024 * 1024}", "--disable-usage-stats"]
+                    + ([f"--num-cpus={settings.ray_num_cpus}"] if settings.ray_num_cpus else []),
+            health_url=None,
+            url=f"{host}:{ray_port}",
+            detaches=True,
+        ),
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of this process counts as dead
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def service_status(svc: Service, settings: Settings) -> dict:
+    if svc.name == "ray":
+        address_file = settings.run_dir / RAY_ADDRESS_FILE
+        running = address_file.exists() and _ray_head_alive(settings)
+        return {"name": svc.name, "running": running, "healthy": running, "pid": None, "url": svc.url}
+    pid = _read_pid(svc.pid_file(settings))
+    running = pid is not None and _pid_alive(pid)
+    healthy = running and (svc.health_url is None or http_ok(svc.health_url))
+    return {"name": svc.name, "running": running, "healthy": healthy, "pid": pid if running else None, "url": svc.url}
+
+
+def _ray_head_alive(settings: Settings) -> bool:
+    address = (settings.run_dir / RAY_ADDRESS_FILE).read_text().strip()
+    host, _, port = address.rpartition(":")
+    import socket
+
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def start_service(svc: Service, settings: Settings, timeout: float = 120.0) -> dict:
+    """Start ``svc`` unless it is already healthy; wait until it answers its health check."""
+    settings.ensure_dirs()
+    status = service_status(svc, settings)
+    if status["healthy"]:
+        return {**status, "started": False}
+    if status["running"] and svc.name != "ray":  # alive but unhealthy: maybe still starting
+        if _wait_healthy(svc, settings, timeout):
+            return {**service_status(svc, settings), "started": False}
+        stop_service(svc, settings)
+    svc.pid_file(settings).unlink(missing_ok=True)
+    env = service_env(settings)
+    env.update(svc.env)
+    log = svc.log_file(settings).open("ab")
+    log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(svc.command)}\n".encode())
+    log.flush()
+    if svc.detaches:
+        result = subprocess.run(svc.command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                cwd=settings.home)
+        if result.returncode != 0:
+            raise RuntimeError(f"{svc.name} failed to start (exit {result.returncode}); see {svc.log_file(settings)}")
+        (settings.run_dir / RAY_ADDRESS_FILE).write_text(svc.url)
+        return {**service_status(svc, settings), "started": True}
+    proc = subprocess.Popen(svc.command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=settings.home)
+    svc.pid_file(settings).write_text(str(proc.pid))
+    if not _wait_healthy(svc, settings, timeout, proc):
+        stop_service(svc, settings)
+        tail = svc.log_file(settings).read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{svc.name} did not become healthy within {timeout:.0f}s; log {svc.log_file(settings)}:\n{tail}")
+    return {**service_status(svc, settings), "started": True}
+
+
+def _wait_healthy(svc: Service, settings: Settings, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        if service_status(svc, settings)["healthy"]:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def stop_service(svc: Service, settings: Settings, timeout: float = 20.0) -> bool:
+    """Stop ``svc`` (its whole process group); returns whether something was running."""
+    if svc.name == "ray":
+        address_file = settings.run_dir / RAY_ADDRESS_FILE
+        if not address_file.exists():
+            return False
+        subprocess.run([_python_bin("ray"), "stop", "--force"], env=service_env(settings),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        address_file.unlink(missing_ok=True)
+        return True
+    pid = _read_pid(svc.pid_file(settings))
+    svc.pid_file(settings).unlink(missing_ok=True)
+    if pid is None or not _pid_alive(pid):
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                _reap(pid)
+                return True
+            _reap(pid)
+            time.sleep(0.2)
+    return True
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def up(settings: Settings, names: list[str] | None = None, timeout: float = 180.0) -> list[dict]:
+    table = services(settings)
+    return [start_service(table[n], settings, timeout) for n in (names or list(table))]
+
+
+def down(settings: Settings, names: list[str] | None = None) -> list[dict]:
+    table = services(settings)
+    return [{"name": n, "stopped": stop_service(table[n], settings)} for n in (names or list(table))]
+
+
+def status(settings: Settings) -> list[dict]:
+    return [service_status(svc, settings) for svc in services(settings).values()]
+
+
+def mlflow_server_healthy(settings: Settings) -> bool:
+    return service_status(services(settings)["mlflow"], settings)["healthy"]
+
+
+def prefect_server_healthy(settings: Settings) -> bool:
+    return service_status(services(settings)["prefect"], settings)["healthy"]

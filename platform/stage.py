@@ -1,0 +1,131 @@
+"""Stage glue: one stage run = a catalog run + an MLflow run + lineage edges.
+
+Every Prefect task wraps its library call in ``stage_run``: it opens the object store,
+the catalog and the tracker from settings, starts a catalog run and an MLflow run (nested
+under the pipeline's run when the task belongs to a pipeline), logs the config and the
+inputs, and on exit records the outputs as lineage and marks the run succeeded or failed
+(with the error). Library code never sees any of this: it gets a store and plain values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .recipes import config_hash
+from .settings import Settings, get_settings
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"a.b": v}`` for MLflow params (values stringified, truncated)."""
+    out: dict[str, Any] = {}
+    if isinstance(config, dict):
+        for key, value in config.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        text = str(config)
+        out[prefix.rstrip(".")] = text if len(text) <= 500 else text[:497] + "..."
+    return out
+
+
+def current_prefect_flow_run_id() -> str | None:
+    """The id of the Prefect flow run we are inside, if any (never raises)."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        task_ctx = TaskRunContext.get()
+        if task_ctx is not None and task_ctx.task_run.flow_run_id:
+            return str(task_ctx.task_run.flow_run_id)
+        flow_ctx = FlowRunContext.get()
+        if flow_ctx is not None and flow_ctx.flow_run is not None:
+            return str(flow_ctx.flow_run.id)
+    except Exception:  # Prefect absent or not in a run
+        return None
+    return None
+
+
+@dataclass
+class StageRun:
+    stage: str
+    run_id: str
+    settings: Settings
+    store: Any
+    catalog: Any
+    tracker: Any
+    mlflow_run_id: str | None
+    config_hash: str
+    outputs: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def add_output(self, uri: str, *, kind: str = "dataset", name: str | None = None,
+                   stats: dict | None = None, content_hash: str | None = None) -> str:
+        """Record an artefact this stage produced (catalog dataset version + lineage edge)."""
+        if kind == "model":
+            self.catalog.register_model(name or self.stage, uri, self.config_hash, metrics=stats)
+        else:
+            self.catalog.register_dataset(name or self.stage, uri, content_hash or "", stats=stats, kind=kind)
+        self.outputs.append(uri)
+        self.tracker.set_tags({f"moeflow.output.{len(self.outputs) - 1}": uri})
+        return uri
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.update({k: float(v) for k, v in metrics.items()})
+        self.tracker.log_metrics(metrics, step=step)
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    config: dict,
+    inputs: list[str] | tuple[str, ...] = (),
+    *,
+    pipeline: dict | None = None,
+    settings: Settings | None = None,
+    store: Any = None,
+    catalog: Any = None,
+    tracker: Any = None,
+) -> Iterator[StageRun]:
+    """Run one stage with tracking and lineage; see the module docstring.
+
+    ``pipeline`` is the small dict that the pipeline flow passes to each task
+    (``{"catalog_run_id": ..., "mlflow_run_id": ...}``) so stage runs nest under it.
+    """
+    from .catalog import Catalog
+    from .store import open_store
+    from .tracking import get_tracker
+
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    store = store if store is not None else open_store(settings, create_bucket=True)
+    catalog = catalog if catalog is not None else Catalog.from_settings(settings)
+    tracker = tracker if tracker is not None else get_tracker(settings)
+    pipeline = pipeline or {}
+    chash = config_hash(config)
+    prefect_run = current_prefect_flow_run_id()
+    run_id = catalog.start_run(stage, config, pipeline_run_id=pipeline.get("catalog_run_id"),
+                               prefect_flow_run_id=prefect_run)
+    tags = {"moeflow.stage": stage, "moeflow.catalog_run_id": run_id, "moeflow.config_hash": chash}
+    if prefect_run:
+        tags["prefect.flow_run_id"] = prefect_run
+    if pipeline.get("catalog_run_id"):
+        tags["moeflow.pipeline_run_id"] = pipeline["catalog_run_id"]
+    parent = pipeline.get("mlflow_run_id")
+    with tracker.start_run(stage, tags=tags, nested=parent is not None, parent_run_id=parent) as mlflow_run_id:
+        catalog.set_run_ids(run_id, mlflow_run_id=mlflow_run_id)
+        st = StageRun(stage, run_id, settings, store, catalog, tracker, mlflow_run_id, chash)
+        try:
+            tracker.log_params(flatten(config))
+            for uri in inputs:
+                tracker.log_input(uri, name=uri.rstrip("/").rsplit("/", 1)[-1], context="input")
+            yield st
+        except BaseException as err:
+            catalog.add_lineage(run_id, inputs=list(inputs), outputs=st.outputs)
+            message = "".join(traceback.format_exception_only(type(err), err)).strip()
+            catalog.finish_run(run_id, status="failed", error=message, metrics=st.metrics)
+            tracker.set_tags({"moeflow.status": "failed", "moeflow.error": message[:5000]})
+            raise
+        catalog.add_lineage(run_id, inputs=list(inputs), outputs=st.outputs)
+        catalog.finish_run(run_id, status="succeeded", metrics=st.metrics)
+        tracker.set_tags({"moeflow.status": "succeeded"})

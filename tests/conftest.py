@@ -1,0 +1,75 @@
+"""Shared pytest fixtures.
+
+Every test session gets its own ``MOEFLOW_HOME`` (set before anything imports Prefect or
+MLflow), offline settings for every library that might phone home, and session-scoped
+real services started on demand: a Prefect test server, an S3 HTTP server (moto) and an
+MLflow server. In CI (``CI=true``) a service that cannot be reached is a failure, never a
+skip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="moeflow-test-home-"))
+_OFFLINE = {
+    "MOEFLOW_HOME": str(_SESSION_HOME),
+    "PREFECT_HOME": str(_SESSION_HOME / "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MOEFLOW_RAY_OBJECT_STORE_MB": "256",
+    "MOEFLOW_RAY_NUM_CPUS": "2",
+}
+for _key, _value in _OFFLINE.items():
+    os.environ[_key] = _value
+for _key in ("MOEFLOW_MLFLOW_TRACKING_URI", "MOEFLOW_S3_ENDPOINT", "MOEFLOW_CATALOG_URL", "PREFECT_API_URL",
+             "MOEFLOW_RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_key, None)
+
+
+def service_unavailable(reason: str) -> None:
+    """Fail in CI, skip locally: a missing service must never pass silently in CI."""
+    if IN_CI:
+        pytest.fail(f"required service unavailable in CI: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def moeflow_home(tmp_path, monkeypatch) -> Path:
+    """A fresh MOEFLOW_HOME for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MOEFLOW_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (it takes ~20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
