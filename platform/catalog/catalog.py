@@ -90,6 +90,7 @@ class Catalog:
     # ------------------------------------------------------------------ plumbing
     def _write(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a transaction; retry when a concurrent writer won a unique race."""
+        self._ensure_project()
         for attempt in range(_WRITE_RETRIES):
             try:
                 with self._sessions.begin() as session:
@@ -125,12 +126,19 @@ class Catalog:
             return
         session.execute(stmt)
 
-    def _project(self, session: Session) -> str:
+    def _ensure_project(self) -> str:
+        """Id of this catalog's project row, created on first write.
+
+        Created in its own committed transaction, before the caller's begins (SQLite
+        allows one writer: nesting would wait on ourselves), so the cached id never points
+        at a row that a rolled-back transaction took away again.
+        """
         if self._project_id is None:
-            self._insert_ignore(
-                session, Project, {"id": new_id(), "name": self.project, "created_at": utcnow()}, ["name"]
-            )
-            self._project_id = session.scalar(select(Project.id).where(Project.name == self.project))
+            with self._sessions.begin() as own:
+                self._insert_ignore(
+                    own, Project, {"id": new_id(), "name": self.project, "created_at": utcnow()}, ["name"]
+                )
+                self._project_id = own.scalar(select(Project.id).where(Project.name == self.project))
         return self._project_id
 
     def _get_run(self, session: Session, run_id: str) -> Run:
@@ -164,7 +172,7 @@ class Catalog:
             session.add(
                 Run(
                     id=run_id,
-                    project_id=self._project(session),
+                    project_id=self._project_id,
                     stage=stage,
                     status="running",
                     config=config_json,
@@ -281,7 +289,7 @@ class Catalog:
                                 uri, content_hash, existing.content_hash)
                 existing.content_hash, existing.stats, existing.kind = content_hash, stats_json, kind
                 return existing.id
-            project_id = self._project(session)
+            project_id = self._project_id
             self._insert_ignore(
                 session,
                 Dataset,
@@ -326,7 +334,7 @@ class Catalog:
             if existing is not None:
                 existing.metrics = {**(existing.metrics or {}), **metrics_json}
                 return existing.id
-            project_id = self._project(session)
+            project_id = self._project_id
             version = 1 + (session.scalar(
                 select(func.max(ModelVersion.version)).where(
                     ModelVersion.project_id == project_id, ModelVersion.name == name
