@@ -1,0 +1,175 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2/V3) and its latent KV cache.
+
+Two ways to compute the same function:
+
+- **Expanded (training) path**, used when no cache is given: the latent is up-projected to
+  per-head keys/values and fed to ``F.scaled_dot_product_attention(is_causal=True)``. MLA's value
+  head (v_head_dim) may be smaller than the query/key head (qk_nope + qk_rope); on CUDA the value
+  is zero-padded to the q/k head size so SDPA can pick its flash kernel (padded output columns are
+  exactly zero and sliced off). ``MLA.pad_v_on_cuda`` switches this off for measurements.
+- **Absorbed (inference) path**, used with an ``MLACache``: kv_b_proj splits into the key
+  up-projection W_uk (H, nope, R) and the value up-projection W_uv (H, v, R). W_uk is folded into
+  the query (q_lat = q_nope · W_uk) and W_uv into the output, so attention runs directly over the
+  cached latent (R = kv_lora_rank values, post-RMSNorm) plus the shared RoPE key (P values):
+  R + P values per token per layer. It is one single-kv-head SDPA call (``enable_gqa``).
+
+Parameter names are Hugging Face DeepseekV3's (q_proj | q_a_proj, q_a_layernorm, q_b_proj;
+kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so export is a key copy.
+
+Shape suffixes: B batch, T new tokens, S key slots, H heads, C q/k head dim (nope + rope),
+N nope dim, P rope dim, V value head dim, R kv_lora_rank, D hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, apply_rope
+
+
+class MLACache:
+    """Latent KV cache: per layer ``kv_latent[l]`` (B, S_max, R) and ``k_rope[l]`` (B, S_max, P).
+
+    Slots are filled left to right, all rows in step. Padding is per row: ``key_mask_BS`` marks
+    slots holding real tokens (1 in the ``attention_mask_BS`` passed to the model), and
+    ``num_real_B`` counts each row's real tokens so far (the next RoPE position of that row).
+    Two ways to advance:
+
+    - dynamic (default): the model writes slots [length, length + T) and attends over
+      [0, length + T); ``length`` (a Python int) then grows by T.
+    - static (CUDA-graph friendly): the caller passes ``cache_position`` (T,) int64 on the device;
+      the model writes those slots and attends over all S_max slots (unwritten ones are masked
+      out by ``key_mask_BS``). ``length`` is not touched: the caller owns the position.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.batch_size, self.max_len = batch_size, max_len
+        self.kv_latent = [torch.zeros(batch_size, max_len, kv_lora_rank, device=device, dtype=dtype)
+                          for _ in range(num_layers)]
+        self.k_rope = [torch.zeros(batch_size, max_len, rope_dim, device=device, dtype=dtype)
+                       for _ in range(num_layers)]
+        self.key_mask_BS = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.num_real_B = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+
+    @classmethod
+    def for_config(cls, cfg: ModelConfig, batch_size: int, max_len: int, device=None,
+                   dtype: torch.dtype = torch.float32, include_mtp: bool = False) -> "MLACache":
+        num_layers = cfg.num_layers + (cfg.mtp_depth if include_mtp else 0)
+        return cls(num_layers, batch_size, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, device, dtype)
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes per token, all layers (MLA: (R + P) × layers × element size)."""
+        per_layer = self.kv_latent[0].shape[-1] + self.k_rope[0].shape[-1]
+        return per_layer * len(self.kv_latent) * self.kv_latent[0].element_size()
+
+    def reset(self) -> None:
+        self.key_mask_BS.zero_()
+        self.num_real_B.zero_()
+        self.length = 0
+
+
+@dataclass
+class CacheStep:
+    """What one forward does with a cache: write new tokens to ``slots_T``, attend over [0, num_keys)."""
+
+    cache: MLACache
+    slots_T: torch.Tensor
+    num_keys: int
+    mask_B1TS: torch.Tensor  # bool, True = may attend
+
+
+class MLA(nn.Module):
+    pad_v_on_cuda = True
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.softmax_scale = cfg.softmax_scale()
+        d, h = cfg.hidden_size, cfg.num_heads
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, h * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=False)
+        # HF builds q_a_layernorm and kv_a_layernorm with the default eps (1e-6), not rms_norm_eps.
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
+
+    # ------------------------------------------------------------------ shared projections
+    def _queries(self, x_BTD: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x_BTD.shape
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        else:
+            q = self.q_proj(x_BTD)
+        q_BTHC = q.view(B, T, self.num_heads, self.qk_dim)
+        q_nope_BTHN, q_rot_BTHP = q_BTHC.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope_BTHN, apply_rope(q_rot_BTHP, cos, sin)
+
+    def _latent(self, x_BTD: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        kv_lat_BTR, k_rot_BTP = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(kv_lat_BTR), apply_rope(k_rot_BTP, cos, sin)
+
+    def forward(self, x_BTD: torch.Tensor, cos_BTp: torch.Tensor, sin_BTp: torch.Tensor,
+                mask_B1TS: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:
+        """mask_B1TS (bool, True = attend) replaces the causal mask when given; step selects the absorbed path."""
+        q_nope, q_rot = self._queries(x_BTD, cos_BTp, sin_BTp)
+        kv_lat, k_rot = self._latent(x_BTD, cos_BTp, sin_BTp)
+        if step is not None:
+            out_BTHV = self._absorbed(q_nope, q_rot, kv_lat, k_rot, step)
+        else:
+            out_BTHV = self._expanded(q_nope, q_rot, kv_lat, k_rot, mask_B1TS)
+        B, T = x_BTD.shape[:2]
+        return self.o_proj(out_BTHV.reshape(B, T, self.num_heads * self.v_dim))
+
+    # ------------------------------------------------------------------ training path
+    def _expanded(self, q_nope_BTHN, q_rot_BTHP, kv_lat_BTR, k_rot_BTP, mask_B1TS) -> torch.Tensor:
+        B, T, H, _ = q_nope_BTHN.shape
+        kv_BTHX = self.kv_b_proj(kv_lat_BTR).view(B, T, H, self.nope_dim + self.v_dim)
+        k_nope_BTHN, v_BTHV = kv_BTHX.split([self.nope_dim, self.v_dim], dim=-1)
+        q_BTHC = torch.cat([q_nope_BTHN, q_rot_BTHP], dim=-1)
+        k_BTHC = torch.cat([k_nope_BTHN, k_rot_BTP[:, :, None, :].expand(B, T, H, self.rope_dim)], dim=-1)
+        pad = self.qk_dim - self.v_dim if (q_BTHC.is_cuda and self.pad_v_on_cuda) else 0
+        if pad > 0:
+            v_BTHV = F.pad(v_BTHV, (0, pad))
+        out_BHTV = F.scaled_dot_product_attention(
+            q_BTHC.transpose(1, 2), k_BTHC.transpose(1, 2), v_BTHV.transpose(1, 2),
+            attn_mask=mask_B1TS, is_causal=mask_B1TS is None, scale=self.softmax_scale)
+        out_BTHV = out_BHTV.transpose(1, 2)
+        return out_BTHV[..., : self.v_dim] if pad > 0 else out_BTHV
+
+    # ------------------------------------------------------------------ inference path
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_uk (H, N, R) and W_uv (H, V, R), views of kv_b_proj.weight."""
+        w_HXR = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w_HXR[:, : self.nope_dim], w_HXR[:, self.nope_dim:]
+
+    def _absorbed(self, q_nope_BTHN, q_rot_BTHP, kv_lat_BTR, k_rot_BTP, step: CacheStep) -> torch.Tensor:
+        cache, i = step.cache, self.layer_idx
+        cache.kv_latent[i].index_copy_(1, step.slots_T, kv_lat_BTR.to(cache.kv_latent[i].dtype))
+        cache.k_rope[i].index_copy_(1, step.slots_T, k_rot_BTP.to(cache.k_rope[i].dtype))
+        kv_lat_BSR = cache.kv_latent[i][:, : step.num_keys].to(q_nope_BTHN.dtype)
+        k_rot_BSP = cache.k_rope[i][:, : step.num_keys].to(q_nope_BTHN.dtype)
+        w_uk_HNR, w_uv_HVR = self.absorbed_weights()
+        q_lat_BHTR = torch.einsum("bthn,hnr->bhtr", q_nope_BTHN, w_uk_HNR)
+        q_BHTX = torch.cat([q_lat_BHTR, q_rot_BTHP.transpose(1, 2)], dim=-1)
+        k_B1SX = torch.cat([kv_lat_BSR, k_rot_BSP], dim=-1)[:, None]
+        o_lat_BHTR = F.scaled_dot_product_attention(
+            q_BHTX, k_B1SX, kv_lat_BSR[:, None], attn_mask=step.mask_B1TS,
+            scale=self.softmax_scale, enable_gqa=True)
+        return torch.einsum("bhtr,hvr->bthv", o_lat_BHTR, w_uv_HVR)

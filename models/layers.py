@@ -1,0 +1,109 @@
+"""Small building blocks: RMSNorm, SwiGLU feed-forward, rotary embeddings with optional YaRN.
+
+Each computes exactly the function of its Hugging Face DeepseekV3 counterpart (the HF parity test
+depends on it):
+- RMSNorm normalises in fp32, casts back to the input dtype, then multiplies by the weight.
+- RoPE uses DeepSeek's interleaved pair layout (HF ``rope_interleave=True``): dims (2i, 2i+1) form
+  one pair rotated by frequency i; the rotated output is laid out as [all even-slot results,
+  all odd-slot results]. That output permutation is applied to queries and keys alike, so q·k
+  is the interleaved-rotation dot product.
+- YaRN: blended inverse frequencies (HF ``_compute_yarn_parameters``), cos/sin multiplied by the
+  attention factor mscale(f, mscale)/mscale(f, mscale_all_dim); the extra softmax-scale factor
+  mscale(f, mscale_all_dim)^2 is applied in attention (``ModelConfig.softmax_scale``).
+
+Shape suffixes: B batch, T tokens, D hidden, F ffn width, P rope dim, H heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_f32 = x.float()
+        x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_f32.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); names follow HF (gate_proj, up_proj, down_proj)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (P/2,) in fp32 and the cos/sin attention factor."""
+    dim, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return 1.0 / pos_freqs, 1.0
+    factor = float(rs["factor"])
+    orig_max = float(rs["original_max_position_embeddings"])
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    if rs.get("attention_factor") is not None:
+        attention_factor = float(rs["attention_factor"])
+    elif mscale and mscale_all_dim:
+        attention_factor = yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all_dim))
+    else:
+        attention_factor = yarn_mscale(factor)
+    beta_fast = float(rs.get("beta_fast") or 32)
+    beta_slow = float(rs.get("beta_slow") or 1)
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(orig_max / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns integer positions (B, T) into cos/sin tables (B, T, P/2) in fp32."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inv_freq, self.attention_factor = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles_BTp = positions_BT.float()[..., None] * self.inv_freq.float()
+        return angles_BTp.cos() * self.attention_factor, angles_BTp.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos_BTp: torch.Tensor, sin_BTp: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, [H,] P); output layout [even results, odd results].
+
+    cos/sin are cast to x's dtype first, as HF does, so bf16 runs round the same way.
+    """
+    if x.dim() == 4:  # (B, T, H, P): broadcast over heads
+        cos_BTp, sin_BTp = cos_BTp[:, :, None, :], sin_BTp[:, :, None, :]
+    cos, sin = cos_BTp.to(x.dtype), sin_BTp.to(x.dtype)
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], dim=-1)

@@ -1,0 +1,223 @@
+"""DeepSeekMoE layer: fp32 top-k router with balancing bias, stacked routed experts, shared experts.
+
+Parameter layout (Hugging Face DeepseekV3 names, so export is a key copy):
+    mlp.gate.weight                    (E, D)   router, fp32 maths
+    mlp.gate.e_score_correction_bias   (E,)     fp32 BUFFER (aux-loss-free balancing; no grad)
+    mlp.experts.gate_up_proj           (E, 2F, D)  rows [0, F) gate, rows [F, 2F) up
+    mlp.experts.down_proj              (E, D, F)
+    mlp.shared_experts.{gate,up,down}_proj  one SwiGLU of width num_shared × F
+The expert weights are stored (out, in) like nn.Linear; ``torch._grouped_mm`` consumes them as
+the transposed view (E, D, 2F) / (E, F, D) — a column-major operand the kernel takes without a copy.
+
+Expert compute: token slots are permuted by a stable argsort of expert ids. On CUDA in bf16 each
+projection is one ``torch._grouped_mm`` with int32 cumulative end offsets; groups are padded to
+multiples of ``RoutedExperts.group_align`` rows (TMA wants 16-byte aligned strides along the
+dynamic dimension, which the weight-gradient GEMM has). All of it stays on the device: no
+``.item()``/``.tolist()``, and every shape is static (T·K slots, plus an upper bound on padding),
+so torch.compile sees no data-dependent shapes. Elsewhere (CPU, fp32/fp64) a per-expert loop
+over the same permuted rows computes the same function. The combine un-permutes the outputs and
+takes the gate-weighted sum over the k slots of each token with a batched matmul (deterministic,
+unlike atomic scatter-add).
+
+Shape suffixes: T tokens (flattened batch), D hidden, E experts, K experts per token,
+N = T·K routed slots, M padded slots, F expert width, G groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import balancing
+from .config import ModelConfig
+from .layers import SwiGLU
+
+
+@dataclass
+class RouterOutput:
+    topk_idx_TK: torch.Tensor     # int64
+    topk_weight_TK: torch.Tensor  # fp32 gate weights (unbiased scores, renormalised, × route_scale)
+    scores_TE: torch.Tensor       # fp32 sigmoid/softmax scores (no bias)
+    logits_TE: torch.Tensor       # fp32 router logits
+
+
+def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int, n_group: int,
+                   topk_group: int) -> torch.Tensor:
+    """Top-k expert ids (T, K) on scores + bias, restricted to the best ``topk_group`` groups.
+
+    A group's score is the sum of its top-2 biased scores (DeepSeek-V3); experts of dropped groups
+    are masked with −inf (not 0, which could still win against negative biased scores).
+    """
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    if n_group > 1 and topk_group < n_group:
+        T, E = choice_TE.shape
+        grouped_TGe = choice_TE.view(T, n_group, E // n_group)
+        group_score_TG = grouped_TGe.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_score_TG.topk(topk_group, dim=-1).indices, True)
+        keep_TE = keep_TG[:, :, None].expand_as(grouped_TGe).reshape(T, E)
+        choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    return choice_TE.topk(k, dim=-1).indices
+
+
+def balanced_assignment(num_tokens: int, k: int, num_experts: int, device) -> torch.Tensor:
+    """Round-robin expert ids (T, K): slot n = t·K + j goes to expert n mod E (benchmark mode)."""
+    slots = torch.arange(num_tokens * k, device=device).view(num_tokens, k)
+    return slots % num_experts
+
+
+class Router(nn.Module):
+    """HF ``mlp.gate``: logits and scores in fp32; the bias only chooses, never weighs."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts, self.k = cfg.num_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.score_func, self.norm_topk_prob, self.route_scale = cfg.score_func, cfg.norm_topk_prob, cfg.route_scale
+        self.use_bias = cfg.balancing == "aux_free"
+        self.force_balanced = cfg.force_balanced_routing
+        self.weight = nn.Parameter(torch.empty(cfg.num_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the balancing bias: keep it fp32 (as HF does), moving only its device.
+        bias_fp32 = self.e_score_correction_bias
+        out = super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if moved.dtype != torch.float32 and bias_fp32.dtype == torch.float32:
+            self.e_score_correction_bias = bias_fp32.to(device=moved.device)
+        return out
+
+    def forward(self, x_TD: torch.Tensor, forced_idx_TK: torch.Tensor | None = None) -> RouterOutput:
+        """forced_idx_TK (optional) replays given expert choices (e.g. routing replay in RL)."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        if forced_idx_TK is not None:
+            idx_TK = forced_idx_TK
+        elif self.force_balanced:
+            idx_TK = balanced_assignment(x_TD.shape[0], self.k, self.num_experts, x_TD.device)
+        else:
+            with torch.no_grad():
+                bias = self.e_score_correction_bias if self.use_bias else None
+                idx_TK = select_experts(scores_TE.detach(), bias, self.k, self.n_group, self.topk_group)
+        weight_TK = scores_TE.gather(1, idx_TK)
+        if self.norm_topk_prob:
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return RouterOutput(idx_TK, weight_TK * self.route_scale, scores_TE, logits_TE)
+
+
+def _grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x_MD, w_EDF, offs=offs_E)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked; see the module docstring for layout and dispatch."""
+
+    group_align = 16          # rows per group multiple for the grouped GEMM path
+    use_grouped_mm: bool | None = None  # None: auto (CUDA + bf16); True/False forces a path
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, D, F_ = cfg.num_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts, self.width = E, F_
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+
+    def _grouped_path(self, x: torch.Tensor) -> bool:
+        if self.use_grouped_mm is not None:
+            return self.use_grouped_mm
+        return x.is_cuda and x.dtype == torch.bfloat16
+
+    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        T, K = idx_TK.shape
+        flat_N = idx_TK.reshape(-1)
+        order_N = torch.argsort(flat_N, stable=True)
+        counts_E = balancing.tokens_per_expert(idx_TK, self.num_experts).to(torch.int32)
+        x_sorted_ND = x_TD[order_N // K]
+        if self._grouped_path(x_TD):
+            y_sorted_ND = self._grouped(x_sorted_ND, flat_N[order_N], counts_E)
+        else:
+            y_sorted_ND = self._looped(x_sorted_ND, counts_E)
+        # un-permute to (T, K, D) and take the gate-weighted sum over the K slots
+        y_ND = torch.empty_like(y_sorted_ND).index_copy_(0, order_N, y_sorted_ND)
+        w_T1K = weight_TK.to(y_ND.dtype)[:, None, :]
+        return torch.bmm(w_T1K, y_ND.view(T, K, -1)).squeeze(1)
+
+    def _swiglu_rows(self, h_X2F: torch.Tensor) -> torch.Tensor:
+        gate, up = h_X2F.split(self.width, dim=-1)
+        return F.silu(gate) * up
+
+    def _grouped(self, x_sorted_ND, expert_sorted_N, counts_E) -> torch.Tensor:
+        N, D = x_sorted_ND.shape
+        E, a = self.num_experts, self.group_align
+        if a > 1:
+            padded_E = (counts_E + (a - 1)) // a * a
+            pad_end_E = torch.cumsum(padded_E, 0, dtype=torch.int32)
+            start_E = torch.cumsum(counts_E, 0, dtype=torch.int32) - counts_E
+            rank_N = torch.arange(N, device=x_sorted_ND.device, dtype=torch.int32) - start_E[expert_sorted_N]
+            dest_N = (pad_end_E - padded_E)[expert_sorted_N] + rank_N
+            M = (N + E * (a - 1) + a - 1) // a * a  # static bound on the padded length
+            x_MD = x_sorted_ND.new_zeros(M, D).index_copy(0, dest_N.long(), x_sorted_ND)
+            offs_E = pad_end_E
+        else:
+            x_MD, offs_E = x_sorted_ND, torch.cumsum(counts_E, 0, dtype=torch.int32)
+        h_M2F = _grouped_mm(x_MD, self.gate_up_proj.transpose(-2, -1), offs_E)
+        y_MD = _grouped_mm(self._swiglu_rows(h_M2F), self.down_proj.transpose(-2, -1), offs_E)
+        return y_MD.index_select(0, dest_N.long()) if a > 1 else y_MD
+
+    def _looped(self, x_sorted_ND, counts_E) -> torch.Tensor:
+        # Fallback: one slice per expert. The host sync in tolist() is fine off the GPU fast path.
+        outs = []
+        for e, rows_XD in enumerate(torch.split(x_sorted_ND, counts_E.tolist())):
+            h = rows_XD @ self.gate_up_proj[e].t()
+            outs.append(self._swiglu_rows(h) @ self.down_proj[e].t())
+        return torch.cat(outs, dim=0)
+
+
+@dataclass
+class MoEStats:
+    tokens_per_expert_E: torch.Tensor  # fp32 counts (detached)
+    maxvio: torch.Tensor
+    router_entropy: torch.Tensor
+    seq_aux_loss: torch.Tensor         # already × α
+    z_loss: torch.Tensor               # already × weight
+    lb_loss: torch.Tensor              # already × weight
+    topk_idx_BTK: torch.Tensor
+
+
+class DeepSeekMoE(nn.Module):
+    """Shared experts + routed experts. ``forward`` returns (y_BTD, MoEStats)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_intermediate_size)
+                               if cfg.num_shared_experts > 0 else None)
+
+    def forward(self, x_BTD: torch.Tensor, forced_idx_BTK: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        forced = forced_idx_BTK.reshape(B * T, -1) if forced_idx_BTK is not None else None
+        r = self.gate(x_TD, forced)
+        y_TD = self.experts(x_TD, r.topk_idx_TK, r.topk_weight_TK)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view(B, T, D), self._stats(r, B, T)
+
+    def _stats(self, r: RouterOutput, B: int, T: int) -> MoEStats:
+        cfg, zero = self.cfg, r.scores_TE.new_zeros(())
+        with torch.no_grad():
+            counts_E = balancing.tokens_per_expert(r.topk_idx_TK, cfg.num_routed_experts)
+            stats = (counts_E, balancing.maxvio(counts_E), balancing.router_entropy(r.scores_TE))
+        idx_BTK = r.topk_idx_TK.view(B, T, -1)
+        seq_aux = (balancing.seq_aux_loss(r.scores_TE.view(B, T, -1), idx_BTK, cfg.seq_aux_alpha)
+                   if cfg.seq_aux_alpha > 0 else zero)
+        z = balancing.z_loss(r.logits_TE, cfg.z_loss_weight) if cfg.z_loss_weight > 0 else zero
+        lb = (balancing.load_balancing_loss(r.scores_TE, r.topk_idx_TK, cfg.lb_loss_weight)
+              if cfg.lb_loss_weight > 0 else zero)
+        return MoEStats(*stats, seq_aux, z, lb, idx_BTK)

@@ -1,0 +1,289 @@
+"""MoETransformer: the DeepSeek-V3-family decoder (MLA + DeepSeekMoE + optional MTP) and ModelOutput.
+
+Module tree = Hugging Face ``DeepseekV3ForCausalLM`` keys (export is a key copy):
+    model.embed_tokens, model.layers.{i}.{input_layernorm, self_attn.*, post_attention_layernorm, mlp.*},
+    model.norm, lm_head; plus mtp.{j}.* (see mtp.py) when mtp_depth > 0.
+Layers < first_k_dense have a dense SwiGLU ``mlp``; the rest a ``DeepSeekMoE`` (see moe.py).
+
+Losses (``ModelOutput.aux``, all detached copies; ``loss`` is the attached sum):
+    loss = lm_loss + mtp_loss_weight · mtp_loss + seq_aux_loss + z_loss + lb_loss
+seq_aux/z/lb are summed over every MoE layer (MTP blocks included) and ALREADY carry their
+weights (α, z_loss_weight, lb_loss_weight); mtp_loss is the plain mean CE over MTP depths.
+lm_loss is the mean token cross-entropy over targets != -100 (0 if there are none).
+
+Router statistics (rows: the main MoE layers in order, then MTP blocks' MoE layers):
+    aux["tokens_per_expert"] (L, E) fp32 counts of this forward; aux["maxvio"] (L,);
+    aux["router_entropy"] (L,). All computed on the device, no host sync.
+A training loop sums tokens_per_expert over micro-batches and ranks and calls
+``model.apply_router_bias_update(counts_LE)`` once per optimiser step.
+
+Shape suffixes: B batch, T new tokens, S key slots, D hidden, V vocab, L router layers, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import balancing
+from .attention import MLA, CacheStep, MLACache
+from .config import ModelConfig
+from .layers import RMSNorm, RotaryEmbedding, SwiGLU, rope_inv_freq
+from .moe import DeepSeekMoE, MoEStats, Router
+from .mtp import IGNORE_INDEX, MTPModule, mtp_targets, shift_left
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor             # (B, T, V), or (B, 1, V) with last_logits_only
+    loss: torch.Tensor | None = None
+    aux: dict = field(default_factory=dict)
+    hidden: torch.Tensor | None = None  # (B, T, D) final-normed hidden states when return_hidden
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, moe: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = moe
+        self.mlp = DeepSeekMoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.dense_width(layer_idx))
+
+    def forward(self, x_BTD, cos, sin, mask_B1TS=None, step: CacheStep | None = None, forced_idx_BTK=None):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, step)
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        if self.is_moe:
+            y_BTD, stats = self.mlp(h_BTD, forced_idx_BTK)
+            return x_BTD + y_BTD, stats
+        return x_BTD + self.mlp(h_BTD), None
+
+
+class Backbone(nn.Module):
+    """HF ``model``: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, moe) for i, moe in enumerate(cfg.is_moe_layer))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MoETransformer(nn.Module):
+    """DeepSeek-V3-style causal LM.
+
+    ``forward(input_ids_BT, targets=None, *, positions=None, attention_mask_BS=None, cache=None,
+    cache_position=None, forced_routing=None, last_logits_only=False, return_hidden=False,
+    return_router_choices=False) -> ModelOutput``
+
+    - targets (B, T): next-token ids, -100 = ignore (also marks document boundaries for MTP).
+    - positions (B, T): RoPE positions. Default: 0..T-1, or per row the count of earlier real
+      tokens when ``attention_mask_BS`` is given (so left-padded rows start at position 0).
+    - attention_mask_BS (B, T) or (B, cache.length + T) with 1 = real token: padded keys are masked
+      (each query still sees itself, so fully padded rows stay finite). Without a cache and without
+      a mask, attention is plain causal (the fast training path).
+    - cache (``MLACache``, see ``new_cache``): selects the absorbed-MLA path; the new tokens are
+      written at slots [cache.length, cache.length + T) (or at ``cache_position`` (T,) int64, the
+      static CUDA-graph mode) and attend to every earlier real slot. Prefill = a call with the
+      prompt, decode = calls with T = 1. Logits equal the full forward's.
+    - forced_routing: list (one per MoE layer, MTP excluded) of (B, T, K) expert ids to replay.
+    - return_router_choices: aux["router_choices"] = (L_main, B, T, K) chosen expert ids.
+    - MTP runs only when targets are given and no cache is used.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg)
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, DecoderLayer(cfg, cfg.num_layers + j, cfg.num_moe_layers > 0))
+            for j in range(cfg.mtp_depth))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    # ------------------------------------------------------------------ parameters
+    def init_weights(self) -> None:
+        """normal(0, init_std); residual-branch outputs / sqrt(2·layers); router ×0.5; norms 1; bias 0.
+
+        Also recomputes the RoPE table, so a model built on the meta device can be materialised
+        with ``model.to_empty(device=...)`` followed by ``model.init_weights()``.
+        """
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * (self.cfg.num_layers + self.cfg.mtp_depth))
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0)  # RMSNorm weights (the only 1-D parameters)
+                elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                    p.normal_(0.0, resid_std)
+                elif name.endswith("mlp.gate.weight"):
+                    p.normal_(0.0, 0.5 * std)
+                else:
+                    p.normal_(0.0, std)
+            for r in self.routers():
+                r.e_score_correction_bias.zero_()
+            inv_freq, _ = rope_inv_freq(self.cfg, device="cpu")
+            self.rotary.inv_freq.copy_(inv_freq.to(self.rotary.inv_freq.device))
+
+    def routers(self) -> list[Router]:
+        """Every router, in the row order of aux["tokens_per_expert"] (main layers, then MTP)."""
+        blocks = list(self.model.layers) + [m.block for m in self.mtp]
+        return [b.mlp.gate for b in blocks if b.is_moe]
+
+    def num_params(self, active: bool = False, embedding: bool = True) -> int:
+        """Counted from the modules; same conventions as ``ModelConfig.num_params``."""
+        cfg, total = self.cfg, 0
+        seen: set[int] = set()
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            if name.startswith("model.embed_tokens") and not embedding and not cfg.tie_embeddings:
+                continue
+            if active and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                n = n // cfg.num_routed_experts * cfg.num_experts_per_tok
+            total += n
+        return total
+
+    @torch.no_grad()
+    def apply_router_bias_update(self, counts_LE: torch.Tensor, gamma: float | None = None) -> None:
+        """Aux-loss-free step: sign-rule update of every router bias from GLOBAL counts (L, E)."""
+        routers = self.routers()
+        if self.cfg.balancing != "aux_free" or not routers:
+            return
+        if counts_LE.shape != (len(routers), self.cfg.num_routed_experts):
+            raise ValueError(f"apply_router_bias_update: counts_LE has shape {tuple(counts_LE.shape)}, "
+                             f"expected ({len(routers)}, {self.cfg.num_routed_experts})")
+        g = self.cfg.bias_update_gamma if gamma is None else gamma
+        for r, counts_E in zip(routers, counts_LE):
+            bias = r.e_score_correction_bias
+            bias.copy_(balancing.update_router_bias(bias, counts_E.to(bias.device), g))
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> MLACache:
+        p = self.lm_head.weight
+        return MLACache.for_config(self.cfg, batch_size, max_len, device or p.device, dtype or p.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def _setup(self, input_ids_BT, positions, attention_mask_BS, cache, cache_position):
+        """Positions (B, T), the boolean attention mask (B, 1, T, S) or None, and the cache step."""
+        B, T = input_ids_BT.shape
+        dev = input_ids_BT.device
+        if cache is None:
+            if attention_mask_BS is None:
+                pos = positions if positions is not None else torch.arange(T, device=dev).expand(B, T)
+                return pos, None, None
+            real_BT = attention_mask_BS.to(device=dev, dtype=torch.bool)
+            if real_BT.shape != (B, T):
+                raise ValueError(f"attention_mask_BS shape {tuple(real_BT.shape)} != input_ids {(B, T)} (no cache)")
+            pos = positions if positions is not None else (real_BT.long().cumsum(1) - 1).clamp_min(0)
+            q_T = torch.arange(T, device=dev)
+            return pos, self._mask(q_T, q_T, real_BT), None
+        if cache_position is None:
+            start = cache.length
+            if start + T > cache.max_len:
+                raise ValueError(f"cache full: {start} + {T} tokens > max_len {cache.max_len}")
+            slots_T, num_keys = torch.arange(start, start + T, device=dev), start + T
+            cache.length = start + T
+        else:
+            slots_T, num_keys = cache_position.to(dev), cache.max_len
+        new_real_BT = (attention_mask_BS[:, -T:].to(device=dev, dtype=torch.bool) if attention_mask_BS is not None
+                       else torch.ones(B, T, dtype=torch.bool, device=dev))
+        cache.key_mask_BS.index_copy_(1, slots_T, new_real_BT)
+        if positions is None:
+            positions = cache.num_real_B[:, None] + (new_real_BT.long().cumsum(1) - 1).clamp_min(0)
+        cache.num_real_B.add_(new_real_BT.sum(1))
+        mask = self._mask(slots_T, torch.arange(num_keys, device=dev), cache.key_mask_BS[:, :num_keys])
+        return positions, mask, CacheStep(cache, slots_T, num_keys, mask)
+
+    @staticmethod
+    def _mask(q_slots_T, k_slots_S, key_real_BS) -> torch.Tensor:
+        causal_TS = k_slots_S[None, :] <= q_slots_T[:, None]
+        self_TS = k_slots_S[None, :] == q_slots_T[:, None]
+        return (causal_TS[None] & (key_real_BS[:, None, :] | self_TS[None]))[:, None]
+
+    def forward(self, input_ids_BT: torch.Tensor, targets: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, attention_mask_BS: torch.Tensor | None = None,
+                cache: MLACache | None = None, cache_position: torch.Tensor | None = None,
+                forced_routing: list[torch.Tensor] | None = None, last_logits_only: bool = False,
+                return_hidden: bool = False, return_router_choices: bool = False) -> ModelOutput:
+        cfg = self.cfg
+        positions, mask, step = self._setup(input_ids_BT, positions, attention_mask_BS, cache, cache_position)
+        cos, sin = self.rotary(positions)
+        x_BTD = self.model.embed_tokens(input_ids_BT)
+        all_stats: list[MoEStats] = []
+        moe_i = 0
+        for layer in self.model.layers:
+            forced = None
+            if forced_routing is not None and layer.is_moe:
+                forced, moe_i = forced_routing[moe_i], moe_i + 1
+            x_BTD, stats = layer(x_BTD, cos, sin, mask, step, forced)
+            if stats is not None:
+                all_stats.append(stats)
+        num_main_stats = len(all_stats)
+        normed_BTD = self.model.norm(x_BTD)
+        logits = self.lm_head(normed_BTD[:, -1:] if last_logits_only else normed_BTD)
+
+        zero = logits.new_zeros((), dtype=torch.float32)
+        lm_loss = mtp_loss = zero
+        if targets is not None:
+            lm_loss = _cross_entropy(logits, targets)
+            if self.mtp and cache is None:
+                mtp_loss = self._mtp_loss(x_BTD, input_ids_BT, targets, cos, sin, mask, all_stats)
+        seq_aux = sum((s.seq_aux_loss for s in all_stats), zero)
+        z = sum((s.z_loss for s in all_stats), zero)
+        lb = sum((s.lb_loss for s in all_stats), zero)
+        loss = None
+        if targets is not None:
+            loss = lm_loss + cfg.mtp_loss_weight * mtp_loss + seq_aux + z + lb
+        aux = {"lm_loss": lm_loss.detach(), "mtp_loss": mtp_loss.detach(), "seq_aux_loss": seq_aux.detach(),
+               "z_loss": z.detach(), "lb_loss": lb.detach(), **self._router_stats(all_stats)}
+        if return_router_choices:
+            aux["router_choices"] = (torch.stack([s.topk_idx_BTK for s in all_stats[:num_main_stats]])
+                                     if num_main_stats else None)
+        return ModelOutput(logits, loss, aux, normed_BTD if return_hidden else None)
+
+    def _mtp_loss(self, h_BTD, input_ids_BT, targets_BT, cos, sin, mask, all_stats) -> torch.Tensor:
+        losses = []
+        for j, module in enumerate(self.mtp):
+            depth = j + 1
+            emb_BTD = self.model.embed_tokens(shift_left(input_ids_BT, depth, 0))
+            h_BTD, normed_BTD, stats = module(h_BTD, emb_BTD, cos, sin, mask)
+            if stats is not None:
+                all_stats.append(stats)
+            losses.append(_cross_entropy(self.lm_head(normed_BTD), mtp_targets(targets_BT, depth)))
+        return torch.stack(losses).mean()
+
+    def _router_stats(self, all_stats: list[MoEStats]) -> dict:
+        if not all_stats:
+            dev = self.lm_head.weight.device
+            empty = torch.zeros(0, device=dev)
+            return {"tokens_per_expert": torch.zeros(0, self.cfg.num_routed_experts, device=dev),
+                    "maxvio": empty, "router_entropy": empty}
+        return {"tokens_per_expert": torch.stack([s.tokens_per_expert_E for s in all_stats]),
+                "maxvio": torch.stack([s.maxvio for s in all_stats]),
+                "router_entropy": torch.stack([s.router_entropy for s in all_stats])}
+
+
+def _cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean CE over targets != -100 in fp32; 0 (not NaN) when every target is ignored."""
+    flat_targets = targets_BT.reshape(-1)
+    total = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), flat_targets,
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (flat_targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def compile_blocks(model: MoETransformer, **compile_kwargs) -> MoETransformer:
+    """torch.compile each decoder block (and MTP block) in place; parameter names are unchanged."""
+    for layer in model.model.layers:
+        layer.compile(**compile_kwargs)
+    for module in model.mtp:
+        module.compile(**compile_kwargs)
+    return model
