@@ -319,6 +319,19 @@ class ArtifactWriter:
         return Artifact(self.store, self.prefix, self.manifest)
 
 
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return f"format is not {MANIFEST_FORMAT!r}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "no 'files' mapping"
+    for name, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)
+                and len(info["sha256"]) == 64):
+            return f"bad entry for {name!r}: {info!r}"
+    return None
+
+
 class Artifact:
     """A committed artefact: its manifest and checksum-verified access to its files."""
 
@@ -342,11 +355,11 @@ class Artifact:
             raise NotFoundError(f"no committed artefact at {uri} (no {MANIFEST_NAME})", uri) from exc
         try:
             manifest = json.loads(raw)
-            files = manifest["files"]
-            assert manifest.get("format") == MANIFEST_FORMAT, f"unknown format {manifest.get('format')!r}"
-            assert all(isinstance(v["size"], int) and len(v["sha256"]) == 64 for v in files.values())
-        except Exception as exc:  # noqa: BLE001 - any malformation is the same problem
-            raise ChecksumError(f"manifest of {uri} is malformed: {exc!r}", uri) from exc
+            problem = _manifest_problem(manifest)
+        except ValueError as exc:
+            problem = f"not JSON ({exc})"
+        if problem:
+            raise ChecksumError(f"manifest of {uri} is malformed: {problem}", uri)
         return cls(store, prefix, manifest)
 
     # -- manifest
@@ -405,6 +418,7 @@ class Artifact:
     def download(self, local_dir: str | Path, names: list[str] | None = None) -> Path:
         """Fetch files into ``local_dir`` (keeping sub-folders); present, valid files are skipped."""
         local_dir = Path(local_dir)
+        corrupted = []
         for name in self.names() if names is None else names:
             info = self._info(name)
             dest = local_dir / name
@@ -414,12 +428,17 @@ class Artifact:
             tmp = dest.with_name(f".{dest.name}.download-{uuid.uuid4().hex[:8]}")
             try:
                 self.store.get_file(self.key(name), tmp)
-                if file_digest(tmp) != (info["size"], info["sha256"]):
-                    uri = self.file_uri(name)
-                    raise ChecksumError(f"{uri}: downloaded content does not match the manifest: corrupted", uri)
-                os.replace(tmp, dest)
+                if file_digest(tmp) == (info["size"], info["sha256"]):
+                    os.replace(tmp, dest)
+                else:  # keep going: one error then names every corrupted file
+                    corrupted.append(self.file_uri(name))
             finally:
                 tmp.unlink(missing_ok=True)
+        if corrupted:
+            raise ChecksumError(
+                f"{len(corrupted)} file(s) of {self.uri} do not match the manifest (corrupted): {', '.join(corrupted)}",
+                corrupted[0],
+            )
         return local_dir
 
     def __repr__(self) -> str:
