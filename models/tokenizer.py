@@ -34,6 +34,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -148,27 +149,44 @@ class Tokenizer:
         return [self._wrap(e.ids, add_bos, add_eos) for e in encodings]
 
     def encode_batch_flat(
-        self, texts: Sequence[str], add_bos: bool = True, add_eos: bool = True, dtype=np.uint32
+        self,
+        texts: Sequence[str],
+        add_bos: bool = True,
+        add_eos: bool = True,
+        dtype=np.uint32,
+        chunk_chars: int = 1_000_000,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Encodes texts into one flat array: (tokens_N, lengths_D), each text wrapped in bos/eos.
 
         The fast path for token shards: no per-token Python work beyond what ``tokenizers``
-        hands back, and numpy arrays (cheap to ship between Ray workers).
+        hands back, and numpy arrays (cheap to ship between Ray workers). Texts longer than
+        ``chunk_chars`` are encoded in pieces cut at pre-token boundaries (same ids as one
+        piece, see ``split_at_pretoken_boundaries``): a 100 MB document would otherwise
+        make ``tokenizers`` hold per-token strings and offsets for all of it at once.
         """
-        encodings = self._hf.encode_batch_fast(list(texts), add_special_tokens=False)
-        pieces: list[np.ndarray] = []
+        doc_of_piece: list[int] = []
+        pieces_text: list[str] = []
+        for d, text in enumerate(texts):
+            for piece in split_at_pretoken_boundaries(text, chunk_chars):
+                doc_of_piece.append(d)
+                pieces_text.append(piece)
+        encodings = self._hf.encode_batch_fast(pieces_text, add_special_tokens=False)
         extra = int(add_bos) + int(add_eos)
-        lengths_D = np.empty(len(encodings), dtype=np.int64)
+        lengths_D = np.full(len(texts), extra, dtype=np.int64)
+        ids_of_doc: list[list[np.ndarray]] = [[] for _ in texts]
+        for d, enc in zip(doc_of_piece, encodings):
+            ids = np.asarray(enc.ids, dtype=dtype)
+            ids_of_doc[d].append(ids)
+            lengths_D[d] += len(ids)
+        pieces: list[np.ndarray] = []
         bos = np.array([self.bos_id], dtype=dtype)
         eos = np.array([self.eos_id], dtype=dtype)
-        for i, enc in enumerate(encodings):
-            ids = np.asarray(enc.ids, dtype=dtype)
+        for doc_ids in ids_of_doc:
             if add_bos:
                 pieces.append(bos)
-            pieces.append(ids)
+            pieces.extend(doc_ids)
             if add_eos:
                 pieces.append(eos)
-            lengths_D[i] = len(ids) + extra
         tokens_N = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
         return tokens_N, lengths_D
 
@@ -188,6 +206,32 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+# Positions where a pre-token always starts under SPLIT_PATTERN: a space right after a
+# non-space (no piece ends in a space unless the space run is all it holds), and a
+# non-space right after a newline (newline runs end their piece; a letter run never takes
+# a newline as its leading character). Cutting there changes no ids.
+_SAFE_CUT = re.compile(r"(?<=\S) |(?<=\n)(?=\S)")
+
+
+def split_at_pretoken_boundaries(text: str, max_chars: int) -> list[str]:
+    """``text`` cut into pieces of roughly ``max_chars`` at safe pre-token boundaries.
+
+    Encoding the pieces separately gives exactly the ids of the whole text. A piece grows
+    past ``max_chars`` only when no safe cut exists (e.g. one huge line without spaces).
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        match = _SAFE_CUT.search(text, start + max_chars)
+        if match is None:
+            break
+        pieces.append(text[start : match.start()])
+        start = match.start()
+    pieces.append(text[start:])
+    return pieces
 
 
 def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -233,6 +233,9 @@ def test_one_and_two_ray_workers_give_identical_shards(store):
                        progress=False)
     two = run_tokenize(cfg, store, curated_uri=curated_uri, output_prefix="datasets/t/w2", num_workers=2,
                        progress=False)
+    import ray
+
+    assert ray.is_initialized()  # the two-worker run really went through Ray
     assert one.content_hash == two.content_hash
     assert one.stats["num_tokens_train"] == two.stats["num_tokens_train"]
 

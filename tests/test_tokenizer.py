@@ -136,3 +136,25 @@ def test_bad_arguments_fail_clearly():
 
     with pytest.raises(ValueError, match="lacks the special tokens"):
         Tokenizer(HF(BPE()))
+
+
+def test_long_texts_encoded_in_pieces_give_identical_ids(tok):
+    from moeflow.models.tokenizer import split_at_pretoken_boundaries
+
+    texts = corpus()[:6] + ["  x  \n\n  y\r\n\tz " * 50, "nospace" * 200, " ".join(CJK * 20)]
+    whole, whole_len = tok.encode_batch_flat(texts)
+    pieces, pieces_len = tok.encode_batch_flat(texts, chunk_chars=37)
+    assert np.array_equal(whole, pieces) and np.array_equal(whole_len, pieces_len)
+    for text in texts:
+        parts = split_at_pretoken_boundaries(text, 37)
+        assert "".join(parts) == text
+        assert len(text) < 1000 or len(parts) > 1 or " " not in text
+
+
+def test_safe_cuts_hold_on_adversarial_whitespace_and_punctuation(tok):
+    rng = random.Random(1)
+    alphabet = [" ", " ", "\n", "\r", "\t", "a", "Ab", "中", "1", "(", "'", "s", "ll", "!", "_", "é", "🚀"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(20, 300))) for _ in range(200)]
+    whole, _ = tok.encode_batch_flat(texts)
+    pieces, _ = tok.encode_batch_flat(texts, chunk_chars=5)
+    assert np.array_equal(whole, pieces)
