@@ -7,7 +7,7 @@ import pytest
 
 from moeflow.platform.train.loader import (PackedLoader, Piece, eval_batches, plan_rows, rank_document_order,
                                            split_document)
-from tests.train_fakes import ArrayTokens, random_docs
+from train_fakes import ArrayTokens, random_docs
 
 BOS = 1
 

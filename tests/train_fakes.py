@@ -35,3 +35,41 @@ def random_docs(num_docs: int, *, seed: int = 0, bos_id: int = 1, vocab: int = 6
         n = int(rng.integers(min_len, max_len + 1))
         docs.append([bos_id] + rng.integers(2, vocab, size=n - 1).tolist())
     return docs
+
+
+def pattern_docs(num_docs: int, *, seed: int = 0, bos_id: int = 1, vocab: int = 64,
+                 min_len: int = 8, max_len: int = 48) -> list[list[int]]:
+    """Learnable documents: BOS then a modular arithmetic run (start, stride from a small set)."""
+    rng = np.random.default_rng(seed)
+    body = vocab - 2
+    docs = []
+    for _ in range(num_docs):
+        n = int(rng.integers(min_len, max_len + 1))
+        start, stride = int(rng.integers(0, body)), int(rng.choice([1, 2, 3]))
+        docs.append([bos_id] + [2 + (start + stride * i) % body for i in range(n - 1)])
+    return docs
+
+
+def tiny_model_overrides(vocab: int = 64) -> dict:
+    return {"vocab_size": vocab, "hidden_size": 32, "num_layers": 2, "first_k_dense": 1,
+            "dense_intermediate_size": 64, "num_heads": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 8, "v_head_dim": 8, "num_routed_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32, "max_seq_len": 64}
+
+
+def one_thread():
+    """Context for tests: one intra-op thread (2 shared cores; oversubscription makes steps 10x slower)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def _ctx():
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return _ctx()

@@ -1,0 +1,468 @@
+"""The pretraining loop and its config: micro-batches, loss assembly, router-bias hook, validation.
+
+``PretrainConfig`` sits beside the loop it configures (STYLE.md §5). ``Trainer`` runs one
+optimiser step at a time on an already-built (and, if distributed, already-wrapped) model; the
+platform layer (``moeflow.platform.train``) owns data loading from the store, checkpoints,
+tracking and the Ray/torchrun launch, and plugs in through callbacks and the ``Logger``
+protocol. Nothing here imports Ray, MLflow or the object store.
+
+One optimiser step (``Trainer.train_step``):
+
+1. ``grad_accum_steps`` micro-batches: forward under bf16 autocast on CUDA (fp32 on CPU), loss
+   assembled from its logged parts (``assemble_loss``), backward of ``loss / grad_accum_steps``.
+   DDP gradient sync only on the last micro-batch (``no_sync``); FSDP2 likewise
+   (``set_requires_gradient_sync``).
+2. Router tokens-per-expert counts summed over the micro-batches, then all-reduced (SUM) over
+   data-parallel ranks: the GLOBAL batch's counts.
+3. Gradient clipping (global norm), LR from the pure schedule, ``optimizer.step()``.
+4. ``model.apply_router_bias_update(global_counts)`` — once per optimiser step, after the
+   step (the bias is a buffer, no gradient), identical on every rank because the counts are.
+
+Per-token mean losses are exact for the global batch because packed rows have no padding:
+every micro-batch has the same number of targets, so averaging per-micro-batch means is
+the global mean. Loss parts are reduced across ranks only on log steps (one small
+all-reduce), so non-log steps never synchronise the host.
+
+Shape suffixes: B rows, T tokens per row, L MoE layers, E routed experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ModelConfig
+from .metrics import ThroughputMeter, mfu
+from .optim import build_adamw, set_lr
+from .schedules import SCHEDULES, lr_at
+
+LOSS_PARTS = ("lm_loss", "mtp_loss", "seq_aux_loss", "z_loss", "lb_loss")
+
+
+class Logger(Protocol):
+    """What the loop needs from a tracker (``moeflow.platform.tracking.Tracker`` fits)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+class NullLogger:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+
+@dataclass
+class PretrainConfig:
+    """Everything the loop needs; derived values are properties. Per-rank batch sizes."""
+
+    # model: a preset plus overrides (e.g. vocab_size set to the tokenizer's)
+    model_preset: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    dense_twin: bool = False  # train the same-active-params dense twin instead (MoE vs dense)
+    # batch
+    seq_len: int = 128
+    micro_batch_size: int = 8  # rows per micro-batch per rank
+    grad_accum_steps: int = 1
+    max_steps: int = 100
+    # optimiser and schedule
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd only
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    decay_embeddings: bool = True
+    grad_clip: float = 1.0  # <= 0 disables clipping (the norm is still measured)
+    # numerics and speed
+    seed: int = 0
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; "bf16" / "fp32" force it
+    compile: bool = False
+    parallelism: str = "ddp"  # "ddp" or "fsdp" (FSDP2 fully_shard); ignored with one worker
+    # cadence
+    log_every: int = 10
+    val_every: int = 50  # 0 disables periodic validation
+    val_batches: int = 8  # global number of validation batches
+    val_batch_size: int | None = None  # default: micro_batch_size
+    checkpoint_every: int = 50  # used by the platform layer; 0 = only at the end
+    keep_checkpoints: int = 3
+    # bits per byte: dataset meta "bytes_per_token" wins; this is the fallback
+    bytes_per_token: float | None = None
+    # MFU denominator (BENCHMARKS.md: the bf16 rate measured on the lent H100)
+    peak_flops: float = 798e12
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"PretrainConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps", "log_every"):
+            if int(getattr(self, name)) <= 0:
+                raise bad(name, "must be > 0")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"must be one of {SCHEDULES}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise bad("warmup_steps", f"must be in [0, max_steps={self.max_steps}]")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise bad("dtype", "must be auto, bf16 or fp32")
+        if self.parallelism not in ("ddp", "fsdp"):
+            raise bad("parallelism", "must be ddp or fsdp")
+        if self.lr <= 0:
+            raise bad("lr", "must be > 0")
+
+    def model_config(self) -> ModelConfig:
+        cfg = ModelConfig.preset(self.model_preset)
+        if self.model_overrides:
+            cfg = cfg.replace(**self.model_overrides)
+        return cfg.dense_twin() if self.dense_twin else cfg
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.seq_len * self.micro_batch_size * self.grad_accum_steps * world_size
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"PretrainConfig.from_dict: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------ pure pieces
+def assemble_loss(aux: dict[str, torch.Tensor], mtp_loss_weight: float) -> torch.Tensor:
+    """lm + λ·mtp + seq_aux + z + lb — the training objective, from its logged parts.
+
+    The model returns ``seq_aux_loss``, ``z_loss`` and ``lb_loss`` already multiplied by their
+    coefficients (α, z weight, lb weight from ``ModelConfig``; 0 when off) and ``mtp_loss`` raw
+    (mean over MTP depths), so only λ is applied here. The model's ``aux`` entries are detached
+    copies, so the loop back-propagates ``out.loss`` (the same sum, attached); this function
+    is the documented formula that the logged parts must add up to (tested against out.loss).
+    """
+    loss = aux["lm_loss"]
+    if mtp_loss_weight:
+        loss = loss + mtp_loss_weight * aux["mtp_loss"]
+    for name in ("seq_aux_loss", "z_loss", "lb_loss"):
+        if name in aux:
+            loss = loss + aux[name]
+    return loss
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+    """Cross-entropy in bits per UTF-8 byte: nats/token ÷ ln 2 ÷ bytes/token."""
+    if bytes_per_token <= 0:
+        raise ValueError(f"bytes_per_token={bytes_per_token}: must be > 0")
+    return loss_nats_per_token / math.log(2) / bytes_per_token
+
+
+def global_maxvio(counts_LE: torch.Tensor) -> torch.Tensor:
+    """(max − mean)/mean per layer, (L,)."""
+    counts = counts_LE.double()
+    mean = counts.mean(dim=-1)
+    return (counts.amax(dim=-1) - mean) / mean.clamp_min(1e-12)
+
+
+def router_biases(model: nn.Module) -> torch.Tensor | None:
+    """The aux-loss-free balancing biases, (L, E), in layer order (None for a dense model)."""
+    biases = [buf for name, buf in model.named_buffers() if name.endswith("e_score_correction_bias")]
+    return torch.stack([b.detach().float() for b in biases]) if biases else None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    module = getattr(module, "_orig_mod", module)  # torch.compile
+    return getattr(module, "module", module)  # DDP
+
+
+# ------------------------------------------------------------------ the trainer
+StepCallback = Callable[["Trainer", int, dict], None]
+
+
+class Trainer:
+    """Owns the optimiser, schedule position and balancing statistics of one rank.
+
+    ``model`` is the bare ``MoETransformer`` (its buffers and ``apply_router_bias_update``);
+    ``wrapped`` the module to call forward on (DDP / FSDP2-sharded / compiled; default model).
+    ``train_batches`` yields ``(B, T + 1)`` token tensors; ``val_batches`` returns this rank's
+    fixed validation batches when called.
+    """
+
+    def __init__(self, cfg: PretrainConfig, model: nn.Module, train_batches: Iterator[torch.Tensor], *,
+                 wrapped: nn.Module | None = None, val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
+                 device: torch.device | str = "cpu", logger: Logger | None = None,
+                 bytes_per_token: float | None = None, callbacks: list[StepCallback] | None = None,
+                 bos_id: int | None = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.wrapped = wrapped if wrapped is not None else model
+        self.forward_module = self.wrapped
+        if cfg.compile:
+            if hasattr(model, "model") and hasattr(model.model, "layers"):
+                from ..transformer import compile_blocks
+
+                compile_blocks(model)  # per-block, in place: DDP/FSDP wrappers see the same modules
+            else:
+                self.forward_module = torch.compile(self.wrapped)
+        self.train_batches = train_batches
+        self.val_batches = val_batches
+        self.device = torch.device(device)
+        self.logger = logger or NullLogger()
+        self.bytes_per_token = bytes_per_token or cfg.bytes_per_token
+        self.callbacks = list(callbacks or [])
+        # MTP must not predict across documents: with MTP on, targets that are the next
+        # document's BOS become -100, which the model treats as a boundary for its shifts.
+        self.boundary_id = bos_id if getattr(getattr(model, "cfg", None), "mtp_depth", 0) else None
+        self.rank = dist.get_rank() if _distributed() else 0
+        self.world_size = dist.get_world_size() if _distributed() else 1
+        self.optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                                     eps=cfg.eps, decay_embeddings=cfg.decay_embeddings)
+        self.mtp_loss_weight = float(getattr(model.cfg, "mtp_loss_weight", 0.0)) if getattr(model.cfg, "mtp_depth", 0) else 0.0
+        self.use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        model_cfg = getattr(model, "cfg", None)
+        self.flops_per_token = model_cfg.flops_per_token(cfg.seq_len) if model_cfg is not None else 0.0
+        # schedule position and balancing statistics (all checkpointed)
+        self.step = 0
+        self.tokens_seen = 0
+        num_moe = getattr(model_cfg, "num_moe_layers", 0)
+        num_experts = getattr(model_cfg, "num_routed_experts", 0)
+        self.cumulative_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)
+        self.interval_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)
+        self.last_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)
+        self.logged_interval_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)
+        self.history: list[dict] = []  # metrics of every log step (small: scalars only)
+        self._interval: dict[str, torch.Tensor] = {}
+        self._interval_steps = 0
+        self._meter = ThroughputMeter()
+        self.last_val: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- one optimiser step
+    def _autocast(self):
+        if self.use_bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sync_context(self, last_micro: bool):
+        module = self.wrapped
+        if last_micro:
+            return contextlib.nullcontext()
+        if hasattr(module, "no_sync"):  # DDP
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    def _set_fsdp_sync(self, enabled: bool) -> None:
+        if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP2 module
+            self.wrapped.set_requires_gradient_sync(enabled)
+
+    def _split(self, batch_BT1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+        if self.boundary_id is not None:
+            targets_BT = targets_BT.masked_fill(targets_BT == self.boundary_id, -100)
+        return inputs_BT, targets_BT
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.wrapped.train()
+        lr = lr_at(self.step, schedule=cfg.schedule, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                   total_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+        set_lr(self.optimizer, lr)
+        parts = {name: torch.zeros((), device=self.device) for name in ("loss",) + LOSS_PARTS}
+        counts_LE = None
+        entropy_L = None
+        for micro in range(cfg.grad_accum_steps):
+            batch_BT1 = next(self.train_batches).to(self.device, non_blocking=True)
+            inputs_BT, targets_BT = self._split(batch_BT1)
+            last = micro == cfg.grad_accum_steps - 1
+            self._set_fsdp_sync(last)
+            with self._sync_context(last):
+                with self._autocast():
+                    out = self.forward_module(inputs_BT, targets=targets_BT)
+                    loss = out.loss  # == assemble_loss(out.aux, λ); aux parts are detached copies
+                (loss / cfg.grad_accum_steps).backward()
+            parts["loss"] += loss.detach().float()
+            for name in LOSS_PARTS:
+                if name in out.aux:
+                    parts[name] += out.aux[name].detach().float()
+            tpe = out.aux.get("tokens_per_expert")
+            if tpe is not None and tpe.numel():
+                counts_LE = tpe.detach().double() if counts_LE is None else counts_LE + tpe.detach().double()
+            ent = out.aux.get("router_entropy")
+            if ent is not None and torch.is_tensor(ent) and ent.numel():
+                ent = ent.detach().float().reshape(-1)
+                entropy_L = ent if entropy_L is None else entropy_L + ent
+        self._set_fsdp_sync(True)
+
+        # global expert counts: summed over micro-batches (above) and ranks (here)
+        if counts_LE is not None:
+            if _distributed():
+                dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM)
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if counts_LE is not None and hasattr(self.model, "apply_router_bias_update"):
+            self.model.apply_router_bias_update(counts_LE.to(torch.float32))
+            counts_cpu = counts_LE.cpu()
+            self.last_counts_LE = counts_cpu
+            self.interval_counts_LE += counts_cpu
+            self.cumulative_counts_LE += counts_cpu
+
+        tokens = cfg.tokens_per_step(self.world_size)
+        self.step += 1
+        self.tokens_seen += tokens
+        self._meter.add(tokens)
+        self._accumulate_interval(parts, grad_norm, entropy_L)
+        metrics: dict[str, float] = {}
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            metrics = self._interval_metrics(lr)
+        if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps) and self.val_batches:
+            self._meter.pause()
+            self.last_val = self.evaluate()
+            self._meter.resume()
+            metrics.update(self.last_val)
+        if metrics:
+            metrics["step"] = self.step
+            self.history.append(metrics)
+            if self.rank == 0:
+                self.logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+        for callback in self.callbacks:
+            callback(self, self.step, metrics)
+        return metrics
+
+    def _clip_gradients(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm
+            norm = norm.full_tensor()
+        return norm.detach().float()
+
+    def _accumulate_interval(self, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor,
+                             entropy_L: torch.Tensor | None) -> None:
+        k = self.cfg.grad_accum_steps
+        values = {name: value / k for name, value in parts.items()}
+        values["grad_norm"] = grad_norm.to(self.device)
+        if entropy_L is not None:
+            values["router_entropy_L"] = entropy_L / k
+        for name, value in values.items():
+            self._interval[name] = self._interval.get(name, 0) + value
+        self._interval_steps += 1
+
+    def _interval_metrics(self, lr: float) -> dict[str, float]:
+        """Means over the log interval, averaged over ranks (one all-reduce)."""
+        n = max(1, self._interval_steps)
+        names = sorted(k for k in self._interval if k != "router_entropy_L")
+        flat = torch.stack([self._interval[k].reshape(()).float() for k in names])
+        entropy = self._interval.get("router_entropy_L")
+        if entropy is not None:
+            flat = torch.cat([flat, entropy.float()])
+        flat = flat / n
+        if _distributed():
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat = flat / self.world_size
+        values = flat.cpu().tolist()
+        metrics = dict(zip(names, values[: len(names)]))
+        for layer, value in enumerate(values[len(names):]):
+            metrics[f"router_entropy/layer{layer}"] = value
+        metrics["lr"] = lr
+        tokens_per_s = self._meter.read()
+        metrics["tokens_per_s"] = tokens_per_s
+        metrics["tokens_seen"] = float(self.tokens_seen)
+        if self.device.type == "cuda" and self.flops_per_token:
+            metrics["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.cfg.peak_flops, self.world_size)
+        if self.cumulative_counts_LE.numel():
+            batch_vio = global_maxvio(self.last_counts_LE)
+            interval_vio = global_maxvio(self.interval_counts_LE)
+            run_vio = global_maxvio(self.cumulative_counts_LE)
+            for layer in range(len(batch_vio)):
+                metrics[f"maxvio_batch/layer{layer}"] = float(batch_vio[layer])
+                metrics[f"maxvio_interval/layer{layer}"] = float(interval_vio[layer])
+                metrics[f"maxvio_global/layer{layer}"] = float(run_vio[layer])
+            metrics["maxvio_batch/mean"] = float(batch_vio.mean())
+            metrics["maxvio_global/mean"] = float(run_vio.mean())
+            bias_LE = router_biases(self.model)
+            if bias_LE is not None and bias_LE.numel():
+                metrics["router_bias/mean_abs"] = float(bias_LE.abs().mean())
+                metrics["router_bias/max_abs"] = float(bias_LE.abs().max())
+        # the expert-load recorder reads the closed window from logged_interval_counts_LE
+        self.logged_interval_counts_LE = self.interval_counts_LE.clone()
+        self.interval_counts_LE.zero_()
+        self._interval, self._interval_steps = {}, 0
+        return metrics
+
+    # ---------------------------------------------------------------- validation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation LM loss (nats/token, MTP and aux losses excluded) and bits per byte.
+
+        Every rank evaluates its own batches; sums of (loss × targets) and targets are
+        all-reduced, so the result is the mean over the global validation set.
+        """
+        module = self.forward_module if self.cfg.parallelism == "fsdp" else _unwrap(self.wrapped)
+        was_training = module.training
+        module.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch_BT1 in self.val_batches():
+            batch_BT1 = batch_BT1.to(self.device)
+            with self._autocast():
+                out = module(batch_BT1[:, :-1], targets=batch_BT1[:, 1:])
+            num_targets = int((batch_BT1[:, 1:] != -100).sum())
+            sums[0] += out.aux["lm_loss"].double() * num_targets
+            sums[1] += num_targets
+        if _distributed():
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        module.train(was_training)
+        if sums[1] == 0:
+            return {}
+        val_loss = float(sums[0] / sums[1])
+        metrics = {"val_loss": val_loss}
+        if self.bytes_per_token:
+            metrics["val_bpb"] = bits_per_byte(val_loss, self.bytes_per_token)
+        return metrics
+
+    # ---------------------------------------------------------------- running
+    def fit(self, until_step: int | None = None) -> list[dict]:
+        """Train until ``until_step`` (default ``max_steps``); returns the logged history."""
+        until_step = self.cfg.max_steps if until_step is None else min(until_step, self.cfg.max_steps)
+        self._meter = ThroughputMeter()
+        while self.step < until_step:
+            self.train_step()
+        return self.history
+
+    # ---------------------------------------------------------------- small state (see state.py)
+    def loop_state(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen,
+                "cumulative_counts_LE": self.cumulative_counts_LE.clone(),
+                "interval_counts_LE": self.interval_counts_LE.clone(),
+                "last_counts_LE": self.last_counts_LE.clone(), "history": list(self.history),
+                "last_val": dict(self.last_val), "time": time.time(),
+                # a checkpoint may fall inside a log interval: keep its partial sums
+                "interval": {k: v.detach().cpu().clone() for k, v in self._interval.items()},
+                "interval_steps": self._interval_steps}
+
+    def load_loop_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.cumulative_counts_LE = state["cumulative_counts_LE"].clone().double()
+        self.interval_counts_LE = state["interval_counts_LE"].clone().double()
+        self.last_counts_LE = state["last_counts_LE"].clone().double()
+        self.history = list(state.get("history", []))
+        self.last_val = dict(state.get("last_val", {}))
+        self._interval = {k: v.to(self.device) for k, v in state.get("interval", {}).items()}
+        self._interval_steps = int(state.get("interval_steps", 0))
