@@ -62,7 +62,7 @@ class LocalStore(ObjectStore):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            blocker = next(p for p in reversed(path.parents) if p.is_file())
+            blocker = next((p for p in reversed(path.parents) if p.is_file()), path.parent)
             raise StoreError(
                 f"cannot write {path.as_uri()}: {blocker.as_uri()} is an object, and a local store "
                 "cannot hold a key that is also a folder",
