@@ -85,6 +85,49 @@ class CacheStep:
     mask_B1TS: torch.Tensor  # bool, True = may attend
 
 
+def prepare_attention(input_ids_BT: torch.Tensor, positions: torch.Tensor | None,
+                      attention_mask_BS: torch.Tensor | None, cache: MLACache | None,
+                      cache_position: torch.Tensor | None):
+    """RoPE positions (B, T), the boolean attention mask (B, 1, T, S) or None (plain causal), and the
+    cache step (None without a cache). With a cache this also writes the key mask / real-token counts
+    and advances ``cache.length`` (dynamic mode). See ``MoETransformer`` for the argument semantics."""
+    B, T = input_ids_BT.shape
+    dev = input_ids_BT.device
+    if cache is None:
+        if attention_mask_BS is None:
+            pos = positions if positions is not None else torch.arange(T, device=dev).expand(B, T)
+            return pos, None, None
+        real_BT = attention_mask_BS.to(device=dev, dtype=torch.bool)
+        if real_BT.shape != (B, T):
+            raise ValueError(f"attention_mask_BS shape {tuple(real_BT.shape)} != input_ids {(B, T)} (no cache)")
+        pos = positions if positions is not None else (real_BT.long().cumsum(1) - 1).clamp_min(0)
+        q_T = torch.arange(T, device=dev)
+        return pos, _attention_mask(q_T, q_T, real_BT), None
+    if cache_position is None:
+        start = cache.length
+        if start + T > cache.max_len:
+            raise ValueError(f"cache full: {start} + {T} tokens > max_len {cache.max_len}")
+        slots_T, num_keys = torch.arange(start, start + T, device=dev), start + T
+        cache.length = start + T
+    else:
+        slots_T, num_keys = cache_position.to(dev), cache.max_len
+    new_real_BT = (attention_mask_BS[:, -T:].to(device=dev, dtype=torch.bool) if attention_mask_BS is not None
+                   else torch.ones(B, T, dtype=torch.bool, device=dev))
+    cache.key_mask_BS.index_copy_(1, slots_T, new_real_BT)
+    if positions is None:
+        positions = cache.num_real_B[:, None] + (new_real_BT.long().cumsum(1) - 1).clamp_min(0)
+    cache.num_real_B.add_(new_real_BT.sum(1))
+    mask = _attention_mask(slots_T, torch.arange(num_keys, device=dev), cache.key_mask_BS[:, :num_keys])
+    return positions, mask, CacheStep(cache, slots_T, num_keys, mask)
+
+
+def _attention_mask(q_slots_T, k_slots_S, key_real_BS) -> torch.Tensor:
+    """Causal over slots, keys limited to real tokens, but every query always sees its own slot."""
+    causal_TS = k_slots_S[None, :] <= q_slots_T[:, None]
+    self_TS = k_slots_S[None, :] == q_slots_T[:, None]
+    return (causal_TS[None] & (key_real_BS[:, None, :] | self_TS[None]))[:, None]
+
+
 class MLA(nn.Module):
     pad_v_on_cuda = True
 

@@ -93,7 +93,8 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, forced_idx_TK: torch.Tensor | None = None) -> RouterOutput:
         """forced_idx_TK (optional) replays given expert choices (e.g. routing replay in RL)."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        dt = torch.promote_types(x_TD.dtype, torch.float32)  # fp32, or fp64 in reference tests
+        logits_TE = F.linear(x_TD.to(dt), self.weight.to(dt))
         scores_TE = logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
         if forced_idx_TK is not None:
             idx_TK = forced_idx_TK
@@ -132,6 +133,7 @@ class RoutedExperts(nn.Module):
         return x.is_cuda and x.dtype == torch.bfloat16
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) for every token t."""
         T, K = idx_TK.shape
         flat_N = idx_TK.reshape(-1)
         order_N = torch.argsort(flat_N, stable=True)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import balancing
-from .attention import MLA, CacheStep, MLACache
+from .attention import MLA, CacheStep, MLACache, prepare_attention
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU, rope_inv_freq
 from .moe import DeepSeekMoE, MoEStats, Router
@@ -172,50 +172,13 @@ class MoETransformer(nn.Module):
         return MLACache.for_config(self.cfg, batch_size, max_len, device or p.device, dtype or p.dtype)
 
     # ------------------------------------------------------------------ forward
-    def _setup(self, input_ids_BT, positions, attention_mask_BS, cache, cache_position):
-        """Positions (B, T), the boolean attention mask (B, 1, T, S) or None, and the cache step."""
-        B, T = input_ids_BT.shape
-        dev = input_ids_BT.device
-        if cache is None:
-            if attention_mask_BS is None:
-                pos = positions if positions is not None else torch.arange(T, device=dev).expand(B, T)
-                return pos, None, None
-            real_BT = attention_mask_BS.to(device=dev, dtype=torch.bool)
-            if real_BT.shape != (B, T):
-                raise ValueError(f"attention_mask_BS shape {tuple(real_BT.shape)} != input_ids {(B, T)} (no cache)")
-            pos = positions if positions is not None else (real_BT.long().cumsum(1) - 1).clamp_min(0)
-            q_T = torch.arange(T, device=dev)
-            return pos, self._mask(q_T, q_T, real_BT), None
-        if cache_position is None:
-            start = cache.length
-            if start + T > cache.max_len:
-                raise ValueError(f"cache full: {start} + {T} tokens > max_len {cache.max_len}")
-            slots_T, num_keys = torch.arange(start, start + T, device=dev), start + T
-            cache.length = start + T
-        else:
-            slots_T, num_keys = cache_position.to(dev), cache.max_len
-        new_real_BT = (attention_mask_BS[:, -T:].to(device=dev, dtype=torch.bool) if attention_mask_BS is not None
-                       else torch.ones(B, T, dtype=torch.bool, device=dev))
-        cache.key_mask_BS.index_copy_(1, slots_T, new_real_BT)
-        if positions is None:
-            positions = cache.num_real_B[:, None] + (new_real_BT.long().cumsum(1) - 1).clamp_min(0)
-        cache.num_real_B.add_(new_real_BT.sum(1))
-        mask = self._mask(slots_T, torch.arange(num_keys, device=dev), cache.key_mask_BS[:, :num_keys])
-        return positions, mask, CacheStep(cache, slots_T, num_keys, mask)
-
-    @staticmethod
-    def _mask(q_slots_T, k_slots_S, key_real_BS) -> torch.Tensor:
-        causal_TS = k_slots_S[None, :] <= q_slots_T[:, None]
-        self_TS = k_slots_S[None, :] == q_slots_T[:, None]
-        return (causal_TS[None] & (key_real_BS[:, None, :] | self_TS[None]))[:, None]
-
     def forward(self, input_ids_BT: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, attention_mask_BS: torch.Tensor | None = None,
                 cache: MLACache | None = None, cache_position: torch.Tensor | None = None,
                 forced_routing: list[torch.Tensor] | None = None, last_logits_only: bool = False,
                 return_hidden: bool = False, return_router_choices: bool = False) -> ModelOutput:
         cfg = self.cfg
-        positions, mask, step = self._setup(input_ids_BT, positions, attention_mask_BS, cache, cache_position)
+        positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position)
         cos, sin = self.rotary(positions)
         x_BTD = self.model.embed_tokens(input_ids_BT)
         all_stats: list[MoEStats] = []

@@ -1,0 +1,94 @@
+"""Balancing maths against hand-computed tables, and aux-free balancing in a closed loop."""
+
+import math
+
+import pytest
+import torch
+
+from moeflow.models import balancing as bal
+from moeflow.models.moe import select_experts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    # The CI/dev box has 2 shared cores; one intra-op thread is ~10x faster for these tiny tensors.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("bias,counts,gamma,want", [
+    # mean 4: steps [-γ, 0, +γ, +γ] (mean 0.025), then centred.
+    ([0.0, 0.0, 0.0, 0.0], [10, 4, 1, 1], 0.1, [-0.125, -0.025, 0.075, 0.075]),
+    # already balanced: nothing moves, a non-centred bias gets centred.
+    ([0.3, 0.1, 0.2, 0.2], [5, 5, 5, 5], 0.1, [0.1, -0.1, 0.0, 0.0]),
+    ([0.0, 0.0], [3, 1], 1e-3, [-1e-3, 1e-3]),
+])
+def test_update_router_bias_table(bias, counts, gamma, want):
+    got = bal.update_router_bias(torch.tensor(bias), torch.tensor(counts, dtype=torch.float32), gamma)
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-7, rtol=0)
+    assert abs(got.sum().item()) < 1e-6
+
+
+def test_update_router_bias_batched_rows_are_independent():
+    counts = torch.tensor([[10.0, 4.0, 1.0, 1.0], [5.0, 5.0, 5.0, 5.0]])
+    got = bal.update_router_bias(torch.zeros(2, 4), counts, 0.1)
+    torch.testing.assert_close(got[0], torch.tensor([-0.125, -0.025, 0.075, 0.075]))
+    torch.testing.assert_close(got[1], torch.zeros(4))
+
+
+def test_maxvio_and_counts():
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    counts = bal.tokens_per_expert(idx, 4)
+    assert counts.tolist() == [3.0, 2.0, 1.0, 0.0]
+    assert bal.maxvio(counts).item() == pytest.approx((3 - 1.5) / 1.5)
+    assert bal.maxvio(torch.tensor([[2.0, 2.0], [4.0, 0.0]])).tolist() == [0.0, 1.0]
+
+
+def test_seq_aux_loss_hand_computed():
+    # One sequence, T=2, E=2, K=1. Scores normalise to p = [[0.75, 0.25], [0.5, 0.5]].
+    scores = torch.tensor([[[0.6, 0.2], [0.4, 0.4]]])
+    idx = torch.tensor([[[0], [0]]])
+    # f = E/(K T) * counts = [2, 0]; P = mean p = [0.625, 0.375]; L = α * 2 * 0.625
+    assert bal.seq_aux_loss(scores, idx, alpha=0.1).item() == pytest.approx(0.1 * 1.25)
+    # Two sequences are averaged: second perfectly balanced (f = [1, 1], P = [.5, .5]) -> α * 1
+    scores2 = torch.cat([scores, torch.full((1, 2, 2), 0.5)])
+    idx2 = torch.cat([idx, torch.tensor([[[0], [1]]])])
+    assert bal.seq_aux_loss(scores2, idx2, alpha=0.1).item() == pytest.approx(0.1 * (1.25 + 1.0) / 2)
+
+
+def test_z_loss_and_lb_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    # logsumexp: log 2, log 4
+    want_z = 0.5 * (math.log(2) ** 2 + math.log(4) ** 2)
+    assert bal.z_loss(logits, 2.0).item() == pytest.approx(2.0 * want_z)
+    probs = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    idx = torch.tensor([[0], [0]])
+    # f = [1, 0], P = [0.625, 0.375]; E Σ f P = 2 * 0.625
+    assert bal.load_balancing_loss(probs, idx, 0.01).item() == pytest.approx(0.01 * 1.25)
+
+
+def test_router_entropy():
+    uniform = torch.full((3, 4), 0.25)
+    assert bal.router_entropy(uniform).item() == pytest.approx(math.log(4))
+    peaked = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    assert bal.router_entropy(peaked).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_aux_free_updates_drive_maxvio_down_on_skewed_router():
+    torch.manual_seed(0)
+    E, K, T = 16, 2, 2048
+    # Skewed router: expert e gets a fixed score offset growing with e, so the top experts hog tokens.
+    skew = torch.linspace(-2.0, 2.0, E)
+    bias = torch.zeros(E)
+    history = []
+    for _ in range(300):
+        scores = torch.sigmoid(torch.randn(T, E) + skew)
+        idx = select_experts(scores, bias, K, n_group=1, topk_group=1)
+        counts = bal.tokens_per_expert(idx, E)
+        history.append(bal.maxvio(counts).item())
+        bias = bal.update_router_bias(bias, counts, gamma=1e-2)
+    assert history[0] > 2.0
+    assert sum(history[-20:]) / 20 < 0.25 * history[0]
+    assert sum(history[-20:]) / 20 < 0.5

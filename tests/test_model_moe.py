@@ -1,0 +1,130 @@
+"""DeepSeekMoE: routing rules, expert dispatch paths against a naive per-token loop, stats."""
+
+import pytest
+import torch
+
+from moeflow.models import ModelConfig
+from moeflow.models.moe import DeepSeekMoE, RoutedExperts, Router, balanced_assignment, select_experts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    # The CI/dev box has 2 shared cores; one intra-op thread is ~10x faster for these tiny tensors.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _naive_experts(x_TD, idx_TK, w_TK, gate_up_E2FD, down_EDF):
+    F_ = down_EDF.shape[-1]
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for j in range(idx_TK.shape[1]):
+            e = int(idx_TK[t, j])
+            h = gate_up_E2FD[e] @ x_TD[t]
+            a = torch.nn.functional.silu(h[:F_]) * h[F_:]
+            out[t] += w_TK[t, j] * (down_EDF[e] @ a)
+    return out
+
+
+def _experts(E=6, D=8, F_=8, dtype=torch.float64):
+    cfg = ModelConfig.preset("tiny").replace(hidden_size=D, num_routed_experts=E, moe_intermediate_size=F_,
+                                             num_experts_per_tok=2)
+    ex = RoutedExperts(cfg).to(dtype)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.5)
+    torch.nn.init.normal_(ex.down_proj, std=0.5)
+    return ex
+
+
+@pytest.mark.parametrize("grouped,align", [(False, 16), (True, 16), (True, 1)])
+def test_expert_paths_match_naive_loop(grouped, align, monkeypatch):
+    torch.manual_seed(0)
+    # The CPU grouped_mm supports fp32 (not fp64); the loop is checked in fp64.
+    dtype = torch.float32 if grouped else torch.float64
+    ex = _experts(dtype=dtype)
+    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", grouped)
+    monkeypatch.setattr(RoutedExperts, "group_align", align)
+    T, K = 11, 2
+    x = torch.randn(T, 8, dtype=dtype, requires_grad=True)
+    idx = torch.randint(0, 4, (T, K))  # experts 4 and 5 stay empty
+    idx[:, 1] = (idx[:, 0] + 1) % 4
+    w = torch.rand(T, K, dtype=dtype)
+    got = ex(x, idx, w)
+    want = _naive_experts(x, idx, w, ex.gate_up_proj, ex.down_proj)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    g_got = torch.autograd.grad(got.sum(), [x, ex.gate_up_proj, ex.down_proj])
+    g_want = torch.autograd.grad(want.sum(), [x, ex.gate_up_proj, ex.down_proj])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)
+    assert g_got[1][4:].abs().sum() == 0  # empty experts get zero gradient
+
+
+def test_group_limited_routing_masks_dropped_groups_with_neg_inf():
+    # 2 groups of 3; group 0 scores (top-2 sum) highest for token 0, group 1 for token 1.
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.2, 0.1],
+                           [0.1, 0.2, 0.1, 0.6, 0.5, 0.4]])
+    # A large negative bias on group 1's experts: with a 0.0 mask (the old HF bug) the dropped group
+    # would still beat them; with -inf the chosen experts stay inside the kept group.
+    bias = torch.tensor([-2.0, -2.0, -2.0, 0.0, 0.0, 0.0])
+    idx = select_experts(scores, bias, k=2, n_group=2, topk_group=1)
+    assert sorted(idx[0].tolist()) == [3, 4]  # biased group score: group 1 wins for token 0
+    assert sorted(idx[1].tolist()) == [3, 4]
+    idx_nobias = select_experts(scores, None, k=2, n_group=2, topk_group=1)
+    assert sorted(idx_nobias[0].tolist()) == [0, 1]
+    neg = -torch.ones(2, 6)  # all-negative scores: masked experts must still never be chosen
+    neg[:, 0] = -0.5
+    idx_neg = select_experts(neg, None, k=3, n_group=2, topk_group=1)
+    assert all(i < 3 for i in idx_neg.flatten().tolist())
+
+
+def test_bias_only_selects_and_weights_come_from_unbiased_scores():
+    cfg = ModelConfig.preset("tiny").replace(hidden_size=4, num_routed_experts=4, num_experts_per_tok=2,
+                                             route_scale=2.5)
+    r = Router(cfg).double()
+    torch.nn.init.normal_(r.weight)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    r.e_score_correction_bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))
+    out = r(x)
+    assert sorted(set(out.topk_idx_TK.flatten().tolist())) == [0, 1]
+    s = torch.sigmoid(x @ r.weight.t())[:, :2]
+    want = s / s.sum(-1, keepdim=True) * 2.5
+    got = torch.stack([out.topk_weight_TK[t][out.topk_idx_TK[t].argsort()] for t in range(5)])
+    torch.testing.assert_close(got, want)
+    assert r.e_score_correction_bias.requires_grad is False
+    assert "e_score_correction_bias" in dict(r.named_buffers())
+
+
+def test_bias_stays_fp32_under_dtype_cast():
+    r = Router(ModelConfig.preset("tiny"))
+    r.e_score_correction_bias.fill_(1e-4 + 1.0)
+    r.to(torch.bfloat16)
+    assert r.e_score_correction_bias.dtype == torch.float32
+    assert r.e_score_correction_bias[0].item() == pytest.approx(1.0001, abs=1e-7)
+    assert r.weight.dtype == torch.bfloat16
+
+
+def test_forced_balanced_routing_is_round_robin():
+    idx = balanced_assignment(5, 3, 4, "cpu")
+    assert idx.tolist() == [[0, 1, 2], [3, 0, 1], [2, 3, 0], [1, 2, 3], [0, 1, 2]]
+    cfg = ModelConfig.preset("tiny").replace(force_balanced_routing=True)
+    moe = DeepSeekMoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.02)
+    torch.nn.init.normal_(moe.experts.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(moe.experts.down_proj, std=0.02)
+    _, stats = moe(torch.randn(2, 8, cfg.hidden_size))
+    assert stats.tokens_per_expert_E.tolist() == [4.0] * 8
+    assert stats.maxvio.item() == 0.0
+
+
+def test_softmax_scores_and_stats():
+    cfg = ModelConfig.preset("tiny").replace(score_func="softmax", z_loss_weight=1e-3, lb_loss_weight=1e-2)
+    moe = DeepSeekMoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    y, st = moe(torch.randn(3, 5, cfg.hidden_size))
+    assert y.shape == (3, 5, cfg.hidden_size)
+    assert st.tokens_per_expert_E.sum().item() == 3 * 5 * cfg.num_experts_per_tok
+    assert 0 < st.router_entropy.item() <= torch.log(torch.tensor(8.0)).item() + 1e-6
+    assert st.z_loss.item() > 0 and st.lb_loss.item() > 0 and st.seq_aux_loss.item() > 0
