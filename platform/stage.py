@@ -65,7 +65,9 @@ class StageRun:
         if kind == "model":
             self.catalog.register_model(name or self.stage, uri, self.config_hash, metrics=stats)
         else:
-            self.catalog.register_dataset(name or self.stage, uri, content_hash or "", stats=stats, kind=kind)
+            if not content_hash:  # every artefact written through the store has a manifest hash
+                content_hash = self.store.read_artifact(uri).content_hash
+            self.catalog.register_dataset(name or self.stage, uri, content_hash, stats=stats, kind=kind)
         self.outputs.append(uri)
         self.tracker.set_tags({f"moeflow.output.{len(self.outputs) - 1}": uri})
         return uri

@@ -33,3 +33,20 @@ def funnel_markdown(title: str, rows: list[dict]) -> str:
     lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def latest_artifact_uri(kind: str, name: str) -> str:
+    """The newest catalog entry of ``kind`` named ``name``, for flows run one stage at a time."""
+    from moeflow.platform.catalog import Catalog
+
+    catalog = Catalog.from_settings(get_settings())
+    if kind == "model":
+        rows = catalog.list_models(name=name, limit=1)
+        uri_key = "checkpoint_uri"
+    else:
+        rows = catalog.list_datasets(kind=kind, name=name, limit=1)
+        uri_key = "uri"
+    if not rows:
+        raise LookupError(f"no {kind} named {name!r} in the catalog: run the stage that produces it first "
+                          f"(e.g. `moeflow run pipeline`), or pass its URI explicitly")
+    return rows[0][uri_key]
