@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +15,7 @@ import pytest
 
 from moeflow.platform.data.shards import ShardWriter, TokenDataset, dtype_for_vocab
 from moeflow.platform.data.tokenize import TokenizeConfig, assign_val, run_tokenize, select_bpe_sample
-from moeflow.platform.store import ChecksumError, LocalStore
+from moeflow.platform.store import Artifact, ChecksumError, LocalStore
 
 CJK = ["混合专家模型只激活一部分参数。", "東京は日本の首都です。", "한국어 문장입니다."]
 
@@ -240,7 +242,7 @@ def test_one_and_two_ray_workers_give_identical_shards(store):
     assert one.stats["num_tokens_train"] == two.stats["num_tokens_train"]
 
 
-def test_corrupt_cached_shard_is_fetched_again_and_corrupt_store_fails_clearly(store, tmp_path):
+def test_corrupt_cached_shard_is_fetched_again_and_corrupt_store_fails_clearly(store, tmp_path, monkeypatch):
     curated_uri = write_curated(store, make_docs(60))
     result = run_tokenize(CFG, store, curated_uri=curated_uri, output_prefix="datasets/t/tokens", num_workers=1,
                           progress=False)
@@ -249,10 +251,21 @@ def test_corrupt_cached_shard_is_fetched_again_and_corrupt_store_fails_clearly(s
     expected = ds.tokens(0, ds.num_tokens)
     shard = ds.local_dir / ds.shards[0]["bin"]
     del ds
+    # a valid, stamped cache is reused without re-hashing or downloading
+    monkeypatch.setattr(Artifact, "download", lambda *a, **k: pytest.fail("valid cache was downloaded again"))
+    assert np.array_equal(TokenDataset.open(result.uri, "train").tokens(0, len(expected)), expected)
+    monkeypatch.undo()
+
+    time.sleep(0.02)  # the stamp compares mtimes; let the clock tick past the download's
     data = bytearray(shard.read_bytes())
     data[:8] = b"\xff" * 8
     shard.write_bytes(bytes(data))
     assert np.array_equal(TokenDataset.open(result.uri, "train").tokens(0, len(expected)), expected)
+    # verify=True catches corruption the stamp cannot see (same size and mtime)
+    stat = shard.stat()
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert np.array_equal(TokenDataset.open(result.uri, "train", verify=True).tokens(0, len(expected)), expected)
 
     # corrupt the stored copy: a fresh cache cannot be filled, and says which file is bad
     stored = store.root / "/".join(result.uri.split("/")[-4:]) / "train-00000.bin"

@@ -25,7 +25,8 @@ Choices:
 
 ``TokenDataset.open`` downloads one split into a local cache keyed by the artefact's
 content hash (files verified against the manifest's sha256, a valid cached copy reused,
-a corrupt one fetched again), then memory-maps the shards. Pickling a TokenDataset (to
+a corrupt one fetched again), then memory-maps the shards. A verified copy is stamped
+with each file's size and mtime, so later opens skip re-hashing unless a file changed. Pickling a TokenDataset (to
 ship it to a Ray worker) sends paths, not tokens; the worker re-maps the same files.
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +167,44 @@ def _dir_lock(directory: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# A verified cache is stamped with (sha256, size, mtime) per file, so re-opening it (every
+# rank, every resume) does not re-hash gigabytes; any rewrite of a file changes its mtime
+# and sends it back through the checksum-verified download.
+def _stamp_path(local_dir: Path, split: str) -> Path:
+    return local_dir / f".verified-{split}.json"
+
+
+def _file_state(local_dir: Path, art, names: list[str]) -> dict | None:
+    state = {}
+    for name in names:
+        path = local_dir / name
+        if not path.is_file():
+            return None
+        st = path.stat()
+        state[name] = [art.files[name]["sha256"], st.st_size, st.st_mtime_ns]
+    return state
+
+
+def _stamp_matches(local_dir: Path, split: str, art, names: list[str]) -> bool:
+    stamp = _stamp_path(local_dir, split)
+    if not stamp.is_file():
+        return False
+    try:
+        recorded = json.loads(stamp.read_text())
+    except ValueError:
+        return False
+    state = _file_state(local_dir, art, names)
+    return state is not None and state == recorded and all(
+        state[n][1] == art.files[n]["size"] for n in names)
+
+
+def _write_stamp(local_dir: Path, split: str, art, names: list[str]) -> None:
+    state = _file_state(local_dir, art, names)
+    tmp = _stamp_path(local_dir, split).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(_stamp_path(local_dir, split))
+
+
 class TokenDataset:
     """One split of a token artefact, memory-mapped; global random access over all its shards.
 
@@ -216,8 +256,13 @@ class TokenDataset:
 
     # ---- construction
     @classmethod
-    def open(cls, uri: str, split: str = "train", cache_dir: str | Path | None = None) -> TokenDataset:
-        """Downloads (or reuses a verified cached copy of) one split and memory-maps it."""
+    def open(cls, uri: str, split: str = "train", cache_dir: str | Path | None = None,
+             verify: bool = False) -> TokenDataset:
+        """Downloads (or reuses a verified cached copy of) one split and memory-maps it.
+
+        ``verify=True`` re-hashes every cached file even when its stamp matches (the stamp
+        cannot see a change that keeps a file's size and mtime, such as silent bit rot).
+        """
         from moeflow.platform.store import store_for_uri
 
         store, key = store_for_uri(uri)
@@ -231,7 +276,9 @@ class TokenDataset:
         local_dir = Path(cache_dir) if cache_dir is not None else _default_cache_root() / art.content_hash
         names = [META_NAME, TOKENIZER_NAME] + [n for s in info["shards"] for n in (s["bin"], s["idx"])]
         with _dir_lock(local_dir):
-            art.download(local_dir, names=names)  # verifies sha256; skips files already valid
+            if verify or not _stamp_matches(local_dir, split, art, names):
+                art.download(local_dir, names=names)  # verifies sha256; re-fetches bad files
+                _write_stamp(local_dir, split, art, names)
         return cls(art.uri, split, local_dir, meta, art.content_hash)
 
     def tokenizer(self):

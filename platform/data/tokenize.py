@@ -20,13 +20,17 @@
    change the output. A re-run that finds it committed returns it without work; a killed
    run leaves only staging files, which readers never see.
 
-Empty documents are skipped and counted (they would only add bos+eos).
+Empty documents are skipped and counted (they would only add bos+eos). The curated parts
+are read here column-wise (``id``/``text`` only, pass 1 without building Documents) rather
+than through ``documents.iter_artifact_documents``: the scan pass needs only ids and byte
+lengths, and both passes read the same downloaded, checksum-verified local copies.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +42,7 @@ import numpy as np
 
 from moeflow.models.tokenizer import SPLIT_PATTERN, Tokenizer, tokenizer_info, train_bpe
 
+from .documents import curated_parts
 from .shards import DOC_FORMAT, META_NAME, TOKENIZER_NAME, ShardWriter, dtype_for_vocab
 
 FORMAT_VERSION = 1  # bump when the shard layout or the encoding rules change
@@ -144,7 +149,7 @@ def tokens_prefix(config: TokenizeConfig, curated_hash: str, output_prefix: str)
 
 # ---------------------------------------------------------------- curated input
 def _curated_parts(art) -> list[str]:
-    parts = sorted(n for n in art.names() if n.split("/")[-1].startswith("part-") and n.endswith(".parquet"))
+    parts = curated_parts(art)
     if not parts:
         raise ValueError(f"curated artefact {art.uri} has no part-*.parquet files (has {art.names()[:10]})")
     return parts
@@ -301,7 +306,7 @@ def run_tokenize(
 
             shard_writers = {split: ShardWriter(split, config.shard_tokens, dtype, tmp_dir / "shards", upload)
                              for split in ("train", "val")}
-            window = max(1, num_workers or 1) * 4
+            window = max(1, num_workers or os.cpu_count() or 1) * 4  # batches per parallel_map call
             batches = _doc_batches(paths, config)
             while chunk := [b for _, b in zip(range(window), batches)]:
                 results = parallel_map(encode, [texts for _, texts in chunk], num_workers=num_workers,
