@@ -73,3 +73,32 @@ def one_thread():
             torch.set_num_threads(before)
 
     return _ctx()
+
+
+def write_token_artifact(store, prefix: str, train_docs: list[list[int]], val_docs: list[list[int]], *,
+                         vocab_size: int = 64, bos_id: int = 1, eos_id: int = 0, pad_id: int = 63,
+                         shard_tokens: int = 4096, bytes_per_token: float = 3.0) -> str:
+    """A real token-shards artefact (``platform.data.shards`` layout, written by its ShardWriter)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from moeflow.platform.data.shards import DOC_FORMAT, ShardWriter, dtype_for_vocab
+
+    dtype = dtype_for_vocab(vocab_size)
+    with tempfile.TemporaryDirectory() as tmp, store.write_artifact(prefix, overwrite=True) as writer:
+        splits = {}
+        for split, docs in (("train", train_docs), ("val", val_docs)):
+            def upload(name, path, _w=writer):
+                _w.put_file(name, path)
+            sw = ShardWriter(split, shard_tokens, dtype, Path(tmp) / split, upload)
+            sw.add(np.array([t for d in docs for t in d], dtype=dtype), np.array([len(d) for d in docs]))
+            info = sw.close()
+            info["num_text_bytes"] = int(round(info["num_tokens"] * bytes_per_token))
+            splits[split] = info
+        meta = {"format_version": 1, "doc_format": DOC_FORMAT, "dtype": dtype.name, "shard_tokens": shard_tokens,
+                "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id, "splits": splits}
+        writer.put_bytes("tokenizer.json", json.dumps({"note": "test fixture: ids only"}).encode())
+        writer.put_json("meta.json", meta)
+        writer.metadata["kind"] = "tokens"
+    return writer.uri

