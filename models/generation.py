@@ -146,29 +146,24 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     length_B = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated per row (stop included)
     logits_BV = runner.prefill()
     for step in range(max_new_tokens):
-        next_B = torch.where(done_B, torch.full_like(done_B, pad_id, dtype=torch.long), pick(logits_BV))
+        was_done_B = done_B.clone()
+        next_B = torch.where(was_done_B, out_BN[:, step], pick(logits_BV))  # out_BN holds pad_id
         out_BN[:, step] = next_B
-        length_B += (~done_B).long()
+        length_B += (~was_done_B).long()
         if stops.numel():
             done_B |= torch.isin(next_B, stops)
-        last = step == max_new_tokens - 1
-        if not last and (step + 1) % sync_every == 0 and bool(done_B.all()):
+        # the host looks at the stop flags only every sync_every steps (each look is a device sync)
+        finish = step == max_new_tokens - 1 or ((step + 1) % sync_every == 0 and bool(done_B.all()))
+        if not finish or record_routing:  # a step after the last token only serves to record its routing
+            logits_BV = runner.step(next_B, ~was_done_B)
+        if finish:
             break
-        if not last or record_routing:  # the final step only runs to capture the last token's routing
-            logits_BV = runner.step(next_B, ~done_B | _just_finished(next_B, stops, done_B))
     lengths = length_B.tolist()
     tokens = [row[:n] for row, n in zip(out_BN.tolist(), lengths)]
     reasons = ["stop" if (n and stops.numel() and row[-1] in set(stops.tolist())) else "length"
                for row, n in zip(tokens, lengths)]
     routing = runner.routing_per_row(mask_BP, lengths) if record_routing else None
     return GenerationResult(tokens, reasons, [len(p) for p in prompts], routing)
-
-
-def _just_finished(next_B: torch.Tensor, stops: torch.Tensor, done_B: torch.Tensor) -> torch.Tensor:
-    """Rows whose token this step is a stop token: that token is still real (its routing is recorded)."""
-    if not stops.numel():
-        return torch.zeros_like(done_B)
-    return torch.isin(next_B, stops)
 
 
 class _CachedDecoder:
@@ -213,13 +208,14 @@ class _FullDecoder(_CachedDecoder):
     """No cache: every step re-runs the whole (left-padded) sequence."""
 
     def __init__(self, model, ids_BP, mask_BP, max_steps: int, record: bool) -> None:
-        super().__init__(model, ids_BP, mask_BP, 0, record)
-        self.cache = None
+        self.model, self.record, self.cache = model, record, None
         B, P = ids_BP.shape
         self.seq_BS = torch.zeros(B, P + max_steps, dtype=torch.long, device=ids_BP.device)
         self.seq_BS[:, :P] = ids_BP
         self.mask_BS = torch.zeros(B, P + max_steps, dtype=torch.bool, device=ids_BP.device)
         self.mask_BS[:, :P] = mask_BP
+        self.len = P
+        self.routes: list[torch.Tensor] = []
 
     def prefill(self) -> torch.Tensor:
         return self._full()
