@@ -296,3 +296,34 @@ def test_config_hash_is_canonical():
     assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
     assert len(config_hash({})) == 64
+
+
+def test_in_memory_catalog_is_shared_across_threads():
+    import threading
+
+    with Catalog("sqlite://") as cat:
+        run_id = cat.start_run("curate", {})
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append([r["id"] for r in cat.list_runs()]))
+        thread.start()
+        thread.join()
+        assert seen == [[run_id]]
+
+
+def test_forked_child_gets_its_own_connections(tmp_path):
+    """A child forked after the parent used the catalog must not reuse the parent's connections."""
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'fork.db'}"
+    with Catalog(url) as cat:
+        cat.start_run("parent", {})
+
+        def child() -> None:
+            cat.start_run("child", {})
+
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0
+        cat.start_run("parent-again", {})
+        assert sorted(r["stage"] for r in cat.list_runs()) == ["child", "parent", "parent-again"]

@@ -18,10 +18,13 @@ workers, Ray workers, the dashboard) open the same catalog at once:
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.pool import StaticPool
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +54,43 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     except Exception as exc:  # sqlalchemy raises ArgumentError with a terse message
         raise CatalogError(f"invalid catalog database URL {url!r}: {exc}") from exc
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed, echo=echo)
-    return create_engine(parsed, echo=echo, pool_pre_ping=True, future=True)
+        engine = _sqlite_engine(parsed, echo=echo)
+        if _is_memory(parsed.database):
+            return engine  # the one connection *is* the database: keep it in a forked child
+    else:
+        engine = create_engine(parsed, echo=echo, pool_pre_ping=True)
+    _forget_pool_after_fork(engine)
+    return engine
+
+
+def _is_memory(database: str | None) -> bool:
+    return not database or database == ":memory:" or "mode=memory" in database
+
+
+def _forget_pool_after_fork(engine: Engine) -> None:
+    """A forked child must not reuse the parent's pooled connections (they share sockets)."""
+    ref = weakref.ref(engine)
+
+    def in_child() -> None:
+        child_engine = ref()
+        if child_engine is not None:
+            child_engine.dispose(close=False)
+
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=in_child)
 
 
 def _sqlite_engine(parsed, *, echo: bool) -> Engine:
     database = parsed.database
-    if database and database != ":memory:" and not database.startswith("file:"):
+    memory = _is_memory(database)
+    if not memory and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         parsed,
         echo=echo,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+        # an in-memory database lives in one connection: share it (single-threaded use only)
+        poolclass=StaticPool if memory else None,
     )
 
     @event.listens_for(engine, "connect")
@@ -71,7 +99,7 @@ def _sqlite_engine(parsed, *, echo: bool) -> Engine:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        if database and database != ":memory:":
+        if not memory:
             cursor.execute("PRAGMA journal_mode = WAL")
             # NORMAL is durable across application crashes in WAL mode; only power loss
             # can drop the last commits, and it saves one fsync per commit
