@@ -89,6 +89,9 @@ _BOUNDARY = {
 _BOUNDARY_RE = {k: (re.compile(f"[{l}]") if l else None, re.compile(f"[{r}]") if r else None) for k, (l, r) in _BOUNDARY.items()}
 
 
+_VERSION_WORDS = {"version", "ver", "v", "python", "release", "build", "rev"}
+
+
 def _bounded(kind: str, m: re.Match) -> bool:
     if kind not in _BOUNDARY_RE:
         return True
@@ -146,6 +149,9 @@ def _replace(kind: str, cfg: PIIConfig) -> Callable[[re.Match], str]:
             ok = 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn_valid(digits)
             return placeholder if ok else text
         if kind == "ipv4":
+            before = m.string[max(0, m.start() - 12) : m.start()].lower().split()
+            if before and before[-1].rstrip(":=") in _VERSION_WORDS:  # "python 3.11.7.1", "version 1.2.3.4"
+                return text
             return placeholder if _ip_ok(text, cfg.skip_private_ips) else text
         if kind == "ipv6":
             groups = [g for g in text.split(":") if g]
