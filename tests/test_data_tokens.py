@@ -272,6 +272,7 @@ def test_corrupt_cached_shard_is_fetched_again_and_corrupt_store_fails_clearly(s
     stored.write_bytes(b"\x00" * stored.stat().st_size)
     with pytest.raises(ChecksumError, match="train-00000.bin"):
         TokenDataset.open(result.uri, "train", cache_dir=tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / result.content_hash / "train-00000.bin").exists()  # nothing bad kept
 
 
 def test_reusing_a_tokenizer_skips_training(store, monkeypatch):
@@ -312,3 +313,26 @@ def test_bad_inputs_fail_clearly(store):
     with pytest.raises(ValueError, match="no split 'test'"):
         TokenDataset.open(result.uri, "test")
     assert json.loads(store.read_artifact(result.uri).get_bytes("meta.json"))["splits"]["val"]["num_docs"] == 0
+
+
+@pytest.mark.service
+def test_tokenize_and_read_through_an_s3_server(moeflow_home, monkeypatch):
+    from s3server import moto_s3_server
+
+    from moeflow.platform.store import open_store
+
+    with moto_s3_server() as moto:
+        for key, value in {"MOEFLOW_S3_ENDPOINT": moto.endpoint, "MOEFLOW_S3_BUCKET": "tokens-test",
+                           "MOEFLOW_S3_ACCESS_KEY": "k", "MOEFLOW_S3_SECRET_KEY": "s",
+                           "MOEFLOW_S3_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        store = open_store(create_bucket=True)
+        docs = make_docs(30)
+        curated_uri = write_curated(store, docs)
+        result = run_tokenize(CFG, store, curated_uri=curated_uri, output_prefix="datasets/t/tokens",
+                              num_workers=1, progress=False)
+        assert result.uri.startswith("s3://tokens-test/datasets/t/tokens/")
+        train, val = TokenDataset.open(result.uri, "train"), TokenDataset.open(result.uri, "val")
+        tok = train.tokenizer()
+        decoded = [tok.decode(ds.document(i)) for ds in (train, val) for i in range(ds.num_docs)]
+        assert sorted(decoded) == sorted(t for _, t in docs)

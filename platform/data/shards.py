@@ -260,6 +260,9 @@ class TokenDataset:
              verify: bool = False) -> TokenDataset:
         """Downloads (or reuses a verified cached copy of) one split and memory-maps it.
 
+        Files go to ``<cache_dir>/<content hash>/``; ``cache_dir`` defaults to
+        ``<settings.home>/cache``.
+
         ``verify=True`` re-hashes every cached file even when its stamp matches (the stamp
         cannot see a change that keeps a file's size and mtime, such as silent bit rot).
         """
@@ -273,7 +276,8 @@ class TokenDataset:
         info = meta["splits"][split]
         if int(info["num_tokens"]) == 0:
             raise ValueError(f"split {split!r} of {uri} is empty (0 tokens)")
-        local_dir = Path(cache_dir) if cache_dir is not None else _default_cache_root() / art.content_hash
+        # one folder per artefact content, so a cache root shared by many datasets never mixes files
+        local_dir = (Path(cache_dir) if cache_dir is not None else _default_cache_root()) / art.content_hash
         names = [META_NAME, TOKENIZER_NAME] + [n for s in info["shards"] for n in (s["bin"], s["idx"])]
         with _dir_lock(local_dir):
             if verify or not _stamp_matches(local_dir, split, art, names):
