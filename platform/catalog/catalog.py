@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, func, select
@@ -29,7 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .db import CatalogError, make_engine, migrate
 from .ids import code_version as default_code_version
-from .ids import config_hash, new_id, normalize_json
+from .ids import config_hash as hash_config
+from .ids import new_id, normalize_json
 from .models import (
     DATASET_KINDS,
     RUN_STATUSES,
@@ -41,6 +41,7 @@ from .models import (
     Run,
     utcnow,
 )
+from .records import artifact_node, dataset_dict, edge, model_dict, run_dict
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -176,7 +177,7 @@ class Catalog:
                     stage=stage,
                     status="running",
                     config=config_json,
-                    config_hash=config_hash(config_json),
+                    config_hash=hash_config(config_json),
                     code_version=code_version or default_code_version(),
                     started_at=utcnow(),
                     pipeline_run_id=pipeline_run_id,
@@ -232,7 +233,7 @@ class Catalog:
     def get_run(self, run_id: str) -> dict:
         def read(session: Session) -> dict:
             run = self._get_run(session, run_id)
-            return _run_dict(run, self._edges_of(session, [run.id]).get(run.id, {}))
+            return run_dict(run, self._edges_of(session, [run.id]).get(run.id, {}))
 
         return self._read(read)
 
@@ -252,7 +253,7 @@ class Catalog:
                 query = query.where(Run.pipeline_run_id == pipeline_run_id)
             runs = session.scalars(query.order_by(Run.started_at.desc(), Run.id).limit(limit)).all()
             edges = self._edges_of(session, [r.id for r in runs])
-            return [_run_dict(r, edges.get(r.id, {})) for r in runs]
+            return [run_dict(r, edges.get(r.id, {})) for r in runs]
 
         return self._read(read)
 
@@ -355,7 +356,7 @@ class Catalog:
             row = session.get(ModelVersion, model_id)
             if row is None:
                 raise NotFoundError(f"catalog has no model version {model_id!r}")
-            return _model_dict(row)
+            return model_dict(row)
 
         return self._read(read)
 
@@ -365,7 +366,7 @@ class Catalog:
             if name is not None:
                 query = query.where(ModelVersion.name == name)
             rows = session.scalars(query.order_by(ModelVersion.created_at.desc(), ModelVersion.version.desc()).limit(limit))
-            return [_model_dict(r) for r in rows]
+            return [model_dict(r) for r in rows]
 
         return self._read(read)
 
@@ -382,7 +383,7 @@ class Catalog:
             if name is not None:
                 query = query.where(Dataset.name == name)
             query = query.order_by(DatasetVersion.created_at.desc(), DatasetVersion.version.desc()).limit(limit)
-            return [_dataset_dict(dv, ds_name) for dv, ds_name in session.execute(query)]
+            return [dataset_dict(dv, ds_name) for dv, ds_name in session.execute(query)]
 
         return self._read(read)
 
@@ -398,9 +399,9 @@ class Catalog:
                 .join(Dataset, Dataset.id == DatasetVersion.dataset_id)
                 .where(DatasetVersion.uri.in_(chunk))
             ):
-                out[dv.uri] = _dataset_dict(dv, name)
+                out[dv.uri] = dataset_dict(dv, name)
             for mv in session.scalars(select(ModelVersion).where(ModelVersion.checkpoint_uri.in_(chunk))):
-                out[mv.checkpoint_uri] = _model_dict(mv)
+                out[mv.checkpoint_uri] = model_dict(mv)
         return out
 
     # ------------------------------------------------------------------ lineage
@@ -459,7 +460,7 @@ class Catalog:
                 next_runs: list[str] = []
                 for run_id, uri in self._edge_rows(session, frontier_uris, by="uri",
                                                    direction="output" if upstream else "input"):
-                    edges.append(_edge(uri, run_id, uri_is_source=not upstream))
+                    edges.append(edge(uri, run_id, uri_is_source=not upstream))
                     if run_id not in seen_runs:
                         seen_runs[run_id] = depth
                         next_runs.append(run_id)
@@ -467,7 +468,7 @@ class Catalog:
                 next_uris: list[str] = []
                 for run_id, uri in self._edge_rows(session, frontier_runs, by="run",
                                                    direction="input" if upstream else "output"):
-                    edges.append(_edge(uri, run_id, uri_is_source=upstream))
+                    edges.append(edge(uri, run_id, uri_is_source=upstream))
                     if uri not in seen_uris:
                         seen_uris[uri] = depth
                         next_uris.append(uri)
@@ -494,13 +495,13 @@ class Catalog:
         for chunk in _chunks(run_ids, 500):
             runs.update({r.id: r for r in session.scalars(select(Run).where(Run.id.in_(chunk)))})
         artefacts = self._artifacts(session, uris + ([] if start_is_run else [start]))
-        nodes = [{**_run_dict(runs[r]), "type": "run", "depth": seen_runs[r]} for r in run_ids]
-        nodes += [_artifact_node(u, artefacts.get(u), seen_uris[u]) for u in uris]
+        nodes = [{**run_dict(runs[r]), "type": "run", "depth": seen_runs[r]} for r in run_ids]
+        nodes += [artifact_node(u, artefacts.get(u), seen_uris[u]) for u in uris]
         nodes.sort(key=lambda n: (n["depth"], n["type"], n.get("uri") or n.get("id")))
         if start_is_run:
-            start_node = {**_run_dict(self._get_run(session, start)), "type": "run", "depth": 0}
+            start_node = {**run_dict(self._get_run(session, start)), "type": "run", "depth": 0}
         else:
-            start_node = _artifact_node(start, artefacts.get(start), 0)
+            start_node = artifact_node(start, artefacts.get(start), 0)
         return {"start": start_node, "nodes": nodes, "edges": edges}
 
 
@@ -533,75 +534,3 @@ def _uri_list(uris, what: str) -> list[str]:
 def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def _iso(ts: datetime | None) -> str | None:
-    if ts is None:
-        return None
-    if ts.tzinfo is None:  # SQLite returns naive datetimes; we only ever store UTC
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc).isoformat()
-
-
-def _run_dict(run: Run, edges: dict[str, list[str]] | None = None) -> dict:
-    data = {
-        "id": run.id,
-        "stage": run.stage,
-        "status": run.status,
-        "config": run.config or {},
-        "config_hash": run.config_hash,
-        "code_version": run.code_version,
-        "started_at": _iso(run.started_at),
-        "ended_at": _iso(run.ended_at),
-        "pipeline_run_id": run.pipeline_run_id,
-        "prefect_flow_run_id": run.prefect_flow_run_id,
-        "mlflow_run_id": run.mlflow_run_id,
-        "error": run.error,
-        "metrics": run.metrics or {},
-    }
-    if edges is not None:
-        data["inputs"] = edges.get("inputs", [])
-        data["outputs"] = edges.get("outputs", [])
-    return data
-
-
-def _dataset_dict(dv: DatasetVersion, name: str) -> dict:
-    return {
-        "id": dv.id,
-        "name": name,
-        "version": dv.version,
-        "uri": dv.uri,
-        "kind": dv.kind,
-        "content_hash": dv.content_hash,
-        "stats": dv.stats or {},
-        "created_at": _iso(dv.created_at),
-    }
-
-
-def _model_dict(mv: ModelVersion) -> dict:
-    return {
-        "id": mv.id,
-        "name": mv.name,
-        "version": mv.version,
-        "uri": mv.checkpoint_uri,
-        "checkpoint_uri": mv.checkpoint_uri,
-        "kind": "model",
-        "config_hash": mv.config_hash,
-        "parent_model_id": mv.parent_id,
-        "metrics": mv.metrics or {},
-        "created_at": _iso(mv.created_at),
-    }
-
-
-def _artifact_node(uri: str, registered: dict | None, depth: int) -> dict:
-    """An artefact in a lineage result; unregistered URIs (raw inputs) get ``kind=None``."""
-    base = {"type": "artifact", "uri": uri, "depth": depth, "registered": registered is not None}
-    if registered is None:
-        return {**base, "kind": None, "name": None, "id": None}
-    return {**registered, **base}
-
-
-def _edge(uri: str, run_id: str, *, uri_is_source: bool) -> dict:
-    if uri_is_source:
-        return {"source": uri, "target": run_id, "direction": "input"}
-    return {"source": run_id, "target": uri, "direction": "output"}
