@@ -1,0 +1,103 @@
+"""``moeflow up/status/down`` with the real servers, and a smoke run visible in each UI.
+
+Ports are free ones picked per session so the test never collides with a developer's
+running ``moeflow up``. This is the slowest test module (~1 minute on 2 cores): the
+Prefect server, MLflow server, Streamlit and a Ray head all start for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+
+def moeflow(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "moeflow.platform.cli", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("services-home")
+    env = dict(os.environ)
+    env.update({
+        "MOEFLOW_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "MOEFLOW_PREFECT_PORT": str(free_port()),
+        "MOEFLOW_MLFLOW_PORT": str(free_port()),
+        "MOEFLOW_DASHBOARD_PORT": str(free_port()),
+    })
+    env.pop("PREFECT_API_URL", None)
+    out = moeflow("up", env=env)
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        yield env, home, out.stdout
+    finally:
+        moeflow("down", env=env, timeout=120)
+
+
+def get_json(url: str, data: dict | None = None):
+    body = None if data is None else json.dumps(data).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_up_is_healthy_idempotent_and_smoke_is_visible(stack):
+    env, home, first_output = stack
+    assert "Prefect UI" in first_output and "MLflow UI" in first_output and "Dashboard" in first_output
+
+    status = moeflow("status", env=env)
+    assert status.returncode == 0
+    rows = [line.split() for line in status.stdout.splitlines()[1:]]
+    assert {r[0]: r[2] for r in rows} == {"prefect": "True", "mlflow": "True", "dashboard": "True", "ray": "True"}
+
+    again = moeflow("up", env=env)
+    assert again.returncode == 0 and again.stdout.count("already running") == 4
+    for name in ("prefect", "mlflow", "dashboard"):
+        assert (home / "run" / f"{name}.pid").is_file()
+        assert (home / "logs" / f"{name}.log").is_file()
+
+    run = moeflow("run", "smoke", "--set", "smoke.message=visible everywhere", env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout[run.stdout.index("{"):])
+
+    # Prefect server: the flow run is there and completed
+    prefect = f"http://127.0.0.1:{env['MOEFLOW_PREFECT_PORT']}/api"
+    flow_runs = get_json(f"{prefect}/flow_runs/filter", {"limit": 10})
+    assert any(fr["state_type"] == "COMPLETED" for fr in flow_runs)
+    assert (urllib.request.urlopen(f"http://127.0.0.1:{env['MOEFLOW_PREFECT_PORT']}/", timeout=30).status == 200)
+
+    # MLflow server: the stage run, logged through the server
+    mlflow = f"http://127.0.0.1:{env['MOEFLOW_MLFLOW_PORT']}"
+    mrun = get_json(f"{mlflow}/api/2.0/mlflow/runs/get?run_id={result['mlflow_run_id']}")["run"]
+    assert mrun["info"]["status"] == "FINISHED"
+    assert {p["key"]: p["value"] for p in mrun["data"]["params"]}["message"] == "visible everywhere"
+
+    # dashboard answers (Streamlit renders client-side; its health endpoint and page respond)
+    dash = f"http://127.0.0.1:{env['MOEFLOW_DASHBOARD_PORT']}"
+    assert urllib.request.urlopen(f"{dash}/_stcore/health", timeout=30).status == 200
+    assert urllib.request.urlopen(dash, timeout=30).status == 200
+
+
+def test_down_stops_everything(tmp_path):
+    env = dict(os.environ)
+    env.update({"MOEFLOW_HOME": str(tmp_path), "MOEFLOW_DASHBOARD_PORT": str(free_port())})
+    started = moeflow("up", "--only", "dashboard", env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    pid = int((tmp_path / "run" / "dashboard.pid").read_text())
+    stopped = moeflow("down", "--only", "dashboard", env=env)
+    assert "dashboard: stopped" in stopped.stdout
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    status = moeflow("status", env=env)
+    assert "dashboard" in status.stdout
