@@ -35,7 +35,7 @@ _MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
 class DomainConfig(BaseModel):
-    num_features: int = Field(1 << 14, description="hashed feature dimensions (per bag x 2)")
+    num_features: int = Field(1 << 12, description="hashed feature dimensions (per bag x 2)")
     max_chars: int = Field(4000, description="classify on the first max_chars characters")
     l2: float = 1e-3
     steps: int = 300
