@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -23,6 +24,8 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
 
 # tag keys shared with the stage glue and the dashboard
 TAG_STAGE = "moeflow.stage"
@@ -270,12 +273,26 @@ class MLflowTracker:
             raise RuntimeError(f"no active MLflow run on {self.tracking_uri}: log inside `with tracker.start_run(...)`")
         return run_id
 
+    def _fluent_parent(self) -> str | None:
+        """A run opened with ``mlflow.start_run`` on the same tracking URI (interop), else None."""
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and mlflow.get_tracking_uri() == self.tracking_uri:
+            return active.info.run_id
+        return None
+
     @contextlib.contextmanager
     def start_run(self, name, tags=None, nested=False, *, parent_run_id=None) -> Iterator[str]:
-        """A new run in the project's experiment; FINISHED on exit, FAILED on an exception."""
+        """A new run in the project's experiment; FINISHED on exit, FAILED on an exception.
+
+        The parent is ``parent_run_id`` if given; else, with ``nested=True``, the innermost
+        run this context opened on the same tracking URI, or an active ``mlflow.start_run``
+        run there.
+        """
         from mlflow.tracking.context import registry as context_registry
 
-        parent = parent_run_id or (self.active_run_id if nested else None)
+        parent = parent_run_id or ((self.active_run_id or self._fluent_parent()) if nested else None)
         run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if parent:
             run_tags[MLFLOW_PARENT_RUN_ID] = parent
@@ -295,7 +312,13 @@ class MLflowTracker:
             raise
         finally:
             _ACTIVE_RUNS.reset(token)
-            self.client.set_terminated(run_id, status=status)
+            try:
+                self.client.set_terminated(run_id, status=status)
+            except Exception:
+                if status == "FINISHED":
+                    raise
+                # never hide the stage's own error behind a tracking-server hiccup
+                log.warning("could not mark MLflow run %s %s", run_id, status, exc_info=True)
 
     def log_params(self, params):
         from mlflow.entities import Param

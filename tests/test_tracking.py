@@ -246,3 +246,30 @@ def test_mlflow_server_over_http(mlflow_root, tmp_path):
         table = json.loads(Path(reader.download_artifacts(run_id, "evals.json", str(tmp_path))).read_text())
         assert table["data"] == [["hellaswag", 0.31]]
         assert reader.get_experiment_by_name("served").experiment_id == tracker.experiment_id
+
+
+def test_mlflow_nests_under_a_fluent_run_on_the_same_uri(tracker):
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    try:
+        with mlflow.start_run(experiment_id=tracker.experiment_id) as outer:
+            with tracker.start_run("stage", nested=True) as child:
+                pass
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert tracker.client.get_run(child).data.tags[PARENT_TAG] == outer.info.run_id
+
+
+def test_mlflow_stage_error_is_not_hidden_by_a_tracking_failure(tracker, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("tracking server down")
+
+    with pytest.raises(ValueError, match="stage failed"):
+        with tracker.start_run("x"):
+            monkeypatch.setattr(tracker.client, "set_terminated", unreachable)
+            raise ValueError("stage failed")
+    with pytest.raises(ConnectionError):  # on success the failure to finish is reported
+        with tracker.start_run("y"):
+            pass
