@@ -27,6 +27,7 @@ Choices worth knowing:
   chat templates passes ``allow_special=True`` (a second HF instance with the flag off;
   the flag is per instance, so toggling it per call would not be thread-safe) or, better,
   inserts ``special_ids[...]`` directly.
+* Shape suffixes: ``_N`` one entry per token, ``_D`` one per document.
 * BOS/EOS are added here, in Python, not by an HF post-processor, so ``tokenizer.json``
   stays a plain BPE file that other tools load unchanged.
 """

@@ -23,6 +23,8 @@ Choices:
   ``doc_starts`` and ``tokens(start, length)`` reads across shard boundaries, so nobody
   needs to care.
 
+Shape suffixes: ``_N`` one entry per token, ``_D`` one per document.
+
 ``TokenDataset.open`` downloads one split into a local cache keyed by the artefact's
 content hash (files verified against the manifest's sha256, a valid cached copy reused,
 a corrupt one fetched again), then memory-maps the shards. A verified copy is stamped

@@ -20,6 +20,8 @@
    change the output. A re-run that finds it committed returns it without work; a killed
    run leaves only staging files, which readers never see.
 
+Shape suffixes: ``_N`` one entry per token, ``_D`` one per document.
+
 Empty documents are skipped and counted (they would only add bos+eos). The curated parts
 are read here column-wise (``id``/``text`` only, pass 1 without building Documents) rather
 than through ``documents.iter_artifact_documents``: the scan pass needs only ids and byte
@@ -221,14 +223,21 @@ def _doc_batches(paths: list[Path], config: TokenizeConfig) -> Iterator[tuple[li
 def _existing_result(store, prefix: str) -> TokenizeResult:
     art = store.read_artifact(prefix)
     md = art.metadata
-    return TokenizeResult(uri=art.uri, tokenizer_uri=md["tokenizer_uri"], content_hash=art.content_hash,
+    tokenizer_uri = md.get("tokenizer_uri") or art.get_json(META_NAME).get("tokenizer_uri", "")
+    return TokenizeResult(uri=art.uri, tokenizer_uri=tokenizer_uri, content_hash=art.content_hash,
                           stats={**md.get("stats", {}), "content_hash": art.content_hash}, reused=True)
 
 
 def _get_tokenizer(config, store, paths, ids, nbytes, is_val, curated_uri) -> tuple[Tokenizer, dict]:
-    if config.tokenizer_uri:
-        tok = Tokenizer.from_str(store.read_artifact(config.tokenizer_uri).get_bytes(TOKENIZER_NAME))
-        return tok, {"tokenizer_source": config.tokenizer_uri}
+    if config.tokenizer_uri:  # a tokenizer artefact, or any artefact holding tokenizer.json (token shards)
+        uri = config.tokenizer_uri
+        if "://" in uri and not uri.startswith(store.root_uri + "/"):
+            from moeflow.platform.store import read_artifact
+
+            art = read_artifact(uri)  # another store
+        else:
+            art = store.read_artifact(uri)
+        return Tokenizer.from_str(art.get_bytes(TOKENIZER_NAME)), {"tokenizer_source": uri}
     train_ids = [i for i, v in zip(ids, is_val) if not v]
     sample = select_bpe_sample(train_ids, nbytes[~is_val], config.max_train_bytes, config.seed)
 
