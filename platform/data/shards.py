@@ -28,8 +28,9 @@ Shape suffixes: ``_N`` one entry per token, ``_D`` one per document.
 ``TokenDataset.open`` downloads one split into a local cache keyed by the artefact's
 content hash (files verified against the manifest's sha256, a valid cached copy reused,
 a corrupt one fetched again), then memory-maps the shards. A verified copy is stamped
-with each file's size and mtime, so later opens skip re-hashing unless a file changed. Pickling a TokenDataset (to
-ship it to a Ray worker) sends paths, not tokens; the worker re-maps the same files.
+with each file's size and mtime, so later opens skip re-hashing unless a file changed.
+Pickling a TokenDataset (to ship it to a Ray worker) sends paths, not tokens; the worker
+re-maps the same files (or downloads them, on a node without the cache).
 """
 
 from __future__ import annotations
