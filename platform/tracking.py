@@ -52,6 +52,8 @@ class Tracker(Protocol):
         self, name: str, tags: dict | None = None, nested: bool = False, *, parent_run_id: str | None = None
     ) -> contextlib.AbstractContextManager[str]: ...
 
+    def attach_run(self, run_id: str) -> contextlib.AbstractContextManager[str]: ...
+
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None: ...
@@ -158,6 +160,15 @@ class NoopTracker:
             raise
         else:
             run["status"] = "FINISHED"
+        finally:
+            self._stack.pop()
+
+    @contextlib.contextmanager
+    def attach_run(self, run_id: str) -> Iterator[str]:
+        self._record("attach_run", run_id)
+        self._stack.append(run_id)
+        try:
+            yield run_id
         finally:
             self._stack.pop()
 
@@ -319,6 +330,19 @@ class MLflowTracker:
                     raise
                 # never hide the stage's own error behind a tracking-server hiccup
                 log.warning("could not mark MLflow run %s %s", run_id, status, exc_info=True)
+
+    @contextlib.contextmanager
+    def attach_run(self, run_id: str) -> Iterator[str]:
+        """Log into an existing run (opened by another process, e.g. the stage's run seen
+        from a Ray worker) without creating or ending it: its owner sets the final status."""
+        run = self.client.get_run(run_id)  # fails early, naming the id, if it does not exist
+        if run.info.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow run {run_id} on {self.tracking_uri} is deleted")
+        token = _ACTIVE_RUNS.set(_ACTIVE_RUNS.get() + ((self.tracking_uri, run_id),))
+        try:
+            yield run_id
+        finally:
+            _ACTIVE_RUNS.reset(token)
 
     def log_params(self, params):
         from mlflow.entities import Param

@@ -273,3 +273,24 @@ def test_mlflow_stage_error_is_not_hidden_by_a_tracking_failure(tracker, monkeyp
     with pytest.raises(ConnectionError):  # on success the failure to finish is reported
         with tracker.start_run("y"):
             pass
+
+
+def test_attach_run_logs_into_an_existing_run_without_ending_it(tracker):
+    with tracker.start_run("pretrain") as run_id:
+        worker = MLflowTracker(tracker.tracking_uri, experiment=tracker.experiment)  # e.g. in a Ray worker
+        with worker.attach_run(run_id):
+            assert worker.active_run_id == run_id
+            worker.log_metrics({"loss": 1.0}, step=5)
+        assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 1.0}
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
+        with worker.attach_run("0" * 32):
+            pass
+
+    noop = NoopTracker()
+    with noop.attach_run("abc"):
+        noop.log_metrics({"x": 1})
+    assert noop.events[-1][1] == "abc" and noop.active_run_id is None
