@@ -158,3 +158,17 @@ def test_safe_cuts_hold_on_adversarial_whitespace_and_punctuation(tok):
     whole, _ = tok.encode_batch_flat(texts)
     pieces, _ = tok.encode_batch_flat(texts, chunk_chars=5)
     assert np.array_equal(whole, pieces)
+
+
+def test_transformers_loads_the_same_tokenizer(tok, tmp_path):
+    """The saved tokenizer.json is a plain HF file: transformers encodes and decodes identically."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = tok.save(tmp_path / "tokenizer.json")
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|bos|>", eos_token="<|eos|>",
+                                 pad_token="<|pad|>")
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    for text in ROUND_TRIP[:8]:
+        ids = tok.encode(text, add_bos=False)
+        assert hf.encode(text, add_special_tokens=False) == ids
+        assert hf.decode(ids) == text
