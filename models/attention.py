@@ -11,7 +11,8 @@ Two ways to compute the same function:
   up-projection W_uk (H, nope, R) and the value up-projection W_uv (H, v, R). W_uk is folded into
   the query (q_lat = q_nope · W_uk) and W_uv into the output, so attention runs directly over the
   cached latent (R = kv_lora_rank values, post-RMSNorm) plus the shared RoPE key (P values):
-  R + P values per token per layer. It is one single-kv-head SDPA call (``enable_gqa``).
+  R + P values per token per layer. The latent acts as one key/value head shared by all heads:
+  decode-sized calls use two plain bmm's over it, long prefills a fused SDPA kernel.
 
 Parameter names are Hugging Face DeepseekV3's (q_proj | q_a_proj, q_a_layernorm, q_b_proj;
 kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so export is a key copy.
@@ -130,6 +131,7 @@ def _attention_mask(q_slots_T, k_slots_S, key_real_BS) -> torch.Tensor:
 
 class MLA(nn.Module):
     pad_v_on_cuda = True
+    absorbed_bmm_max_scores = 2**25  # absorbed path: explicit bmm attention up to this many scores
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -211,8 +213,18 @@ class MLA(nn.Module):
         w_uk_HNR, w_uv_HVR = self.absorbed_weights()
         q_lat_BHTR = torch.einsum("bthn,hnr->bhtr", q_nope_BTHN, w_uk_HNR)
         q_BHTX = torch.cat([q_lat_BHTR, q_rot_BTHP.transpose(1, 2)], dim=-1)
-        k_B1SX = torch.cat([kv_lat_BSR, k_rot_BSP], dim=-1)[:, None]
-        o_lat_BHTR = F.scaled_dot_product_attention(
-            q_BHTX, k_B1SX, kv_lat_BSR[:, None], attn_mask=step.mask_B1TS,
-            scale=self.softmax_scale, enable_gqa=True)
+        k_BSX = torch.cat([kv_lat_BSR, k_rot_BSP], dim=-1)
+        B, H, T, X = q_BHTX.shape
+        if B * H * T * step.num_keys <= self.absorbed_bmm_max_scores:
+            # Decode-sized: two bmm's over the single latent "kv head" (no per-head copies) and an
+            # fp32 masked softmax; far fewer kernel launches than SDPA's math fallback.
+            scores_BHTS = torch.bmm(q_BHTX.reshape(B, H * T, X), k_BSX.transpose(1, 2)).view(B, H, T, -1)
+            scores_BHTS = scores_BHTS.to(torch.promote_types(scores_BHTS.dtype, torch.float32))
+            scores_BHTS = scores_BHTS.masked_fill(~step.mask_B1TS, float("-inf")) * self.softmax_scale
+            probs_BQS = scores_BHTS.softmax(dim=-1).to(kv_lat_BSR.dtype).view(B, H * T, -1)
+            o_lat_BHTR = torch.bmm(probs_BQS, kv_lat_BSR).view(B, H, T, -1)
+        else:  # long prefill: a fused kernel, heads expanded as views
+            o_lat_BHTR = F.scaled_dot_product_attention(
+                q_BHTX, k_BSX[:, None].expand(B, H, -1, X), kv_lat_BSR[:, None].expand(B, H, -1, self.kv_lora_rank),
+                attn_mask=step.mask_B1TS, scale=self.softmax_scale)
         return torch.einsum("bhtr,hvr->bthv", o_lat_BHTR, w_uv_HVR)

@@ -9,6 +9,7 @@ Losses (``ModelOutput.aux``, all detached copies; ``loss`` is the attached sum):
     loss = lm_loss + mtp_loss_weight · mtp_loss + seq_aux_loss + z_loss + lb_loss
 seq_aux/z/lb are summed over every MoE layer (MTP blocks included) and ALREADY carry their
 weights (α, z_loss_weight, lb_loss_weight); mtp_loss is the plain mean CE over MTP depths.
+They are computed only when targets are given (0 otherwise); router statistics always are.
 lm_loss is the mean token cross-entropy over targets != -100 (0 if there are none).
 
 Router statistics (rows: the main MoE layers in order, then MTP blocks' MoE layers):
@@ -54,11 +55,12 @@ class DecoderLayer(nn.Module):
         self.is_moe = moe
         self.mlp = DeepSeekMoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.dense_width(layer_idx))
 
-    def forward(self, x_BTD, cos, sin, mask_B1TS=None, step: CacheStep | None = None, forced_idx_BTK=None):
+    def forward(self, x_BTD, cos, sin, mask_B1TS=None, step: CacheStep | None = None, forced_idx_BTK=None,
+                with_losses: bool = True):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, step)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
-            y_BTD, stats = self.mlp(h_BTD, forced_idx_BTK)
+            y_BTD, stats = self.mlp(h_BTD, forced_idx_BTK, with_losses)
             return x_BTD + y_BTD, stats
         return x_BTD + self.mlp(h_BTD), None
 
@@ -106,6 +108,7 @@ class MoETransformer(nn.Module):
             for j in range(cfg.mtp_depth))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._loss_fn = _cross_entropy  # compile_blocks swaps in a compiled version
         self.init_weights()
 
     # ------------------------------------------------------------------ parameters
@@ -187,7 +190,7 @@ class MoETransformer(nn.Module):
             forced = None
             if forced_routing is not None and layer.is_moe:
                 forced, moe_i = forced_routing[moe_i], moe_i + 1
-            x_BTD, stats = layer(x_BTD, cos, sin, mask, step, forced)
+            x_BTD, stats = layer(x_BTD, cos, sin, mask, step, forced, targets is not None)
             if stats is not None:
                 all_stats.append(stats)
         num_main_stats = len(all_stats)
@@ -197,7 +200,7 @@ class MoETransformer(nn.Module):
         zero = logits.new_zeros((), dtype=torch.float32)
         lm_loss = mtp_loss = zero
         if targets is not None:
-            lm_loss = _cross_entropy(logits, targets)
+            lm_loss = self._loss_fn(logits, targets)
             if self.mtp and cache is None:
                 mtp_loss = self._mtp_loss(x_BTD, input_ids_BT, targets, cos, sin, mask, all_stats)
         seq_aux = sum((s.seq_aux_loss for s in all_stats), zero)
@@ -221,7 +224,7 @@ class MoETransformer(nn.Module):
             h_BTD, normed_BTD, stats = module(h_BTD, emb_BTD, cos, sin, mask)
             if stats is not None:
                 all_stats.append(stats)
-            losses.append(_cross_entropy(self.lm_head(normed_BTD), mtp_targets(targets_BT, depth)))
+            losses.append(self._loss_fn(self.lm_head(normed_BTD), mtp_targets(targets_BT, depth)))
         return torch.stack(losses).mean()
 
     def _router_stats(self, all_stats: list[MoEStats]) -> dict:
@@ -244,9 +247,11 @@ def _cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.
 
 
 def compile_blocks(model: MoETransformer, **compile_kwargs) -> MoETransformer:
-    """torch.compile each decoder block (and MTP block) in place; parameter names are unchanged."""
+    """torch.compile each decoder block (and MTP module) in place, plus the fp32 cross-entropy
+    (fuses the upcast of the (B·T, V) logits). Parameter names and state_dict keys are unchanged."""
     for layer in model.model.layers:
         layer.compile(**compile_kwargs)
     for module in model.mtp:
         module.compile(**compile_kwargs)
+    model._loss_fn = torch.compile(_cross_entropy, **compile_kwargs)
     return model

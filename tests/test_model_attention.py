@@ -23,9 +23,11 @@ def _model(**kw):
     return MoETransformer(cfg).double().eval()
 
 
+@pytest.mark.parametrize("bmm_max", [2**25, 0])  # the bmm (decode) and the SDPA (long prefill) branches
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": 24, "rope_scaling": {
     "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0}}])
-def test_absorbed_layer_equals_expanded_layer(kw):
+def test_absorbed_layer_equals_expanded_layer(kw, bmm_max, monkeypatch):
+    monkeypatch.setattr(MLA, "absorbed_bmm_max_scores", bmm_max)
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny").replace(**kw)
     attn = MLA(cfg, layer_idx=0).double()

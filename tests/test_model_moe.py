@@ -128,3 +128,18 @@ def test_softmax_scores_and_stats():
     assert st.tokens_per_expert_E.sum().item() == 3 * 5 * cfg.num_experts_per_tok
     assert 0 < st.router_entropy.item() <= torch.log(torch.tensor(8.0)).item() + 1e-6
     assert st.z_loss.item() > 0 and st.lb_loss.item() > 0 and st.seq_aux_loss.item() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_mm_bf16_on_cuda_matches_fp32_loop(monkeypatch):
+    torch.manual_seed(0)
+    ex = _experts(E=8, D=64, F_=32, dtype=torch.float32).cuda()
+    x = torch.randn(301, 64, device="cuda")
+    idx = torch.randint(0, 6, (301, 2), device="cuda")  # experts 6, 7 empty
+    w = torch.rand(301, 2, device="cuda")
+    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", False)
+    want = ex(x, idx, w)
+    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", None)  # auto: CUDA + bf16 -> grouped
+    got = ex.to(torch.bfloat16)(x.bfloat16(), idx, w).float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
