@@ -1,0 +1,308 @@
+"""Training-step and MoE-layer benchmarks for the moeflow model, beside transformers' DeepseekV3 (same run).
+
+Imports only torch / numpy / transformers / moeflow.models, so it runs on the GPU image without the
+platform's dependencies:
+
+    mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/moeflow
+    PYTHONPATH=/tmp/pkg python3 benchmarks/bench_model.py --out results/model.jsonl
+
+Training step (``--parts train``): ``bench_ref`` (BENCHMARKS.md), B=8 × S=2048, bf16 parameters,
+``torch.optim.AdamW(fused=True)``, forward + backward + optimiser step (+ our router-bias update),
+on the same random tokens for every implementation:
+  - ``moeflow eager``      MoETransformer as is (SDPA flash attention, grouped_mm experts);
+  - ``moeflow compiled``   the same with ``compile_blocks`` (torch.compile per decoder block);
+  - ``hf``                 transformers ``DeepseekV3ForCausalLM`` built from our exported config
+                           (SDPA attention, transformers' default experts implementation).
+Reported: median step time over ``--steps`` timed steps (CUDA events) after ``--warmup`` steps,
+tokens/s, MFU and peak memory.
+MFU = (6 × active non-embedding params + causal attention FLOPs) × tokens/s ÷ 798 TFLOP/s, i.e.
+``ModelConfig.flops_per_token(S)`` × tokens/s ÷ 798e12 (BENCHMARKS.md).
+
+MoE layer (``--parts moe``): T=16384 tokens, D=1024, E=64, k=6, F=512, forward + backward of the
+routed experts (random top-k choices, 18·T·k·D·F FLOPs), grouped_mm vs the per-expert loop, and
+the whole DeepSeekMoE layer (router + shared expert + routed experts) eager and compiled.
+
+``--smoke`` shrinks everything (tiny preset, few steps) to check the script itself, also on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models.moe import DeepSeekMoE, RoutedExperts
+from moeflow.models.transformer import compile_blocks
+
+PEAK_FLOPS = 798e12  # bf16 dense matmul rate measured on the lent H100 (BENCHMARKS.md)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_steps(fn, steps: int, warmup: int) -> list[float]:
+    """Per-call seconds (CUDA events on GPU, wall clock on CPU) after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+# ============================================================================ training step
+
+def build_ours(cfg: ModelConfig, device, dtype, compiled: bool):
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).to(device=device, dtype=dtype).train()
+    if compiled:
+        compile_blocks(model)
+    return model
+
+
+def build_hf(cfg: ModelConfig, device, dtype):
+    import transformers
+    from moeflow.models.hf import config_to_hf
+
+    d = config_to_hf(cfg, dtype)
+    for k in ("architectures", "model_type", "dtype", "torch_dtype", "rope_theta", "rope_scaling"):
+        d.pop(k, None)
+    hf_cfg = transformers.DeepseekV3Config(**d)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
+    return model.to(device).train()
+
+
+def train_step_fn(model, kind: str, ids_BT, targets_BT):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=ids_BT.is_cuda)
+
+    def step():
+        if kind == "hf":
+            loss = model(input_ids=ids_BT, labels=ids_BT).loss  # HF shifts labels itself
+        else:
+            out = model(ids_BT, targets=targets_BT)
+            loss = out.loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if kind != "hf":
+            model.apply_router_bias_update(out.aux["tokens_per_expert"])
+        return loss
+
+    return step
+
+
+def bench_train(cfg: ModelConfig, args, device, dtype) -> list[dict]:
+    B, S = args.batch, args.seq
+    g = torch.Generator().manual_seed(1234)
+    ids_BT = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(device)
+    targets_BT = torch.full_like(ids_BT, -100)
+    targets_BT[:, :-1] = ids_BT[:, 1:]
+    flops_tok = cfg.flops_per_token(S)
+    log(f"# bench_ref-like config: {cfg.num_params() / 1e6:.1f} M params, "
+        f"{cfg.num_params(active=True, embedding=False) / 1e6:.1f} M active non-embedding, "
+        f"{flops_tok / 1e9:.3f} GFLOP/token (6N + attention)")
+    rows = []
+    for kind in args.impls.split(","):
+        free_memory()
+        t_build = time.perf_counter()
+        try:
+            if kind == "hf":
+                model = build_hf(cfg, device, dtype)
+                note = f"transformers SDPA, experts={model.config._experts_implementation}"
+            else:
+                model = build_ours(cfg, device, dtype, compiled=(kind == "compiled"))
+                note = "compile_blocks" if kind == "compiled" else "eager"
+            step = train_step_fn(model, kind, ids_BT, targets_BT)
+            first = time.perf_counter()
+            step()
+            sync()
+            first = time.perf_counter() - first
+            times = timed_steps(step, args.steps, args.warmup)
+        except Exception as exc:  # record and go on: one broken implementation must not hide the others
+            log(f"!! {kind} failed: {type(exc).__name__}: {exc}")
+            rows.append({"bench": "train_step", "impl": kind, "error": f"{type(exc).__name__}: {exc}"})
+            model = step = None
+            continue
+        med = statistics.median(times)
+        tok_s = B * S / med
+        row = {"bench": "train_step", "impl": kind, "note": note, "batch": B, "seq": S,
+               "step_s_median": med, "step_s_min": min(times), "step_s_max": max(times),
+               "tokens_per_s": tok_s, "mfu": flops_tok * tok_s / PEAK_FLOPS, "peak_mem_gib": peak_gib(),
+               "first_step_s": first, "build_s": time.perf_counter() - t_build - sum(times)}
+        log(json.dumps(row))
+        rows.append(row)
+        if args.profile and kind == args.profile:
+            profile_steps(step, args)
+        del model, step
+    return rows
+
+
+def profile_steps(step, args) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        sync()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    log(table)
+    if args.profile_out:
+        with open(args.profile_out, "w") as f:
+            f.write(table)
+
+
+# ============================================================================ MoE layer
+
+def bench_moe(cfg: ModelConfig, args, device, dtype) -> list[dict]:
+    T, D, E, K, F_ = args.moe_tokens, cfg.hidden_size, cfg.num_routed_experts, cfg.num_experts_per_tok, \
+        cfg.moe_intermediate_size
+    routed_flops = 18.0 * T * K * D * F_  # (gate_up 2·D·2F + down 2·F·D) per slot, ×3 for fwd+bwd
+    shared_flops = 18.0 * T * cfg.num_shared_experts * D * F_
+    router_flops = 6.0 * T * D * E
+    g = torch.Generator().manual_seed(7)
+    x_TD = (torch.randn(T, D, generator=g) * 0.5).to(device, dtype)
+    dy_TD = torch.randn(T, D, generator=g).to(device, dtype)
+    idx_TK = torch.rand(T, E, generator=g).topk(K, dim=-1).indices.to(device)
+    w_TK = torch.rand(T, K, generator=g).softmax(-1).to(device)
+    rows = []
+
+    def run(name: str, module, call, flops: float, compiled: bool = False) -> None:
+        free_memory()
+        fn_module = torch.compile(module) if compiled else module
+        xg = x_TD.detach().clone().requires_grad_(True)
+
+        def fwd_bwd():
+            y = call(fn_module, xg)
+            y.backward(dy_TD)
+            module.zero_grad(set_to_none=True)
+            xg.grad = None
+
+        try:
+            times = timed_steps(fwd_bwd, args.moe_steps, args.warmup + (2 if compiled else 0))
+        except Exception as exc:
+            log(f"!! {name} failed: {type(exc).__name__}: {exc}")
+            rows.append({"bench": "moe_layer", "impl": name, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        med = statistics.median(times)
+        row = {"bench": "moe_layer", "impl": name, "tokens": T, "ms_median": med * 1e3,
+               "tflops": flops / med / 1e12, "flops_counted": flops, "peak_mem_gib": peak_gib()}
+        log(json.dumps(row))
+        rows.append(row)
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(cfg).to(device, dtype)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.02)
+        experts.down_proj.normal_(0, 0.02)
+    routed_call = lambda m, x: m(x, idx_TK, w_TK)  # noqa: E731
+    for name, use_grouped, compiled in (("routed grouped_mm", True, False), ("routed per-expert loop", False, False),
+                                        ("routed grouped_mm compiled", True, True)):
+        if use_grouped and not x_TD.is_cuda:
+            continue
+        experts.use_grouped_mm = use_grouped
+        run(name, experts, routed_call, routed_flops, compiled)
+    layer = DeepSeekMoE(cfg).to(device, dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.02)
+    layer_call = lambda m, x: m(x[None])[0][0]  # noqa: E731
+    for name, compiled in (("DeepSeekMoE layer (router+shared+routed)", False),
+                           ("DeepSeekMoE layer compiled", True)):
+        run(name, layer, layer_call, routed_flops + shared_flops + router_flops, compiled)
+    return rows
+
+
+# ============================================================================ main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="bench_ref")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--impls", default="eager,compiled,hf")
+    p.add_argument("--parts", default="train,moe")
+    p.add_argument("--moe-tokens", type=int, default=16384)
+    p.add_argument("--moe-steps", type=int, default=20)
+    p.add_argument("--profile", default="", help="impl to profile after timing (eager|compiled|hf)")
+    p.add_argument("--profile-out", default="")
+    p.add_argument("--out", default="", help="append JSON lines here")
+    p.add_argument("--smoke", action="store_true", help="tiny preset, few steps (checks the script)")
+    args = p.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = ModelConfig.preset(args.preset)
+    if args.smoke:
+        cfg = ModelConfig.preset("tiny")
+        args.batch, args.seq, args.steps, args.warmup, args.moe_tokens, args.moe_steps = 2, 64, 2, 1, 256, 2
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        log(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    try:
+        import transformers
+        log(f"# transformers {transformers.__version__}")
+    except ImportError:
+        pass
+    rows = []
+    if "train" in args.parts:
+        rows += bench_train(cfg, args, device, dtype)
+    if "moe" in args.parts:
+        rows += bench_moe(cfg, args, device, dtype)
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    log("\n| bench | impl | tokens/s or TFLOP/s | MFU | peak GiB | median |")
+    log("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r:
+            log(f"| {r['bench']} | {r['impl']} | ERROR {r['error'][:80]} | | | |")
+        elif r["bench"] == "train_step":
+            log(f"| train | {r['impl']} ({r['note']}) | {r['tokens_per_s']:,.0f} tok/s | {r['mfu']:.1%} | "
+                f"{r['peak_mem_gib']:.1f} | {r['step_s_median'] * 1e3:.1f} ms |")
+        else:
+            log(f"| moe | {r['impl']} | {r['tflops']:.1f} TFLOP/s | | {r['peak_mem_gib']:.1f} | {r['ms_median']:.2f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
