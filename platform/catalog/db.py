@@ -17,6 +17,7 @@ workers, Ray workers, the dashboard) open the same catalog at once:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
@@ -126,10 +127,16 @@ def alembic_config(url: str | None = None):
     return cfg
 
 
-def head_revisions() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _heads() -> frozenset[str]:
     from alembic.script import ScriptDirectory
 
-    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    return frozenset(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def head_revisions() -> set[str]:
+    """Head revision(s) of the shipped migrations (read once per process: they cannot change)."""
+    return set(_heads())
 
 
 def current_revisions(conn: Connection) -> set[str]:
