@@ -163,10 +163,8 @@ def _reference_texts(config: CurateConfig, shards: list[ShardSpec]) -> list[str]
     if ppl.reference == "seed":
         return [t for t, _ in load_seed_examples()]
     if ppl.reference != "corpus":
-        from .sources import SourceConfig as _SC, resolve_files
-
-        texts: list[str] = []
-        for unit_shard in plan_shards([_SC(uri=ppl.reference)], 1 << 30, 1 << 30):
+        texts: list[str] = []  # a file, directory, glob or store URI of reference text
+        for unit_shard in plan_shards([SourceConfig(uri=ppl.reference)], 1 << 30, 1 << 30):
             texts += [d.text for d in iter_shard(unit_shard, config.max_doc_bytes) if isinstance(d, Document)]
         return texts
     texts, num_chars = [], 0
