@@ -48,8 +48,8 @@ to datasketch's choice for ``MinHashLSH(threshold=0.8, num_perm=128)`` (9 x 13):
 (14 x 8 has its 50% point at J ~ 0.68; ``near_duplicate_clusters`` therefore verifies candidates
 against ``threshold - verify_margin`` to cut the false positives that the early S-curve admits.)
 
-Shape suffixes: N documents, H hashes (num_perm), B bands, R rows per band, S shingles,
-E candidate edges.
+Shape suffixes: N documents, H hashes (num_perm), B bands, R rows per band, W words,
+S shingles, C shingles in one chunk, D documents in one chunk, E candidate edges, Q queries.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import math
 import os
 import re
 import unicodedata
