@@ -10,9 +10,11 @@ The expert weights are stored (out, in) like nn.Linear; ``torch._grouped_mm`` co
 the transposed view (E, D, 2F) / (E, F, D) — a column-major operand the kernel takes without a copy.
 
 Expert compute: token slots are permuted by a stable argsort of expert ids. On CUDA in bf16 each
-projection is one ``torch._grouped_mm`` with int32 cumulative end offsets; groups are padded to
-multiples of ``RoutedExperts.group_align`` rows (TMA wants 16-byte aligned strides along the
-dynamic dimension, which the weight-gradient GEMM has). All of it stays on the device: no
+projection is one ``torch._grouped_mm`` with int32 cumulative end offsets. Groups can be padded to
+multiples of ``RoutedExperts.group_align`` rows; on the lent H100 with torch 2.11 unpadded groups
+(align 1) gave identical outputs and gradients and were faster, so 1 is the default. The
+permutations use custom autograd functions whose backward is a gather (autograd's default
+index_add_ with atomics was the costliest kernel of a training step). All of it stays on the device: no
 ``.item()``/``.tolist()``, and every shape is static (T·K slots, plus an upper bound on padding),
 so torch.compile sees no data-dependent shapes. Elsewhere (CPU, fp32/fp64) a per-expert loop
 over the same permuted rows computes the same function. The combine un-permutes the outputs and
@@ -110,6 +112,40 @@ class Router(nn.Module):
         return RouterOutput(idx_TK, weight_TK * self.route_scale, scores_TE, logits_TE)
 
 
+class _GatherTokenSlots(torch.autograd.Function):
+    """x_sorted[n] = x[token_of_slot[order[n]]]; backward un-permutes and sums each token's K slots.
+
+    The autograd default (index_add_ over 6× repeated token ids) uses atomics and was the single
+    most expensive kernel of a bench_ref training step; this backward is a gather plus a reduction.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, order_N, inv_order_N, k: int):
+        ctx.save_for_backward(inv_order_N)
+        ctx.k = k
+        return x_TD.index_select(0, order_N // k)
+
+    @staticmethod
+    def backward(ctx, grad_sorted_ND):
+        (inv_order_N,) = ctx.saved_tensors
+        grad_NKD = grad_sorted_ND.index_select(0, inv_order_N).view(-1, ctx.k, grad_sorted_ND.shape[-1])
+        return grad_NKD.sum(dim=1), None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x.index_select(0, perm) whose backward is the inverse gather (no atomic index_add)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, perm_N, inv_perm_N):
+        ctx.save_for_backward(inv_perm_N)
+        return x_ND.index_select(0, perm_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (inv_perm_N,) = ctx.saved_tensors
+        return grad_ND.index_select(0, inv_perm_N), None, None
+
+
 def _grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(x_MD, w_EDF, offs=offs_E)
 
@@ -137,16 +173,16 @@ class RoutedExperts(nn.Module):
         T, K = idx_TK.shape
         flat_N = idx_TK.reshape(-1)
         order_N = torch.argsort(flat_N, stable=True)
+        inv_order_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
         counts_E = balancing.tokens_per_expert(idx_TK, self.num_experts).to(torch.int32)
-        # index_select: its backward is an index_add, much cheaper than advanced indexing's sort-based one
-        x_sorted_ND = x_TD.index_select(0, order_N // K)
+        x_sorted_ND = _GatherTokenSlots.apply(x_TD, order_N, inv_order_N, K)
         if self._grouped_path(x_TD):
             y_sorted_ND = self._grouped(x_sorted_ND, flat_N[order_N], counts_E)
         else:
             y_sorted_ND = self._looped(x_sorted_ND, counts_E)
         # un-permute to (T, K, D) and take the gate-weighted sum over the K slots. An elementwise
         # multiply + sum, not a (T,1,K)@(T,K,D) bmm: cuBLAS runs that shape ~10x slower (measured).
-        y_ND = torch.empty_like(y_sorted_ND).index_copy_(0, order_N, y_sorted_ND)
+        y_ND = _PermuteRows.apply(y_sorted_ND, inv_order_N, order_N)
         w_TK1 = weight_TK.to(y_ND.dtype)[:, :, None]
         return (y_ND.view(T, K, -1) * w_TK1).sum(dim=1)
 
