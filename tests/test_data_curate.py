@@ -171,3 +171,27 @@ def test_steps_are_reorderable_and_checked(corpus, store):
         CurateConfig(steps=["normalize", "translate"])
     with pytest.raises(ValueError, match="must not repeat"):
         CurateConfig(steps=["normalize", "normalize"])
+
+
+def test_dedup_against_an_earlier_datasets_index(corpus, tmp_path):
+    """Dataset A saves its MinHash index; dataset B, deduplicated against it, drops its near copy."""
+    store = LocalStore(tmp_path / "store")
+    docs = prose_docs()
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:4]))
+    words = docs[1].split(" ")
+    words[7] = "zebra"
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [" ".join(words), docs[5]]))
+    steps = ["normalize", "near_dedup"]
+    first = run_curation(CurateConfig(sources=[SourceConfig(uri=str(tmp_path / "a.jsonl"))], steps=steps),
+                         store, output_prefix="datasets/a/curated/x", num_workers=1, progress=False)
+    assert "minhash_index.npz" in store.read_artifact(first.uri).names()
+    config = CurateConfig(sources=[SourceConfig(uri=str(tmp_path / "b.jsonl"))], steps=steps,
+                          near_dedup={"against_index": first.uri + "/minhash_index.npz"})
+    second = run_curation(config, store, output_prefix="datasets/b/curated/x", num_workers=1, progress=False)
+    near = {s["step"]: s for s in second.stats["steps"]}["near_dedup"]
+    assert near["excluded"] == {"near_duplicate_earlier": 1}
+    kept = list(iter_artifact_documents(second.uri))
+    assert [d.text for d in kept] == [docs[5]]
+    excluded = json.loads(store.read_artifact(second.uri).get_bytes("excluded/near_dedup.jsonl").decode().splitlines()[0])
+    a_ids = {d.id for d in iter_artifact_documents(first.uri)}
+    assert excluded["duplicate_of"] in a_ids

@@ -18,6 +18,10 @@ point the ``curate`` task calls. How it stays deterministic and resumable:
   classifier, perplexity LM) under ``<output_prefix>/_state/<step>``. A re-run with the
   same config skips committed work and recomputes decisions from committed keys (cheap
   and deterministic). The final artefact at ``output_prefix`` is committed last.
+* **Cross-dataset dedup.** Near dedup saves a ``minhash_index.npz`` of the documents it
+  kept into the artefact; a later run with ``near_dedup.against_index`` set to that file's
+  URI drops its documents that near-duplicate the earlier dataset (rule
+  ``near_duplicate_earlier``, ``duplicate_of`` naming the earlier id).
 * **Funnel.** Every document read is either kept, excluded by exactly one step/rule, or
   quarantined by the reader: ``input = kept + sum(excluded) + quarantined`` is checked
   before the artefact is committed. Timings are returned, not stored, so the artefact's
@@ -68,6 +72,10 @@ class NearDedupConfig(BaseModel):
     ngram: int = 5
     seed: int = 0
     verify_margin: float | None = Field(0.1, description="verify candidates at threshold - margin; None: banding only")
+    against_index: str | None = Field(
+        None, description="MinHashIndex .npz of an earlier dataset (path or file:// / s3:// URI, e.g. "
+        "<earlier curated artefact URI>/minhash_index.npz): documents near-duplicating it are dropped")
+    save_index: bool = Field(True, description="write minhash_index.npz (docs kept by near dedup) into the artefact")
 
 
 class CurateConfig(BaseModel):
@@ -288,11 +296,15 @@ def apply_decision(step: str, docs: list[Document], keys: dict[str, np.ndarray],
     out = BatchResult(kept=[])
     if step in ("exact_dedup", "near_dedup"):
         drop: dict[str, str] = decision["drop"]
+        earlier = set(decision.get("earlier", ()))  # matched a document of an earlier dataset's index
         rule = "exact_duplicate" if step == "exact_dedup" else "near_duplicate"
         for doc in docs:
             keeper = drop.get(doc.id)
             if keeper is None:
                 out.kept.append(doc)
+            elif doc.id in earlier:
+                detail = f"near duplicate of {keeper} in {config.near_dedup.against_index}"
+                out.excluded.append(Excluded(doc, step, "near_duplicate_earlier", detail, duplicate_of=keeper))
             else:
                 out.excluded.append(Excluded(doc, step, rule, f"duplicate of {keeper}", duplicate_of=keeper))
         out.counters = {"clusters": decision.get("num_clusters", 0)}
@@ -343,10 +355,19 @@ def resolve_global(step: str, keys_by_shard: dict[str, dict[str, np.ndarray]], c
         verify = None if nd.verify_margin is None else nd.threshold - nd.verify_margin
         clusters = clusters_from_signatures(ids, all_sigs, nd.num_bands, nd.rows_per_band, threshold=verify) if ids else []
         drop_all = {d: min(c) for c in clusters for d in c if d != min(c)}
-        return {
-            sid: {"drop": {d: drop_all[d] for d in keys_by_shard[sid]["ids"].tolist() if d in drop_all}, "num_clusters": len(clusters)}
-            for sid in shard_ids
-        }
+        earlier: set[str] = set()
+        if nd.against_index and ids:
+            # a document that near-duplicates an earlier dataset goes, whatever its cluster
+            for doc_id, matches in zip(ids, load_minhash_index(nd.against_index, config).query(all_sigs, threshold=verify)):
+                if matches:
+                    drop_all[doc_id] = matches[0]
+                    earlier.add(doc_id)
+        out = {}
+        for sid in shard_ids:
+            mine = [d for d in keys_by_shard[sid]["ids"].tolist() if d in drop_all]
+            out[sid] = {"drop": {d: drop_all[d] for d in mine}, "earlier": sorted(earlier.intersection(mine)),
+                        "num_clusters": len(clusters)}
+        return out
     if step == "perplexity":
         scores = np.concatenate([keys_by_shard[sid]["keys"] for sid in shard_ids]) if shard_ids else np.zeros(0)
         thresholds = bucket_thresholds(scores, tuple(config.perplexity.percentiles))
@@ -572,6 +593,7 @@ def run_curation(
     segments, barriers = split_segments(config.steps)
     config_json = config.model_dump_json()
     decisions: dict[str, dict] = {}
+    index = None  # MinHashIndex of the docs near dedup kept, saved with the artefact
     num_run = num_skipped = 0
     for j in range(len(segments)):
         todo = []
@@ -594,10 +616,13 @@ def run_curation(
                 for s in shards
             }
             decisions = resolve_global(barriers[j], keys_by_shard, config)
+            if barriers[j] == "near_dedup" and config.near_dedup.save_index:
+                dropped = {d for dec in decisions.values() for d in dec["drop"]}
+                index = build_minhash_index(config, store, output_prefix, shards, j, dropped)
             timings[f"{barriers[j]}.resolve"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    art, stats = _assemble(config, store, output_prefix, shards, len(segments))
+    art, stats = _assemble(config, store, output_prefix, shards, len(segments), index)
     timings["assemble"] += time.perf_counter() - t0
     if config.cleanup_shards:
         store.delete_prefix(f"{output_prefix}/_shards")
@@ -628,6 +653,39 @@ def _result(art, config_hash: str, stats: dict, reused: bool, wall: float) -> Cu
 _GLOBAL_COUNTERS = ("clusters", "cut_head", "cut_tail")
 
 
+def load_minhash_index(path_or_uri: str, config: CurateConfig):
+    """A MinHashIndex from a local path or a store URI; its parameters must match the config."""
+    import tempfile
+    from pathlib import Path
+
+    from .minhash import MinHashIndex
+
+    nd = config.near_dedup
+    params = {"num_bands": nd.num_bands, "rows_per_band": nd.rows_per_band, "ngram": nd.ngram, "seed": nd.seed}
+    if "://" not in path_or_uri:
+        return MinHashIndex.load(path_or_uri, **params)
+    from moeflow.platform.store import store_for_uri
+
+    store, key = store_for_uri(path_or_uri)
+    with tempfile.TemporaryDirectory(prefix="moeflow-index-") as tmp:
+        local = store.get_file(key, Path(tmp) / "index.npz")
+        return MinHashIndex.load(local, **params)
+
+
+def build_minhash_index(config: CurateConfig, store, output_prefix: str, shards: list[ShardSpec], segment: int, drop: set[str]):
+    """Index of the documents near dedup kept (signatures from segment ``segment``'s keys)."""
+    from .minhash import MinHashIndex
+
+    nd = config.near_dedup
+    index = MinHashIndex(nd.num_bands, nd.rows_per_band, ngram=nd.ngram, seed=nd.seed)
+    for shard in shards:
+        keys = _keys_from_npz(store.read_artifact(shard_prefix(output_prefix, shard.shard_id, segment)).get_bytes("keys.npz"))
+        keep = np.array([d not in drop for d in keys["ids"].tolist()], dtype=bool)
+        if keep.any():
+            index.add(keys["ids"][keep].tolist(), keys["keys"][keep])
+    return index
+
+
 def _merge_step(into: dict, part: dict) -> None:
     for key in ("docs_in", "bytes_in", "docs_out", "bytes_out"):
         into[key] = into.get(key, 0) + part[key]
@@ -640,7 +698,7 @@ def _merge_step(into: dict, part: dict) -> None:
         counters[name] = value if name in _GLOBAL_COUNTERS else counters.get(name, 0) + value
 
 
-def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[ShardSpec], num_segments: int):
+def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[ShardSpec], num_segments: int, index=None):
     """Merge shard outputs (plan order) into the final artefact; returns (artifact, stats)."""
     import pyarrow.parquet as pq
 
@@ -709,6 +767,12 @@ def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[Shar
             by_step[step] += sorted(recs, key=lambda r: r["id"])[: config.excluded_samples_per_rule]
         for step in config.steps:
             w.put_bytes(f"excluded/{step}.jsonl", _jsonl(by_step.get(step, [])))
+        if index is not None:
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory(prefix="moeflow-index-") as tmp:
+                w.put_file("minhash_index.npz", index.save(Path(tmp) / "minhash_index.npz"))
         w.metadata.update({"num_docs": out_docs, "num_bytes": out_bytes, "num_parts": part_index})
     return store.read_artifact(output_prefix), stats
 
