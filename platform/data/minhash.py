@@ -11,18 +11,19 @@ Pipeline (DataTrove's recipe, vectorised with numpy):
    random byte table (``_word_hashes``), and a shingle is ``mix64(sum_k c_k * w_{j+k} mod 2^64)``
    with fixed random odd ``c_k``. For distinct shingles the difference is a non-trivial linear
    form in pseudo-random word hashes, so collisions have probability ~2^-64 (order matters
-   because the ``c_k`` differ). A per-word ``hashlib.blake2b`` with a word cache was measured
-   first: the dictionary look-up per token alone took as long as all the min-hashing.
+   because the ``c_k`` differ). Measured faster than a per-word ``hashlib.blake2b`` behind a word
+   cache (ratio in benchmarks/RESULTS.md), and its memory does not grow with the vocabulary.
 4. ``num_perm`` hash functions ``h_i(x) = a_i * x + b_i mod 2^64`` (``a_i`` odd), min over the
-   shingles. Why not ``(a x + b) mod (2^61 - 1)``: that needs a 122-bit product, i.e. four 32-bit
-   partial products in numpy (measured ~4x slower). Multiply-add mod 2^64 is Dietzfelbinger's
-   multiply-shift family (universal for the top bits, which decide the minimum), and the keys are
-   already pseudo-random 64-bit hashes, so by Mitzenmacher & Vadhan ("Why simple hash functions
-   work", 2008) a 2-universal family behaves like a truly random one on them. The test suite
-   checks the estimator empirically: mean |J_est - J| and its spread match the binomial law.
-   The (shingles x num_perm) intermediate is computed in chunks of at most ``chunk_size``
-   shingles, so memory is bounded whatever a document's length (a long document spans chunks
-   and its minimum is carried across them).
+   shingles. Multiply-add mod 2^64 is Dietzfelbinger's multiply-shift family (universal for the
+   top bits, which decide the minimum), and the keys are already pseudo-random 64-bit hashes, so
+   by Mitzenmacher & Vadhan ("Why simple hash functions work", 2008) a 2-universal family
+   behaves like a truly random one on them; the tests check the estimator empirically (unbiased,
+   spread of the binomial law). Why not ``(a x + b) mod (2^61 - 1)``: it needs a 122-bit
+   product, i.e. four partial products and several folds in numpy; a straightforward version
+   measured ~20x slower per block (benchmarks/RESULTS.md; this CPU has no AVX-512, so even one
+   uint64 multiply is emulated). The (num_perm x shingles) intermediate is computed in chunks of
+   at most ``chunk_size`` shingles, so memory is bounded whatever a document's length (a long
+   document spans chunks and its minimum is carried across them).
 5. Banding: ``bands x rows`` columns of the signature; each band's rows are hashed to one 64-bit
    key. Documents sharing a key in any band are candidates (sort + group per band, no dicts).
 6. Optional verification: a candidate pair is kept only if the fraction of equal signature
@@ -220,9 +221,12 @@ def _word_hashes(buf: bytes) -> tuple[np.ndarray, np.ndarray]:
     if not len(word_starts):
         return np.empty(0, np.uint64), word_starts
     chars = arr[is_char]
-    # Start of each word in the compacted array of characters (spaces removed).
-    comp_starts = np.cumsum(is_char)[word_starts] - 1
-    word_len = np.diff(np.append(comp_starts, len(chars)))
+    # Start of each word in the compacted array of characters (spaces removed), from word
+    # lengths (O(words), cheaper than a cumulative sum over every byte).
+    ends_mask = is_char.copy()
+    ends_mask[:-1] &= ~is_char[1:]
+    word_len = np.flatnonzero(ends_mask) + 1 - word_starts
+    comp_starts = np.cumsum(word_len) - word_len
     pos_in_word = np.arange(len(chars), dtype=np.int64) - np.repeat(comp_starts, word_len)
     powers = np.ones(int(word_len.max()), dtype=np.uint64)  # Q^0 .. Q^(L-1) mod 2^64
     powers[1:] = np.cumprod(np.full(len(powers) - 1, _POLY_Q, dtype=np.uint64))
