@@ -79,7 +79,7 @@ def test_jsonl_bad_lines_are_quarantined_with_location(tmp_path, suffix):
 def test_record_ranges_make_shards(tmp_path):
     path = write_jsonl(tmp_path / "many.jsonl", [json.dumps({"text": f"doc {i}"}).encode() for i in range(25)])
     shards = plan_shards([SourceConfig(uri=str(path))], records_per_shard=10)
-    assert [(u.start, u.stop) for s in shards for u in s.units] == [(0, 10), (10, 20), (20, 25)]
+    assert [(u.start, u.stop) for s in shards for u in s.units] == [(0, 10), (10, 20), (20, None)]
     docs, _ = read_all([SourceConfig(uri=str(path))], records_per_shard=10)
     assert [d.text for d in docs] == [f"doc {i}" for i in range(25)]
     assert shards == plan_shards([SourceConfig(uri=str(path))], records_per_shard=10)  # deterministic
@@ -192,3 +192,16 @@ def test_a_100mb_record_is_rejected_without_holding_it(tmp_path):
     assert quarantine[0].location.endswith("big.jsonl:2")
     assert "max_doc_bytes" in quarantine[0].detail
     assert peak < 24 << 20, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_truncated_compressed_file_quarantines_the_rest(tmp_path, suffix):
+    rng = __import__("random").Random(0)
+    texts = [" ".join(f"w{rng.randrange(10**6)}" for _ in range(50)) for _ in range(1500)]  # incompressible, several zstd blocks
+    path = write_jsonl(tmp_path / f"cut{suffix}", [json.dumps({"text": t}).encode() for t in texts])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a download cut in half
+    docs, quarantine = read_all([SourceConfig(uri=str(path), format="jsonl")], records_per_shard=10_000)
+    assert 0 < len(docs) < 1500
+    assert [q.reason for q in quarantine][-1] == "unreadable"
+    assert "rest of the file skipped" in quarantine[-1].detail

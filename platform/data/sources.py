@@ -218,6 +218,47 @@ def open_binary(read_uri: str) -> Iterator[BinaryIO]:
             yield fh
 
 
+class _ZstdFrames(io.RawIOBase):
+    """Streaming zstd decompression that fails on a truncated stream.
+
+    ``ZstdDecompressor().stream_reader`` returns a clean EOF when its input stops in the
+    middle of a frame, which would silently drop the rest of a cut-off download; here a
+    frame that has not reached its end marker when the input ends raises ``EOFError``.
+    Concatenated frames (what ``zstd`` appends) are read one after the other.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        import zstandard
+
+        self._raw, self._zstd = raw, zstandard
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self._pending:
+            chunk = self._raw.read(_CHUNK)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._dobj.decompress(chunk)
+                chunk = b""
+                if self._dobj.eof:
+                    chunk = self._dobj.unused_data
+                    self._dobj = self._zstd.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
 @contextmanager
 def open_records_stream(read_uri: str) -> Iterator[BinaryIO]:
     """A buffered binary stream, transparently decompressed for .gz / .zst."""
@@ -227,10 +268,7 @@ def open_records_stream(read_uri: str) -> Iterator[BinaryIO]:
             with gzip.GzipFile(fileobj=raw) as fh:
                 yield fh
         elif low.endswith(".zst"):
-            import zstandard
-
-            with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
-                yield io.BufferedReader(reader, buffer_size=_CHUNK)
+            yield io.BufferedReader(_ZstdFrames(raw), buffer_size=_CHUNK)
         else:
             yield raw if isinstance(raw, io.BufferedIOBase) else io.BufferedReader(raw, buffer_size=_CHUNK)
 
@@ -279,10 +317,15 @@ def count_records(unit_read_uri: str, fmt: str, text_field: str) -> int:
                 raise SourceError(f"{unit_read_uri}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
             return pf.metadata.num_rows
     count, last = 0, b"\n"
-    with open_records_stream(unit_read_uri) as fh:
-        while chunk := fh.read(_CHUNK):
-            count += chunk.count(b"\n")
-            last = chunk[-1:]
+    try:
+        with open_records_stream(unit_read_uri) as fh:
+            while chunk := fh.read(_CHUNK):
+                count += chunk.count(b"\n")
+                last = chunk[-1:]
+    except _corrupt_stream_errors():
+        # A truncated/corrupt file is still planned; its last range is open-ended (see
+        # plan_shards), so the reader reaches the break and quarantines the unreadable rest.
+        return count
     return count + (last != b"\n")
 
 
@@ -310,7 +353,8 @@ def plan_shards(
             except OSError as exc:
                 raise SourceError(f"source {cfg.uri!r}: cannot read {logical_uri}: {exc}") from exc
             for start in range(0, max(num, 1), records_per_shard):
-                stop = min(start + records_per_shard, num)
+                # the last range is open-ended: reading, not counting, decides where a file ends
+                stop = None if start + records_per_shard >= num else start + records_per_shard
                 unit = InputUnit(read_uri, logical_uri, fmt, cfg.label, rel, start, stop, cfg.text_field)
                 groups.append([unit])
         for i in range(0, len(text_units), files_per_shard):
@@ -378,6 +422,14 @@ def _record_to_doc(unit: InputUnit, position: int, line: bytes) -> Document | Qu
     return Document(make_doc_id(unit.logical_uri, position, text), text, unit.source, meta)
 
 
+def _corrupt_stream_errors() -> tuple[type[BaseException], ...]:
+    import zlib
+
+    import zstandard
+
+    return (OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError)
+
+
 def _read_jsonl(unit: InputUnit, max_doc_bytes: int) -> Iterator[Document | QuarantineRecord]:
     position = -1
     try:
@@ -392,7 +444,7 @@ def _read_jsonl(unit: InputUnit, max_doc_bytes: int) -> Iterator[Document | Quar
                     yield QuarantineRecord(location, "too_large", f"{size} bytes > max_doc_bytes={max_doc_bytes}", unit.source, size)
                     continue
                 yield _record_to_doc(unit, position, line)
-    except (OSError, EOFError, ValueError) as exc:  # corrupt compression, vanished file, ...
+    except _corrupt_stream_errors() as exc:  # corrupt compression, truncated or vanished file
         location = f"{unit.logical_uri}:{position + 2}"
         yield QuarantineRecord(location, "unreadable", f"{type(exc).__name__}: {exc} (rest of the file skipped)", unit.source)
 
