@@ -9,13 +9,18 @@ transformers (``DeepseekV3ForCausalLM``, SDPA), so both run the same weights.
 
 Rows:
 - ``moeflow cached``      ``generate()`` with the dynamic latent cache (eager kernels);
-- ``moeflow cuda_graph``  ``generate(cuda_graph=True)``: static cache, one decode step replayed as a CUDA graph;
+- ``moeflow cuda_graph (capture per call)``  ``generate(cuda_graph=True)``: static cache, one decode step
+  captured as a CUDA graph in every call and replayed;
+- ``moeflow cuda_graph pool``  the same with a ``CudaGraphPool`` kept across calls (captured once per shape);
+- ``moeflow cuda_graph pool + compile``  the pooled graph of a ``torch.compile``d step (fused kernels);
 - ``hf generate``         ``model.generate(do_sample=False, min_new_tokens=max_new_tokens)``.
 tokens/s = batch × new tokens ÷ wall time of the whole call (prefill, graph capture included);
 ``steady tok/s`` excludes prefill and capture: batch × (128 − 2) ÷ (t(128 new) − t(2 new)).
 KV-cache bytes per token (all layers): ours (kv_lora_rank + rope_dim) × layers × 2 bytes, vs full
 multi-head attention H × (qk_head_dim + v_head_dim) × layers × 2 bytes, and what transformers'
 cache actually holds after a prefill.
+Correctness beside speed: ``teacher_forced`` compares every generated token with the argmax of a full
+uncached forward over prompt + completion (see ``teacher_forced_check``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 import torch
 
 from moeflow.models import ModelConfig, MoETransformer
-from moeflow.models.generation import generate
+from moeflow.models.generation import CudaGraphPool, generate
 from moeflow.models.hf import export_hf
 
 
@@ -65,6 +70,24 @@ def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(fracs) / len(fracs)
 
 
+@torch.no_grad()
+def teacher_forced_check(model, prompts: list[list[int]], tokens: list[list[int]]) -> dict:
+    """Does each generated token equal the argmax of a full (uncached) forward over prompt + completion?
+
+    With random bf16 weights the logits are nearly flat, so rounding differences between two correct
+    implementations flip near-ties and token sequences diverge early; the logit GAP (max logit minus
+    the chosen token's logit) still tells a correct decode (gaps at the bf16 rounding level) from a
+    broken one (gaps like the logit spread).
+    """
+    ids = torch.tensor([p + t for p, t in zip(prompts, tokens)], device=model.lm_head.weight.device)
+    P = len(prompts[0])
+    pred_BNV = model(ids).logits[:, P - 1: -1].float()
+    chosen_BN = pred_BNV.gather(-1, ids[:, P:, None]).squeeze(-1)
+    gap_BN = pred_BNV.max(-1).values - chosen_BN
+    return {"argmax_match": (gap_BN == 0).float().mean().item(), "gap_mean": gap_BN.mean().item(),
+            "gap_max": gap_BN.max().item(), "logit_std": pred_BNV.std().item()}
+
+
 def hf_cache_bytes_per_token(hf_model, ids_BT) -> float | None:
     try:
         with torch.no_grad():
@@ -88,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--impls", default="all", help="comma-separated substrings of the moeflow rows to run, or all")
     p.add_argument("--out", default="")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -113,6 +137,9 @@ def main(argv=None) -> int:
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(
                 d, dtype=dtype, attn_implementation="sdpa").to(device).eval()
 
+    # one pool per variant, shared by both batch sizes; length 256 holds 64 + 128 (+1) slots, so the
+    # 2-token and 128-token calls reuse one captured graph (and one compilation) per batch size
+    pool, pool_compiled = CudaGraphPool(length_multiple=256), CudaGraphPool(compile_step=True, length_multiple=256)
     L, H = cfg.num_layers, cfg.num_heads
     ours_bpt = cfg.kv_cache_values_per_token * L * 2
     mha_bpt = H * (cfg.qk_head_dim + cfg.v_head_dim) * L * 2
@@ -122,19 +149,30 @@ def main(argv=None) -> int:
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(3, cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
         results = {}
-        for name, kw in (("moeflow cached", {}), ("moeflow cuda_graph", {"cuda_graph": True})):
-            if kw.get("cuda_graph") and not cuda:
+        impls = [("moeflow cached", {}), ("moeflow cuda_graph (capture per call)", {"cuda_graph": True}),
+                 ("moeflow cuda_graph pool", {"cuda_graph": pool}),
+                 ("moeflow cuda_graph pool + compile", {"cuda_graph": pool_compiled})]
+        for name, kw in impls:
+            if name not in args.impls and args.impls != "all":
+                continue
+            if kw.get("cuda_graph") is not None and kw.get("cuda_graph") is not False and not cuda:
                 continue
             run = lambda n, kw=kw: generate(model, prompts, n, sync_every=64, **kw)  # noqa: E731
-            run(4)  # warm-up (kernels, allocator, graph pools)
-            t_full, res = wall(lambda: run(args.new_tokens), args.repeats)
-            t_two, _ = wall(lambda: run(2), args.repeats)
+            try:
+                t_warm, _ = wall(lambda: run(4), 1)  # warm-up (kernels, allocator, graph capture, compile)
+                t_full, res = wall(lambda: run(args.new_tokens), args.repeats)
+                t_two, _ = wall(lambda: run(2), args.repeats)
+            except Exception as exc:  # one failing variant must not hide the others
+                log(f"!! {name} failed: {type(exc).__name__}: {exc}")
+                rows.append({"bench": "decode", "impl": name, "batch": B, "error": f"{type(exc).__name__}: {exc}"})
+                continue
             results[name] = res.tokens
             row = {"bench": "decode", "impl": name, "batch": B, "prompt_len": args.prompt_len,
-                   "new_tokens": args.new_tokens, "seconds": t_full,
+                   "new_tokens": args.new_tokens, "seconds": t_full, "warmup_s": t_warm,
                    "tokens_per_s": B * args.new_tokens / t_full,
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
-                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                   "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)
         if hf_model is not None:
@@ -151,15 +189,17 @@ def main(argv=None) -> int:
             hf_tokens = out[:, args.prompt_len:].tolist()
             row = {"bench": "decode", "impl": "hf generate", "batch": B, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, "seconds": t_full, "tokens_per_s": B * args.new_tokens / t_full,
-                   "greedy_prefix_agreement_with_ours": prefix_agreement(results["moeflow cached"], hf_tokens)}
+                   "greedy_prefix_agreement_with_ours": prefix_agreement(results["moeflow cached"], hf_tokens),
+                   "teacher_forced_on_our_model": teacher_forced_check(model, prompts, hf_tokens)}
             if B == 1:
                 row["hf_cache_bytes_per_token"] = hf_cache_bytes_per_token(hf_model, ids)
             log(json.dumps(row))
             rows.append(row)
-        if "moeflow cuda_graph" in results:
-            rows.append({"bench": "decode_agreement", "batch": B, "graph_vs_eager_prefix_agreement":
-                         prefix_agreement(results["moeflow cached"], results["moeflow cuda_graph"])})
-            log(json.dumps(rows[-1]))
+        for name, toks in results.items():
+            if name != "moeflow cached":
+                rows.append({"bench": "decode_agreement", "batch": B, "impl": name,
+                             "prefix_agreement_with_eager_cached": prefix_agreement(results["moeflow cached"], toks)})
+                log(json.dumps(rows[-1]))
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:
@@ -169,7 +209,7 @@ def main(argv=None) -> int:
     log("| impl | batch | tokens/s (whole call) | steady tokens/s | seconds |")
     log("| --- | --- | --- | --- | --- |")
     for r in rows:
-        if r["bench"] == "decode":
+        if r["bench"] == "decode" and "error" not in r:
             steady = f"{r['steady_tokens_per_s']:,.0f}" if "steady_tokens_per_s" in r else ""
             log(f"| {r['impl']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {steady} | {r['seconds']:.2f} |")
     return 0

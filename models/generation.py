@@ -10,11 +10,12 @@ Decoding modes:
   the model's absorbed-MLA path (``MLACache``: kv_lora_rank + rope_dim values per token per layer).
 - ``use_cache=False``: a full forward over the whole sequence every step (the reference the tests
   compare the cache against; also what a model without a cache path would do).
-- ``cuda_graph=True`` (CUDA only): the cache runs in its static mode (``cache_position`` on the
-  device, attention over all slots under the mask) and one decode step is captured once in a CUDA
-  graph and replayed, which removes the per-kernel launch overhead that dominates batch-1 decode.
-  Greedy steps are chained on the device; the host reads the tokens back every ``sync_every`` steps
-  to check the stop condition.
+- ``cuda_graph=True`` (CUDA, bf16 grouped-GEMM experts): the cache runs in its static mode
+  (``cache_position`` on the device, attention over all slots under the mask) and one decode step
+  is captured in a CUDA graph and replayed, which removes the per-kernel launch overhead that
+  dominates batch-1 decode. Pass a ``CudaGraphPool`` instead of True to keep captured graphs (and
+  optionally a ``torch.compile``d step) across calls. The host reads the stop flags back only every
+  ``sync_every`` steps.
 
 Sampling: temperature 0 = greedy (argmax); otherwise logits / temperature, then top-k, then top-p
 (nucleus), then a multinomial draw from a ``torch.Generator`` seeded by ``seed``. The filters are
@@ -120,7 +121,7 @@ def _validate(prompts, max_new_tokens: int, vocab_size: int, pad_id: int) -> Non
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_token_ids: Sequence[int] = (),
              seed: int | None = None, record_routing: bool = False, pad_id: int = 0, use_cache: bool = True,
-             cuda_graph: bool = False, sync_every: int = 16) -> GenerationResult:
+             cuda_graph: bool | CudaGraphPool = False, sync_every: int = 16) -> GenerationResult:
     """Continue each prompt by up to ``max_new_tokens`` tokens; rows stop independently at a stop token."""
     cfg = model.cfg
     _validate(prompts, max_new_tokens, cfg.vocab_size, pad_id)
@@ -139,8 +140,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     def pick(logits_BV: torch.Tensor) -> torch.Tensor:
         return sample_next(logits_BV, temperature, top_k, top_p, generator)
 
-    runner = (_GraphDecoder if cuda_graph else _CachedDecoder if use_cache else _FullDecoder)(
-        model, ids_BP, mask_BP, max_new_tokens + 1, record_routing)
+    if cuda_graph:
+        pool = cuda_graph if isinstance(cuda_graph, CudaGraphPool) else None
+        runner = _GraphDecoder(model, ids_BP, mask_BP, max_new_tokens + 1, record_routing, pool)
+    else:
+        runner = (_CachedDecoder if use_cache else _FullDecoder)(model, ids_BP, mask_BP, max_new_tokens + 1,
+                                                                 record_routing)
     out_BN = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     length_B = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated per row (stop included)
@@ -234,58 +239,101 @@ class _FullDecoder(_CachedDecoder):
         return self._full()
 
 
+class CudaGraphPool:
+    """Captured decode steps kept across ``generate`` calls, so a graph is captured once per shape.
+
+    Key: (model, batch size, cache length rounded up to ``length_multiple``, routing capture). Each
+    entry owns its static cache and input/output buffers (a graph replays fixed addresses); a new
+    call resets the cache's masks and counters, and stale latents stay masked until overwritten.
+    ``compile_step=True`` wraps the decode step in ``torch.compile`` before capture, fusing its many
+    small element-wise kernels (at batch 1 kernel count, not bytes, bounds the step time); the first
+    capture then includes compilation.
+    """
+
+    def __init__(self, compile_step: bool = False, length_multiple: int = 64) -> None:
+        self.compile_step, self.length_multiple = compile_step, length_multiple
+        self._entries: dict[tuple, dict] = {}
+        self._compiled: dict[int, object] = {}
+
+    def entry(self, model, batch_size: int, min_len: int, record: bool) -> dict:
+        m = self.length_multiple
+        max_len = (min_len + m - 1) // m * m
+        key = (id(model), batch_size, max_len, record)
+        if key not in self._entries:
+            dev = model.lm_head.weight.device
+            self._entries[key] = {
+                "cache": model.new_cache(batch_size, max_len),
+                "tok_B1": torch.zeros(batch_size, 1, dtype=torch.long, device=dev),
+                "real_B1": torch.ones(batch_size, 1, dtype=torch.bool, device=dev),
+                "slot_1": torch.zeros(1, dtype=torch.long, device=dev),
+                "graph": None, "logits_BV": None, "route_LB1K": None, "model": model,
+            }
+        e = self._entries[key]
+        e["cache"].reset()
+        return e
+
+    def step_fn(self, model):
+        if not self.compile_step:
+            return model
+        if id(model) not in self._compiled:
+            self._compiled[id(model)] = torch.compile(model, dynamic=False)
+        return self._compiled[id(model)]
+
+
 class _GraphDecoder(_CachedDecoder):
     """Static cache + one decode step captured in a CUDA graph (inputs/outputs in fixed buffers)."""
 
-    def __init__(self, model, ids_BP, mask_BP, max_steps: int, record: bool) -> None:
-        super().__init__(model, ids_BP, mask_BP, max_steps, record)
-        B = ids_BP.shape[0]
-        dev = ids_BP.device
-        self.tok_B1 = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.real_B1 = torch.ones(B, 1, dtype=torch.bool, device=dev)
-        self.slot_1 = torch.zeros(1, dtype=torch.long, device=dev)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits_BV: torch.Tensor | None = None
-        self.route_LB1K: torch.Tensor | None = None
+    def __init__(self, model, ids_BP, mask_BP, max_steps: int, record: bool,
+                 pool: CudaGraphPool | None = None) -> None:
+        self.model, self.ids_BP, self.record = model, ids_BP, record
+        B, P = ids_BP.shape
+        self.pool = pool or CudaGraphPool()
+        self.e = self.pool.entry(model, B, P + max_steps, record)
+        self.cache = self.e["cache"]
+        self.mask_BP = mask_BP
+        self.len = P
+        self.routes: list[torch.Tensor] = []
 
     def prefill(self) -> torch.Tensor:
         P = self.ids_BP.shape[1]
         slots = torch.arange(P, device=self.ids_BP.device)
-        return self._call(self.ids_BP, cache=self.cache, cache_position=slots,
-                          attention_mask_BS=self.mask_BS[:, :P])
+        return self._call(self.ids_BP, cache=self.cache, cache_position=slots, attention_mask_BS=self.mask_BP)
 
-    def _static_step(self) -> torch.Tensor:
-        out = self.model(self.tok_B1, cache=self.cache, cache_position=self.slot_1, attention_mask_BS=self.real_B1,
-                         last_logits_only=True, return_router_choices=self.record)
+    def _static_step(self, fn) -> torch.Tensor:
+        e = self.e
+        out = fn(e["tok_B1"], cache=self.cache, cache_position=e["slot_1"], attention_mask_BS=e["real_B1"],
+                 last_logits_only=True, return_router_choices=self.record)
         if self.record:
-            self.route_LB1K = out.aux["router_choices"]
+            e["route_LB1K"] = out.aux["router_choices"]
         return out.logits[:, -1]
 
     def _capture(self) -> None:
-        # Warm up on a side stream (allocator pools, cuBLAS handles, lazy inits), then capture one step.
-        # The warm-up writes slot len; the captured replay rewrites it, so the cache stays consistent,
-        # except for num_real_B which both advanced: undo the warm-up's increment.
+        # Warm up on a side stream (compilation, allocator pools, cuBLAS handles), then capture one
+        # step. The warm-up really runs: it writes the slot the replay rewrites, and advances
+        # num_real_B, which is undone before the replay.
+        fn = self.pool.step_fn(self.model)
         real_before = self.cache.num_real_B.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._static_step()
+            for _ in range(2):
+                self._static_step(fn)
+                self.cache.num_real_B.copy_(real_before)
         torch.cuda.current_stream().wait_stream(side)
-        self.cache.num_real_B.copy_(real_before)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits_BV = self._static_step()
-        self.cache.num_real_B.copy_(real_before)  # capture does not execute, but be explicit about state
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.e["logits_BV"] = self._static_step(fn)
+        self.e["graph"] = graph
 
     def step(self, next_B: torch.Tensor, real_B: torch.Tensor) -> torch.Tensor:
-        self.tok_B1.copy_(next_B[:, None])
-        self.real_B1.copy_(real_B[:, None])
-        self.slot_1.fill_(self.len)
-        self.mask_BS[:, self.len] = real_B
-        if self.graph is None:
+        e = self.e
+        e["tok_B1"].copy_(next_B[:, None])
+        e["real_B1"].copy_(real_B[:, None])
+        e["slot_1"].fill_(self.len)
+        if e["graph"] is None:
             self._capture()
-        self.graph.replay()
+        e["graph"].replay()
         self.len += 1
         if self.record:
-            self.routes.append(self.route_LB1K.clone())
-        return self.logits_BV
+            self.routes.append(e["route_LB1K"].clone())
+        return e["logits_BV"]

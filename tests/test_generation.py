@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeflow.models import ModelConfig, MoETransformer
-from moeflow.models.generation import generate, left_pad, sample_next, top_k_filter, top_p_filter
+from moeflow.models.generation import CudaGraphPool, generate, left_pad, sample_next, top_k_filter, top_p_filter
 
 PROMPT_LENGTHS = (3, 9, 5, 1)
 NEG_INF = float("-inf")
@@ -151,3 +151,7 @@ def test_cuda_graph_decode_matches_eager_cached(model, prompts):
     agree = sum(x == y for a, b in zip(eager.tokens, graphed.tokens) for x, y in zip(a, b))
     assert agree >= 0.9 * sum(len(a) for a in eager.tokens)  # bf16: slot-count differences may flip a near-tie
     assert [r.shape[0] for r in graphed.routing] == [p + len(t) for p, t in zip(PROMPT_LENGTHS, graphed.tokens)]
+    pool = CudaGraphPool()
+    first = generate(gpu, prompts, 8, cuda_graph=pool)
+    again = generate(gpu, prompts, 8, cuda_graph=pool)  # replays the graph captured by the first call
+    assert first.tokens == again.tokens and len(pool._entries) == 1
