@@ -104,7 +104,7 @@ def test_run_pretrain_in_process_learns_exports_and_registers(token_store, moefl
     hf = store.read_artifact(result.hf_uri)
     assert "config.json" in hf.names() and "tokenizer.json" in hf.names()
     assert json.loads(hf.get_bytes("config.json"))["model_type"] == "deepseek_v3"
-    assert catalog.get_model(result.model_id)["checkpoint_uri"] == result.hf_uri if hasattr(catalog, "get_model") else True
+    assert catalog.get_model(result.model_id)["checkpoint_uri"] == result.hf_uri
 
 
 # ------------------------------------------------------------------ the CLI: SIGKILL, then resume exactly

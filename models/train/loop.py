@@ -8,8 +8,9 @@ protocol. Nothing here imports Ray, MLflow or the object store.
 
 One optimiser step (``Trainer.train_step``):
 
-1. ``grad_accum_steps`` micro-batches: forward under bf16 autocast on CUDA (fp32 on CPU), loss
-   assembled from its logged parts (``assemble_loss``), backward of ``loss / grad_accum_steps``.
+1. ``grad_accum_steps`` micro-batches: forward under bf16 autocast on CUDA (fp32 on CPU), backward
+   of ``out.loss / grad_accum_steps``; ``out.loss`` is the objective ``assemble_loss`` spells out
+   (lm + λ·mtp + seq_aux + z + lb), whose parts are logged separately.
    DDP gradient sync only on the last micro-batch (``no_sync``); FSDP2 likewise
    (``set_requires_gradient_sync``).
 2. Router tokens-per-expert counts summed over the micro-batches, then all-reduced (SUM) over
@@ -243,14 +244,16 @@ class Trainer:
         self.tokens_seen = 0
         num_moe = getattr(model_cfg, "num_moe_layers", 0)
         num_experts = getattr(model_cfg, "num_routed_experts", 0)
-        self.cumulative_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)
-        self.interval_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)
-        self.last_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)
-        self.logged_interval_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)
+        # kept on the device: moving them to the host every step would synchronise it
+        zeros = lambda: torch.zeros(num_moe, num_experts, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.cumulative_counts_LE = zeros()
+        self.interval_counts_LE = zeros()
+        self.last_counts_LE = zeros()
+        self.logged_interval_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)  # host copy
         self.history: list[dict] = []  # metrics of every log step (small: scalars only)
         self._interval: dict[str, torch.Tensor] = {}
         self._interval_steps = 0
-        self._meter = ThroughputMeter()
+        self.meter = ThroughputMeter()
         self.last_val: dict[str, float] = {}
 
     # ---------------------------------------------------------------- one optimiser step
@@ -318,23 +321,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if counts_LE is not None and hasattr(self.model, "apply_router_bias_update"):
             self.model.apply_router_bias_update(counts_LE.to(torch.float32))
-            counts_cpu = counts_LE.cpu()
-            self.last_counts_LE = counts_cpu
-            self.interval_counts_LE += counts_cpu
-            self.cumulative_counts_LE += counts_cpu
+            self.last_counts_LE = counts_LE
+            self.interval_counts_LE += counts_LE
+            self.cumulative_counts_LE += counts_LE
 
         tokens = cfg.tokens_per_step(self.world_size)
         self.step += 1
         self.tokens_seen += tokens
-        self._meter.add(tokens)
+        self.meter.add(tokens)
         self._accumulate_interval(parts, grad_norm, entropy_L)
         metrics: dict[str, float] = {}
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
             metrics = self._interval_metrics(lr)
         if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps) and self.val_batches:
-            self._meter.pause()
+            self.meter.pause()
             self.last_val = self.evaluate()
-            self._meter.resume()
+            self.meter.resume()
             metrics.update(self.last_val)
         if metrics:
             metrics["step"] = self.step
@@ -381,15 +383,15 @@ class Trainer:
         for layer, value in enumerate(values[len(names):]):
             metrics[f"router_entropy/layer{layer}"] = value
         metrics["lr"] = lr
-        tokens_per_s = self._meter.read()
+        tokens_per_s = self.meter.read()
         metrics["tokens_per_s"] = tokens_per_s
         metrics["tokens_seen"] = float(self.tokens_seen)
         if self.device.type == "cuda" and self.flops_per_token:
             metrics["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.cfg.peak_flops, self.world_size)
         if self.cumulative_counts_LE.numel():
-            batch_vio = global_maxvio(self.last_counts_LE)
-            interval_vio = global_maxvio(self.interval_counts_LE)
-            run_vio = global_maxvio(self.cumulative_counts_LE)
+            batch_vio = global_maxvio(self.last_counts_LE).cpu()
+            interval_vio = global_maxvio(self.interval_counts_LE).cpu()
+            run_vio = global_maxvio(self.cumulative_counts_LE).cpu()
             for layer in range(len(batch_vio)):
                 metrics[f"maxvio_batch/layer{layer}"] = float(batch_vio[layer])
                 metrics[f"maxvio_interval/layer{layer}"] = float(interval_vio[layer])
@@ -401,7 +403,7 @@ class Trainer:
                 metrics["router_bias/mean_abs"] = float(bias_LE.abs().mean())
                 metrics["router_bias/max_abs"] = float(bias_LE.abs().max())
         # the expert-load recorder reads the closed window from logged_interval_counts_LE
-        self.logged_interval_counts_LE = self.interval_counts_LE.clone()
+        self.logged_interval_counts_LE = self.interval_counts_LE.to("cpu", copy=True)
         self.interval_counts_LE.zero_()
         self._interval, self._interval_steps = {}, 0
         return metrics
@@ -440,7 +442,7 @@ class Trainer:
     def fit(self, until_step: int | None = None) -> list[dict]:
         """Train until ``until_step`` (default ``max_steps``); returns the logged history."""
         until_step = self.cfg.max_steps if until_step is None else min(until_step, self.cfg.max_steps)
-        self._meter = ThroughputMeter()
+        self.meter = ThroughputMeter()
         while self.step < until_step:
             self.train_step()
         return self.history
@@ -448,9 +450,9 @@ class Trainer:
     # ---------------------------------------------------------------- small state (see state.py)
     def loop_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
-                "cumulative_counts_LE": self.cumulative_counts_LE.clone(),
-                "interval_counts_LE": self.interval_counts_LE.clone(),
-                "last_counts_LE": self.last_counts_LE.clone(), "history": list(self.history),
+                "cumulative_counts_LE": self.cumulative_counts_LE.cpu().clone(),
+                "interval_counts_LE": self.interval_counts_LE.cpu().clone(),
+                "last_counts_LE": self.last_counts_LE.cpu().clone(), "history": list(self.history),
                 "last_val": dict(self.last_val), "time": time.time(),
                 # a checkpoint may fall inside a log interval: keep its partial sums
                 "interval": {k: v.detach().cpu().clone() for k, v in self._interval.items()},
@@ -459,9 +461,9 @@ class Trainer:
     def load_loop_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        self.cumulative_counts_LE = state["cumulative_counts_LE"].clone().double()
-        self.interval_counts_LE = state["interval_counts_LE"].clone().double()
-        self.last_counts_LE = state["last_counts_LE"].clone().double()
+        self.cumulative_counts_LE = state["cumulative_counts_LE"].double().to(self.device)
+        self.interval_counts_LE = state["interval_counts_LE"].double().to(self.device)
+        self.last_counts_LE = state["last_counts_LE"].double().to(self.device)
         self.history = list(state.get("history", []))
         self.last_val = dict(state.get("last_val", {}))
         self._interval = {k: v.to(self.device) for k, v in state.get("interval", {}).items()}

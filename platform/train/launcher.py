@@ -39,6 +39,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,8 @@ class PretrainResult:
 # ------------------------------------------------------------------ process set-up
 def _ray_train_context():
     """Ray Train's context when this process is a Ray Train worker, else None."""
+    if "ray" not in sys.modules:  # a Ray Train worker has imported ray long before calling us
+        return None
     try:
         import ray.train
 
@@ -305,7 +308,9 @@ def _train(cfg, pcfg, rank, world_size, device, ray_ctx, tmp: Path, tracker) -> 
 
                     ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             if (pcfg.checkpoint_every and step % pcfg.checkpoint_every == 0) or step == pcfg.max_steps:
+                tr.meter.pause()  # checkpoint time is not training throughput
                 state["checkpoint"] = _save_checkpoint(tr, loader, manager, recorder, rank, tmp, world_size)
+                tr.meter.resume()
             if cfg.fault_step is not None and step == cfg.fault_step and rank == cfg.fault_rank:
                 _maybe_die(cfg.fault_marker)
 
