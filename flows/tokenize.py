@@ -10,7 +10,7 @@ from moeflow.tasks.tokenize import tokenize_task
 
 
 @flow(name="tokenize", log_prints=True)
-def tokenize(tokenize: TokenizeConfig = TokenizeConfig(), dataset: str = "corpus", curated_uri: str | None = None,
+def tokenize(tokenize: TokenizeConfig = TokenizeConfig(), dataset: str = "tiny", curated_uri: str | None = None,
              num_workers: int | None = None) -> dict:
     """``curated_uri`` defaults to the newest curated version of ``dataset`` in the catalog."""
     curated_uri = curated_uri or latest_artifact_uri("dataset", f"{dataset}-curated")

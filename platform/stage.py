@@ -18,18 +18,6 @@ from .recipes import config_hash
 from .settings import Settings, get_settings
 
 
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested config -> ``{"a.b": v}`` for MLflow params (values stringified, truncated)."""
-    out: dict[str, Any] = {}
-    if isinstance(config, dict):
-        for key, value in config.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-    else:
-        text = str(config)
-        out[prefix.rstrip(".")] = text if len(text) <= 500 else text[:497] + "..."
-    return out
-
-
 def current_prefect_flow_run_id() -> str | None:
     """The id of the Prefect flow run we are inside, if any (never raises)."""
     try:
@@ -96,11 +84,13 @@ def stage_run(
     """
     from .catalog import Catalog
     from .store import open_store
-    from .tracking import get_tracker
+    from .tracking import (TAG_CATALOG_RUN_ID, TAG_CONFIG_HASH, TAG_PIPELINE_RUN_ID, TAG_PREFECT_FLOW_RUN_ID,
+                           TAG_STAGE, get_tracker)
 
     settings = settings or get_settings()
     settings.ensure_dirs()
     store = store if store is not None else open_store(settings, create_bucket=True)
+    owns_catalog = catalog is None
     catalog = catalog if catalog is not None else Catalog.from_settings(settings)
     tracker = tracker if tracker is not None else get_tracker(settings)
     pipeline = pipeline or {}
@@ -108,26 +98,30 @@ def stage_run(
     prefect_run = current_prefect_flow_run_id()
     run_id = catalog.start_run(stage, config, pipeline_run_id=pipeline.get("catalog_run_id"),
                                prefect_flow_run_id=prefect_run)
-    tags = {"moeflow.stage": stage, "moeflow.catalog_run_id": run_id, "moeflow.config_hash": chash}
+    tags = {TAG_STAGE: stage, TAG_CATALOG_RUN_ID: run_id, TAG_CONFIG_HASH: chash}
     if prefect_run:
-        tags["prefect.flow_run_id"] = prefect_run
+        tags[TAG_PREFECT_FLOW_RUN_ID] = prefect_run
     if pipeline.get("catalog_run_id"):
-        tags["moeflow.pipeline_run_id"] = pipeline["catalog_run_id"]
-    parent = pipeline.get("mlflow_run_id")
-    with tracker.start_run(stage, tags=tags, nested=parent is not None, parent_run_id=parent) as mlflow_run_id:
-        catalog.set_run_ids(run_id, mlflow_run_id=mlflow_run_id)
-        st = StageRun(stage, run_id, settings, store, catalog, tracker, mlflow_run_id, chash)
-        try:
-            tracker.log_params(flatten(config))
-            for uri in inputs:
-                tracker.log_input(uri, name=uri.rstrip("/").rsplit("/", 1)[-1], context="input")
-            yield st
-        except BaseException as err:
+        tags[TAG_PIPELINE_RUN_ID] = pipeline["catalog_run_id"]
+    try:
+        parent = pipeline.get("mlflow_run_id")
+        with tracker.start_run(stage, tags=tags, nested=parent is not None, parent_run_id=parent) as mlflow_run_id:
+            catalog.set_run_ids(run_id, mlflow_run_id=mlflow_run_id)
+            st = StageRun(stage, run_id, settings, store, catalog, tracker, mlflow_run_id, chash)
+            try:
+                tracker.log_params(config)  # trackers flatten nested keys
+                for uri in inputs:
+                    tracker.log_input(uri, name=uri.rstrip("/").rsplit("/", 1)[-1], context="input")
+                yield st
+            except BaseException as err:
+                catalog.add_lineage(run_id, inputs=list(inputs), outputs=st.outputs)
+                message = "".join(traceback.format_exception_only(type(err), err)).strip()
+                catalog.finish_run(run_id, status="failed", error=message, metrics=st.metrics)
+                tracker.set_tags({"moeflow.status": "failed", "moeflow.error": message[:5000]})
+                raise
             catalog.add_lineage(run_id, inputs=list(inputs), outputs=st.outputs)
-            message = "".join(traceback.format_exception_only(type(err), err)).strip()
-            catalog.finish_run(run_id, status="failed", error=message, metrics=st.metrics)
-            tracker.set_tags({"moeflow.status": "failed", "moeflow.error": message[:5000]})
-            raise
-        catalog.add_lineage(run_id, inputs=list(inputs), outputs=st.outputs)
-        catalog.finish_run(run_id, status="succeeded", metrics=st.metrics)
-        tracker.set_tags({"moeflow.status": "succeeded"})
+            catalog.finish_run(run_id, status="succeeded", metrics=st.metrics)
+            tracker.set_tags({"moeflow.status": "succeeded"})
+    finally:
+        if owns_catalog:  # a catalog we opened holds a connection pool
+            catalog.close()

@@ -48,7 +48,7 @@ def test_smoke_flow_records_everything(home):
     assert mrun.data.params["message"] == "hi there"
     assert mrun.data.metrics["smoke_bytes"] > 0
     assert mrun.data.tags["moeflow.catalog_run_id"] == result["catalog_run_id"]
-    assert mrun.data.tags["prefect.flow_run_id"] == run["prefect_flow_run_id"]
+    assert mrun.data.tags["moeflow.prefect_flow_run_id"] == run["prefect_flow_run_id"]
 
     # Prefect: the flow run is recorded and completed
     import asyncio

@@ -1,0 +1,13 @@
+"""The ``curate`` flow: raw sources -> curated dataset."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from moeflow.platform.data.curate import CurateConfig
+from moeflow.tasks.curate import curate_task
+
+
+@flow(name="curate", log_prints=True)
+def curate(curate: CurateConfig = CurateConfig(), num_workers: int | None = None) -> dict:
+    return curate_task(curate, num_workers=num_workers)
