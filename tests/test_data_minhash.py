@@ -395,6 +395,7 @@ def test_index_merge_and_checks(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable MinHash index"):
         MinHashIndex.load(tmp_path / "bad.npz")
+    assert MinHashIndex().query(compute_signatures(["any text at all here"])) == [[]]
     lean = MinHashIndex(keep_signatures=False)
     lean.add_documents(part_a)
     with pytest.raises(ValueError, match="keep_signatures"):

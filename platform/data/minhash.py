@@ -678,7 +678,6 @@ class MinHashIndex:
         _check_same_params(self.params(), other.params(), "merge")
         merged = MinHashIndex(self.num_bands, self.rows_per_band, ngram=self.ngram, seed=self.seed,
                               keep_signatures=self.keep_signatures)
-        merged._ids, merged._keys_NB, merged._sigs_NH = self._ids, self._keys_NB, self._sigs_NH
         clash = np.intersect1d(self._ids, other._ids)
         if len(clash):
             raise ValueError(f"cannot merge: document id {str(clash[0])!r} is in both indexes")
