@@ -38,24 +38,27 @@ def _history(store, prefix, tmp_path):
 
 
 def test_two_worker_ray_run_learns_and_survives_a_killed_worker(ray_store, tmp_path):
+    """One Ray run (Ray starts are slow): rank 1 SIGKILLs itself after step 6 on the first attempt;
+    FailureConfig restarts the worker group, which resumes from the step-4 checkpoint and finishes.
+    (Exact equality of a resumed run with an uninterrupted one is tested without Ray, where it is
+    cheap: tests/test_train_loop.py and test_train_launcher.py.)"""
     store, tokens_uri = ray_store
     cfg = tiny_config(max_steps=16, log_every=2, val_every=8, checkpoint_every=4)
-    tracker = NoopTracker()
-    with tracker.start_run("ray-ref"):
-        ref = run_pretrain(cfg, store, tokens_uri=tokens_uri, output_prefix="runs/ray-ref", num_workers=2,
-                           tracker=tracker)
-    ref_history = _history(store, "runs/ray-ref", tmp_path)
-    losses = [h["loss"] for h in ref_history if "loss" in h]
-    assert len(losses) == 8 and losses[-1] < 0.75 * losses[0], losses
-    assert ref.metrics["val_loss"] < ref.metrics["unigram_loss"]
-    assert [v for _, v in tracker.metric_history("loss")] == losses  # replayed from rank 0's history
-    # global batch: 2 ranks x 4 rows x 32 tokens x top-2 routed slots per step
-    assert ref_history[0]["tokens_seen"] == 2 * 2 * 4 * 32
-
-    # rank 1 SIGKILLs itself after step 6 on the first attempt; Ray restarts the group, it resumes at 4
     marker = tmp_path / "killed-once"
-    result = run_pretrain(cfg, store, tokens_uri=tokens_uri, output_prefix="runs/ray-fault", num_workers=2,
-                          extra_launch={"fault_step": 6, "fault_rank": 1, "fault_marker": str(marker)})
+    tracker = NoopTracker()
+    with tracker.start_run("ray"):
+        result = run_pretrain(cfg, store, tokens_uri=tokens_uri, output_prefix="runs/ray", num_workers=2,
+                              tracker=tracker, extra_launch={"fault_step": 6, "fault_rank": 1,
+                                                             "fault_marker": str(marker)})
     assert marker.exists(), "the fault was never injected"
+    assert "killed pid" in marker.read_text()
     assert result.steps == 16
-    assert _history(store, "runs/ray-fault", tmp_path) == ref_history
+    history = _history(store, "runs/ray", tmp_path)
+    loss_steps = [h["step"] for h in history if "loss" in h]
+    assert loss_steps == [2, 4, 6, 8, 10, 12, 14, 16]  # resumed at 4: steps 5-6 replayed once, not twice
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert result.metrics["val_loss"] < result.metrics["unigram_loss"]
+    assert [v for _, v in tracker.metric_history("loss")] == losses  # replayed from rank 0's history
+    # global batch: 2 ranks x 4 rows x 32 tokens per step
+    assert history[0]["tokens_seen"] == 2 * 2 * 4 * 32

@@ -419,7 +419,8 @@ def run_pretrain(config: PretrainConfig | dict, store, *, tokens_uri: str, outpu
     use_ray = num_workers > 1 if use_ray is None else use_ray
     launch = LaunchConfig(pretrain=pcfg.to_dict(), tokens_uri=tokens_uri, output_prefix=output_prefix,
                           store_uri=store.root_uri, run_name=run_name, model_name=model_name,
-                          device="cuda" if use_gpu else "cpu", **(extra_launch or {}))
+                          device="cuda" if use_gpu else "cpu", record_catalog=catalog is not None,
+                          **(extra_launch or {}))
     if use_ray:
         from moeflow.platform.tracking import MLflowTracker
 
