@@ -71,7 +71,7 @@ class NearDedupConfig(BaseModel):
     rows_per_band: int = 8
     ngram: int = 5
     seed: int = 0
-    verify_margin: float | None = Field(0.1, description="verify candidates at threshold - margin; None: banding only")
+    verify_margin: float | None = Field(0.05, description="verify candidates at threshold - margin; None: banding only")
     against_index: str | None = Field(
         None, description="MinHashIndex .npz of an earlier dataset (path or file:// / s3:// URI, e.g. "
         "<earlier curated artefact URI>/minhash_index.npz): documents near-duplicating it are dropped")
