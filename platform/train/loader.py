@@ -175,6 +175,7 @@ class PackedLoader:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
+        self._sync_iter: Iterator[tuple[np.ndarray, dict]] | None = None
 
     # ---------------------------------------------------------------- plan and reading
     def rows(self, epoch: int) -> Iterator[list[Piece]]:
@@ -249,8 +250,10 @@ class PackedLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self.prefetch <= 0:  # synchronous path (debugging)
-            batch, state = next(self._batches(self._state["epoch"], self._state["row"]))
+        if self.prefetch <= 0:  # synchronous path (debugging, deterministic profiling)
+            if self._sync_iter is None:
+                self._sync_iter = self._batches(self._state["epoch"], self._state["row"])
+            batch, state = next(self._sync_iter)
         else:
             if self._thread is None:
                 self._start()
@@ -274,6 +277,7 @@ class PackedLoader:
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
                                  f"{key}={getattr(self, key)}; exact resume needs the same value")
         self.close()
+        self._sync_iter = None
         self._state = {"epoch": int(state["epoch"]), "row": int(state["row"])}
 
 
