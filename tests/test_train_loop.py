@@ -161,3 +161,20 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
     assert strip(resumed.history) == strip(ref.history)
     for (name, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_dense_twin_and_balancing_variants_train():
+    """The experiment knobs: dense twin (no routers) and no-balancing / seq-aux-only MoE runs."""
+    for kw in ({"dense_twin": True},
+               {"model_overrides": {**tiny_model_overrides(), "balancing": "none", "seq_aux_alpha": 0.0}},
+               {"model_overrides": {**tiny_model_overrides(), "balancing": "none", "seq_aux_alpha": 1e-2}}):
+        cfg, ds = _tiny_setup(max_steps=4, warmup_steps=1, log_every=2, **kw)
+        trainer, loader = _build(cfg, ds)
+        history = trainer.fit()
+        loader.close()
+        assert len(history) == 2 and math.isfinite(history[-1]["loss"])
+        if cfg.dense_twin:
+            assert trainer.model.cfg.num_moe_layers == 0 and "maxvio_batch/mean" not in history[-1]
+        else:
+            assert history[-1]["router_bias/max_abs"] == 0.0  # balancing off: the bias never moves
+            assert (history[-1]["seq_aux_loss"] > 0) == (cfg.model_config().seq_aux_alpha > 0)

@@ -494,13 +494,14 @@ def _export_hf(model, store, output_prefix: str, local_dir: Path, ref, metrics: 
 
     None, with a warning, when the config has no HF form (``export_hf`` refuses e.g. softmax routing).
     """
-    from moeflow.models.hf import export_hf
+    from moeflow.models import hf
 
     meta = train_ds.meta
+    refusals = tuple(c for c in (getattr(hf, "HFConversionError", None), ValueError) if c is not None)
     try:
-        export_hf(model, str(local_dir), bos_token_id=meta.get("bos_id"), eos_token_id=meta.get("eos_id"),
-                  pad_token_id=meta.get("pad_id"))
-    except ValueError as err:
+        hf.export_hf(model, str(local_dir), bos_token_id=meta.get("bos_id"), eos_token_id=meta.get("eos_id"),
+                     pad_token_id=meta.get("pad_id"))
+    except refusals as err:  # a config without an HF form (softmax routing, uneven dense twin)
         log.warning("HF export skipped: %s", err)
         return None
     tokenizer = Path(getattr(train_ds, "local_dir", "")) / "tokenizer.json"
