@@ -258,6 +258,8 @@ def _train(cfg, pcfg, rank, world_size, device, ray_ctx, tmp: Path, tracker) -> 
     # ---- model (same init on every rank: same seed), wrapping, loader
     torch.manual_seed(pcfg.seed)
     model = MoETransformer(pcfg.model_config()).to(device)
+    if pcfg.param_dtype == "bf16":
+        model = model.to(torch.bfloat16)  # the router keeps its bias buffer fp32 (Router._apply)
     wrapped = wrap_model(model, pcfg, world_size, device, cfg.find_unused_parameters)
     loader = PackedLoader(train_ds, seq_len=pcfg.seq_len, batch_size=pcfg.micro_batch_size, seed=pcfg.seed,
                           rank=rank, world_size=world_size, bos_id=bos_id)
