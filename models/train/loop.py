@@ -240,7 +240,11 @@ class Trainer:
         self.optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                                      eps=cfg.eps, decay_embeddings=cfg.decay_embeddings)
         self.mtp_loss_weight = float(getattr(model.cfg, "mtp_loss_weight", 0.0)) if getattr(model.cfg, "mtp_depth", 0) else 0.0
-        self.use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        # autocast is for fp32 weights; with bf16 weights it only adds casts, and (measured on an H100,
+        # bench_ref) it made activations fp32 in places, which pushed the MoE experts off their
+        # grouped-GEMM path: 5x slower. "auto" therefore autocasts only fp32-weight models on CUDA.
+        params_fp32 = next(model.parameters()).dtype == torch.float32
+        self.use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda" and params_fp32)
         model_cfg = getattr(model, "cfg", None)
         self.flops_per_token = model_cfg.flops_per_token(cfg.seq_len) if model_cfg is not None else 0.0
         # schedule position and balancing statistics (all checkpointed)
