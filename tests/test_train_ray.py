@@ -4,6 +4,7 @@ the last checkpoint with exactly the uninterrupted loss curve."""
 
 from __future__ import annotations
 
+import os
 import pytest
 import torch
 
@@ -21,6 +22,10 @@ pytestmark = pytest.mark.slow
 def ray_store(tmp_path_factory):
     from moeflow.platform.compute import ensure_ray
 
+    # ray.init() without an address joins any cluster named in /tmp/ray/ray_current_cluster (another
+    # session's `ray start`, possibly stale); "local" makes it start our own
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
     ensure_ray()  # one local Ray for the module (conftest bounds it: 2 CPUs, 256 MB object store)
     store = LocalStore(tmp_path_factory.mktemp("ray-store"))
     uri = write_token_artifact(store, "datasets/fake/tokens/ray", pattern_docs(400, seed=0),
@@ -29,6 +34,10 @@ def ray_store(tmp_path_factory):
     import ray
 
     ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
 
 
 def _history(store, prefix, tmp_path):

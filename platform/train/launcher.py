@@ -23,7 +23,10 @@ Without Ray, MLflow or a store server (e.g. on a GPU box)::
     MOEFLOW_TRACKING=noop torchrun --nproc_per_node 2 -m moeflow.platform.train.launcher --config run.json
 
 where ``run.json`` (or ``.yaml``) holds a ``LaunchConfig`` (``pretrain`` = ``PretrainConfig`` fields,
-``tokens_uri``, ``output_prefix``, optional ``store_uri``, default the settings' store).
+``tokens_uri``, ``output_prefix``, optional ``store_uri``, default the settings' store); ``--finalize``
+adds the evaluation (vs the unigram baseline) and the HF export on rank 0. Re-running the same
+command resumes from the newest checkpoint under ``output_prefix`` (a finished run does nothing).
+On GPUs use ``"param_dtype": "bf16"`` and ``"compile": true`` for speed (see ``PretrainConfig``).
 
 Fault injection for tests: ``fault_step`` + ``fault_marker`` make rank ``fault_rank`` SIGKILL
 itself after that step, once (the marker file records that the first attempt did it).
