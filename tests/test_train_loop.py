@@ -96,7 +96,8 @@ def _build(cfg, ds, val=False):
     model = MoETransformer(cfg.model_config())
     loader = PackedLoader(ds, seq_len=cfg.seq_len, batch_size=cfg.micro_batch_size, seed=cfg.seed)
     val_fn = (lambda: eval_batches(ds, seq_len=cfg.seq_len, batch_size=4, num_batches=2)) if val else None
-    return Trainer(cfg, model, loader, val_batches=val_fn, bytes_per_token=ds.meta["bytes_per_token"]), loader
+    return Trainer(cfg, model, loader, val_batches=val_fn, bytes_per_token=ds.meta["bytes_per_token"],
+                   bos_id=ds.meta["bos_id"]), loader
 
 
 def test_bias_update_uses_counts_summed_over_micro_batches():
@@ -166,6 +167,7 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
 def test_dense_twin_and_balancing_variants_train():
     """The experiment knobs: dense twin (no routers) and no-balancing / seq-aux-only MoE runs."""
     for kw in ({"dense_twin": True},
+               {"model_overrides": {**tiny_model_overrides(), "mtp_depth": 1}},
                {"model_overrides": {**tiny_model_overrides(), "balancing": "none", "seq_aux_alpha": 0.0}},
                {"model_overrides": {**tiny_model_overrides(), "balancing": "none", "seq_aux_alpha": 1e-2}}):
         cfg, ds = _tiny_setup(max_steps=4, warmup_steps=1, log_every=2, **kw)
@@ -173,7 +175,10 @@ def test_dense_twin_and_balancing_variants_train():
         history = trainer.fit()
         loader.close()
         assert len(history) == 2 and math.isfinite(history[-1]["loss"])
-        if cfg.dense_twin:
+        if cfg.model_config().mtp_depth:  # MTP routers get their own rows; MTP loss is logged
+            assert "maxvio_batch/layer1" in history[-1] and history[-1]["mtp_loss"] > 0
+            assert trainer.boundary_id == 1
+        elif cfg.dense_twin:
             assert trainer.model.cfg.num_moe_layers == 0 and "maxvio_batch/mean" not in history[-1]
         else:
             assert history[-1]["router_bias/max_abs"] == 0.0  # balancing off: the bias never moves

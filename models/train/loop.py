@@ -250,7 +250,8 @@ class Trainer:
         # schedule position and balancing statistics (all checkpointed)
         self.step = 0
         self.tokens_seen = 0
-        num_moe = getattr(model_cfg, "num_moe_layers", 0)
+        # one row per router: the main MoE layers, then those of the MTP blocks
+        num_moe = len(model.routers()) if hasattr(model, "routers") else getattr(model_cfg, "num_moe_layers", 0)
         num_experts = getattr(model_cfg, "num_routed_experts", 0)
         # kept on the device: moving them to the host every step would synchronise it
         zeros = lambda: torch.zeros(num_moe, num_experts, dtype=torch.float64, device=self.device)  # noqa: E731

@@ -439,7 +439,9 @@ def run_pretrain(config: PretrainConfig | dict, store, *, tokens_uri: str, outpu
         from moeflow.platform.tracking import NoopTracker
 
         train_worker(launch.to_dict(), tracker=tracker if tracker is not None else NoopTracker())
-    return finalize_run(launch, store, tracker=tracker, catalog=catalog, replay_history=use_ray and not _is_mlflow(tracker))
+    return finalize_run(launch, store, tracker=tracker, catalog=catalog,
+                        replay_history=use_ray and not _is_mlflow(tracker),
+                        device="cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 def _is_mlflow(tracker) -> bool:
