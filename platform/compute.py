@@ -46,7 +46,9 @@ def ensure_ray(settings: Settings | None = None) -> None:
     if address:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
         return
+    # address="local": never join whatever cluster /tmp/ray/ray_current_cluster happens to name
     ray.init(
+        address="local",
         num_cpus=settings.ray_num_cpus,
         object_store_memory=settings.ray_object_store_mb * 1024 * 1024,
         include_dashboard=False,

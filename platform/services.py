@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,7 +69,7 @@ class Service:
     health_url: str | None
     url: str
     env: dict[str, str] = field(default_factory=dict)
-    detaches: bool = False  # the command daemonises itself (ray start) and exits
+    health_tcp: tuple[str, int] | None = None  # healthy when this port accepts connections
 
     def pid_file(self, settings: Settings) -> Path:
         return settings.run_dir / f"{self.name}.pid"
@@ -120,14 +121,23 @@ def services(settings: Settings) -> dict[str, Service]:
             health_url=f"{settings.dashboard_url}/_stcore/health",
             url=settings.dashboard_url,
         ),
+        # --block keeps `ray start` in the foreground as the parent of the head's processes, so
+        # `moeflow down` stops exactly this head (by process group) and never another Ray on the
+        # machine, as `ray stop` would (it kills every Ray of the user, a test's driver included).
         "ray": Service(
             name="ray",
-            command=[_python_bin("ray"), "start", "--head", f"--port={ray_port}", "--include-dashboard=false",
+            command=[_python_bin("ray"), "start", "--head", "--block", f"--port={ray_port}",
+                     "--include-dashboard=false", f"--node-ip-address={host}",
                      f"--object-store-memory={settings.ray_object_store_mb * 1024 * 1024}", "--disable-usage-stats"]
                     + ([f"--num-cpus={settings.ray_num_cpus}"] if settings.ray_num_cpus else []),
             health_url=None,
             url=f"{host}:{ray_port}",
-            detaches=True,
+            health_tcp=(host, ray_port),
+            # Ray 2.60 turns token auth on for new clusters, and a driver decides its own mode
+            # when it first imports ray; a client that imported ray before setting the mode is
+            # then refused. The local head is for this machine's flows only, so it runs without
+            # tokens (any client can join); a cluster head configures auth itself.
+            env={"RAY_AUTH_MODE": "disabled"},
         ),
     }
 
@@ -162,23 +172,19 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def service_status(svc: Service, settings: Settings) -> dict:
-    if svc.name == "ray":
-        address_file = settings.run_dir / RAY_ADDRESS_FILE
-        running = address_file.exists() and _ray_head_alive(settings)
-        return {"name": svc.name, "running": running, "healthy": running, "pid": None, "url": svc.url}
     pid = _read_pid(svc.pid_file(settings))
     running = pid is not None and _pid_alive(pid)
-    healthy = running and (svc.health_url is None or http_ok(svc.health_url))
+    healthy = running
+    if running and svc.health_url is not None:
+        healthy = http_ok(svc.health_url)
+    if running and svc.health_tcp is not None:
+        healthy = tcp_ok(*svc.health_tcp)
     return {"name": svc.name, "running": running, "healthy": healthy, "pid": pid if running else None, "url": svc.url}
 
 
-def _ray_head_alive(settings: Settings) -> bool:
-    address = (settings.run_dir / RAY_ADDRESS_FILE).read_text().strip()
-    host, _, port = address.rpartition(":")
-    import socket
-
+def tcp_ok(host: str, port: int, timeout: float = 1.0) -> bool:
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -190,7 +196,7 @@ def start_service(svc: Service, settings: Settings, timeout: float = 120.0) -> d
     status = service_status(svc, settings)
     if status["healthy"]:
         return {**status, "started": False}
-    if status["running"] and svc.name != "ray":  # alive but unhealthy: maybe still starting
+    if status["running"]:  # alive but unhealthy: maybe still starting
         if _wait_healthy(svc, settings, timeout):
             return {**service_status(svc, settings), "started": False}
         stop_service(svc, settings)
@@ -200,13 +206,6 @@ def start_service(svc: Service, settings: Settings, timeout: float = 120.0) -> d
     log = svc.log_file(settings).open("ab")
     log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(svc.command)}\n".encode())
     log.flush()
-    if svc.detaches:
-        result = subprocess.run(svc.command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                                cwd=settings.home)
-        if result.returncode != 0:
-            raise RuntimeError(f"{svc.name} failed to start (exit {result.returncode}); see {svc.log_file(settings)}")
-        (settings.run_dir / RAY_ADDRESS_FILE).write_text(svc.url)
-        return {**service_status(svc, settings), "started": True}
     proc = subprocess.Popen(svc.command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=settings.home)
     svc.pid_file(settings).write_text(str(proc.pid))
@@ -214,6 +213,8 @@ def start_service(svc: Service, settings: Settings, timeout: float = 120.0) -> d
         stop_service(svc, settings)
         tail = svc.log_file(settings).read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{svc.name} did not become healthy within {timeout:.0f}s; log {svc.log_file(settings)}:\n{tail}")
+    if svc.name == "ray":  # flows connect to this head instead of starting their own Ray
+        (settings.run_dir / RAY_ADDRESS_FILE).write_text(svc.url)
     return {**service_status(svc, settings), "started": True}
 
 
@@ -231,13 +232,7 @@ def _wait_healthy(svc: Service, settings: Settings, timeout: float, proc: subpro
 def stop_service(svc: Service, settings: Settings, timeout: float = 20.0) -> bool:
     """Stop ``svc`` (its whole process group); returns whether something was running."""
     if svc.name == "ray":
-        address_file = settings.run_dir / RAY_ADDRESS_FILE
-        if not address_file.exists():
-            return False
-        subprocess.run([_python_bin("ray"), "stop", "--force"], env=service_env(settings),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-        address_file.unlink(missing_ok=True)
-        return True
+        (settings.run_dir / RAY_ADDRESS_FILE).unlink(missing_ok=True)
     pid = _read_pid(svc.pid_file(settings))
     svc.pid_file(settings).unlink(missing_ok=True)
     if pid is None or not _pid_alive(pid):

@@ -68,6 +68,15 @@ def test_up_is_healthy_idempotent_and_smoke_is_visible(stack):
         assert (home / "run" / f"{name}.pid").is_file()
         assert (home / "logs" / f"{name}.log").is_file()
 
+    # a flow run joins the head that `up` started instead of starting its own Ray
+    address = (home / "run" / "ray_address").read_text().strip()
+    probe = subprocess.run([sys.executable, "-c", "import ray; from moeflow.platform.compute import ensure_ray; "
+                            "ensure_ray(); print(ray.get_runtime_context().gcs_address)"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    # Ray reports the node's own IP; the port identifies the head (a fresh ray.init picks another)
+    assert probe.stdout.strip().splitlines()[-1].rsplit(":", 1)[1] == address.rsplit(":", 1)[1]
+
     run = moeflow("run", "smoke", "--set", "smoke.message=visible everywhere", env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(run.stdout[run.stdout.index("{"):])
@@ -101,3 +110,20 @@ def test_down_stops_everything(tmp_path):
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     status = moeflow("status", env=env)
     assert "dashboard" in status.stdout
+
+
+def test_down_leaves_other_rays_alone(stack):
+    """Stopping the services' Ray head must not kill a Ray this process started itself."""
+    import ray
+
+    from moeflow.platform.compute import ensure_ray
+
+    env, home, _ = stack
+    ensure_ray()  # this test process's own local Ray (the test session's settings, not the stack's)
+    own = ray.get_runtime_context().gcs_address
+    moeflow("down", "--only", "ray", env=env)
+    assert not (home / "run" / "ray_address").exists()
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == own
+    assert ray.get(ray.put(41)) + 1 == 42
+    restarted = moeflow("up", "--only", "ray", env=env)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
