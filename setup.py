@@ -19,6 +19,7 @@ packages = ["moeflow"] + [
 setup(
     packages=packages,
     package_dir={"moeflow": "."},
-    package_data={"": ["*.ini", "*.mako", "*.json", "*.jsonl", "*.txt", "*.yaml", "*.py.tmpl"]},
+    # recipes (configs/ is not a package) and the catalog's Alembic files travel with the code
+    package_data={"moeflow": ["configs/*.yaml"], "": ["*.ini", "*.mako", "*.json", "*.jsonl", "*.txt", "*.yaml"]},
     include_package_data=True,
 )

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import uuid
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -145,10 +146,9 @@ class NoopTracker:
 
     @contextlib.contextmanager
     def start_run(self, name, tags=None, nested=False, *, parent_run_id=None) -> Iterator[str]:
-        from moeflow.platform.catalog.ids import new_id
 
         parent = parent_run_id or (self.active_run_id if nested else None)
-        run = {"run_id": new_id(), "name": name, "tags": dict(tags or {}), "nested": nested,
+        run = {"run_id": uuid.uuid4().hex,  # no catalog import: trackers run where SQLAlchemy is absent "name": name, "tags": dict(tags or {}), "nested": nested,
                "parent_run_id": parent, "status": "RUNNING"}
         self.runs.append(run)
         self._record("start_run", run)

@@ -72,10 +72,18 @@ def test_streamlit_script_dir_does_not_shadow(repo_root):
     assert Path(out.stdout.strip()).resolve().parent == STDLIB
 
 
-def test_installed_distribution_exposes_only_moeflow():
-    from importlib.metadata import distribution
+def test_wheel_holds_only_the_moeflow_namespace(repo_root, tmp_path):
+    """A built wheel installs ``moeflow/...`` only (no top-level platform, models, ...), migrations included."""
+    import zipfile
 
-    dist = distribution("moeflow")
-    top = {str(f).split("/")[0] for f in dist.files or []}
-    for bare in ("platform", "models", "tasks", "flows"):
-        assert bare not in top
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(repo_root)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob("moeflow-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"moeflow", next(t for t in tops if t.endswith(".dist-info"))}
+    assert "moeflow/platform/settings.py" in names
+    assert not any(n.startswith("moeflow/platform/__init__") for n in names)
+    assert any(n.startswith("moeflow/platform/catalog/migrations/versions/") for n in names)
+    assert "moeflow/configs/tiny.yaml" in names
