@@ -160,8 +160,14 @@ def run(
     typer.echo(f"running flow {flow!r} with recipe {loaded.get('name', recipe)!r}")
     t0 = time.monotonic()
     result = flow_obj(**kwargs)
-    typer.echo(f"flow {flow!r} finished in {time.monotonic() - t0:.1f}s")
     typer.echo(json.dumps(result, indent=2, default=str))
+    typer.echo(f"flow {flow!r} finished in {time.monotonic() - t0:.1f}s")
+    metrics = result.get("eval", result) if isinstance(result, dict) else {}
+    if isinstance(metrics, dict) and {"val_loss", "unigram_loss"} <= set(metrics):
+        typer.echo(f"validation loss {metrics['val_loss']:.3f} nats/token "
+                   f"(unigram baseline {metrics['unigram_loss']:.3f})"
+                   + (f"; {metrics['val_bpb']:.3f} bits/byte (unigram {metrics['unigram_bpb']:.3f})"
+                      if "val_bpb" in metrics and "unigram_bpb" in metrics else ""))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -79,7 +79,7 @@ def test_up_is_healthy_idempotent_and_smoke_is_visible(stack):
 
     run = moeflow("run", "smoke", "--set", "smoke.message=visible everywhere", env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads(run.stdout[run.stdout.index("{"):])
+    result = json.loads(run.stdout[run.stdout.index("{"):run.stdout.rindex("}") + 1])
 
     # Prefect server: the flow run is there and completed
     prefect = f"http://127.0.0.1:{env['MOEFLOW_PREFECT_PORT']}/api"
