@@ -185,11 +185,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"ModelConfig.from_dict: unknown field(s) {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
@@ -304,3 +300,20 @@ _PRESETS: dict[str, dict] = {
         n_group=1, topk_group=1, route_scale=1.0, max_seq_len=2048,
     ),
 }
+
+
+def strict_from_dict(cls, data: dict | None, required: tuple[str, ...] = ()):
+    """``cls(**data)`` for a config dataclass, refusing unknown or missing fields by name.
+
+    Configs arrive from YAML recipes, JSON files and Prefect forms: a typo must fail loudly
+    instead of being dropped.
+    """
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    missing = sorted(set(required) - set(data))
+    if missing:
+        raise ValueError(f"{cls.__name__}: missing field(s) {missing}")
+    return cls(**data)

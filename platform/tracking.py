@@ -477,9 +477,12 @@ def _dataset_source(uri: str):
 def get_tracker(settings=None) -> Tracker:
     """``MOEFLOW_TRACKING=noop`` gives a NoopTracker; else MLflow at ``settings.tracking_uri``.
 
-    When the tracking URI is a database (no server in between), artefacts go straight to
-    the object store under ``settings.mlflow_artifacts_root`` instead of MLflow's default
-    ``./mlruns`` relative to whatever directory the process runs in.
+    When the tracking URI is a database or the local server of ``moeflow up`` (both read the
+    same SQLite backend), the experiment is created with its artefacts in the object store
+    under ``settings.mlflow_artifacts_root``: the same location then works with and without
+    the server, where a server-created ``mlflow-artifacts:/`` location would break direct
+    logging, and MLflow's default ``./mlruns`` would depend on the working directory. A
+    remote tracking server keeps its own (proxied) artefact location.
     """
     if os.environ.get("MOEFLOW_TRACKING", "").strip().lower() in ("noop", "none", "off"):
         return NoopTracker()
@@ -488,7 +491,7 @@ def get_tracker(settings=None) -> Tracker:
     settings = settings or get_settings()
     uri = settings.tracking_uri
     artifact_location = None
-    if not uri.startswith(("http://", "https://", "databricks")):
+    if not uri.startswith(("http://", "https://", "databricks")) or uri == settings.mlflow_server_url:
         artifact_location = settings.mlflow_artifacts_root
         if settings.uses_s3:
             _s3_env_for_mlflow(settings)

@@ -299,7 +299,7 @@ def test_bad_inputs_fail_clearly(store):
     with pytest.raises(ValueError, match="no part-"):
         run_tokenize(CFG, store, curated_uri=w.uri, output_prefix="datasets/n/tokens", num_workers=1,
                      progress=False)
-    with pytest.raises(ValueError, match="unknown tokenize config field"):
+    with pytest.raises(ValueError, match="TokenizeConfig: unknown field"):
         TokenizeConfig.from_dict({"vocab": 10})
     with pytest.raises(ValueError, match="val_fraction"):
         TokenizeConfig(val_fraction=0.7)

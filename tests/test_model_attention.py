@@ -8,13 +8,7 @@ from moeflow.models.attention import MLA, MLACache, prepare_attention
 from moeflow.models.layers import RotaryEmbedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # The CI/dev box has 2 shared cores; one intra-op thread is ~10x faster for these tiny tensors.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _model(**kw):

@@ -121,6 +121,10 @@ def test_get_tracker_follows_env_and_settings(tmp_path, monkeypatch):
     remote = get_tracker(get_settings(mlflow_tracking_uri="http://mlflow:5000"))
     assert remote.tracking_uri == "http://mlflow:5000" and remote.artifact_location is None
 
+    # the local server of `moeflow up` shares the SQLite backend: same store location as direct logging
+    local_server = get_settings(mlflow_tracking_uri=settings.mlflow_server_url)
+    assert get_tracker(local_server).artifact_location == settings.mlflow_artifacts_root
+
 
 # ---------------------------------------------------------------------- MLflow, SQLite backend
 def test_mlflow_nested_runs_carry_the_parent_tag(tracker):

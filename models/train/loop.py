@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, strict_from_dict
 from .metrics import ThroughputMeter, mfu
 from .optim import build_adamw, set_lr
 from .schedules import SCHEDULES, lr_at
@@ -142,11 +142,7 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"PretrainConfig.from_dict: unknown field(s) {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 # ------------------------------------------------------------------ pure pieces

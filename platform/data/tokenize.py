@@ -36,12 +36,13 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from moeflow.models.config import strict_from_dict
 from moeflow.models.tokenizer import SPLIT_PATTERN, Tokenizer, tokenizer_info, train_bpe
 
 from .documents import curated_parts
@@ -77,12 +78,7 @@ class TokenizeConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> TokenizeConfig:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown tokenize config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
     def to_dict(self) -> dict:
         return asdict(self)

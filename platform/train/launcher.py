@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from moeflow.models import MoETransformer
+from moeflow.models.config import strict_from_dict
 from moeflow.models.train import state as train_state
 from moeflow.models.train.loop import PretrainConfig, Trainer, router_biases
 
@@ -93,14 +94,7 @@ class LaunchConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LaunchConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"LaunchConfig: unknown field(s) {sorted(unknown)}")
-        missing = {"pretrain", "tokens_uri", "output_prefix"} - set(d)
-        if missing:
-            raise ValueError(f"LaunchConfig: missing field(s) {sorted(missing)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, required=("pretrain", "tokens_uri", "output_prefix"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
