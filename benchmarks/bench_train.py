@@ -73,9 +73,9 @@ def base_pretrain(args, **over) -> dict:
                max_steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 20), log_every=args.log_every,
                val_every=args.val_every, val_batches=8, checkpoint_every=0, keep_checkpoints=1,
                compile=not args.eager, dtype="auto", seed=0,
-               # bf16 weights + AdamW state on GPU: what bench_model times, and the grouped-GEMM path
-               # (under autocast with fp32 weights the experts fall back to the per-expert loop)
-               param_dtype="bf16" if _cuda() else "fp32")
+               # default bf16 weights + AdamW state on GPU (what bench_model times); fp32 = master
+               # weights with bf16 autocast
+               param_dtype=args.param_dtype if _cuda() else "fp32")
     cfg.update(over)
     return cfg
 
@@ -94,6 +94,8 @@ def main(argv=None) -> None:
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--val-every", type=int, default=0)
     p.add_argument("--eager", action="store_true")
+    p.add_argument("--param-dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="GPU weights/optimiser dtype; fp32 = master weights + bf16 autocast")
     p.add_argument("--variants", default="moe,dense,seq_aux,none")
     args = p.parse_args(argv)
     store_uri = args.store_uri or args.tokens_uri.split("/datasets/")[0]
@@ -103,7 +105,7 @@ def main(argv=None) -> None:
         args.preset = args.preset or "bench_ref"
         args.steps = args.steps or 30
         over = {"model_overrides": {"vocab_size": 32768}} if args.preset == "bench_ref" else {}
-        rows.append(run(f"{args.mode}-{args.preset}", base_pretrain(args, **over), args.tokens_uri, store_uri, out_prefix))
+        rows.append(run(f"{args.mode}-{args.preset}-{args.param_dtype}", base_pretrain(args, **over), args.tokens_uri, store_uri, out_prefix))
         write_row(args, rows[-1])
     else:
         args.preset = args.preset or "small"

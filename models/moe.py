@@ -163,10 +163,18 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
 
+    @staticmethod
+    def compute_dtype(x: torch.Tensor) -> torch.dtype:
+        """The dtype the expert matmuls run in: the autocast dtype under CUDA autocast (as
+        nn.Linear would; fp32 master weights are cast per call), else the input's."""
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            return torch.get_autocast_dtype("cuda")
+        return x.dtype
+
     def _grouped_path(self, x: torch.Tensor) -> bool:
         if self.use_grouped_mm is not None:
             return self.use_grouped_mm
-        return x.is_cuda and x.dtype == torch.bfloat16
+        return x.is_cuda and self.compute_dtype(x) == torch.bfloat16
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) for every token t."""
@@ -204,8 +212,10 @@ class RoutedExperts(nn.Module):
             offs_E = pad_end_E
         else:
             x_MD, offs_E = x_sorted_ND, torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_M2F = _grouped_mm(x_MD, self.gate_up_proj.transpose(-2, -1), offs_E)
-        y_MD = _grouped_mm(self._swiglu_rows(h_M2F), self.down_proj.transpose(-2, -1), offs_E)
+        dtype = self.compute_dtype(x_MD)  # grouped_mm has no autocast rule: cast explicitly (no-op in bf16)
+        x_MD = x_MD.to(dtype)
+        h_M2F = _grouped_mm(x_MD, self.gate_up_proj.to(dtype).transpose(-2, -1), offs_E)
+        y_MD = _grouped_mm(self._swiglu_rows(h_M2F), self.down_proj.to(dtype).transpose(-2, -1), offs_E)
         return y_MD.index_select(0, dest_N.long()) if a > 1 else y_MD
 
     def _looped(self, x_sorted_ND, counts_E) -> torch.Tensor:

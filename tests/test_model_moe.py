@@ -137,3 +137,25 @@ def test_grouped_mm_bf16_on_cuda_matches_fp32_loop(monkeypatch):
     monkeypatch.setattr(RoutedExperts, "use_grouped_mm", None)  # auto: CUDA + bf16 -> grouped
     got = ex.to(torch.bfloat16)(x.bfloat16(), idx, w).float()
     assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_weights_under_autocast_take_the_grouped_path(monkeypatch):
+    """Mixed precision (fp32 master weights + bf16 autocast) must not fall back to the loop."""
+    torch.manual_seed(0)
+    ex = _experts(E=8, D=64, F_=32, dtype=torch.float32).cuda()
+    x = torch.randn(301, 64, device="cuda", requires_grad=True)
+    idx = torch.randint(0, 8, (301, 2), device="cuda")
+    w = torch.rand(301, 2, device="cuda")
+    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", False)
+    want = ex(x, idx, w)
+    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", None)
+    calls = []
+    monkeypatch.setattr(RoutedExperts, "_looped", lambda *a: calls.append("loop"))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = ex(x, idx, w)
+    assert not calls  # the grouped path ran (the gate-weighted sum promotes to fp32 under autocast)
+    assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+    got.float().sum().backward()
+    assert ex.gate_up_proj.grad is not None and ex.gate_up_proj.grad.dtype == torch.float32
