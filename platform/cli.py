@@ -37,7 +37,7 @@ FLOWS = {
     "pipeline": "moeflow.flows.pipeline:pipeline",
 }
 
-SERVICE_NAMES = ["prefect", "mlflow", "dashboard", "ray"]
+SERVICE_NAMES = ["prefect", "mlflow", "dashboard", "ray", "flows"]  # start order: flows needs prefect
 
 
 def _echo_table(rows: list[dict], columns: list[str]) -> None:
@@ -74,6 +74,7 @@ def up(
     typer.echo(f"Prefect UI : http://{settings.host}:{settings.prefect_port}")
     typer.echo(f"MLflow UI  : {settings.mlflow_server_url}")
     typer.echo(f"Dashboard  : {settings.dashboard_url}")
+    typer.echo(f"Deployments: http://{settings.host}:{settings.prefect_port}/deployments (start any flow from a form)")
     typer.echo(f"logs       : {settings.log_dir}")
 
 

@@ -94,7 +94,12 @@ def services(settings: Settings) -> dict[str, Service]:
             "AWS_ACCESS_KEY_ID": settings.s3_access_key.get_secret_value() if settings.s3_access_key else "",
             "AWS_SECRET_ACCESS_KEY": settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else "",
         }
-    ray_port = 6380
+    ray_port = settings.ray_port
+    flows_env = {
+        "PREFECT_API_URL": f"http://{host}:{settings.prefect_port}/api",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "3",
+        "MOEFLOW_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri or settings.mlflow_server_url,
+    }
     return {
         "prefect": Service(
             name="prefect",
@@ -138,6 +143,15 @@ def services(settings: Settings) -> dict[str, Service]:
             # then refused. The local head is for this machine's flows only, so it runs without
             # tokens (any client can join); a cluster head configures auth itself.
             env={"RAY_AUTH_MODE": "disabled"},
+        ),
+        # Every flow as a deployment of the Prefect server above, so the UI can start runs.
+        # The module path is a string on purpose: platform/ never imports flows/.
+        "flows": Service(
+            name="flows",
+            command=[sys.executable, "-m", "moeflow.flows.serve"],
+            health_url=f"http://{host}:{settings.prefect_port}/api/deployments/name/pipeline/local",
+            url=f"http://{host}:{settings.prefect_port}/deployments",
+            env=flows_env,
         ),
     }
 

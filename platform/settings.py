@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     prefect_port: int = 4200
     mlflow_port: int = 5000
     dashboard_port: int = 8501
+    ray_port: int = Field(6380, description="GCS port of the local Ray head started by `moeflow up`")
 
     # compute
     ray_address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")

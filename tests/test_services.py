@@ -36,6 +36,7 @@ def stack(tmp_path_factory):
         "MOEFLOW_PREFECT_PORT": str(free_port()),
         "MOEFLOW_MLFLOW_PORT": str(free_port()),
         "MOEFLOW_DASHBOARD_PORT": str(free_port()),
+        "MOEFLOW_RAY_PORT": str(free_port()),
     })
     env.pop("PREFECT_API_URL", None)
     out = moeflow("up", env=env)
@@ -60,10 +61,11 @@ def test_up_is_healthy_idempotent_and_smoke_is_visible(stack):
     status = moeflow("status", env=env)
     assert status.returncode == 0
     rows = [line.split() for line in status.stdout.splitlines()[1:]]
-    assert {r[0]: r[2] for r in rows} == {"prefect": "True", "mlflow": "True", "dashboard": "True", "ray": "True"}
+    assert {r[0]: r[2] for r in rows} == {"prefect": "True", "mlflow": "True", "dashboard": "True", "ray": "True",
+                                          "flows": "True"}
 
     again = moeflow("up", env=env)
-    assert again.returncode == 0 and again.stdout.count("already running") == 4
+    assert again.returncode == 0 and again.stdout.count("already running") == 5
     for name in ("prefect", "mlflow", "dashboard"):
         assert (home / "run" / f"{name}.pid").is_file()
         assert (home / "logs" / f"{name}.log").is_file()
@@ -127,3 +129,33 @@ def test_down_leaves_other_rays_alone(stack):
     assert ray.get(ray.put(41)) + 1 == 42
     restarted = moeflow("up", "--only", "ray", env=env)
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+
+
+def test_ui_can_start_a_flow_run_through_its_deployment(stack):
+    """What the Prefect UI's "Run" button does: create a run of a served deployment, with parameters."""
+    import time
+
+    env, home, _ = stack
+    prefect = f"http://127.0.0.1:{env['MOEFLOW_PREFECT_PORT']}/api"
+    names = {d["name"] + "@" + d["flow_id"] for d in get_json(f"{prefect}/deployments/filter", {"limit": 50})}
+    assert len(names) == 6
+    deployment = get_json(f"{prefect}/deployments/name/smoke/local")
+    assert deployment["parameters"]["smoke"]["message"] == "hello from the tiny recipe"
+    assert "smoke" in deployment["parameter_openapi_schema"]["properties"]  # the UI's form
+    run = get_json(f"{prefect}/deployments/{deployment['id']}/create_flow_run",
+                   {"parameters": {"smoke": {"message": "started from the UI"}}})
+    deadline = time.monotonic() + 240
+    state = None
+    while time.monotonic() < deadline:
+        state = get_json(f"{prefect}/flow_runs/{run['id']}")["state_type"]
+        if state in ("COMPLETED", "FAILED", "CRASHED"):
+            break
+        time.sleep(2)
+    assert state == "COMPLETED", (home / "logs" / "flows.log").read_text()[-3000:]
+    # the served run logged through the MLflow server of the stack
+    mlflow = f"http://127.0.0.1:{env['MOEFLOW_MLFLOW_PORT']}"
+    experiment = get_json(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=moeflow")
+    found = get_json(f"{mlflow}/api/2.0/mlflow/runs/search",
+                     {"experiment_ids": [experiment["experiment"]["experiment_id"]],
+                      "filter": "params.message = 'started from the UI'"})
+    assert len(found.get("runs", [])) == 1
