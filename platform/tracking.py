@@ -146,9 +146,9 @@ class NoopTracker:
 
     @contextlib.contextmanager
     def start_run(self, name, tags=None, nested=False, *, parent_run_id=None) -> Iterator[str]:
-
         parent = parent_run_id or (self.active_run_id if nested else None)
-        run = {"run_id": uuid.uuid4().hex,  # no catalog import: trackers run where SQLAlchemy is absent "name": name, "tags": dict(tags or {}), "nested": nested,
+        # a plain uuid, not the catalog's id helper: trackers also run where SQLAlchemy is absent (GPU box)
+        run = {"run_id": uuid.uuid4().hex, "name": name, "tags": dict(tags or {}), "nested": nested,
                "parent_run_id": parent, "status": "RUNNING"}
         self.runs.append(run)
         self._record("start_run", run)
