@@ -60,6 +60,22 @@ class StageRun:
         self.tracker.set_tags({f"moeflow.output.{len(self.outputs) - 1}": uri})
         return uri
 
+    def register_model_version(self, name: str, artifact_uri: str, *, artifact_path: str = "model",
+                               alias: str | None = "pretrained", tags: dict | None = None) -> str:
+        """Register a store artefact (e.g. the HF export) as a version of MLflow model ``name``.
+
+        The files are logged into this stage's MLflow run first: the registry wants its source
+        inside the run's artefacts. Returns the MLflow model version.
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="moeflow-register-") as tmp:
+            local = self.store.read_artifact(artifact_uri).download(tmp)
+            version = self.tracker.register_model(name, local, artifact_path=artifact_path, alias=alias,
+                                                  tags={"moeflow.artifact_uri": artifact_uri, **(tags or {})})
+        self.tracker.set_tags({"moeflow.model_version": f"{name}/{version}"})
+        return version
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.metrics.update({k: float(v) for k, v in metrics.items()})
         self.tracker.log_metrics(metrics, step=step)

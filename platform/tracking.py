@@ -72,6 +72,9 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
+    def register_model(self, name: str, local_dir: str | os.PathLike, artifact_path: str = "model",
+                       alias: str | None = None, tags: Mapping[str, Any] | None = None) -> str: ...
+
 
 # ---------------------------------------------------------------------- value shaping (shared)
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -209,6 +212,13 @@ class NoopTracker:
         tags = {str(k): str(v) for k, v in tags.items()}
         self.tags.append(tags)
         self._record("tags", tags)
+
+    def register_model(self, name, local_dir, artifact_path="model", alias=None, tags=None):
+        self.log_artifact(local_dir, artifact_path)
+        version = str(1 + sum(1 for kind, _, p in self.events if kind == "model" and p["name"] == name))
+        self._record("model", {"name": name, "version": version, "artifact_path": artifact_path, "alias": alias,
+                               "tags": dict(tags or {})})
+        return version
 
     # conveniences for assertions
     def all_params(self) -> dict[str, str]:
@@ -384,6 +394,28 @@ class MLflowTracker:
             self.client.log_artifacts(self._run_id(), str(path), artifact_path)
         else:
             self.client.log_artifact(self._run_id(), str(path), artifact_path)
+
+    def register_model(self, name, local_dir, artifact_path="model", alias=None, tags=None):
+        """Log ``local_dir`` as the run's ``artifact_path`` and register it as a new version of ``name``.
+
+        The version's source is the run's own artefact folder: an MLflow server accepts a local
+        source only inside the run's artefact directory. Returns the version number.
+        """
+        from mlflow.exceptions import MlflowException
+
+        run_id = self._run_id()
+        self.log_artifact(local_dir, artifact_path)
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        version = self.client.create_model_version(name, source=source, run_id=run_id,
+                                                   tags={str(k): str(v) for k, v in (tags or {}).items()})
+        if alias:
+            self.client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
 
     def set_tags(self, tags):
         from mlflow.entities import RunTag

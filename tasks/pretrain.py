@@ -23,7 +23,12 @@ def pretrain_task(config: PretrainConfig, tokens_uri: str, run_name: str = "moe"
         for uri in (result.hf_uri, result.expert_load_uri):
             if uri:
                 st.outputs.append(uri)
+        model_version = None
+        if result.hf_uri:  # the HF export becomes a version of the MLflow registered model `run_name`
+            model_version = st.register_model_version(run_name, result.hf_uri, artifact_path="hf",
+                                                      tags={"moeflow.checkpoint_uri": result.checkpoint_uri})
         create_table_artifact(key="pretrain-metrics", table=[{"metric": k, "value": v} for k, v in result.metrics.items()],
                               description=f"final metrics of {result.checkpoint_uri}")
     return {"checkpoint_uri": result.checkpoint_uri, "hf_uri": result.hf_uri,
-            "expert_load_uri": result.expert_load_uri, "metrics": result.metrics, "steps": result.steps}
+            "expert_load_uri": result.expert_load_uri, "metrics": result.metrics, "steps": result.steps,
+            "mlflow_model_version": model_version}

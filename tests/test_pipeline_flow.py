@@ -55,6 +55,14 @@ def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_har
     assert ev["val_loss"] < ev["unigram_loss"]
     assert result["hf_uri"] and result["expert_load_uri"]
 
+    # MLflow: the HF export is the "pretrained" version of the registered model named after the run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=get_settings().tracking_uri)
+    version = client.get_model_version_by_alias(fixed["run_name"], "pretrained")
+    assert version.tags["moeflow.artifact_uri"] == result["hf_uri"]
+    assert client.get_run(version.run_id).data.tags["moeflow.stage"] == "pretrain"
+
     # lineage: the checkpoint's upstream reaches the curated dataset and its source
     upstream = {n.get("uri") for n in catalog.upstream(result["checkpoint_uri"]) if n.get("type") == "artifact"}
     assert result["tokens_uri"] in upstream and result["curated_uri"] in upstream

@@ -298,3 +298,19 @@ def test_attach_run_logs_into_an_existing_run_without_ending_it(tracker):
     with noop.attach_run("abc"):
         noop.log_metrics({"x": 1})
     assert noop.events[-1][1] == "abc" and noop.active_run_id is None
+
+
+def test_mlflow_register_model_version(tracker, tmp_path):
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "deepseek_v3"}')
+    with tracker.start_run("pretrain") as run_id:
+        v1 = tracker.register_model("moe-test", model_dir, artifact_path="hf", alias="current", tags={"k": "v"})
+        v2 = tracker.register_model("moe-test", model_dir, artifact_path="hf2", alias="current")
+    assert (v1, v2) == ("1", "2")
+    latest = tracker.client.get_model_version_by_alias("moe-test", "current")
+    assert str(latest.version) == "2" and latest.run_id == run_id
+    first = tracker.client.get_model_version("moe-test", "1")
+    assert first.tags["k"] == "v" and first.source.endswith("/hf")
+    names = {a.path for a in tracker.client.list_artifacts(run_id, "hf")}
+    assert names == {"hf/config.json"}
