@@ -37,8 +37,9 @@ def test_smoke_flow_records_everything(home):
     assert run["mlflow_run_id"] == result["mlflow_run_id"]
     assert run["prefect_flow_run_id"]
     assert result["uri"] in run["outputs"]
-    upstream_of_nothing = catalog.downstream(result["uri"])
-    assert upstream_of_nothing == [] or all(r.get("uri") != result["uri"] for r in upstream_of_nothing)
+    upstream = catalog.upstream(result["uri"])
+    assert [(n["type"], n.get("id")) for n in upstream] == [("run", result["catalog_run_id"])]
+    assert catalog.downstream(result["uri"]) == []
     assert any(d["uri"] == result["uri"] for d in catalog.list_datasets(name="smoke"))
 
     # MLflow: the run exists, finished, with params, metric and the catalog/prefect tags
