@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.artifacts import create_table_artifact
-
 import sys
 from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
 
 from moeflow.platform.data.curate import CurateConfig, run_curation
 from moeflow.platform.data.sources import STDLIB
