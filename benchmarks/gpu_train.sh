@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Issue 5 GPU experiments through the training path; run on the lent GPU from the repo root.
-# Needs: .whl (pydantic wheels, the image lacks them) and the stdlib token shards under .gpudata/.
+# Needs: .whl (pydantic wheels, the image lacks them) and the stdlib token shards under .gpudata/
+# (made here on the CPU by `python benchmarks/make_gpu_data.py`). The wheels: `pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl` pydantic, pydantic-core,
+# annotated-types, typing-inspection, pydantic-settings, python-dotenv (versions from constraints.txt).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/moeflow
