@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 
 from moeflow.platform.data import minhash as mh
-from moeflow.platform.data.minhash import (
-    EMPTY,
+from moeflow.platform.data.lsh import (
     MinHashIndex,
     choose_bands_rows,
     clusters_from_signatures,
-    compute_signatures,
     connected_components,
     ids_to_drop,
-    near_duplicate_clusters,
     s_curve,
+)
+from moeflow.platform.data.minhash import (
+    EMPTY,
+    compute_signatures,
+    near_duplicate_clusters,
     shingle_hashes,
     simplify_text,
 )

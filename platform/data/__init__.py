@@ -22,8 +22,8 @@ _EXPORTS = {
     "iter_artifact_documents": "documents",
     "near_duplicate_clusters": "minhash",
     "compute_signatures": "minhash",
-    "clusters_from_signatures": "minhash",
-    "MinHashIndex": "minhash",
+    "clusters_from_signatures": "lsh",
+    "MinHashIndex": "lsh",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -204,7 +204,7 @@ def _result(art, config_hash: str, stats: dict, reused: bool, wall: float) -> Cu
 
 def build_minhash_index(config: CurateConfig, store, output_prefix: str, shards: list[ShardSpec], segment: int, drop: set[str]):
     """Index of the documents near dedup kept (signatures from segment ``segment``'s keys)."""
-    from .minhash import MinHashIndex
+    from .lsh import MinHashIndex
 
     nd = config.near_dedup
     index = MinHashIndex(nd.num_bands, nd.rows_per_band, ngram=nd.ngram, seed=nd.seed)

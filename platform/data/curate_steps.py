@@ -239,7 +239,7 @@ def resolve_global(step: str, keys_by_shard: dict[str, dict[str, np.ndarray]], c
             out[sid] = {"drop": drop, "num_clusters": num_clusters}
         return out
     if step == "near_dedup":
-        from .minhash import clusters_from_signatures
+        from .lsh import clusters_from_signatures
 
         nd = config.near_dedup
         ids = [d for sid in shard_ids for d in keys_by_shard[sid]["ids"].tolist()]
@@ -273,7 +273,7 @@ def load_minhash_index(path_or_uri: str, config: CurateConfig):
     import tempfile
     from pathlib import Path
 
-    from .minhash import MinHashIndex
+    from .lsh import MinHashIndex
 
     nd = config.near_dedup
     params = {"num_bands": nd.num_bands, "rows_per_band": nd.rows_per_band, "ngram": nd.ngram, "seed": nd.seed}

@@ -2,8 +2,7 @@
 
 Holds text simplification, word-shingle hashing, the MinHash signatures and
 ``near_duplicate_clusters``; banding, clustering and the persistent ``MinHashIndex`` live in
-``lsh.py`` (which builds on this module) and are re-exported here, so every name stays importable
-from ``moeflow.platform.data.minhash``.
+``lsh.py`` (which builds on this module).
 
 Pipeline (DataTrove's recipe, vectorised with numpy); steps 5-7 are in ``lsh.py``:
 
@@ -39,7 +38,6 @@ D documents in one chunk.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import re
 import unicodedata
@@ -412,31 +410,3 @@ def _unzip_docs(docs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
         ids.append(doc_id)
         texts.append(text)
     return ids, texts
-
-
-# --------------------------------------------------------------------------------------------
-# Names defined in lsh.py, re-exported
-# --------------------------------------------------------------------------------------------
-
-# Resolved on first use (module ``__getattr__``): lsh.py imports this module, so an import of it
-# at the top here would be circular.
-_LSH_NAMES = frozenset({
-    "INDEX_FORMAT",
-    "MinHashIndex",
-    "band_keys",
-    "choose_bands_rows",
-    "clusters_from_signatures",
-    "connected_components",
-    "ids_to_drop",
-    "s_curve",
-})
-
-
-def __getattr__(name: str):
-    if name in _LSH_NAMES:
-        return getattr(importlib.import_module(".lsh", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LSH_NAMES)
