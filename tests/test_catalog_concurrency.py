@@ -109,3 +109,26 @@ def test_two_processes_write_one_postgres_catalog(tmp_path):
     with pg_scratch_database() as url:
         _run_workers(url, tmp_path)
         _check(url)
+
+
+def test_wal_switch_waits_for_a_lock_instead_of_failing(tmp_path):
+    """Switching a fresh file to WAL needs an exclusive lock and SQLite's busy handler does not
+    wait for it; a second opener must retry rather than fail with "database is locked"."""
+    import sqlite3
+    import threading
+    import time
+
+    from moeflow.platform.catalog.db import _enable_wal
+
+    path = tmp_path / "fresh.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("CREATE TABLE t (x)")
+    threading.Timer(0.4, lambda: holder.execute("COMMIT")).start()
+    other = sqlite3.connect(path, timeout=0.05, isolation_level=None, check_same_thread=False)
+    t0 = time.monotonic()
+    _enable_wal(other.cursor(), timeout_s=10)
+    assert time.monotonic() - t0 >= 0.3
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    holder.close()
+    other.close()

@@ -101,7 +101,7 @@ def _sqlite_engine(parsed, *, echo: bool) -> Engine:
         cursor = dbapi_conn.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         if not memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(cursor)
             # NORMAL is durable across application crashes in WAL mode; only power loss
             # can drop the last commits, and it saves one fsync per commit
             cursor.execute("PRAGMA synchronous = NORMAL")
@@ -113,6 +113,30 @@ def _sqlite_engine(parsed, *, echo: bool) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _enable_wal(cursor, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
+    """Switch the database file to WAL (persistent, so usually already done).
+
+    The switch needs an exclusive lock and SQLite does not run its busy handler for it: a
+    second process opening a fresh database at the same moment gets "database is locked"
+    at once (seen in CI). Retry with backoff until the busy timeout instead.
+    """
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 def alembic_config(url: str | None = None):
