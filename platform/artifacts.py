@@ -1,0 +1,35 @@
+"""Artefact kinds and names: the one place that spells them.
+
+A *kind* is what the catalog records (``dataset``, ``tokens``, ``model`` ...); a *name* is how a
+stage finds its input when none is given (the newest catalog entry of that kind and name).
+"""
+
+from __future__ import annotations
+
+# kinds the catalog records (catalog.register_dataset(kind=...) / register_model)
+CURATED = "dataset"
+TOKENIZER = "tokenizer"
+TOKENS = "tokens"
+MODEL = "model"
+EXPERT_LOAD = "expert_load"
+CHAT_DATA = "chat_data"
+PREFERENCE_DATA = "preference_data"
+PROMPT_DATA = "prompt_data"
+EVAL_RESULTS = "eval_results"
+
+
+def curated_name(dataset: str) -> str:
+    return f"{dataset}-curated"
+
+
+def tokenizer_name(dataset: str) -> str:
+    return f"{dataset}-tokenizer"
+
+
+def tokens_name(dataset: str) -> str:
+    return f"{dataset}-tokens"
+
+
+def expert_load_key(output_prefix: str) -> str:
+    """Where a training run keeps its expert-load log."""
+    return f"{output_prefix.rstrip('/')}/expert_load"
