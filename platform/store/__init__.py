@@ -14,18 +14,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .artifact import Artifact, ArtifactWriter, content_hash
-from .base import (
-    MANIFEST_NAME,
+from .base import ObjectStore
+from .errors import (
     ArtifactExistsError,
     AuthError,
     BucketNotFoundError,
     ChecksumError,
     InvalidKeyError,
     NotFoundError,
-    ObjectStore,
     StoreError,
     TransientError,
 )
+from .keys import MANIFEST_NAME
 from .local import LocalStore, path_from_file_uri
 
 if TYPE_CHECKING:

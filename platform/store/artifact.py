@@ -31,23 +31,13 @@ import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .base import (
-    MANIFEST_NAME,
-    STAGING_PREFIX,
-    ArtifactExistsError,
-    BucketNotFoundError,
-    ChecksumError,
-    InvalidKeyError,
-    NotFoundError,
-    ObjectStore,
-    StoreError,
-    check_key,
-    in_folder,
-    join_key,
-    norm_prefix,
-)
+from .errors import ArtifactExistsError, BucketNotFoundError, ChecksumError, InvalidKeyError, NotFoundError, StoreError
+from .keys import MANIFEST_NAME, STAGING_PREFIX, check_key, in_folder, join_key, norm_prefix
+
+if TYPE_CHECKING:  # annotations only: base.py builds artefacts, artefacts use the store's primitives
+    from .base import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -17,104 +17,11 @@ from __future__ import annotations
 import abc
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
-if TYPE_CHECKING:  # import cycle: artifact.py uses ObjectStore
-    from .artifact import Artifact, ArtifactWriter
+from .artifact import Artifact, ArtifactWriter
+from .keys import MANIFEST_NAME, join_key, norm_prefix
 
-MANIFEST_NAME = "MANIFEST.json"
-STAGING_PREFIX = ".tmp-"  # artefact files are staged under "<prefix>/.tmp-<uuid>/"
-
-
-# ---------------------------------------------------------------- errors
-class StoreError(Exception):
-    """Base of all object-store errors; ``uri`` names the object, artefact or bucket."""
-
-    def __init__(self, message: str, uri: str | None = None):
-        super().__init__(message)
-        self.uri = uri
-
-
-class NotFoundError(StoreError, FileNotFoundError):
-    """A missing key, artefact (no committed manifest) or bucket."""
-
-    def __init__(self, message: str, uri: str | None = None):
-        # OSError's constructor would reinterpret a 2-tuple of args as (errno, strerror).
-        StoreError.__init__(self, message, uri)
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-class BucketNotFoundError(NotFoundError):
-    """The S3 bucket itself is missing (a configuration problem, not a missing object)."""
-
-
-class AuthError(StoreError, PermissionError):
-    """Bad credentials or a denied operation: retrying cannot help."""
-
-    def __init__(self, message: str, uri: str | None = None):
-        StoreError.__init__(self, message, uri)
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-class TransientError(StoreError):
-    """A network or server failure that persisted through every retry."""
-
-
-class ChecksumError(StoreError):
-    """Stored bytes do not match the manifest's size/sha256: the object is corrupted."""
-
-
-class ArtifactExistsError(StoreError, FileExistsError):
-    """``write_artifact(overwrite=False)`` on a prefix that holds a committed artefact."""
-
-    def __init__(self, message: str, uri: str | None = None):
-        StoreError.__init__(self, message, uri)
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-class InvalidKeyError(StoreError, ValueError):
-    """A key, prefix or artefact file name that breaks the key rules."""
-
-    def __init__(self, message: str, uri: str | None = None):
-        StoreError.__init__(self, message, uri)
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-# ---------------------------------------------------------------- keys
-def check_key(key: str, what: str = "key") -> str:
-    """Return ``key`` unchanged if it is a valid object key, else raise InvalidKeyError."""
-    if not isinstance(key, str) or not key:
-        raise InvalidKeyError(f"invalid {what} {key!r}: must be a non-empty string")
-    if key.startswith("/") or key.endswith("/"):
-        raise InvalidKeyError(f"invalid {what} {key!r}: no leading or trailing '/'")
-    if "\\" in key or "\x00" in key:
-        raise InvalidKeyError(f"invalid {what} {key!r}: backslash and NUL are not allowed")
-    for part in key.split("/"):
-        if part in ("", ".", ".."):
-            raise InvalidKeyError(f"invalid {what} {key!r}: empty, '.' or '..' path segment")
-    return key
-
-
-def norm_prefix(prefix: str) -> str:
-    """A folder prefix without trailing '/'; ``""`` means the whole store."""
-    prefix = (prefix or "").rstrip("/")
-    return check_key(prefix, "prefix") if prefix else ""
-
-
-def in_folder(key: str, prefix: str) -> bool:
-    return not prefix or key == prefix or key.startswith(prefix + "/")
-
-
-def join_key(prefix: str, name: str) -> str:
-    return f"{prefix}/{name}" if prefix else name
 
 
 # ---------------------------------------------------------------- interface
@@ -196,16 +103,12 @@ class ObjectStore(abc.ABC):
     def write_artifact(
         self, prefix: str, metadata: dict | None = None, overwrite: bool = False
     ) -> "ArtifactWriter":
-        from .artifact import ArtifactWriter
-
         return ArtifactWriter(self, self.to_key(prefix), metadata=metadata, overwrite=overwrite)
 
     def artifact_exists(self, prefix_or_uri: str) -> bool:
         return self.exists(join_key(norm_prefix(self.to_key(prefix_or_uri)), MANIFEST_NAME))
 
     def read_artifact(self, prefix_or_uri: str) -> "Artifact":
-        from .artifact import Artifact
-
         return Artifact.load(self, self.to_key(prefix_or_uri))
 
     def __repr__(self) -> str:

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 from urllib.parse import unquote, urlsplit
 
-from .base import NotFoundError, ObjectStore, StoreError, check_key, norm_prefix
+from .base import ObjectStore
+from .errors import NotFoundError, StoreError
+from .keys import check_key, norm_prefix
 
 _TMP_MARK = ".moeflow-tmp-"
 _COPY_CHUNK = 8 << 20

@@ -39,17 +39,9 @@ from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
-from .base import (
-    AuthError,
-    BucketNotFoundError,
-    NotFoundError,
-    ObjectStore,
-    StoreError,
-    TransientError,
-    check_key,
-    in_folder,
-    norm_prefix,
-)
+from .base import ObjectStore
+from .errors import AuthError, BucketNotFoundError, NotFoundError, StoreError, TransientError
+from .keys import check_key, in_folder, norm_prefix
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
