@@ -105,14 +105,15 @@ def test_run_pretrain_in_process_learns_exports_and_registers(token_store, moefl
     hf = store.read_artifact(result.hf_uri)
     assert "config.json" in hf.names() and "tokenizer.json" in hf.names()
     assert json.loads(hf.get_bytes("config.json"))["model_type"] == "deepseek_v3"
-    assert catalog.get_model(result.model_id)["checkpoint_uri"] == result.hf_uri
     from moeflow.platform.train.evaluate import evaluate_checkpoint
 
     again = evaluate_checkpoint(result.checkpoint_uri, tokens_uri, batch_size=4, num_batches=2)
     assert again["val_loss"] == pytest.approx(m["val_loss"], rel=1e-6) and again["step"] == 24
     assert again["val_loss"] < again["unigram_loss"] - 0.5, again  # learnt more than token frequencies
-    registered = {m["checkpoint_uri"] for m in catalog.list_models(name="moe")}
-    assert result.checkpoint_uri in registered and result.hf_uri in registered  # every checkpoint recorded
+    registered = [m["checkpoint_uri"] for m in catalog.list_models(name="moe")]
+    # every committed checkpoint recorded once; the final model is the stage's to record (tasks/pretrain)
+    assert sorted(registered) == sorted(f"{store.root_uri}/runs/inproc/checkpoints/step-{s:08d}"
+                                        for s in range(4, 25, 4)), registered
 
 
 # ------------------------------------------------------------------ the CLI: SIGKILL, then resume exactly
