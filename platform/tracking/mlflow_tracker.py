@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
+from .conventions import EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING, NOTE_TAG
 from .datasets import build_dataset
 from .mlflow_env import quiet_mlflow_env
 from .protocol import MLFLOW_PARENT_RUN_ID
@@ -59,7 +60,11 @@ class MLflowTracker:
 
     @property
     def experiment_id(self) -> str:
-        """The project's experiment, created on first use (a concurrent creator may win)."""
+        """The project's experiment, created on first use (a concurrent creator may win).
+
+        It is marked as a model-training experiment (``mlflow.experimentKind``) unless someone
+        already chose a kind in the UI: MLflow 3 otherwise opens a fresh experiment on its GenAI view.
+        """
         if self._experiment_id is None:
             from mlflow.exceptions import MlflowException
 
@@ -67,7 +72,8 @@ class MLflowTracker:
             if found is None:
                 try:
                     self._experiment_id = self.client.create_experiment(
-                        self.experiment, artifact_location=self.artifact_location
+                        self.experiment, artifact_location=self.artifact_location,
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_TRAINING},
                     )
                 except MlflowException:
                     found = self.client.get_experiment_by_name(self.experiment)
@@ -76,6 +82,8 @@ class MLflowTracker:
             if found is not None:
                 if found.lifecycle_stage == "deleted":
                     self.client.restore_experiment(found.experiment_id)
+                if EXPERIMENT_KIND_TAG not in found.tags:
+                    self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING)
                 self._experiment_id = found.experiment_id
         return self._experiment_id
 
@@ -168,6 +176,19 @@ class MLflowTracker:
         run_id = self._run_id()
         for i in range(0, len(items), _METRIC_BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + _METRIC_BATCH])
+
+    def log_summary(self, metrics):
+        """Each value once, at step 0 with no series behind it (MLflow draws it as a single value)."""
+        self.log_metrics(metrics, step=0)
+
+    def log_figure(self, figure, artifact_file):
+        self.client.log_figure(self._run_id(), figure, artifact_file)
+
+    def set_description(self, markdown):
+        self.set_tags({NOTE_TAG: markdown})
+
+    def run_name(self, run_id):
+        return self.client.get_run(run_id).info.run_name
 
     def log_input(self, uri, name, context="training", digest=None, schema=None, profile=None):
         """Log ``uri`` as a dataset input of the active run (``mlflow.log_input`` semantics)."""

@@ -21,6 +21,8 @@ class NoopTracker:
     ``params``, ``tags`` and ``inputs`` hold one dict per call, ``metrics`` holds
     ``(metrics, step)`` pairs, ``tables``/``dicts`` hold ``(columns_or_obj, artifact_file)``,
     ``artifacts`` holds ``(local_path, artifact_path)``; ``runs`` holds the started runs.
+    ``summary`` holds the values of ``log_summary`` (not in ``metrics``: they are not series),
+    ``figures`` the artefact names of ``log_figure``, ``descriptions`` every description set.
     ``events`` has every call in order as ``(kind, run_id, payload)``.
     """
 
@@ -33,6 +35,9 @@ class NoopTracker:
         self.dicts: list[tuple[Any, str]] = []
         self.artifacts: list[tuple[str, str | None]] = []
         self.tags: list[dict] = []
+        self.summary: dict[str, float] = {}
+        self.figures: list[str] = []
+        self.descriptions: list[str] = []
         self.events: list[tuple[str, str | None, Any]] = []
         self._stack: list[str] = []
 
@@ -80,6 +85,24 @@ class NoopTracker:
         values = metric_values(metrics)
         self.metrics.append((values, step))
         self._record("metrics", (values, step))
+
+    def log_summary(self, metrics):
+        values = metric_values(metrics)
+        self.summary.update(values)
+        self._record("summary", values)
+
+    def log_figure(self, figure, artifact_file):
+        if not hasattr(figure, "savefig"):
+            raise TypeError(f"log_figure needs a matplotlib figure, got {type(figure).__name__}")
+        self.figures.append(artifact_file)
+        self._record("figure", artifact_file)
+
+    def set_description(self, markdown):
+        self.descriptions.append(str(markdown))
+        self._record("description", str(markdown))
+
+    def run_name(self, run_id):
+        return next((r["name"] for r in self.runs if r["run_id"] == run_id), None)
 
     def log_input(self, uri, name, context="training", digest=None, schema=None, profile=None):
         entry = {"uri": uri, "name": name, "context": context, "digest": digest, "schema": schema, "profile": profile}

@@ -35,6 +35,19 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None: ...
 
+    def log_summary(self, metrics: Mapping[str, Any]) -> None:
+        """One-off final values (eval loss, throughput, docs kept): logged once, without a step,
+        so MLflow shows them as single values, not as a one-point "series" at step 300."""
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as an image artefact (e.g. the expert-load heatmap)."""
+
+    def set_description(self, markdown: str) -> None:
+        """The run page's description (``mlflow.note.content``)."""
+
+    def run_name(self, run_id: str) -> str | None:
+        """The display name of a run of this tracker (None when unknown)."""
+
     def log_input(
         self, uri: str, name: str, context: str = "training", digest: str | None = None,
         schema: dict | None = None, profile: dict | None = None,
