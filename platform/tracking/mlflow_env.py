@@ -13,6 +13,8 @@ def quiet_mlflow_env() -> None:
     """Switch off MLflow's network side effects before it is first imported (the platform runs offline)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow validates clashing pins of a logged model with `pip install --dry-run` (the index)
+    os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
 
 
 def s3_env_for_mlflow(settings) -> None:

@@ -214,7 +214,7 @@ class MLflowTracker:
         else:
             self.client.log_artifact(self._run_id(), str(path), artifact_path)
 
-    def register_model(self, name, local_dir, artifact_path="model", alias=None, tags=None):
+    def register_model(self, name, local_dir, artifact_path="model", alias=None, tags=None, description=None):
         """Log ``local_dir`` as the run's ``artifact_path`` and register it as a new version of ``name``.
 
         The version's source is the run's own artefact folder: an MLflow server accepts a local
@@ -231,7 +231,8 @@ class MLflowTracker:
                 raise
         source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
         version = self.client.create_model_version(name, source=source, run_id=run_id,
-                                                   tags={str(k): str(v) for k, v in (tags or {}).items()})
+                                                   tags={str(k): str(v) for k, v in (tags or {}).items()},
+                                                   description=description)
         if alias:
             self.client.set_registered_model_alias(name, alias, version.version)
         return str(version.version)

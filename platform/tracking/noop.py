@@ -129,11 +129,11 @@ class NoopTracker:
         self.tags.append(tags)
         self._record("tags", tags)
 
-    def register_model(self, name, local_dir, artifact_path="model", alias=None, tags=None):
+    def register_model(self, name, local_dir, artifact_path="model", alias=None, tags=None, description=None):
         self.log_artifact(local_dir, artifact_path)
         version = str(1 + sum(1 for kind, _, p in self.events if kind == "model" and p["name"] == name))
         self._record("model", {"name": name, "version": version, "artifact_path": artifact_path, "alias": alias,
-                               "tags": dict(tags or {})})
+                               "tags": dict(tags or {}), "description": description})
         return version
 
     # conveniences for assertions
