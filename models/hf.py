@@ -33,8 +33,10 @@ than SiLU, num_key_value_heads != num_attention_heads.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,6 +49,9 @@ from .layers import RotaryEmbedding
 from .model_card import ModelCardInfo, render_model_card
 from .tokenizer import Tokenizer
 from .transformer import MoETransformer
+
+
+log = logging.getLogger(__name__)
 
 
 class HFConversionError(ValueError):
@@ -299,13 +304,22 @@ def export_hf(model: MoETransformer, directory: str | os.PathLike, *, dtype: tor
     tokenizer: a Tokenizer or a ``tokenizer.json`` path; with it the folder is complete for
         ``AutoTokenizer`` (``hf_tokenizer.py``: config, special tokens, chat template), the token
         ids default to the tokenizer's, and generation also stops at the end of an assistant turn.
+        A file that is not a moeflow tokenizer (a user's own, without the chat markers) is copied
+        as it is, with a warning.
     card: what ``README.md`` (the model card) says beyond ``config.json``; no README without it.
     """
     cfg = model.cfg
     dtype = dtype or model.lm_head.weight.dtype
     stop_ids: list[int] = []
+    foreign_tokenizer = None
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        try:
+            tokenizer = Tokenizer.from_file(tokenizer)
+        except Exception as err:  # not ours (no chat markers, or not a tokenizers file): ship it as it is
+            log.warning("%s is not a moeflow tokenizer (%s): copied as is, without chat template or "
+                        "special-token files", tokenizer, str(err).splitlines()[0][:200])
+            foreign_tokenizer, tokenizer = Path(tokenizer), None
     if tokenizer is not None:
-        tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
         if tokenizer.vocab_size > cfg.vocab_size:
             raise HFConversionError(f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
                                     f"only {cfg.vocab_size}")
@@ -327,6 +341,8 @@ def export_hf(model: MoETransformer, directory: str | os.PathLike, *, dtype: tor
     (out / "moeflow_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     if tokenizer is not None:
         write_tokenizer_files(out, tokenizer, model_max_length=cfg.max_seq_len)
+    elif foreign_tokenizer is not None:
+        shutil.copy(foreign_tokenizer, out / "tokenizer.json")
     if card is not None:
         (out / "README.md").write_text(render_model_card(card, hf_cfg), encoding="utf-8")
     return out

@@ -19,7 +19,9 @@ Pure: numpy and strings. Shape suffixes: N windows, L MoE layers, E routed exper
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,24 @@ class ModelCardInfo:
     training: dict[str, Any] = field(default_factory=dict)  # steps, tokens seen, config hash ...
     expert_counts_NLE: Any = None  # routed slots per window (expert_load.npz "counts")
     expert_steps_N: Any = None  # the step that closed each window
+
+    @classmethod
+    def for_training_run(cls, name: str, *, metrics: dict, tokens_uri: str, tokens_meta: dict, checkpoint_uri: str,
+                         step: int, config_hash: str | None = None,
+                         expert_load_npz: str | os.PathLike | None = None) -> "ModelCardInfo":
+        """The card of a pretraining run: lineage from the token shards' meta (curated data, tokenizer),
+        expert load from the run's ``expert_load.npz`` (skipped when the file is absent)."""
+        lineage = {"curated": tokens_meta.get("curated_uri"), "tokenizer": tokens_meta.get("tokenizer_uri"),
+                   "tokens": tokens_uri, "checkpoint": checkpoint_uri}
+        training = {"steps": int(step), "config_hash": config_hash,
+                    "train_tokens": tokens_meta.get("num_tokens"), "vocab_size": tokens_meta.get("vocab_size")}
+        counts = steps = None
+        if expert_load_npz is not None and Path(expert_load_npz).is_file():
+            with np.load(expert_load_npz) as arrays:
+                counts, steps = arrays["counts"], arrays["steps"]
+        return cls(name=name, metrics=dict(metrics), lineage={k: v for k, v in lineage.items() if v},
+                   training={k: v for k, v in training.items() if v is not None},
+                   expert_counts_NLE=counts, expert_steps_N=steps)
 
 
 def maxvio_L(counts_LE: np.ndarray) -> np.ndarray:

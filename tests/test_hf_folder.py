@@ -107,3 +107,12 @@ def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, tok):
     cfg = ModelConfig.preset("tiny").replace(vocab_size=64)
     with pytest.raises(HFConversionError, match="tokenizer has"):
         export_hf(MoETransformer(cfg), tmp_path / "m", tokenizer=tok)
+
+
+def test_a_foreign_tokenizer_file_is_copied_as_is_with_a_warning(tmp_path, caplog):
+    foreign = tmp_path / "tokenizer.json"
+    foreign.write_text('{"note": "not ours"}')
+    with caplog.at_level("WARNING"):
+        out = export_hf(MoETransformer(ModelConfig.preset("tiny")), tmp_path / "m", tokenizer=foreign)
+    assert (out / "tokenizer.json").read_text() == '{"note": "not ours"}'
+    assert not (out / "tokenizer_config.json").exists() and "not a moeflow tokenizer" in caplog.text
