@@ -18,11 +18,12 @@ import torch
 
 from moeflow.models.model_card import ModelCardInfo
 from moeflow.models.train import state as train_state
+from moeflow.platform import artifacts as A
 
 from .checkpoint import CheckpointManager, config_hash
 from .config import PretrainConfig
 from .expert_load import NPZ_NAME, log_expert_load_heatmap
-from .worker import EXPERT_LOAD_DIR, LaunchConfig
+from .worker import LaunchConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def finalize_run(launch: LaunchConfig, store, *, tracker=None, catalog=None, rep
         train_ds = TokenDataset.open(launch.tokens_uri, "train", cache_dir=launch.cache_dir)
         hf_uri = export_hf(model, store, launch.output_prefix, Path(tmp) / "hf", ref, metrics, train_ds,
                            launch=launch, expert_load_npz=local / NPZ_NAME)
-    expert_prefix = f"{launch.output_prefix.strip('/')}/{EXPERT_LOAD_DIR}"
+    expert_prefix = A.expert_load_key(launch.output_prefix)
     expert_uri = store.uri(expert_prefix) if store.artifact_exists(expert_prefix) else None
     model_id = None
     if catalog is not None:
