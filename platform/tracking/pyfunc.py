@@ -99,6 +99,9 @@ def _prompts(model_input) -> list[str]:
         values = [model_input]
     else:
         values = list(model_input)
+    # MLflow turns {"prompt": ["a", "b"]} into a one-row frame whose cell is the list: unnest it
+    values = [v for cell in values for v in (list(cell) if hasattr(cell, "__len__") and not isinstance(cell, str)
+                                             else [cell])]
     bad = [type(v).__name__ for v in values if not isinstance(v, str)]
     if bad or not values:
         raise ValueError(f"prompts must be a non-empty list of strings (got {bad or 'none'})")
