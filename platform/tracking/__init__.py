@@ -8,6 +8,8 @@
     values.py          params / metrics / tables shaped the same way for both trackers
     mlflow_env.py      MLflow's environment (telemetry off, the store's S3 credentials)
     factory.py         ``get_tracker(settings)``
+    pyfunc.py          the registered model as an MLflow pyfunc over the HF export (imports MLflow;
+                       not imported here: only registration and MLflow's loader need it)
 
 Importing this package imports no MLflow: every MLflow import sits inside a function.
 """
