@@ -97,6 +97,8 @@ class MoETransformer(nn.Module):
       prompt, decode = calls with T = 1. Logits equal the full forward's.
     - document_ids_BT (B, T): packed rows of several documents (runs of equal ids): attention is
       block-diagonal causal and RoPE positions restart per document (no cache, no attention_mask_BS).
+    - with_losses: compute the balancing losses (default: when targets are given); without targets
+      they are only in ``terms["balance_loss"]`` (attached) and aux.
     - forced_routing: list (one per MoE layer, MTP excluded) of (B, T, K) expert ids to replay.
     - return_router_choices: aux["router_choices"] = (L_main, B, T, K) chosen expert ids.
     - MTP runs only when targets are given and no cache is used.
@@ -185,8 +187,9 @@ class MoETransformer(nn.Module):
                 cache: MLACache | None = None, cache_position: torch.Tensor | None = None,
                 forced_routing: list[torch.Tensor] | None = None, last_logits_only: bool = False,
                 return_hidden: bool = False, return_router_choices: bool = False,
-                document_ids_BT: torch.Tensor | None = None) -> ModelOutput:
+                document_ids_BT: torch.Tensor | None = None, with_losses: bool | None = None) -> ModelOutput:
         cfg = self.cfg
+        with_losses = targets is not None if with_losses is None else with_losses
         positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position,
                                                   document_ids_BT)
         cos, sin = self.rotary(positions)
@@ -197,7 +200,7 @@ class MoETransformer(nn.Module):
             forced = None
             if forced_routing is not None and layer.is_moe:
                 forced, moe_i = forced_routing[moe_i], moe_i + 1
-            x_BTD, stats = layer(x_BTD, cos, sin, mask, step, forced, targets is not None)
+            x_BTD, stats = layer(x_BTD, cos, sin, mask, step, forced, with_losses)
             if stats is not None:
                 all_stats.append(stats)
         num_main_stats = len(all_stats)
@@ -220,6 +223,8 @@ class MoETransformer(nn.Module):
         if targets is not None:
             loss = lm_loss + cfg.mtp_loss_weight * mtp_loss + seq_aux + z + lb
             terms = {"lm_loss": lm_loss, "mtp_losses": mtp_losses, "balance_loss": seq_aux + z + lb}
+        elif with_losses:  # e.g. a reward model or DPO: no LM targets, balancing losses still wanted
+            terms = {"balance_loss": seq_aux + z + lb}
         aux = {"lm_loss": lm_loss.detach(), "mtp_loss": mtp_loss.detach(), "seq_aux_loss": seq_aux.detach(),
                "z_loss": z.detach(), "lb_loss": lb.detach(), **self._router_stats(all_stats)}
         if return_router_choices:

@@ -46,3 +46,11 @@ def test_repeated_document_id_later_in_the_row_is_a_new_document():
     assert positions.tolist() == [[0, 1, 0, 0, 1]]
     assert not bool(mask[0, 0, 3, 1])  # the second "0" run does not see the first
     assert bool(mask[0, 0, 4, 3])
+
+
+def test_balancing_losses_without_targets_when_asked():
+    model = _tiny(seq_aux_alpha=1e-2).train()
+    ids = torch.randint(2, 64, (2, 8))
+    assert model(ids).terms == {}
+    out = model(ids, with_losses=True)
+    assert out.terms["balance_loss"].requires_grad and float(out.terms["balance_loss"]) > 0
