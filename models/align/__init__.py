@@ -1,0 +1,1 @@
+"""Post-training maths: SFT, reward, DPO, distillation (and the RL losses), pure torch."""
