@@ -107,3 +107,48 @@ def test_policy_reference_kl_against_a_loop():
     assert policy_reference_kl(policy, ref_logp).item() == pytest.approx(expected / 4, rel=1e-5)
     assert policy_reference_kl(ref, ref_logp).item() == pytest.approx(0.0, abs=1e-6)
     assert policy_reference_kl(policy[:0], ref_logp[:0]).item() == 0.0
+
+
+class _CharTokenizer:
+    """A fake tokenizer: one id per character (+10), the seven special tokens at 0..6."""
+
+    special_ids = {"<|bos|>": 0, "<|eos|>": 1, "<|pad|>": 2, "<|system|>": 3, "<|user|>": 4,
+                   "<|assistant|>": 5, "<|end|>": 6}
+    pad_id, eos_id = 2, 1
+
+    def encode_batch(self, texts, add_bos=False, add_eos=False):
+        return [[10 + (ord(c) % 40) for c in t] for t in texts]
+
+
+def test_pairs_collate_and_pair_logprobs_score_only_the_reply():
+    from moeflow.models import MoETransformer
+    from moeflow.models.align import pairs
+    from moeflow.models.align.dpo import pair_logprobs
+    from moeflow.models.config import ModelConfig
+
+    tok = _CharTokenizer()
+    prompt = ({"role": "user", "content": "2+2"},)
+    rendered = [pairs.render_pair(tok, pairs.Pair(prompt, "4", "five")),
+                pairs.render_pair(tok, pairs.Pair(prompt, "four", "5"))]
+    batch = pairs.collate(rendered, tok.pad_id)
+    # <bos><user>2+2<end><assistant>{reply}<end>: 8 + len(reply) tokens
+    assert batch["lengths"].tolist() == [9, 12, 12, 9]
+    assert batch["input_ids"].shape == (4, 12) and int(batch["input_ids"][0, 9:].eq(2).sum()) == 3
+    assert batch["loss_mask"].sum(1).tolist() == [2, 5, 5, 2]   # reply + its <|end|>
+    t = pairs.targets(batch)
+    assert (t != -100).sum(1).tolist() == [2, 5, 5, 2] and t[0, 7].item() == 6   # <|end|> is a target
+
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig.preset("tiny").replace(vocab_size=50)).eval()
+    with torch.no_grad():
+        logps, _ = pair_logprobs(model, batch)
+        # the reference: each row alone, unpadded, summing log p of its reply tokens
+        for r in range(4):
+            n = int(batch["lengths"][r])
+            ids = batch["input_ids"][r:r + 1, :n]
+            logp = torch.log_softmax(model(ids[:, :-1]).logits.double(), -1)[0]
+            mask = batch["loss_mask"][r, 1:n]
+            expected = sum(float(logp[i, ids[0, i + 1]]) for i in range(n - 1) if mask[i])
+            assert logps[r].item() == pytest.approx(expected, abs=1e-4)
+        avg, _ = pair_logprobs(model, batch, average=True)
+        assert torch.allclose(avg, logps / torch.tensor([2.0, 5.0, 5.0, 2.0]))

@@ -120,3 +120,14 @@ def test_reward_model_learns_a_preference_and_not_shuffled_labels():
 
     assert train(shuffle=False) >= 0.95
     assert 0.3 <= train(shuffle=True) <= 0.7
+
+
+def test_balancing_losses_reach_the_router_through_the_reward_forward():
+    model = _reward_model()
+    out = model(torch.tensor([[5, 6, 7, 8]]), torch.tensor([4]), with_losses=True)
+    assert out.balance_loss is not None and out.balance_loss.requires_grad and out.balance_loss.item() > 0
+    out.balance_loss.backward()
+    router = model.routers()[0]
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    assert out.aux["tokens_per_expert"].shape == (len(model.routers()), model.cfg.num_routed_experts)
+    assert model(torch.tensor([[5, 6]]), torch.tensor([2])).balance_loss is None

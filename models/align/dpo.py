@@ -18,6 +18,8 @@ sum and the token count, so both are one division apart).
 Reference log-probs are plain numbers here: the engine computes them once, before training, with the
 reference model, and frees it — no second model is held during the update.
 
+``pair_logprobs`` applies a model to a ``pairs.collate`` batch (chosen rows first, then rejected).
+
 ``policy_reference_kl`` is the exact per-token KL(π ‖ π_ref) over the whole vocabulary at given
 positions, the "how far did we drift" figure logged beside the preference metrics.
 
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from . import pairs
 
 IGNORE_INDEX = -100
 METHODS = ("sigmoid", "ipo")
@@ -107,3 +111,16 @@ def policy_reference_kl(policy_logits_NV: torch.Tensor, ref_logprobs_NV: torch.T
     logp_NV = F.log_softmax(policy_logits_NV.float(), dim=-1)
     kl_N = (logp_NV.exp() * (logp_NV - ref_logprobs_NV.float())).sum(dim=-1)
     return kl_N.mean()
+
+
+def pair_logprobs(model, batch: dict[str, torch.Tensor], *, average: bool = False, with_losses: bool = False):
+    """(completion log-probs (2B,) fp32 — sums, or per-token means with ``average`` —, the model output).
+
+    One forward over ``input_ids[:, :-1]`` of the 2B rows; plain causal attention is exact because the
+    rows are right-padded (a real token never attends to the padding after it).
+    """
+    out = model(batch["input_ids"][:, :-1], with_losses=with_losses)
+    total_R, count_R = sequence_logprobs(out.logits, pairs.targets(batch))
+    if average:
+        total_R = total_R / count_R.clamp_min(1)
+    return total_R, out
