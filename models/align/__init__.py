@@ -1,1 +1,1 @@
-"""Post-training maths: SFT, reward, DPO, distillation (and the RL losses), pure torch."""
+"""Post-training maths: SFT data packing (sft.py), LoRA (lora.py); reward/DPO/distillation losses beside them."""
