@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from moeflow.models.train.loop import PretrainConfig
+from moeflow.platform.train.config import PretrainConfig
 from moeflow.platform.data.curate import CurateConfig
 from moeflow.platform.data.tokenize import TokenizeConfig
 from moeflow.platform.stage import stage_run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from moeflow.models.train.loop import PretrainConfig
+from moeflow.platform.train.config import PretrainConfig
 from moeflow.tasks.common import latest_artifact_uri
 from moeflow.tasks.pretrain import pretrain_task
 

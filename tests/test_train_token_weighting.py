@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from moeflow.models import MoETransformer
-from moeflow.models.train.loop import PretrainConfig, Trainer
+from moeflow.models.train.loop import Trainer
+from moeflow.platform.train.config import PretrainConfig
 from train_fakes import one_thread, tiny_model_overrides
 
 MODEL_KW = {**tiny_model_overrides(), "mtp_depth": 2, "seq_aux_alpha": 0.0}
@@ -47,7 +48,7 @@ def _micro_batches(num: int, keep_fractions: list[float], seed: int = 0) -> list
 
 def _model(cfg: PretrainConfig) -> MoETransformer:
     torch.manual_seed(0)
-    return MoETransformer(cfg.model_config())
+    return MoETransformer(cfg.build_model_config())
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
