@@ -76,3 +76,32 @@ def targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def num_pairs(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].shape[0] // 2
+
+
+class PairSet:
+    """Rendered pairs that hand out batches by index (``sft.PackedRowLoader`` draws from it).
+
+    ``reference`` (P, 2) holds each pair's reference log-probs (chosen, rejected) once computed;
+    batches then carry them as ``ref_logps`` (2B,), in the batch's row order.
+    """
+
+    def __init__(self, rendered: Sequence[RenderedPair], pad_id: int, reference: torch.Tensor | None = None) -> None:
+        self.rendered, self.pad_id = list(rendered), pad_id
+        if reference is not None and tuple(reference.shape) != (len(self.rendered), 2):
+            raise ValueError(f"reference log-probs have shape {tuple(reference.shape)}, expected ({len(self.rendered)}, 2)")
+        self.reference = reference
+
+    def __len__(self) -> int:
+        return len(self.rendered)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        idx = [int(i) for i in indices]
+        out = collate([self.rendered[i] for i in idx], self.pad_id)
+        if self.reference is not None:
+            ref_P2 = self.reference[idx]
+            out["ref_logps"] = torch.cat([ref_P2[:, 0], ref_P2[:, 1]])
+        return out
+
+    def batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """Every pair once, in order (evaluation, reference scoring)."""
+        return [self.batch(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
