@@ -9,7 +9,8 @@ import torch
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.align.lora import (LoRAConfig, LoRALinear, apply_lora, export_peft_adapter,
-                                       freeze_except_last_layers, lora_parameters, merge_lora)
+                                       freeze_except_last_layers, lora_parameters, merge_lora,
+                                       merged_copy)
 from train_fakes import one_thread, tiny_model_overrides
 
 
@@ -91,7 +92,11 @@ def test_merged_equals_unmerged_and_training_lowers_the_loss():
     with torch.no_grad():
         unmerged = model(ids[:, :-1], targets=ids[:, 1:])
     assert float(unmerged.loss) < before - 0.1
-    merged = merge_lora(copy.deepcopy(model))
+    copied = merged_copy(model)
+    with torch.no_grad():  # the adapted model still works after a merged copy was made from it
+        torch.testing.assert_close(model(ids[:, :-1]).logits, unmerged.logits)
+        torch.testing.assert_close(copied(ids[:, :-1]).logits, unmerged.logits, rtol=1e-5, atol=1e-5)
+    merged = merge_lora(model)  # in place
     assert not lora_parameters(merged) and not any(isinstance(m, LoRALinear) for m in merged.modules())
     assert set(merged.state_dict()) == set(_base().state_dict())  # a plain model again (HF export as usual)
     with torch.no_grad():

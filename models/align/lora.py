@@ -15,8 +15,9 @@
   3-D weights silently and adapt only nn.Linear; here they are a first-class target. Dropout is not
   applied to them (it cannot be factored out of a weight update; PEFT refuses it too).
 
-``merge_lora`` folds every update into its base weight and restores plain modules (then the HF
-export is the ordinary one); ``lora_state_dict`` holds only the adapters; ``export_peft_adapter``
+``merge_lora`` folds every update into its base weight and restores plain modules, in place, and
+``merged_copy`` builds a new merged model leaving the adapted one as it is (never deep-copy an adapted
+model: the copy would share parametrize's per-module classes); then the HF export is the ordinary one; ``lora_state_dict`` holds only the adapters; ``export_peft_adapter``
 writes them as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) under the HF
 DeepseekV3 module names, which ``peft.PeftModel.from_pretrained`` loads onto our HF export:
 
@@ -222,6 +223,35 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the merged model (plain keys), computed without touching ``model``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            out[f"{name}.weight"] = (module.weight + module.delta_weight().to(module.weight.dtype)).detach().clone()
+        elif parametrize.is_parametrized(module):
+            for pname in module.parametrizations.keys():
+                out[f"{name}.{pname}"] = getattr(module, pname).detach().clone()
+    for key, value in model.state_dict().items():
+        if "lora_" in key or ".parametrizations." in key:
+            continue
+        out.setdefault(key, value.detach().clone())
+    return out
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A new plain model with the adapters folded in; ``model`` keeps its adapters.
+
+    Not ``merge_lora(copy.deepcopy(model))``: a deep copy shares the class that parametrize creates
+    for each adapted module, and removing the parametrization from the copy removes it from that
+    class, breaking the original.
+    """
+    fresh = type(model)(model.cfg).to(next(model.parameters()).device, next(model.parameters()).dtype)
+    fresh.load_state_dict(merged_state_dict(model))
+    return fresh.train(model.training)
 
 
 def freeze_except_last_layers(model: nn.Module, k: int) -> list[str]:

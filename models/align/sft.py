@@ -189,3 +189,28 @@ def assistant_token_loss(model, rows: PackedRows, batch_size: int = 8, device: s
         count += n
     model.train(was_training)
     return total / max(1, count)
+
+
+@torch.no_grad()
+def answer_exact_match(model, tokenizer, prompts: Sequence[Sequence[dict]], answers: Sequence[str], *,
+                       max_new_tokens: int = 12, batch_size: int = 32) -> float:
+    """Share of prompts whose greedy reply (up to the end-of-turn token) equals the answer, whitespace-stripped.
+
+    Generation runs on the cached (absorbed-MLA) path, which reads ``kv_b_proj.weight`` directly:
+    merge LoRA adapters into a copy before calling this, or their kv_b_proj update is ignored.
+    """
+    from ..chat import prompt_ids, stop_ids
+    from ..generation import generate
+
+    was_training = model.training
+    model.eval()
+    stops = stop_ids(tokenizer)
+    hits = 0
+    for i in range(0, len(prompts), batch_size):
+        ids = [prompt_ids(tokenizer, list(p)) for p in prompts[i:i + batch_size]]
+        out = generate(model, ids, max_new_tokens, stop_token_ids=stops, pad_id=tokenizer.pad_id)
+        for tokens, answer in zip(out.tokens, answers[i:i + batch_size]):
+            reply = tokenizer.decode([t for t in tokens if t not in stops])
+            hits += int(reply.strip() == answer.strip())
+    model.train(was_training)
+    return hits / max(1, len(prompts))

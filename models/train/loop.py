@@ -192,6 +192,7 @@ class Trainer:
         self.mtp_depth = int(getattr(model.cfg, "mtp_depth", 0))
         self.mtp_loss_weight = float(getattr(model.cfg, "mtp_loss_weight", 0.0)) if self.mtp_depth else 0.0
         self.last_target_counts: torch.Tensor | None = None  # (1 + mtp_depth,) of the last step, global
+        self.update_router_bias = True  # a post-training stage may freeze the balancing biases
         # autocast is for fp32 weights; with bf16 weights it only adds casts, and (measured on an H100,
         # bench_ref) it made activations fp32 in places, which pushed the MoE experts off their
         # grouped-GEMM path: 5x slower. "auto" therefore autocasts only fp32-weight models on CUDA.
@@ -286,7 +287,7 @@ class Trainer:
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if counts_LE is not None and hasattr(self.model, "apply_router_bias_update"):
+        if counts_LE is not None and self.update_router_bias and hasattr(self.model, "apply_router_bias_update"):
             self.model.apply_router_bias_update(counts_LE.to(torch.float32))
             self.last_counts_LE = counts_LE
             self.interval_counts_LE += counts_LE
