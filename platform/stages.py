@@ -34,6 +34,8 @@ _SPECS = (
               "curated dataset -> tokenizer + token shards"),
     StageSpec("pretrain", "moeflow.flows.pretrain:pretrain", (A.TOKENS,), (A.MODEL, A.EXPERT_LOAD),
               "token shards -> MoE checkpoint + HF export"),
+    StageSpec("sft", "moeflow.flows.sft:sft", (A.MODEL, A.CHAT_DATA), (A.MODEL, A.EXPERT_LOAD),
+              "model version + chat data -> supervised fine-tuned model (full, last-k layers or LoRA)"),
     StageSpec("evaluate", "moeflow.flows.evaluate:evaluate", (A.MODEL, A.TOKENS), (A.EVAL_RESULTS,),
               "model -> validation loss, bits per byte"),
     StageSpec("pipeline", "moeflow.flows.pipeline:pipeline", (), (), "every stage in order"),

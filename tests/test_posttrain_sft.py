@@ -166,10 +166,11 @@ def test_router_bias_switch_and_dead_expert_warning(world, caplog):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_sft_learns_the_heldout_assistant_tokens_and_answers(world, method):
-    """From the untrained base: held-out assistant loss falls far below the base's; exact answers rise."""
-    kw = dict(max_steps=160, lr=3e-3 if method == "full" else 1e-2, micro_batch_size=16, warmup_steps=10,
+def test_sft_learns_the_heldout_assistant_tokens_and_answers(world):
+    """From the untrained base (the control: the same held-out set before SFT): held-out assistant loss falls
+    far below the base's, and more held-out problems are answered exactly (measured 5.93 -> ~1.0 nats, 0 -> ~4 %)."""
+    method = "full"
+    kw = dict(max_steps=400, lr=3e-3, micro_batch_size=16, warmup_steps=10,
               log_every=40, checkpoint_every=0, exact_match_max_prompts=96, heldout_max_examples=96)
     result = run_sft(_cfg(method=method, **kw), world["store"], model_uri=world["base_uri"],
                      data_uri=world["sets"].chat_uri, prompts_uri=world["sets"].prompt_uri,

@@ -259,5 +259,6 @@ def write_generated_sets(store, cfg: GeneratedDataConfig, *, curated_uri: str | 
     if catalog is not None:
         for kind, uri in uris.items():
             art = store.read_artifact(prefixes[kind])
-            catalog.register_dataset(f"{dataset}-{kind}", uri, art.content_hash, stats=stats[kind], kind=KIND_OF[kind])
+            catalog.register_dataset(A.posttrain_data_name(dataset, kind), uri, art.content_hash, stats=stats[kind],
+                                     kind=KIND_OF[kind])
     return GeneratedSets(uris["chat"], uris["preference"], uris["prompt"], stats)
