@@ -6,11 +6,12 @@ from prefect import flow
 
 from moeflow.platform.posttrain.generated import GeneratedDataConfig
 from moeflow.platform.posttrain.sft import SFTConfig
+from moeflow.tasks.common import flow_run_namer
 from moeflow.tasks.posttrain_data import posttrain_data_task
 from moeflow.tasks.sft import sft_task
 
 
-@flow(name="sft", log_prints=True)
+@flow(name="sft", log_prints=True, flow_run_name=flow_run_namer("sft"))
 def sft(sft: SFTConfig = SFTConfig(), posttrain_data: GeneratedDataConfig = GeneratedDataConfig(),
         dataset: str = "tiny", run_name: str = "moe", model: str | None = None, data_uri: str | None = None,
         prompts_uri: str | None = None, train_workers: int = 1, use_gpu: bool = False) -> dict:

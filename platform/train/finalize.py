@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from moeflow.models.train import state as train_state
+from moeflow.platform import artifacts as A
 
 from .checkpoint import CheckpointManager, config_hash
 from .config import PretrainConfig
-from .worker import EXPERT_LOAD_DIR, LaunchConfig
+from .worker import LaunchConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def finalize_run(launch: LaunchConfig, store, *, tracker=None, catalog=None, rep
         model = load_model(local, device)
         train_ds = TokenDataset.open(launch.tokens_uri, "train", cache_dir=launch.cache_dir)
         hf_uri = export_hf(model, store, launch.output_prefix, Path(tmp) / "hf", ref, metrics, train_ds)
-    expert_prefix = f"{launch.output_prefix.strip('/')}/{EXPERT_LOAD_DIR}"
+    expert_prefix = A.expert_load_key(launch.output_prefix)
     expert_uri = store.uri(expert_prefix) if store.artifact_exists(expert_prefix) else None
     model_id = None
     if catalog is not None:

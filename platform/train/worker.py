@@ -35,6 +35,8 @@ from moeflow.models.config import strict_from_dict
 from moeflow.models.train import state as train_state
 from moeflow.models.train.loop import Trainer, router_biases
 
+from moeflow.platform import artifacts as A
+
 from .checkpoint import CheckpointManager, CheckpointRef
 from .config import PretrainConfig
 from .distributed import WorkerContext, barrier, broadcast, open_store, worker_context, wrap_model
@@ -43,7 +45,6 @@ from .loader import PackedLoader, eval_batches
 
 log = logging.getLogger(__name__)
 
-EXPERT_LOAD_DIR = "expert_load"
 
 
 @dataclass
@@ -204,6 +205,8 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
 
         def on_step(tr: Trainer, step: int, metrics: dict) -> None:
             if "loss" in metrics:  # a log step: close the expert-load window
+                if rank == 0:
+                    log.info("%s", progress_line(step, pcfg.max_steps, metrics))
                 if rank == 0 and tr.logged_interval_counts_LE.numel():
                     bias = router_biases(tr.model)
                     recorder.record(step, tr.logged_interval_counts_LE.numpy(),
@@ -239,6 +242,19 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
         return result
 
 
+def progress_line(step: int, max_steps: int, metrics: dict) -> str:
+    """``step 10/300 loss 5.123 lr 3.00e-03 12,345 tok/s [val_loss 5.0]``: what the terminal and the
+    Prefect run's logs show on each log step."""
+    parts = [f"step {step}/{max_steps}", f"loss {metrics['loss']:.4f}"]
+    if "lr" in metrics:
+        parts.append(f"lr {metrics['lr']:.2e}")
+    if "tokens_per_s" in metrics:
+        parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
+    if "val_loss" in metrics:
+        parts.append(f"val_loss {metrics['val_loss']:.4f}")
+    return " ".join(parts)
+
+
 def _maybe_die(marker: str | None) -> None:
     """SIGKILL this process once: the marker file makes later attempts pass through."""
     if marker is None:
@@ -254,7 +270,7 @@ def _maybe_die(marker: str | None) -> None:
 def write_expert_load(store, output_prefix: str, recorder: ExpertLoadRecorder, step: int) -> str | None:
     if not len(recorder):
         return None
-    prefix = f"{output_prefix.strip('/')}/{EXPERT_LOAD_DIR}"
+    prefix = A.expert_load_key(output_prefix)
     arrays = recorder.arrays()
     with store.write_artifact(prefix, metadata={"kind": "expert-load", "step": step,
                                                 "shape": list(arrays["counts"].shape)}, overwrite=True) as w:
