@@ -1,0 +1,102 @@
+"""The reward stage on the engine core: lineage, export + reload, and learning beside a shuffled-label control."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models import hf as H
+from moeflow.models.align import pairs as P
+from moeflow.models.align.reward import HEAD_FILE
+from moeflow.models.tokenizer import train_bpe
+from moeflow.platform.catalog import Catalog
+from moeflow.platform.posttrain import reward as R
+from moeflow.platform.posttrain.data import PostTrainDataError, to_jsonl
+from moeflow.platform.posttrain.generated import GeneratedDataConfig, write_generated_sets
+from moeflow.platform.store.local import LocalStore
+from moeflow.platform.tracking import NoopTracker
+from train_fakes import one_thread, tiny_model_overrides
+
+DATA = GeneratedDataConfig(max_functions=0, num_arithmetic=700, max_operand=20, heldout_fraction=0.15)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A store with a tiny base model (HF export + tokenizer) in a catalog, and generated preference pairs."""
+    root = tmp_path_factory.mktemp("reward")
+    store = LocalStore(root / "store")
+    catalog = Catalog(f"sqlite:///{root / 'catalog.db'}")
+    sets = write_generated_sets(store, DATA, catalog=catalog)
+    texts = store.read_artifact(sets.preference_uri).get_bytes("train.jsonl").decode().splitlines()
+    tok = train_bpe(texts * 3, vocab_size=384)
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig.preset("tiny").replace(**tiny_model_overrides(tok.vocab_size)))
+    local = root / "base-hf"
+    H.export_hf(model, local, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    tok.save(local / "tokenizer.json")
+    with store.write_artifact("runs/base/hf") as w:
+        for p in sorted(local.iterdir()):
+            w.put_file(p.name, p)
+    base_uri = store.uri("runs/base/hf")
+    base_id = catalog.register_model("moe-tiny", base_uri, "base")
+    yield {"store": store, "catalog": catalog, "sets": sets, "base_uri": base_uri, "base_id": base_id, "root": root,
+           "tokenizer": tok}
+    catalog.close()
+
+
+def _cfg(**kw) -> R.RewardConfig:
+    base = dict(max_steps=4, lr=1e-3, micro_batch_size=8, seq_len=48, warmup_steps=1, log_every=2,
+                checkpoint_every=2, heldout_pairs=32)
+    return R.RewardConfig(**{**base, **kw})
+
+
+def test_reward_config_is_checked_at_the_edge():
+    with pytest.raises(ValueError, match="centering"):
+        R.RewardConfig(centering=-0.1)
+    with pytest.raises(ValueError, match="did you mean 'margin'"):
+        R.RewardConfig(marginn=1.0)
+    assert R.RewardConfig(micro_batch_size=4, seq_len=32).tokens_per_step() == 2 * 4 * 32
+
+
+def test_reward_stage_registers_a_child_version_whose_export_reloads(world):
+    store, catalog = world["store"], world["catalog"]
+    tracker = NoopTracker()
+    result = R.run_reward(_cfg(), store, model_uri=world["base_uri"], data_uri=world["sets"].preference_uri,
+                          output_prefix="runs/reward-a", tracker=tracker, catalog=catalog,
+                          parent_model_id=world["base_id"], model_name="moe-tiny-reward")
+    assert result.steps == 4 and result.hf_uri and result.expert_load_uri
+    assert set(result.before) >= {"accuracy", "margin"} and set(result.after) >= {"accuracy", "margin"}
+    row = catalog.get_model(result.model_id)
+    assert row["parent_model_id"] == world["base_id"] and row["name"] == "moe-tiny-reward"
+    art = store.read_artifact(result.hf_uri)
+    assert HEAD_FILE in art.names() and "tokenizer.json" in art.names() and "config.json" in art.names()
+    # the export reloads as the same reward model: it reproduces the "after" held-out figures
+    model, tok = R.load_reward_model(result.hf_uri, store=store)
+    data = R.load_pairs(world["sets"].preference_uri, tok, _cfg(), 48)
+    again = R.evaluate_rewards(model, data.heldout, batch_size=16)
+    assert again["accuracy"] == pytest.approx(result.after["accuracy"])
+    assert again["margin"] == pytest.approx(result.after["margin"], abs=1e-4)
+    with pytest.raises(FileNotFoundError, match=HEAD_FILE):
+        R.load_reward_model(world["base_uri"], store=store)
+
+
+def test_bad_preference_data_is_one_line(world, tmp_path):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_bytes(b'{"prompt": "x"}\nnot json\n')
+    with pytest.raises(PostTrainDataError, match="no valid preference records"):
+        R.load_pairs(str(bad), world["tokenizer"], _cfg(), 48)
+    good = tmp_path / "one.jsonl"   # one file, no heldout split: split by prompt hash, never both sides
+    rows = [{"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(60)]
+    good.write_bytes(to_jsonl(rows + [{"prompt": "broken"}]))
+    data = R.load_pairs(str(good), world["tokenizer"], _cfg(heldout_fraction=0.3), 48)
+    assert data.stats["quarantined"] == 1 and data.stats["train_pairs"] + data.stats["heldout_pairs"] == 60
+    assert 5 <= data.stats["heldout_pairs"] <= 30
