@@ -29,6 +29,11 @@ def _load(entrypoint: str):
     return getattr(importlib.import_module(module_name), attr)
 
 
+def load_entrypoint(entrypoint: str):
+    """Import ``module:attr`` by name: the one place that does (flows, configs, post-training builders)."""
+    return _load(entrypoint)
+
+
 @dataclass(frozen=True)
 class StageInput:
     """An input a stage looks up in the catalog unless its URI parameter is given."""
@@ -178,6 +183,8 @@ class RunOptions(StageConfig):
                                                    "URI) instead of the newest of the previous stage")
     data_uri: Optional[str] = Field(None, description="post-training data (JSONL file or artefact) instead of the "
                                                       "built-in generated sets")
+    prompts_uri: Optional[str] = Field(None, description="held-out prompts with exact answers ({prompt, answer} JSONL) "
+                                                         "for the exact-match figure")
 
 
 def validate_recipe(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import shutil
@@ -203,8 +202,9 @@ class PostTrainResult:
 
 
 def load_builder(spec: str) -> Callable[..., StageParts]:
-    module_name, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    from moeflow.platform.stages import load_entrypoint  # imports by name happen in the registry only
+
+    return load_entrypoint(spec)
 
 
 # ------------------------------------------------------------------ the trainer
