@@ -120,3 +120,45 @@ def test_dpo_learns_held_out_preferences_and_shuffled_pairs_do_not(loss):
     _, control = _train_dpo(pair_set(vocab_pairs(64, seed=2, shuffle=True)), pair_set(vocab_pairs(48, seed=3)), loss)
     assert control["reward_accuracy"] < after["reward_accuracy"] - 0.15
     assert control["reward_margin"] < after["reward_margin"]
+
+
+# ------------------------------------------------------------------ the stage on the engine core
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from preference_world import make_world
+
+    w = make_world(tmp_path_factory.mktemp("align"))
+    yield w
+    w["catalog"].close()
+
+
+def test_align_config_is_checked_at_the_edge():
+    with pytest.raises(ValueError, match="beta"):
+        A.AlignConfig(beta=0)
+    with pytest.raises(ValueError, match="method"):
+        A.AlignConfig(method="ppo")
+    with pytest.raises(ValueError, match="did you mean 'label_smoothing'"):
+        A.AlignConfig(label_smothing=0.1)
+
+
+def test_align_stage_stores_the_reference_once_and_registers_a_child(world):
+    from moeflow.platform.tracking import NoopTracker
+
+    store, catalog = world["store"], world["catalog"]
+    cfg = A.AlignConfig(max_steps=4, lr=1e-3, micro_batch_size=8, seq_len=48, warmup_steps=1, log_every=2,
+                        checkpoint_every=2, heldout_pairs=24, kl_pairs=16, beta=0.5)
+    run = dict(model_uri=world["base_uri"], data_uri=world["sets"].preference_uri, output_prefix="runs/align-a",
+               catalog=catalog, parent_model_id=world["base_id"], model_name="moe-tiny-align")
+    result = A.run_align(cfg, store, tracker=NoopTracker(), **run)
+    assert result.steps == 4 and result.hf_uri and result.reference_uri
+    assert catalog.get_model(result.model_id)["parent_model_id"] == world["base_id"]
+    before, after = result.before, result.after
+    assert before["reward_accuracy"] == 0.0 and before["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
+    assert 0 < after["kl_to_reference"] < 10 and after["reward_margin"] != 0.0
+    ref = A.load_reference(store, "runs/align-a/reference")
+    assert ref["train"].shape[1] == 2 and ref["heldout"].shape == (24, 2)
+    # a re-run finds the finished run: no training, the same reference artefact, the same figures
+    digest = store.read_artifact(result.reference_uri).content_hash
+    again = A.run_align(cfg, store, tracker=NoopTracker(), **run)
+    assert again.checkpoint_uri == result.checkpoint_uri and again.after == result.after
+    assert store.read_artifact(result.reference_uri).content_hash == digest

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from moeflow.models import ModelConfig, MoETransformer
-from moeflow.models import hf as H
-from moeflow.models.align import pairs as P
 from moeflow.models.align.reward import HEAD_FILE
-from moeflow.models.tokenizer import train_bpe
-from moeflow.platform.catalog import Catalog
 from moeflow.platform.posttrain import reward as R
 from moeflow.platform.posttrain.data import PostTrainDataError, to_jsonl
-from moeflow.platform.posttrain.generated import GeneratedDataConfig, write_generated_sets
-from moeflow.platform.store.local import LocalStore
 from moeflow.platform.tracking import NoopTracker
-from train_fakes import one_thread, tiny_model_overrides
-
-DATA = GeneratedDataConfig(max_functions=0, num_arithmetic=700, max_operand=20, heldout_fraction=0.15)
+from preference_world import make_world
+from train_fakes import one_thread
 
 
 @pytest.fixture(autouse=True)
@@ -31,26 +21,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A store with a tiny base model (HF export + tokenizer) in a catalog, and generated preference pairs."""
-    root = tmp_path_factory.mktemp("reward")
-    store = LocalStore(root / "store")
-    catalog = Catalog(f"sqlite:///{root / 'catalog.db'}")
-    sets = write_generated_sets(store, DATA, catalog=catalog)
-    texts = store.read_artifact(sets.preference_uri).get_bytes("train.jsonl").decode().splitlines()
-    tok = train_bpe(texts * 3, vocab_size=384)
-    torch.manual_seed(0)
-    model = MoETransformer(ModelConfig.preset("tiny").replace(**tiny_model_overrides(tok.vocab_size)))
-    local = root / "base-hf"
-    H.export_hf(model, local, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    tok.save(local / "tokenizer.json")
-    with store.write_artifact("runs/base/hf") as w:
-        for p in sorted(local.iterdir()):
-            w.put_file(p.name, p)
-    base_uri = store.uri("runs/base/hf")
-    base_id = catalog.register_model("moe-tiny", base_uri, "base")
-    yield {"store": store, "catalog": catalog, "sets": sets, "base_uri": base_uri, "base_id": base_id, "root": root,
-           "tokenizer": tok}
-    catalog.close()
+    w = make_world(tmp_path_factory.mktemp("reward"))
+    yield w
+    w["catalog"].close()
 
 
 def _cfg(**kw) -> R.RewardConfig:

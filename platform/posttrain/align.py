@@ -20,8 +20,10 @@ Shape suffixes: P pairs, R rows (2 per pair), N reply positions, V vocabulary.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -32,8 +34,14 @@ from moeflow.models.align import pairs as P
 from moeflow.models.align.dpo import pair_logprobs, policy_reference_kl, preference_loss, sequence_logprobs
 from moeflow.platform.config import StageConfig
 
+from moeflow.models.align.sft import PackedRowLoader
+
+from . import data as D
+from .engine import ObjectiveOutput, PostTrainConfig, PostTrainJob, StageParts, run_posttrain
+
 log = logging.getLogger(__name__)
 
+BUILDER = "moeflow.platform.posttrain.align:build_align"
 REFERENCE_DIR = "reference"
 REFERENCE_FILE = "reference.pt"
 
@@ -49,6 +57,86 @@ class DPOLossConfig(StageConfig):
                                                                     "label is flipped (sigmoid loss only)")
     average_log_prob: bool = Field(False, description="use per-token mean completion log-probs instead of sums "
                                                       "(IPO's convention; makes long and short replies comparable)")
+
+
+class PairDataConfig(StageConfig):
+    """Which preference pairs a stage reads (shared by reward and align)."""
+
+    max_pairs: int = Field(0, ge=0, le=100_000_000, description="training pairs used (0 = all)")
+    heldout_pairs: int = Field(256, ge=1, le=1_000_000, description="held-out pairs scored before and after")
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share held out by prompt hash when the "
+                                                                        "data has no heldout split")
+    eval_batch_size: int = Field(16, ge=1, le=4096, description="pairs per forward when scoring")
+
+
+class AlignConfig(PostTrainConfig, PairDataConfig, DPOLossConfig):
+    """Preference alignment: the loop (``PostTrainConfig``), the pairs it reads and the DPO-family loss.
+
+    ``micro_batch_size`` counts pairs (each is two rows); ``seq_len`` is the longest side kept.
+    """
+
+    method: Literal["dpo"] = Field("dpo", description="alignment method (ppo and grpo join with the RL stage)")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="peak learning rate")
+    kl_pairs: int = Field(64, ge=1, le=100_000, description="held-out pairs whose chosen replies measure "
+                                                            "KL(π ‖ π_ref) (the reference's log-softmax is kept)")
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Token capacity of a step: both sides of every pair at ``seq_len`` (batches pad to their longest row)."""
+        return 2 * super().tokens_per_step(world_size)
+
+
+# ------------------------------------------------------------------ preference data -> pairs
+@dataclass
+class PairData:
+    train: P.PairSet
+    heldout: P.PairSet
+    stats: dict
+
+
+def _prompt_split(record, fraction: float) -> str:
+    key = repr([(m["role"], m["content"]) for m in record.prompt]).encode()
+    return "heldout" if int(hashlib.sha256(key).hexdigest()[:8], 16) / 16**8 < fraction else "train"
+
+
+def load_pairs(uri: str, tokenizer, cfg: PairDataConfig, max_len: int) -> PairData:
+    """Train and held-out pairs of a preference dataset, rendered; pairs longer than ``max_len`` tokens are
+    dropped and counted. Held-out pairs come from the data's ``heldout`` split, or (a single JSONL file)
+    from a hash of the prompt, so a prompt is never on both sides."""
+    train_data = D.load_data(uri, D.PREFERENCE, split="train")
+    train_records, heldout_records = list(train_data.records), []
+    quarantined = len(train_data.quarantined)
+    try:
+        heldout_data = D.load_data(uri, D.PREFERENCE, split="heldout")
+    except D.PostTrainDataError:
+        heldout_data = None
+    if heldout_data is not None and heldout_data.location.endswith("heldout.jsonl"):
+        heldout_records, quarantined = heldout_data.records, quarantined + len(heldout_data.quarantined)
+    else:  # one file: split it by prompt
+        heldout_records = [r for r in train_records if _prompt_split(r, cfg.heldout_fraction) == "heldout"]
+        train_records = [r for r in train_records if _prompt_split(r, cfg.heldout_fraction) == "train"]
+    if cfg.max_pairs:
+        train_records = train_records[:cfg.max_pairs]
+    heldout_records = heldout_records[:cfg.heldout_pairs]
+    too_long = 0
+
+    def render(records):
+        nonlocal too_long
+        out = []
+        for r in records:
+            rendered = P.render_pair(tokenizer, P.Pair(tuple(r.prompt), r.chosen, r.rejected))
+            if rendered.max_len > max_len:
+                too_long += 1
+            else:
+                out.append(rendered)
+        return out
+
+    train, heldout = render(train_records), render(heldout_records)
+    if not train or not heldout:
+        raise D.PostTrainDataError(f"{uri}: {len(train)} training and {len(heldout)} held-out pairs fit in "
+                                   f"{max_len} tokens ({too_long} longer dropped): need at least one of each")
+    stats = {"train_pairs": len(train), "heldout_pairs": len(heldout), "pairs_too_long": too_long,
+             "quarantined": quarantined}
+    return PairData(P.PairSet(train, tokenizer.pad_id), P.PairSet(heldout, tokenizer.pad_id), stats)
 
 
 # ------------------------------------------------------------------ reference log-probs, computed once
@@ -104,23 +192,37 @@ def load_reference(store, prefix: str) -> dict | None:
 
 # ------------------------------------------------------------------ objective and evaluation
 def dpo_step_loss(policy, batch: dict[str, torch.Tensor], loss: DPOLossConfig, *, with_losses: bool = True):
-    """(attached loss incl. the balancing losses, model output, metrics) of one micro-batch of pairs."""
+    """(preference loss (attached; balancing losses NOT added), model output, metrics) of a micro-batch."""
     logps_R, out = pair_logprobs(policy, batch, average=loss.average_log_prob, with_losses=with_losses)
     B = P.num_pairs(batch)
     ref_R = batch["ref_logps"].to(logps_R.device)
     pref = preference_loss(logps_R[:B], logps_R[B:], ref_R[:B], ref_R[B:], beta=loss.beta, method=loss.loss,
                            label_smoothing=loss.label_smoothing)
-    total = pref.loss
-    balance = out.terms.get("balance_loss")
-    if balance is not None:
-        total = total + balance
-    return total, out, pref.metrics()
+    return pref.loss, out, pref.metrics()
+
+
+class DPOObjective:
+    """The engine-core objective: a mean over pairs; the balancing losses travel in ``aux``."""
+
+    def __init__(self, cfg: AlignConfig) -> None:
+        self.cfg = cfg
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return torch.tensor(P.num_pairs(batch))
+
+    def __call__(self, model, batch: dict) -> ObjectiveOutput:
+        loss, out, metrics = dpo_step_loss(model, batch, self.cfg)
+        aux = {k: out.aux[k] for k in ("tokens_per_expert", "router_entropy") if k in out.aux}
+        if out.terms.get("balance_loss") is not None:
+            aux["balance_loss"] = out.terms["balance_loss"]
+        return ObjectiveOutput(loss, aux, metrics)
 
 
 @torch.no_grad()
 def evaluate_preferences(policy, heldout: P.PairSet, reply_ref_logp: list[torch.Tensor], loss: DPOLossConfig, *,
-                         batch_size: int = 8, device="cpu") -> dict[str, float]:
-    """The held-out headline figures of the module docstring. ``heldout`` carries its reference log-probs."""
+                         batch_size: int = 8, device="cpu", with_kl: bool = True) -> dict[str, float]:
+    """The held-out headline figures of the module docstring. ``heldout`` carries its reference log-probs;
+    ``reply_ref_logp`` are ``reference_reply_logprobs`` of the same pairs and batch size (with_kl)."""
     was_training = policy.training
     policy.eval()
     chosen, rejected, own_c, own_r, kls, kl_weights = [], [], [], [], [], []
@@ -137,15 +239,112 @@ def evaluate_preferences(policy, heldout: P.PairSet, reply_ref_logp: list[torch.
         rejected.append(loss.beta * (logps_R[B:] - ref_R[B:]))
         own_c.append(mean_R[:B])
         own_r.append(mean_R[B:])
-        reply_logits = out.logits[:B][targets_RT[:B] != P.IGNORE_INDEX]
-        ref_logp = reply_ref_logp[b].to(device)
-        kls.append(policy_reference_kl(reply_logits, ref_logp) * ref_logp.shape[0])
-        kl_weights.append(ref_logp.shape[0])
+        if with_kl:
+            reply_logits = out.logits[:B][targets_RT[:B] != P.IGNORE_INDEX]
+            ref_logp = reply_ref_logp[b].to(device)
+            kls.append(float(policy_reference_kl(reply_logits, ref_logp)) * ref_logp.shape[0])
+            kl_weights.append(ref_logp.shape[0])
     policy.train(was_training)
-    chosen_P, rejected_P = torch.cat(chosen), torch.cat(rejected)
-    return {"reward_accuracy": float((chosen_P > rejected_P).float().mean()),
+    chosen_P, rejected_P = torch.cat(chosen).cpu(), torch.cat(rejected).cpu()
+    figures = {"reward_accuracy": float((chosen_P > rejected_P).float().mean()),
             "reward_margin": float((chosen_P - rejected_P).mean()),
             "rewards_chosen": float(chosen_P.mean()), "rewards_rejected": float(rejected_P.mean()),
             "logp_accuracy": float((torch.cat(own_c) > torch.cat(own_r)).float().mean()),
-            "kl_to_reference": float(sum(kls) / max(1, sum(kl_weights))),
             "pairs": float(len(chosen_P))}
+    if with_kl:
+        figures["kl_to_reference"] = float(sum(kls) / max(1, sum(kl_weights)))
+    return figures
+
+
+# ------------------------------------------------------------------ the builder (every rank, and the driver)
+def ensure_reference(store, prefix: str, model, data: PairData, cfg: AlignConfig, *, rank: int, device) -> dict:
+    """The stored reference log-probs, computed now (with ``model`` = the reference) when absent.
+
+    Every rank computes the same numbers (same weights, same pairs) instead of waiting on rank 0;
+    rank 0 alone writes the artefact. A stored reference whose shape does not match the data is stale
+    (the pairs changed) and is recomputed.
+    """
+    ref = load_reference(store, prefix)
+    fits = ref is not None and ref["train"].shape == (len(data.train), 2) and ref["heldout"].shape == (len(data.heldout), 2)
+    if fits:
+        return ref
+    model.to(device)
+    kl_set = P.PairSet(data.heldout.rendered[:cfg.kl_pairs], data.heldout.pad_id)
+    # the same numerics as the update (bf16 autocast on CUDA), so the step-0 log-ratio is 0 up to noise
+    bf16 = torch.device(device).type == "cuda" and cfg.dtype != "fp32"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        ref = _reference_tables(model, data, kl_set, cfg, device)
+    if rank == 0:
+        save_reference(store, prefix, ref["train"], ref["heldout"], ref["heldout_reply_logp"],
+                       {"average_log_prob": cfg.average_log_prob, "pairs": len(data.train)})
+    return ref
+
+
+def _reference_tables(model, data: PairData, kl_set: P.PairSet, cfg: AlignConfig, device) -> dict:
+    return {"train": reference_logprobs(model, data.train, average=cfg.average_log_prob, batch_size=cfg.eval_batch_size,
+                                       device=device),
+           "heldout": reference_logprobs(model, data.heldout, average=cfg.average_log_prob,
+                                         batch_size=cfg.eval_batch_size, device=device),
+           "heldout_reply_logp": reference_reply_logprobs(model, kl_set, batch_size=cfg.eval_batch_size, device=device)}
+
+
+def build_align(job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
+    cfg = AlignConfig.model_validate(job.config)
+    parts = StageParts(base, cfg)
+    if ctx is None:  # the driver: export only
+        return parts
+    from moeflow.platform.train.distributed import open_store
+
+    data = load_pairs(job.data_uris["preference"], tokenizer, cfg, cfg.seq_len)
+    if ctx.rank == 0:
+        log.info("align data: %s", data.stats)
+    ref = ensure_reference(open_store(job.store_uri), f"{job.output_prefix.strip('/')}/{REFERENCE_DIR}", base, data,
+                           cfg, rank=ctx.rank, device=ctx.device)
+    data.train.reference, data.heldout.reference = ref["train"], ref["heldout"]
+    kl_set = P.PairSet(data.heldout.rendered[:cfg.kl_pairs], data.heldout.pad_id, ref["heldout"][:cfg.kl_pairs])
+    parts.loader = PackedRowLoader(data.train, batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=ctx.rank,
+                                   world_size=ctx.world_size)
+    parts.objective = DPOObjective(cfg)
+
+    def evaluate(m) -> dict[str, float]:
+        device = next(m.parameters()).device
+        figures = evaluate_preferences(m, data.heldout, [], cfg, batch_size=cfg.eval_batch_size, device=device,
+                                       with_kl=False)
+        kl = evaluate_preferences(m, kl_set, ref["heldout_reply_logp"], cfg, batch_size=cfg.eval_batch_size,
+                                  device=device)
+        return {**figures, "kl_to_reference": kl["kl_to_reference"]}
+
+    parts.evaluate = evaluate
+    return parts
+
+
+# ------------------------------------------------------------------ the library entry
+@dataclass
+class AlignResult:
+    checkpoint_uri: str
+    hf_uri: str | None
+    expert_load_uri: str | None
+    model_id: str | None
+    parent_model_id: str | None
+    steps: int
+    reference_uri: str | None = None
+    metrics: dict = field(default_factory=dict)
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+
+
+def run_align(config: AlignConfig | dict, store, *, model_uri: str, data_uri: str, output_prefix: str,
+              tracker=None, catalog=None, parent_model_id: str | None = None, model_name: str = "moe-align",
+              run_name: str = "align", num_workers: int = 1, use_gpu: bool = False,
+              extra_job: dict | None = None) -> AlignResult:
+    """Align ``model_uri`` (an HF export; also the reference) on the preference pairs at ``data_uri``."""
+    cfg = config if isinstance(config, AlignConfig) else AlignConfig.model_validate(config)
+    job = PostTrainJob(stage="align", builder=BUILDER, config=cfg.to_dict(), model_uri=model_uri,
+                       output_prefix=output_prefix, data_uris={"preference": data_uri},
+                       parent_model_id=parent_model_id, model_name=model_name, run_name=run_name, **(extra_job or {}))
+    result = run_posttrain(job, store, tracker=tracker, catalog=catalog, num_workers=num_workers, use_gpu=use_gpu)
+    ref_prefix = f"{output_prefix.strip('/')}/{REFERENCE_DIR}"
+    return AlignResult(result.checkpoint_uri, result.hf_uri, result.expert_load_uri, result.model_id,
+                       result.parent_model_id, result.steps,
+                       store.uri(ref_prefix) if store.artifact_exists(ref_prefix) else None, result.metrics,
+                       result.headline.get("before", {}), result.headline.get("after", {}))
