@@ -67,7 +67,7 @@ def _cfg(**kw) -> SFTConfig:
 def test_sft_config_is_checked_at_the_edge():
     with pytest.raises(ValueError, match="choose from"):
         SFTConfig(method="lora", lora_targets=["q_prj"])
-    with pytest.raises(ValueError, match="extra"):
+    with pytest.raises(ValueError, match="did you mean 'lora_rank'"):
         SFTConfig(lora_rnk=4)
     with pytest.raises(ValueError, match="warmup_steps"):
         SFTConfig(max_steps=2, warmup_steps=5)
