@@ -113,6 +113,36 @@ def _job(world, prefix: str, **kw) -> dict:
                         store_uri=world["store"].root_uri, tracking="noop", device="cpu").to_dict()
 
 
+def _final(store, prefix, tmp_path):
+    d = CheckpointManager(store, prefix).download_latest(tmp_path / prefix.replace("/", "_"))[1]
+    history = [{k: v for k, v in h.items() if k != "tokens_per_s"}
+               for h in torch.load(d / "trainer.pt", weights_only=False)["loop"]["history"]]
+    return history, torch.load(d / "model.pt", weights_only=True)
+
+
+def test_failed_mid_run_resumes_to_the_uninterrupted_result_in_process(world, tmp_path, monkeypatch):
+    """The fast twin of the kill -9 test: the run dies by an exception after step 4, then resumes from step 3."""
+    import moeflow.platform.posttrain.engine as engine
+
+    store = world["store"]
+    posttrain_worker(_job(world, "runs/sft-ref-fast", method="lora", exact_match_max_prompts=0))
+
+    def die(marker):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(engine, "_maybe_die", die)
+    job = {**_job(world, "runs/sft-failed", method="lora", exact_match_max_prompts=0), "fault_step": 4,
+           "fault_marker": str(tmp_path / "m")}
+    with pytest.raises(RuntimeError, match="injected"):
+        posttrain_worker(job)
+    assert CheckpointManager(store, "runs/sft-failed").latest().step == 3
+    posttrain_worker({**job, "fault_step": None})
+    (h_ref, w_ref), (h_run, w_run) = _final(store, "runs/sft-ref-fast", tmp_path), _final(store, "runs/sft-failed", tmp_path)
+    assert h_run == h_ref
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+
+
+@pytest.mark.slow
 def test_killed_mid_run_resumes_to_the_uninterrupted_result(world, tmp_path):
     store = world["store"]
     posttrain_worker(_job(world, "runs/sft-ref", exact_match_max_prompts=0))
@@ -128,13 +158,7 @@ def test_killed_mid_run_resumes_to_the_uninterrupted_result(world, tmp_path):
     second = subprocess.run(cmd, cwd=str(REPO.parent), env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
 
-    def final(prefix):
-        d = CheckpointManager(store, prefix).download_latest(tmp_path / prefix.replace("/", "_"))[1]
-        history = [{k: v for k, v in h.items() if k != "tokens_per_s"}
-                   for h in torch.load(d / "trainer.pt", weights_only=False)["loop"]["history"]]
-        return history, torch.load(d / "model.pt", weights_only=True)
-
-    (h_ref, w_ref), (h_run, w_run) = final("runs/sft-ref"), final("runs/sft-killed")
+    (h_ref, w_ref), (h_run, w_run) = _final(store, "runs/sft-ref", tmp_path), _final(store, "runs/sft-killed", tmp_path)
     assert h_run == h_ref
     assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
 
