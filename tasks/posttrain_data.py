@@ -9,10 +9,10 @@ from moeflow.platform.stage import stage_run
 from moeflow.tasks.common import STAGE_CACHE
 
 
-@task(name="posttrain-data", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="posttrain_data", cache_policy=STAGE_CACHE, persist_result=True)
 def posttrain_data_task(config: GeneratedDataConfig, curated_uri: str | None = None, dataset: str = "tiny",
                         pipeline: dict | None = None) -> dict:
-    with stage_run("posttrain-data", {**config.to_dict(), "curated_uri": curated_uri, "dataset": dataset},
+    with stage_run("posttrain_data", {**config.to_dict(), "curated_uri": curated_uri, "dataset": dataset},
                    inputs=[curated_uri] if curated_uri else [], pipeline=pipeline) as st:
         sets = write_generated_sets(st.store, config, curated_uri=curated_uri, catalog=st.catalog, dataset=dataset)
         st.outputs += [sets.chat_uri, sets.preference_uri, sets.prompt_uri]
