@@ -120,9 +120,12 @@ class DistillLoss:
     divergence: torch.Tensor  # () detached, mean D over counted tokens (at T, without the T² factor)
     hard_loss: torch.Tensor   # () detached, mean CE on the hard labels
 
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """Detached 0-d tensors (a training loop logs them without a host sync per step)."""
+        return {"divergence": self.divergence, "hard_loss": self.hard_loss}
+
     def metrics(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach()), "divergence": float(self.divergence),
-                "hard_loss": float(self.hard_loss)}
+        return {"loss": float(self.loss.detach()), **{k: float(v) for k, v in self.metric_tensors().items()}}
 
 
 def distill_loss(student_logits_NV: torch.Tensor, teacher: TopK, labels_N: torch.Tensor, *,

@@ -68,10 +68,13 @@ class PreferenceLoss:
     def accuracy(self) -> torch.Tensor:
         return (self.chosen_rewards_B > self.rejected_rewards_B).float().mean()
 
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """Detached 0-d tensors (a training loop logs them without a host sync per step)."""
+        return {"rewards/chosen": self.chosen_rewards_B.mean(), "rewards/rejected": self.rejected_rewards_B.mean(),
+                "rewards/margin": self.margins_B.mean(), "rewards/accuracy": self.accuracy}
+
     def metrics(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach()), "rewards/chosen": float(self.chosen_rewards_B.mean()),
-                "rewards/rejected": float(self.rejected_rewards_B.mean()),
-                "rewards/margin": float(self.margins_B.mean()), "rewards/accuracy": float(self.accuracy)}
+        return {"loss": float(self.loss.detach()), **{k: float(v) for k, v in self.metric_tensors().items()}}
 
 
 def preference_loss(policy_chosen_B: torch.Tensor, policy_rejected_B: torch.Tensor, ref_chosen_B: torch.Tensor,

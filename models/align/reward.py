@@ -34,6 +34,10 @@ class RewardLoss:
     accuracy: torch.Tensor      # () detached
     margin: torch.Tensor        # () detached, mean r_c − r_r
 
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """Detached 0-d tensors (a training loop logs them without a host sync per step)."""
+        return {"accuracy": self.accuracy, "margin": self.margin}
+
     def metrics(self) -> dict[str, float]:
         return {"loss": float(self.loss.detach()), "accuracy": float(self.accuracy), "margin": float(self.margin)}
 

@@ -198,7 +198,7 @@ def dpo_step_loss(policy, batch: dict[str, torch.Tensor], loss: DPOLossConfig, *
     ref_R = batch["ref_logps"].to(logps_R.device)
     pref = preference_loss(logps_R[:B], logps_R[B:], ref_R[:B], ref_R[B:], beta=loss.beta, method=loss.loss,
                            label_smoothing=loss.label_smoothing)
-    return pref.loss, out, pref.metrics()
+    return pref.loss, out, pref.metric_tensors()
 
 
 class DPOObjective:

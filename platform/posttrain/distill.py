@@ -188,7 +188,7 @@ def distill_step_loss(student, rows_BT1: torch.Tensor, top: TopK, loss: DistillL
                     top.indices_NK.reshape(-1, top.k).to(out.logits.device))
     d = distill_loss(out.logits.reshape(-1, V), flat_top, labels_BT.reshape(-1), kind=loss.divergence,
                      beta=loss.jsd_beta, temperature=loss.temperature, alpha=loss.alpha, tail=loss.tail)
-    return d.loss, out, d.metrics()
+    return d.loss, out, d.metric_tensors()
 
 
 class RowPool:

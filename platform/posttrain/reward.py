@@ -65,7 +65,7 @@ def reward_step_loss(model, batch: dict[str, torch.Tensor], loss: BTLossConfig, 
     out = model(batch["input_ids"], batch["lengths"], with_losses=with_losses)
     B = P.num_pairs(batch)
     bt = bradley_terry_loss(out.rewards_B[:B], out.rewards_B[B:], margin=loss.margin, centering=loss.centering)
-    return bt.loss, out, bt.metrics()
+    return bt.loss, out, bt.metric_tensors()
 
 
 class RewardObjective:
