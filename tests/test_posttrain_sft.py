@@ -96,8 +96,18 @@ def test_lora_sft_registers_a_child_version_with_export_adapter_and_expert_load(
     hf = store.read_artifact(result.hf_uri)
     names = set(hf.names())
     assert {"config.json", "tokenizer.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= names
-    with_merged = H.import_hf(hf.download(world["root"] / "sft-hf"))
+    local = hf.download(world["root"] / "sft-hf")
+    with_merged = H.import_hf(local).eval()
     assert not any("lora" in k for k in with_merged.state_dict())
+    # the PEFT folder on the INPUT model's export computes what the merged export computes
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    base_dir = store.read_artifact(world["base_uri"]).download(world["root"] / "base-dl")
+    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                                             str(local / "adapter")).eval()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = with_merged(ids).logits, adapted(input_ids=ids).logits
+    assert float((ours - theirs).norm() / ours.norm()) < 1e-4
     counts = __import__("numpy").load(__import__("io").BytesIO(
         store.read_artifact(result.expert_load_uri).get_bytes("expert_load.npz")))["counts"]
     assert counts.shape[0] == 3 and counts.sum() > 0  # a window per log interval (steps 2, 4, 6)

@@ -287,8 +287,9 @@ class Trainer:
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if counts_LE is not None and self.update_router_bias and hasattr(self.model, "apply_router_bias_update"):
-            self.model.apply_router_bias_update(counts_LE.to(torch.float32))
+        if counts_LE is not None and hasattr(self.model, "apply_router_bias_update"):
+            if self.update_router_bias:
+                self.model.apply_router_bias_update(counts_LE.to(torch.float32))
             self.last_counts_LE = counts_LE
             self.interval_counts_LE += counts_LE
             self.cumulative_counts_LE += counts_LE

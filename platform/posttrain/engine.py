@@ -97,7 +97,8 @@ class PostTrainConfig(StageConfig):
     bytes_per_token: Optional[float] = Field(None, gt=0, description="unused by post-training (bits per byte)")
     peak_flops: float = Field(798e12, gt=0, description="MFU denominator: peak FLOP/s of one accelerator")
     # MoE balancing, per stage (None keeps the input model's setting)
-    router_bias_update: bool = Field(True, description="keep the aux-loss-free router-bias update running")
+    router_bias_update: Optional[bool] = Field(None, description="keep the aux-loss-free router-bias update running "
+                                                                 "(None: the stage's default, on except for LoRA)")
     bias_update_gamma: Optional[float] = Field(None, ge=0, le=1, description="router-bias step size (None: the model's)")
     seq_aux_alpha: Optional[float] = Field(None, ge=0, le=1, description="sequence-wise balance loss weight (None: the model's)")
     z_loss_weight: Optional[float] = Field(None, ge=0, le=1, description="router z-loss weight (None: the model's)")
@@ -111,6 +112,10 @@ class PostTrainConfig(StageConfig):
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.seq_len * self.micro_batch_size * self.grad_accum_steps * world_size
+
+    def bias_update_enabled(self) -> bool:
+        """Whether the router biases keep updating (a stage may change the default of None)."""
+        return True if self.router_bias_update is None else self.router_bias_update
 
     def balancing_overrides(self) -> dict[str, float]:
         """ModelConfig fields this stage changes (``router_bias_update`` is the trainer's switch, not a field)."""
@@ -226,7 +231,7 @@ class PostTrainer(Trainer):
         self.objective = objective
         # off: the biases stay as the input model had them (routing still uses them); gamma = 0 would not
         # do, the update also re-centres the biases
-        self.update_router_bias = bool(getattr(cfg, "router_bias_update", True))
+        self.update_router_bias = cfg.bias_update_enabled() if hasattr(cfg, "bias_update_enabled") else True
 
     def _split(self, batch):
         if self.objective is None:

@@ -60,6 +60,13 @@ class SFTConfig(PostTrainConfig):
                          targets=tuple(self.lora_targets))  # names the bad target
         return self
 
+    def bias_update_enabled(self) -> bool:
+        """LoRA keeps the router biases frozen by default: a PEFT adapter carries no buffers, so the adapter on
+        the input export would route differently from the merged model if the biases had moved."""
+        if self.router_bias_update is None:
+            return self.method != "lora"
+        return self.router_bias_update
+
     def lora_config(self) -> L.LoRAConfig:
         return L.LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
                             targets=tuple(self.lora_targets), last_k_layers=self.last_k_layers, init_seed=self.seed)
@@ -93,6 +100,9 @@ def build_sft(job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
     elif cfg.last_k_layers:
         L.freeze_except_last_layers(model, cfg.last_k_layers)
     lora_cfg = cfg.lora_config() if cfg.method == "lora" else None
+    if lora_cfg is not None and cfg.export_adapter and cfg.bias_update_enabled():
+        log.warning("sft lora with router_bias_update=true: the PEFT adapter does not carry the updated routing "
+                    "biases, so only the merged export reproduces the fine-tuned model")
 
     def export_model(m):
         return _merged_copy(m)
