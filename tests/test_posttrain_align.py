@@ -162,3 +162,29 @@ def test_align_stage_stores_the_reference_once_and_registers_a_child(world):
     again = A.run_align(cfg, store, tracker=NoopTracker(), **run)
     assert again.checkpoint_uri == result.checkpoint_uri and again.after == result.after
     assert store.read_artifact(result.reference_uri).content_hash == digest
+
+
+def test_dpo_objective_uses_the_batch_reference_in_row_order():
+    """The engine objective on a batch equals the DPO formula computed from separately scored rows and the
+    batch's own (arbitrary) reference numbers — a reference ignored or misaligned changes the loss."""
+    import math
+
+    from moeflow.models.align.dpo import pair_logprobs
+
+    model = tiny_model().eval()
+    pairs = pair_set(vocab_pairs(3, seed=4))
+    pairs.reference = torch.tensor([[-3.0, -9.0], [-20.0, -1.0], [-5.0, -5.5]])
+    batch = pairs.batch([2, 0, 1])
+    cfg = A.AlignConfig(beta=0.3)
+    with torch.no_grad():
+        out = A.DPOObjective(cfg)(model, batch)
+        expected = 0.0
+        for j, i in enumerate([2, 0, 1]):
+            one = pairs.batch([i])
+            logps, _ = pair_logprobs(model, one)
+            ref_c, ref_r = pairs.reference[i].tolist()
+            h = (float(logps[0]) - ref_c) - (float(logps[1]) - ref_r)
+            expected += math.log1p(math.exp(-cfg.beta * h)) / 3
+    assert out.loss.item() == pytest.approx(expected, rel=1e-4)
+    assert float(A.DPOObjective(cfg).count(batch)) == 3
+    assert set(out.aux) >= {"tokens_per_expert", "balance_loss"}

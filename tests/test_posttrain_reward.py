@@ -73,3 +73,27 @@ def test_bad_preference_data_is_one_line(world, tmp_path):
     data = R.load_pairs(str(good), world["tokenizer"], _cfg(heldout_fraction=0.3), 48)
     assert data.stats["quarantined"] == 1 and data.stats["train_pairs"] + data.stats["heldout_pairs"] == 60
     assert 5 <= data.stats["heldout_pairs"] <= 30
+
+
+def test_reward_objective_is_bradley_terry_on_separately_scored_rows(world):
+    """The engine objective on a batch equals −log σ(r_c − r_r − m) + c·(r_c + r_r)² over pairs, with each
+    row's reward computed alone (chosen rows first, then rejected: a swapped half changes the sign)."""
+    import math
+
+    from moeflow.models import hf as H
+    from moeflow.models.align.reward import RewardModel
+
+    local = world["store"].read_artifact(world["base_uri"]).download(world["root"] / "objective-base")
+    model = RewardModel(H.import_hf(local)).eval()
+    data = R.load_pairs(world["sets"].preference_uri, world["tokenizer"], _cfg(), 48)
+    batch = data.train.batch([0, 1, 2])
+    cfg = _cfg(margin=0.5, centering=0.1)
+    with torch.no_grad():
+        out = R.RewardObjective(cfg)(model, batch)
+        expected = 0.0
+        for i in range(3):
+            one = data.train.batch([i])
+            r_c, r_r = model(one["input_ids"], one["lengths"]).rewards_B.tolist()
+            expected += (math.log1p(math.exp(-(r_c - r_r - 0.5))) + 0.1 * (r_c + r_r) ** 2) / 3
+    assert out.loss.item() == pytest.approx(expected, rel=1e-4)
+    assert float(R.RewardObjective(cfg).count(batch)) == 3 and "tokens_per_expert" in out.aux
