@@ -93,19 +93,20 @@ def row(name: str, tokens_per_step: int, times: list[float], **extra) -> dict:
 
 
 # ------------------------------------------------------------------ ours
-def ours_sft(args, model, rows_NS1: torch.Tensor, device: str) -> dict:
+def ours_sft(args, model, rows_NS1: torch.Tensor, device: str, compile: bool = False) -> dict:
     from moeflow.platform.posttrain.engine import PostTrainConfig, PostTrainer
 
     cfg = PostTrainConfig(max_steps=10_000, lr=1e-5, micro_batch_size=args.batch, seq_len=args.seq, warmup_steps=0,
-                          log_every=10_000, weight_decay=0.0, grad_clip=1.0, checkpoint_every=0)
+                          log_every=10_000, weight_decay=0.0, grad_clip=1.0, checkpoint_every=0, compile=compile)
     batches = [{"input_ids": rows_NS1[i:i + args.batch, :-1], "targets": rows_NS1[i:i + args.batch, 1:]}
                for i in range(0, len(rows_NS1), args.batch)]
     trainer = PostTrainer(cfg, model, _cycle(batches), device=device)
     times = timed(trainer.train_step, args.warmup, args.steps, device)
-    return row("ours_sft", args.batch * args.seq, times)
+    return row("ours_sft_compiled" if compile else "ours_sft", args.batch * args.seq, times)
 
 
-def ours_dpo(args, model, pairs: list[tuple[list[int], list[int], list[int]]], device: str) -> dict:
+def ours_dpo(args, model, pairs: list[tuple[list[int], list[int], list[int]]], device: str,
+             compile: bool = False) -> dict:
     from moeflow.models.align import pairs as P
     from moeflow.platform.posttrain.align import AlignConfig, DPOObjective, reference_logprobs
     from moeflow.platform.posttrain.engine import PostTrainer
@@ -113,7 +114,8 @@ def ours_dpo(args, model, pairs: list[tuple[list[int], list[int], list[int]]], d
     rendered = [P.RenderedPair(p + c, [0] * len(p) + [1] * len(c), p + r, [0] * len(p) + [1] * len(r)) for p, c, r in pairs]
     pair_set = P.PairSet(rendered, pad_id=0)
     cfg = AlignConfig(max_steps=10_000, lr=1e-5, micro_batch_size=args.batch, seq_len=args.prompt + args.reply,
-                      warmup_steps=0, log_every=10_000, weight_decay=0.0, grad_clip=1.0, checkpoint_every=0, beta=0.1)
+                      warmup_steps=0, log_every=10_000, weight_decay=0.0, grad_clip=1.0, checkpoint_every=0, beta=0.1,
+                      compile=compile)
     t0 = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
         pair_set.reference = reference_logprobs(model, pair_set, average=False, batch_size=args.batch, device=device)
@@ -122,8 +124,8 @@ def ours_dpo(args, model, pairs: list[tuple[list[int], list[int], list[int]]], d
     batches = pair_set.batches(args.batch)
     trainer = PostTrainer(cfg, model, _cycle(batches), objective=DPOObjective(cfg), device=device)
     times = timed(trainer.train_step, args.warmup, args.steps, device)
-    return row("ours_dpo", 2 * args.batch * (args.prompt + args.reply), times, reference_precompute_s=ref_s,
-               pairs=len(pairs))
+    return row("ours_dpo_compiled" if compile else "ours_dpo", 2 * args.batch * (args.prompt + args.reply), times,
+               reference_precompute_s=ref_s, pairs=len(pairs))
 
 
 def _cycle(items):
@@ -220,6 +222,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", default="ours_sft,trl_sft,ours_dpo,trl_dpo", help="comma-separated benches")
     parser.add_argument("--trl-precompute", action="store_true", help="also TRL DPO with precompute_ref_log_probs")
+    parser.add_argument("--compile", action="store_true", help="last: our steps again with compile_blocks")
     parser.add_argument("--out", default=None, help="JSONL file to append to")
     args = parser.parse_args(argv)
     import os
@@ -283,8 +286,18 @@ def main(argv=None) -> None:
             if args.trl_precompute:
                 torch.cuda.empty_cache() if device == "cuda" else None
                 emit(trl_dpo(args, hf_dir, tokenizer, pairs, device, tmp, precompute=True))
+        if args.compile:  # last, so a compile that runs long costs no peer row
+            for name, fn in (("ours_sft", ours_sft), ("ours_dpo", ours_dpo)):
+                if name in only:
+                    model = build_model(args, device)
+                    model.load_state_dict(state)
+                    emit(fn(args, model, rows if name == "ours_sft" else pairs, device, compile=True))
+                    del model
+                    torch.cuda.empty_cache() if device == "cuda" else None
     by = {r["bench"]: r["tokens_per_s"] for r in results}
-    for ours, peer in (("ours_sft", "trl_sft"), ("ours_dpo", "trl_dpo"), ("ours_dpo", "trl_dpo_precomputed_ref")):
+    for ours, peer in (("ours_sft", "trl_sft"), ("ours_dpo", "trl_dpo"), ("ours_dpo", "trl_dpo_precomputed_ref"),
+                       ("ours_sft_compiled", "trl_sft"), ("ours_dpo_compiled", "trl_dpo"),
+                       ("ours_dpo_compiled", "trl_dpo_precomputed_ref")):
         if by.get(ours) and by.get(peer):
             print(f"{ours} / {peer} = {by[ours] / by[peer]:.2f}x", flush=True)
 

@@ -34,3 +34,28 @@ def make_world(root, data: GeneratedDataConfig = DATA) -> dict:
     base_id = catalog.register_model("moe-tiny", base_uri, "base")
     return {"store": store, "catalog": catalog, "sets": sets, "base_uri": base_uri, "base_id": base_id,
             "root": root, "tokenizer": tok}
+
+
+LEARNABLE_TASKS = ("Sort the list", "Reverse the list", "How many letters")
+
+
+def learnable_pairs(store, sets, path, shuffle: bool = False, seed: int = 0) -> str:
+    """The generated pairs whose corruption a tiny model can learn to spot in a few hundred CPU steps —
+    list answers with two entries swapped and wrong letter counts — as one JSONL folder (train + heldout);
+    ``shuffle`` swaps chosen and rejected in exactly half the TRAIN pairs (the control)."""
+    import json
+    import random
+
+    from moeflow.platform.posttrain.data import to_jsonl
+
+    path.mkdir(parents=True, exist_ok=True)
+    art = store.read_artifact(sets.preference_uri)
+    for split in ("train", "heldout"):
+        rows = [json.loads(line) for line in art.get_bytes(f"{split}.jsonl").decode().splitlines()]
+        rows = [r for r in rows if r["prompt"].startswith(LEARNABLE_TASKS)]
+        if shuffle and split == "train":
+            flip = set(random.Random(seed).sample(range(len(rows)), len(rows) // 2))
+            rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in flip else r
+                    for i, r in enumerate(rows)]
+        (path / f"{split}.jsonl").write_bytes(to_jsonl(rows))
+    return str(path)
