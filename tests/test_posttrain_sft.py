@@ -212,3 +212,31 @@ def test_sft_learns_the_heldout_assistant_tokens_and_answers(world):
     before, after = result.before, result.after
     assert after["assistant_loss"] < 0.5 * before["assistant_loss"], (before, after)
     assert after["exact_match"] > before["exact_match"] + 0.05, (before, after)
+
+
+@pytest.mark.slow
+def test_two_ray_workers_lora_sft_survives_a_killed_worker(world, tmp_path):
+    """The same launch path as pretraining: Ray Train, 2 gloo workers (DDP over the LoRA parameters),
+    rank 1 SIGKILLed after step 4 on the first attempt; FailureConfig restarts the group from step 3."""
+    from moeflow.platform.compute import ensure_ray
+
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
+    ensure_ray()
+    try:
+        result = run_sft(_cfg(method="lora", lora_rank=4, micro_batch_size=4, exact_match_max_prompts=0),
+                         world["store"], model_uri=world["base_uri"], data_uri=world["sets"].chat_uri,
+                         output_prefix="runs/sft-ray", tracker=NoopTracker(), catalog=world["catalog"],
+                         parent_model_id=world["base_id"], num_workers=2,
+                         extra_job={"fault_step": 4, "fault_rank": 1, "fault_marker": str(tmp_path / "killed")})
+    finally:
+        import ray
+
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous
+    assert (tmp_path / "killed").exists()  # the fault happened
+    assert result.steps == 6 and result.after["assistant_loss"] < result.before["assistant_loss"]
+    assert world["catalog"].get_model(result.model_id)["parent_model_id"] == world["base_id"]
