@@ -89,12 +89,16 @@ class CacheStep:
 
 def prepare_attention(input_ids_BT: torch.Tensor, positions: torch.Tensor | None,
                       attention_mask_BS: torch.Tensor | None, cache: MLACache | None,
-                      cache_position: torch.Tensor | None):
+                      cache_position: torch.Tensor | None, document_ids_BT: torch.Tensor | None = None):
     """RoPE positions (B, T), the boolean attention mask (B, 1, T, S) or None (plain causal), and the
     cache step (None without a cache). With a cache this also writes the key mask / real-token counts
     and advances ``cache.length`` (dynamic mode). See ``MoETransformer`` for the argument semantics."""
     B, T = input_ids_BT.shape
     dev = input_ids_BT.device
+    if document_ids_BT is not None:
+        if cache is not None or attention_mask_BS is not None:
+            raise ValueError("document_ids_BT is for packed training rows: not with a cache or attention_mask_BS")
+        return document_attention(document_ids_BT.to(dev), positions)
     if cache is None:
         if attention_mask_BS is None:
             pos = positions if positions is not None else torch.arange(T, device=dev).expand(B, T)
@@ -121,6 +125,28 @@ def prepare_attention(input_ids_BT: torch.Tensor, positions: torch.Tensor | None
     cache.num_real_B.add_(new_real_BT.sum(1))
     mask = _attention_mask(slots_T, torch.arange(num_keys, device=dev), cache.key_mask_BS[:, :num_keys])
     return positions, mask, CacheStep(cache, slots_T, num_keys, mask)
+
+
+def document_attention(document_ids_BT: torch.Tensor, positions: torch.Tensor | None = None):
+    """Packed rows of several documents: block-diagonal causal mask and per-document positions.
+
+    A token attends only to earlier tokens of its own document, and RoPE positions restart at 0 at
+    each document start, so every document computes exactly what it would alone. Documents are
+    runs of equal ids (a change of id starts a new one). Returns (positions (B, T), mask (B, 1, T, T), None).
+    """
+    B, T = document_ids_BT.shape
+    dev = document_ids_BT.device
+    starts_BT = torch.ones(B, T, dtype=torch.bool, device=dev)
+    starts_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
+    run_BT = starts_BT.long().cumsum(dim=1)  # 1, 1, 2, 2, 2, 3, ...: a repeated id later is a new document
+    same_BTT = run_BT[:, :, None] == run_BT[:, None, :]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    if positions is None:
+        idx_BT = torch.arange(T, device=dev).expand(B, T)
+        # index of each token's document start: running max of the start positions
+        start_idx_BT = torch.where(starts_BT, idx_BT, torch.zeros_like(idx_BT)).cummax(dim=1).values
+        positions = idx_BT - start_idx_BT
+    return positions, (same_BTT & causal_TT[None])[:, None], None
 
 
 def _attention_mask(q_slots_T, k_slots_S, key_real_BS) -> torch.Tensor:

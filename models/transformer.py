@@ -44,6 +44,9 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     aux: dict = field(default_factory=dict)
     hidden: torch.Tensor | None = None  # (B, T, D) final-normed hidden states when return_hidden
+    # the objective's attached terms (with targets): "lm_loss", "mtp_losses" (one per depth), "balance_loss"
+    # (seq_aux + z + lb); a loop that weights micro-batches by their target counts rebuilds loss from them
+    terms: dict = field(default_factory=dict)
 
 
 class DecoderLayer(nn.Module):
@@ -92,6 +95,10 @@ class MoETransformer(nn.Module):
       written at slots [cache.length, cache.length + T) (or at ``cache_position`` (T,) int64, the
       static CUDA-graph mode) and attend to every earlier real slot. Prefill = a call with the
       prompt, decode = calls with T = 1. Logits equal the full forward's.
+    - document_ids_BT (B, T): packed rows of several documents (runs of equal ids): attention is
+      block-diagonal causal and RoPE positions restart per document (no cache, no attention_mask_BS).
+    - with_losses: compute the balancing losses (default: when targets are given); without targets
+      they are only in ``terms["balance_loss"]`` (attached) and aux.
     - forced_routing: list (one per MoE layer, MTP excluded) of (B, T, K) expert ids to replay.
     - return_router_choices: aux["router_choices"] = (L_main, B, T, K) chosen expert ids.
     - MTP runs only when targets are given and no cache is used.
@@ -179,9 +186,12 @@ class MoETransformer(nn.Module):
                 positions: torch.Tensor | None = None, attention_mask_BS: torch.Tensor | None = None,
                 cache: MLACache | None = None, cache_position: torch.Tensor | None = None,
                 forced_routing: list[torch.Tensor] | None = None, last_logits_only: bool = False,
-                return_hidden: bool = False, return_router_choices: bool = False) -> ModelOutput:
+                return_hidden: bool = False, return_router_choices: bool = False,
+                document_ids_BT: torch.Tensor | None = None, with_losses: bool | None = None) -> ModelOutput:
         cfg = self.cfg
-        positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position)
+        with_losses = targets is not None if with_losses is None else with_losses
+        positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position,
+                                                  document_ids_BT)
         cos, sin = self.rotary(positions)
         x_BTD = self.model.embed_tokens(input_ids_BT)
         all_stats: list[MoEStats] = []
@@ -190,7 +200,7 @@ class MoETransformer(nn.Module):
             forced = None
             if forced_routing is not None and layer.is_moe:
                 forced, moe_i = forced_routing[moe_i], moe_i + 1
-            x_BTD, stats = layer(x_BTD, cos, sin, mask, step, forced, targets is not None)
+            x_BTD, stats = layer(x_BTD, cos, sin, mask, step, forced, with_losses)
             if stats is not None:
                 all_stats.append(stats)
         num_main_stats = len(all_stats)
@@ -199,24 +209,31 @@ class MoETransformer(nn.Module):
 
         zero = logits.new_zeros((), dtype=torch.float32)
         lm_loss = mtp_loss = zero
+        mtp_losses: list[torch.Tensor] = []
         if targets is not None:
             lm_loss = self._loss_fn(logits, targets)
             if self.mtp and cache is None:
-                mtp_loss = self._mtp_loss(x_BTD, input_ids_BT, targets, cos, sin, mask, all_stats)
+                mtp_losses = self._mtp_losses(x_BTD, input_ids_BT, targets, cos, sin, mask, all_stats)
+                mtp_loss = torch.stack(mtp_losses).mean()
         seq_aux = sum((s.seq_aux_loss for s in all_stats), zero)
         z = sum((s.z_loss for s in all_stats), zero)
         lb = sum((s.lb_loss for s in all_stats), zero)
         loss = None
+        terms = {}
         if targets is not None:
             loss = lm_loss + cfg.mtp_loss_weight * mtp_loss + seq_aux + z + lb
+            terms = {"lm_loss": lm_loss, "mtp_losses": mtp_losses, "balance_loss": seq_aux + z + lb}
+        elif with_losses:  # e.g. a reward model or DPO: no LM targets, balancing losses still wanted
+            terms = {"balance_loss": seq_aux + z + lb}
         aux = {"lm_loss": lm_loss.detach(), "mtp_loss": mtp_loss.detach(), "seq_aux_loss": seq_aux.detach(),
                "z_loss": z.detach(), "lb_loss": lb.detach(), **self._router_stats(all_stats)}
         if return_router_choices:
             aux["router_choices"] = (torch.stack([s.topk_idx_BTK for s in all_stats[:num_main_stats]])
                                      if num_main_stats else None)
-        return ModelOutput(logits, loss, aux, normed_BTD if return_hidden else None)
+        return ModelOutput(logits, loss, aux, normed_BTD if return_hidden else None, terms)
 
-    def _mtp_loss(self, h_BTD, input_ids_BT, targets_BT, cos, sin, mask, all_stats) -> torch.Tensor:
+    def _mtp_losses(self, h_BTD, input_ids_BT, targets_BT, cos, sin, mask, all_stats) -> list[torch.Tensor]:
+        """Mean CE of each MTP depth (attached), in depth order."""
         losses = []
         for j, module in enumerate(self.mtp):
             depth = j + 1
@@ -225,7 +242,7 @@ class MoETransformer(nn.Module):
             if stats is not None:
                 all_stats.append(stats)
             losses.append(self._loss_fn(self.lm_head(normed_BTD), mtp_targets(targets_BT, depth)))
-        return torch.stack(losses).mean()
+        return losses
 
     def _router_stats(self, all_stats: list[MoEStats]) -> dict:
         if not all_stats:

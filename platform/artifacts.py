@@ -40,3 +40,13 @@ def expert_load_key(output_prefix: str) -> str:
 
 def is_expert_load_uri(uri: str) -> bool:
     return uri.rstrip("/").endswith(f"/{EXPERT_LOAD_DIR}")
+
+
+def stage_model_name(run_name: str, stage: str) -> str:
+    """The registered model a stage writes: ``run_name`` for pretraining, ``<run_name>-<stage>`` after it."""
+    return run_name if stage == "pretrain" else f"{run_name}-{stage}"
+
+
+def posttrain_data_name(dataset: str, kind: str) -> str:
+    """Catalog name of a generated post-training set: ``<dataset>-chat`` / ``-preference`` / ``-prompt``."""
+    return f"{dataset}-{kind}"

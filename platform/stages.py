@@ -18,7 +18,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from . import artifacts as A
 from .config import StageConfig, closest
@@ -27,6 +27,11 @@ from .config import StageConfig, closest
 def _load(entrypoint: str):
     module_name, attr = entrypoint.split(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def load_entrypoint(entrypoint: str):
+    """Import ``module:attr`` by name: the one place that does (flows, configs, post-training builders)."""
+    return _load(entrypoint)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,10 @@ WORK_POOL = "moeflow-local"
 _CURATED = StageInput("curated_uri", A.CURATED, lambda o: A.curated_name(o["dataset"]), "curate", "curated dataset")
 _TOKENS = StageInput("tokens_uri", A.TOKENS, lambda o: A.tokens_name(o["dataset"]), "tokenize", "token shards")
 _MODEL = StageInput("checkpoint_uri", A.MODEL, lambda o: o["run_name"], "pretrain", "trained model")
+_PRETRAINED = StageInput("model", A.MODEL, lambda o: A.stage_model_name(o["run_name"], "pretrain"), "pretrain",
+                         "pretrained model")
+
+_SFT = StageInput("model", A.MODEL, lambda o: A.stage_model_name(o["run_name"], "sft"), "sft", "fine-tuned model")
 
 _SPECS = (
     StageSpec("smoke", "moeflow.flows.smoke:smoke", "moeflow.platform.smoke:SmokeConfig", (), (A.CURATED,),
@@ -78,6 +87,22 @@ _SPECS = (
               (A.CURATED,), (A.TOKENIZER, A.TOKENS), "curated dataset -> tokenizer + token shards", (_CURATED,)),
     StageSpec("pretrain", "moeflow.flows.pretrain:pretrain", "moeflow.platform.train.config:PretrainConfig",
               (A.TOKENS,), (A.MODEL, A.EXPERT_LOAD), "token shards -> MoE checkpoint + HF export", (_TOKENS,)),
+    StageSpec("posttrain_data", "moeflow.flows.posttrain_data:posttrain_data",
+              "moeflow.platform.posttrain.generated:GeneratedDataConfig", (A.CURATED,),
+              (A.CHAT_DATA, A.PREFERENCE_DATA, A.PROMPT_DATA),
+              "built-in post-training sets: stdlib instructions, arithmetic with exact answers, corrupted pairs"),
+    StageSpec("sft", "moeflow.flows.sft:sft", "moeflow.platform.posttrain.sft:SFTConfig", (A.MODEL, A.CHAT_DATA),
+              (A.MODEL, A.EXPERT_LOAD), "model version + chat data -> supervised fine-tuned model (full, last-k, LoRA)",
+              (_PRETRAINED,)),
+    StageSpec("reward", "moeflow.flows.reward:reward", "moeflow.platform.posttrain.reward:RewardConfig",
+              (A.MODEL, A.PREFERENCE_DATA), (A.MODEL, A.EXPERT_LOAD),
+              "model version + preference pairs -> Bradley-Terry reward model (alias 'reward')", (_SFT,)),
+    StageSpec("align", "moeflow.flows.align:align", "moeflow.platform.posttrain.align:AlignConfig",
+              (A.MODEL, A.PREFERENCE_DATA), (A.MODEL, A.EXPERT_LOAD),
+              "model version + preference pairs -> DPO / IPO / cDPO aligned model", (_SFT,)),
+    StageSpec("distill", "moeflow.flows.distill:distill", "moeflow.platform.posttrain.distill:DistillConfig",
+              (A.MODEL, A.TOKENS), (A.MODEL, A.EXPERT_LOAD),
+              "teacher model version + token shards -> smaller student (top-k KD / JSD)", (_PRETRAINED, _TOKENS)),
     StageSpec("evaluate", "moeflow.flows.evaluate:evaluate", "moeflow.platform.train.evaluate:EvaluateConfig",
               (A.MODEL, A.TOKENS), (A.EVAL_RESULTS,), "model -> validation loss, bits per byte", (_MODEL, _TOKENS)),
     StageSpec("pipeline", "moeflow.flows.pipeline:pipeline", None, (), (), "every stage in order"),
@@ -165,6 +190,24 @@ class RunOptions(StageConfig):
     curated_uri: Optional[str] = Field(None, description="tokenize this curated artefact instead of the newest one")
     tokens_uri: Optional[str] = Field(None, description="train/evaluate on these token shards instead of the newest")
     checkpoint_uri: Optional[str] = Field(None, description="evaluate this checkpoint instead of the newest model")
+    model: Optional[str] = Field(None, description="post-train this model version (catalog id, name@alias or HF-export "
+                                                   "URI) instead of the newest of the previous stage")
+    data_uri: Optional[str] = Field(None, description="post-training data (JSONL file or artefact) instead of the "
+                                                      "built-in generated sets")
+    prompts_uri: Optional[str] = Field(None, description="held-out prompts with exact answers ({prompt, answer} JSONL) "
+                                                         "for the exact-match figure")
+    skip: list[str] = Field(default_factory=list, description="stages the pipeline does not run (e.g. [reward, align]); "
+                                                              "later stages start from the last stage that ran")
+
+    @field_validator("skip")
+    @classmethod
+    def _known_stages(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in STAGES or name in ("pipeline", "smoke"):
+                near = closest(name, STAGES)
+                hint = f" (did you mean {near!r}?)" if near else ""
+                raise ValueError(f"skip: unknown stage {name!r}{hint}")
+        return names
 
 
 def validate_recipe(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,9 @@ protocol. Nothing here imports Ray, MLflow or the object store.
 
 One optimiser step (``Trainer.train_step``):
 
-1. ``grad_accum_steps`` micro-batches: forward under bf16 autocast on CUDA (fp32 on CPU), backward
-   of ``out.loss / grad_accum_steps``; ``out.loss`` is the objective ``assemble_loss`` spells out
-   (lm + λ·mtp + seq_aux + z + lb), whose parts are logged separately.
+1. ``grad_accum_steps`` micro-batches: forward under bf16 autocast on CUDA (fp32 on CPU) and
+   backward of that micro-batch's share of the objective ``assemble_loss`` spells out
+   (lm + λ·mtp + seq_aux + z + lb), whose parts are logged separately (see "Token weighting").
    DDP gradient sync only on the last micro-batch (``no_sync``); FSDP2 likewise
    (``set_requires_gradient_sync``).
 2. Router tokens-per-expert counts summed over the micro-batches, then all-reduced (SUM) over
@@ -20,10 +20,20 @@ One optimiser step (``Trainer.train_step``):
 4. ``model.apply_router_bias_update(global_counts)`` — once per optimiser step, after the
    step (the bias is a buffer, no gradient), identical on every rank because the counts are.
 
-Per-token mean losses are exact for the global batch because packed rows have no padding:
-every micro-batch has the same number of targets, so averaging per-micro-batch means is
-the global mean. Loss parts are reduced across ranks only on log steps (one small
-all-reduce), so non-log steps never synchronise the host.
+Token weighting: the LM loss (and each MTP depth's) is the sum of per-token losses over the valid
+targets (!= -100) of the WHOLE global batch ÷ the global count of valid targets — not a mean of
+micro-batch means, which over-weights the tokens of sparsely masked micro-batches (SFT masks all
+but the assistant tokens; MTP drops boundary targets). The counts of every micro-batch are known
+before the first forward (the targets are), so they are all-reduced once per step, and micro-batch
+m backpropagates ``W · mean_m · n_m / N`` (W ranks: DDP/FSDP average gradients over ranks). The
+balancing losses stay per-micro-batch means averaged over micro-batches and ranks. For packed
+pretraining rows without masks every n_m is N/(k·W) and this is exactly the old ``loss / k``.
+Loss parts are reduced across ranks only on log steps (one small all-reduce), so non-log steps
+never synchronise the host.
+
+A batch is a ``(B, T + 1)`` token tensor (inputs and next-token targets are its two shifts) or a
+dict with ``input_ids`` (B, T), ``targets`` (B, T) (-100 = no loss) and optionally
+``document_ids`` (B, T) for rows packed from several documents (block-diagonal attention).
 
 Shape suffixes: B rows, T tokens per row, L MoE layers, E routed experts.
 """
@@ -39,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..mtp import IGNORE_INDEX, mtp_targets
 from .metrics import ThroughputMeter, mfu
 from .optim import build_adamw, set_lr
 from .schedules import lr_at
@@ -178,7 +189,10 @@ class Trainer:
         self.world_size = dist.get_world_size() if _distributed() else 1
         self.optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                                      eps=cfg.eps, decay_embeddings=cfg.decay_embeddings)
-        self.mtp_loss_weight = float(getattr(model.cfg, "mtp_loss_weight", 0.0)) if getattr(model.cfg, "mtp_depth", 0) else 0.0
+        self.mtp_depth = int(getattr(model.cfg, "mtp_depth", 0))
+        self.mtp_loss_weight = float(getattr(model.cfg, "mtp_loss_weight", 0.0)) if self.mtp_depth else 0.0
+        self.last_target_counts: torch.Tensor | None = None  # (1 + mtp_depth,) of the last step, global
+        self.update_router_bias = True  # a post-training stage may freeze the balancing biases
         # autocast is for fp32 weights; with bf16 weights it only adds casts, and (measured on an H100,
         # bench_ref) it made activations fp32 in places, which pushed the MoE experts off their
         # grouped-GEMM path: 5x slower. "auto" therefore autocasts only fp32-weight models on CUDA.
@@ -222,11 +236,40 @@ class Trainer:
         if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP2 module
             self.wrapped.set_requires_gradient_sync(enabled)
 
-    def _split(self, batch_BT1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+    def _split(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(inputs (B, T), targets (B, T), extra forward kwargs) of a tensor or dict batch (see above)."""
+        if isinstance(batch, dict):
+            inputs_BT = batch["input_ids"].to(self.device, non_blocking=True)
+            targets_BT = batch["targets"].to(self.device, non_blocking=True)
+            docs = batch.get("document_ids")
+            extra = {"document_ids_BT": docs.to(self.device, non_blocking=True)} if docs is not None else {}
+        else:
+            batch_BT1 = batch.to(self.device, non_blocking=True)
+            inputs_BT, targets_BT, extra = batch_BT1[:, :-1], batch_BT1[:, 1:], {}
         if self.boundary_id is not None:
             targets_BT = targets_BT.masked_fill(targets_BT == self.boundary_id, -100)
-        return inputs_BT, targets_BT
+        return inputs_BT, targets_BT, extra
+
+    def _target_counts(self, targets_BT: torch.Tensor) -> torch.Tensor:
+        """Valid targets of the LM loss and of each MTP depth, (1 + depth,) float64."""
+        counts = [(targets_BT != IGNORE_INDEX).sum()]
+        counts += [(mtp_targets(targets_BT, d) != IGNORE_INDEX).sum() for d in range(1, self.mtp_depth + 1)]
+        return torch.stack(counts).double()
+
+    def weighted_objective(self, out, counts: torch.Tensor, global_counts: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the token-weighted global objective (see "Token weighting").
+
+        ``counts`` are this micro-batch's valid targets (LM, then each MTP depth), ``global_counts``
+        those of the whole global batch; the result's gradient, summed over micro-batches and
+        averaged over ranks, is the gradient of the one-big-batch objective.
+        """
+        terms = out.terms
+        share = (counts / global_counts.clamp_min(1)).to(terms["lm_loss"].dtype) * self.world_size
+        loss = terms["lm_loss"] * share[0]
+        mtp = terms.get("mtp_losses") or []
+        if mtp and self.mtp_loss_weight:
+            loss = loss + self.mtp_loss_weight / len(mtp) * sum(m * share[1 + j] for j, m in enumerate(mtp))
+        return loss + terms["balance_loss"] / self.cfg.grad_accum_steps
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -234,31 +277,8 @@ class Trainer:
         lr = lr_at(self.step, schedule=cfg.schedule, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                    total_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
         set_lr(self.optimizer, lr)
-        parts = {name: torch.zeros((), device=self.device) for name in ("loss",) + LOSS_PARTS}
-        counts_LE = None
-        entropy_L = None
-        for micro in range(cfg.grad_accum_steps):
-            batch_BT1 = next(self.train_batches).to(self.device, non_blocking=True)
-            inputs_BT, targets_BT = self._split(batch_BT1)
-            last = micro == cfg.grad_accum_steps - 1
-            self._set_fsdp_sync(last)
-            with self._sync_context(last):
-                with self._autocast():
-                    out = self.forward_module(inputs_BT, targets=targets_BT)
-                    loss = out.loss  # == assemble_loss(out.aux, λ); aux parts are detached copies
-                (loss / cfg.grad_accum_steps).backward()
-            parts["loss"] += loss.detach().float()
-            for name in LOSS_PARTS:
-                if name in out.aux:
-                    parts[name] += out.aux[name].detach().float()
-            tpe = out.aux.get("tokens_per_expert")
-            if tpe is not None and tpe.numel():
-                counts_LE = tpe.detach().double() if counts_LE is None else counts_LE + tpe.detach().double()
-            ent = out.aux.get("router_entropy")
-            if ent is not None and torch.is_tensor(ent) and ent.numel():
-                ent = ent.detach().float().reshape(-1)
-                entropy_L = ent if entropy_L is None else entropy_L + ent
-        self._set_fsdp_sync(True)
+        micro_batches = [self._split(next(self.train_batches)) for _ in range(cfg.grad_accum_steps)]
+        parts, counts_LE, entropy_L = self.accumulate_gradients(micro_batches)
 
         # global expert counts: summed over micro-batches (above) and ranks (here)
         if counts_LE is not None:
@@ -268,7 +288,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if counts_LE is not None and hasattr(self.model, "apply_router_bias_update"):
-            self.model.apply_router_bias_update(counts_LE.to(torch.float32))
+            if self.update_router_bias:
+                self.model.apply_router_bias_update(counts_LE.to(torch.float32))
             self.last_counts_LE = counts_LE
             self.interval_counts_LE += counts_LE
             self.cumulative_counts_LE += counts_LE
@@ -295,6 +316,48 @@ class Trainer:
             callback(self, self.step, metrics)
         return metrics
 
+    def accumulate_gradients(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor, dict]]):
+        """Forward + backward of one step's micro-batches (``_split`` triples), token-weighted.
+
+        Returns (loss parts of this rank, each already in per-rank units so that the mean over
+        ranks is the global value; router counts (L, E) summed over micro-batches or None; router
+        entropy summed over micro-batches or None). Gradients accumulate in ``.grad``.
+        """
+        k = len(micro_batches)
+        counts_MC = torch.stack([self._target_counts(t) for _, t, _ in micro_batches])  # (k, 1 + depth)
+        global_counts = counts_MC.sum(0)
+        if _distributed():
+            dist.all_reduce(global_counts, op=dist.ReduceOp.SUM)  # the one count reduction of the step
+        parts = {name: torch.zeros((), device=self.device) for name in ("loss",) + LOSS_PARTS}
+        counts_LE = entropy_L = None
+        for micro, (inputs_BT, targets_BT, extra) in enumerate(micro_batches):
+            last = micro == k - 1
+            self._set_fsdp_sync(last)
+            with self._sync_context(last):
+                with self._autocast():
+                    out = self.forward_module(inputs_BT, targets=targets_BT, **extra)
+                    loss = self.weighted_objective(out, counts_MC[micro], global_counts)
+                loss.backward()
+            share = (counts_MC[micro] / global_counts.clamp_min(1) * self.world_size).float()
+            parts["loss"] += loss.detach().float()
+            parts["lm_loss"] += out.aux["lm_loss"].detach().float() * share[0]
+            mtp = out.terms.get("mtp_losses") or []
+            if mtp:
+                parts["mtp_loss"] += sum(m.detach().float() * share[1 + j] for j, m in enumerate(mtp)) / len(mtp)
+            for name in ("seq_aux_loss", "z_loss", "lb_loss"):
+                if name in out.aux:
+                    parts[name] += out.aux[name].detach().float() / k
+            tpe = out.aux.get("tokens_per_expert")
+            if tpe is not None and tpe.numel():
+                counts_LE = tpe.detach().double() if counts_LE is None else counts_LE + tpe.detach().double()
+            ent = out.aux.get("router_entropy")
+            if ent is not None and torch.is_tensor(ent) and ent.numel():
+                ent = ent.detach().float().reshape(-1)
+                entropy_L = ent if entropy_L is None else entropy_L + ent
+        self._set_fsdp_sync(True)
+        self.last_target_counts = global_counts
+        return parts, counts_LE, entropy_L
+
     def _clip_gradients(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
@@ -306,7 +369,7 @@ class Trainer:
     def _accumulate_interval(self, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor,
                              entropy_L: torch.Tensor | None) -> None:
         k = self.cfg.grad_accum_steps
-        values = {name: value / k for name, value in parts.items()}
+        values = dict(parts)  # already the step's values (accumulate_gradients)
         values["grad_norm"] = grad_norm.to(self.device)
         if entropy_L is not None:
             values["router_entropy_L"] = entropy_L / k

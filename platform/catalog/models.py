@@ -23,6 +23,8 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from moeflow.platform import artifacts as A
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -37,7 +39,8 @@ URI_LEN = 1024
 HASH_LEN = 128
 
 RUN_STATUSES = ("running", "succeeded", "failed")
-DATASET_KINDS = ("dataset", "tokenizer", "tokens")
+DATASET_KINDS = (A.CURATED, A.TOKENIZER, A.TOKENS, A.EXPERT_LOAD, A.CHAT_DATA, A.PREFERENCE_DATA, A.PROMPT_DATA,
+                 A.EVAL_RESULTS)  # spelled once, in platform/artifacts.py
 EDGE_DIRECTIONS = ("input", "output")
 
 

@@ -1,0 +1,1 @@
+"""Post-training maths: SFT data packing (sft.py), LoRA (lora.py); reward/DPO/distillation losses beside them."""

@@ -1,0 +1,242 @@
+"""The sft stage on the post-training engine: lineage, export, resume after kill -9, balancing, learning."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models import hf as H
+from moeflow.models.tokenizer import train_bpe
+from moeflow.platform.catalog import Catalog
+from moeflow.platform.posttrain.engine import PostTrainJob, dead_experts, posttrain_worker, resolve_model
+from moeflow.platform.posttrain.generated import GeneratedDataConfig, write_generated_sets
+from moeflow.platform.posttrain.sft import BUILDER, SFTConfig, run_sft
+from moeflow.platform.store.local import LocalStore
+from moeflow.platform.tracking import NoopTracker
+from moeflow.platform.train.checkpoint import CheckpointManager
+from train_fakes import one_thread, tiny_model_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = GeneratedDataConfig(max_functions=0, num_arithmetic=700, max_operand=20, heldout_fraction=0.15)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A store with a tiny base model (HF export + tokenizer) registered in a catalog, and generated chat data."""
+    root = tmp_path_factory.mktemp("posttrain")
+    store = LocalStore(root / "store")
+    catalog = Catalog(f"sqlite:///{root / 'catalog.db'}")
+    sets = write_generated_sets(store, DATA, catalog=catalog)
+    texts = [json.dumps(r) for r in (store.read_artifact(sets.chat_uri).get_bytes("train.jsonl").decode().splitlines())]
+    tok = train_bpe(texts * 3, vocab_size=384)
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig.preset("tiny").replace(**{**tiny_model_overrides(tok.vocab_size),
+                                                                 "max_seq_len": 128}))
+    local = root / "base-hf"
+    H.export_hf(model, local, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    tok.save(local / "tokenizer.json")
+    with store.write_artifact("runs/base/hf") as w:
+        for p in sorted(local.iterdir()):
+            w.put_file(p.name, p)
+    base_uri = store.uri("runs/base/hf")
+    base_id = catalog.register_model("moe-tiny", base_uri, "base")
+    yield {"store": store, "catalog": catalog, "sets": sets, "base_uri": base_uri, "base_id": base_id, "root": root}
+    catalog.close()
+
+
+def _cfg(**kw) -> SFTConfig:
+    base = dict(max_steps=6, lr=3e-3, micro_batch_size=8, seq_len=64, warmup_steps=1, log_every=2,
+                checkpoint_every=3, heldout_max_examples=32, exact_match_max_prompts=16, max_new_tokens=4)
+    return SFTConfig(**{**base, **kw})
+
+
+def test_sft_config_is_checked_at_the_edge():
+    with pytest.raises(ValueError, match="choose from"):
+        SFTConfig(method="lora", lora_targets=["q_prj"])
+    with pytest.raises(ValueError, match="did you mean 'lora_rank'"):
+        SFTConfig(lora_rnk=4)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        SFTConfig(max_steps=2, warmup_steps=5)
+
+
+def test_resolve_model_by_id_uri_and_default(world):
+    cat = world["catalog"]
+    assert resolve_model(world["base_id"], catalog=cat).uri == world["base_uri"]
+    assert resolve_model(world["base_uri"], catalog=cat).model_id == world["base_id"]
+    assert resolve_model(None, catalog=cat, default_name="moe-tiny").model_id == world["base_id"]
+    with pytest.raises(LookupError, match="no model named"):
+        resolve_model(None, catalog=cat, default_name="nope")
+
+
+def test_lora_sft_registers_a_child_version_with_export_adapter_and_expert_load(world):
+    store, cat = world["store"], world["catalog"]
+    tracker = NoopTracker()
+    result = run_sft(_cfg(method="lora", lora_rank=4), store, model_uri=world["base_uri"], data_uri=world["sets"].chat_uri,
+                     prompts_uri=world["sets"].prompt_uri, output_prefix="runs/sft-lora", tracker=tracker, catalog=cat,
+                     parent_model_id=world["base_id"], model_name="moe-tiny-sft")
+    assert result.steps == 6 and result.checkpoint_uri.endswith("step-00000006")
+    row = cat.get_model(result.model_id)
+    assert row["parent_model_id"] == world["base_id"] and row["checkpoint_uri"] == result.hf_uri
+    assert set(result.before) == set(result.after) == {"assistant_loss", "exact_match"}
+    assert result.metrics["tokens_per_s"] > 0
+    hf = store.read_artifact(result.hf_uri)
+    names = set(hf.names())
+    assert {"config.json", "tokenizer.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= names
+    local = hf.download(world["root"] / "sft-hf")
+    with_merged = H.import_hf(local).eval()
+    assert not any("lora" in k for k in with_merged.state_dict())
+    # the PEFT folder on the INPUT model's export computes what the merged export computes
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    base_dir = store.read_artifact(world["base_uri"]).download(world["root"] / "base-dl")
+    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                                             str(local / "adapter")).eval()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = with_merged(ids).logits, adapted(input_ids=ids).logits
+    assert float((ours - theirs).norm() / ours.norm()) < 1e-4
+    counts = __import__("numpy").load(__import__("io").BytesIO(
+        store.read_artifact(result.expert_load_uri).get_bytes("expert_load.npz")))["counts"]
+    assert counts.shape[0] == 3 and counts.sum() > 0  # a window per log interval (steps 2, 4, 6)
+    report = store.read_artifact(store.uri("runs/sft-lora/data"))
+    assert json.loads(report.get_bytes("stats.json"))["packing"]["documents"] > 0
+    assert "quarantine.jsonl" in report.names()
+    assert tracker.metric_history("before/assistant_loss") and tracker.metric_history("experts/dead_in_interval")
+
+
+def _job(world, prefix: str, **kw) -> dict:
+    return PostTrainJob(stage="sft", builder=BUILDER, config=_cfg(**kw).to_dict(), model_uri=world["base_uri"],
+                        output_prefix=prefix, data_uris={"chat": world["sets"].chat_uri, "prompts": ""},
+                        store_uri=world["store"].root_uri, tracking="noop", device="cpu").to_dict()
+
+
+def _final(store, prefix, tmp_path):
+    d = CheckpointManager(store, prefix).download_latest(tmp_path / prefix.replace("/", "_"))[1]
+    history = [{k: v for k, v in h.items() if k != "tokens_per_s"}
+               for h in torch.load(d / "trainer.pt", weights_only=False)["loop"]["history"]]
+    return history, torch.load(d / "model.pt", weights_only=True)
+
+
+def test_failed_mid_run_resumes_to_the_uninterrupted_result_in_process(world, tmp_path, monkeypatch):
+    """The fast twin of the kill -9 test: the run dies by an exception after step 4, then resumes from step 3."""
+    import moeflow.platform.posttrain.engine as engine
+
+    store = world["store"]
+    posttrain_worker(_job(world, "runs/sft-ref-fast", method="lora", exact_match_max_prompts=0))
+
+    def die(marker):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(engine, "_maybe_die", die)
+    job = {**_job(world, "runs/sft-failed", method="lora", exact_match_max_prompts=0), "fault_step": 4,
+           "fault_marker": str(tmp_path / "m")}
+    with pytest.raises(RuntimeError, match="injected"):
+        posttrain_worker(job)
+    assert CheckpointManager(store, "runs/sft-failed").latest().step == 3
+    posttrain_worker({**job, "fault_step": None})
+    (h_ref, w_ref), (h_run, w_run) = _final(store, "runs/sft-ref-fast", tmp_path), _final(store, "runs/sft-failed", tmp_path)
+    assert h_run == h_ref
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+
+
+@pytest.mark.slow
+def test_killed_mid_run_resumes_to_the_uninterrupted_result(world, tmp_path):
+    store = world["store"]
+    posttrain_worker(_job(world, "runs/sft-ref", exact_match_max_prompts=0))
+    job = {**_job(world, "runs/sft-killed", exact_match_max_prompts=0), "fault_step": 4,
+           "fault_marker": str(tmp_path / "killed")}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    env = {**os.environ, "MOEFLOW_TRACKING": "noop", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "moeflow.platform.posttrain.engine", "--job", str(path)]
+    first = subprocess.run(cmd, cwd=str(REPO.parent), env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert CheckpointManager(store, "runs/sft-killed").latest().step == 3
+    second = subprocess.run(cmd, cwd=str(REPO.parent), env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+
+    (h_ref, w_ref), (h_run, w_run) = _final(store, "runs/sft-ref", tmp_path), _final(store, "runs/sft-killed", tmp_path)
+    assert h_run == h_ref
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+
+
+def test_router_bias_switch_and_dead_expert_warning(world, caplog):
+    store = world["store"]
+    assert dead_experts(torch.tensor([[3.0, 0.0], [1.0, 2.0]])) == [(0, 1)]
+    # the bias update is off: the routing bias must not move; expert 0 of the MoE layer is starved
+    import moeflow.platform.posttrain.sft as sft_module
+
+    original = sft_module.build_sft
+
+    def starved(job, base, tok, ctx):
+        with torch.no_grad():
+            base.routers()[0].e_score_correction_bias[0] = -1e4
+        return original(job, base, tok, ctx)
+
+    sft_module.build_sft = starved
+    try:
+        with caplog.at_level(logging.WARNING, logger="moeflow.platform.posttrain.engine"):
+            posttrain_worker(_job(world, "runs/sft-nobias", router_bias_update=False, exact_match_max_prompts=0,
+                                  max_steps=4))
+    finally:
+        sft_module.build_sft = original
+    assert "router 0 expert 0" in caplog.text and "received no tokens" in caplog.text
+    d = CheckpointManager(store, "runs/sft-nobias").download_latest(world["root"] / "nobias")[1]
+    bias = torch.load(d / "model.pt", weights_only=True)["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert float(bias[0]) == -1e4 and torch.count_nonzero(bias[1:]) == 0
+
+
+@pytest.mark.slow
+def test_sft_learns_the_heldout_assistant_tokens_and_answers(world):
+    """From the untrained base (the control: the same held-out set before SFT): held-out assistant loss falls
+    far below the base's, and more held-out problems are answered exactly (measured 5.93 -> ~1.0 nats, 0 -> ~4 %)."""
+    method = "full"
+    kw = dict(max_steps=400, lr=3e-3, micro_batch_size=16, warmup_steps=10,
+              log_every=40, checkpoint_every=0, exact_match_max_prompts=96, heldout_max_examples=96)
+    result = run_sft(_cfg(method=method, **kw), world["store"], model_uri=world["base_uri"],
+                     data_uri=world["sets"].chat_uri, prompts_uri=world["sets"].prompt_uri,
+                     output_prefix=f"runs/sft-learn-{method}", tracker=NoopTracker())
+    before, after = result.before, result.after
+    assert after["assistant_loss"] < 0.5 * before["assistant_loss"], (before, after)
+    assert after["exact_match"] > before["exact_match"] + 0.05, (before, after)
+
+
+@pytest.mark.slow
+def test_two_ray_workers_lora_sft_survives_a_killed_worker(world, tmp_path):
+    """The same launch path as pretraining: Ray Train, 2 gloo workers (DDP over the LoRA parameters),
+    rank 1 SIGKILLed after step 4 on the first attempt; FailureConfig restarts the group from step 3."""
+    from moeflow.platform.compute import ensure_ray
+
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
+    ensure_ray()
+    try:
+        result = run_sft(_cfg(method="lora", lora_rank=4, micro_batch_size=4, exact_match_max_prompts=0),
+                         world["store"], model_uri=world["base_uri"], data_uri=world["sets"].chat_uri,
+                         output_prefix="runs/sft-ray", tracker=NoopTracker(), catalog=world["catalog"],
+                         parent_model_id=world["base_id"], num_workers=2,
+                         extra_job={"fault_step": 4, "fault_rank": 1, "fault_marker": str(tmp_path / "killed")})
+    finally:
+        import ray
+
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous
+    assert (tmp_path / "killed").exists()  # the fault happened
+    assert result.steps == 6 and result.after["assistant_loss"] < result.before["assistant_loss"]
+    assert world["catalog"].get_model(result.model_id)["parent_model_id"] == world["base_id"]
