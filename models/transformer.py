@@ -24,11 +24,13 @@ Shape suffixes: B batch, T new tokens, S key slots, D hidden, V vocab, L router 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import balancing
 from .attention import MLA, CacheStep, MLACache, prepare_attention
@@ -46,7 +48,33 @@ class ModelOutput:
     hidden: torch.Tensor | None = None  # (B, T, D) final-normed hidden states when return_hidden
 
 
+# Activation checkpointing policies (``set_activation_checkpointing``):
+#   none       keep every activation autograd saves (fastest, most memory)
+#   full       keep only the block's inputs; recompute the whole block in backward
+#   selective  keep the outputs of the matrix products (mm, grouped_mm, scaled_mm, attention) and
+#              recompute the cheap element-wise work around them (norms, RoPE, SwiGLU, gathers)
+AC_POLICIES = ("none", "full", "selective")
+
+# ops whose outputs the selective policy saves: the expensive ones (recomputing them would cost
+# FLOPs); everything else in the block is memory-bound and cheaper to redo than to keep.
+_SAC_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._grouped_mm.default, torch.ops.aten._scaled_mm.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _sac_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_sac_policy)
+
+
 class DecoderLayer(nn.Module):
+    checkpoint_policy = "none"  # one of AC_POLICIES; set per block by set_activation_checkpointing
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, moe: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -57,6 +85,22 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_BTD, cos, sin, mask_B1TS=None, step: CacheStep | None = None, forced_idx_BTK=None,
                 with_losses: bool = True):
+        if self.checkpoint_policy == "none" or step is not None or not torch.is_grad_enabled():
+            return self._block(x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses)
+        # Non-reentrant checkpoint (traceable by torch.compile). The router choices are recomputed
+        # from the same inputs, so the replay routes identically; the stats leave as a plain tuple
+        # of tensors (what checkpoint and its compiled form carry), rebuilt into MoEStats here.
+        context = _selective_context if self.checkpoint_policy == "selective" else None
+        kw = {"context_fn": context} if context else {}
+        y_BTD, flat = checkpoint(partial(self._flat_block, with_losses=with_losses), x_BTD, cos, sin,
+                                 mask_B1TS, forced_idx_BTK, use_reentrant=False, **kw)
+        return y_BTD, (MoEStats(*flat) if flat else None)
+
+    def _flat_block(self, x_BTD, cos, sin, mask_B1TS, forced_idx_BTK, with_losses: bool):
+        y_BTD, stats = self._block(x_BTD, cos, sin, mask_B1TS, None, forced_idx_BTK, with_losses)
+        return y_BTD, (tuple(getattr(stats, f.name) for f in fields(MoEStats)) if stats is not None else ())
+
+    def _block(self, x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses: bool):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, step)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
@@ -244,6 +288,25 @@ def _cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.
     total = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), flat_targets,
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (flat_targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def set_activation_checkpointing(model: MoETransformer, policy: str = "full",
+                                 layers: list[int] | None = None) -> MoETransformer:
+    """Checkpoint decoder blocks (and MTP blocks) with ``policy`` (see AC_POLICIES); ``layers``
+    picks main-layer indices (default: all; MTP blocks follow the default). Call before
+    ``compile_blocks`` or after: the policy is read at trace time, so set it before the first step."""
+    if policy not in AC_POLICIES:
+        raise ValueError(f"activation checkpointing policy {policy!r}: expected one of {AC_POLICIES}")
+    blocks = list(model.model.layers)
+    chosen = range(len(blocks)) if layers is None else layers
+    for i in chosen:
+        if not 0 <= i < len(blocks):
+            raise ValueError(f"activation checkpointing: layer {i} out of range 0..{len(blocks) - 1}")
+        blocks[i].checkpoint_policy = policy
+    if layers is None:
+        for module in model.mtp:
+            module.block.checkpoint_policy = policy
+    return model
 
 
 def compile_blocks(model: MoETransformer, **compile_kwargs) -> MoETransformer:
