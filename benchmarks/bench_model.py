@@ -20,7 +20,8 @@ on the same random tokens for every implementation:
 An implementation may carry options after ``+``: ``compiled+ac=selective`` (activation checkpointing
 policy, every block), ``compiled+b=16`` (micro-batch), ``compiled+fp8=attn.dense.shared`` (FP8 linear
 groups, models/fp8.py; ``+e5m2`` for e5m2 gradients), ``compiled+mode=max-autotune-no-cudagraphs``
-(torch.compile mode); ``torchtitan+b=16`` takes ``b`` too.
+(torch.compile mode), ``+graph`` (the whole step replayed as one CUDA graph, models/kernels/graph_step.py);
+``torchtitan+b=16`` takes ``b`` too.
 Reported: median step time over ``--steps`` timed steps (CUDA events) after ``--warmup`` steps,
 tokens/s, MFU and peak memory.
 MFU = (6 × active non-embedding params + causal attention FLOPs) × tokens/s ÷ 798 TFLOP/s, i.e.
@@ -82,6 +83,10 @@ def timed_steps(fn, steps: int, warmup: int) -> list[float]:
 
 
 def free_memory() -> None:
+    """Also forgets every compiled graph: each implementation compiles afresh (no recompile-limit
+    fallback to eager after many models in one process) under the default dynamo settings."""
+    torch.compiler.reset()
+    torch._dynamo.config.capture_scalar_outputs = False  # torchtitan's apply_compile sets it True
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -191,20 +196,34 @@ def build_hf(cfg: ModelConfig, device, dtype):
     return model.to(device).train()
 
 
-def train_step_fn(model, kind: str, ids_BT, targets_BT):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=ids_BT.is_cuda)
+def train_step_fn(model, kind: str, ids_BT, targets_BT, graph: bool = False):
+    """One optimiser step per call; ``graph=True`` replays it as one CUDA graph after 3 eager calls
+    (models/kernels/graph_step.py; AdamW then runs with capturable=True)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=ids_BT.is_cuda,
+                            capturable=graph and ids_BT.is_cuda)
 
-    def step():
+    def body(ids, targets):
         if kind == "hf":
-            loss = model(input_ids=ids_BT, labels=ids_BT).loss  # HF shifts labels itself
+            loss = model(input_ids=ids, labels=ids).loss  # HF shifts labels itself
         else:
-            out = model(ids_BT, targets=targets_BT)
+            out = model(ids, targets=targets)
             loss = out.loss
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
         if kind != "hf":
             model.apply_router_bias_update(out.aux["tokens_per_expert"])
+        return loss.detach()
+
+    if graph:
+        from moeflow.models.kernels.graph_step import GraphedStep, make_capture_safe
+
+        make_capture_safe(model)
+        graphed = GraphedStep(body, [opt], warmup_steps=3)
+        return lambda: graphed(ids_BT, targets_BT)
+
+    def step():
+        loss = body(ids_BT, targets_BT)
+        opt.zero_grad(set_to_none=True)
         return loss
 
     return step
@@ -236,7 +255,7 @@ def bench_train(cfg: ModelConfig, args, device, dtype) -> list[dict]:
             if kind == "hf":
                 model = build_hf(cfg, device, dtype)
                 note = f"transformers SDPA, experts={model.config._experts_implementation}"
-                step = train_step_fn(model, kind, ids_BT, targets_BT)
+                step = train_step_fn(model, kind, ids_BT, targets_BT, graph="graph" in opts)
             elif kind.startswith("torchtitan"):
                 model, loss_fn = build_torchtitan(cfg, device, dtype, compiled=(kind == "torchtitan"))
                 note = "torchtitan apply_compile" if kind == "torchtitan" else "torchtitan eager"
@@ -245,7 +264,7 @@ def bench_train(cfg: ModelConfig, args, device, dtype) -> list[dict]:
                 model = build_ours(cfg, device, dtype, compiled=(kind == "compiled"), opts=opts)
                 note = ("compile_blocks" if kind == "compiled" else "eager") + "".join(
                     f" {k}={v}" for k, v in opts.items() if k != "b")
-                step = train_step_fn(model, kind, ids_BT, targets_BT)
+                step = train_step_fn(model, kind, ids_BT, targets_BT, graph="graph" in opts)
             first = time.perf_counter()
             step()
             sync()

@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFO
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee $OUT/env.log
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a $OUT/env.log
 if [ -n "${TEST:-}" ]; then
-  timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -m gpu moeflow/tests/test_model_speed.py 2>&1 | tail -15 | tee $OUT/gpu_tests.log
+  (cd moeflow && timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_model_speed.py 2>&1 | tail -15 | tee $OUT/gpu_tests.log)
 fi
 if [ -n "${IMPLS:-}" ]; then
   timeout ${TRAIN_S:-420} python3 moeflow/benchmarks/bench_model.py --parts train --impls "$IMPLS" \

@@ -64,6 +64,10 @@ _SAC_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.
              torch.ops.aten._scaled_dot_product_cudnn_attention.default}
 
 
+# MoEStats field names, fixed here: torch.compile cannot trace dataclasses.fields() on the class.
+_STATS_FIELDS = tuple(f.name for f in fields(MoEStats))
+
+
 def _sac_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -98,7 +102,7 @@ class DecoderLayer(nn.Module):
 
     def _flat_block(self, x_BTD, cos, sin, mask_B1TS, forced_idx_BTK, with_losses: bool):
         y_BTD, stats = self._block(x_BTD, cos, sin, mask_B1TS, None, forced_idx_BTK, with_losses)
-        return y_BTD, (tuple(getattr(stats, f.name) for f in fields(MoEStats)) if stats is not None else ())
+        return y_BTD, (tuple(getattr(stats, name) for name in _STATS_FIELDS) if stats is not None else ())
 
     def _block(self, x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses: bool):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, step)
@@ -153,6 +157,8 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._loss_fn = _cross_entropy  # compile_blocks swaps in a compiled version
+        # kernels.graph_step.make_capture_safe sets this: sync-free embedding backward (CUDA graphs)
+        self.capture_safe_embedding = False
         self.init_weights()
 
     # ------------------------------------------------------------------ parameters
@@ -210,9 +216,10 @@ class MoETransformer(nn.Module):
             raise ValueError(f"apply_router_bias_update: counts_LE has shape {tuple(counts_LE.shape)}, "
                              f"expected ({len(routers)}, {self.cfg.num_routed_experts})")
         g = self.cfg.bias_update_gamma if gamma is None else gamma
-        for r, counts_E in zip(routers, counts_LE):
-            bias = r.e_score_correction_bias
-            bias.copy_(balancing.update_router_bias(bias, counts_E.to(bias.device), g))
+        # one batched (L, E) update and one foreach copy: a handful of launches instead of ~9 per router
+        biases = [r.e_score_correction_bias for r in routers]
+        new_LE = balancing.update_router_bias(torch.stack(biases), counts_LE.to(biases[0].device), g)
+        torch._foreach_copy_(biases, list(new_LE.unbind(0)))
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> MLACache:
         p = self.lm_head.weight
@@ -227,7 +234,7 @@ class MoETransformer(nn.Module):
         cfg = self.cfg
         positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position)
         cos, sin = self.rotary(positions)
-        x_BTD = self.model.embed_tokens(input_ids_BT)
+        x_BTD = self._embed(input_ids_BT)
         all_stats: list[MoEStats] = []
         moe_i = 0
         for layer in self.model.layers:
@@ -260,11 +267,18 @@ class MoETransformer(nn.Module):
                                      if num_main_stats else None)
         return ModelOutput(logits, loss, aux, normed_BTD if return_hidden else None)
 
+    def _embed(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        if self.capture_safe_embedding and ids_BT.is_cuda:
+            from .kernels.graph_step import sync_free_embedding
+
+            return sync_free_embedding(ids_BT, self.model.embed_tokens.weight)
+        return self.model.embed_tokens(ids_BT)
+
     def _mtp_loss(self, h_BTD, input_ids_BT, targets_BT, cos, sin, mask, all_stats) -> torch.Tensor:
         losses = []
         for j, module in enumerate(self.mtp):
             depth = j + 1
-            emb_BTD = self.model.embed_tokens(shift_left(input_ids_BT, depth, 0))
+            emb_BTD = self._embed(shift_left(input_ids_BT, depth, 0))
             h_BTD, normed_BTD, stats = module(h_BTD, emb_BTD, cos, sin, mask)
             if stats is not None:
                 all_stats.append(stats)
