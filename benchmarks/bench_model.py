@@ -24,8 +24,8 @@ groups, models/fp8.py; ``+e5m2`` for e5m2 gradients), ``compiled+mode=max-autotu
 ``torchtitan+b=16`` takes ``b`` too.
 Reported: median step time over ``--steps`` timed steps (CUDA events) after ``--warmup`` steps,
 tokens/s, MFU and peak memory.
-MFU = (6 × active non-embedding params + causal attention FLOPs) × tokens/s ÷ 798 TFLOP/s, i.e.
-``ModelConfig.flops_per_token(S)`` × tokens/s ÷ 798e12 (BENCHMARKS.md).
+MFU = (6 × active non-embedding params + causal attention FLOPs) × tokens/s ÷ 790 TFLOP/s (H200), i.e.
+``ModelConfig.flops_per_token(S)`` × tokens/s ÷ 790e12 (BENCHMARKS.md).
 
 MoE layer (``--parts moe``): T=16384 tokens, D=1024, E=64, k=6, F=512, forward + backward of the
 routed experts (random top-k choices, 18·T·k·D·F FLOPs), grouped_mm vs the per-expert loop, and
@@ -49,7 +49,7 @@ from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.moe import DeepSeekMoE, RoutedExperts
 from moeflow.models.transformer import compile_blocks, set_activation_checkpointing
 
-PEAK_FLOPS = 798e12  # bf16 dense matmul rate measured on the lent H100 (BENCHMARKS.md)
+PEAK_FLOPS = 790e12  # bf16 dense matmul rate of the H200 (BENCHMARKS.md; 798 was the lent H100)
 
 
 def log(msg: str) -> None:
