@@ -120,6 +120,21 @@ def test_enable_fp8_swaps_only_chosen_groups_keeps_parameters_and_learns():
     assert abs(losses["fp8"][-1] - losses["bf"][-1]) < 0.05 * losses["bf"][-1]  # close to the reference
 
 
+# ------------------------------------------------------------------ batched router-bias update
+
+def test_batched_router_bias_update_equals_the_per_router_rule():
+    from moeflow.models import balancing
+
+    m = _model(num_layers=4)
+    for r in m.routers():
+        r.e_score_correction_bias.normal_(0, 1e-3)
+    before = [r.e_score_correction_bias.clone() for r in m.routers()]
+    counts_LE = torch.randint(0, 20, (len(before), 8)).float()
+    m.apply_router_bias_update(counts_LE, gamma=1e-2)
+    for r, b, c in zip(m.routers(), before, counts_LE):
+        torch.testing.assert_close(r.e_score_correction_bias, balancing.update_router_bias(b, c, 1e-2))
+
+
 # ------------------------------------------------------------------ graphed step / sync-free embedding
 
 def test_sync_free_embedding_matches_nn_embedding():
