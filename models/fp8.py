@@ -143,7 +143,7 @@ def enable_fp8(model: nn.Module, modules=("attn", "dense", "shared"), grad_dtype
     names = {id(m): n for n, m in model.named_modules()}
     allowed = None if layers is None else {id(model.model.layers[i]) for i in layers}
     owner = {}
-    for i, block in enumerate(model.model.layers):
+    for block in model.model.layers:
         for m in block.modules():
             owner[id(m)] = block
     swapped = []

@@ -18,6 +18,11 @@ Router statistics (rows: the main MoE layers in order, then MTP blocks' MoE laye
 A training loop sums tokens_per_expert over micro-batches and ranks and calls
 ``model.apply_router_bias_update(counts_LE)`` once per optimiser step.
 
+Speed switches (benchmarks/RESULTS.md, issue 16): ``set_activation_checkpointing(model, policy, layers)``
+recomputes blocks in backward (``full``, or ``selective``: keep the matrix products' outputs);
+``models.fp8.enable_fp8`` runs chosen linear groups in FP8; ``models.kernels.graph_step`` replays a whole
+training step as one CUDA graph (it sets ``capture_safe_embedding``: a sync-free embedding backward).
+
 Shape suffixes: B batch, T new tokens, S key slots, D hidden, V vocab, L router layers, E experts.
 """
 
