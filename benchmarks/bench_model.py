@@ -12,11 +12,20 @@ on the same random tokens for every implementation:
   - ``moeflow eager``      MoETransformer as is (SDPA flash attention, grouped_mm experts);
   - ``moeflow compiled``   the same with ``compile_blocks`` (torch.compile per decoder block);
   - ``hf``                 transformers ``DeepseekV3ForCausalLM`` built from our exported config
-                           (SDPA attention, transformers' default experts implementation).
+                           (SDPA attention, transformers' default experts implementation);
+  - ``torchtitan``         torchtitan's ``DeepSeekV3Model`` with the same sizes, compiled as torchtitan's
+                           ``apply_compile`` does (each block, the routed experts left eager), its
+                           compiled sum-CE loss and its aux-loss-free bias update (``torchtitan_eager``: no
+                           compile). Parameters bf16 like ours (its complex RoPE table stays complex64).
+An implementation may carry options after ``+``: ``compiled+ac=selective`` (activation checkpointing
+policy, every block), ``compiled+b=16`` (micro-batch), ``compiled+fp8=attn.dense.shared`` (FP8 linear
+groups, models/fp8.py; ``+e5m2`` for e5m2 gradients), ``compiled+mode=max-autotune-no-cudagraphs``
+(torch.compile mode), ``+graph`` (the whole step replayed as one CUDA graph, models/kernels/graph_step.py);
+``torchtitan+b=16`` takes ``b`` too.
 Reported: median step time over ``--steps`` timed steps (CUDA events) after ``--warmup`` steps,
 tokens/s, MFU and peak memory.
-MFU = (6 × active non-embedding params + causal attention FLOPs) × tokens/s ÷ 798 TFLOP/s, i.e.
-``ModelConfig.flops_per_token(S)`` × tokens/s ÷ 798e12 (BENCHMARKS.md).
+MFU = (6 × active non-embedding params + causal attention FLOPs) × tokens/s ÷ 790 TFLOP/s (H200), i.e.
+``ModelConfig.flops_per_token(S)`` × tokens/s ÷ 790e12 (BENCHMARKS.md).
 
 MoE layer (``--parts moe``): T=16384 tokens, D=1024, E=64, k=6, F=512, forward + backward of the
 routed experts (random top-k choices, 18·T·k·D·F FLOPs), grouped_mm vs the per-expert loop, and
@@ -38,9 +47,9 @@ import torch
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.moe import DeepSeekMoE, RoutedExperts
-from moeflow.models.transformer import compile_blocks
+from moeflow.models.transformer import compile_blocks, set_activation_checkpointing
 
-PEAK_FLOPS = 798e12  # bf16 dense matmul rate measured on the lent H100 (BENCHMARKS.md)
+PEAK_FLOPS = 790e12  # bf16 dense matmul rate of the H200 (BENCHMARKS.md; 798 was the lent H100)
 
 
 def log(msg: str) -> None:
@@ -74,6 +83,10 @@ def timed_steps(fn, steps: int, warmup: int) -> list[float]:
 
 
 def free_memory() -> None:
+    """Also forgets every compiled graph: each implementation compiles afresh (no recompile-limit
+    fallback to eager after many models in one process) under the default dynamo settings."""
+    torch.compiler.reset()
+    torch._dynamo.config.capture_scalar_outputs = False  # torchtitan's apply_compile sets it True
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -86,12 +99,88 @@ def peak_gib() -> float:
 
 # ============================================================================ training step
 
-def build_ours(cfg: ModelConfig, device, dtype, compiled: bool):
+def parse_impl(spec: str) -> tuple[str, dict]:
+    """'compiled+ac=full+b=16' -> ('compiled', {'ac': 'full', 'b': '16'}); a bare flag maps to '1'."""
+    kind, *opts = spec.split("+")
+    return kind, dict((o.split("=", 1) + ["1"])[:2] for o in opts)
+
+
+def build_ours(cfg: ModelConfig, device, dtype, compiled: bool, opts: dict | None = None):
+    from moeflow.models import fp8
+
+    opts = opts or {}
     torch.manual_seed(0)
     model = MoETransformer(cfg).to(device=device, dtype=dtype).train()
+    if opts.get("ac", "none") != "none":
+        set_activation_checkpointing(model, opts["ac"])
+    if opts.get("fp8"):
+        fp8.enable_fp8(model, opts["fp8"].split("."), grad_dtype=fp8.E5M2 if "e5m2" in opts else fp8.E4M3)
     if compiled:
-        compile_blocks(model)
+        compile_blocks(model, **({"mode": opts["mode"]} if "mode" in opts else {}))
     return model
+
+
+def build_torchtitan(cfg: ModelConfig, device, dtype, compiled: bool):
+    """torchtitan 0.2.2's DeepSeek-V3 at our sizes, set up as its single-GPU trainer would."""
+    from torchtitan.models.deepseek_v3 import DeepSeekV3Model, DeepSeekV3ModelArgs
+    from torchtitan.models.moe import MoEArgs
+
+    args = DeepSeekV3ModelArgs(
+        vocab_size=cfg.vocab_size, dim=cfg.hidden_size, inter_dim=cfg.dense_intermediate_size,
+        moe_inter_dim=cfg.moe_intermediate_size, n_layers=cfg.num_layers, n_dense_layers=cfg.first_k_dense,
+        n_heads=cfg.num_heads, norm_eps=cfg.rms_norm_eps,
+        moe_args=MoEArgs(num_experts=cfg.num_routed_experts, num_shared_experts=cfg.num_shared_experts,
+                         top_k=cfg.num_experts_per_tok, score_func=cfg.score_func, route_norm=cfg.norm_topk_prob,
+                         route_scale=cfg.route_scale, score_before_experts=False,
+                         use_grouped_mm=str(device).startswith("cuda"),
+                         load_balance_coeff=cfg.bias_update_gamma),
+        q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, max_seq_len=cfg.max_seq_len,
+        original_seq_len=cfg.max_seq_len, rope_theta=cfg.rope_theta)
+    args.moe_impl = "standard"  # what update_from_config sets without expert parallelism
+    torch.manual_seed(0)
+    with torch.device(device), torch.no_grad():  # torchtitan's trainer initialises under no_grad too
+        model = DeepSeekV3Model(args)
+        model.init_weights(buffer_device=torch.device(device))
+    for p in model.parameters():  # bf16 weights like ours; buffers (complex RoPE, fp32 bias) untouched
+        p.data = p.data.to(dtype)
+    model.train()
+    loss_fn = _torchtitan_loss
+    if compiled:
+        from types import SimpleNamespace
+
+        from torchtitan.models.llama4.infra.parallelize import apply_compile
+
+        apply_compile(model, SimpleNamespace(backend="inductor"), ep_enabled=False)
+        loss_fn = torch.compile(_torchtitan_loss)
+    return model, loss_fn
+
+
+def _torchtitan_loss(pred, labels):
+    return torch.nn.functional.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum",
+                                             ignore_index=-100)
+
+
+def torchtitan_step_fn(model, loss_fn, ids_BT, targets_BT):
+    """torchtitan's train step: sum-CE / token count, backward, its expert-bias pre-step hook, AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=ids_BT.is_cuda)
+    moes = [b.moe for b in model.layers.values() if b.moe_enabled]
+    n_tokens = (targets_BT != -100).sum()
+
+    def step():
+        loss = loss_fn(model(ids_BT), targets_BT) / n_tokens
+        loss.backward()
+        with torch.no_grad():
+            tpe_LE = torch.vstack([m.tokens_per_expert for m in moes])
+            for m, tpe in zip(moes, tpe_LE):
+                delta = m.load_balance_coeff * torch.sign(tpe.mean() - tpe)
+                m.expert_bias.add_(delta - delta.mean())
+                m.tokens_per_expert.zero_()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def build_hf(cfg: ModelConfig, device, dtype):
@@ -107,85 +196,123 @@ def build_hf(cfg: ModelConfig, device, dtype):
     return model.to(device).train()
 
 
-def train_step_fn(model, kind: str, ids_BT, targets_BT):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=ids_BT.is_cuda)
+def train_step_fn(model, kind: str, ids_BT, targets_BT, graph: bool = False):
+    """One optimiser step per call; ``graph=True`` replays it as one CUDA graph after 3 eager calls
+    (models/kernels/graph_step.py; AdamW then runs with capturable=True)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=ids_BT.is_cuda,
+                            capturable=graph and ids_BT.is_cuda)
 
-    def step():
+    def body(ids, targets):
         if kind == "hf":
-            loss = model(input_ids=ids_BT, labels=ids_BT).loss  # HF shifts labels itself
+            loss = model(input_ids=ids, labels=ids).loss  # HF shifts labels itself
         else:
-            out = model(ids_BT, targets=targets_BT)
+            out = model(ids, targets=targets)
             loss = out.loss
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
         if kind != "hf":
             model.apply_router_bias_update(out.aux["tokens_per_expert"])
+        return loss.detach()
+
+    if graph:
+        from moeflow.models.kernels.graph_step import GraphedStep, make_capture_safe
+
+        make_capture_safe(model)
+        graphed = GraphedStep(body, [opt], warmup_steps=3)
+        return lambda: graphed(ids_BT, targets_BT)
+
+    def step():
+        loss = body(ids_BT, targets_BT)
+        opt.zero_grad(set_to_none=True)
         return loss
 
     return step
 
 
-def bench_train(cfg: ModelConfig, args, device, dtype) -> list[dict]:
-    B, S = args.batch, args.seq
+def make_tokens(cfg: ModelConfig, B: int, S: int, device):
+    """The same random tokens for every implementation (first rows equal across batch sizes)."""
     g = torch.Generator().manual_seed(1234)
     ids_BT = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(device)
     targets_BT = torch.full_like(ids_BT, -100)
     targets_BT[:, :-1] = ids_BT[:, 1:]
+    return ids_BT, targets_BT
+
+
+def bench_train(cfg: ModelConfig, args, device, dtype) -> list[dict]:
+    S = args.seq
     flops_tok = cfg.flops_per_token(S)
     log(f"# bench_ref-like config: {cfg.num_params() / 1e6:.1f} M params, "
         f"{cfg.num_params(active=True, embedding=False) / 1e6:.1f} M active non-embedding, "
         f"{flops_tok / 1e9:.3f} GFLOP/token (6N + attention)")
     rows = []
-    for kind in args.impls.split(","):
+    for spec in args.impls.split(","):
+        kind, opts = parse_impl(spec)
         free_memory()
         t_build = time.perf_counter()
+        B = int(opts.get("b", args.batch))
+        ids_BT, targets_BT = make_tokens(cfg, B, S, device)
         try:
             if kind == "hf":
                 model = build_hf(cfg, device, dtype)
                 note = f"transformers SDPA, experts={model.config._experts_implementation}"
+                step = train_step_fn(model, kind, ids_BT, targets_BT, graph="graph" in opts)
+            elif kind.startswith("torchtitan"):
+                model, loss_fn = build_torchtitan(cfg, device, dtype, compiled=(kind == "torchtitan"))
+                note = "torchtitan apply_compile" if kind == "torchtitan" else "torchtitan eager"
+                step = torchtitan_step_fn(model, loss_fn, ids_BT, targets_BT)
             else:
-                model = build_ours(cfg, device, dtype, compiled=(kind == "compiled"))
-                note = "compile_blocks" if kind == "compiled" else "eager"
-            step = train_step_fn(model, kind, ids_BT, targets_BT)
+                model = build_ours(cfg, device, dtype, compiled=(kind == "compiled"), opts=opts)
+                note = ("compile_blocks" if kind == "compiled" else "eager") + "".join(
+                    f" {k}={v}" for k, v in opts.items() if k != "b")
+                step = train_step_fn(model, kind, ids_BT, targets_BT, graph="graph" in opts)
             first = time.perf_counter()
             step()
             sync()
             first = time.perf_counter() - first
             times = timed_steps(step, args.steps, args.warmup)
         except Exception as exc:  # record and go on: one broken implementation must not hide the others
-            log(f"!! {kind} failed: {type(exc).__name__}: {exc}")
-            rows.append({"bench": "train_step", "impl": kind, "error": f"{type(exc).__name__}: {exc}"})
+            log(f"!! {spec} failed: {type(exc).__name__}: {exc}")
+            rows.append({"bench": "train_step", "impl": spec, "error": f"{type(exc).__name__}: {exc}"})
             model = step = None
             continue
         med = statistics.median(times)
         tok_s = B * S / med
-        row = {"bench": "train_step", "impl": kind, "note": note, "batch": B, "seq": S,
+        row = {"bench": "train_step", "impl": spec, "note": note, "batch": B, "seq": S,
                "step_s_median": med, "step_s_min": min(times), "step_s_max": max(times),
                "tokens_per_s": tok_s, "mfu": flops_tok * tok_s / PEAK_FLOPS, "peak_mem_gib": peak_gib(),
                "first_step_s": first, "build_s": time.perf_counter() - t_build - sum(times)}
         log(json.dumps(row))
         rows.append(row)
-        if args.profile and kind == args.profile:
+        if args.profile and spec == args.profile:
             profile_steps(step, args)
         del model, step
     return rows
 
 
 def profile_steps(step, args) -> None:
+    """Two profiled steps: the kernels by self device time (what the GPU spends its time on), then
+    the summed kernel time against the wall time of the two steps (the rest is idle GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         for _ in range(2):
             step()
         sync()
-    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=30)
-    log(table)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = events.table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=90)
+    busy_us = sum(e.self_device_time_total for e in events) if cuda else float("nan")
+    summary = (f"\n# 2 profiled steps: wall {wall * 1e3:.1f} ms, summed kernel time {busy_us / 1e3:.1f} ms "
+               f"({busy_us / 1e6 / wall:.1%} of wall; profiler overhead included in wall)\n")
+    log(table + summary)
     if args.profile_out:
         with open(args.profile_out, "w") as f:
-            f.write(table)
+            f.write(table + summary)
 
 
 # ============================================================================ MoE layer
@@ -264,6 +391,7 @@ def main(argv=None) -> int:
     p.add_argument("--moe-steps", type=int, default=20)
     p.add_argument("--profile", default="", help="impl to profile after timing (eager|compiled|hf)")
     p.add_argument("--profile-out", default="")
+    p.add_argument("--profile-rows", type=int, default=60)
     p.add_argument("--out", default="", help="append JSON lines here")
     p.add_argument("--smoke", action="store_true", help="tiny preset, few steps (checks the script)")
     args = p.parse_args(argv)

@@ -18,17 +18,24 @@ Router statistics (rows: the main MoE layers in order, then MTP blocks' MoE laye
 A training loop sums tokens_per_expert over micro-batches and ranks and calls
 ``model.apply_router_bias_update(counts_LE)`` once per optimiser step.
 
+Speed switches (benchmarks/RESULTS.md, issue 16): ``set_activation_checkpointing(model, policy, layers)``
+recomputes blocks in backward (``full``, or ``selective``: keep the matrix products' outputs);
+``models.fp8.enable_fp8`` runs chosen linear groups in FP8; ``models.kernels.graph_step`` replays a whole
+training step as one CUDA graph (it sets ``capture_safe_embedding``: a sync-free embedding backward).
+
 Shape suffixes: B batch, T new tokens, S key slots, D hidden, V vocab, L router layers, E experts.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import balancing
 from .attention import MLA, CacheStep, MLACache, prepare_attention
@@ -49,7 +56,37 @@ class ModelOutput:
     terms: dict = field(default_factory=dict)
 
 
+# Activation checkpointing policies (``set_activation_checkpointing``):
+#   none       keep every activation autograd saves (fastest, most memory)
+#   full       keep only the block's inputs; recompute the whole block in backward
+#   selective  keep the outputs of the matrix products (mm, grouped_mm, scaled_mm, attention) and
+#              recompute the cheap element-wise work around them (norms, RoPE, SwiGLU, gathers)
+AC_POLICIES = ("none", "full", "selective")
+
+# ops whose outputs the selective policy saves: the expensive ones (recomputing them would cost
+# FLOPs); everything else in the block is memory-bound and cheaper to redo than to keep.
+_SAC_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._grouped_mm.default, torch.ops.aten._scaled_mm.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+# MoEStats field names, fixed here: torch.compile cannot trace dataclasses.fields() on the class.
+_STATS_FIELDS = tuple(f.name for f in fields(MoEStats))
+
+
+def _sac_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_sac_policy)
+
+
 class DecoderLayer(nn.Module):
+    checkpoint_policy = "none"  # one of AC_POLICIES; set per block by set_activation_checkpointing
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, moe: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -60,6 +97,22 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_BTD, cos, sin, mask_B1TS=None, step: CacheStep | None = None, forced_idx_BTK=None,
                 with_losses: bool = True):
+        if self.checkpoint_policy == "none" or step is not None or not torch.is_grad_enabled():
+            return self._block(x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses)
+        # Non-reentrant checkpoint (traceable by torch.compile). The router choices are recomputed
+        # from the same inputs, so the replay routes identically; the stats leave as a plain tuple
+        # of tensors (what checkpoint and its compiled form carry), rebuilt into MoEStats here.
+        context = _selective_context if self.checkpoint_policy == "selective" else None
+        kw = {"context_fn": context} if context else {}
+        y_BTD, flat = checkpoint(partial(self._flat_block, with_losses=with_losses), x_BTD, cos, sin,
+                                 mask_B1TS, forced_idx_BTK, use_reentrant=False, **kw)
+        return y_BTD, (MoEStats(*flat) if flat else None)
+
+    def _flat_block(self, x_BTD, cos, sin, mask_B1TS, forced_idx_BTK, with_losses: bool):
+        y_BTD, stats = self._block(x_BTD, cos, sin, mask_B1TS, None, forced_idx_BTK, with_losses)
+        return y_BTD, (tuple(getattr(stats, name) for name in _STATS_FIELDS) if stats is not None else ())
+
+    def _block(self, x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses: bool):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, step)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
@@ -116,6 +169,8 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._loss_fn = _cross_entropy  # compile_blocks swaps in a compiled version
+        # kernels.graph_step.make_capture_safe sets this: sync-free embedding backward (CUDA graphs)
+        self.capture_safe_embedding = False
         self.init_weights()
 
     # ------------------------------------------------------------------ parameters
@@ -173,9 +228,10 @@ class MoETransformer(nn.Module):
             raise ValueError(f"apply_router_bias_update: counts_LE has shape {tuple(counts_LE.shape)}, "
                              f"expected ({len(routers)}, {self.cfg.num_routed_experts})")
         g = self.cfg.bias_update_gamma if gamma is None else gamma
-        for r, counts_E in zip(routers, counts_LE):
-            bias = r.e_score_correction_bias
-            bias.copy_(balancing.update_router_bias(bias, counts_E.to(bias.device), g))
+        # one batched (L, E) update and one foreach copy: a handful of launches instead of ~9 per router
+        biases = [r.e_score_correction_bias for r in routers]
+        new_LE = balancing.update_router_bias(torch.stack(biases), counts_LE.to(biases[0].device), g)
+        torch._foreach_copy_(biases, list(new_LE.unbind(0)))
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> MLACache:
         p = self.lm_head.weight
@@ -193,7 +249,7 @@ class MoETransformer(nn.Module):
         positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position,
                                                   document_ids_BT)
         cos, sin = self.rotary(positions)
-        x_BTD = self.model.embed_tokens(input_ids_BT)
+        x_BTD = self._embed(input_ids_BT)
         all_stats: list[MoEStats] = []
         moe_i = 0
         for layer in self.model.layers:
@@ -232,12 +288,19 @@ class MoETransformer(nn.Module):
                                      if num_main_stats else None)
         return ModelOutput(logits, loss, aux, normed_BTD if return_hidden else None, terms)
 
+    def _embed(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        if self.capture_safe_embedding and ids_BT.is_cuda:
+            from .kernels.graph_step import sync_free_embedding
+
+            return sync_free_embedding(ids_BT, self.model.embed_tokens.weight)
+        return self.model.embed_tokens(ids_BT)
+
     def _mtp_losses(self, h_BTD, input_ids_BT, targets_BT, cos, sin, mask, all_stats) -> list[torch.Tensor]:
         """Mean CE of each MTP depth (attached), in depth order."""
         losses = []
         for j, module in enumerate(self.mtp):
             depth = j + 1
-            emb_BTD = self.model.embed_tokens(shift_left(input_ids_BT, depth, 0))
+            emb_BTD = self._embed(shift_left(input_ids_BT, depth, 0))
             h_BTD, normed_BTD, stats = module(h_BTD, emb_BTD, cos, sin, mask)
             if stats is not None:
                 all_stats.append(stats)
@@ -261,6 +324,25 @@ def _cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.
     total = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), flat_targets,
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (flat_targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def set_activation_checkpointing(model: MoETransformer, policy: str = "full",
+                                 layers: list[int] | None = None) -> MoETransformer:
+    """Checkpoint decoder blocks (and MTP blocks) with ``policy`` (see AC_POLICIES); ``layers``
+    picks main-layer indices (default: all; MTP blocks follow the default). Call before
+    ``compile_blocks`` or after: the policy is read at trace time, so set it before the first step."""
+    if policy not in AC_POLICIES:
+        raise ValueError(f"activation checkpointing policy {policy!r}: expected one of {AC_POLICIES}")
+    blocks = list(model.model.layers)
+    chosen = range(len(blocks)) if layers is None else layers
+    for i in chosen:
+        if not 0 <= i < len(blocks):
+            raise ValueError(f"activation checkpointing: layer {i} out of range 0..{len(blocks) - 1}")
+        blocks[i].checkpoint_policy = policy
+    if layers is None:
+        for module in model.mtp:
+            module.block.checkpoint_policy = policy
+    return model
 
 
 def compile_blocks(model: MoETransformer, **compile_kwargs) -> MoETransformer:

@@ -1,0 +1,2 @@
+"""Speed paths of the model: a CUDA-graphed training step (graph_step). Each has a reference path
+that computes the same function and a test comparing the two."""
