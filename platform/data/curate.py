@@ -139,6 +139,8 @@ def run_curation(
         return _result(art, config_hash, art.get_json("stats.json"), reused=True, wall=time.perf_counter() - wall0)
 
     shards = plan_shards(config.sources, config.files_per_shard, config.records_per_shard)
+    if not shards:
+        raise CurationError(f"no input documents: the sources {[s.uri for s in config.sources]} hold no files")
     timings: Counter = Counter()
     t0 = time.perf_counter()
     state_refs = prepare_state(config, store, output_prefix, shards)
@@ -239,6 +241,7 @@ def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[Shar
     steps: dict[str, dict] = {s: {} for s in config.steps}
     input_docs = input_bytes = 0
     quarantined: Counter = Counter()
+    lost: Counter = Counter({"entries": 0, "records": 0, "records_unknown": 0, "bytes": 0})
     quarantine_records: list[dict] = []
     samples: dict[tuple[str, str], list[dict]] = defaultdict(list)
     out_docs = out_bytes = 0
@@ -259,6 +262,8 @@ def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[Shar
                     input_docs += shard_stats["input"]["docs"]
                     input_bytes += shard_stats["input"]["bytes"]
                     quarantined.update(shard_stats["quarantined"])
+                    for key, n in shard_stats.get("lost", {}).items():
+                        lost[key] += n
                     quarantine_records += _read_jsonl(art.get_bytes("quarantine.jsonl"))
                 if j == num_segments - 1:
                     data = art.get_bytes("docs.parquet")
@@ -286,11 +291,16 @@ def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[Shar
             "config_hash": config.config_hash(),
             "num_shards": len(shards),
             "input": {"records": input_docs + sum(quarantined.values()), "docs": input_docs, "bytes": input_bytes},
-            "quarantined": {"total": sum(quarantined.values()), "by_reason": dict(sorted(quarantined.items()))},
+            "quarantined": {"total": sum(quarantined.values()), "by_reason": dict(sorted(quarantined.items())),
+                            "lost": dict(sorted(lost.items()))},
             "steps": step_list,
             "output": {"docs": out_docs, "bytes": out_bytes, "parts": part_index,
                        "by_domain": dict(sorted(by_domain.items())), "by_ppl_bucket": dict(sorted(by_bucket.items()))},
         }
+        if input_docs == 0:
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(quarantined.items())) or "no records at all"
+            raise CurationError(f"no input documents: the sources gave nothing to curate ({reasons}); "
+                                "see the reader's quarantine for locations")
         stats["funnel"] = funnel_rows(stats)
         check_funnel(stats)
         w.put_json("stats.json", stats)

@@ -83,6 +83,30 @@ def _reference_texts(config: CurateConfig, shards: list[ShardSpec]) -> list[str]
     return texts
 
 
+def _describe_sources(config: CurateConfig) -> str:
+    return ", ".join(repr(src.uri) for src in config.sources)
+
+
+def quarantine_counts(quarantine: list[QuarantineRecord]) -> tuple[dict[str, int], dict[str, int]]:
+    """(entries by reason, what the entries that stand for more or less than one record lost).
+
+    A truncated file's rest or an unreadable Parquet file is one entry that stands for an
+    unknown (``records_unknown``) or known (``records``) number of records; ``bytes`` sums the
+    known byte counts of those entries. The funnel counts entries; ``lost`` says what they hide.
+    """
+    lost = {"entries": 0, "records": 0, "records_unknown": 0, "bytes": 0}
+    for q in quarantine:
+        if q.num_records == 1:
+            continue
+        lost["entries"] += 1
+        if q.num_records is None:
+            lost["records_unknown"] += 1
+        else:
+            lost["records"] += q.num_records
+        lost["bytes"] += q.num_bytes or 0
+    return dict(Counter(q.reason for q in quarantine)), lost
+
+
 def _lm_to_npz(lm: CharNgramLM) -> bytes:
     arrays: dict[str, np.ndarray] = {"order": np.array(lm.order), "vocab_size": np.array(lm.vocab_size)}
     for k, t in enumerate(lm.tables, start=1):
@@ -134,6 +158,9 @@ def prepare_state(config: CurateConfig, store, output_prefix: str, shards: list[
         prefix = f"{output_prefix}/_state/perplexity"
         if not store.artifact_exists(prefix):
             texts = _reference_texts(config, shards)
+            if not texts and config.perplexity.reference == "corpus":
+                raise CurationError(f"no input documents: the sources gave no readable, non-empty text "
+                                    f"({_describe_sources(config)}); nothing to curate")
             if not texts:
                 raise CurationError(f"perplexity reference {config.perplexity.reference!r} has no text to train on")
             lm = CharNgramLM(config.perplexity.order).fit(texts)
@@ -439,9 +466,10 @@ def run_shard_segment(task: ShardTask) -> dict:
         keys = compute_keys(barriers[j], docs, config, state)
         stats.timings[f"{barriers[j]}.keys"] = time.perf_counter() - t0
 
+    by_reason, lost = quarantine_counts(quarantine)
     shard_stats = {
         "shard_id": task.shard.shard_id, "segment": j, "input": input_counts, "steps": stats.steps,
-        "quarantined": dict(Counter(q.reason for q in quarantine)),
+        "quarantined": by_reason, "lost": lost,
     }
     meta = {"config_hash": config.config_hash(), "shard_id": task.shard.shard_id, "segment": j}
     with store.write_artifact(shard_prefix(task.output_prefix, task.shard.shard_id, j), metadata=meta, overwrite=True) as w:
