@@ -72,12 +72,14 @@ from .curate_steps import (
     shard_prefix,
     split_segments,
 )
+from .fingerprint import changed_files, hash_versions, inputs_fingerprint, versions_of
 from .sources import ShardSpec, plan_shards
 
 __all__ = [
     "DEFAULT_STEPS", "FAULT_ENV", "FORMAT_VERSION", "GLOBAL_STEPS", "LOCAL_STEPS",
     "CurateConfig", "CurationError", "CurationResult", "NearDedupConfig", "ShardTask",
-    "apply_decision", "build_minhash_index", "check_funnel", "compute_keys", "funnel_rows",
+    "apply_decision", "build_minhash_index", "check_funnel", "compute_keys", "default_output_prefix",
+    "funnel_rows", "inputs_cache_key",
     "load_minhash_index", "prepare_state", "resolve_global", "run_curation", "run_local_step",
     "run_shard_segment", "shard_prefix", "split_segments",
 ]
@@ -96,12 +98,48 @@ class CurationResult:
     num_tasks_run: int = 0
     num_tasks_skipped: int = 0
     reused: bool = False  # the final artefact already existed
+    inputs_fingerprint: str = ""  # fingerprint.hash_versions of every input file
     timings: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
 
 
 def _read_jsonl(data: bytes) -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- inputs and prefixes
+def default_output_prefix(config: CurateConfig) -> str:
+    """``datasets/<name>/curated/<config hash>-<inputs fingerprint>``: a new prefix whenever the
+    config or any input file changes, so a re-run over edited inputs never reuses old output."""
+    return f"datasets/{config.name}/curated/{config.config_hash()[:12]}-{inputs_fingerprint(config.sources)[:8]}"
+
+
+def inputs_cache_key(config: CurateConfig | dict) -> str:
+    """The inputs' fingerprint for a cache key (the curate task adds it to its Prefect cache policy)."""
+    return inputs_fingerprint(CurateConfig.model_validate(config).sources)
+
+
+_INPUTS_KEY = "_state/inputs"
+
+
+def _check_inputs(store, output_prefix: str, versions: dict[str, str]) -> None:
+    """Refuse to continue an output begun (or finished) over other inputs; record them if new."""
+    fingerprint = hash_versions(versions)
+    for prefix, what in ((output_prefix, "was curated"), (f"{output_prefix}/{_INPUTS_KEY}", "was started")):
+        if not store.artifact_exists(prefix):
+            continue
+        art = store.read_artifact(prefix)
+        if art.metadata.get("inputs_fingerprint") == fingerprint:
+            return
+        old = art.get_json("inputs.json") if "inputs.json" in art.names() else {}
+        changed = changed_files(old, versions)
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise CurationError(
+            f"inputs changed since {store.uri(output_prefix)} {what} ({len(changed)} file(s): {shown}); "
+            "its documents would mix old and new inputs: use a fresh output_prefix "
+            "(default_output_prefix includes the inputs' fingerprint) or delete the old output")
+    with store.write_artifact(f"{output_prefix}/{_INPUTS_KEY}", metadata={"inputs_fingerprint": fingerprint}) as w:
+        w.put_json("inputs.json", versions)
 
 
 # ---------------------------------------------------------------- the driver
@@ -133,14 +171,16 @@ def run_curation(
     wall0 = time.perf_counter()
     config_hash = config.config_hash()
     output_prefix = output_prefix.strip("/")
-    if store.artifact_exists(output_prefix):
-        _check_config(store, output_prefix, config_hash)
-        art = store.read_artifact(output_prefix)
-        return _result(art, config_hash, art.get_json("stats.json"), reused=True, wall=time.perf_counter() - wall0)
-
     shards = plan_shards(config.sources, config.files_per_shard, config.records_per_shard)
     if not shards:
         raise CurationError(f"no input documents: the sources {[s.uri for s in config.sources]} hold no files")
+    versions = versions_of(shards)
+    if store.artifact_exists(output_prefix):
+        _check_config(store, output_prefix, config_hash)
+        _check_inputs(store, output_prefix, versions)
+        art = store.read_artifact(output_prefix)
+        return _result(art, config_hash, art.get_json("stats.json"), reused=True, wall=time.perf_counter() - wall0)
+    _check_inputs(store, output_prefix, versions)
     timings: Counter = Counter()
     t0 = time.perf_counter()
     state_refs = prepare_state(config, store, output_prefix, shards)
@@ -177,7 +217,7 @@ def run_curation(
             timings[f"{barriers[j]}.resolve"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    art, stats = _assemble(config, store, output_prefix, shards, len(segments), index)
+    art, stats = _assemble(config, store, output_prefix, shards, len(segments), index, versions)
     timings["assemble"] += time.perf_counter() - t0
     if config.cleanup_shards:
         store.delete_prefix(f"{output_prefix}/_shards")
@@ -200,6 +240,7 @@ def _result(art, config_hash: str, stats: dict, reused: bool, wall: float) -> Cu
         num_quarantined=stats["quarantined"]["total"],
         num_shards=stats["num_shards"],
         reused=reused,
+        inputs_fingerprint=art.metadata.get("inputs_fingerprint", ""),
         wall_seconds=round(wall, 3),
     )
 
@@ -234,7 +275,8 @@ def _merge_step(into: dict, part: dict) -> None:
         counters[name] = value if name in _GLOBAL_COUNTERS else counters.get(name, 0) + value
 
 
-def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[ShardSpec], num_segments: int, index=None):
+def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[ShardSpec], num_segments: int,
+              index=None, versions: dict[str, str] | None = None):
     """Merge shard outputs (plan order) into the final artefact; returns (artifact, stats)."""
     import pyarrow.parquet as pq
 
@@ -247,7 +289,9 @@ def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[Shar
     out_docs = out_bytes = 0
     by_domain: Counter = Counter()
     by_bucket: Counter = Counter()
-    meta = {"config_hash": config.config_hash(), "name": config.name, "steps": list(config.steps), "num_shards": len(shards)}
+    versions = versions if versions is not None else versions_of(shards)
+    meta = {"config_hash": config.config_hash(), "name": config.name, "steps": list(config.steps),
+            "num_shards": len(shards), "inputs_fingerprint": hash_versions(versions)}
     with store.write_artifact(output_prefix, metadata=meta) as w:
         part_index = 0
         for shard in shards:
@@ -305,6 +349,7 @@ def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[Shar
         check_funnel(stats)
         w.put_json("stats.json", stats)
         w.put_json("config.json", config.model_dump(mode="json"))
+        w.put_json("inputs.json", versions)
         w.put_bytes("quarantine.jsonl", _jsonl(quarantine_records))
         by_step: dict[str, list[dict]] = defaultdict(list)
         for (step, _rule), recs in sorted(samples.items()):
