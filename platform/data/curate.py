@@ -72,6 +72,7 @@ from .curate_steps import (
     shard_prefix,
     split_segments,
 )
+from .banding import s_curve_rows
 from .fingerprint import changed_files, hash_versions, inputs_fingerprint, versions_of
 from .sources import ShardSpec, plan_shards
 
@@ -250,7 +251,7 @@ def build_minhash_index(config: CurateConfig, store, output_prefix: str, shards:
     from .lsh import MinHashIndex
 
     nd = config.near_dedup
-    index = MinHashIndex(nd.num_bands, nd.rows_per_band, ngram=nd.ngram, seed=nd.seed)
+    index = MinHashIndex(*nd.banding(), ngram=nd.ngram, seed=nd.seed)
     for shard in shards:
         keys = _keys_from_npz(store.read_artifact(shard_prefix(output_prefix, shard.shard_id, segment)).get_bytes("keys.npz"))
         keep = np.array([d not in drop for d in keys["ids"].tolist()], dtype=bool)
@@ -345,6 +346,12 @@ def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[Shar
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(quarantined.items())) or "no records at all"
             raise CurationError(f"no input documents: the sources gave nothing to curate ({reasons}); "
                                 "see the reader's quarantine for locations")
+        if "near_dedup" in config.steps:
+            nd = config.near_dedup
+            bands, rows = nd.banding()
+            stats["near_dedup"] = {"bands": bands, "rows_per_band": rows, "num_perm": bands * rows,
+                                   "threshold": nd.threshold, "verify_threshold": nd.verify_threshold,
+                                   "min_recall": nd.min_recall, "s_curve": s_curve_rows(nd)}
         stats["funnel"] = funnel_rows(stats)
         check_funnel(stats)
         w.put_json("stats.json", stats)
@@ -368,11 +375,20 @@ def _assemble(config: CurateConfig, store, output_prefix: str, shards: list[Shar
 
 def funnel_rows(stats: dict) -> list[dict]:
     """The funnel as table rows (stage, docs, bytes, removed) for MLflow / Prefect tables."""
-    rows = [{"stage": "input", "docs": stats["input"]["records"], "bytes": stats["input"]["bytes"], "removed": 0}]
+    rows = [{"stage": "input", "docs": stats["input"]["records"], "bytes": stats["input"]["bytes"], "removed": 0, "note": ""}]
     docs = stats["input"]["records"] - stats["quarantined"]["total"]
-    rows.append({"stage": "quarantine", "docs": docs, "bytes": stats["input"]["bytes"], "removed": stats["quarantined"]["total"]})
+    lost = stats["quarantined"].get("lost", {})
+    note = (f"{lost['records_unknown']} truncated/unreadable file(s) with an unknown number of records"
+            if lost.get("records_unknown") else "")
+    rows.append({"stage": "quarantine", "docs": docs, "bytes": stats["input"]["bytes"],
+                 "removed": stats["quarantined"]["total"], "note": note})
     for s in stats["steps"]:
-        rows.append({"stage": s["step"], "docs": s["docs_out"], "bytes": s["bytes_out"], "removed": s["excluded_docs"]})
+        note = ""
+        if s["step"] == "near_dedup" and "near_dedup" in stats:
+            nd = stats["near_dedup"]
+            curve = " ".join(f"J={r['jaccard']}:{r['p_detect']:.2f}" for r in nd["s_curve"])
+            note = f"{nd['bands']}x{nd['rows_per_band']} bands, verify at {nd['verify_threshold']}; P(detect) {curve}"
+        rows.append({"stage": s["step"], "docs": s["docs_out"], "bytes": s["bytes_out"], "removed": s["excluded_docs"], "note": note})
     return rows
 
 

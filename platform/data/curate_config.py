@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from moeflow.platform.config import HASH_LENGTH, StageConfig, config_hash
 
+from .banding import choose_banding
 from .choices import check_choices
 from .domain import DomainConfig
 from .filters import QualityConfig
@@ -42,13 +43,19 @@ class CurationError(RuntimeError):
 
 
 class NearDedupConfig(StageConfig):
+    """MinHash LSH near dedup. Bands x rows follow from ``threshold`` (``banding.choose_banding``:
+    recall >= ``min_recall`` at J = threshold, banding and verification together, with the fewest
+    false candidates); set ``num_bands`` and ``rows_per_band`` both to choose them by hand."""
+
     threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Jaccard similarity (word n-grams) at which two documents are near duplicates")
-    num_bands: int = Field(14, ge=1, le=1024, description="LSH bands")
-    rows_per_band: int = Field(8, ge=1, le=64, description="MinHash rows per band")
+    num_perm: int = Field(128, ge=1, le=1024, description="MinHash permutations the banding may use (bands x rows <= num_perm)")
+    min_recall: float = Field(0.95, gt=0.0, lt=1.0, description="detection probability to reach at J = threshold (design target)")
+    num_bands: int | None = Field(None, ge=1, le=1024, description="explicit LSH bands (with rows_per_band); None: chosen from threshold")
+    rows_per_band: int | None = Field(None, ge=1, le=64, description="explicit MinHash rows per band (with num_bands); None: chosen")
     ngram: int = Field(5, ge=1, le=32, description="words per shingle")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the MinHash permutations")
     verify_margin: float | None = Field(
-        0.05, ge=0.0, le=0.5, description="verify candidates at threshold - margin; None: banding only")
+        0.08, ge=0.0, le=0.5, description="verify candidates at threshold - margin; None: banding only")
     against_index: str | None = Field(
         None, description="MinHashIndex .npz of an earlier dataset (path or file:// / s3:// URI, e.g. "
         "<earlier curated artefact URI>/minhash_index.npz): documents near-duplicating it are dropped")
@@ -61,6 +68,25 @@ class NearDedupConfig(StageConfig):
         if margin is not None and threshold is not None and margin >= threshold:
             raise ValueError(f"verify_margin={margin} >= threshold={threshold}: every candidate would pass verification")
         return margin
+
+    @model_validator(mode="after")
+    def _check_banding(self) -> "NearDedupConfig":
+        if (self.num_bands is None) != (self.rows_per_band is None):
+            raise ValueError("set num_bands and rows_per_band together (or neither: chosen from threshold)")
+        if self.num_bands is not None and self.num_bands * self.rows_per_band > 1024:
+            raise ValueError(f"num_bands x rows_per_band = {self.num_bands * self.rows_per_band} > 1024 hashes")
+        self.banding()  # raises when the threshold cannot reach min_recall with num_perm
+        return self
+
+    @property
+    def verify_threshold(self) -> float | None:
+        return None if self.verify_margin is None else round(self.threshold - self.verify_margin, 10)
+
+    def banding(self) -> tuple[int, int]:
+        """(bands, rows): the explicit pair, or the one chosen from the threshold."""
+        if self.num_bands is not None and self.rows_per_band is not None:
+            return self.num_bands, self.rows_per_band
+        return choose_banding(self.threshold, self.num_perm, self.verify_threshold, self.min_recall)
 
 
 class CurateConfig(StageConfig):

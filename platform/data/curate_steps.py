@@ -202,7 +202,8 @@ def compute_keys(step: str, docs: list[Document], config: CurateConfig, state: d
         from .minhash import compute_signatures
 
         nd = config.near_dedup
-        num_perm = nd.num_bands * nd.rows_per_band
+        bands, rows = nd.banding()
+        num_perm = bands * rows
         sigs = compute_signatures([d.text for d in docs], num_perm=num_perm, ngram=nd.ngram, seed=nd.seed)
         return {"ids": ids, "keys": sigs.reshape(len(docs), num_perm)}
     if step == "perplexity":
@@ -271,9 +272,10 @@ def resolve_global(step: str, keys_by_shard: dict[str, dict[str, np.ndarray]], c
         nd = config.near_dedup
         ids = [d for sid in shard_ids for d in keys_by_shard[sid]["ids"].tolist()]
         sigs = [keys_by_shard[sid]["keys"] for sid in shard_ids if len(keys_by_shard[sid]["ids"])]
-        all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, nd.num_bands * nd.rows_per_band), np.uint64)
-        verify = None if nd.verify_margin is None else nd.threshold - nd.verify_margin
-        clusters = clusters_from_signatures(ids, all_sigs, nd.num_bands, nd.rows_per_band, threshold=verify) if ids else []
+        bands, rows = nd.banding()
+        all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, bands * rows), np.uint64)
+        verify = nd.verify_threshold
+        clusters = clusters_from_signatures(ids, all_sigs, bands, rows, threshold=verify) if ids else []
         drop_all = {d: min(c) for c in clusters for d in c if d != min(c)}
         earlier: set[str] = set()
         if nd.against_index and ids:
@@ -303,7 +305,8 @@ def load_minhash_index(path_or_uri: str, config: CurateConfig):
     from .lsh import MinHashIndex
 
     nd = config.near_dedup
-    params = {"num_bands": nd.num_bands, "rows_per_band": nd.rows_per_band, "ngram": nd.ngram, "seed": nd.seed}
+    bands, rows = nd.banding()
+    params = {"num_bands": bands, "rows_per_band": rows, "ngram": nd.ngram, "seed": nd.seed}
     if "://" not in path_or_uri:
         return MinHashIndex.load(path_or_uri, **params)
     from moeflow.platform.store import store_for_uri
