@@ -110,6 +110,9 @@ def test_truncated_zst_with_several_blocks_keeps_what_decodes(tmp_path):
     docs, quarantine = read_all([SourceConfig(uri=str(path))], records_per_shard=1 << 30)
     assert len(docs) > 5_000 and [d.text for d in docs] == texts[: len(docs)]
     assert [q.reason for q in quarantine] == ["truncated"]
+    raw = records(texts)
+    kept = sum(len(json.dumps({"text": t})) + 1 for t in texts[: len(docs)])
+    assert quarantine[0].num_bytes == len(raw) - kept  # the cut-off partial line counts as lost
 
 
 def test_truncated_gz_keeps_every_record_and_counts_the_rest_honestly(tmp_path):
@@ -204,9 +207,11 @@ def test_empty_input_set_says_no_input_documents(tmp_path):
     (tmp_path / "empty.jsonl").write_bytes(b"")
     store = LocalStore(tmp_path / "store")
     for uri in (tmp_path / "empty", tmp_path / "empty.jsonl"):
-        with pytest.raises(CurationError, match="no input documents"):
-            run_curation(CurateConfig(sources=[SourceConfig(uri=str(uri))]), store, output_prefix=f"x/{uri.name}",
-                         num_workers=1, progress=False)
+        for steps in (None, ["normalize", "exact_dedup"]):  # with and without the perplexity reference
+            config = CurateConfig(sources=[SourceConfig(uri=str(uri))], **({"steps": steps} if steps else {}))
+            with pytest.raises(CurationError, match="no input documents"):
+                run_curation(config, store, output_prefix=f"x/{uri.name}-{bool(steps)}", num_workers=1, progress=False)
+            assert not store.artifact_exists(f"x/{uri.name}-{bool(steps)}")
 
 
 def test_a_run_over_every_bad_input_goes_on_and_counts_them(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 
 FULL_HASH_BYTES = 8 << 20
 EDGE_BYTES = 1 << 20
@@ -45,6 +46,8 @@ def local_version(path: str) -> str:
         st = os.stat(path)
     except OSError as exc:
         return f"missing:{type(exc).__name__}"
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the hash's open()
+        return f"special:{stat.S_IFMT(st.st_mode):o}"
     if st.st_size <= FULL_HASH_BYTES:
         return f"sha256:{_sha256_file(path, st.st_size)}"
     return f"size:{st.st_size},mtime:{st.st_mtime_ns},edges:{_sha256_file(path, st.st_size)}"
