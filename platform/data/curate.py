@@ -41,6 +41,7 @@ import json
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,10 +208,9 @@ def run_curation(
         num_run += len(todo)
         if j < len(barriers):
             t0 = time.perf_counter()
-            keys_by_shard = {
-                s.shard_id: _keys_from_npz(store.read_artifact(shard_prefix(output_prefix, s.shard_id, j)).get_bytes("keys.npz"))
-                for s in shards
-            }
+            keys_by_shard = _StoreKeys(store, output_prefix, shards, j)
+            if barriers[j] != "near_dedup":  # small keys (16 or 8 bytes a document): read once
+                keys_by_shard = {sid: keys_by_shard[sid] for sid in keys_by_shard}
             decisions = resolve_global(barriers[j], keys_by_shard, config)
             if barriers[j] == "near_dedup" and config.near_dedup.save_index:
                 dropped = {d for dec in decisions.values() for d in dec["drop"]}
@@ -244,6 +244,24 @@ def _result(art, config_hash: str, stats: dict, reused: bool, wall: float) -> Cu
         inputs_fingerprint=art.metadata.get("inputs_fingerprint", ""),
         wall_seconds=round(wall, 3),
     )
+
+
+class _StoreKeys(Mapping):
+    """{shard id: keys} read from the store when indexed, so near dedup never holds them all."""
+
+    def __init__(self, store, output_prefix: str, shards: list[ShardSpec], segment: int):
+        self._store, self._prefix, self._segment = store, output_prefix, segment
+        self._ids = [s.shard_id for s in shards]
+
+    def __getitem__(self, shard_id: str) -> dict[str, np.ndarray]:
+        art = self._store.read_artifact(shard_prefix(self._prefix, shard_id, self._segment))
+        return _keys_from_npz(art.get_bytes("keys.npz"))
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 def build_minhash_index(config: CurateConfig, store, output_prefix: str, shards: list[ShardSpec], segment: int, drop: set[str]):

@@ -267,34 +267,44 @@ def resolve_global(step: str, keys_by_shard: dict[str, dict[str, np.ndarray]], c
             out[sid] = {"drop": drop, "num_clusters": num_clusters}
         return out
     if step == "near_dedup":
-        from .lsh import clusters_from_signatures
-
-        nd = config.near_dedup
-        ids = [d for sid in shard_ids for d in keys_by_shard[sid]["ids"].tolist()]
-        sigs = [keys_by_shard[sid]["keys"] for sid in shard_ids if len(keys_by_shard[sid]["ids"])]
-        bands, rows = nd.banding()
-        all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, bands * rows), np.uint64)
-        verify = nd.verify_threshold
-        clusters = clusters_from_signatures(ids, all_sigs, bands, rows, threshold=verify) if ids else []
-        drop_all = {d: min(c) for c in clusters for d in c if d != min(c)}
-        earlier: set[str] = set()
-        if nd.against_index and ids:
-            # a document that near-duplicates an earlier dataset goes, whatever its cluster
-            for doc_id, matches in zip(ids, load_minhash_index(nd.against_index, config).query(all_sigs, threshold=verify)):
-                if matches:
-                    drop_all[doc_id] = matches[0]
-                    earlier.add(doc_id)
-        out = {}
-        for sid in shard_ids:
-            mine = [d for d in keys_by_shard[sid]["ids"].tolist() if d in drop_all]
-            out[sid] = {"drop": {d: drop_all[d] for d in mine}, "earlier": sorted(earlier.intersection(mine)),
-                        "num_clusters": len(clusters)}
-        return out
+        return _resolve_near_dedup(shard_ids, keys_by_shard, config)
     if step == "perplexity":
         scores = np.concatenate([keys_by_shard[sid]["keys"] for sid in shard_ids]) if shard_ids else np.zeros(0)
         thresholds = bucket_thresholds(scores, tuple(config.perplexity.percentiles))
         return {sid: {"thresholds": list(thresholds)} for sid in shard_ids}
     raise CurationError(f"{step!r} is not a global step")
+
+
+def _resolve_near_dedup(shard_ids: list[str], keys_by_shard, config: CurateConfig) -> dict[str, dict]:
+    """Near-dedup decisions, one shard's signatures in memory at a time (``lsh_sharded``):
+    ``keys_by_shard`` may load each shard's keys when it is indexed (``curate._StoreKeys``)."""
+    from . import lsh_sharded
+
+    nd = config.near_dedup
+    bands, rows = nd.banding()
+    verify = nd.verify_threshold
+    index = load_minhash_index(nd.against_index, config) if nd.against_index else None
+    earlier: dict[str, str] = {}
+
+    def load(i: int):
+        keys = keys_by_shard[shard_ids[i]]
+        ids = keys["ids"].tolist()
+        if index is not None and ids:
+            # a document that near-duplicates an earlier dataset goes, whatever its cluster
+            for doc_id, matches in zip(ids, index.query(keys["keys"], threshold=verify)):
+                if matches:
+                    earlier[doc_id] = matches[0]
+        return ids, keys["keys"]
+
+    clusters = lsh_sharded.sharded_clusters(load, len(shard_ids), bands, rows, verify)
+    drop_all = {d: min(c) for c in clusters for d in c if d != min(c)}
+    drop_all.update(earlier)
+    out = {}
+    for sid in shard_ids:
+        mine = [d for d in keys_by_shard[sid]["ids"].tolist() if d in drop_all]
+        out[sid] = {"drop": {d: drop_all[d] for d in mine}, "earlier": sorted(set(earlier).intersection(mine)),
+                    "num_clusters": len(clusters)}
+    return out
 
 
 def load_minhash_index(path_or_uri: str, config: CurateConfig):
