@@ -270,11 +270,14 @@ def build_minhash_index(config: CurateConfig, store, output_prefix: str, shards:
 
     nd = config.near_dedup
     index = MinHashIndex(*nd.banding(), ngram=nd.ngram, seed=nd.seed)
+    ids, sigs = [], []
     for shard in shards:
         keys = _keys_from_npz(store.read_artifact(shard_prefix(output_prefix, shard.shard_id, segment)).get_bytes("keys.npz"))
         keep = np.array([d not in drop for d in keys["ids"].tolist()], dtype=bool)
-        if keep.any():
-            index.add(keys["ids"][keep].tolist(), keys["keys"][keep])
+        ids += keys["ids"][keep].tolist()
+        sigs.append(keys["keys"][keep])
+    if ids:  # one add: adding shard by shard re-concatenates (and re-checks) the whole index each time
+        index.add(ids, np.concatenate(sigs))
     return index
 
 

@@ -25,6 +25,7 @@ band task ~ 0.56 GB, disk ~ 11.5 GB. Shape suffixes: N documents, H hashes, B ba
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ import numpy as np
 from .lsh import _bucket_edges, band_keys, connected_components
 from .minhash import EMPTY
 
-_VERIFY_CHUNK = 1 << 16
+_VERIFY_CHUNK = 1 << 13  # edges per chunk: at most 2 * 8192 pages of the map resident at a time
 
 
 @dataclass(frozen=True)
@@ -59,16 +60,27 @@ def _band_edges(task: _BandTask) -> int:
     return len(u_E)
 
 
-def _verified(sigs_NH: np.ndarray, order_N: np.ndarray, u_E: np.ndarray, v_E: np.ndarray, threshold: float) -> np.ndarray:
-    """Mask of the edges (as ranks) whose estimated Jaccard is >= threshold; rows read in order."""
+def _verified(path: Path, num_hashes: int, order_N: np.ndarray, u_E: np.ndarray, v_E: np.ndarray,
+              threshold: float) -> np.ndarray:
+    """Mask of the edges (as ranks) whose estimated Jaccard is >= threshold.
+
+    The signatures are memory-mapped; each chunk's rows are gathered in file order and the
+    mapping's pages are released after the chunk (``MADV_DONTNEED``), so the pages touched never
+    add up in the process's memory: they stay in the page cache, not in its RSS.
+    """
     keep_E = np.zeros(len(u_E), dtype=bool)
-    for lo in range(0, len(u_E), _VERIFY_CHUNK):
-        rows_u, rows_v = order_N[u_E[lo : lo + _VERIFY_CHUNK]], order_N[v_E[lo : lo + _VERIFY_CHUNK]]
-        su, sv = np.argsort(rows_u), np.argsort(rows_v)  # sorted gathers: sequential reads of the map
-        a = np.empty((len(rows_u), sigs_NH.shape[1]), np.uint64)
-        b = np.empty_like(a)
-        a[su], b[sv] = sigs_NH[rows_u[su]], sigs_NH[rows_v[sv]]
-        keep_E[lo : lo + _VERIFY_CHUNK] = (a == b).mean(axis=1) >= threshold
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        sigs_NH = np.frombuffer(mm, dtype=np.uint64).reshape(-1, num_hashes)
+        for lo in range(0, len(u_E), _VERIFY_CHUNK):
+            rows_u, rows_v = order_N[u_E[lo : lo + _VERIFY_CHUNK]], order_N[v_E[lo : lo + _VERIFY_CHUNK]]
+            su, sv = np.argsort(rows_u), np.argsort(rows_v)
+            a = np.empty((len(rows_u), num_hashes), np.uint64)
+            b = np.empty_like(a)
+            a[su], b[sv] = sigs_NH[rows_u[su]], sigs_NH[rows_v[sv]]
+            keep_E[lo : lo + _VERIFY_CHUNK] = (a == b).mean(axis=1) >= threshold
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
+        del sigs_NH
     return keep_E
 
 
@@ -128,10 +140,8 @@ def sharded_clusters(
         del codes
         u_E, v_E = codes_E // num_docs, codes_E % num_docs
         if threshold is not None and len(u_E):
-            sigs_NH = np.memmap(work / "sigs.u64", dtype=np.uint64, mode="r", shape=(num_docs, num_hashes))
-            keep_E = _verified(sigs_NH, order_N, u_E, v_E, threshold)
+            keep_E = _verified(work / "sigs.u64", num_hashes, order_N, u_E, v_E, threshold)
             u_E, v_E = u_E[keep_E], v_E[keep_E]
-            del sigs_NH
         roots_N = connected_components(num_docs, u_E, v_E)
         members = np.flatnonzero(roots_N != np.arange(num_docs))
         if not len(members):
