@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from functools import lru_cache
 
 FULL_HASH_BYTES = 8 << 20
 EDGE_BYTES = 1 << 20
@@ -48,9 +49,16 @@ def local_version(path: str) -> str:
         return f"missing:{type(exc).__name__}"
     if not stat.S_ISREG(st.st_mode):  # a FIFO would block the hash's open()
         return f"special:{stat.S_IFMT(st.st_mode):o}"
-    if st.st_size <= FULL_HASH_BYTES:
-        return f"sha256:{_sha256_file(path, st.st_size)}"
-    return f"size:{st.st_size},mtime:{st.st_mtime_ns},edges:{_sha256_file(path, st.st_size)}"
+    return _hashed_version(path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@lru_cache(maxsize=1 << 16)
+def _hashed_version(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """Keyed by the stat fields, so one process (the cache key, the prefix, the plan) hashes a file
+    once, and an edit (new size or mtime) is hashed again."""
+    if size <= FULL_HASH_BYTES:
+        return f"sha256:{_sha256_file(path, size)}"
+    return f"size:{size},mtime:{mtime_ns},edges:{_sha256_file(path, size)}"
 
 
 def file_version(read_uri: str) -> str:
