@@ -18,6 +18,13 @@ point the ``curate`` task calls. How it stays deterministic and resumable:
   classifier, perplexity LM) under ``<output_prefix>/_state/<step>``. A re-run with the
   same config skips committed work and recomputes decisions from committed keys (cheap
   and deterministic). The final artefact at ``output_prefix`` is committed last.
+* **Inputs.** Every input file's fingerprint (``fingerprint.py``) is part of its shard ids and is
+  recorded at ``<output_prefix>/_state/inputs`` when a run starts and in the final artefact
+  (``inputs.json``, metadata ``inputs_fingerprint``); a run at a prefix begun or finished over
+  other inputs is refused with the files that changed. ``default_output_prefix`` puts the
+  fingerprint in the prefix, so an edited corpus gets a fresh output.
+* **Near dedup at scale.** Its keys are streamed shard by shard through
+  ``lsh_sharded.sharded_clusters`` (disk-backed): the driver never holds every signature.
 * **Cross-dataset dedup.** Near dedup saves a ``minhash_index.npz`` of the documents it
   kept into the artefact; a later run with ``near_dedup.against_index`` set to that file's
   URI drops its documents that near-duplicate the earlier dataset (rule
