@@ -8,9 +8,10 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import CacheKeyFnPolicy
 
 from moeflow.platform import artifacts as A
-from moeflow.platform.data.curate import CurateConfig, run_curation
+from moeflow.platform.data.curate import CurateConfig, default_output_prefix, inputs_cache_key, run_curation
 from moeflow.platform.data.sources import STDLIB
 from moeflow.platform.stage import stage_run
 from moeflow.tasks.common import STAGE_CACHE
@@ -25,11 +26,12 @@ def source_uri(uri: str) -> str:
     return uri if "://" in uri else Path(uri).resolve().as_uri()
 
 
-@task(name="curate", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="curate", persist_result=True,  # + the inputs' fingerprint: edited files are not a cache hit
+      cache_policy=STAGE_CACHE + CacheKeyFnPolicy(cache_key_fn=lambda _ctx, inputs: inputs_cache_key(inputs["config"])))
 def curate_task(config: CurateConfig, num_workers: int | None = None, pipeline: dict | None = None) -> dict:
     inputs = [source_uri(source.uri) for source in config.sources]
     with stage_run("curate", config.model_dump(mode="json"), inputs=inputs, pipeline=pipeline) as st:
-        result = run_curation(config, st.store, output_prefix=f"datasets/{config.name}/curated/{config.config_hash()[:12]}",
+        result = run_curation(config, st.store, output_prefix=default_output_prefix(config),
                               num_workers=num_workers)
         funnel = result.stats.get("funnel", [])
         st.add_output(result.uri, kind=A.CURATED, name=A.curated_name(config.name), content_hash=result.content_hash,

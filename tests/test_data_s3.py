@@ -61,3 +61,18 @@ def test_s3_sources_and_s3_output(s3_store):
     assert result.num_docs_out + result.num_excluded + result.num_quarantined == result.num_docs_in == 9
     out = list(iter_artifact_documents(result.uri))
     assert len(out) == result.num_docs_out == 7
+
+
+def test_s3_inputs_fingerprint_follows_etags(s3_store):
+    from moeflow.platform.data.fingerprint import file_version, inputs_fingerprint
+
+    s3_store.put_bytes("fp/a.txt", b"first version\n")
+    sources = [SourceConfig(uri="s3://curation-test/fp")]
+    first = inputs_fingerprint(sources)
+    version = file_version("s3://curation-test/fp/a.txt")
+    assert version.startswith("size:14,etag:") and len(version) > len("size:14,etag:")
+    assert inputs_fingerprint(sources) == first
+    s3_store.put_bytes("fp/a.txt", b"other version\n")  # same size, new content: new ETag
+    assert inputs_fingerprint(sources) != first
+    s3_store.put_bytes("fp/b.txt", b"added\n")
+    assert len({first, inputs_fingerprint(sources)}) == 2

@@ -94,7 +94,7 @@ def test_parquet_source_with_ranges_and_nulls(tmp_path):
     src = SourceConfig(uri=str(path), text_field="content")
     docs, quarantine = read_all([src], records_per_shard=2)
     assert [d.text for d in docs] == ["a", "c", "d", "e"]
-    assert [(q.reason, q.location.rsplit("#", 1)[1]) for q in quarantine] == [("missing_text_field", "row=1")]
+    assert [(q.reason, q.location.rsplit("#", 1)[1]) for q in quarantine] == [("null_text", "row=1")]
     with pytest.raises(SourceError, match="no column 'text'"):
         plan_shards([SourceConfig(uri=str(path))])
 
@@ -203,5 +203,5 @@ def test_truncated_compressed_file_quarantines_the_rest(tmp_path, suffix):
     path.write_bytes(data[: len(data) // 2])  # a download cut in half
     docs, quarantine = read_all([SourceConfig(uri=str(path), format="jsonl")], records_per_shard=10_000)
     assert 0 < len(docs) < 1500
-    assert [q.reason for q in quarantine][-1] == "unreadable"
+    assert [q.reason for q in quarantine][-1] == "truncated"
     assert "rest of the file skipped" in quarantine[-1].detail

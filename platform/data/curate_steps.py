@@ -83,6 +83,30 @@ def _reference_texts(config: CurateConfig, shards: list[ShardSpec]) -> list[str]
     return texts
 
 
+def _describe_sources(config: CurateConfig) -> str:
+    return ", ".join(repr(src.uri) for src in config.sources)
+
+
+def quarantine_counts(quarantine: list[QuarantineRecord]) -> tuple[dict[str, int], dict[str, int]]:
+    """(entries by reason, what the entries that stand for more or less than one record lost).
+
+    A truncated file's rest or an unreadable Parquet file is one entry that stands for an
+    unknown (``records_unknown``) or known (``records``) number of records; ``bytes`` sums the
+    known byte counts of those entries. The funnel counts entries; ``lost`` says what they hide.
+    """
+    lost = {"entries": 0, "records": 0, "records_unknown": 0, "bytes": 0}
+    for q in quarantine:
+        if q.num_records == 1:
+            continue
+        lost["entries"] += 1
+        if q.num_records is None:
+            lost["records_unknown"] += 1
+        else:
+            lost["records"] += q.num_records
+        lost["bytes"] += q.num_bytes or 0
+    return dict(Counter(q.reason for q in quarantine)), lost
+
+
 def _lm_to_npz(lm: CharNgramLM) -> bytes:
     arrays: dict[str, np.ndarray] = {"order": np.array(lm.order), "vocab_size": np.array(lm.vocab_size)}
     for k, t in enumerate(lm.tables, start=1):
@@ -134,6 +158,9 @@ def prepare_state(config: CurateConfig, store, output_prefix: str, shards: list[
         prefix = f"{output_prefix}/_state/perplexity"
         if not store.artifact_exists(prefix):
             texts = _reference_texts(config, shards)
+            if not texts and config.perplexity.reference == "corpus":
+                raise CurationError(f"no input documents: the sources gave no readable, non-empty text "
+                                    f"({_describe_sources(config)}); nothing to curate")
             if not texts:
                 raise CurationError(f"perplexity reference {config.perplexity.reference!r} has no text to train on")
             lm = CharNgramLM(config.perplexity.order).fit(texts)
@@ -175,7 +202,8 @@ def compute_keys(step: str, docs: list[Document], config: CurateConfig, state: d
         from .minhash import compute_signatures
 
         nd = config.near_dedup
-        num_perm = nd.num_bands * nd.rows_per_band
+        bands, rows = nd.banding()
+        num_perm = bands * rows
         sigs = compute_signatures([d.text for d in docs], num_perm=num_perm, ngram=nd.ngram, seed=nd.seed)
         return {"ids": ids, "keys": sigs.reshape(len(docs), num_perm)}
     if step == "perplexity":
@@ -239,33 +267,44 @@ def resolve_global(step: str, keys_by_shard: dict[str, dict[str, np.ndarray]], c
             out[sid] = {"drop": drop, "num_clusters": num_clusters}
         return out
     if step == "near_dedup":
-        from .lsh import clusters_from_signatures
-
-        nd = config.near_dedup
-        ids = [d for sid in shard_ids for d in keys_by_shard[sid]["ids"].tolist()]
-        sigs = [keys_by_shard[sid]["keys"] for sid in shard_ids if len(keys_by_shard[sid]["ids"])]
-        all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, nd.num_bands * nd.rows_per_band), np.uint64)
-        verify = None if nd.verify_margin is None else nd.threshold - nd.verify_margin
-        clusters = clusters_from_signatures(ids, all_sigs, nd.num_bands, nd.rows_per_band, threshold=verify) if ids else []
-        drop_all = {d: min(c) for c in clusters for d in c if d != min(c)}
-        earlier: set[str] = set()
-        if nd.against_index and ids:
-            # a document that near-duplicates an earlier dataset goes, whatever its cluster
-            for doc_id, matches in zip(ids, load_minhash_index(nd.against_index, config).query(all_sigs, threshold=verify)):
-                if matches:
-                    drop_all[doc_id] = matches[0]
-                    earlier.add(doc_id)
-        out = {}
-        for sid in shard_ids:
-            mine = [d for d in keys_by_shard[sid]["ids"].tolist() if d in drop_all]
-            out[sid] = {"drop": {d: drop_all[d] for d in mine}, "earlier": sorted(earlier.intersection(mine)),
-                        "num_clusters": len(clusters)}
-        return out
+        return _resolve_near_dedup(shard_ids, keys_by_shard, config)
     if step == "perplexity":
         scores = np.concatenate([keys_by_shard[sid]["keys"] for sid in shard_ids]) if shard_ids else np.zeros(0)
         thresholds = bucket_thresholds(scores, tuple(config.perplexity.percentiles))
         return {sid: {"thresholds": list(thresholds)} for sid in shard_ids}
     raise CurationError(f"{step!r} is not a global step")
+
+
+def _resolve_near_dedup(shard_ids: list[str], keys_by_shard, config: CurateConfig) -> dict[str, dict]:
+    """Near-dedup decisions, one shard's signatures in memory at a time (``lsh_sharded``):
+    ``keys_by_shard`` may load each shard's keys when it is indexed (``curate._StoreKeys``)."""
+    from . import lsh_sharded
+
+    nd = config.near_dedup
+    bands, rows = nd.banding()
+    verify = nd.verify_threshold
+    index = load_minhash_index(nd.against_index, config) if nd.against_index else None
+    earlier: dict[str, str] = {}
+
+    def load(i: int):
+        keys = keys_by_shard[shard_ids[i]]
+        ids = keys["ids"].tolist()
+        if index is not None and ids:
+            # a document that near-duplicates an earlier dataset goes, whatever its cluster
+            for doc_id, matches in zip(ids, index.query(keys["keys"], threshold=verify)):
+                if matches:
+                    earlier[doc_id] = matches[0]
+        return ids, keys["keys"]
+
+    clusters = lsh_sharded.sharded_clusters(load, len(shard_ids), bands, rows, verify)
+    drop_all = {d: min(c) for c in clusters for d in c if d != min(c)}
+    drop_all.update(earlier)
+    out = {}
+    for sid in shard_ids:
+        mine = [d for d in keys_by_shard[sid]["ids"].tolist() if d in drop_all]
+        out[sid] = {"drop": {d: drop_all[d] for d in mine}, "earlier": sorted(set(earlier).intersection(mine)),
+                    "num_clusters": len(clusters)}
+    return out
 
 
 def load_minhash_index(path_or_uri: str, config: CurateConfig):
@@ -276,7 +315,8 @@ def load_minhash_index(path_or_uri: str, config: CurateConfig):
     from .lsh import MinHashIndex
 
     nd = config.near_dedup
-    params = {"num_bands": nd.num_bands, "rows_per_band": nd.rows_per_band, "ngram": nd.ngram, "seed": nd.seed}
+    bands, rows = nd.banding()
+    params = {"num_bands": bands, "rows_per_band": rows, "ngram": nd.ngram, "seed": nd.seed}
     if "://" not in path_or_uri:
         return MinHashIndex.load(path_or_uri, **params)
     from moeflow.platform.store import store_for_uri
@@ -439,9 +479,10 @@ def run_shard_segment(task: ShardTask) -> dict:
         keys = compute_keys(barriers[j], docs, config, state)
         stats.timings[f"{barriers[j]}.keys"] = time.perf_counter() - t0
 
+    by_reason, lost = quarantine_counts(quarantine)
     shard_stats = {
         "shard_id": task.shard.shard_id, "segment": j, "input": input_counts, "steps": stats.steps,
-        "quarantined": dict(Counter(q.reason for q in quarantine)),
+        "quarantined": by_reason, "lost": lost,
     }
     meta = {"config_hash": config.config_hash(), "shard_id": task.shard.shard_id, "segment": j}
     with store.write_artifact(shard_prefix(task.output_prefix, task.shard.shard_id, j), metadata=meta, overwrite=True) as w:

@@ -24,8 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from typing import Literal
 
+from pydantic import Field, field_validator
+
+from moeflow.platform.config import StageConfig
+
+from .choices import check_choices
 from .schema import BatchResult, Document, Excluded
 
 STEP = "domain"
@@ -34,13 +39,21 @@ SEED_PATH = Path(__file__).resolve().parent / "seed" / "domain_seed.jsonl"
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
-class DomainConfig(BaseModel):
-    num_features: int = Field(1 << 12, description="hashed feature dimensions (per bag x 2)")
-    max_chars: int = Field(4000, description="classify on the first max_chars characters")
-    l2: float = 1e-3
-    steps: int = 300
-    learning_rate: float = 2.0
-    drop_labels: list[str] = Field(default_factory=list, description="labels to exclude; keep all by default")
+DomainLabel = Literal["code", "prose", "math", "dialogue"]  # == LABELS, the labels of the seed set
+
+
+class DomainConfig(StageConfig):
+    num_features: int = Field(1 << 12, ge=16, le=1 << 22, description="hashed feature dimensions (per bag x 2)")
+    max_chars: int = Field(4000, ge=1, le=1 << 24, description="classify on the first max_chars characters")
+    l2: float = Field(1e-3, ge=0.0, le=100.0, description="L2 penalty of the logistic regression")
+    steps: int = Field(300, ge=1, le=100_000, description="full-batch gradient steps of training")
+    learning_rate: float = Field(2.0, gt=0.0, le=1000.0, description="gradient-descent step size")
+    drop_labels: list[DomainLabel] = Field(default_factory=list, description="labels to exclude; keep all by default")
+
+    @field_validator("drop_labels", mode="before")
+    @classmethod
+    def _known_labels(cls, value):
+        return check_choices(value, LABELS, "domain label")
 
 
 def load_seed_examples(path: str | Path = SEED_PATH) -> list[tuple[str, str]]:

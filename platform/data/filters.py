@@ -22,8 +22,12 @@ from collections import Counter
 from typing import Callable
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from moeflow.platform.config import StageConfig
+
+from .choices import check_choices
+from .domain import LABELS, DomainLabel
 from .schema import BatchResult, Document, Excluded
 
 STEP = "quality"
@@ -51,67 +55,99 @@ _CITATION_RE = re.compile(r"\[\d+\]|\[citation needed\]|\[edit\]", re.IGNORECASE
 _SENTENCE_RE = re.compile(r"[^.!?]+[.!?]+")
 
 
-class GopherQualityConfig(BaseModel):
-    enabled: bool = True
-    min_doc_words: int = 50
-    max_doc_words: int = 100_000
-    min_avg_word_length: float = 3.0
-    max_avg_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1
-    max_bullet_lines_ratio: float = 0.9
-    max_ellipsis_lines_ratio: float = 0.3
-    max_non_alpha_words_ratio: float = 0.8  # i.e. at least 80% of words contain a letter
-    min_stop_words: int = 2
+_RATIO = {"ge": 0.0, "le": 1.0}
 
 
-class GopherRepetitionConfig(BaseModel):
-    enabled: bool = True
-    dup_line_frac: float = 0.3
-    dup_para_frac: float = 0.3
-    dup_line_char_frac: float = 0.2
-    dup_para_char_frac: float = 0.2
-    top_n_grams: list[tuple[int, float]] = [(2, 0.20), (3, 0.18), (4, 0.16)]
-    dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+def _ordered(low: float, high: float, low_name: str, high_name: str) -> None:
+    if low > high:
+        raise ValueError(f"{low_name}={low} > {high_name}={high}: the rule would exclude every document")
 
 
-class C4Config(BaseModel):
-    enabled: bool = True
+class GopherQualityConfig(StageConfig):
+    enabled: bool = Field(True, description="apply the Gopher quality rules to prose")
+    min_doc_words: int = Field(50, ge=0, le=1 << 30, description="fewer words than this: excluded (Gopher: 50)")
+    max_doc_words: int = Field(100_000, ge=1, le=1 << 30, description="more words than this: excluded (Gopher: 100k)")
+    min_avg_word_length: float = Field(3.0, ge=0.0, le=100.0, description="shorter mean word length: excluded (Gopher: 3)")
+    max_avg_word_length: float = Field(10.0, ge=0.0, le=100.0, description="longer mean word length: excluded (Gopher: 10)")
+    max_symbol_word_ratio: float = Field(0.1, **_RATIO, description="max ('#' + '...') symbols per word (Gopher: 0.1)")
+    max_bullet_lines_ratio: float = Field(0.9, **_RATIO, description="max fraction of lines starting with a bullet (Gopher: 0.9)")
+    max_ellipsis_lines_ratio: float = Field(0.3, **_RATIO, description="max fraction of lines ending in an ellipsis (Gopher: 0.3)")
+    max_non_alpha_words_ratio: float = Field(
+        0.8, **_RATIO, description="despite the name (Gopher's), the MIN fraction of words that contain a letter (0.8)")
+    min_stop_words: int = Field(2, ge=0, le=1000, description="fewer English stop words than this: excluded (Gopher: 2)")
+
+    @model_validator(mode="after")
+    def _check_order(self) -> "GopherQualityConfig":
+        _ordered(self.min_doc_words, self.max_doc_words, "min_doc_words", "max_doc_words")
+        _ordered(self.min_avg_word_length, self.max_avg_word_length, "min_avg_word_length", "max_avg_word_length")
+        return self
+
+
+def _check_ngram_fracs(pairs: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    for n, frac in pairs:
+        if not 1 <= n <= 64 or not 0.0 <= frac <= 1.0:
+            raise ValueError(f"(n, fraction) = ({n}, {frac}): n must be in [1, 64] and the fraction in [0, 1]")
+    return pairs
+
+
+class GopherRepetitionConfig(StageConfig):
+    enabled: bool = Field(True, description="apply the Gopher repetition rules to prose")
+    dup_line_frac: float = Field(0.3, **_RATIO, description="max fraction of lines that are duplicates (Gopher: 0.3)")
+    dup_para_frac: float = Field(0.3, **_RATIO, description="max fraction of paragraphs that are duplicates (Gopher: 0.3)")
+    dup_line_char_frac: float = Field(0.2, **_RATIO, description="max fraction of characters in duplicate lines (Gopher: 0.2)")
+    dup_para_char_frac: float = Field(0.2, **_RATIO, description="max fraction of characters in duplicate paragraphs (Gopher: 0.2)")
+    top_n_grams: list[tuple[int, float]] = Field(
+        [(2, 0.20), (3, 0.18), (4, 0.16)], description="(n, max fraction of characters in the most frequent n-gram)")
+    dup_n_grams: list[tuple[int, float]] = Field(
+        [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)],
+        description="(n, max fraction of characters in duplicated n-grams)")
+
+    _check_top = field_validator("top_n_grams", "dup_n_grams")(_check_ngram_fracs)
+
+
+class C4Config(StageConfig):
+    enabled: bool = Field(True, description="apply the C4 rules to prose")
     remove_lines: bool = Field(True, description="apply C4's line filters (rewrites the text)")
-    min_words_per_line: int = 3
-    max_word_length: int = 1000
-    min_num_sentences: int = 5
-    filter_lorem_ipsum: bool = True
-    filter_curly_bracket: bool = True
-    filter_javascript: bool = True
-    filter_policy: bool = True
+    min_words_per_line: int = Field(3, ge=0, le=1000, description="lines with fewer words are removed (C4: 3)")
+    max_word_length: int = Field(1000, ge=1, le=1 << 20, description="a word longer than this excludes the document (C4: 1000)")
+    min_num_sentences: int = Field(5, ge=0, le=1 << 20, description="fewer sentences: excluded (C4: 5)")
+    filter_lorem_ipsum: bool = Field(True, description="exclude documents containing 'lorem ipsum'")
+    filter_curly_bracket: bool = Field(True, description="exclude prose containing '{' (C4: code and templates)")
+    filter_javascript: bool = Field(True, description="remove lines mentioning javascript")
+    filter_policy: bool = Field(True, description="remove cookie/privacy/terms-of-use lines")
 
 
-class FineWebConfig(BaseModel):
-    enabled: bool = True
-    line_punct_thr: float = 0.12
-    short_line_thr: float = 0.67
-    short_line_length: int = 30
-    char_duplicates_ratio: float = 0.01
-    new_line_ratio: float = 0.3
+class FineWebConfig(StageConfig):
+    enabled: bool = Field(True, description="apply the FineWeb rules to prose")
+    line_punct_thr: float = Field(0.12, **_RATIO, description="min fraction of lines ending in punctuation (FineWeb: 0.12)")
+    short_line_thr: float = Field(0.67, **_RATIO, description="max fraction of short lines (FineWeb: 0.67)")
+    short_line_length: int = Field(30, ge=0, le=1 << 20, description="a line of at most this many characters is short")
+    char_duplicates_ratio: float = Field(0.01, **_RATIO, description="max fraction of characters in duplicated lines (FineWeb: 0.01)")
+    new_line_ratio: float = Field(0.3, ge=0.0, le=1000.0, description="max newlines per word (FineWeb: 0.3)")
 
 
-class CodeQualityConfig(BaseModel):
-    enabled: bool = True
-    max_line_length: int = 1000
-    max_mean_line_length: float = 100.0
-    min_alnum_fraction: float = 0.25
-    autogen_header_lines: int = 5
-    min_blob_chars: int = Field(64, description="a run of base64/hex characters this long counts as encoded data")
-    max_encoded_fraction: float = 0.5
+class CodeQualityConfig(StageConfig):
+    enabled: bool = Field(True, description="apply the code rules to documents of the code domains")
+    max_line_length: int = Field(1000, ge=1, le=1 << 24, description="a line longer than this excludes the file")
+    max_mean_line_length: float = Field(100.0, gt=0.0, le=1 << 24, description="max mean line length")
+    min_alnum_fraction: float = Field(0.25, **_RATIO, description="min fraction of alphanumeric characters")
+    autogen_header_lines: int = Field(5, ge=0, le=1000, description="lines searched for 'auto-generated' markers")
+    min_blob_chars: int = Field(64, ge=1, le=1 << 24, description="a run of base64/hex characters this long counts as encoded data")
+    max_encoded_fraction: float = Field(0.5, **_RATIO, description="max fraction of characters in encoded-data runs")
 
 
-class QualityConfig(BaseModel):
-    gopher_quality: GopherQualityConfig = GopherQualityConfig()
-    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
-    c4: C4Config = C4Config()
-    fineweb: FineWebConfig = FineWebConfig()
-    code: CodeQualityConfig = CodeQualityConfig()
-    code_domains: list[str] = Field(["code"], description="domain labels that get the code rules")
+class QualityConfig(StageConfig):
+    gopher_quality: GopherQualityConfig = Field(GopherQualityConfig(), description="Gopher quality rules (prose)")
+    gopher_repetition: GopherRepetitionConfig = Field(GopherRepetitionConfig(), description="Gopher repetition rules (prose)")
+    c4: C4Config = Field(C4Config(), description="C4 rules (prose)")
+    fineweb: FineWebConfig = Field(FineWebConfig(), description="FineWeb rules (prose)")
+    code: CodeQualityConfig = Field(CodeQualityConfig(), description="code rules (documents of the code domains)")
+    code_domains: list[DomainLabel] = Field(["code"], description="domain labels that get the code rules")
+
+    @field_validator("code_domains", mode="before")
+    @classmethod
+    def _known_labels(cls, value):
+        return check_choices(value, LABELS, "domain label")
 
 
 # ---------------------------------------------------------------- helpers

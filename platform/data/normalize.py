@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from moeflow.platform.config import StageConfig
 
 from .schema import BatchResult, Document, Excluded
 
@@ -25,10 +28,10 @@ STEP = "normalize"
 _CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff\u2028\u2029]")
 
 
-class NormalizeConfig(BaseModel):
-    form: str = Field("NFC", description="Unicode normal form")
-    max_encoding_error_ratio: float = Field(0.01, description="max replacement chars / chars")
-    strip_trailing_whitespace: bool = False
+class NormalizeConfig(StageConfig):
+    form: Literal["NFC", "NFD", "NFKC", "NFKD"] = Field("NFC", description="Unicode normal form")
+    max_encoding_error_ratio: float = Field(0.01, ge=0.0, le=1.0, description="max replacement chars / chars")
+    strip_trailing_whitespace: bool = Field(False, description="strip whitespace at the end of every line")
 
 
 def count_decode_errors(raw: bytes, decoded: str) -> int:

@@ -19,25 +19,47 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field, field_validator
+
+from moeflow.platform.config import StageConfig
+
+from .choices import check_choices
 
 _MULT = np.uint64(1_000_003)  # polynomial hash multiplier (odd, so the map is invertible mod 2^64)
 _BOS = 2  # code point used to pad the start of a document (STX: never a real character here)
 BUCKETS = ("head", "middle", "tail")
 
 
-class PerplexityConfig(BaseModel):
-    order: int = Field(5, ge=1, le=12)
+PPLBucket = Literal["head", "middle", "tail"]  # == BUCKETS
+
+
+class PerplexityConfig(StageConfig):
+    order: int = Field(5, ge=1, le=12, description="character n-gram order of the reference LM")
     reference: str = Field(
-        "corpus", description="'corpus' (first reference_docs docs of the corpus, in plan order), 'seed', or a file path"
-    )
-    reference_docs: int = 200
-    reference_max_chars: int = 500_000
-    max_score_chars: int = 5_000
-    percentiles: tuple[float, float] = (30.0, 60.0)
-    drop_buckets: list[str] = Field(default_factory=list, description="buckets to exclude; keep all by default")
+        "corpus", min_length=1,
+        description="'corpus' (first reference_docs docs of the corpus, in plan order), 'seed', or a file path")
+    reference_docs: int = Field(200, ge=1, le=1 << 24, description="documents the reference LM is trained on")
+    reference_max_chars: int = Field(500_000, ge=1, le=1 << 34, description="characters the reference LM is trained on, at most")
+    max_score_chars: int = Field(5_000, ge=1, le=1 << 30, description="score each document on its first max_score_chars characters")
+    percentiles: tuple[float, float] = Field(
+        (30.0, 60.0), description="head/middle and middle/tail cuts, corpus percentiles (CCNet: 30, 60)")
+    drop_buckets: list[PPLBucket] = Field(default_factory=list, description="buckets to exclude; keep all by default")
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered_percentiles(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 <= low <= high <= 100.0:
+            raise ValueError(f"percentiles {value}: need 0 <= head cut <= tail cut <= 100")
+        return value
+
+    @field_validator("drop_buckets", mode="before")
+    @classmethod
+    def _known_buckets(cls, value):
+        return check_choices(value, BUCKETS, "perplexity bucket")
 
 
 def _codes(text: str, order: int) -> np.ndarray:

@@ -18,10 +18,13 @@ import ipaddress
 import math
 import re
 from collections import Counter
-from typing import Callable
+from typing import Callable, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field, field_validator
 
+from moeflow.platform.config import StageConfig
+
+from .choices import check_choices
 from .schema import BatchResult, Document
 
 STEP = "pii"
@@ -40,13 +43,20 @@ PLACEHOLDERS = {
     "phone": "<PHONE>",
 }
 ALL_KINDS = list(PLACEHOLDERS)
+PIIKind = Literal["private_key", "aws_access_key", "aws_secret_key", "github_token", "api_key", "secret", "email",
+                  "credit_card", "ipv4", "ipv6", "phone"]  # == ALL_KINDS (tests check it)
 
 
-class PIIConfig(BaseModel):
-    kinds: list[str] = Field(default_factory=lambda: list(ALL_KINDS))
-    skip_private_ips: bool = True
-    min_secret_entropy: float = 3.0
-    min_secret_length: int = 16
+class PIIConfig(StageConfig):
+    kinds: list[PIIKind] = Field(default_factory=lambda: list(ALL_KINDS), description="kinds of PII to redact")
+    skip_private_ips: bool = Field(True, description="leave private, loopback and link-local IP addresses alone")
+    min_secret_entropy: float = Field(3.0, ge=0.0, le=8.0, description="min Shannon entropy (bits/char) of a key = value secret")
+    min_secret_length: int = Field(16, ge=1, le=4096, description="min length of a key = value secret")
+
+    @field_validator("kinds", mode="before")
+    @classmethod
+    def _known_kinds(cls, value):
+        return check_choices(value, ALL_KINDS, "PII kind")
 
 
 # Candidate patterns start with a character class or literal (no leading look-behind), so

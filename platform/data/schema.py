@@ -58,6 +58,9 @@ class QuarantineRecord:
     detail: str = ""  # human-readable explanation
     source: str = ""
     num_bytes: int | None = None
+    # input records this entry stands for: 1 (a record, a one-document file), None when unknown
+    # (the rest of a truncated file), 0 for a listing entry without records (a directory loop)
+    num_records: int | None = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -321,6 +321,11 @@ class S3Store(ObjectStore):
     def size(self, key: str) -> int:
         return self._stat(key).size
 
+    def version(self, key: str) -> tuple[int, str]:
+        """(size, ETag) of an object: names its content without downloading it."""
+        info = self._stat(key)
+        return info.size, str(info.etag).strip('"')
+
     def list(self, prefix: str = "") -> list[str]:
         prefix = norm_prefix(prefix)
         uri = self.uri(prefix) if prefix else self.root_uri
