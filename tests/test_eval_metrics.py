@@ -120,3 +120,11 @@ def test_ngram_overlap_finds_a_planted_copy_through_formatting_changes():
     # twelve shared words are not a 13-gram
     twelve = " ".join(words(train)[:12]) + " zebra"
     assert index.status(twelve) == "clean"
+
+
+def test_short_items_are_checked_whole_when_the_index_keeps_shorter_grams():
+    index = NgramIndex(n=13, min_words=5).add_all(["so the quiz asked which keyword starts a loop in python and we said for"])
+    assert index.status("Which keyword starts a loop in Python?") == "contaminated"   # 7 words, all in a row
+    assert index.status("Which keyword starts a loop in Rust?") == "clean"
+    assert index.status("starts a loop") == "too_short"
+    assert NgramIndex(n=13).add_all(["which keyword starts a loop in python"]).status("which keyword starts a loop in python") == "too_short"

@@ -203,11 +203,13 @@ def fewshot_pairs(data: TaskData) -> tuple[tuple[str, str], ...]:
 
 
 def item_text(item: Any) -> str:
-    """The text of an item that decontamination compares with training data."""
+    """The text of an item that decontamination looks for in training data: what the model is shown
+    (question, prompt, code prompt, document), as lm-eval's decontamination query does; a copy of the
+    question with its answer somewhere nearby is then found even when the two are not adjacent."""
     if isinstance(item, MCItem):
-        return f"{item.question} {item.choices[item.answer]}"
+        return item.question
     if isinstance(item, CodeProblem):
-        return f"{item.prompt}{item.canonical_solution}"
+        return item.prompt
     if "text" in item:
         return item["text"]
-    return f"{item['prompt']} {item['answer']}"
+    return item["prompt"]
