@@ -75,6 +75,10 @@ class Tracker(Protocol):
     def register_model(self, name: str, local_dir: str | os.PathLike, artifact_path: str = "model",
                        alias: str | None = None, tags: Mapping[str, Any] | None = None) -> str: ...
 
+    def set_model_version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None: ...
+
+    def find_model_version(self, tag: str, value: str) -> tuple[str, str] | None: ...
+
 
 # ---------------------------------------------------------------------- value shaping (shared)
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -219,6 +223,16 @@ class NoopTracker:
         self._record("model", {"name": name, "version": version, "artifact_path": artifact_path, "alias": alias,
                                "tags": dict(tags or {})})
         return version
+
+    def set_model_version_tags(self, name, version, tags):
+        self._record("model_version_tags", {"name": name, "version": str(version),
+                                            "tags": {str(k): str(v) for k, v in tags.items()}})
+
+    def find_model_version(self, tag, value):
+        for kind, _, p in reversed(self.events):
+            if kind == "model" and str(p["tags"].get(tag)) == str(value):
+                return p["name"], p["version"]
+        return None
 
     # conveniences for assertions
     def all_params(self) -> dict[str, str]:
@@ -416,6 +430,19 @@ class MLflowTracker:
         if alias:
             self.client.set_registered_model_alias(name, alias, version.version)
         return str(version.version)
+
+    def set_model_version_tags(self, name, version, tags):
+        """Tags on a registered model version (what a promotion gate reads, e.g. evaluation scores)."""
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version), str(k), str(v))
+
+    def find_model_version(self, tag, value):
+        """(name, version) of the newest registered model version whose tag ``tag`` equals ``value``."""
+        found = self.client.search_model_versions(f"tags.`{tag}` = '{value}'")
+        if not found:
+            return None
+        newest = max(found, key=lambda mv: int(mv.version))
+        return newest.name, str(newest.version)
 
     def set_tags(self, tags):
         from mlflow.entities import RunTag

@@ -29,15 +29,15 @@ def _canonical_and_empty(problems):
 
 def test_humaneval_first_problems_canonical_pass_empty_fail():
     canonical, empty, passed = _canonical_and_empty(humaneval_problems(limit=16))
-    assert canonical == {"pass@1": 1.0}, [i for i, r in enumerate(passed) if not r[0]]
-    assert empty == {"pass@1": 0.0}
+    assert canonical == {"pass_at_1": 1.0}, [i for i, r in enumerate(passed) if not r[0]]
+    assert empty == {"pass_at_1": 0.0}
 
 
 @pytest.mark.slow
 def test_humaneval_all_164_canonical_pass_at_1_is_1_and_empty_is_0():
     canonical, empty, passed = _canonical_and_empty(humaneval_problems())
-    assert canonical == {"pass@1": 1.0}, [i for i, r in enumerate(passed) if not r[0]]
-    assert empty == {"pass@1": 0.0}
+    assert canonical == {"pass_at_1": 1.0}, [i for i, r in enumerate(passed) if not r[0]]
+    assert empty == {"pass_at_1": 0.0}
 
 
 def test_pass_at_k_over_mixed_samples_and_stop_strings():
@@ -47,7 +47,7 @@ def test_pass_at_k_over_mixed_samples_and_stop_strings():
     samples = [truncate_completion(s) for s in samples]
     passed = check_completions([p], [samples], max_workers=2)
     assert passed == [[True, False, True, False]]
-    assert pass_at_k_report(passed, ks=(1, 2, 4)) == pytest.approx({"pass@1": 0.5, "pass@2": 1 - 1 / 6, "pass@4": 1.0})
+    assert pass_at_k_report(passed, ks=(1, 2, 4)) == pytest.approx({"pass_at_1": 0.5, "pass_at_2": 1 - 1 / 6, "pass_at_4": 1.0})
 
 
 def test_stdlib_doctest_problems_are_shipped_and_told_apart(tmp_path):

@@ -122,13 +122,13 @@ def test_code_runner_generates_and_runs_in_the_sandbox(lm_parts):
     spec = load_task("stdlib_doctests").model_copy(update={"limit": 3, "max_new_tokens": 8, "num_samples": 2,
                                                              "temperature": 1.0, "ks": [1, 2]})
     r = run_task(load_task_data(spec), ModelLM(model, tok, batch_size=6), max_workers=2)
-    assert r.metrics["pass@1"] == 0.0 and r.metrics["pass@2"] == 0.0  # an untrained model writes no working code
+    assert r.metrics["pass_at_1"] == 0.0 and r.metrics["pass_at_2"] == 0.0  # an untrained model writes no working code
     assert [row["num_samples"] for row in r.items] == [2, 2, 2]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only")
 def test_code_runner_pairs_each_completion_with_its_problem(lm_parts):
-    """An LM that answers each prompt with that problem's canonical body scores pass@1 = 1."""
+    """An LM that answers each prompt with that problem's canonical body scores pass_at_1 = 1."""
     model, tok = lm_parts
     data = load_task_data(load_task("humaneval").model_copy(update={"limit": 4}))
     by_prompt = {tuple(tok.encode(p.prompt, add_bos=True)): p.canonical_solution for p in data.items}
@@ -138,8 +138,8 @@ def test_code_runner_pairs_each_completion_with_its_problem(lm_parts):
             return [by_prompt[tuple(p)] + "\ndef junk():\n    raise SystemExit(1)\n" for p in prompts]
 
     r = run_task(data, Oracle(model, tok), max_workers=2)
-    assert r.metrics["pass@1"] == 1.0
+    assert r.metrics["pass_at_1"] == 1.0
     shifted = {k: v for k, v in zip(by_prompt, list(by_prompt.values())[1:] + list(by_prompt.values())[:1])}
     by_prompt.clear()
     by_prompt.update(shifted)
-    assert run_task(data, Oracle(model, tok), max_workers=2).metrics["pass@1"] == 0.0
+    assert run_task(data, Oracle(model, tok), max_workers=2).metrics["pass_at_1"] == 0.0

@@ -58,14 +58,14 @@ class ModelLM:
                  stop_at_end_of_turn: bool = True) -> list[str]:
         """Completions as text (special tokens dropped), each cut at its first stop string.
 
-        Prompts longer than ``max_len - max_new_tokens`` keep their last tokens (the task's
-        question is at the end). Rows are generated ``batch_size`` at a time.
+        ``max_new_tokens`` is capped at half the context (a small model's 128 tokens must still hold
+        a prompt); prompts longer than the rest keep their last tokens (the task's question is at the
+        end). Rows are generated ``batch_size`` at a time.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        max_new_tokens = min(max_new_tokens, self.max_len // 2)
         room = self.max_len - max_new_tokens
-        if room < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_len={self.max_len}")
         stops = stop_ids(self.tokenizer) if stop_at_end_of_turn else [self.tokenizer.eos_id]
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):

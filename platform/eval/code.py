@@ -153,12 +153,12 @@ def check_completions(problems: Sequence[CodeProblem], completions: Sequence[Seq
 
 
 def pass_at_k_report(passed: Sequence[Sequence[bool]], ks: Sequence[int] = (1,)) -> dict[str, float]:
-    """{'pass@k': mean over problems} for every k <= the smallest number of samples."""
+    """{'pass_at_k': mean over problems} (MLflow metric names allow no '@') for every k <= the smallest number of samples."""
     n_min = min(len(p) for p in passed)
     out = {}
     for k in ks:
         if k <= n_min:
-            out[f"pass@{k}"] = sum(pass_at_k(len(p), sum(p), k) for p in passed) / len(passed)
+            out[f"pass_at_{k}"] = sum(pass_at_k(len(p), sum(p), k) for p in passed) / len(passed)
     return out
 
 

@@ -14,7 +14,8 @@ An MLflow version points at its store artefact through the ``moeflow.artifact_ur
 ``StageRun.register_model_version`` sets. The resolved ``ModelRef`` keeps the MLflow name/version
 and catalog id, so the evaluate stage can write its results back onto them.
 
-A checkpoint carries no tokenizer: pass ``tokenizer`` (a ``tokenizer.json`` path or store URI).
+A checkpoint carries no tokenizer: ``tokenizer`` (a ``tokenizer.json`` path or store URI, e.g. the
+token artefact's) is used when the model artefact has no ``tokenizer.json`` of its own.
 """
 
 from __future__ import annotations
@@ -70,10 +71,10 @@ def _mlflow_client(settings=None):
 
 
 def _from_mlflow(ref: str, name: str, *, alias: str | None = None, version: str | None = None,
-                 settings=None) -> ModelRef:
+                 settings=None, tracker=None) -> ModelRef:
     from mlflow.exceptions import MlflowException
 
-    client = _mlflow_client(settings)
+    client = getattr(tracker, "client", None) or _mlflow_client(settings)
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
@@ -84,8 +85,9 @@ def _from_mlflow(ref: str, name: str, *, alias: str | None = None, version: str 
     return ModelRef(ref, uri, mlflow_name=name, mlflow_version=str(mv.version))
 
 
-def resolve(ref: str, *, settings=None, catalog=None) -> ModelRef:
-    """The artefact behind ``ref`` (see the module docstring for the forms)."""
+def resolve(ref: str, *, settings=None, catalog=None, tracker=None) -> ModelRef:
+    """The artefact behind ``ref`` (see the module docstring for the forms); MLflow references go
+    through ``tracker``'s client when it has one, else the settings' tracking URI."""
     ref = ref.strip()
     if not ref:
         raise ModelRefError("empty model reference")
@@ -106,9 +108,9 @@ def resolve(ref: str, *, settings=None, catalog=None) -> ModelRef:
     if Path(ref).expanduser().is_dir():
         return ModelRef(ref, str(Path(ref).expanduser().resolve()))
     if m := _MLFLOW_ALIAS.match(ref):
-        return _from_mlflow(ref, m["name"], alias=m["alias"], settings=settings)
+        return _from_mlflow(ref, m["name"], alias=m["alias"], settings=settings, tracker=tracker)
     if m := _MLFLOW_VERSION.match(ref):
-        return _from_mlflow(ref, m["name"], version=m["version"], settings=settings)
+        return _from_mlflow(ref, m["name"], version=m["version"], settings=settings, tracker=tracker)
     raise ModelRefError(f"cannot resolve model {ref!r}: not a directory, store URI, catalog:<id>, "
                         "<name>@<alias> or <name>/<version>")
 
@@ -148,7 +150,7 @@ def load(ref: str | ModelRef, *, device: str | torch.device = "cpu", dtype: torc
             model = model.to(dtype)
     else:
         raise ModelRefError(f"{mref.uri}: neither an HF export (config.json) nor a checkpoint (meta.json)")
-    tok_source = tokenizer or (str(local / "tokenizer.json") if (local / "tokenizer.json").is_file() else None)
+    tok_source = str(local / "tokenizer.json") if (local / "tokenizer.json").is_file() else tokenizer
     if tok_source is None:
         raise ModelRefError(f"{mref.uri} has no tokenizer.json: pass tokenizer=<path or store URI>")
     tok = _tokenizer(tok_source)
