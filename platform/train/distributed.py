@@ -79,12 +79,31 @@ def worker_context(device: str = "auto") -> Iterator[WorkerContext]:
     else:
         dev = torch.device("cpu")
     tmp = Path(tempfile.mkdtemp(prefix=f"moeflow-train-r{rank}-"))
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_threads())
     try:
         yield WorkerContext(rank, world_size, local_rank, dev, ray_train_context(), tmp)
     finally:
+        torch.set_num_threads(threads)  # an in-process run hands the caller's setting back
         shutil.rmtree(tmp, ignore_errors=True)
         if own_group:
             dist.destroy_process_group()
+
+
+def cpu_threads() -> int:
+    """Intra-op threads of a CPU training worker: ``OMP_NUM_THREADS``, else 1.
+
+    1 is what torchrun and our Ray workers (``ray_launch.worker_env``) give each worker. An
+    in-process run used to keep torch's default (one per core): on a loaded 2-core machine
+    the threads spin at every op's barrier and a tiny-model step took 10x longer (measured:
+    benchmarks/bench_cpu_threads.py), which is how ``moeflow run pipeline`` sat silently
+    for more than 8 minutes after tokenize.
+    """
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
 
 
 def barrier() -> None:

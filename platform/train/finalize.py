@@ -1,5 +1,5 @@
-"""After training, on the driver: export the final checkpoint in Hugging Face format, register the
-model version, and log what pretraining reports.
+"""After training, on the driver: export the final checkpoint in Hugging Face format and log what
+pretraining reports.
 
 Pretraining reports the final train loss and the last validation loss/bpb that training itself
 measured (the loop validates on the last step); it does not evaluate the checkpoint again: the
@@ -20,7 +20,7 @@ import torch
 from moeflow.models.train import state as train_state
 from moeflow.platform import artifacts as A
 
-from .checkpoint import CheckpointManager, config_hash
+from .checkpoint import CheckpointManager
 from .config import PretrainConfig
 from .worker import LaunchConfig
 
@@ -35,7 +35,6 @@ class PretrainResult:
     hf_uri: str | None
     expert_load_uri: str | None
     metrics: dict = field(default_factory=dict)
-    model_id: str | None = None
     steps: int = 0
 
 
@@ -51,9 +50,13 @@ def final_metrics(history: list[dict]) -> dict[str, float]:
     return out
 
 
-def finalize_run(launch: LaunchConfig, store, *, tracker=None, catalog=None, replay_history: bool = False,
+def finalize_run(launch: LaunchConfig, store, *, tracker=None, replay_history: bool = False,
                  device: str = "cpu") -> PretrainResult:
-    """Export HF, register, log the final metrics of a finished run."""
+    """Export HF and log the final metrics of a finished run.
+
+    The final model is recorded in the catalog by the stage (``StageRun.add_output`` in
+    ``tasks/pretrain.py``), the one place a stage's outputs are registered; this returns the URIs.
+    """
     from moeflow.platform.data.shards import TokenDataset
 
     from .evaluate import load_model
@@ -74,10 +77,6 @@ def finalize_run(launch: LaunchConfig, store, *, tracker=None, catalog=None, rep
         hf_uri = export_hf(model, store, launch.output_prefix, Path(tmp) / "hf", ref, metrics, train_ds)
     expert_prefix = A.expert_load_key(launch.output_prefix)
     expert_uri = store.uri(expert_prefix) if store.artifact_exists(expert_prefix) else None
-    model_id = None
-    if catalog is not None:
-        model_id = catalog.register_model(launch.model_name, hf_uri or ref.uri, config_hash(launch.pretrain),
-                                          metrics={**metrics, "step": ref.step})
     if tracker is not None:
         with (tracker.start_run(launch.run_name) if tracker.active_run_id is None else contextlib.nullcontext()):
             if replay_history:  # Ray workers logged nowhere the caller can see: replay the curves
@@ -87,7 +86,7 @@ def finalize_run(launch: LaunchConfig, store, *, tracker=None, catalog=None, rep
             tracker.set_tags({"moeflow.checkpoint_uri": ref.uri, "moeflow.hf_uri": hf_uri or "",
                               "moeflow.expert_load_uri": expert_uri or ""})
     return PretrainResult(checkpoint_uri=ref.uri, hf_uri=hf_uri, expert_load_uri=expert_uri, metrics=metrics,
-                          model_id=model_id, steps=ref.step)
+                          steps=ref.step)
 
 
 def export_hf(model, store, output_prefix: str, local_dir: Path, ref, metrics: dict, train_ds) -> str | None:

@@ -1,13 +1,12 @@
 """Pretraining's library entry (``run_pretrain``) and its command line (plain process or torchrun).
 
 ``run_pretrain(config, store, ...)`` is what the Prefect task calls: launch (Ray when more than
-one worker, in-process otherwise), then finalise on the driver (HF export, model registration,
-final metrics). The pieces live beside it, one concept each:
+one worker, in-process otherwise), then finalise on the driver (HF export, final metrics). The pieces live beside it, one concept each:
 
 * ``distributed``: process group, barrier/broadcast, DDP/FSDP2 wrapping, ``worker_context``;
 * ``worker``: ``train_worker`` (the per-rank loop), resume and checkpoint helpers;
 * ``ray_launch``: ``launch_ray`` on Ray Train V2 (any worker function);
-* ``finalize``: ``finalize_run`` after training;
+* ``finalize``: ``finalize_run`` after training (HF export, final metrics);
 * ``config``: ``PretrainConfig`` (pydantic, validated where the user typed it).
 
 Without Ray, MLflow or a store server (e.g. on a GPU box)::
@@ -48,7 +47,11 @@ def run_pretrain(config: PretrainConfig | dict, store, *, tokens_uri: str, outpu
                  use_gpu: bool = False, tracker=None, catalog=None, use_ray: bool | None = None,
                  max_failures: int = 2, run_name: str = "pretrain", model_name: str = "moe",
                  extra_launch: dict | None = None) -> PretrainResult:
-    """Pretrain (resuming if checkpoints exist), export HF, register the model version."""
+    """Pretrain (resuming if checkpoints exist) and export HF; returns the URIs and final metrics.
+
+    ``catalog``: record every committed checkpoint in it (lineage of the final model back to its
+    checkpoints). The final model is recorded by the stage (``tasks/pretrain.py``).
+    """
     pcfg = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
     use_ray = num_workers > 1 if use_ray is None else use_ray
     launch = LaunchConfig(pretrain=pcfg.to_dict(), tokens_uri=tokens_uri, output_prefix=output_prefix,
@@ -67,7 +70,7 @@ def run_pretrain(config: PretrainConfig | dict, store, *, tokens_uri: str, outpu
         from moeflow.platform.tracking import NoopTracker
 
         train_worker(launch.to_dict(), tracker=tracker if tracker is not None else NoopTracker())
-    return finalize_run(launch, store, tracker=tracker, catalog=catalog, replay_history=use_ray and not mlflow,
+    return finalize_run(launch, store, tracker=tracker, replay_history=use_ray and not mlflow,
                         device="cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 

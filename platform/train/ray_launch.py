@@ -50,11 +50,13 @@ def wait_for_placement(num_workers: int, bundle: dict[str, float], timeout_s: fl
 
     pg = placement_group([dict(bundle)] * num_workers, strategy="PACK")
     deadline = time.monotonic() + timeout_s
+    interval = 1.0  # the first report comes quickly; later ones every report_every_s
     try:
         while True:
             left = deadline - time.monotonic()
-            if pg.wait(timeout_seconds=max(0.0, min(report_every_s, left))):
+            if pg.wait(timeout_seconds=max(0.0, min(interval, left))):
                 return
+            interval = report_every_s
             need = {k: v * num_workers for k, v in bundle.items()}
             status = (f"waiting for Ray to place {num_workers} training worker(s) of {bundle} (needs {need}); "
                       f"cluster total {_resources(ray.cluster_resources(), need)}, "
