@@ -19,7 +19,7 @@ packages = ["moeflow"] + [
 setup(
     packages=packages,
     package_dir={"moeflow": "."},
-    # recipes (configs/ is not a package) and the catalog's Alembic files travel with the code
-    package_data={"moeflow": ["configs/*.yaml"], "": ["*.ini", "*.mako", "*.json", "*.jsonl", "*.txt", "*.yaml"]},
+    # recipes and evaluation task files (configs/ is not a package) and the catalog's Alembic files travel with the code
+    package_data={"moeflow": ["configs/*.yaml", "configs/eval/*.yaml", "configs/eval/*.jsonl"], "": ["*.ini", "*.mako", "*.json", "*.jsonl", "*.txt", "*.yaml"]},
     include_package_data=True,
 )

@@ -237,6 +237,19 @@ class MLflowTracker:
             self.client.set_registered_model_alias(name, alias, version.version)
         return str(version.version)
 
+    def set_model_version_tags(self, name, version, tags):
+        """Tags on a registered model version (what a promotion gate reads, e.g. evaluation scores)."""
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version), str(k), str(v))
+
+    def find_model_version(self, tag, value):
+        """(name, version) of the newest registered model version whose tag ``tag`` equals ``value``."""
+        found = self.client.search_model_versions(f"tags.`{tag}` = '{value}'")
+        if not found:
+            return None
+        newest = max(found, key=lambda mv: int(mv.version))
+        return newest.name, str(newest.version)
+
     def set_tags(self, tags):
         from mlflow.entities import RunTag
 

@@ -136,6 +136,16 @@ class NoopTracker:
                                "tags": dict(tags or {}), "description": description})
         return version
 
+    def set_model_version_tags(self, name, version, tags):
+        self._record("model_version_tags", {"name": name, "version": str(version),
+                                            "tags": {str(k): str(v) for k, v in tags.items()}})
+
+    def find_model_version(self, tag, value):
+        for kind, _, p in reversed(self.events):
+            if kind == "model" and str(p["tags"].get(tag)) == str(value):
+                return p["name"], p["version"]
+        return None
+
     # conveniences for assertions
     def all_params(self) -> dict[str, str]:
         return {k: v for p in self.params for k, v in p.items()}
