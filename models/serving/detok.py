@@ -29,11 +29,12 @@ class TextStream:
         self.read = 0
         self.pending = ""     # decoded but not yet released (a possible stop-string start)
         self.text = ""        # everything released so far
-        self.stopped = False
+        self.stopped = False  # a stop string was found
+        self.closed = False   # finish() was called
 
     def push(self, token_id: int) -> str:
         """Add one generated token; the newly releasable text ('' while held back)."""
-        if self.stopped:
+        if self.stopped or self.closed:
             return ""
         self.ids.append(int(token_id))
         before = self.decode(self.ids[self.prefix: self.read])
@@ -45,14 +46,20 @@ class TextStream:
         return self._release()
 
     def finish(self) -> str:
-        """Release what is held back (call when generation ends without a stop string)."""
-        if self.stopped:
+        """Release what is held back (call when generation ends without a stop string), including an
+        unfinished character at the very end (as U+FFFD, what a full decode of the ids gives)."""
+        if self.stopped or self.closed:
             return ""
-        out, self.pending = self.pending, ""
-        self.text += out
+        before = self.decode(self.ids[self.prefix: self.read])
+        after = self.decode(self.ids[self.prefix:])
+        if len(after) > len(before):
+            self.pending += after[len(before):]
+        self.prefix = self.read = len(self.ids)
+        out = self._release(final=True)
+        self.closed = True
         return out
 
-    def _release(self) -> str:
+    def _release(self, final: bool = False) -> str:
         # No stop string can straddle released and pending text: any tail that could start one is
         # held back (``_held_back``), so searching the pending text is enough. Earliest match wins.
         hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
@@ -60,7 +67,7 @@ class TextStream:
             out = self.pending[: min(hits)]
             self.pending, self.stopped = "", True
         else:
-            keep = self._held_back()
+            keep = 0 if final else self._held_back()
             out = self.pending[: len(self.pending) - keep]
             self.pending = self.pending[len(self.pending) - keep:]
         self.text += out
