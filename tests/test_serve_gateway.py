@@ -278,3 +278,39 @@ def test_overload_answers_429(stack, client):
         gw.config = old
     assert gw.inflight == 0
     assert client.completions.create(model="tiny", prompt="x", max_tokens=1).choices
+
+
+def test_the_gateway_logprob_cap_is_the_engines():
+    from moeflow.models.serving.engine import MAX_LOGPROBS
+    from moeflow.platform.serve import protocol
+
+    assert protocol.MAX_LOGPROBS == MAX_LOGPROBS
+
+
+def test_bounded_load_of_concurrent_streams_all_complete(stack):
+    """The fast twin of test_serve_ray's load test: 12 concurrent streams, bounded time, nothing hangs."""
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=stack["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+        async def one(i):
+            t0, first, reason = time.perf_counter(), None, None
+            stream = await client.completions.create(model="tiny", prompt=f"r{i}", max_tokens=16, stream=True,
+                                                     seed=i)
+            async for c in stream:
+                if c.choices and first is None:
+                    first = time.perf_counter() - t0
+                if c.choices and c.choices[0].finish_reason:
+                    reason = c.choices[0].finish_reason
+            return first, time.perf_counter() - t0, reason
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(12))), 60)
+        finally:
+            await client.close()
+
+    res = asyncio.run(run())
+    assert all(r[2] in ("stop", "length") for r in res)
+    e2e = sorted(r[1] for r in res)
+    print(f"\n12 streams in process: e2e p50 {e2e[6]:.2f} s, p99 {e2e[-1]:.2f} s")
+    assert stack["gw"].inflight == 0

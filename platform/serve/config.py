@@ -56,3 +56,13 @@ class GatewayConfig(StageConfig):
     first_token_timeout_s: float = Field(60.0, gt=0, description="queueing bound: no first token by then = 503")
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end bound of one request")
     num_replicas: int = Field(1, ge=1, le=64, description="gateway replicas")
+
+
+class ServeConfig(StageConfig):
+    """A whole serving set-up: the versions, their aliases and A/B splits, and the gateway."""
+
+    models: list[ServedModel] = Field(..., min_length=1, description="model versions to serve")
+    aliases: dict[str, dict[str, str]] = Field(default_factory=dict, description="name -> alias -> version")
+    splits: dict[str, list[dict]] = Field(default_factory=dict,
+                                          description="name -> [{'target': alias|version, 'weight': w}]")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)

@@ -20,7 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ...models.serving.engine import MAX_LOGPROBS
+# The engine's bound (models.serving.engine.MAX_LOGPROBS, a test keeps them equal), repeated so that the
+# gateway process does not import torch.
+MAX_LOGPROBS = 20
 
 
 class APIError(Exception):
