@@ -314,3 +314,33 @@ def test_bounded_load_of_concurrent_streams_all_complete(stack):
     e2e = sorted(r[1] for r in res)
     print(f"\n12 streams in process: e2e p50 {e2e[6]:.2f} s, p99 {e2e[-1]:.2f} s")
     assert stack["gw"].inflight == 0
+
+
+def test_lm_eval_local_completions_scores_through_the_gateway(stack, monkeypatch):
+    """lm-eval's ``local-completions`` model (HF tokenizer from the export) against the gateway:
+    its log-likelihoods equal a full forward of the model, its greedy generations equal generate()."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    srv = _server(stack)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    lm = LocalCompletionsAPI(base_url=stack["url"] + "/v1/completions", model="tiny", tokenizer_backend="huggingface",
+                             tokenizer=srv.spec.model_dir, num_concurrent=1, max_retries=1, max_length=128)
+    pairs = [("the quick brown", " fox jumps"), ("def add(a, b):", "\n    return a + b")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                           disable_tqdm=True)
+    tok = srv.tokenizer
+    for (ctx, cont), (ll, _greedy) in zip(pairs, got):
+        ctx_ids = tok.encode(ctx, add_bos=False)
+        whole = tok.encode(ctx + cont, add_bos=False)
+        cont_ids = whole[len(ctx_ids):]  # lm-eval's split: the sequence scored is ctx_ids + cont_ids
+        with torch.no_grad():
+            lp = torch.log_softmax(srv.model(torch.tensor([ctx_ids + cont_ids])).logits[0].float(), -1)
+        ref = sum(float(lp[len(ctx_ids) + j - 1, t]) for j, t in enumerate(cont_ids))
+        assert ll == pytest.approx(ref, abs=1e-3)
+    ids = tok.encode("for i in", add_bos=False)
+    ref_text = tok.decode(generate(srv.model, [ids], 12, stop_token_ids=[tok.eos_id]).tokens[0])
+    (gen,) = lm.generate_until([Instance("generate_until", {}, ("for i in", {"until": ["\u2603"], "max_gen_toks": 12}),
+                                         0)], disable_tqdm=True)
+    assert gen == ref_text.split("\u2603")[0]
