@@ -44,7 +44,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from moeflow.platform.data.lsh import connected_components, s_curve  # noqa: E402
-from moeflow.platform.data.minhash import _simplified_words, near_duplicate_clusters  # noqa: E402
+from moeflow.platform.data.lsh import near_duplicate_clusters  # noqa: E402
+from moeflow.platform.data.minhash import _simplified_words  # noqa: E402
 
 NGRAM = 5
 SECTION = "## Near-duplicate detection (issue 4)"

@@ -12,14 +12,16 @@ import json
 import numpy as np
 import streamlit as st
 
+from moeflow.platform.artifacts import is_expert_load_uri
 from moeflow.platform.catalog import Catalog
 from moeflow.platform.settings import get_settings
+from moeflow.platform.stages import STAGES
 from moeflow.platform.store import store_for_uri
 from moeflow.platform.train.expert_load import NPZ_NAME, load_expert_load
 
 
 def runs_page(catalog: Catalog) -> None:
-    stage = st.selectbox("stage", ["all", "pipeline", "smoke", "curate", "tokenize", "pretrain", "evaluate"])
+    stage = st.selectbox("stage", ["all", *STAGES])  # the stage registry
     runs = catalog.list_runs(limit=200, stage=None if stage == "all" else stage)
     st.subheader(f"Runs ({len(runs)})")
     if not runs:
@@ -47,7 +49,7 @@ def expert_load_uris(catalog: Catalog) -> dict[str, str]:
     found = {}
     for run in catalog.list_runs(limit=200, stage="pretrain"):
         for uri in run.get("outputs", []):
-            if uri.rstrip("/").endswith("/expert_load"):
+            if is_expert_load_uri(uri):
                 found[f"{run['started_at']} · {run['id'][:8]}"] = uri
     return found
 

@@ -9,29 +9,31 @@ from __future__ import annotations
 
 from prefect import flow
 
-from moeflow.models.train.loop import PretrainConfig
 from moeflow.platform.data.curate import CurateConfig
 from moeflow.platform.data.tokenize import TokenizeConfig
 from moeflow.platform.stage import stage_run
+from moeflow.platform.train.config import PretrainConfig
+from moeflow.platform.train.evaluate import EvaluateConfig
+from moeflow.tasks.common import flow_run_namer
 from moeflow.tasks.curate import curate_task
-from moeflow.tasks.evaluate import EvaluateConfig, evaluate_task
+from moeflow.tasks.evaluate import evaluate_task
 from moeflow.tasks.pretrain import pretrain_task
 from moeflow.tasks.tokenize import tokenize_task
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", log_prints=True, flow_run_name=flow_run_namer("pipeline"))
 def pipeline(
+    run_name: str = "moe",
+    pretrain: PretrainConfig = PretrainConfig(),  # first: what people change (steps, lr, model preset)
     curate: CurateConfig = CurateConfig(),
     tokenize: TokenizeConfig = TokenizeConfig(),
-    pretrain: PretrainConfig = PretrainConfig(),
     evaluate: EvaluateConfig = EvaluateConfig(),
-    run_name: str = "moe",
     num_workers: int | None = None,
     train_workers: int = 1,
     use_gpu: bool = False,
 ) -> dict:
     config = {"curate": curate.model_dump(mode="json"), "tokenize": tokenize.to_dict(),
-              "pretrain": pretrain.to_dict(), "evaluate": evaluate.model_dump(), "run_name": run_name}
+              "pretrain": pretrain.to_dict(), "evaluate": evaluate.to_dict(), "run_name": run_name}
     with stage_run("pipeline", config) as run:
         ids = {"catalog_run_id": run.run_id, "mlflow_run_id": run.mlflow_run_id}
         # curate

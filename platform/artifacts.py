@@ -30,6 +30,13 @@ def tokens_name(dataset: str) -> str:
     return f"{dataset}-tokens"
 
 
+EXPERT_LOAD_DIR = "expert_load"  # under a training run's output prefix
+
+
 def expert_load_key(output_prefix: str) -> str:
     """Where a training run keeps its expert-load log."""
-    return f"{output_prefix.rstrip('/')}/expert_load"
+    return f"{output_prefix.strip('/')}/{EXPERT_LOAD_DIR}"
+
+
+def is_expert_load_uri(uri: str) -> bool:
+    return uri.rstrip("/").endswith(f"/{EXPERT_LOAD_DIR}")

@@ -1,50 +1,71 @@
-"""The ``moeflow`` command line: local services, settings, and running flows.
+"""The moeflow command line: local services, settings, and running flows.
 
-``moeflow run <flow>`` loads a recipe, applies ``--set`` overrides and calls the Prefect
-flow in this process. If ``moeflow up`` is running, the run reports to that Prefect server
-and MLflow server, so it appears in both UIs; otherwise Prefect uses its embedded server
-over the same database under ``$MOEFLOW_HOME`` and MLflow logs straight to the same SQLite
-store, so the run still shows up after a later ``moeflow up``.
+'moeflow run <stage>' loads a recipe, applies --set overrides and validates both against the
+stage configs before Prefect or Ray is touched. While 'moeflow up' is running, the run goes
+through the stage's Prefect deployment (so its deployment page lists it, and the worker runs
+it); otherwise the flow runs in this process on Prefect's embedded server over the same
+database under $MOEFLOW_HOME, and MLflow logs straight to the same SQLite store, so the run
+still shows up after a later 'moeflow up'.
+
+User errors (a bad recipe key, a missing input, a bad setting) print one or two lines and exit
+with status 2; --debug shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
 from . import recipes
-from .settings import get_settings
+from .settings import Settings, SettingsError, get_settings
+from .stages import (STAGES, MissingInput, RecipeInvalid, UnknownStage, find_input, flow_kwargs, get_stage,
+                     validate_recipe)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
+                  pretty_exceptions_enable=False)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect settings.")
 app.add_typer(config_app, name="config")
 
-# Flows are looked up by entrypoint string, as Prefect does: platform/ must not import
-# flows/ (imports go one way), but the CLI has to start them.
-FLOWS = {
-    "smoke": "moeflow.flows.smoke:smoke",
-    "curate": "moeflow.flows.curate:curate",
-    "tokenize": "moeflow.flows.tokenize:tokenize",
-    "pretrain": "moeflow.flows.pretrain:pretrain",
-    "evaluate": "moeflow.flows.evaluate:evaluate",
-    "pipeline": "moeflow.flows.pipeline:pipeline",
-}
-
 SERVICE_NAMES = ["prefect", "mlflow", "dashboard", "ray", "flows"]  # start order: flows needs prefect
+USER_ERRORS = (recipes.RecipeError, RecipeInvalid, MissingInput, SettingsError, UnknownStage)
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks of user errors")) -> None:
+    """moeflow: raw text to a served MoE model."""
+    _STATE["debug"] = debug
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a user error in one or two lines and exit 2 (a traceback only with --debug)."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+
+
+def _settings() -> Settings:
+    with user_errors():
+        return get_settings()
 
 
 def _echo_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     typer.echo("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
-        typer.echo("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+        typer.echo("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
 
 
 @app.command()
@@ -52,10 +73,10 @@ def up(
     only: Optional[list[str]] = typer.Option(None, "--only", help=f"start only these services: {SERVICE_NAMES}"),
     timeout: float = typer.Option(180.0, help="seconds to wait for each service's health check"),
 ) -> None:
-    """Start the local Prefect server, MLflow server, dashboard and Ray head (idempotent)."""
+    """Start the local Prefect server and worker, MLflow server, dashboard and Ray head (idempotent)."""
     from . import services
 
-    settings = get_settings()
+    settings = _settings()
     settings.ensure_dirs()
     for name in only or SERVICE_NAMES:
         if name not in SERVICE_NAMES:
@@ -80,31 +101,39 @@ def up(
 
 @app.command()
 def down(only: Optional[list[str]] = typer.Option(None, "--only", help="stop only these services")) -> None:
-    """Stop the local services started by ``moeflow up``."""
+    """Stop the local services started by 'moeflow up'."""
     from . import services
 
-    for row in services.down(get_settings(), only or None):
+    for row in services.down(_settings(), only or None):
         typer.echo(f"{row['name']}: {'stopped' if row['stopped'] else 'was not running'}")
 
 
 @app.command()
 def status() -> None:
-    """Show which local services are running and healthy."""
+    """Show which local services are running and healthy, and whether their ports answer."""
     from . import services
 
-    rows = services.status(get_settings())
-    _echo_table(rows, ["name", "running", "healthy", "pid", "url"])
+    rows = services.status(_settings())
+    for row in rows:
+        row["port_open"] = {True: "open", False: "closed", None: "-"}[row["port_open"]]
+    _echo_table(rows, ["name", "running", "healthy", "pid", "port", "port_open", "url", "note"])
 
 
 @config_app.command("show")
 def config_show(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Print the effective settings (secrets masked)."""
-    data = get_settings().masked()
+    """Print the effective settings (secrets masked), with the URIs runs actually use."""
+    from . import services
+    from .settings import _mask_url
+
+    settings = _settings()
+    data = settings.masked()
+    data["tracking_uri"] = _mask_url(services.effective_tracking_uri(settings))
+    data["prefect_api"] = services.prefect_api_url(settings) or f"embedded (database under {settings.prefect_home})"
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))
     else:
         for key, value in data.items():
-            typer.echo(f"{key:22s} {value}")
+            typer.echo(f"{key:24s} {value}")
 
 
 @app.command("recipes")
@@ -114,53 +143,80 @@ def list_recipes() -> None:
         typer.echo(name)
 
 
-def prepare_flow_environment() -> None:
+@app.command("stages")
+def list_stages() -> None:
+    """List the stages (the stage registry): what each consumes and produces."""
+    _echo_table([{"stage": s.name, "consumes": ",".join(s.consumes) or "-", "produces": ",".join(s.produces) or "-",
+                  "description": s.description} for s in STAGES.values()],
+                ["stage", "consumes", "produces", "description"])
+
+
+def prepare_flow_environment(settings: Settings) -> None:
     """Point Prefect (and the tracking URI) at this home's services before Prefect is imported."""
     from . import services
 
-    settings = get_settings()
     settings.ensure_dirs()
     for key, value in services.OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     for key, value in services.prefect_env(settings).items():
         os.environ.setdefault(key, value)
-    if not settings.prefect_api_url and services.prefect_server_healthy(settings):
-        os.environ["PREFECT_API_URL"] = f"http://{settings.host}:{settings.prefect_port}/api"
-    if not settings.mlflow_tracking_uri and services.mlflow_server_healthy(settings):
-        os.environ["MOEFLOW_MLFLOW_TRACKING_URI"] = settings.mlflow_server_url
+    api = services.prefect_api_url(settings)
+    if api and not settings.prefect_api_url:
+        os.environ["PREFECT_API_URL"] = api
+    if not settings.mlflow_tracking_uri:
+        tracking = services.effective_tracking_uri(settings)
+        if tracking != settings.tracking_uri:
+            os.environ["MOEFLOW_MLFLOW_TRACKING_URI"] = tracking
 
 
-def load_flow(name: str):
-    if name not in FLOWS:
-        raise typer.BadParameter(f"unknown flow {name!r}; choose from {sorted(FLOWS)}")
-    module_name, attr = FLOWS[name].split(":")
-    return getattr(importlib.import_module(module_name), attr)
+def check_recipe(stage: str, recipe: dict) -> dict:
+    """Validate the recipe (every section) and that the stage's inputs exist; returns run options.
+
+    Nothing here imports Prefect or Ray: a user error exits before either starts.
+    """
+    get_stage(stage)
+    validated = validate_recipe(recipe)
+    return validated["options"].to_dict()
 
 
-def flow_kwargs(flow_obj, recipe: dict) -> dict:
-    """Recipe sections named like the flow's parameters become its arguments."""
-    params = inspect.signature(flow_obj.fn).parameters
-    return {name: recipe[name] for name in params if name in recipe}
+def check_inputs(stage: str, options: dict) -> None:
+    """A stage whose input is neither given (--set <param>=<uri>) nor in the catalog fails here."""
+    for inp in get_stage(stage).inputs:
+        if not options.get(inp.param):
+            find_input(inp, options, stage=stage)
+
+
+def run_tags(stage: str, recipe: dict) -> list[str]:
+    return ["moeflow", f"recipe:{recipe.get('name', 'recipe')}", f"stage:{stage}",
+            f"dataset:{recipe.get('dataset', 'tiny')}"]
 
 
 @app.command()
 def run(
-    flow: str = typer.Argument(..., help=f"one of {sorted(FLOWS)}"),
+    flow: str = typer.Argument(..., help=f"one of {', '.join(STAGES)}"),
     recipe: str = typer.Option("tiny", "--recipe", "-r", help="recipe name under configs/ or a YAML path"),
     set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="override, e.g. pretrain.max_steps=50"),
+    local: bool = typer.Option(False, "--local", help="run in this process even when 'moeflow up' is running"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks of user errors"),
 ) -> None:
-    """Run a flow with a recipe (reports to the local servers when ``moeflow up`` is running)."""
-    try:
+    """Run a stage's flow with a recipe (through its deployment when 'moeflow up' is running)."""
+    _STATE["debug"] = _STATE["debug"] or debug
+    settings = _settings()
+    with user_errors():
+        get_stage(flow)
         loaded = recipes.load_recipe(recipe, set_ or [])
-    except recipes.RecipeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
-    prepare_flow_environment()
-    flow_obj = load_flow(flow)
-    kwargs = flow_kwargs(flow_obj, loaded)
+        options = check_recipe(flow, loaded)
+        check_inputs(flow, options)
+    prepare_flow_environment(settings)
+    from . import services
+
+    tags = run_tags(flow, loaded)
     typer.echo(f"running flow {flow!r} with recipe {loaded.get('name', recipe)!r}")
     t0 = time.monotonic()
-    result = flow_obj(**kwargs)
+    if not local and services.deployments_available(settings):
+        result = run_through_deployment(flow, loaded, tags)
+    else:
+        result = run_in_process(flow, loaded, tags)
     typer.echo(json.dumps(result, indent=2, default=str))
     typer.echo(f"flow {flow!r} finished in {time.monotonic() - t0:.1f}s")
     metrics = result.get("eval", result) if isinstance(result, dict) else {}
@@ -169,6 +225,57 @@ def run(
                    f"(unigram baseline {metrics['unigram_loss']:.3f})"
                    + (f"; {metrics['val_bpb']:.3f} bits/byte (unigram {metrics['unigram_bpb']:.3f})"
                       if "val_bpb" in metrics and "unigram_bpb" in metrics else ""))
+
+
+def run_in_process(stage: str, recipe: dict, tags: list[str]):
+    from prefect import tags as prefect_tags
+
+    flow_obj = get_stage(stage).load_flow()
+    _library_logging()
+    with prefect_tags(*tags):
+        return flow_obj(**flow_kwargs(flow_obj, recipe))
+
+
+def _library_logging() -> None:
+    """The library's INFO records (steps, loss, funnel) reach the terminal and the run's logs."""
+    logging.getLogger("moeflow").setLevel(logging.INFO)
+
+
+def run_through_deployment(stage: str, recipe: dict, tags: list[str]):
+    """Create a run of the stage's deployment, stream its logs here, return its result."""
+    from prefect.deployments import run_deployment
+
+    spec = get_stage(stage)
+    flow_obj = spec.load_flow()
+    flow_run = run_deployment(spec.deployment, parameters=flow_kwargs(flow_obj, recipe), tags=tags, timeout=0,
+                              as_subflow=False)
+    typer.echo(f"flow run {flow_run.name!r} of deployment {spec.deployment} (id {flow_run.id})")
+    state = _follow(flow_run.id)
+    if not state.is_completed():
+        typer.echo(f"error: flow run ended {state.type.value}: {state.message or ''}", err=True)
+        raise typer.Exit(1)
+    return state.result()
+
+
+def _follow(flow_run_id, poll_s: float = 2.0):
+    """Print the run's log lines as they arrive until it reaches a final state."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    seen = 0
+    with get_client(sync_client=True) as client:
+        while True:
+            flow_run = client.read_flow_run(flow_run_id)
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    sort=LogSort.TIMESTAMP_ASC, offset=seen, limit=200)
+            for entry in logs:
+                typer.echo(f"{entry.timestamp:%H:%M:%S} {logging.getLevelName(entry.level):7s} {entry.message}")
+            seen += len(logs)
+            if flow_run.state is not None and flow_run.state.is_final() and not logs:
+                return flow_run.state
+            if not logs:
+                time.sleep(poll_s)
 
 
 def main() -> None:  # pragma: no cover - console entry

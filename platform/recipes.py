@@ -9,12 +9,12 @@ it copies and changes (deep merge), so ``small`` is "tiny, but bigger" in a few 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .config import config_hash  # noqa: F401  (the one config_hash; recipes.config_hash is kept for callers)
 
 
 class RecipeError(ValueError):
@@ -100,7 +100,3 @@ def parse_value(raw: str) -> Any:
     return value
 
 
-def config_hash(config: Any, length: int = 12) -> str:
-    """Stable short hash of a JSON-able config (key order does not matter)."""
-    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]

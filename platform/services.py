@@ -47,6 +47,8 @@ def prefect_env(settings: Settings) -> dict[str, str]:
         # a loaded 2-core machine needs more than the default 20 s to start the embedded server
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        # the library's own logging (steps, loss, funnel) goes to the flow run's logs and the terminal
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "moeflow",
         "PREFECT_LOCAL_STORAGE_PATH": str(settings.prefect_home / "results"),
     }
     if settings.prefect_api_url:
@@ -70,6 +72,16 @@ class Service:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     health_tcp: tuple[str, int] | None = None  # healthy when this port accepts connections
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port this service listens on (the flows worker has none of its own)."""
+        if self.health_tcp is not None:
+            return self.health_tcp[1]
+        if self.name == "flows":
+            return None
+        rest = self.url.split("://", 1)[-1].split("/", 1)[0]
+        return int(rest.rsplit(":", 1)[1]) if ":" in rest else None
 
     def pid_file(self, settings: Settings) -> Path:
         return settings.run_dir / f"{self.name}.pid"
@@ -97,7 +109,7 @@ def services(settings: Settings) -> dict[str, Service]:
     ray_port = settings.ray_port
     flows_env = {
         "PREFECT_API_URL": f"http://{host}:{settings.prefect_port}/api",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "3",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # the worker polls its pool this often (default 10 s)
         "MOEFLOW_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri or settings.mlflow_server_url,
     }
     return {
@@ -144,11 +156,12 @@ def services(settings: Settings) -> dict[str, Service]:
             # tokens (any client can join); a cluster head configures auth itself.
             env={"RAY_AUTH_MODE": "disabled"},
         ),
-        # Every flow as a deployment of the Prefect server above, so the UI can start runs.
-        # The module path is a string on purpose: platform/ never imports flows/.
+        # Every stage's flow as a deployment on a process work pool, and the Prefect worker that
+        # runs them, so the UI (and `moeflow run`) can start runs. The module path is a string on
+        # purpose: platform/ never imports flows/.
         "flows": Service(
             name="flows",
-            command=[sys.executable, "-m", "moeflow.flows.serve"],
+            command=[sys.executable, "-m", "moeflow.flows.deployments"],
             health_url=f"http://{host}:{settings.prefect_port}/api/deployments/name/pipeline/local",
             url=f"http://{host}:{settings.prefect_port}/deployments",
             env=flows_env,
@@ -186,6 +199,8 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def service_status(svc: Service, settings: Settings) -> dict:
+    """pid file and process, health check, and the port: a port that answers without our
+    process is someone else's (another home's ``moeflow up``, or an unrelated server)."""
     pid = _read_pid(svc.pid_file(settings))
     running = pid is not None and _pid_alive(pid)
     healthy = running
@@ -193,7 +208,14 @@ def service_status(svc: Service, settings: Settings) -> dict:
         healthy = http_ok(svc.health_url)
     if running and svc.health_tcp is not None:
         healthy = tcp_ok(*svc.health_tcp)
-    return {"name": svc.name, "running": running, "healthy": healthy, "pid": pid if running else None, "url": svc.url}
+    port = svc.port
+    port_open = tcp_ok(settings.host, port) if port else None
+    if running:
+        note = "" if healthy else ("starting or unhealthy" if port_open else "running, port not answering")
+    else:
+        note = f"port {port} is taken by another process" if port_open else ""
+    return {"name": svc.name, "running": running, "healthy": healthy, "pid": pid if running else None,
+            "port": port or "", "port_open": port_open, "url": svc.url, "note": note}
 
 
 def tcp_ok(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -293,3 +315,28 @@ def mlflow_server_healthy(settings: Settings) -> bool:
 
 def prefect_server_healthy(settings: Settings) -> bool:
     return service_status(services(settings)["prefect"], settings)["healthy"]
+
+
+def effective_tracking_uri(settings: Settings) -> str:
+    """The MLflow URI runs actually log to: the configured one, else the local server when
+    ``moeflow up`` runs it, else the SQLite backend directly (the server serves the same file)."""
+    if settings.mlflow_tracking_uri:
+        return settings.mlflow_tracking_uri
+    if mlflow_server_healthy(settings):
+        return settings.mlflow_server_url
+    return settings.tracking_uri
+
+
+def prefect_api_url(settings: Settings) -> str | None:
+    """The Prefect API runs report to: the configured one, else the local server when healthy;
+    None means the embedded (ephemeral) server over this home's database."""
+    if settings.prefect_api_url:
+        return settings.prefect_api_url
+    if prefect_server_healthy(settings):
+        return f"http://{settings.host}:{settings.prefect_port}/api"
+    return None
+
+
+def deployments_available(settings: Settings) -> bool:
+    """Whether ``moeflow up``'s flows service (deployments + worker) is up for runs to go through."""
+    return prefect_server_healthy(settings) and service_status(services(settings)["flows"], settings)["healthy"]

@@ -66,15 +66,17 @@ class Settings(BaseSettings):
 
     # local services
     host: str = "127.0.0.1"
-    prefect_port: int = 4200
-    mlflow_port: int = 5000
-    dashboard_port: int = 8501
-    ray_port: int = Field(6380, description="GCS port of the local Ray head started by `moeflow up`")
+    prefect_port: int = Field(4200, ge=1, le=65535, description="port of the local Prefect server")
+    mlflow_port: int = Field(5000, ge=1, le=65535, description="port of the local MLflow server")
+    dashboard_port: int = Field(8501, ge=1, le=65535, description="port of the dashboard")
+    ray_port: int = Field(6380, ge=1, le=65535, description="GCS port of the local Ray head started by `moeflow up`")
 
     # compute
     ray_address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
     ray_object_store_mb: int = Field(512, description="object store memory of a local Ray")
-    ray_num_cpus: int | None = None
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
+    ray_placement_timeout_s: float = Field(
+        120.0, gt=0, description="seconds training waits for Ray to place its workers before failing")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -169,6 +171,28 @@ def _mask_url(url: str) -> str:
     return url
 
 
+class SettingsError(ValueError):
+    """A setting (environment variable or config file) has a value the platform cannot use."""
+
+
 def get_settings(**overrides: Any) -> Settings:
-    """A fresh Settings (never cached: tests and CLI flags change the environment)."""
-    return Settings(**overrides)
+    """A fresh Settings (never cached: tests and CLI flags change the environment).
+
+    A bad value raises ``SettingsError`` naming the environment variable, e.g.
+    ``MOEFLOW_PREFECT_PORT='abc': Input should be a valid integer``.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        raise SettingsError(settings_error_message(err)) from None
+
+
+def settings_error_message(err) -> str:
+    lines = []
+    for e in err.errors()[:2]:
+        name = str(e["loc"][0]) if e["loc"] else "settings"
+        lines.append(f"MOEFLOW_{name.upper()}={e.get('input')!r}: {e['msg']} "
+                     f"(environment or {os.environ.get('MOEFLOW_CONFIG', '$MOEFLOW_HOME/config.toml')})")
+    return "\n".join(lines)

@@ -10,11 +10,12 @@ inputs, and on exit records the outputs as lineage and marks the run succeeded o
 from __future__ import annotations
 
 import contextlib
+import logging
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .recipes import config_hash
+from .config import config_hash
 from .settings import Settings, get_settings
 
 
@@ -105,6 +106,8 @@ def stage_run(
 
     settings = settings or get_settings()
     settings.ensure_dirs()
+    if logging.getLogger("moeflow").level == logging.NOTSET:  # progress (steps, loss, funnel) is INFO
+        logging.getLogger("moeflow").setLevel(logging.INFO)
     store = store if store is not None else open_store(settings, create_bucket=True)
     owns_catalog = catalog is None
     catalog = catalog if catalog is not None else Catalog.from_settings(settings)

@@ -35,18 +35,35 @@ def funnel_markdown(title: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def latest_artifact_uri(kind: str, name: str) -> str:
-    """The newest catalog entry of ``kind`` named ``name``, for flows run one stage at a time."""
-    from moeflow.platform.catalog import Catalog
+def resolve_input(stage: str, param: str, **options) -> str:
+    """The newest catalog artefact a stage reads when its URI parameter ``param`` is not given.
 
-    catalog = Catalog.from_settings(get_settings())
-    if kind == "model":
-        rows = catalog.list_models(name=name, limit=1)
-        uri_key = "checkpoint_uri"
-    else:
-        rows = catalog.list_datasets(kind=kind, name=name, limit=1)
-        uri_key = "uri"
-    if not rows:
-        raise LookupError(f"no {kind} named {name!r} in the catalog: run the stage that produces it first "
-                          f"(e.g. `moeflow run pipeline`), or pass its URI explicitly")
-    return rows[0][uri_key]
+    What to look up (kind, name from the run options) comes from the stage registry; a missing
+    input raises ``MissingInput`` naming the command that produces it and the ``--set`` key.
+    """
+    from moeflow.platform.stages import find_input, get_stage
+
+    spec = get_stage(stage)
+    inp = next(i for i in spec.inputs if i.param == param)
+    return find_input(inp, options, stage=stage)
+
+
+def flow_run_namer(stage: str):
+    """A Prefect ``flow_run_name`` callable: ``<stage>-<dataset or run_name>-<recipe>`` from the run's
+    parameters and its ``recipe:`` tag, so runs read as what they are, not as "crimson-otter"."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.parameters or {}
+        tags = flow_run.tags or []
+        parts = [stage]
+        for key in ("dataset", "run_name"):
+            if isinstance(params.get(key), str) and params[key] not in parts:
+                parts.append(params[key])
+        recipe = next((t.split(":", 1)[1] for t in tags if t.startswith("recipe:")), None)
+        if recipe:
+            parts.append(recipe)
+        return "-".join(parts)
+
+    return name

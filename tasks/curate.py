@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
+from moeflow.platform import artifacts as A
 from moeflow.platform.data.curate import CurateConfig, run_curation
 from moeflow.platform.data.sources import STDLIB
 from moeflow.platform.stage import stage_run
 from moeflow.tasks.common import STAGE_CACHE
+
+log = logging.getLogger(__name__)
 
 
 def source_uri(uri: str) -> str:
@@ -28,13 +32,15 @@ def curate_task(config: CurateConfig, num_workers: int | None = None, pipeline: 
         result = run_curation(config, st.store, output_prefix=f"datasets/{config.name}/curated/{config.config_hash()[:12]}",
                               num_workers=num_workers)
         funnel = result.stats.get("funnel", [])
-        st.add_output(result.uri, kind="dataset", name=f"{config.name}-curated", content_hash=result.content_hash,
+        st.add_output(result.uri, kind=A.CURATED, name=A.curated_name(config.name), content_hash=result.content_hash,
                       stats={"num_docs_in": result.num_docs_in, "num_docs_out": result.num_docs_out,
                              "num_excluded": result.num_excluded, "num_quarantined": result.num_quarantined})
         st.log_metrics({"docs_in": result.num_docs_in, "docs_out": result.num_docs_out,
                         "docs_excluded": result.num_excluded, "docs_quarantined": result.num_quarantined,
                         "shards": result.num_shards, "shards_skipped": result.num_tasks_skipped,
                         "wall_seconds": result.wall_seconds})
+        for row in funnel:  # the funnel in the run's logs too (the library logger reaches Prefect)
+            log.info("funnel %s", " ".join(f"{k}={v}" for k, v in row.items()))
         if funnel:
             st.tracker.log_table(funnel, artifact_file="funnel.json")
             create_table_artifact(key="curation-funnel", table=funnel,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from moeflow.models.train.loop import PretrainConfig
+from moeflow.platform.train.config import PretrainConfig
 from moeflow.platform.stage import stage_run
 from moeflow.platform.train.launcher import run_pretrain
 from moeflow.tasks.common import STAGE_CACHE

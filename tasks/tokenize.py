@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
+from moeflow.platform import artifacts as A
 from moeflow.platform.data.tokenize import TokenizeConfig, run_tokenize
 from moeflow.platform.stage import stage_run
 from moeflow.tasks.common import STAGE_CACHE
@@ -17,8 +18,8 @@ def tokenize_task(config: TokenizeConfig, curated_uri: str, dataset: str = "corp
                    pipeline=pipeline) as st:
         result = run_tokenize(config, st.store, curated_uri=curated_uri,
                               output_prefix=f"datasets/{dataset}/tokens", num_workers=num_workers)
-        st.add_output(result.tokenizer_uri, kind="tokenizer", name=f"{dataset}-tokenizer")
-        st.add_output(result.uri, kind="tokens", name=f"{dataset}-tokens", stats=result.stats,
+        st.add_output(result.tokenizer_uri, kind=A.TOKENIZER, name=A.tokenizer_name(dataset))
+        st.add_output(result.uri, kind=A.TOKENS, name=A.tokens_name(dataset), stats=result.stats,
                       content_hash=result.content_hash)
         st.log_metrics(result.metrics())
         st.tracker.log_dict(result.stats, "tokenizer_stats.json")

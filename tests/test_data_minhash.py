@@ -16,12 +16,12 @@ from moeflow.platform.data.lsh import (
     clusters_from_signatures,
     connected_components,
     ids_to_drop,
+    near_duplicate_clusters,
     s_curve,
 )
 from moeflow.platform.data.minhash import (
     EMPTY,
     compute_signatures,
-    near_duplicate_clusters,
     shingle_hashes,
     simplify_text,
 )

@@ -299,7 +299,7 @@ def test_bad_inputs_fail_clearly(store):
     with pytest.raises(ValueError, match="no part-"):
         run_tokenize(CFG, store, curated_uri=w.uri, output_prefix="datasets/n/tokens", num_workers=1,
                      progress=False)
-    with pytest.raises(ValueError, match="TokenizeConfig: unknown field"):
+    with pytest.raises(ValueError, match="unknown field .vocab. \(did you mean .vocab_size.\?\)"):
         TokenizeConfig.from_dict({"vocab": 10})
     with pytest.raises(ValueError, match="val_fraction"):
         TokenizeConfig(val_fraction=0.7)

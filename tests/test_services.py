@@ -83,10 +83,19 @@ def test_up_is_healthy_idempotent_and_smoke_is_visible(stack):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(run.stdout[run.stdout.index("{"):run.stdout.rindex("}") + 1])
 
-    # Prefect server: the flow run is there and completed
+    # Prefect server: the flow run went through the smoke deployment (its page lists it), ran on the
+    # worker, completed, and reads as what it is (name and tags from the recipe and stage)
     prefect = f"http://127.0.0.1:{env['MOEFLOW_PREFECT_PORT']}/api"
-    flow_runs = get_json(f"{prefect}/flow_runs/filter", {"limit": 10})
-    assert any(fr["state_type"] == "COMPLETED" for fr in flow_runs)
+    assert "of deployment smoke/local" in run.stdout, run.stdout[-2000:]
+    deployment = get_json(f"{prefect}/deployments/name/smoke/local")
+    flow_runs = get_json(f"{prefect}/flow_runs/filter",
+                         {"limit": 10, "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}})
+    done = [fr for fr in flow_runs if fr["state_type"] == "COMPLETED"]
+    assert done, flow_runs
+    assert done[0]["name"] == "smoke-tiny" and {"recipe:tiny", "stage:smoke", "dataset:tiny"} <= set(done[0]["tags"])
+    assert done[0]["work_pool_name"] == "moeflow-local"
+    workers = get_json(f"{prefect}/work_pools/moeflow-local/workers/filter", {})
+    assert any(w["status"] == "ONLINE" for w in workers), workers
     assert (urllib.request.urlopen(f"http://127.0.0.1:{env['MOEFLOW_PREFECT_PORT']}/", timeout=30).status == 200)
 
     # MLflow server: the stage run, logged through the server

@@ -78,3 +78,38 @@ def test_smoke_failure_is_recorded(home, monkeypatch):
     runs = catalog.list_runs(stage="smoke")
     assert runs[0]["status"] == "failed" and "boom" in runs[0]["error"]
     assert not st.store.artifact_exists("smoke/failing")
+
+
+@pytest.mark.slow
+def test_library_logging_reaches_the_flow_runs_logs(home, tmp_path):
+    """A flow run in its own process (as the worker runs it) with the services' Prefect environment:
+    the library's 'moeflow.*' records are in the run's logs on the server, not only on a terminal."""
+    import asyncio
+    import json
+    import os
+    import subprocess
+    import sys
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL
+
+    from moeflow.platform.services import prefect_env
+
+    run_home = tmp_path / "run-home"
+    env = {**os.environ, **prefect_env(get_settings(home=run_home)), "MOEFLOW_HOME": str(run_home),
+           "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    code = "import json; from moeflow.flows.smoke import smoke; print(json.dumps(smoke()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    flow_run_id = Catalog.from_settings(get_settings(home=run_home)).get_run(result["catalog_run_id"])["prefect_flow_run_id"]
+
+    async def logs():
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])))
+
+    names = {entry.name for entry in asyncio.run(logs())}
+    assert any(name.startswith("moeflow.") for name in names), names

@@ -9,7 +9,8 @@ import torch
 
 from moeflow.models import MoETransformer
 from moeflow.models.train import state as train_state
-from moeflow.models.train.loop import PretrainConfig, Trainer, assemble_loss, bits_per_byte, global_maxvio
+from moeflow.models.train.loop import Trainer, assemble_loss, bits_per_byte, global_maxvio
+from moeflow.platform.train.config import PretrainConfig
 from moeflow.models.train.metrics import mfu
 from moeflow.models.train.optim import build_adamw, split_decay_groups
 from moeflow.models.train.schedules import lr_at, warmup_cosine, warmup_stable_decay
@@ -54,7 +55,7 @@ def test_metrics_tables():
 # ------------------------------------------------------------------ optimiser groups
 def test_weight_decay_groups_skip_norms_and_buffers():
     cfg = PretrainConfig(model_overrides=tiny_model_overrides())
-    model = MoETransformer(cfg.model_config())
+    model = MoETransformer(cfg.build_model_config())
     decay, no_decay = split_decay_groups(model)
     assert all("norm" in n for n in no_decay) and no_decay
     assert "model.embed_tokens.weight" in decay and "lm_head.weight" in decay
@@ -69,7 +70,7 @@ def test_weight_decay_groups_skip_norms_and_buffers():
 # ------------------------------------------------------------------ loss assembly and the bias hook
 def test_assemble_loss_matches_the_model_objective():
     mcfg = PretrainConfig(model_overrides={**tiny_model_overrides(), "mtp_depth": 1, "seq_aux_alpha": 0.01,
-                                           "z_loss_weight": 1e-3, "lb_loss_weight": 0.01}).model_config()
+                                           "z_loss_weight": 1e-3, "lb_loss_weight": 0.01}).build_model_config()
     torch.manual_seed(0)
     model = MoETransformer(mcfg)
     ids = torch.randint(2, 64, (2, 17))
@@ -93,7 +94,7 @@ def _tiny_setup(tmp_seed=0, **cfg_kw):
 
 def _build(cfg, ds, val=False):
     torch.manual_seed(cfg.seed)
-    model = MoETransformer(cfg.model_config())
+    model = MoETransformer(cfg.build_model_config())
     loader = PackedLoader(ds, seq_len=cfg.seq_len, batch_size=cfg.micro_batch_size, seed=cfg.seed)
     val_fn = (lambda: eval_batches(ds, seq_len=cfg.seq_len, batch_size=4, num_batches=2)) if val else None
     return Trainer(cfg, model, loader, val_batches=val_fn, bytes_per_token=ds.meta["bytes_per_token"],
@@ -175,11 +176,11 @@ def test_dense_twin_and_balancing_variants_train():
         history = trainer.fit()
         loader.close()
         assert len(history) == 2 and math.isfinite(history[-1]["loss"])
-        if cfg.model_config().mtp_depth:  # MTP routers get their own rows; MTP loss is logged
+        if cfg.build_model_config().mtp_depth:  # MTP routers get their own rows; MTP loss is logged
             assert "maxvio_batch/layer1" in history[-1] and history[-1]["mtp_loss"] > 0
             assert trainer.boundary_id == 1
         elif cfg.dense_twin:
             assert trainer.model.cfg.num_moe_layers == 0 and "maxvio_batch/mean" not in history[-1]
         else:
             assert history[-1]["router_bias/max_abs"] == 0.0  # balancing off: the bias never moves
-            assert (history[-1]["seq_aux_loss"] > 0) == (cfg.model_config().seq_aux_alpha > 0)
+            assert (history[-1]["seq_aux_loss"] > 0) == (cfg.build_model_config().seq_aux_alpha > 0)

@@ -67,7 +67,29 @@ def test_two_worker_ray_run_learns_and_survives_a_killed_worker(ray_store, tmp_p
     assert loss_steps == [2, 4, 6, 8, 10, 12, 14, 16]  # resumed at 4: steps 5-6 replayed once, not twice
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < 0.75 * losses[0], losses
-    assert result.metrics["val_loss"] < result.metrics["unigram_loss"]
+    from moeflow.platform.train.evaluate import evaluate_checkpoint
+
+    evaluated = evaluate_checkpoint(result.checkpoint_uri, tokens_uri, batch_size=4, num_batches=2)
+    assert evaluated["val_loss"] < evaluated["unigram_loss"]
+    assert result.metrics["val_loss"] == history[-1]["val_loss"]  # training's own last validation
     assert [v for _, v in tracker.metric_history("loss")] == losses  # replayed from rank 0's history
     # global batch: 2 ranks x 4 rows x 32 tokens per step
     assert history[0]["tokens_seen"] == 2 * 2 * 4 * 32
+
+
+def test_workers_ray_cannot_place_fail_clearly_after_the_timeout(ray_store, caplog):
+    """3 workers of 1 CPU on a 2-CPU Ray: say what it waits for, then give up (Ray Train alone waits forever)."""
+    import logging
+    import time
+
+    from moeflow.platform.train.ray_launch import PlacementTimeout, launch_ray, wait_for_placement
+
+    wait_for_placement(2, {"CPU": 1.0}, timeout_s=30)  # control: what fits is placed (and released)
+    caplog.set_level(logging.WARNING, logger="moeflow")
+    t0 = time.monotonic()
+    with pytest.raises(PlacementTimeout, match=r"3 training worker\(s\) of \{'CPU': 1.0\} \(needs \{'CPU': 3.0\}\); "
+                                               r"cluster total \{'CPU': 2.0\}.*gave up after 3s"):
+        launch_ray({"run_name": "unplaceable"}, num_workers=3, placement_timeout_s=3)
+    assert time.monotonic() - t0 < 30
+    assert any("waiting for Ray to place 3 training worker(s)" in r.getMessage() for r in caplog.records)
+    wait_for_placement(2, {"CPU": 1.0}, timeout_s=30)  # the failed attempt released what it reserved

@@ -1,6 +1,7 @@
-"""The pretraining loop and its config: micro-batches, loss assembly, router-bias hook, validation.
+"""The pretraining loop: micro-batches, loss assembly, router-bias hook, validation.
 
-``PretrainConfig`` sits beside the loop it configures (STYLE.md §5). ``Trainer`` runs one
+``Trainer`` reads its config through the ``LoopConfig`` protocol (the pydantic ``PretrainConfig``
+sits beside its engine in ``moeflow.platform.train.config``). ``Trainer`` runs one
 optimiser step at a time on an already-built (and, if distributed, already-wrapped) model; the
 platform layer (``moeflow.platform.train``) owns data loading from the store, checkpoints,
 tracking and the Ray/torchrun launch, and plugs in through callbacks and the ``Logger``
@@ -30,20 +31,17 @@ Shape suffixes: B rows, T tokens per row, L MoE layers, E routed experts.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ModelConfig, strict_from_dict
 from .metrics import ThroughputMeter, mfu
 from .optim import build_adamw, set_lr
-from .schedules import SCHEDULES, lr_at
+from .schedules import lr_at
 
 LOSS_PARTS = ("lm_loss", "mtp_loss", "seq_aux_loss", "z_loss", "lb_loss")
 
@@ -59,90 +57,35 @@ class NullLogger:
         pass
 
 
-@dataclass
-class PretrainConfig:
-    """Everything the loop needs; derived values are properties. Per-rank batch sizes."""
+class LoopConfig(Protocol):
+    """What the loop reads from its config. The config itself, with defaults, bounds and
+    descriptions, is ``moeflow.platform.train.config.PretrainConfig`` (pydantic stays out of
+    ``models/``); any object with these attributes fits, e.g. a post-training stage's config."""
 
-    # model: a preset plus overrides (e.g. vocab_size set to the tokenizer's)
-    model_preset: str = "tiny"
-    model_overrides: dict = field(default_factory=dict)
-    dense_twin: bool = False  # train the same-active-params dense twin instead (MoE vs dense)
-    # batch
-    seq_len: int = 128
-    micro_batch_size: int = 8  # rows per micro-batch per rank
-    grad_accum_steps: int = 1
-    max_steps: int = 100
-    # optimiser and schedule
-    lr: float = 3e-3
-    schedule: str = "cosine"
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    decay_fraction: float = 0.2  # wsd only
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
-    decay_embeddings: bool = True
-    grad_clip: float = 1.0  # <= 0 disables clipping (the norm is still measured)
-    # numerics and speed
-    seed: int = 0
-    dtype: str = "auto"  # autocast: auto = bf16 on CUDA, fp32 on CPU; "bf16" / "fp32" force it
-    param_dtype: str = "fp32"  # "bf16" keeps weights AND AdamW state in bf16 (what bench_model times;
-    #                            faster and smaller, but updates below bf16 resolution are lost)
-    compile: bool = False
-    parallelism: str = "ddp"  # "ddp" or "fsdp" (FSDP2 fully_shard); ignored with one worker
-    # cadence
-    log_every: int = 10
-    val_every: int = 50  # 0 disables periodic validation
-    val_batches: int = 8  # global number of validation batches
-    val_batch_size: int | None = None  # default: micro_batch_size
-    checkpoint_every: int = 50  # used by the platform layer; 0 = only at the end
-    keep_checkpoints: int = 3
-    # bits per byte: dataset meta "bytes_per_token" wins; this is the fallback
-    bytes_per_token: float | None = None
-    # MFU denominator (BENCHMARKS.md: the bf16 rate measured on the lent H100)
-    peak_flops: float = 798e12
+    seq_len: int
+    grad_accum_steps: int
+    max_steps: int
+    lr: float
+    schedule: str
+    warmup_steps: int
+    min_lr_ratio: float
+    decay_fraction: float
+    weight_decay: float
+    betas: tuple
+    eps: float
+    decay_embeddings: bool
+    grad_clip: float
+    dtype: str
+    compile: bool
+    parallelism: str
+    log_every: int
+    val_every: int
+    bytes_per_token: float | None
+    peak_flops: float
 
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        self.validate()
+    def tokens_per_step(self, world_size: int = 1) -> int: ...
 
-    def validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"PretrainConfig.{name}={getattr(self, name)!r}: {why}")
-
-        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps", "log_every"):
-            if int(getattr(self, name)) <= 0:
-                raise bad(name, "must be > 0")
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", f"must be one of {SCHEDULES}")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise bad("warmup_steps", f"must be in [0, max_steps={self.max_steps}]")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise bad("dtype", "must be auto, bf16 or fp32")
-        if self.param_dtype not in ("fp32", "bf16"):
-            raise bad("param_dtype", "must be fp32 or bf16")
-        if self.parallelism not in ("ddp", "fsdp"):
-            raise bad("parallelism", "must be ddp or fsdp")
-        if self.lr <= 0:
-            raise bad("lr", "must be > 0")
-
-    def model_config(self) -> ModelConfig:
-        cfg = ModelConfig.preset(self.model_preset)
-        if self.model_overrides:
-            cfg = cfg.replace(**self.model_overrides)
-        return cfg.dense_twin() if self.dense_twin else cfg
-
-    def tokens_per_step(self, world_size: int = 1) -> int:
-        return self.seq_len * self.micro_batch_size * self.grad_accum_steps * world_size
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PretrainConfig":
-        return strict_from_dict(cls, d)
+    def to_dict(self) -> dict: ...
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -206,7 +149,7 @@ class Trainer:
     fixed validation batches when called.
     """
 
-    def __init__(self, cfg: PretrainConfig, model: nn.Module, train_batches: Iterator[torch.Tensor], *,
+    def __init__(self, cfg: LoopConfig, model: nn.Module, train_batches: Iterator[torch.Tensor], *,
                  wrapped: nn.Module | None = None, val_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
                  device: torch.device | str = "cpu", logger: Logger | None = None,
                  bytes_per_token: float | None = None, callbacks: list[StepCallback] | None = None,

@@ -1,20 +1,22 @@
 """Identifiers shared by the catalog and tracking: new ids, config hashes, code version.
 
-``config_hash`` hashes a canonical JSON form (sorted keys, no whitespace, non-JSON values
-such as paths turned into strings) so the same config always hashes the same, whichever
-process or key order produced it. ``code_version`` never raises: provenance is nice to
+``config_hash`` is ``moeflow.platform.config.config_hash`` at full length: a canonical JSON form
+(sorted keys, no whitespace, non-JSON values such as paths turned into strings), so the same
+config always hashes the same, whichever process or key order produced it. ``code_version`` never raises: provenance is nice to
 have, and a missing ``git`` or a copy outside a repository must not stop a stage.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
+
+from moeflow.platform.config import canonical_json
+from moeflow.platform.config import config_hash as _config_hash
 
 UNKNOWN_CODE_VERSION = "unknown"
 
@@ -24,19 +26,14 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def canonical_json(obj: Any) -> str:
-    """Stable JSON text: sorted keys, compact separators, ``str()`` for non-JSON values."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
-
-
 def normalize_json(obj: Any) -> Any:
     """``obj`` as plain JSON data (dicts/lists/str/numbers), what the database will hold."""
     return json.loads(canonical_json(obj))
 
 
 def config_hash(config: Any) -> str:
-    """sha256 hex digest of the canonical JSON form of ``config``."""
-    return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
+    """All 64 hex digits of the one ``moeflow.platform.config.config_hash`` (the catalog keeps them whole)."""
+    return _config_hash(config, length=None)
 
 
 @functools.lru_cache(maxsize=1)

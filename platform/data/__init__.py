@@ -20,7 +20,7 @@ _EXPORTS = {
     "CurationError": "curate",
     "run_curation": "curate",
     "iter_artifact_documents": "documents",
-    "near_duplicate_clusters": "minhash",
+    "near_duplicate_clusters": "lsh",
     "compute_signatures": "minhash",
     "clusters_from_signatures": "lsh",
     "MinHashIndex": "lsh",

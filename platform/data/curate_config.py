@@ -10,8 +10,6 @@ written under the old one are never reused.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
@@ -80,9 +78,10 @@ class CurateConfig(BaseModel):
 
     def config_hash(self) -> str:
         """Hash of everything that changes the output (cleanup_shards does not)."""
+        from moeflow.platform.config import config_hash
+
         data = self.model_dump(mode="json", exclude={"cleanup_shards"})
-        blob = json.dumps({"config": data, "format": FORMAT_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return config_hash({"config": data, "format": FORMAT_VERSION}, length=16)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "CurateConfig":

@@ -1,8 +1,8 @@
-"""MinHash signatures of documents, and the near-duplicate entry point.
+"""MinHash signatures of documents.
 
-Holds text simplification, word-shingle hashing, the MinHash signatures and
-``near_duplicate_clusters``; banding, clustering and the persistent ``MinHashIndex`` live in
-``lsh.py`` (which builds on this module).
+Holds text simplification, word-shingle hashing and the MinHash signatures; banding,
+clustering, ``near_duplicate_clusters`` and the persistent ``MinHashIndex`` live in ``lsh.py``,
+which builds on this module (and this module never imports it: no import loop).
 
 Pipeline (DataTrove's recipe, vectorised with numpy); steps 5-7 are in ``lsh.py``:
 
@@ -47,14 +47,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = [
-    "MinHashIndex",
-    "choose_bands_rows",
-    "clusters_from_signatures",
     "compute_signatures",
-    "connected_components",
-    "ids_to_drop",
-    "near_duplicate_clusters",
-    "s_curve",
     "shingle_hashes",
     "simplify_text",
 ]
@@ -365,34 +358,6 @@ def compute_signatures(
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
-
-
-def near_duplicate_clusters(
-    docs: Iterable[tuple[str, str]],
-    threshold: float = 0.8,
-    num_bands: int = 14,
-    rows_per_band: int = 8,
-    ngram: int = 5,
-    seed: int = 0,
-    verify_margin: float | None = 0.05,
-) -> list[set[str]]:
-    """Clusters of near-duplicate documents, each a set of >= 2 ids, sorted by smallest id.
-
-    ``docs`` are ``(doc_id, text)`` pairs. Banding (``num_bands x rows_per_band`` hashes) finds
-    candidates; with ``verify_margin`` set, candidates whose estimated Jaccard is below
-    ``threshold - verify_margin`` are dropped. The estimate's standard deviation with 112 hashes
-    is sqrt(J(1-J)/112), ~0.038 at J = 0.8, so the default margin of 0.05 keeps ~91% of pairs at
-    exactly J = 0.8, > 99.9% at J >= 0.85, and ~1.5% of J = 0.65 pairs (the S-curve alone lets
-    ~36% of those through). ``verify_margin=None`` keeps every banded candidate.
-    """
-    from .lsh import clusters_from_signatures  # lsh builds on this module: import on use
-
-    ids, texts = _unzip_docs(docs)
-    if not ids:
-        return []
-    sigs = compute_signatures(texts, num_perm=num_bands * rows_per_band, ngram=ngram, seed=seed)
-    verify = None if verify_margin is None else threshold - verify_margin
-    return clusters_from_signatures(ids, sigs, num_bands, rows_per_band, threshold=verify)
 
 
 def _unzip_docs(docs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:

@@ -39,11 +39,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+from pydantic import Field
 
-from moeflow.models.config import strict_from_dict
 from moeflow.models.tokenizer import SPLIT_PATTERN, Tokenizer, tokenizer_info, train_bpe
+
+from moeflow.platform.config import StageConfig
 
 from .documents import curated_parts
 from .shards import DOC_FORMAT, META_NAME, TOKENIZER_NAME, ShardWriter, dtype_for_vocab
@@ -52,40 +55,29 @@ FORMAT_VERSION = 1  # bump when the shard layout or the encoding rules change
 _PARQUET_BATCH_ROWS = 1024
 
 
-@dataclass
-class TokenizeConfig:
+PERF_FIELDS = ("batch_docs", "batch_bytes")  # performance only: not hashed into the output prefix
+
+
+class TokenizeConfig(StageConfig):
     """What the tokenize stage does; every field except the performance knobs goes into the output hash."""
 
-    vocab_size: int = 8192
-    min_frequency: int = 2
-    max_train_bytes: int = 64 * 2**20  # BPE training sample budget
-    shard_tokens: int = 2**20  # tokens per shard (the last one fewer)
-    val_fraction: float = 0.01
-    seed: int = 0  # salt of the split / sample hashes
-    tokenizer_uri: str | None = None  # reuse this tokenizer artefact instead of training one
-    # performance only (not hashed): how work is cut into parallel tasks
-    batch_docs: int = 512
-    batch_bytes: int = 2 * 2**20
-
-    PERF_FIELDS = ("batch_docs", "batch_bytes")
-
-    def __post_init__(self):
-        if not 0.0 <= self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
-        for name in ("vocab_size", "min_frequency", "max_train_bytes", "shard_tokens", "batch_docs", "batch_bytes"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    vocab_size: int = Field(8192, ge=260, le=1 << 20, description="BPE vocabulary size (256 bytes + merges + specials)")
+    min_frequency: int = Field(2, ge=1, le=1_000_000, description="a merge needs a pair seen at least this often")
+    max_train_bytes: int = Field(64 * 2**20, ge=1, le=1 << 40, description="BPE training sample budget in bytes")
+    shard_tokens: int = Field(2**20, ge=1, le=1 << 34, description="tokens per shard (the last one fewer)")
+    val_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="fraction of documents held out for validation")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="salt of the split and sample hashes")
+    tokenizer_uri: Optional[str] = Field(None, description="reuse this tokenizer artefact instead of training one")
+    batch_docs: int = Field(512, ge=1, le=1 << 24, description="documents per encode task (performance only)")
+    batch_bytes: int = Field(2 * 2**20, ge=1, le=1 << 34, description="bytes per encode task (performance only)")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> TokenizeConfig:
-        return strict_from_dict(cls, data)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return cls.model_validate(dict(data or {}))
 
     def output_dict(self) -> dict:
         """The fields that determine the output (hashed into the artefact prefix)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.PERF_FIELDS}
+        return {k: v for k, v in self.to_dict().items() if k not in PERF_FIELDS}
 
 
 @dataclass

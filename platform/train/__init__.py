@@ -1,2 +1,4 @@
-"""Distributed pretraining on Ray or torchrun: streaming loader, store checkpoints, launcher, expert-load
-tracking, evaluation and the ``run_pretrain`` library entry (see ``launcher``)."""
+"""Distributed pretraining on Ray or torchrun: ``config`` (PretrainConfig), ``distributed`` (process group,
+DDP/FSDP2), ``worker`` (the per-rank loop, resume/checkpoint helpers), ``ray_launch``, ``finalize``
+(HF export, registration), ``launcher`` (``run_pretrain`` + the CLI); streaming loader, store
+checkpoints, expert-load tracking, checkpoint evaluation."""

@@ -17,8 +17,6 @@ final model can be walked back to the checkpoints it came from.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import shutil
@@ -26,6 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from moeflow.platform.config import config_hash
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,6 @@ def step_name(step: int) -> str:
     return f"step-{int(step):08d}"
 
 
-def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
