@@ -1,7 +1,9 @@
 """Hugging Face ``DeepseekV3ForCausalLM`` interop: ``export_hf`` / ``import_hf`` (the state-dict adapter).
 
 ``export_hf(model, dir)`` writes ``config.json`` (model_type ``deepseek_v3``), ``generation_config.json``
-and ``model.safetensors`` (sharded with an index above ``max_shard_bytes``) in the layout of the
+and ``model.safetensors`` (sharded with an index above ``max_shard_bytes``); given the tokenizer and a
+``ModelCardInfo`` it also writes the tokenizer files (``hf_tokenizer.py``) and ``README.md``
+(``model_card.py``), so the folder is a complete Hugging Face model. Tensors are in the layout of the
 DeepSeek-V3 checkpoints on the Hub, which is also what transformers 5.x ``save_pretrained`` writes:
 routed experts one module per expert. transformers 5.x stacks them itself on load (its
 ``qwen2_moe`` conversion: ``experts.*.{gate,up}_proj`` → ``experts.gate_up_proj`` (E, 2F, D), gate
@@ -31,16 +33,25 @@ than SiLU, num_key_value_heads != num_attention_heads.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
+from .chat import stop_ids as stop_ids_of
 from .checkpoint_io import DEFAULT_MAX_SHARD_BYTES, load_state_dict, save_state_dict
 from .config import ModelConfig
+from .hf_tokenizer import write_tokenizer_files
 from .layers import RotaryEmbedding
+from .model_card import ModelCardInfo, render_model_card
+from .tokenizer import Tokenizer
 from .transformer import MoETransformer
+
+
+log = logging.getLogger(__name__)
 
 
 class HFConversionError(ValueError):
@@ -284,14 +295,38 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 def export_hf(model: MoETransformer, directory: str | os.PathLike, *, dtype: torch.dtype | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, include_mtp: bool = True,
               bos_token_id: int | None = None, eos_token_id: int | None = None,
-              pad_token_id: int | None = None) -> Path:
+              pad_token_id: int | None = None, tokenizer: Tokenizer | str | os.PathLike | None = None,
+              card: ModelCardInfo | None = None) -> Path:
     """Write ``model`` as a transformers ``DeepseekV3ForCausalLM`` directory; returns its path.
 
     dtype: tensor dtype on disk (default: the model's); the routing bias stays fp32.
     include_mtp: keep MTP modules (DeepSeek layout, ignored by ``DeepseekV3ForCausalLM``).
+    tokenizer: a Tokenizer or a ``tokenizer.json`` path; with it the folder is complete for
+        ``AutoTokenizer`` (``hf_tokenizer.py``: config, special tokens, chat template), the token
+        ids default to the tokenizer's, and generation also stops at the end of an assistant turn.
+        A file that is not a moeflow tokenizer (a user's own, without the chat markers) is copied
+        as it is, with a warning.
+    card: what ``README.md`` (the model card) says beyond ``config.json``; no README without it.
     """
     cfg = model.cfg
     dtype = dtype or model.lm_head.weight.dtype
+    stop_ids: list[int] = []
+    foreign_tokenizer = None
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        try:
+            tokenizer = Tokenizer.from_file(tokenizer)
+        except Exception as err:  # not ours (no chat markers, or not a tokenizers file): ship it as it is
+            log.warning("%s is not a moeflow tokenizer (%s): copied as is, without chat template or "
+                        "special-token files", tokenizer, str(err).splitlines()[0][:200])
+            foreign_tokenizer, tokenizer = Path(tokenizer), None
+    if tokenizer is not None:
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise HFConversionError(f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
+                                    f"only {cfg.vocab_size}")
+        bos_token_id = tokenizer.bos_id if bos_token_id is None else bos_token_id
+        eos_token_id = tokenizer.eos_id if eos_token_id is None else eos_token_id
+        pad_token_id = tokenizer.pad_id if pad_token_id is None else pad_token_id
+        stop_ids = [i for i in stop_ids_of(tokenizer) if i != eos_token_id]
     hf_cfg = config_to_hf(cfg, dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                           pad_token_id=pad_token_id, include_mtp=include_mtp)
     tensors = to_hf_state_dict(model.state_dict(), cfg, dtype, include_mtp=include_mtp)
@@ -299,10 +334,17 @@ def export_hf(model: MoETransformer, directory: str | os.PathLike, *, dtype: tor
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(tensors, out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-    gen = {k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
+    gen = {k: v for k, v in (("bos_token_id", bos_token_id),
+                             ("eos_token_id", [eos_token_id, *stop_ids] if stop_ids else eos_token_id),
                              ("pad_token_id", pad_token_id)) if v is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
     (out / "moeflow_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+    if tokenizer is not None:
+        write_tokenizer_files(out, tokenizer, model_max_length=cfg.max_seq_len)
+    elif foreign_tokenizer is not None:
+        shutil.copy(foreign_tokenizer, out / "tokenizer.json")
+    if card is not None:
+        (out / "README.md").write_text(render_model_card(card, hf_cfg), encoding="utf-8")
     return out
 
 

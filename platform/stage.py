@@ -35,6 +35,19 @@ def current_prefect_flow_run_id() -> str | None:
     return None
 
 
+def current_prefect_flow_run_name() -> str | None:
+    """The name of the Prefect flow run we are inside (e.g. ``pipeline-tiny-brave-fox``), if any."""
+    try:
+        from prefect.context import FlowRunContext
+
+        flow_ctx = FlowRunContext.get()
+        if flow_ctx is not None and flow_ctx.flow_run is not None:
+            return flow_ctx.flow_run.name
+    except Exception:  # Prefect absent or not in a run
+        return None
+    return None
+
+
 @dataclass
 class StageRun:
     stage: str
@@ -47,6 +60,9 @@ class StageRun:
     config_hash: str
     outputs: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    inputs: list[tuple[str, str]] = field(default_factory=list)  # (display name, URI)
+    prefect_url: str | None = None
+    model_version: str | None = None
 
     def add_output(self, uri: str, *, kind: str = "dataset", name: str | None = None,
                    stats: dict | None = None, content_hash: str | None = None) -> str:
@@ -63,23 +79,38 @@ class StageRun:
 
     def register_model_version(self, name: str, artifact_uri: str, *, artifact_path: str = "model",
                                alias: str | None = "pretrained", tags: dict | None = None) -> str:
-        """Register a store artefact (e.g. the HF export) as a version of MLflow model ``name``.
+        """Register a store artefact (the HF export) as a version of MLflow model ``name``.
 
-        The files are logged into this stage's MLflow run first: the registry wants its source
-        inside the run's artefacts. Returns the MLflow model version.
+        The version is an MLflow pyfunc over the export (``tracking/pyfunc.py``): ``mlflow.pyfunc.
+        load_model("models:/<name>@<alias>")`` generates text. The weights stay where they are, in
+        the store (stored once); the export's ``README.md`` model card becomes the version's
+        description. Returns the MLflow model version.
         """
-        import tempfile
+        from .tracking.pyfunc import CARD_FILE, register_text_model
 
-        with tempfile.TemporaryDirectory(prefix="moeflow-register-") as tmp:
-            local = self.store.read_artifact(artifact_uri).download(tmp)
-            version = self.tracker.register_model(name, local, artifact_path=artifact_path, alias=alias,
-                                                  tags={"moeflow.artifact_uri": artifact_uri, **(tags or {})})
-        self.tracker.set_tags({"moeflow.model_version": f"{name}/{version}"})
+        artifact = self.store.read_artifact(artifact_uri)
+        card = artifact.get_bytes(CARD_FILE).decode("utf-8") if CARD_FILE in artifact.names() else None
+        version = register_text_model(self.tracker, name, artifact_uri, artifact_path=artifact_path, alias=alias,
+                                      tags={"moeflow.artifact_uri": artifact_uri, **(tags or {})}, model_card=card)
+        self.model_version = f"{name}/{version}"
+        self.tracker.set_tags({"moeflow.model_version": self.model_version})
         return version
 
+    def describe(self, status: str | None = None) -> None:
+        """The run page's description: the Prefect flow run, the inputs, the artefacts written so far."""
+        from .tracking import run_description
+
+        self.tracker.set_description(run_description(self.stage, prefect_url=self.prefect_url, inputs=self.inputs,
+                                                     outputs=self.outputs, model_version=self.model_version,
+                                                     status=status))
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """A stage's numbers: without a step they are its one-off results (summaries, not series)."""
         self.metrics.update({k: float(v) for k, v in metrics.items()})
-        self.tracker.log_metrics(metrics, step=step)
+        if step is None:
+            self.tracker.log_summary(metrics)
+        else:
+            self.tracker.log_metrics(metrics, step=step)
 
 
 @contextlib.contextmanager
@@ -102,7 +133,7 @@ def stage_run(
     from .catalog import Catalog
     from .store import open_store
     from .tracking import (TAG_CATALOG_RUN_ID, TAG_CONFIG_HASH, TAG_PIPELINE_RUN_ID, TAG_PREFECT_FLOW_RUN_ID,
-                           TAG_STAGE, get_tracker)
+                           TAG_STAGE, dataset_display_name, get_tracker, prefect_flow_run_url, stage_run_name)
 
     settings = settings or get_settings()
     settings.ensure_dirs()
@@ -124,23 +155,30 @@ def stage_run(
         tags[TAG_PIPELINE_RUN_ID] = pipeline["catalog_run_id"]
     try:
         parent = pipeline.get("mlflow_run_id")
-        with tracker.start_run(stage, tags=tags, nested=parent is not None, parent_run_id=parent) as mlflow_run_id:
+        name = stage_run_name(stage, parent_run_name=tracker.run_name(parent) if parent else None,
+                              flow_run_name=current_prefect_flow_run_name())
+        with tracker.start_run(name, tags=tags, nested=parent is not None, parent_run_id=parent) as mlflow_run_id:
             catalog.set_run_ids(run_id, mlflow_run_id=mlflow_run_id)
-            st = StageRun(stage, run_id, settings, store, catalog, tracker, mlflow_run_id, chash)
+            st = StageRun(stage, run_id, settings, store, catalog, tracker, mlflow_run_id, chash,
+                          inputs=[(dataset_display_name(uri, catalog.get_artifact(uri)), uri) for uri in inputs],
+                          prefect_url=prefect_flow_run_url(settings.prefect_url, prefect_run) if prefect_run else None)
             try:
                 tracker.log_params(config)  # trackers flatten nested keys
-                for uri in inputs:
-                    tracker.log_input(uri, name=uri.rstrip("/").rsplit("/", 1)[-1], context="input")
+                for input_name, uri in st.inputs:
+                    tracker.log_input(uri, name=input_name, context="input")
+                st.describe("running")
                 yield st
             except BaseException as err:
                 catalog.add_lineage(run_id, inputs=list(inputs), outputs=st.outputs)
                 message = "".join(traceback.format_exception_only(type(err), err)).strip()
                 catalog.finish_run(run_id, status="failed", error=message, metrics=st.metrics)
                 tracker.set_tags({"moeflow.status": "failed", "moeflow.error": message[:5000]})
+                st.describe("failed")
                 raise
             catalog.add_lineage(run_id, inputs=list(inputs), outputs=st.outputs)
             catalog.finish_run(run_id, status="succeeded", metrics=st.metrics)
             tracker.set_tags({"moeflow.status": "succeeded"})
+            st.describe("succeeded")
     finally:
         if owns_catalog:  # a catalog we opened holds a connection pool
             catalog.close()

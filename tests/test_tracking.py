@@ -314,3 +314,90 @@ def test_mlflow_register_model_version(tracker, tmp_path):
     assert first.tags["k"] == "v" and first.source.endswith("/hf")
     names = {a.path for a in tracker.client.list_artifacts(run_id, "hf")}
     assert names == {"hf/config.json"}
+
+
+# ---------------------------------------------------------------------- MLflow conventions (issue 8)
+def test_experiment_opens_on_training_runs_unless_a_kind_was_chosen(tracker):
+    from moeflow.platform.tracking import EXPERIMENT_KIND_TAG
+
+    client = tracker.client
+    assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # an experiment made before this convention gets the tag on first use
+    old = f"old-{uuid.uuid4().hex[:6]}"
+    client.create_experiment(old)
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment_by_name(old).tags
+    reused = MLflowTracker(tracker.tracking_uri, experiment=old)
+    assert client.get_experiment(reused.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # a kind someone chose in the UI stays
+    chosen = f"chosen-{uuid.uuid4().hex[:6]}"
+    client.create_experiment(chosen, tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    kept = MLflowTracker(tracker.tracking_uri, experiment=chosen)
+    assert client.get_experiment(kept.experiment_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_summary_values_are_single_values_not_series(tracker):
+    with tracker.start_run("pretrain") as run_id:
+        for step in (10, 20, 30):
+            tracker.log_metrics({"loss": 1.0 / step}, step=step)
+        tracker.log_summary({"final/val_loss": 2.5, "docs_out": 7})
+    history = tracker.client.get_metric_history(run_id, "final/val_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 2.5)]
+    assert len(tracker.client.get_metric_history(run_id, "loss")) == 3
+    noop = NoopTracker()
+    noop.log_summary({"final/val_loss": 2.5})
+    assert noop.summary == {"final/val_loss": 2.5} and noop.metric_history("final/val_loss") == []
+    with pytest.raises(TypeError, match="'x'"):
+        noop.log_summary({"x": "high"})
+
+
+def test_description_figure_run_name_and_model_description(tracker, tmp_path):
+    from matplotlib.figure import Figure
+
+    from moeflow.platform.tracking import NOTE_TAG
+
+    fig = Figure()
+    fig.subplots().imshow([[0.0, 1.0], [1.0, 0.0]])
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "MLmodel").write_text("flavors: {}\n")
+    with tracker.start_run("tiny/pretrain") as run_id:
+        tracker.set_description("**pretrain** · [flow](http://prefect/runs/flow-run/1)")
+        tracker.log_figure(fig, "expert_load/heatmap.png")
+        version = tracker.register_model("moe-desc", model_dir, description="# card")
+    run = tracker.client.get_run(run_id)
+    assert run.data.tags[NOTE_TAG].startswith("**pretrain**")
+    assert tracker.run_name(run_id) == "tiny/pretrain"
+    png = Path(tracker.client.download_artifacts(run_id, "expert_load/heatmap.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tracker.client.get_model_version("moe-desc", version).description == "# card"
+    noop = NoopTracker()
+    with noop.start_run("a") as rid:
+        noop.set_description("d")
+        noop.log_figure(fig, "f.png")
+    assert noop.run_name(rid) == "a" and noop.descriptions == ["d"] and noop.figures == ["f.png"]
+    with pytest.raises(TypeError, match="matplotlib figure"):
+        noop.log_figure("not a figure", "f.png")
+
+
+def test_naming_and_description_conventions():
+    from moeflow.platform.tracking import (dataset_display_name, prefect_flow_run_url, run_description,
+                                           stage_run_name)
+
+    assert stage_run_name("curate", parent_run_name="pipeline-tiny-brave-fox") == "pipeline-tiny-brave-fox/curate"
+    assert stage_run_name("pipeline", flow_run_name="pipeline-tiny-brave-fox") == "pipeline-tiny-brave-fox"
+    assert stage_run_name("pretrain", flow_run_name="brave-fox") == "pretrain/brave-fox"
+    assert stage_run_name("pretrain") == "pretrain"
+    assert prefect_flow_run_url("http://127.0.0.1:4200/api", "f1") == "http://127.0.0.1:4200/runs/flow-run/f1"
+    assert prefect_flow_run_url("https://prefect.example/api/", "f1") == "https://prefect.example/runs/flow-run/f1"
+    assert dataset_display_name("file:///h/store/datasets/stdlib/curated/3f9a1c2e77d0") == "stdlib-curated@3f9a1c2e"
+    assert dataset_display_name("s3://b/datasets/wiki/tokens/0123abcd4567") == "wiki-tokens@0123abcd"
+    assert (dataset_display_name("file:///s/runs/moe/ab12cd34ef56/checkpoints/step-00000300")
+            == "moe-checkpoints-step-00000300@ab12cd34")
+    assert dataset_display_name("file:///x/whatever", {"name": "stdlib-curated", "version": 3}) == "stdlib-curated v3"
+    assert dataset_display_name("file:///usr/lib/python3.11") == "lib-python3.11"
+    text = run_description("pretrain", prefect_url="http://p/runs/flow-run/f1",
+                           inputs=[("stdlib-tokens v1", "file:///t")], outputs=["file:///ckpt", "file:///hf"],
+                           model_version="moe/3", status="succeeded")
+    assert text.splitlines()[0] == "**pretrain** · succeeded"
+    assert "[f1](http://p/runs/flow-run/f1)" in text and "- stdlib-tokens v1: `file:///t`" in text
+    assert "- `file:///hf`" in text and "Registered model version: `moe/3`" in text

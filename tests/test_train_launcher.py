@@ -74,8 +74,8 @@ def test_expert_load_recorder_round_trip():
     assert np.allclose(arrays["bias"][0], [[0.1, -0.1], [0, 0]]) and not arrays["bias"][1].any()
     back.truncate(2)
     assert len(back) == 1
-    assert expert_metrics(np.array([[1.0, 3.0]])) == {"expert_load/layer0/expert0": 0.25,
-                                                      "expert_load/layer0/expert1": 0.75}
+    assert expert_metrics(np.array([[1.0, 3.0]])) == {"expert_load/layer0/max_share": 0.75,
+                                                      "expert_load/layer0/min_share": 0.25}
 
 
 # ------------------------------------------------------------------ in-process run_pretrain
@@ -96,8 +96,11 @@ def test_run_pretrain_in_process_learns_exports_and_registers(token_store, moefl
     assert m["train_loss"] == pytest.approx(losses[-1])
     assert m["val_bpb"] == pytest.approx(m["val_loss"] / np.log(2) / 3.0)
     for key in ("maxvio_batch/layer0", "router_entropy/layer0", "router_bias/max_abs", "grad_norm", "lr",
-                "expert_load/layer0/expert3", "final/val_loss", "final/train_loss"):
+                "expert_load/layer0/max_share"):
         assert tracker.metric_history(key), key
+    # one-off final values are single values, not series; expert load is one heatmap figure
+    assert tracker.summary["final/val_loss"] == m["val_loss"] and not tracker.metric_history("final/val_loss")
+    assert tracker.figures == ["expert_load/heatmap.png"]
     art = store.read_artifact(result.expert_load_uri)
     arrays = load_expert_load(art.get_bytes("expert_load.npz"))
     assert arrays["counts"].shape == (12, 1, 4) and arrays["steps"][-1] == 24

@@ -77,8 +77,12 @@ def one_thread():
 
 def write_token_artifact(store, prefix: str, train_docs: list[list[int]], val_docs: list[list[int]], *,
                          vocab_size: int = 64, bos_id: int = 1, eos_id: int = 0, pad_id: int = 63,
-                         shard_tokens: int = 4096, bytes_per_token: float = 3.0) -> str:
-    """A real token-shards artefact (``platform.data.shards`` layout, written by its ShardWriter)."""
+                         shard_tokens: int = 4096, bytes_per_token: float = 3.0, tokenizer_json: str | None = None,
+                         extra_meta: dict | None = None) -> str:
+    """A real token-shards artefact (``platform.data.shards`` layout, written by its ShardWriter).
+
+    ``tokenizer_json``: a real tokenizer's file (default: a placeholder, for tests that need only ids).
+    """
     import json
     import tempfile
     from pathlib import Path
@@ -97,8 +101,9 @@ def write_token_artifact(store, prefix: str, train_docs: list[list[int]], val_do
             info["num_text_bytes"] = int(round(info["num_tokens"] * bytes_per_token))
             splits[split] = info
         meta = {"format_version": 1, "doc_format": DOC_FORMAT, "dtype": dtype.name, "shard_tokens": shard_tokens,
-                "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id, "splits": splits}
-        writer.put_bytes("tokenizer.json", json.dumps({"note": "test fixture: ids only"}).encode())
+                "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id, "splits": splits,
+                **(extra_meta or {})}
+        writer.put_bytes("tokenizer.json", (tokenizer_json or json.dumps({"note": "test fixture: ids only"})).encode())
         writer.put_json("meta.json", meta)
         writer.metadata["kind"] = "tokens"
     return writer.uri

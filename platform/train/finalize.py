@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from moeflow.models.model_card import ModelCardInfo
 from moeflow.models.train import state as train_state
 from moeflow.platform import artifacts as A
 
 from .checkpoint import CheckpointManager
 from .config import PretrainConfig
+from .expert_load import NPZ_NAME, log_expert_load_heatmap
 from .worker import LaunchConfig
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def finalize_run(launch: LaunchConfig, store, *, tracker=None, replay_history: b
         metrics = final_metrics(history)
         model = load_model(local, device)
         train_ds = TokenDataset.open(launch.tokens_uri, "train", cache_dir=launch.cache_dir)
-        hf_uri = export_hf(model, store, launch.output_prefix, Path(tmp) / "hf", ref, metrics, train_ds)
+        hf_uri = export_hf(model, store, launch.output_prefix, Path(tmp) / "hf", ref, metrics, train_ds,
+                           launch=launch, expert_load_npz=local / NPZ_NAME)
     expert_prefix = A.expert_load_key(launch.output_prefix)
     expert_uri = store.uri(expert_prefix) if store.artifact_exists(expert_prefix) else None
     if tracker is not None:
@@ -82,15 +84,17 @@ def finalize_run(launch: LaunchConfig, store, *, tracker=None, replay_history: b
             if replay_history:  # Ray workers logged nowhere the caller can see: replay the curves
                 for row in history:
                     tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-            tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=ref.step)
+            tracker.log_summary({f"final/{k}": v for k, v in metrics.items()})  # single values, not series
+            log_expert_load_heatmap(tracker, store, expert_uri)
             tracker.set_tags({"moeflow.checkpoint_uri": ref.uri, "moeflow.hf_uri": hf_uri or "",
                               "moeflow.expert_load_uri": expert_uri or ""})
     return PretrainResult(checkpoint_uri=ref.uri, hf_uri=hf_uri, expert_load_uri=expert_uri, metrics=metrics,
                           steps=ref.step)
 
 
-def export_hf(model, store, output_prefix: str, local_dir: Path, ref, metrics: dict, train_ds) -> str | None:
-    """HF DeepseekV3 directory (+ the run's tokenizer.json) as an artefact ``<prefix>/hf``.
+def export_hf(model, store, output_prefix: str, local_dir: Path, ref, metrics: dict, train_ds, *,
+              launch: LaunchConfig | None = None, expert_load_npz: Path | None = None) -> str | None:
+    """HF DeepseekV3 directory (tokenizer files, chat template, model card included) as an artefact ``<prefix>/hf``.
 
     None, with a warning, when the config has no HF form (``export_hf`` refuses e.g. softmax routing).
     """
@@ -98,15 +102,17 @@ def export_hf(model, store, output_prefix: str, local_dir: Path, ref, metrics: d
 
     meta = train_ds.meta
     refusals = tuple(c for c in (getattr(hf, "HFConversionError", None), ValueError) if c is not None)
+    tokenizer = Path(getattr(train_ds, "local_dir", "")) / "tokenizer.json"
     try:
         hf.export_hf(model, str(local_dir), bos_token_id=meta.get("bos_id"), eos_token_id=meta.get("eos_id"),
-                     pad_token_id=meta.get("pad_id"))
+                     pad_token_id=meta.get("pad_id"), tokenizer=tokenizer if tokenizer.is_file() else None,
+                     card=ModelCardInfo.for_training_run(
+                         launch.model_name if launch else "moe", metrics=metrics, tokens_uri=train_ds.uri,
+                         tokens_meta=meta, checkpoint_uri=ref.uri, step=ref.step,
+                         config_hash=config_hash(launch.pretrain) if launch else None, expert_load_npz=expert_load_npz))
     except refusals as err:  # a config without an HF form (softmax routing, uneven dense twin)
         log.warning("HF export skipped: %s", err)
         return None
-    tokenizer = Path(getattr(train_ds, "local_dir", "")) / "tokenizer.json"
-    if tokenizer.is_file():
-        shutil.copy(tokenizer, local_dir / "tokenizer.json")
     prefix = f"{output_prefix.strip('/')}/{HF_DIR}"
     with store.write_artifact(prefix, metadata={"kind": "hf-model", "format": "DeepseekV3ForCausalLM",
                                                 "checkpoint_uri": ref.uri, "step": ref.step,
