@@ -4,6 +4,7 @@ roll back. In memory (fast) and against a real MLflow server (service)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,30 @@ def test_deploy_against_a_real_mlflow_registry(tmp_path):
         v4 = _exercise(reg, store, NoopTracker(), add)
         assert reg.version_tags("moe", v4)["deploy.decision"] == "rejected"
         assert reg.client.get_model_version_by_alias("moe", "champion").version == "1"
+
+
+def test_resolve_model_by_dir_store_uri_and_registry_alias(tmp_path, monkeypatch):
+    from serve_helpers import make_model_dir
+
+    from moeflow.platform.serve.launch import ModelNotFound, resolve_model
+
+    monkeypatch.setenv("MOEFLOW_HOME", str(tmp_path / "home"))
+    local = make_model_dir(tmp_path / "export")
+    assert resolve_model(str(local)).model_dir == str(local.resolve())
+    store = LocalStore(tmp_path / "home" / "store")
+    with store.write_artifact("runs/moe/hf") as w:
+        for p in sorted(local.rglob("*")):
+            w.put_file(p.relative_to(local).as_posix(), p)
+    uri = store.uri("runs/moe/hf")
+    fetched = resolve_model(uri)
+    assert (Path(fetched.model_dir) / "tokenizer.json").read_bytes() == (local / "tokenizer.json").read_bytes()
+    reg = MemoryRegistry()
+    v = reg.add_version("moe", {"moeflow.artifact_uri": uri})
+    reg.set_alias("moe", "champion", v)
+    r = resolve_model("models:/moe@champion", registry=reg)
+    assert (r.name, r.version, r.aliases) == ("moe", v, {"champion": v})
+    assert resolve_model("moe/1", registry=reg).version == "1"
+    with pytest.raises(ModelNotFound, match="no alias"):
+        resolve_model("moe@candidate", registry=reg)
+    with pytest.raises(ModelNotFound, match="cannot resolve"):
+        resolve_model("not a ref!", registry=reg)

@@ -344,3 +344,26 @@ def test_lm_eval_local_completions_scores_through_the_gateway(stack, monkeypatch
     (gen,) = lm.generate_until([Instance("generate_until", {}, ("for i in", {"until": ["\u2603"], "max_gen_toks": 12}),
                                          0)], disable_tqdm=True)
     assert gen == ref_text.split("\u2603")[0]
+
+
+def test_int8_model_server_serves_with_smaller_weights(stack):
+    """--quantize int8 end to end: the replica loads int8 weights and still answers (greedy = its own generate)."""
+    import asyncio as aio
+
+    from moeflow.models.quant import Int8Linear, model_bytes
+
+    base = _server(stack)
+    spec = base.spec.model_copy(update={"engine": base.spec.engine.model_copy(update={"quantize": "int8"})})
+    q = ModelServer(spec)
+    try:
+        assert any(isinstance(m, Int8Linear) for m in q.model.modules())
+        assert model_bytes(q.model) < 0.45 * model_bytes(base.model)
+        ids = q.tokenizer.encode("def add", add_bos=True)
+
+        async def run():
+            return [e async for e in q.generate({"prompt": ids, "params": {"max_tokens": 8, "temperature": 0}})]
+
+        toks = [e["token_id"] for e in aio.run(run()) if e["kind"] == "token"]
+        assert toks == generate(q.model, [ids], 8, stop_token_ids=[q.tokenizer.eos_id]).tokens[0]
+    finally:
+        q.close()
