@@ -176,3 +176,19 @@ def test_killed_replica_gives_clean_errors_and_serving_recovers(serving, client)
             if time.time() > deadline:
                 raise
             time.sleep(1)
+
+
+@pytest.mark.slow
+def test_promotion_hot_swaps_a_new_version_into_the_running_gateway(serving, client, tmp_path):
+    from moeflow.platform.serve import app as serve_app
+
+    d = make_model_dir(tmp_path / "v3", seed=3)
+    said = serve_app.sync_alias("tiny", "champion", "3", str(d), template=serving["models"][0])
+    try:
+        assert "version 3" in said
+        out = client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0)
+        assert out.model == "tiny@3"
+        v3 = ServedModel(name="tiny", version="3", model_dir=str(d))
+        assert out.choices[0].text == _reference(v3, "x", 3)
+    finally:
+        serving["handle"].move_alias("tiny", "champion", "1")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..compute import ensure_ray
+from ..compute import ensure_ray, local_head_address
 from .config import GatewayConfig, ServeConfig, ServedModel
 from .routing import Arm, RouteTable
 
@@ -202,6 +202,41 @@ def start(config: ServeConfig, *, api_keys: list[str] | None = None, settings=No
                              name=GATEWAY_APP, route_prefix="/"))
     serve.run_many(targets)
     return Serving(url=f"http://{gw.host}:{gw.port}", store=store)
+
+
+def running_gateway(settings=None) -> "Serving | None":
+    """The serving set-up on the configured / local Ray cluster, if a gateway runs there (never starts Ray)."""
+    import ray
+
+    from ..settings import get_settings
+
+    settings = settings or get_settings()
+    if not ray.is_initialized() and not (settings.ray_address or local_head_address(settings)):
+        return None
+    ensure_ray(settings)
+    try:
+        store = ray.get_actor(ROUTE_STORE, namespace=NAMESPACE)
+    except ValueError:
+        return None
+    return Serving(url="", store=store)
+
+
+def sync_alias(name: str, alias: str, version: str, model_dir: str | None, *, settings=None,
+               template: ServedModel | None = None) -> str:
+    """Make a running gateway follow an alias move: deploy ``version`` if it is not served yet
+    (like ``template``, or defaults), then move ``name@alias``. Returns what was done, in words."""
+    serving = running_gateway(settings)
+    if serving is None:
+        return "no gateway is running: the alias is read when `moeflow serve` starts"
+    table = serving.table()
+    if version not in table.versions.get(name, []):
+        if model_dir is None:
+            return f"the gateway does not serve {name}@{version} and no export was given: not moved"
+        base = template.model_dump() if template is not None else {}
+        spec = ServedModel.model_validate({**base, "name": name, "version": version, "model_dir": model_dir})
+        serving.add_version(spec)
+    serving.move_alias(name, alias, version)
+    return f"the gateway now answers {name}@{alias} with version {version}"
 
 
 def shutdown() -> None:
