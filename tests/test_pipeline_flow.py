@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from moeflow.platform.catalog import Catalog
-from moeflow.platform.cli import flow_kwargs
+from moeflow.platform.stages import flow_kwargs
 from moeflow.platform.recipes import load_recipe
 from moeflow.platform.settings import get_settings
 
@@ -34,8 +34,9 @@ SLICE = [
 def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_harness):
     from moeflow.flows.pipeline import pipeline
 
-    # run 1: evaluation is asked for an impossible batch and fails after pretraining
-    broken = load_recipe("tiny", SLICE + ["evaluate.batch_size=100000"])
+    # run 1: evaluation is asked for a batch (valid by its bounds) larger than the validation split:
+    # it fails at run time, after pretraining (100000 is now refused up front, before anything runs)
+    broken = load_recipe("tiny", SLICE + ["evaluate.batch_size=50000"])
     with pytest.raises(Exception, match="batch"):
         pipeline(**flow_kwargs(pipeline, broken))
     catalog = Catalog.from_settings(get_settings())

@@ -31,7 +31,6 @@ lengths, and both passes read the same downloaded, checksum-verified local copie
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -46,7 +45,7 @@ from pydantic import Field
 
 from moeflow.models.tokenizer import SPLIT_PATTERN, Tokenizer, tokenizer_info, train_bpe
 
-from moeflow.platform.config import StageConfig
+from moeflow.platform.config import StageConfig, config_hash
 
 from .documents import curated_parts
 from .shards import DOC_FORMAT, META_NAME, TOKENIZER_NAME, ShardWriter, dtype_for_vocab
@@ -129,12 +128,9 @@ def select_bpe_sample(ids: list[str], nbytes: np.ndarray, budget: int, seed: int
 
 
 def tokens_prefix(config: TokenizeConfig, curated_hash: str, output_prefix: str) -> str:
-    blob = json.dumps(
-        {"config": config.output_dict(), "curated": curated_hash, "format": FORMAT_VERSION,
-         "split_pattern": SPLIT_PATTERN, "doc_format": DOC_FORMAT},
-        sort_keys=True,
-    )
-    return f"{output_prefix.strip('/')}/{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    digest = config_hash({"config": config.output_dict(), "curated": curated_hash, "format": FORMAT_VERSION,
+                          "split_pattern": SPLIT_PATTERN, "doc_format": DOC_FORMAT}, length=16)
+    return f"{output_prefix.strip('/')}/{digest}"
 
 
 # ---------------------------------------------------------------- curated input
