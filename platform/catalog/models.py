@@ -37,7 +37,7 @@ URI_LEN = 1024
 HASH_LEN = 128
 
 RUN_STATUSES = ("running", "succeeded", "failed")
-DATASET_KINDS = ("dataset", "tokenizer", "tokens")
+DATASET_KINDS = ("dataset", "tokenizer", "tokens", "deploy_decision")  # deploy_decision: platform/artifacts.py
 EDGE_DIRECTIONS = ("input", "output")
 
 

@@ -98,3 +98,16 @@ def _record(store, prefix: str, tracker, registry, result: DeployResult, decisio
         "deploy.decision": verdict, "deploy.reasons": "; ".join(result.reasons)[:5000],
         "deploy.previous": result.previous or ""})
     return store.uri(key)
+
+
+def rollback_run(model_name: str, alias: str = "champion", settings=None) -> DeployResult:
+    """``moeflow deploy rollback``: ``rollback`` as a tracked run (MLflow run + catalog run + lineage)."""
+    from .. import artifacts as A
+    from ..stage import stage_run
+    from .registry import MLflowRegistry
+
+    with stage_run("deploy", {"rollback": True, "model_name": model_name, "alias": alias}, settings=settings) as st:
+        result = rollback(st.store, model_name=model_name, alias=alias, registry=MLflowRegistry(st.settings.tracking_uri),
+                          tracker=st.tracker, output_prefix=f"deploy/{model_name}")
+        st.add_output(result.decision_uri, kind=A.DEPLOY_DECISION, name=f"{model_name}-deploy")
+    return result
