@@ -16,6 +16,7 @@ CHAT_DATA = "chat_data"
 PREFERENCE_DATA = "preference_data"
 PROMPT_DATA = "prompt_data"
 EVAL_RESULTS = "eval_results"
+DEPLOY_DECISION = "deploy_decision"
 
 
 def curated_name(dataset: str) -> str:

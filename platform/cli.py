@@ -32,6 +32,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
                   pretty_exceptions_enable=False)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect settings.")
 app.add_typer(config_app, name="config")
+deploy_app = typer.Typer(no_args_is_help=True, help="Promotion: 'moeflow run deploy' gates and promotes; "
+                                                    "'moeflow deploy rollback' moves the alias back.")
+app.add_typer(deploy_app, name="deploy")
 
 SERVICE_NAMES = ["prefect", "mlflow", "dashboard", "ray", "flows"]  # start order: flows needs prefect
 USER_ERRORS = (recipes.RecipeError, RecipeInvalid, MissingInput, SettingsError, UnknownStage)
@@ -276,6 +279,48 @@ def _follow(flow_run_id, poll_s: float = 2.0):
                 return flow_run.state
             if not logs:
                 time.sleep(poll_s)
+
+
+@deploy_app.command("rollback")
+def deploy_rollback(
+    model: str = typer.Option(..., "--model", "-m", help="registered model name"),
+    alias: str = typer.Option("champion", "--alias", help="the serving alias to move back"),
+) -> None:
+    """Point MODEL@ALIAS back at the version it held before its last promotion."""
+    from .serve.deploy import rollback_run
+    from .serve.registry import RegistryError
+
+    settings = _settings()
+    try:
+        result = rollback_run(model, alias, settings=settings)
+    except RegistryError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    typer.echo(result.reasons[0])
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="name@alias, name/<version>, a store URI or an export dir"),
+    port: int = typer.Option(8000, "--port", help="HTTP port of the OpenAI-compatible API"),
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address"),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="model replicas (Ray Serve balances over them)"),
+    quantize: str = typer.Option("none", "--quantize", help="none | int8 (weight-only INT8)"),
+) -> None:
+    """Serve a model over the OpenAI HTTP API on Ray Serve (keys: MOEFLOW_SERVE_API_KEYS)."""
+    from .serve.launch import ModelNotFound, serve_forever
+    from .serve.registry import RegistryError
+
+    if quantize not in ("none", "int8"):
+        typer.echo(f"error: --quantize {quantize!r}: choose none or int8", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    try:
+        serve_forever(model, host=host, port=port, replicas=replicas, quantize=quantize, settings=settings,
+                      echo=typer.echo)
+    except (ModelNotFound, RegistryError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -105,6 +105,9 @@ _SPECS = (
               "teacher model version + token shards -> smaller student (top-k KD / JSD)", (_PRETRAINED, _TOKENS)),
     StageSpec("evaluate", "moeflow.flows.evaluate:evaluate", "moeflow.platform.train.evaluate:EvaluateConfig",
               (A.MODEL, A.TOKENS), (A.EVAL_RESULTS,), "model -> validation loss, bits per byte", (_MODEL, _TOKENS)),
+    StageSpec("deploy", "moeflow.flows.deploy:deploy", "moeflow.platform.serve.deploy:DeployConfig",
+              (A.MODEL, A.EVAL_RESULTS), (A.DEPLOY_DECISION,),
+              "evaluated model version -> promotion gate -> serving alias (champion)"),
     StageSpec("pipeline", "moeflow.flows.pipeline:pipeline", None, (), (), "every stage in order"),
 )
 STAGES: dict[str, StageSpec] = {s.name: s for s in _SPECS}

@@ -40,7 +40,7 @@ HASH_LEN = 128
 
 RUN_STATUSES = ("running", "succeeded", "failed")
 DATASET_KINDS = (A.CURATED, A.TOKENIZER, A.TOKENS, A.EXPERT_LOAD, A.CHAT_DATA, A.PREFERENCE_DATA, A.PROMPT_DATA,
-                 A.EVAL_RESULTS)  # spelled once, in platform/artifacts.py
+                 A.EVAL_RESULTS, A.DEPLOY_DECISION)  # spelled once, in platform/artifacts.py
 EDGE_DIRECTIONS = ("input", "output")
 
 

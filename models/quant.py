@@ -1,0 +1,153 @@
+"""INT8 weight-only quantization: every linear AND the stacked 3-D expert weights, per-channel scales.
+
+For a weight W (out, in): s_o = max_i |W_oi| / 127 per output channel, q = round(W / s).clamp(±127)
+int8, and y = (x @ qᵀ) · s. Activations stay in the model's dtype (fp32 or bf16); only weights shrink
+(4× vs fp32, 2× vs bf16, plus one scale per output channel). torchao's int8 weight-only covers
+``nn.Linear`` only; a DeepSeek MoE keeps most of its parameters in the stacked expert tensors
+(E, 2F, D) and (E, D, F), so those get per-(expert, output row) scales here too.
+
+- ``Int8Linear`` replaces ``nn.Linear``. Its matmul is ``torch._weight_int8pack_mm`` (a fused
+  int8-weight kernel on CPU and CUDA) or, where that is unavailable, a dequantize-then-matmul.
+  ``weight`` is still readable (dequantized on access): MLA's absorbed path reads
+  ``kv_b_proj.weight`` to split it into W_uk / W_uv, and callers read ``lm_head.weight.device``.
+- ``Int8RoutedExperts`` subclasses ``moe.RoutedExperts`` and dequantizes one expert at a time in the
+  looped (CPU) path, or one layer's stack per call on the grouped (GPU) path, so the transient
+  full-precision copy is one expert / one layer, never the model.
+- Kept in full precision on purpose: routers (their fp32 top-k decides which experts run, and a
+  flipped choice costs more than it saves), norms, embeddings (a lookup, not a matmul) and an
+  ``lm_head`` tied to the embeddings.
+
+``quantize_int8(model)`` converts in place and returns a report (bytes before/after).
+Shape suffixes: O out features, I in features, E experts, F expert width, D hidden, N rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .moe import RoutedExperts
+
+QMAX = 127
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 same shape, scale fp32 = w.shape[:-1]); an all-zero row gets scale 1."""
+    w32 = w.detach().float()
+    scale = w32.abs().amax(dim=-1) / QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w32 / scale[..., None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.to(dtype) * scale[..., None].to(dtype)
+
+
+class Int8Linear(nn.Module):
+    use_int8pack_mm = True  # False: dequantize + F.linear (the reference the tests compare with)
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("Int8Linear: the model's linears have no bias")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = linear.weight.dtype
+        q_OI, scale_O = quantize_rows(linear.weight)
+        self.register_buffer("weight_int8", q_OI.to(linear.weight.device))
+        self.register_buffer("scale", scale_O.to(linear.weight.device, linear.weight.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (O, I): readable for code that inspects it (absorbed MLA, devices)."""
+        return dequantize_rows(self.weight_int8, self.scale, self.scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_int8pack_mm and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+                and x.device.type in ("cpu", "cuda"):
+            x_NI = x.reshape(-1, self.in_features)
+            y_NO = torch._weight_int8pack_mm(x_NI.contiguous(), self.weight_int8, self.scale.to(x.dtype))
+            return y_NO.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, dequantize_rows(self.weight_int8, self.scale, x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int8RoutedExperts(RoutedExperts):
+    """Stacked experts with int8 weights and per-(expert, output row) scales."""
+
+    def __init__(self, experts: RoutedExperts) -> None:
+        nn.Module.__init__(self)
+        self.num_experts, self.width = experts.num_experts, experts.width
+        self.use_grouped_mm = experts.use_grouped_mm
+        dtype, dev = experts.gate_up_proj.dtype, experts.gate_up_proj.device
+        gu_q, gu_s = quantize_rows(experts.gate_up_proj)   # (E, 2F, D), scale (E, 2F)
+        dn_q, dn_s = quantize_rows(experts.down_proj)      # (E, D, F),  scale (E, D)
+        self.register_buffer("gate_up_int8", gu_q.to(dev))
+        self.register_buffer("gate_up_scale", gu_s.to(dev, dtype))
+        self.register_buffer("down_int8", dn_q.to(dev))
+        self.register_buffer("down_scale", dn_s.to(dev, dtype))
+
+    # RoutedExperts.forward permutes tokens and calls one of these two on the sorted rows.
+    def _looped(self, x_sorted_ND, counts_E) -> torch.Tensor:
+        outs, dt = [], x_sorted_ND.dtype
+        for e, rows_XD in enumerate(torch.split(x_sorted_ND, counts_E.tolist())):
+            if rows_XD.shape[0] == 0:
+                outs.append(rows_XD)
+                continue
+            h = F.linear(rows_XD, dequantize_rows(self.gate_up_int8[e], self.gate_up_scale[e], dt))
+            outs.append(F.linear(self._swiglu_rows(h), dequantize_rows(self.down_int8[e], self.down_scale[e], dt)))
+        return torch.cat(outs, dim=0)
+
+    def _grouped(self, x_sorted_ND, expert_sorted_N, counts_E) -> torch.Tensor:
+        dtype = self.compute_dtype(x_sorted_ND)
+        self.gate_up_proj = dequantize_rows(self.gate_up_int8, self.gate_up_scale, dtype)  # one layer, transient
+        self.down_proj = dequantize_rows(self.down_int8, self.down_scale, dtype)
+        try:
+            return super()._grouped(x_sorted_ND, expert_sorted_N, counts_E)
+        finally:
+            del self.gate_up_proj, self.down_proj
+
+
+@dataclass
+class QuantReport:
+    num_linears: int
+    num_expert_stacks: int
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / max(self.bytes_before, 1)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of parameters + buffers, each storage counted once (tied weights)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> QuantReport:
+    """Swap every eligible linear and expert stack of ``model`` for its int8 twin (in place)."""
+    before = model_bytes(model)
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    num_linears = num_stacks = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and not (tied and name == "lm_head" and parent is model):
+                setattr(parent, name, Int8Linear(child))
+                num_linears += 1
+            elif type(child) is RoutedExperts:
+                setattr(parent, name, Int8RoutedExperts(child))
+                num_stacks += 1
+    return QuantReport(num_linears, num_stacks, before, model_bytes(model))

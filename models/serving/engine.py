@@ -1,0 +1,311 @@
+"""Continuous-batching decode engine over the latent MLA cache (iteration-level scheduling).
+
+One ``Engine.step()`` is one scheduling iteration:
+
+1. requests added (``add``) or cancelled (``cancel``) since the last step are taken in; a cancelled
+   request leaves at once and its slot is free for this very step;
+2. **decode**: every running request advances by one token in ONE batched model call over the
+   ``SlotCache`` (rows = slots, right-aligned at a shared cursor, see slots.py);
+3. **chunked prefill**: waiting requests take free slots and their prompts are prefilled, at most
+   ``prefill_chunk`` prompt tokens per step in total, each prompt in its own batch-1 staging cache.
+   A long prompt therefore costs the running streams one chunk of latency per step instead of a
+   stall; when its last chunk is done, its first token is sampled and its latents are copied into
+   its slot, so it joins the decode batch on the next step.
+
+Each request samples with its own parameters (temperature, top-k, top-p, its own seeded
+``torch.Generator``; the filters and the draw are ``generation.sample_next``), stops on its own stop
+token ids, stop strings (``TextStream``, when a ``decode`` function is given), ``max_tokens`` or the
+context length, and reports log-probabilities (of the model's distribution before temperature)
+for generated and, when asked, prompt tokens. Per request the computation is the one ``generate``
+does for that prompt alone, so greedy output matches it token for token (tested).
+
+``add`` and ``cancel`` may be called from another thread than ``step`` (the serving loop runs
+``step`` in a worker thread); they only touch a lock-guarded inbox.
+
+Shape suffixes: B slots in a decode call, T tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..generation import sample_next
+from .detok import TextStream
+from .slots import SlotCache
+
+MAX_LOGPROBS = 20
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (bad prompt, too long for the context, bad sampling values)."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the caller should answer 429 / retry later."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None           # None (or <= 0) = no top-k filter
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None        # per generated token: its log-prob + this many alternatives
+    prompt_logprobs: int | None = None  # the same for prompt tokens (echo + logprobs)
+
+    def check(self) -> None:
+        if self.max_tokens < 0:
+            raise RequestError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
+
+
+@dataclass
+class TokenOutput:
+    """What one step produced for one request (one per request per step it took part in)."""
+
+    request_id: str
+    token_id: int | None               # None: no token this event (max_tokens=0, cancelled)
+    text: str = ""                     # text released by this token (stop strings never included)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None   # None while running; "stop" | "length" | "cancelled"
+    prompt_logprobs: list | None = None  # first event only: per prompt token None | (logprob, top list)
+    num_prompt_tokens: int = 0
+    num_generated: int = 0
+
+
+@dataclass
+class _Seq:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    stream: TextStream | None
+    generated: list[int] = field(default_factory=list)
+    slot: int | None = None
+    stage: object | None = None        # staging MLACache while prefilling
+    num_prefilled: int = 0
+    prompt_lp: list | None = None
+    next_token: int | None = None
+
+
+class Engine:
+    def __init__(self, model, *, max_batch: int = 8, context_len: int | None = None, prefill_chunk: int = 256,
+                 max_waiting: int = 256, decode: Callable[[list[int]], str] | None = None,
+                 default_stop_token_ids: Sequence[int] = (), cache_len: int | None = None) -> None:
+        """cache_len: columns of the slot cache (default 2 x context; more = rarer compaction)."""
+        self.model = model.eval()
+        self.device = model.lm_head.weight.device
+        self.vocab_size = model.cfg.vocab_size
+        self.context_len = context_len or model.cfg.max_seq_len
+        self.prefill_chunk, self.max_waiting, self.decode = prefill_chunk, max_waiting, decode
+        self.default_stop_token_ids = tuple(default_stop_token_ids)
+        self.slots = SlotCache(model, max_batch, self.context_len, cache_len, device=self.device)
+        self._lock = threading.Lock()
+        self._inbox: deque[_Seq] = deque()
+        self._cancel: set[str] = set()
+        self._waiting: deque[_Seq] = deque()   # not started
+        self._prefilling: list[_Seq] = []      # slot reserved, prompt partly prefilled
+        self._running: dict[int, _Seq] = {}    # slot -> sequence in the decode batch
+        self._stages: list = []                # spare staging caches
+
+    # ------------------------------------------------------------------ thread-safe entry points
+    def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue a request; raises RequestError / EngineOverloaded at once instead of failing later."""
+        prompt = [int(t) for t in prompt_ids]
+        params.check()
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        if len(prompt) + params.max_tokens > self.context_len:
+            raise RequestError(f"this model's maximum context length is {self.context_len} tokens, but "
+                               f"{len(prompt) + params.max_tokens} were requested ({len(prompt)} in the prompt, "
+                               f"{params.max_tokens} for the completion)")
+        gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
+        stream = TextStream(self.decode, params.stop) if self.decode is not None else None
+        if params.stop and stream is None:
+            raise RequestError("stop strings need an engine built with a decode function")
+        with self._lock:
+            if len(self._inbox) + len(self._waiting) >= self.max_waiting:
+                raise EngineOverloaded(f"{self.max_waiting} requests are already waiting")
+            self._inbox.append(_Seq(request_id, prompt, params, gen, stream))
+
+    def cancel(self, request_id: str) -> None:
+        """The request leaves at the next step (its slot is freed then); unknown ids are ignored."""
+        with self._lock:
+            self._cancel.add(request_id)
+
+    # ------------------------------------------------------------------ state
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self._inbox) + len(self._waiting) + len(self._prefilling)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._inbox or self._cancel or self._waiting or self._prefilling or self._running)
+
+    # ------------------------------------------------------------------ one iteration
+    @torch.inference_mode()
+    def step(self) -> list[TokenOutput]:
+        out: list[TokenOutput] = []
+        self._take_inbox(out)
+        if self._running:
+            self._decode(out)
+        self._prefill(out)
+        return out
+
+    def _take_inbox(self, out: list[TokenOutput]) -> None:
+        with self._lock:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+            cancel, self._cancel = self._cancel, set()
+        if not cancel:
+            return
+        for seq in [s for s in self._waiting if s.request_id in cancel]:
+            self._waiting.remove(seq)
+            out.append(self._finished(seq, "cancelled"))
+        for seq in [s for s in self._prefilling if s.request_id in cancel]:
+            self._prefilling.remove(seq)
+            self._free(seq)
+            out.append(self._finished(seq, "cancelled"))
+        for b, seq in list(self._running.items()):
+            if seq.request_id in cancel:
+                self._free(seq)
+                out.append(self._finished(seq, "cancelled"))
+
+    def _decode(self, out: list[TokenOutput]) -> None:
+        rows = sorted(self._running)
+        num_rows = rows[-1] + 1
+        tok_B1 = torch.zeros(num_rows, 1, dtype=torch.long, device=self.device)
+        real_B1 = torch.zeros(num_rows, 1, dtype=torch.bool, device=self.device)
+        for b in rows:
+            tok_B1[b, 0] = self._running[b].next_token
+            real_B1[b, 0] = True
+        self.slots.prepare_step()
+        view = self.slots.rows_view(num_rows)
+        logits_BV = self.model(tok_B1, cache=view, attention_mask_BS=real_B1, last_logits_only=True).logits[:, -1]
+        self.slots.advance(rows)
+        for b in rows:
+            out.append(self._accept(self._running[b], logits_BV[b]))
+
+    def _prefill(self, out: list[TokenOutput]) -> None:
+        while self._waiting and self._free_slots() > 0:
+            seq = self._waiting.popleft()
+            seq.stage = self._stages.pop() if self._stages else self.model.new_cache(1, self.context_len)
+            seq.stage.reset()
+            self._prefilling.append(seq)
+        budget = self.prefill_chunk
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            chunk = seq.prompt[seq.num_prefilled: seq.num_prefilled + budget]
+            budget -= len(chunk)
+            want_lp = seq.params.prompt_logprobs is not None
+            ids_1T = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            logits_TV = self.model(ids_1T, cache=seq.stage, last_logits_only=not want_lp).logits[0]
+            if want_lp:
+                self._collect_prompt_logprobs(seq, logits_TV)
+            seq.num_prefilled += len(chunk)
+            if seq.num_prefilled < len(seq.prompt):
+                continue
+            self._prefilling.remove(seq)
+            if seq.params.max_tokens == 0:
+                self._free(seq)
+                out.append(self._finished(seq, "length"))
+                continue
+            seq.slot = self.slots.free_slot()
+            self.slots.insert(seq.slot, seq.stage, len(seq.prompt))
+            self._stages.append(seq.stage)
+            seq.stage = None
+            self._running[seq.slot] = seq
+            out.append(self._accept(seq, logits_TV[-1]))
+
+    # ------------------------------------------------------------------ per-request bookkeeping
+    def _free_slots(self) -> int:
+        return self.slots.num_slots - len(self._running) - len(self._prefilling)
+
+    def _free(self, seq: _Seq) -> None:
+        if seq.stage is not None:
+            self._stages.append(seq.stage)
+            seq.stage = None
+        if seq.slot is not None and self._running.get(seq.slot) is seq:
+            del self._running[seq.slot]
+            self.slots.release(seq.slot)
+        seq.slot = None
+
+    def _sample(self, seq: _Seq, logits_V: torch.Tensor) -> int:
+        p = seq.params
+        top_k = p.top_k if p.top_k and p.top_k > 0 else None
+        return int(sample_next(logits_V[None], p.temperature, top_k, p.top_p, seq.generator)[0])
+
+    def _accept(self, seq: _Seq, logits_V: torch.Tensor) -> TokenOutput:
+        """Sample the next token of ``seq`` from its logits, check every stop rule, emit the event."""
+        tok = self._sample(seq, logits_V)
+        seq.generated.append(tok)
+        ev = TokenOutput(seq.request_id, tok, num_prompt_tokens=len(seq.prompt), num_generated=len(seq.generated))
+        if seq.params.logprobs is not None:
+            lp_V = torch.log_softmax(logits_V.float(), dim=-1)
+            ev.logprob, ev.top_logprobs = float(lp_V[tok]), _top(lp_V, seq.params.logprobs)
+        if len(seq.generated) == 1 and seq.prompt_lp is not None:
+            ev.prompt_logprobs = seq.prompt_lp
+        if seq.stream is not None:
+            ev.text = seq.stream.push(tok)
+        stops = seq.params.stop_token_ids or self.default_stop_token_ids
+        reason = None
+        if tok in stops:
+            reason = "stop"
+        elif seq.stream is not None and seq.stream.stopped:
+            reason = "stop"
+        elif len(seq.generated) >= seq.params.max_tokens or len(seq.prompt) + len(seq.generated) >= self.context_len:
+            reason = "length"
+        if reason is None:
+            seq.next_token = tok
+            return ev
+        if seq.stream is not None:
+            ev.text += seq.stream.finish()
+        ev.finish_reason = reason
+        self._free(seq)
+        return ev
+
+    def _finished(self, seq: _Seq, reason: str) -> TokenOutput:
+        text = seq.stream.finish() if (seq.stream is not None and reason != "cancelled") else ""
+        return TokenOutput(seq.request_id, None, text, finish_reason=reason, prompt_logprobs=seq.prompt_lp,
+                           num_prompt_tokens=len(seq.prompt), num_generated=len(seq.generated))
+
+    def _collect_prompt_logprobs(self, seq: _Seq, logits_TV: torch.Tensor) -> None:
+        """Row j of this chunk predicts prompt token num_prefilled + j + 1."""
+        n = seq.params.prompt_logprobs
+        if seq.prompt_lp is None:
+            seq.prompt_lp = [None]
+        lp_TV = torch.log_softmax(logits_TV.float(), dim=-1)
+        for j in range(lp_TV.shape[0]):
+            i = seq.num_prefilled + j + 1
+            if i < len(seq.prompt):
+                seq.prompt_lp.append((float(lp_TV[j, seq.prompt[i]]), _top(lp_TV[j], n)))
+
+
+def _top(lp_V: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    if n <= 0:
+        return []
+    vals, idx = lp_V.topk(n)
+    return list(zip(idx.tolist(), vals.tolist()))

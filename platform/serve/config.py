@@ -1,0 +1,68 @@
+"""What to serve and with which limits: pydantic configs of the serving engine and the gateway.
+
+A ``ServedModel`` is one model version (one Ray Serve application of its own, so versions are
+deployed, scaled and removed independently). The gateway's limits bound everything a request can
+ask for, so a client can never make the server allocate without bound or wait forever.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..config import StageConfig
+
+
+class EngineConfig(StageConfig):
+    max_batch: int = Field(8, ge=1, le=1024, description="decode slots per replica (continuous batching)")
+    prefill_chunk: int = Field(256, ge=1, le=65536, description="prompt tokens prefilled per engine step")
+    max_waiting: int = Field(256, ge=1, le=100_000, description="requests queued per replica before 429")
+    context_len: int | None = Field(None, ge=2, description="context length (default: the model's max_seq_len)")
+    quantize: Literal["none", "int8"] = Field("none", description="int8 = weight-only INT8 (models/quant.py)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="activation / weight dtype")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:i]'")
+
+
+class ServedModel(StageConfig):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="registered model name")
+    version: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="model version")
+    model_dir: str = Field(..., description="local HF export directory with tokenizer.json")
+    num_replicas: int | Literal["auto"] = Field(1, description="replicas, or 'auto' for the autoscaling range")
+    min_replicas: int = Field(1, ge=0, le=64, description="autoscaling lower bound (num_replicas='auto')")
+    max_replicas: int = Field(2, ge=1, le=64, description="autoscaling upper bound (num_replicas='auto')")
+    num_cpus: float = Field(1.0, ge=0, le=128, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs reserved per replica")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def app_name(self) -> str:
+        return f"moeflow-model-{self.name}-{self.version}"
+
+
+class GatewayConfig(StageConfig):
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    default_alias: str = Field("champion", description="alias a bare model name resolves to")
+    max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    n_cap: int = Field(8, ge=1, le=128, description="largest n")
+    max_prompts: int = Field(32, ge=1, description="largest batch of prompts in one completions request")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    max_inflight: int = Field(512, ge=1, description="concurrent generations per gateway replica before 429")
+    first_token_timeout_s: float = Field(60.0, gt=0, description="queueing bound: no first token by then = 503")
+    request_timeout_s: float = Field(600.0, gt=0, description="end-to-end bound of one request")
+    num_replicas: int = Field(1, ge=1, le=64, description="gateway replicas")
+
+
+class ServeConfig(StageConfig):
+    """A whole serving set-up: the versions, their aliases and A/B splits, and the gateway."""
+
+    models: list[ServedModel] = Field(..., min_length=1, description="model versions to serve")
+    aliases: dict[str, dict[str, str]] = Field(default_factory=dict, description="name -> alias -> version")
+    splits: dict[str, list[dict]] = Field(default_factory=dict,
+                                          description="name -> [{'target': alias|version, 'weight': w}]")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)

@@ -1,0 +1,168 @@
+"""One served model version: load it, tokenize requests, stream protocol-neutral events.
+
+``ModelServer`` is plain Python (the gateway's in-process backend and tests use it directly); the
+Ray Serve application wraps the same class as a deployment (``app.py``), one replica per process.
+
+``generate(payload)`` is an async generator of dicts, the replica's whole wire protocol:
+
+- ``{"kind": "error", "status", "message", "param", "code"}`` — the request is refused (bad prompt,
+  too long for the context, queue full); nothing else follows;
+- ``{"kind": "accepted", "num_prompt_tokens", "prompt_ids", "prompt_text", "replica"}`` — queued;
+- ``{"kind": "token", "token_id", "text", "token", "logprob", "top", "finish_reason",
+  "num_generated", "prompt_logprobs"}`` — one per generated token; the last has ``finish_reason``.
+
+Token strings (for log-probabilities) are single-token decodes, special markers included.
+Completions stop at ``<|eos|>`` by default; chat requests at the template's end-of-turn ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+
+from ...models.chat import ChatFormatError, prompt_ids as chat_prompt_ids, stop_ids as chat_stop_ids
+from ...models.serving import Engine, EngineOverloaded, RequestError, SamplingParams
+from ...models.tokenizer import Tokenizer
+from .config import ServedModel
+from .engine_loop import AsyncEngine, EngineFailed
+
+log = logging.getLogger(__name__)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_model(spec: ServedModel):
+    """The model of ``spec.model_dir`` (HF export) on its device, in its dtype, quantized if asked."""
+    from ...models.hf import import_hf
+    from ...models.quant import quantize_int8
+
+    e = spec.engine
+    device = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[e.dtype]
+    model = import_hf(spec.model_dir, dtype=dtype, device=device, include_mtp=False).eval()
+    if e.quantize == "int8":
+        report = quantize_int8(model)
+        log.info("%s: int8 weights, %d -> %d bytes", spec.key, report.bytes_before, report.bytes_after)
+    return model
+
+
+def load_tokenizer(model_dir: str) -> Tokenizer:
+    path = Path(model_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no {TOKENIZER_FILE} beside the model (export it with the tokenizer)")
+    return Tokenizer.from_file(path)
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not inside a Ray Serve replica
+        return "local"
+
+
+class ModelServer:
+    def __init__(self, spec: ServedModel | dict) -> None:
+        self.spec = ServedModel.model_validate(spec)
+        self.model = load_model(self.spec)
+        self.tokenizer = load_tokenizer(self.spec.model_dir)
+        if self.tokenizer.vocab_size > self.model.cfg.vocab_size:
+            raise ValueError(f"{self.spec.model_dir}: tokenizer has {self.tokenizer.vocab_size} ids, "
+                             f"the model {self.model.cfg.vocab_size}")
+        self.chat_stops = tuple(chat_stop_ids(self.tokenizer))
+        e = self.spec.engine
+        self.loop = AsyncEngine(lambda: Engine(
+            self.model, max_batch=e.max_batch, context_len=e.context_len, prefill_chunk=e.prefill_chunk,
+            max_waiting=e.max_waiting, decode=self._decode, default_stop_token_ids=(self.tokenizer.eos_id,)))
+        self.context_len = self.loop.engine.context_len
+        self.replica = _replica_id()
+        self.started = time.time()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special=True)
+
+    def _token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special=False)
+
+    def info(self) -> dict:
+        return {"name": self.spec.name, "version": self.spec.version, "replica": self.replica,
+                "context_len": self.context_len, "quantize": self.spec.engine.quantize,
+                "created": int(self.started), **self.loop.stats()}
+
+    # ------------------------------------------------------------------ the replica protocol
+    async def generate(self, payload: dict) -> AsyncIterator[dict]:
+        try:
+            ids, prompt_text, params = self._prepare(payload)
+            events = self.loop.open(ids, params, payload.get("request_id"))
+        except (RequestError, ChatFormatError, ValueError) as err:
+            yield _error(400, str(err), param=getattr(err, "param", None))
+            return
+        except EngineOverloaded as err:
+            yield _error(429, f"the model is overloaded: {err}; retry later", code="overloaded")
+            return
+        yield {"kind": "accepted", "num_prompt_tokens": len(ids), "prompt_ids": ids, "prompt_text": prompt_text,
+               "replica": self.replica}
+        want_strings = params.logprobs is not None or params.prompt_logprobs is not None
+        try:
+            async for ev in events:
+                if ev.token_id is None and ev.finish_reason == "cancelled":
+                    return
+                yield self._token_event(ev, ids, want_strings)
+        except EngineFailed as err:
+            yield _error(500, str(err), code="engine_failed", type_="server_error")
+
+    def _prepare(self, payload: dict) -> tuple[list[int], str, SamplingParams]:
+        p = dict(payload.get("params") or {})
+        messages = payload.get("messages")
+        if messages is not None:
+            ids = chat_prompt_ids(self.tokenizer, messages)
+            p.setdefault("stop_token_ids", self.chat_stops)
+            prompt_text = ""
+        else:
+            prompt = payload.get("prompt")
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt, add_bos=True)
+                prompt_text = prompt
+            elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                ids = list(prompt)
+                bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
+                if bad:
+                    raise RequestError(f"prompt token ids outside [0, {self.model.cfg.vocab_size}): {bad[:5]}")
+                prompt_text = self._decode(ids) if payload.get("echo") else ""
+            else:
+                raise RequestError("prompt must be a string or a list of token ids")
+        if p.get("max_tokens") is None:  # chat without max_tokens: up to the context (and the gateway's cap)
+            p["max_tokens"] = max(0, min(int(payload.get("max_tokens_cap") or self.context_len),
+                                         self.context_len - len(ids)))
+        stop_ids = tuple(p.pop("stop_token_ids", ()) or ())
+        if stop_ids and messages is None:
+            stop_ids = stop_ids + (self.tokenizer.eos_id,)
+        params = SamplingParams(stop_token_ids=stop_ids, **{k: (tuple(v) if k == "stop" else v) for k, v in p.items()})
+        return ids, prompt_text, params
+
+    def _token_event(self, ev, prompt: list[int], want_strings: bool) -> dict:
+        out = {"kind": "token", "token_id": ev.token_id, "text": ev.text, "finish_reason": ev.finish_reason,
+               "num_generated": ev.num_generated, "logprob": ev.logprob, "token": None, "top": None,
+               "prompt_logprobs": None}
+        if want_strings and ev.token_id is not None:
+            out["token"] = self._token_str(ev.token_id)
+            if ev.top_logprobs is not None:
+                out["top"] = [[self._token_str(t), lp] for t, lp in ev.top_logprobs]
+        if ev.prompt_logprobs is not None:
+            out["prompt_logprobs"] = [
+                {"token": self._token_str(t), "logprob": None if e is None else e[0],
+                 "top": None if e is None else [[self._token_str(a), lp] for a, lp in e[1]]}
+                for t, e in zip(prompt, ev.prompt_logprobs)]
+        return out
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+def _error(status: int, message: str, *, param: str | None = None, code: str | None = None,
+           type_: str = "invalid_request_error") -> dict:
+    return {"kind": "error", "status": status, "message": message, "param": param, "code": code, "type": type_}

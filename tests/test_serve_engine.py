@@ -1,0 +1,211 @@
+"""Continuous-batching engine: every request computes what generate() computes for it alone.
+
+Requests of different prompt lengths join mid-way (more requests than slots), prompts are
+prefilled in chunks, the slot cache is small enough to be compacted several times; greedy and
+seeded sampling must still equal ``generate`` on each prompt alone, token for token. Plus stop
+rules, cancellation, log-probabilities and the text stream (UTF-8 and stop strings).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models.generation import generate
+from moeflow.models.serving import Engine, EngineOverloaded, RequestError, SamplingParams, TextStream
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> MoETransformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08, max_seq_len=64)  # peaky: no near-ties
+    m = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for router in m.routers():
+            router.e_score_correction_bias.normal_(0.0, 0.05)
+    return m
+
+
+def _prompts(lengths, seed=3, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _drain(engine: Engine, max_steps: int = 500) -> dict[str, list]:
+    events: dict[str, list] = {}
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return events
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+    raise AssertionError("engine did not finish")
+
+
+def _tokens(evs) -> list[int]:
+    return [e.token_id for e in evs if e.token_id is not None]
+
+
+def test_greedy_equals_generate_with_joins_chunks_and_compaction(model):
+    lengths = (3, 17, 1, 30, 9, 24)
+    prompts = _prompts(lengths)
+    n_new = 30
+    # 3 slots for 6 requests, 8-token prefill chunks, a 65-column cache for a 64-token context:
+    # requests wait, join mid-way, and the cursor is rebased several times.
+    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
+    events: dict[str, list] = {}
+    for i in range(3):
+        engine.add(f"r{i}", prompts[i], SamplingParams(max_tokens=n_new, **GREEDY))
+    for step in range(400):
+        if step == 4:  # the rest join while the first ones decode
+            for i in range(3, 6):
+                engine.add(f"r{i}", prompts[i], SamplingParams(max_tokens=n_new, **GREEDY))
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+        if step > 4 and not engine.has_work():
+            break
+    assert engine.slots.num_compactions >= 1 and engine.slots.num_rebases >= 2, "the test should exercise cache compaction"
+    for i, prompt in enumerate(prompts):
+        ref = generate(model, [prompt], n_new).tokens[0]
+        assert _tokens(events[f"r{i}"]) == ref, f"request {i} (prompt length {len(prompt)})"
+        assert events[f"r{i}"][-1].finish_reason == "length"
+    assert engine.slots.num_live() == 0
+
+
+def test_seeded_sampling_equals_generate_alone_whatever_the_neighbours(model):
+    prompts = _prompts((5, 11, 2))
+    params = dict(temperature=0.9, top_k=20, top_p=0.9)
+    engine = Engine(model, max_batch=4, prefill_chunk=4)
+    for i, p in enumerate(prompts):
+        engine.add(f"s{i}", p, SamplingParams(max_tokens=10, seed=100 + i, **params))
+    engine.add("noise", prompts[0], SamplingParams(max_tokens=10, temperature=1.5))
+    events = _drain(engine)
+    for i, p in enumerate(prompts):
+        ref = generate(model, [p], 10, seed=100 + i, **params).tokens[0]
+        assert _tokens(events[f"s{i}"]) == ref
+
+
+def test_long_prompt_prefills_in_chunks_without_stalling_a_running_stream(model):
+    engine = Engine(model, max_batch=2, prefill_chunk=8)
+    engine.add("stream", _prompts((4,))[0], SamplingParams(max_tokens=20, **GREEDY))
+    engine.step()  # the stream is prefilled and has its first token
+    engine.add("long", _prompts((40,), seed=9)[0], SamplingParams(max_tokens=2, **GREEDY))
+    per_step = []
+    for _ in range(6):
+        per_step.append({ev.request_id for ev in engine.step()})
+    assert all("stream" in ids for ids in per_step), "the running stream must get a token every step"
+    first_long = next(i for i, ids in enumerate(per_step) if "long" in ids)
+    assert first_long == 4, "40 prompt tokens at 8 per step: the first token comes with the 5th chunk"
+
+
+def test_stop_token_and_max_tokens_free_the_slot(model):
+    prompt = _prompts((6,))[0]
+    ref = generate(model, [prompt], 8).tokens[0]
+    stop = ref[3]
+    engine = Engine(model, max_batch=1)
+    engine.add("a", prompt, SamplingParams(max_tokens=8, stop_token_ids=(stop,), **GREEDY))
+    engine.add("b", prompt, SamplingParams(max_tokens=2, **GREEDY))
+    events = _drain(engine)
+    cut = ref.index(stop) + 1
+    assert _tokens(events["a"]) == ref[:cut] and events["a"][-1].finish_reason == "stop"
+    assert _tokens(events["b"]) == ref[:2] and events["b"][-1].finish_reason == "length"
+
+
+def test_cancel_frees_the_slot_at_the_next_step(model):
+    engine = Engine(model, max_batch=1)
+    prompt = _prompts((5,))[0]
+    engine.add("a", prompt, SamplingParams(max_tokens=30, **GREEDY))
+    engine.add("b", prompt, SamplingParams(max_tokens=3, **GREEDY))
+    engine.step()
+    engine.step()
+    assert engine.num_running() == 1 and engine.num_waiting() == 1
+    engine.cancel("a")
+    events = engine.step()
+    by_id = {e.request_id: e for e in events}
+    assert by_id["a"].finish_reason == "cancelled"
+    assert "b" in by_id and by_id["b"].token_id is not None, "b takes the freed slot in the same step"
+    rest = _drain(engine)
+    assert len(_tokens([by_id["b"]] + rest["b"])) == 3
+
+
+def test_logprobs_match_a_full_forward(model):
+    prompt = _prompts((7,))[0]
+    engine = Engine(model, max_batch=2, prefill_chunk=3)
+    engine.add("x", prompt, SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=2, **GREEDY))
+    evs = _drain(engine)["x"]
+    toks = _tokens(evs)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt + toks])).logits[0].float(), -1)
+    plp = evs[0].prompt_logprobs
+    assert plp[0] is None and len(plp) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert plp[i][0] == pytest.approx(float(lp[i - 1, prompt[i]]), abs=1e-4)
+        assert [t for t, _ in plp[i][1]] == lp[i - 1].topk(2).indices.tolist()
+    for j, ev in enumerate(evs):
+        pos = len(prompt) - 1 + j
+        assert ev.logprob == pytest.approx(float(lp[pos, toks[j]]), abs=1e-4)
+        assert ev.top_logprobs[0][0] == toks[j]  # greedy: the chosen token is the most likely
+        assert len(ev.top_logprobs) == 3
+
+
+def test_echo_only_request_with_zero_max_tokens(model):
+    engine = Engine(model)
+    engine.add("e", [1, 2, 3, 4], SamplingParams(max_tokens=0, prompt_logprobs=0))
+    (ev,) = _drain(engine)["e"]
+    assert ev.token_id is None and ev.finish_reason == "length" and len(ev.prompt_logprobs) == 4
+
+
+def test_bad_requests_are_refused_at_add(model):
+    engine = Engine(model, max_waiting=1)
+    with pytest.raises(RequestError, match="maximum context length is 64"):
+        engine.add("long", [1] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(RequestError, match="outside"):
+        engine.add("vocab", [1, 999], SamplingParams())
+    with pytest.raises(RequestError, match="empty"):
+        engine.add("empty", [], SamplingParams())
+    with pytest.raises(RequestError, match="logprobs"):
+        engine.add("lp", [1], SamplingParams(logprobs=21))
+    engine.add("ok", [1], SamplingParams())
+    with pytest.raises(EngineOverloaded):
+        engine.add("too-many", [1], SamplingParams())
+
+
+def test_stop_strings_end_the_request_and_are_not_returned(model):
+    prompt = _prompts((4,))[0]
+    ref = generate(model, [prompt], 10).tokens[0]
+    decode = lambda ids: "".join(chr(ord("a") + t % 26) for t in ids)  # one letter per token
+    full = decode(ref)
+    stop = full[4:6]
+    engine = Engine(model, decode=decode)
+    engine.add("s", prompt, SamplingParams(max_tokens=10, stop=(stop,), **GREEDY))
+    evs = _drain(engine)["s"]
+    text = "".join(e.text for e in evs)
+    assert text == full[: full.index(stop)] and evs[-1].finish_reason == "stop"
+    assert len(_tokens(evs)) == full.index(stop) + len(stop), "the slot is freed as soon as the stop appears"
+
+
+# ---------------------------------------------------------------- TextStream
+def _byte_decode(ids):
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_holds_back_a_split_utf8_character():
+    ts = TextStream(_byte_decode)
+    out = [ts.push(b) for b in "aé€b".encode()]
+    assert "".join(out) == "aé€b"
+    assert out[1] == "" and out[3] == "" and out[4] == ""  # mid-character bytes release nothing
+
+
+def test_text_stream_stop_string_across_tokens_and_flush():
+    ts = TextStream(_byte_decode, stop=("STOP", "xyz"))
+    out = "".join(ts.push(b) for b in b"hello ST")
+    assert out == "hello " and not ts.stopped  # "ST" could start "STOP": held back
+    out += "".join(ts.push(b) for b in b"OP more")
+    assert out == "hello " and ts.stopped and ts.text == "hello "
+    ts2 = TextStream(_byte_decode, stop=("STOP",))
+    got = "".join(ts2.push(b) for b in b"a ST") + ts2.finish()
+    assert got == "a ST"  # never completed: released at the end

@@ -1,0 +1,74 @@
+"""The deploy stage end to end on the embedded services (SQLite MLflow + catalog under a fresh home):
+the task gates and promotes, the decision lands in MLflow and the catalog, the CLI rolls back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from moeflow.platform.serve.deploy import DeployConfig
+from moeflow.platform.serve.gate import GateConfig
+
+
+@pytest.fixture
+def registry(moeflow_home):
+    from moeflow.platform.serve.registry import MLflowRegistry
+    from moeflow.platform.settings import get_settings
+
+    get_settings.cache_clear() if hasattr(get_settings, "cache_clear") else None
+    settings = get_settings()
+    settings.ensure_dirs()
+    reg = MLflowRegistry(settings.tracking_uri)
+    reg.client.create_registered_model("moe")
+    return reg
+
+
+def _add(reg, loss: float) -> str:
+    mv = reg.client.create_model_version("moe", source="s3://moeflow-test/m", tags={"eval.val_loss": str(loss)})
+    return str(mv.version)
+
+
+def test_deploy_task_promotes_records_and_cli_rolls_back(registry, moeflow_home):
+    from moeflow.platform.catalog import Catalog
+    from moeflow.platform.cli import app
+    from moeflow.tasks.deploy import deploy_task
+
+    cfg = DeployConfig(gate=GateConfig(max_regression={"val_loss": 0.01}))
+    v1 = _add(registry, 2.5)
+    assert deploy_task.fn(cfg, "moe")["promoted"]
+    v2 = _add(registry, 2.4)
+    out = deploy_task.fn(cfg, "moe")
+    assert out["promoted"] and out["previous"] == v1 and registry.alias_version("moe", "champion") == v2
+    _add(registry, 2.9)
+    bad = deploy_task.fn(cfg, "moe")
+    assert not bad["promoted"] and registry.alias_version("moe", "champion") == v2
+
+    catalog = Catalog.from_settings()
+    try:
+        row = catalog.get_artifact(bad["decision_uri"])
+        assert row["kind"] == "deploy_decision"
+    finally:
+        catalog.close()
+    runs = registry.client.search_runs(registry.client.get_experiment_by_name("moeflow").experiment_id,
+                                       "tags.`moeflow.deploy.decision` = 'rejected'")
+    assert len(runs) == 1 and "beyond" in runs[0].data.tags["moeflow.deploy.reasons"]
+
+    result = CliRunner().invoke(app, ["deploy", "rollback", "--model", "moe"])
+    assert result.exit_code == 0, result.output
+    assert f"back to {v1}" in result.output and registry.alias_version("moe", "champion") == v1
+    again = CliRunner().invoke(app, ["deploy", "rollback", "--model", "moe"])
+    assert again.exit_code == 2 and "no earlier version" in again.output
+    assert json.loads(registry.get_model_tag("moe", "moeflow.alias_history.champion")) == [v1]
+
+
+def test_deploy_is_in_the_stage_registry_and_recipes_validate_it():
+    from moeflow.platform.stages import get_stage, validate_recipe
+
+    spec = get_stage("deploy")
+    assert spec.load_config() is DeployConfig and spec.load_flow().name == "deploy"
+    checked = validate_recipe({"deploy": {"alias": "prod", "gate": {"min_scores": {"hellaswag.acc": 0.3}}}})
+    assert checked["deploy"].gate.min_scores == {"hellaswag.acc": 0.3}
+    with pytest.raises(Exception, match="alais|alias"):
+        validate_recipe({"deploy": {"alais": "prod"}})
