@@ -7,17 +7,17 @@ validate a recipe's model overrides without paying for ``import torch``.
 if __name__ != "moeflow.models":  # pragma: no cover - guard against 'import models' from the repo root
     raise ImportError("import moeflow.models, not the bare top-level 'models' package")
 
-_LAZY = {"ModelConfig": ".config", "MoETransformer": ".transformer", "ModelOutput": ".transformer",
-         "compile_blocks": ".transformer"}
-
 __all__ = ["ModelConfig", "MoETransformer", "ModelOutput", "compile_blocks"]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name == "ModelConfig":
+        from .config import ModelConfig as value
+    elif name in ("MoETransformer", "ModelOutput", "compile_blocks"):
+        from . import transformer
 
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(transformer, name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
