@@ -54,6 +54,9 @@ def test_deploy_task_promotes_records_and_cli_rolls_back(registry, moeflow_home)
     runs = registry.client.search_runs(registry.client.get_experiment_by_name("moeflow").experiment_id,
                                        "tags.`moeflow.deploy.decision` = 'rejected'")
     assert len(runs) == 1 and "beyond" in runs[0].data.tags["moeflow.deploy.reasons"]
+    promoted = registry.client.search_runs(registry.client.get_experiment_by_name("moeflow").experiment_id,
+                                           "tags.`moeflow.deploy.decision` = 'promoted'")
+    assert all("no gateway is running" in r.data.tags["moeflow.deploy.serving"] for r in promoted)
 
     result = CliRunner().invoke(app, ["deploy", "rollback", "--model", "moe"])
     assert result.exit_code == 0, result.output
