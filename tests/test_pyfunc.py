@@ -149,7 +149,7 @@ def test_registered_model_loads_by_alias_and_generates_text(server, hf_export, t
     assert raw == _reference(local, PROMPTS[:1], chat=False, max_new_tokens=6)
 
     # stored once: the MLflow model folder holds no weights, only a pointer to the store's export
-    files = {a.path for a in client.list_artifacts(mv.run_id, "model")}
+    files = _all_artifacts(client, mv.run_id, "model")
     assert "model/MLmodel" in files and "model/README.md" in files
     assert not any(p.endswith(".safetensors") for p in files)
 
@@ -169,3 +169,11 @@ def test_predict_rejects_bad_input(hf_export):
         model.predict(None, [1, 2])
     with pytest.raises(ValueError, match="leaves no room"):
         model.predict(None, ["x"], {"max_new_tokens": 100000})
+
+
+def _all_artifacts(client, run_id: str, path: str) -> set[str]:
+    """Every file under ``path`` in the run's artefacts (list_artifacts lists one level)."""
+    out: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= _all_artifacts(client, run_id, info.path) if info.is_dir else {info.path}
+    return out

@@ -103,7 +103,7 @@ def test_register_model_version_is_a_pyfunc_over_the_export_with_the_card(moeflo
     mv = client.get_model_version("moe-stage", version)
     assert mv.description == (local / "README.md").read_text() and "| val_loss | 4.5 |" in mv.description
     assert mv.tags["moeflow.artifact_uri"] == hf_uri
-    files = {a.path for a in client.list_artifacts(st.mlflow_run_id, "hf")}
+    files = _all_artifacts(client, st.mlflow_run_id, "hf")
     assert "hf/MLmodel" in files and not any(f.endswith(".safetensors") for f in files)  # weights: store only
     assert client.get_run(st.mlflow_run_id).data.tags["moeflow.model_version"] == f"moe-stage/{version}"
     assert "Registered model version: `moe-stage/1`" in client.get_run(st.mlflow_run_id).data.tags["mlflow.note.content"]
@@ -115,3 +115,11 @@ def test_register_model_version_is_a_pyfunc_over_the_export_with_the_card(moeflo
         mlflow.set_tracking_uri(None)
     texts = model.predict({"prompt": ["What is 2 + 3?", "Hi"]}, params={"max_new_tokens": 4})
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def _all_artifacts(client, run_id: str, path: str) -> set[str]:
+    """Every file under ``path`` in the run's artefacts (list_artifacts lists one level)."""
+    out: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= _all_artifacts(client, run_id, info.path) if info.is_dir else {info.path}
+    return out

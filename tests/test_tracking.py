@@ -395,6 +395,7 @@ def test_naming_and_description_conventions():
             == "moe-checkpoints-step-00000300@ab12cd34")
     assert dataset_display_name("file:///x/whatever", {"name": "stdlib-curated", "version": 3}) == "stdlib-curated v3"
     assert dataset_display_name("file:///usr/lib/python3.11") == "lib-python3.11"
+    assert dataset_display_name("python-stdlib://3.11") == "python-stdlib:3.11"
     text = run_description("pretrain", prefect_url="http://p/runs/flow-run/f1",
                            inputs=[("stdlib-tokens v1", "file:///t")], outputs=["file:///ckpt", "file:///hf"],
                            model_version="moe/3", status="succeeded")

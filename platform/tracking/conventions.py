@@ -23,6 +23,7 @@ EXPERIMENT_KIND_TRAINING = "custom_model_development"  # the UI's "Machine learn
 NOTE_TAG = "mlflow.note.content"  # the run page's description (Markdown)
 
 _HASHY = re.compile(r"^[0-9a-f]{8,}$")
+_STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfss", "http", "https", "hdfs")
 
 
 def stage_run_name(stage: str, *, parent_run_name: str | None = None, flow_run_name: str | None = None) -> str:
@@ -51,7 +52,8 @@ def dataset_display_name(uri: str, catalog_entry: Mapping | None = None) -> str:
     if catalog_entry and catalog_entry.get("name"):
         version = catalog_entry.get("version")
         return f"{catalog_entry['name']} v{version}" if version is not None else str(catalog_entry["name"])
-    path = uri.split("://", 1)[-1].rstrip("/")
+    scheme, _, path = uri.rpartition("://")
+    path = path.rstrip("/")
     parts = [p for p in path.split("/") if p]
     if "datasets" in parts:
         parts = parts[parts.index("datasets") + 1:]
@@ -62,6 +64,8 @@ def dataset_display_name(uri: str, catalog_entry: Mapping | None = None) -> str:
     words = [p for p in parts if not _HASHY.match(p)]
     hashes = [p[:8] for p in parts if _HASHY.match(p)]
     name = "-".join(words) or (parts[-1] if parts else uri)
+    if scheme and scheme not in _STORAGE_SCHEMES:  # a source such as python-stdlib://3.11 names itself
+        name = f"{scheme}:{name}"
     return f"{name}@{hashes[-1]}" if hashes else name
 
 
