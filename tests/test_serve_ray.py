@@ -165,7 +165,8 @@ def test_killed_replica_gives_clean_errors_and_serving_recovers(serving, client)
 
     res = asyncio.run(run())
     assert all(r["error"] is not None or r["reason"] in ("stop", "length") for r in res), res
-    assert all(r["error"] in (None, "InternalServerError") for r in res), res  # 503 with an error body
+    # a 503 before the stream started, or the SSE error event (openai raises APIError) after
+    assert all(r["error"] in (None, "InternalServerError", "APIError") for r in res), res
     assert any(r["error"] for r in res), "the kill should have hit requests in flight"
     deadline = time.time() + 90
     while True:

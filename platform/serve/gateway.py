@@ -337,11 +337,16 @@ class _Run:
             yield i, ev
 
     async def _pump(self, i: int, c: _Choice, queue: asyncio.Queue) -> None:
+        ended = False
         try:
             async for ev in c.stream:
                 await queue.put((i, ev))
                 if ev.get("finish_reason") or ev["kind"] == "error":
+                    ended = True
                     break
+            if not ended:  # the replica's stream stopped without a finish: never pass that off as complete
+                raise P.APIError(503, f"{self.route.key} ended the stream before the end of the completion; retry",
+                                 code="stream_interrupted", type_="server_error")
         except asyncio.CancelledError:
             raise
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
