@@ -319,13 +319,17 @@ class _Run:
         for i, c in enumerate(self.choices):
             self._tasks.append(asyncio.create_task(self._pump(i, c, queue)))
         remaining = len(self.choices)
+        stall = self.gw.config.stall_timeout_s
         while remaining:
-            timeout = self.deadline - time.perf_counter()
+            left = self.deadline - time.perf_counter()
             try:
-                i, ev = await asyncio.wait_for(queue.get(), max(timeout, 0.0))
+                i, ev = await asyncio.wait_for(queue.get(), max(min(left, stall), 0.0))
             except asyncio.TimeoutError:
-                raise P.APIError(504, f"the request took longer than {self.gw.config.request_timeout_s:g} s",
-                                 code="timeout", type_="server_error") from None
+                if left <= stall:
+                    raise P.APIError(504, f"the request took longer than {self.gw.config.request_timeout_s:g} s",
+                                     code="timeout", type_="server_error") from None
+                raise P.APIError(503, f"{self.route.key} sent nothing for {stall:g} s; retry",
+                                 code="stream_stalled", type_="server_error") from None
             if ev is _DONE:
                 remaining -= 1
                 continue
