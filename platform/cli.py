@@ -301,26 +301,39 @@ def deploy_rollback(
 
 @app.command()
 def serve(
-    model: str = typer.Option(..., "--model", "-m", help="name@alias, name/<version>, a store URI or an export dir"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="name@alias, name/<version>, a store URI or an export dir"),
+    config: Optional[str] = typer.Option(None, "--config", help="a serving YAML: several versions, aliases, "
+                                                                "A/B splits (instead of --model)"),
     port: int = typer.Option(8000, "--port", help="HTTP port of the OpenAI-compatible API"),
     host: str = typer.Option("127.0.0.1", "--host", help="bind address"),
     replicas: int = typer.Option(1, "--replicas", min=1, help="model replicas (Ray Serve balances over them)"),
     quantize: str = typer.Option("none", "--quantize", help="none | int8 (weight-only INT8)"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API on Ray Serve (keys: MOEFLOW_SERVE_API_KEYS)."""
-    from .serve.launch import ModelNotFound, serve_forever
+    from pydantic import ValidationError
+
+    from .serve.launch import ModelNotFound, config_for, load_config_file, serve_forever
     from .serve.registry import RegistryError
 
+    if (model is None) == (config is None):
+        typer.echo("error: give exactly one of --model and --config", err=True)
+        raise typer.Exit(2)
     if quantize not in ("none", "int8"):
         typer.echo(f"error: --quantize {quantize!r}: choose none or int8", err=True)
         raise typer.Exit(2)
     settings = _settings()
     try:
-        serve_forever(model, host=host, port=port, replicas=replicas, quantize=quantize, settings=settings,
-                      echo=typer.echo)
+        cfg = (load_config_file(config) if config else
+               config_for(model, host=host, port=port, replicas=replicas, quantize=quantize, settings=settings))
     except (ModelNotFound, RegistryError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
+    except ValidationError as err:
+        first = err.errors()[0]
+        typer.echo(f"error: {config}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", err=True)
+        raise typer.Exit(2)
+    serve_forever(cfg, settings=settings, echo=typer.echo)
 
 
 def main() -> None:  # pragma: no cover - console entry

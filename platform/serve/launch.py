@@ -81,19 +81,37 @@ def resolve_model(ref: str, *, settings=None, registry=None, default_alias: str 
     return ResolvedModel(name, version, str(_fetch(uri, settings)), aliases)
 
 
-def serve_forever(ref: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-                  quantize: str = "none", max_batch: int = 8, settings=None, echo=print) -> None:
-    """Start serving ``ref`` and block until Ctrl-C / SIGTERM, then shut Serve down."""
-    from . import app
+def config_for(ref: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, quantize: str = "none",
+               max_batch: int = 8, settings=None):
+    """The ServeConfig of one model reference (what ``moeflow serve --model`` serves)."""
     from .config import GatewayConfig, ServeConfig, ServedModel
 
     resolved = resolve_model(ref, settings=settings)
     spec = ServedModel(name=resolved.name, version=resolved.version, model_dir=resolved.model_dir,
                        num_replicas=replicas, engine={"quantize": quantize, "max_batch": max_batch})
-    config = ServeConfig(models=[spec], aliases={resolved.name: resolved.aliases} if resolved.aliases else {},
-                         gateway=GatewayConfig(host=host, port=port))
+    return ServeConfig(models=[spec], aliases={resolved.name: resolved.aliases} if resolved.aliases else {},
+                       gateway=GatewayConfig(host=host, port=port))
+
+
+def load_config_file(path: str):
+    """A ServeConfig from YAML (several versions, aliases, A/B splits); ``model_dir`` may be any --model reference."""
+    import yaml
+
+    from .config import ServeConfig
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for m in data.get("models", []):
+        if "model_dir" in m and not Path(m["model_dir"]).is_dir():
+            m["model_dir"] = resolve_model(m["model_dir"]).model_dir
+    return ServeConfig.model_validate(data)
+
+
+def serve_forever(config, *, settings=None, echo=print) -> None:
+    """Start serving ``config`` (a ServeConfig) and block until Ctrl-C / SIGTERM, then shut Serve down."""
+    from . import app
+
     serving = app.start(config, settings=settings)
-    echo(f"serving {resolved.name}@{resolved.version} ({resolved.model_dir}) at {serving.url}/v1 "
+    echo(f"serving {', '.join(m.key for m in config.models)} at {serving.url}/v1 "
          f"(models: {', '.join(serving.table().model_ids())}); Ctrl-C stops")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
