@@ -78,8 +78,9 @@ _SPECS = (
               (A.CURATED,), (A.TOKENIZER, A.TOKENS), "curated dataset -> tokenizer + token shards", (_CURATED,)),
     StageSpec("pretrain", "moeflow.flows.pretrain:pretrain", "moeflow.platform.train.config:PretrainConfig",
               (A.TOKENS,), (A.MODEL, A.EXPERT_LOAD), "token shards -> MoE checkpoint + HF export", (_TOKENS,)),
-    StageSpec("evaluate", "moeflow.flows.evaluate:evaluate", "moeflow.platform.train.evaluate:EvaluateConfig",
-              (A.MODEL, A.TOKENS), (A.EVAL_RESULTS,), "model -> validation loss, bits per byte", (_MODEL, _TOKENS)),
+    StageSpec("evaluate", "moeflow.flows.evaluate:evaluate", "moeflow.platform.eval.config:EvaluateConfig",
+              (A.MODEL, A.TOKENS), (A.EVAL_RESULTS,),
+              "model versions -> benchmarks (MC, generation, bits/byte, code pass@k), val loss, reports", (_MODEL, _TOKENS)),
     StageSpec("pipeline", "moeflow.flows.pipeline:pipeline", None, (), (), "every stage in order"),
 )
 STAGES: dict[str, StageSpec] = {s.name: s for s in _SPECS}
