@@ -289,12 +289,30 @@ def _unwrapped_lm(model: nn.Module) -> nn.Module:
     return model if hasattr(model, "routers") and hasattr(model, "lm_head") else getattr(model, "lm", model)
 
 
+def hf_export_of(store, model_uri: str) -> str:
+    """The HF export artefact of a model version: ``model_uri`` itself, or for a training checkpoint
+    (``<run>/checkpoints/step-N``, how pretraining records its model) the run's ``<run>/hf`` made from it."""
+    from moeflow.platform.train.checkpoint import CHECKPOINTS_DIR
+
+    art = store.read_artifact(model_uri)
+    if "config.json" in art.names():
+        return model_uri
+    run_prefix, sep, _ = model_uri.rstrip("/").rpartition(f"/{CHECKPOINTS_DIR}/")
+    candidate = f"{run_prefix}/{HF_DIR}" if sep else None
+    if candidate and store.artifact_exists(candidate):
+        made_from = store.read_artifact(candidate).metadata.get("checkpoint_uri")
+        if made_from in (None, model_uri):  # the export of this very checkpoint (the run's last)
+            return candidate
+    raise FileNotFoundError(f"{model_uri}: neither an HF export nor a checkpoint with one (post-training starts "
+                            f"from an HF export with its tokenizer)")
+
+
 def load_input_model(store, model_uri: str, local_dir: Path, device: torch.device | str = "cpu"):
-    """(MoETransformer, Tokenizer, local export dir) of an HF export artefact (ours)."""
+    """(MoETransformer, Tokenizer, local export dir) of an HF export artefact (ours), or of a checkpoint's export."""
     from moeflow.models import hf
     from moeflow.models.tokenizer import Tokenizer
 
-    local = store.read_artifact(model_uri).download(local_dir)
+    local = store.read_artifact(hf_export_of(store, model_uri)).download(local_dir)
     model = hf.import_hf(local, device=device)
     tok_path = local / "tokenizer.json"
     if not tok_path.is_file():
