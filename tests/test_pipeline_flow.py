@@ -31,6 +31,7 @@ SLICE = [
     "posttrain_data.max_functions=40",
     "posttrain_data.num_arithmetic=200",
     "sft.max_steps=10",
+    "sft.warmup_steps=2",
     "sft.seq_len=96",
     "sft.micro_batch_size=4",
     "sft.checkpoint_every=0",
