@@ -247,8 +247,8 @@ class PostTrainer(Trainer):
         global_count = counts.sum()
         if _distributed():
             dist.all_reduce(global_count, op=dist.ReduceOp.SUM)
-        parts = {name: torch.zeros((), device=self.device) for name in ("loss", "lm_loss", "mtp_loss", "seq_aux_loss",
-                                                                           "z_loss", "lb_loss")}
+        # only what this objective measures: an LM-loss column of zeros would read as a perfect LM
+        parts = {"loss": torch.zeros((), device=self.device)}
         counts_LE = entropy_L = None
         for micro, batch in enumerate(micro_batches):
             last = micro == k - 1
@@ -263,6 +263,8 @@ class PostTrainer(Trainer):
                         loss = loss + balance / k
                 loss.backward()
             parts["loss"] += loss.detach().float()
+            if balance is not None:
+                parts["balance_loss"] = parts.get("balance_loss", 0) + balance.detach().float() / k
             for name, value in out.metrics.items():
                 value = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach()
                 parts[name] = parts.get(name, torch.zeros((), device=self.device)) + value * share
