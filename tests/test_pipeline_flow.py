@@ -1,6 +1,6 @@
-"""The pipeline flow end to end on a tiny slice (curate -> tokenize -> pretrain -> evaluate),
-and a re-run after a failed stage that resumes at that stage (the finished stages are
-cached Prefect task runs and record no new catalog runs)."""
+"""The pipeline flow end to end on a tiny slice (curate -> tokenize -> pretrain -> sft -> reward ->
+align(dpo) -> evaluate), and a re-run after a failed stage that resumes at that stage (the finished
+stages are cached Prefect task runs and record no new catalog runs)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,21 @@ SLICE = [
     "evaluate.num_batches=2",
     "evaluate.batch_size=4",
     "num_workers=1",
+    "posttrain_data.max_functions=40",
+    "posttrain_data.num_arithmetic=200",
+    "sft.max_steps=10",
+    "sft.warmup_steps=2",
+    "sft.seq_len=96",
+    "sft.micro_batch_size=4",
+    "sft.checkpoint_every=0",
+    "sft.heldout_max_examples=16",
+    "sft.exact_match_max_prompts=8",
+    "reward.max_steps=6",
+    "reward.seq_len=96",
+    "align.max_steps=6",
+    "align.seq_len=96",
 ]
+POSTTRAIN = {"posttrain_data": 1, "sft": 1, "reward": 1, "align": 1}
 
 
 def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_harness):
@@ -41,7 +55,7 @@ def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_har
         pipeline(**flow_kwargs(pipeline, broken))
     catalog = Catalog.from_settings(get_settings())
     stages = [r["stage"] for r in catalog.list_runs()]
-    assert sorted(stages) == ["curate", "evaluate", "pipeline", "pretrain", "tokenize"]
+    assert sorted(stages) == sorted(["curate", "evaluate", "pipeline", "pretrain", "tokenize", *POSTTRAIN])
     assert {r["stage"]: r["status"] for r in catalog.list_runs()}["evaluate"] == "failed"
 
     # run 2: fixed config; finished stages come from the cache, only evaluate runs again
@@ -49,7 +63,15 @@ def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_har
     result = pipeline(**flow_kwargs(pipeline, fixed))
     runs = catalog.list_runs()
     counts = {s: sum(r["stage"] == s for r in runs) for s in {r["stage"] for r in runs}}
-    assert counts == {"pipeline": 2, "curate": 1, "tokenize": 1, "pretrain": 1, "evaluate": 2}
+    assert counts == {"pipeline": 2, "curate": 1, "tokenize": 1, "pretrain": 1, "evaluate": 2, **POSTTRAIN}
+    # post-training lineage: sft's parent is the pretrained version; reward and align start from sft's
+    pretrained = catalog.get_artifact(result["checkpoint_uri"])["id"]
+    sft_id = result["sft"]["model_id"]
+    assert catalog.get_model(sft_id)["parent_model_id"] == pretrained
+    for stage in ("reward", "align"):
+        assert catalog.get_model(result[stage]["model_id"])["parent_model_id"] == sft_id, stage
+        assert result[stage]["before"] and result[stage]["after"], stage
+    assert result["sft"]["after"]["assistant_loss"] < result["sft"]["before"]["assistant_loss"]
 
     # the model learned: validation loss below the unigram baseline of the same targets
     ev = result["eval"]
@@ -68,3 +90,16 @@ def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_har
     upstream = {n.get("uri") for n in catalog.upstream(result["checkpoint_uri"]) if n.get("type") == "artifact"}
     assert result["tokens_uri"] in upstream and result["curated_uri"] in upstream
     assert any(u and u.startswith("python-stdlib://") for u in upstream)
+    sft_upstream = {n.get("uri") for n in catalog.upstream(result["sft"]["hf_uri"]) if n.get("type") == "artifact"}
+    assert result["checkpoint_uri"] in sft_upstream and result["posttrain_data"]["chat_uri"] in sft_upstream
+    sft_version = client.get_model_version_by_alias(f"{fixed['run_name']}-sft", "sft")
+    assert sft_version.tags["moeflow.artifact_uri"] == result["sft"]["hf_uri"]
+
+    # run 3: skip reward, align and evaluate; a changed sft config trains sft again, from the same pretrained model
+    skipping = load_recipe("tiny", SLICE + ["sft.max_steps=8", "skip=[reward, align, evaluate]"])
+    third = pipeline(**flow_kwargs(pipeline, skipping))
+    assert set(third) >= {"sft", "pretrain"} and not {"reward", "align", "eval"} & set(third)
+    runs = catalog.list_runs()
+    counts = {s: sum(r["stage"] == s for r in runs) for s in {r["stage"] for r in runs}}
+    assert counts["sft"] == 2 and counts["reward"] == 1 and counts["align"] == 1 and counts["pipeline"] == 3
+    assert catalog.get_model(third["sft"]["model_id"])["parent_model_id"] == pretrained

@@ -240,3 +240,21 @@ def test_two_ray_workers_lora_sft_survives_a_killed_worker(world, tmp_path):
     assert (tmp_path / "killed").exists()  # the fault happened
     assert result.steps == 6 and result.after["assistant_loss"] < result.before["assistant_loss"]
     assert world["catalog"].get_model(result.model_id)["parent_model_id"] == world["base_id"]
+
+
+def test_a_training_checkpoint_resolves_to_its_runs_hf_export(world):
+    """Pretraining records its checkpoint as the model version; post-training loads that run's HF export."""
+    from moeflow.platform.posttrain.engine import hf_export_of
+
+    store = world["store"]
+    with store.write_artifact("runs/pre/checkpoints/step-00000010") as w:
+        w.put_bytes("model.pt", b"x")
+    ckpt = store.uri("runs/pre/checkpoints/step-00000010")
+    with pytest.raises(FileNotFoundError, match="neither an HF export"):
+        hf_export_of(store, ckpt)
+    src = store.read_artifact(world["base_uri"])
+    with store.write_artifact("runs/pre/hf", metadata={"checkpoint_uri": ckpt}) as w:
+        for name in src.names():
+            w.put_bytes(name, src.get_bytes(name))
+    assert hf_export_of(store, ckpt) == store.uri("runs/pre/hf")
+    assert hf_export_of(store, world["base_uri"]) == world["base_uri"]

@@ -247,8 +247,8 @@ class PostTrainer(Trainer):
         global_count = counts.sum()
         if _distributed():
             dist.all_reduce(global_count, op=dist.ReduceOp.SUM)
-        parts = {name: torch.zeros((), device=self.device) for name in ("loss", "lm_loss", "mtp_loss", "seq_aux_loss",
-                                                                           "z_loss", "lb_loss")}
+        # only what this objective measures: an LM-loss column of zeros would read as a perfect LM
+        parts = {"loss": torch.zeros((), device=self.device)}
         counts_LE = entropy_L = None
         for micro, batch in enumerate(micro_batches):
             last = micro == k - 1
@@ -263,6 +263,8 @@ class PostTrainer(Trainer):
                         loss = loss + balance / k
                 loss.backward()
             parts["loss"] += loss.detach().float()
+            if balance is not None:
+                parts["balance_loss"] = parts.get("balance_loss", 0) + balance.detach().float() / k
             for name, value in out.metrics.items():
                 value = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach()
                 parts[name] = parts.get(name, torch.zeros((), device=self.device)) + value * share
@@ -289,12 +291,30 @@ def _unwrapped_lm(model: nn.Module) -> nn.Module:
     return model if hasattr(model, "routers") and hasattr(model, "lm_head") else getattr(model, "lm", model)
 
 
+def hf_export_of(store, model_uri: str) -> str:
+    """The HF export artefact of a model version: ``model_uri`` itself, or for a training checkpoint
+    (``<run>/checkpoints/step-N``, how pretraining records its model) the run's ``<run>/hf`` made from it."""
+    from moeflow.platform.train.checkpoint import CHECKPOINTS_DIR
+
+    art = store.read_artifact(model_uri)
+    if "config.json" in art.names():
+        return model_uri
+    run_prefix, sep, _ = model_uri.rstrip("/").rpartition(f"/{CHECKPOINTS_DIR}/")
+    candidate = f"{run_prefix}/{HF_DIR}" if sep else None
+    if candidate and store.artifact_exists(candidate):
+        made_from = store.read_artifact(candidate).metadata.get("checkpoint_uri")
+        if made_from in (None, model_uri):  # the export of this very checkpoint (the run's last)
+            return candidate
+    raise FileNotFoundError(f"{model_uri}: neither an HF export nor a checkpoint with one (post-training starts "
+                            f"from an HF export with its tokenizer)")
+
+
 def load_input_model(store, model_uri: str, local_dir: Path, device: torch.device | str = "cpu"):
-    """(MoETransformer, Tokenizer, local export dir) of an HF export artefact (ours)."""
+    """(MoETransformer, Tokenizer, local export dir) of an HF export artefact (ours), or of a checkpoint's export."""
     from moeflow.models import hf
     from moeflow.models.tokenizer import Tokenizer
 
-    local = store.read_artifact(model_uri).download(local_dir)
+    local = store.read_artifact(hf_export_of(store, model_uri)).download(local_dir)
     model = hf.import_hf(local, device=device)
     tok_path = local / "tokenizer.json"
     if not tok_path.is_file():
