@@ -1,4 +1,4 @@
-"""The ``pipeline`` flow: curate -> tokenize -> pretrain -> sft -> reward -> align(dpo) -> evaluate.
+"""The ``pipeline`` flow: curate -> tokenize -> pretrain -> sft -> reward -> align(dpo) -> evaluate -> deploy.
 
 Each stage is a cached task: re-running the pipeline after a failure skips the stages that
 finished and resumes the failed one (training stages from their last checkpoint). The pipeline
@@ -6,6 +6,11 @@ has its own catalog run and MLflow run; every stage run nests under it. ``skip``
 option) leaves stages out: a skipped producer's output is then the newest one in the catalog,
 and the post-training stages start from the last model that was trained (the policy: sft's
 output, else the pretrained model). Reward and align both start from the policy.
+
+Evaluate scores every model version the pipeline made (pretrained, sft, aligned; the reward model
+is no policy) in one comparison, writing ``eval.*`` tags onto each version; deploy then gates the
+last policy version — exactly the version evaluate scored (``name/version``) — and moves its
+``champion`` alias when the gate passes.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from moeflow.platform.posttrain.align import AlignConfig
 from moeflow.platform.posttrain.generated import GeneratedDataConfig
 from moeflow.platform.posttrain.reward import RewardConfig
 from moeflow.platform.posttrain.sft import SFTConfig
+from moeflow.platform.serve.deploy import DeployConfig
 from moeflow.platform.stage import stage_run
 from moeflow.platform.train.config import PretrainConfig
 from moeflow.platform.train.evaluate import EvaluateConfig
 from moeflow.tasks.align import align_task
 from moeflow.tasks.common import flow_run_namer, resolve_input
 from moeflow.tasks.curate import curate_task
+from moeflow.tasks.deploy import deploy_task
 from moeflow.tasks.evaluate import evaluate_task
 from moeflow.tasks.posttrain_data import posttrain_data_task
 from moeflow.tasks.pretrain import pretrain_task
@@ -32,6 +39,17 @@ from moeflow.tasks.sft import sft_task
 from moeflow.tasks.tokenize import tokenize_task
 
 POSTTRAIN_STAGES = ("sft", "reward", "align")
+POLICY_STAGES = ("pretrain", "sft", "align")  # what evaluate scores; the last one that ran is deployed
+
+
+def _version(result: dict, name: str) -> tuple[str, str | None]:
+    """(reference, MLflow version) of the model a stage made: ``name/version`` when it registered one
+    (MLflow tracking on), else its catalog id or artefact URI."""
+    version = result.get("mlflow_model_version")
+    if version:
+        return f"{name}/{version}", str(version)
+    ref = f"catalog:{result['model_id']}" if result.get("model_id") else result.get("hf_uri") or result["checkpoint_uri"]
+    return ref, None
 
 
 @flow(name="pipeline", log_prints=True, flow_run_name=flow_run_namer("pipeline"))
@@ -45,6 +63,7 @@ def pipeline(
     reward: RewardConfig = RewardConfig(),
     align: AlignConfig = AlignConfig(),
     evaluate: EvaluateConfig = EvaluateConfig(),
+    deploy: DeployConfig = DeployConfig(),
     skip: list[str] = [],  # noqa: B006  (Prefect parameters are copied per run)
     num_workers: int | None = None,
     train_workers: int = 1,
@@ -52,7 +71,8 @@ def pipeline(
 ) -> dict:
     config = {"curate": curate.model_dump(mode="json"), "tokenize": tokenize.to_dict(), "pretrain": pretrain.to_dict(),
               "posttrain_data": posttrain_data.to_dict(), "sft": sft.to_dict(), "reward": reward.to_dict(),
-              "align": align.to_dict(), "evaluate": evaluate.to_dict(), "run_name": run_name, "skip": list(skip)}
+              "align": align.to_dict(), "evaluate": evaluate.to_dict(), "deploy": deploy.to_dict(), "run_name": run_name,
+              "skip": list(skip)}
     out: dict = {"skipped": list(skip)}
     with stage_run("pipeline", config) as run:
         ids = {"catalog_run_id": run.run_id, "mlflow_run_id": run.mlflow_run_id}
@@ -83,12 +103,24 @@ def pipeline(
         # align (dpo)
         if "align" not in skip:
             out["align"] = align_task(align, data["preference_uri"], model=policy, **train)
-        # evaluate (the pretrained checkpoint on held-out token shards; post-training stages report their own)
+        # evaluate: every policy version this run made (or, with pretrain skipped, the newest pretrained model)
+        names = {"pretrain": run_name, "sft": out.get("sft", {}).get("mlflow_model_name"),
+                 "align": out.get("align", {}).get("mlflow_model_name")}
+        versions = {stage: _version(out[stage], names[stage]) for stage in POLICY_STAGES if stage in out}
         if "evaluate" not in skip:
-            checkpoint_uri = (out["pretrain"]["checkpoint_uri"] if "pretrain" in out
-                              else resolve_input("evaluate", "checkpoint_uri", run_name=run_name))
-            out["eval"] = evaluate_task(evaluate, checkpoint_uri, tokens_uri, pipeline=ids)
+            models = [ref for ref, _ in versions.values()] or evaluate.models or [
+                resolve_input("evaluate", "checkpoint_uri", run_name=run_name)]
+            out["eval"] = evaluate_task(evaluate, tokens_uri=tokens_uri, models=models, pipeline=ids)
+            out["eval_models"] = models
             run.log_metrics({f"eval/{k}": v for k, v in out["eval"].items()})
+        # deploy: gate the last policy version (the one evaluate scored) and move the serving alias
+        last = next((stage for stage in ("align", "sft", "pretrain") if stage in versions), None)
+        if "deploy" not in skip and last is not None:
+            if versions[last][1] is None:
+                print(f"deploy: skipped, {last}'s model has no registry version (MLflow tracking is off)")
+            else:
+                out["deploy"] = deploy_task(deploy, names[last], versions[last][1], pipeline=ids)
+                run.log_metrics({"deploy/promoted": float(out["deploy"]["promoted"])})
         run.log_metrics({f"{stage}/{when}/{k}": v for stage in POSTTRAIN_STAGES if stage in out
                          for when in ("before", "after") for k, v in out[stage].get(when, {}).items()
                          if isinstance(v, (int, float))})

@@ -313,7 +313,8 @@ def serve(
     """Serve a model over the OpenAI HTTP API on Ray Serve (keys: MOEFLOW_SERVE_API_KEYS)."""
     from pydantic import ValidationError
 
-    from .serve.launch import ModelNotFound, config_for, load_config_file, serve_forever
+    from .model_refs import ModelRefError
+    from .serve.launch import config_for, load_config_file, serve_forever
     from .serve.registry import RegistryError
 
     if (model is None) == (config is None):
@@ -326,7 +327,7 @@ def serve(
     try:
         cfg = (load_config_file(config) if config else
                config_for(model, host=host, port=port, replicas=replicas, quantize=quantize, settings=settings))
-    except (ModelNotFound, RegistryError, FileNotFoundError) as err:
+    except (ModelRefError, RegistryError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     except ValidationError as err:

@@ -1,7 +1,7 @@
 """The evaluate stage's engine: model versions × tasks -> metrics, reports, a comparison table.
 
 ``run_evaluate(config, store, *, model_uris, tokens_uri=None, training_data_uris=(), tracker, catalog)``
-for each model reference (``model_ref``: directory, store URI, ``catalog:<id>``, ``name@alias``,
+for each model reference (``platform/model_refs``: directory, store URI, ``catalog:<id>``, ``name@alias``,
 ``name/version``):
 
 1. loads the model and its tokenizer (a bare checkpoint takes the tokenizer of ``tokens_uri``);
@@ -34,7 +34,7 @@ import torch
 
 from moeflow.models.eval.lm import ModelLM
 
-from . import model_ref
+from .. import model_refs
 from .config import EvaluateConfig
 from .decontaminate import decontaminate, index_training_data
 from .runners import TaskResult, run_task
@@ -46,7 +46,7 @@ MAIN_METRIC = {"multiple_choice": "acc_norm", "generate": "exact_match", "loglik
 
 @dataclass
 class ModelEvaluation:
-    ref: model_ref.ModelRef
+    ref: model_refs.ModelRef
     metrics: dict[str, float] = field(default_factory=dict)        # "<task>/<metric>" and "val_*"
     tasks: list[TaskResult] = field(default_factory=list)
     contamination: list[dict] = field(default_factory=list)
@@ -122,23 +122,6 @@ def _write_results(store, prefix: str, ev: ModelEvaluation, png: Path | None) ->
     return store.uri(prefix)
 
 
-def identify(mref: model_ref.ModelRef, tracker, catalog) -> model_ref.ModelRef:
-    """Fill in the MLflow version and catalog id of a model given by URI (the version registered from it:
-    its ``moeflow.artifact_uri`` tag, or the ``moeflow.checkpoint_uri`` pretraining sets), so results are
-    labelled ``name/version`` and written back onto it."""
-    if tracker is not None and mref.mlflow_name is None:
-        for tag in ("moeflow.artifact_uri", "moeflow.checkpoint_uri"):
-            found = tracker.find_model_version(tag, mref.uri)
-            if found:
-                mref.mlflow_name, mref.mlflow_version = found
-                break
-    if catalog is not None and mref.catalog_id is None:
-        row = catalog.get_artifact(mref.uri)
-        if row and row.get("kind") == "model":
-            mref.catalog_id = row["id"]
-    return mref
-
-
 def _record_on_model(ev: ModelEvaluation, tracker, catalog, flat: dict[str, float]) -> None:
     """Evaluation metrics onto the model version: MLflow tags and the catalog row's metrics."""
     tags = {f"eval.{k.replace('/', '.')}": f"{v:.6g}" for k, v in flat.items() if not k.endswith(_BOOKKEEPING)}
@@ -203,8 +186,8 @@ def run_evaluate(config: EvaluateConfig, store, *, model_uris: Sequence[str], to
     with tempfile.TemporaryDirectory(prefix="moeflow-eval-") as tmp:
         for ref in model_uris:
             start = time.perf_counter()
-            mref = identify(model_ref.resolve(ref, catalog=catalog, tracker=tracker), tracker, catalog)
-            loaded = model_ref.load(mref, device=device, tokenizer=tokenizer_uri or _tokenizer_uri(tokens_uri),
+            mref = model_refs.resolve(ref, catalog=catalog, tracker=tracker)
+            loaded = model_refs.load(mref, device=device, tokenizer=tokenizer_uri or _tokenizer_uri(tokens_uri),
                                     cache_dir=str(Path(tmp) / "models" / _slug(ref)))
             ev, png = evaluate_one(loaded, config, tokens_uri=tokens_uri, index=index, device=device, work_dir=Path(tmp))
             ev.metrics["seconds"] = time.perf_counter() - start

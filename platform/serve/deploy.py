@@ -119,9 +119,9 @@ def follow_promotion(result: DeployResult, settings=None) -> str:
     if not result.promoted:
         return "not promoted: the gateway is left as it is"
     from .app import running_gateway, sync_alias
-    from .launch import resolve_model
+    from .launch import resolve_served
 
     if running_gateway(settings) is None:
         return "no gateway is running: the alias is read when `moeflow serve` starts"
-    resolved = resolve_model(f"{result.model_name}/{result.version}", settings=settings)
+    resolved = resolve_served(f"{result.model_name}/{result.version}", settings=settings)
     return sync_alias(result.model_name, result.alias, result.version, resolved.model_dir, settings=settings)
