@@ -265,3 +265,6 @@ def test_a_training_checkpoint_resolves_to_its_runs_hf_export(world):
     assert hf_export_of(store, world["base_uri"]) == world["base_uri"]
     ref = resolve(ckpt, store=store)
     assert (ref.hf_uri, ref.checkpoint_uri) == (store.uri("runs/pre/hf"), ckpt)
+    with store.write_artifact("runs/pre/checkpoints/step-00000005") as w:  # an earlier step: not what hf/ holds
+        w.put_bytes("model.pt", b"x")
+    assert resolve(store.uri("runs/pre/checkpoints/step-00000005"), store=store).hf_uri is None
