@@ -1,5 +1,5 @@
 """The pipeline flow end to end on a tiny slice (curate -> tokenize -> pretrain -> sft -> reward ->
-align(dpo) -> evaluate), and a re-run after a failed stage that resumes at that stage (the finished
+align(dpo) -> evaluate every policy version -> deploy the aligned one), and a re-run after a failed stage that resumes at that stage (the finished
 stages are cached Prefect task runs and record no new catalog runs)."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_har
     result = pipeline(**flow_kwargs(pipeline, fixed))
     runs = catalog.list_runs()
     counts = {s: sum(r["stage"] == s for r in runs) for s in {r["stage"] for r in runs}}
-    assert counts == {"pipeline": 2, "curate": 1, "tokenize": 1, "pretrain": 1, "evaluate": 2, **POSTTRAIN}
+    assert counts == {"pipeline": 2, "curate": 1, "tokenize": 1, "pretrain": 1, "evaluate": 2, "deploy": 1, **POSTTRAIN}
     # post-training lineage: sft's parent is the pretrained version; reward and align start from sft's
     pretrained = catalog.get_artifact(result["checkpoint_uri"])["id"]
     sft_id = result["sft"]["model_id"]
@@ -73,9 +73,15 @@ def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_har
         assert result[stage]["before"] and result[stage]["after"], stage
     assert result["sft"]["after"]["assistant_loss"] < result["sft"]["before"]["assistant_loss"]
 
-    # the model learned: validation loss below the unigram baseline of the same targets
+    # one evaluation scored the three policy versions (not the reward model), by their exact registry versions
+    name = fixed["run_name"]
+    versions = {stage: (name if stage == "pretrain" else f"{name}-{stage}", result[stage]["mlflow_model_version"])
+                for stage in ("pretrain", "sft", "align")}
+    assert result["eval_models"] == [f"{n}/{v}" for n, v in versions.values()]
     ev = result["eval"]
-    assert ev["val_loss"] < ev["unigram_loss"]
+    for n, v in versions.values():  # the model learned: validation loss below the unigram baseline
+        assert ev[f"{n}-{v}/val_loss"] < ev[f"{n}-{v}/unigram_loss"], n
+    assert not any(k.startswith(f"{name}-reward") for k in ev)
     assert result["hf_uri"] and result["expert_load_uri"]
 
     # MLflow: the HF export is the "pretrained" version of the registered model named after the run
@@ -94,11 +100,34 @@ def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_har
     assert result["checkpoint_uri"] in sft_upstream and result["posttrain_data"]["chat_uri"] in sft_upstream
     sft_version = client.get_model_version_by_alias(f"{fixed['run_name']}-sft", "sft")
     assert sft_version.tags["moeflow.artifact_uri"] == result["sft"]["hf_uri"]
+    align_upstream = {n.get("uri") for n in catalog.upstream(result["align"]["hf_uri"]) if n.get("type") == "artifact"}
+    assert result["sft"]["hf_uri"] in align_upstream and result["curated_uri"] in align_upstream
+    assert any(u and u.startswith("python-stdlib://") for u in align_upstream)
+    # evaluation wrote its scores onto every version it scored
+    for n, v in versions.values():
+        tags = client.get_model_version(n, v).tags
+        assert float(tags["eval.val_loss"]) == pytest.approx(ev[f"{n}-{v}/val_loss"], rel=1e-4), n
 
-    # run 3: skip reward, align and evaluate; a changed sft config trains sft again, from the same pretrained model
-    skipping = load_recipe("tiny", SLICE + ["sft.max_steps=8", "skip=[reward, align, evaluate]"])
+    # deploy gated that same aligned version, recorded the decision and moved the champion alias
+    aligned_name, aligned_version = versions["align"]
+    deployed = result["deploy"]
+    assert (deployed["model_name"], deployed["version"], deployed["promoted"]) == (aligned_name, aligned_version, True)
+    assert client.get_model_version_by_alias(aligned_name, "champion").version == aligned_version
+    assert client.get_model_version(aligned_name, aligned_version).tags["deploy.decision"] == "promoted"
+    import json
+
+    from moeflow.platform.store import read_artifact
+
+    decision = json.loads(read_artifact(deployed["decision_uri"]).get_bytes("decision.json"))
+    assert decision["candidate_metrics"]["val_loss"] == pytest.approx(ev[f"{aligned_name}-{aligned_version}/val_loss"],
+                                                                      rel=1e-4)
+    assert catalog.get_artifact(deployed["decision_uri"])["kind"] == "deploy_decision"
+
+    # run 3: skip reward, align, evaluate and deploy; a changed sft config trains sft again, from the same
+    # pretrained model
+    skipping = load_recipe("tiny", SLICE + ["sft.max_steps=8", "skip=[reward, align, evaluate, deploy]"])
     third = pipeline(**flow_kwargs(pipeline, skipping))
-    assert set(third) >= {"sft", "pretrain"} and not {"reward", "align", "eval"} & set(third)
+    assert set(third) >= {"sft", "pretrain"} and not {"reward", "align", "eval", "deploy"} & set(third)
     runs = catalog.list_runs()
     counts = {s: sum(r["stage"] == s for r in runs) for s in {r["stage"] for r in runs}}
     assert counts["sft"] == 2 and counts["reward"] == 1 and counts["align"] == 1 and counts["pipeline"] == 3
