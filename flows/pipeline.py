@@ -111,6 +111,7 @@ def pipeline(
             models = [ref for ref, _ in versions.values()] or evaluate.models or [
                 resolve_input("evaluate", "checkpoint_uri", run_name=run_name)]
             out["eval"] = evaluate_task(evaluate, tokens_uri=tokens_uri, models=models, pipeline=ids)
+            out["comparison"] = out["eval"].pop("comparison")
             out["eval_models"] = models
             run.log_metrics({f"eval/{k}": v for k, v in out["eval"].items()})
         # deploy: gate the last policy version (the one evaluate scored) and move the serving alias

@@ -222,6 +222,14 @@ def run(
         result = run_in_process(flow, loaded, tags)
     typer.echo(json.dumps(result, indent=2, default=str))
     typer.echo(f"flow {flow!r} finished in {time.monotonic() - t0:.1f}s")
+    if isinstance(result, dict) and result.get("comparison"):
+        from .eval.engine import comparison_markdown
+
+        typer.echo("evaluation:\n" + comparison_markdown(result["comparison"]))
+    if isinstance(result, dict) and isinstance(result.get("deploy"), dict):
+        d = result["deploy"]
+        typer.echo(f"deploy {d['model_name']}/{d['version']}: {'promoted to @' + d['alias'] if d['promoted'] else 'rejected'}"
+                   f" ({'; '.join(d['reasons'])})")
     metrics = result.get("eval", result) if isinstance(result, dict) else {}
     if isinstance(metrics, dict) and {"val_loss", "unigram_loss"} <= set(metrics):
         typer.echo(f"validation loss {metrics['val_loss']:.3f} nats/token "

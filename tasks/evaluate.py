@@ -19,7 +19,8 @@ def evaluate_task(config: EvaluateConfig, checkpoint_uri: str | None = None, tok
                   pipeline: dict | None = None, models: list[str] | None = None) -> dict:
     """``models``: references (``name@alias``, ``catalog:<id>``, URIs); default: ``config.models``, else
     ``[checkpoint_uri]``.
-    Returns the flat metrics (``val_loss``, ``<task>/<metric>``, ``<model>/...`` when several)."""
+    Returns the flat metrics (``val_loss``, ``<task>/<metric>``, ``<model>/...`` when several) and, under
+    ``comparison``, the table's rows (model version x each task's main metric) for the CLI to print."""
     refs = list(models or config.models or ([checkpoint_uri] if checkpoint_uri else []))
     inputs = [r for r in [*refs, tokens_uri] if r and "://" in r]
     with stage_run("evaluate", config.to_dict(), inputs=inputs, pipeline=pipeline) as st:
@@ -32,4 +33,4 @@ def evaluate_task(config: EvaluateConfig, checkpoint_uri: str | None = None, tok
         print(f"evaluation (training data checked for contamination: {len(training)} artefacts)\n"
               + comparison_markdown(result.comparison))
         create_table_artifact(key="evaluation", table=result.comparison, description="model versions x tasks")
-    return {k.removeprefix("eval/"): v for k, v in result.metrics.items()}
+    return {**{k.removeprefix("eval/"): v for k, v in result.metrics.items()}, "comparison": result.comparison}
