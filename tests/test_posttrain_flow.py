@@ -64,4 +64,4 @@ def test_sft_flow_registers_a_child_version_with_lineage_and_alias(moeflow_home,
     with Catalog.from_settings(get_settings()) as catalog:
         ref = resolve("moe-flowtest-sft@sft", catalog=catalog, tracker=get_tracker(get_settings()))
     assert (ref.uri, ref.model_id, ref.alias) == (result["hf_uri"], result["model_id"], "sft")
-    assert (ref.mlflow_name, ref.mlflow_version) == ("moe-flowtest-sft", version.version)
+    assert (ref.mlflow_name, ref.mlflow_version) == ("moe-flowtest-sft", str(version.version))
