@@ -105,3 +105,18 @@ def test_stages_lists_the_registry():
     result = runner.invoke(app, ["stages"])
     assert result.exit_code == 0
     assert [line.split()[0] for line in result.output.splitlines()[1:]] == list(STAGES)
+
+
+def test_run_prints_the_comparison_table_and_the_deploy_decision(moeflow_home, monkeypatch):
+    """What a pipeline returns (its eval comparison rows and deploy result) is printed as a table and a verdict."""
+    from moeflow.platform import cli
+
+    result = {"comparison": [{"model": "moe-tiny/1", "arith_mc/acc_norm": 0.375},
+                             {"model": "moe-tiny-align/1", "arith_mc/acc_norm": 0.5}],
+              "deploy": {"model_name": "moe-tiny-align", "version": "1", "alias": "champion", "promoted": True,
+                         "reasons": ["val_loss: no champion yet, nothing to regress from"]}}
+    monkeypatch.setattr(cli, "run_in_process", lambda flow, recipe, tags: result)
+    out = runner.invoke(app, ["run", "smoke", "--local"])
+    assert out.exit_code == 0, out.output
+    assert "| model | arith_mc/acc_norm |" in out.output and "| moe-tiny-align/1 | 0.5 |" in out.output
+    assert "deploy moe-tiny-align/1: promoted to @champion (val_loss: no champion yet" in out.output
