@@ -112,7 +112,7 @@ def test_pipeline_end_to_end_then_resume_after_failure(moeflow_home, prefect_har
     aligned_name, aligned_version = versions["align"]
     deployed = result["deploy"]
     assert (deployed["model_name"], deployed["version"], deployed["promoted"]) == (aligned_name, aligned_version, True)
-    assert client.get_model_version_by_alias(aligned_name, "champion").version == aligned_version
+    assert str(client.get_model_version_by_alias(aligned_name, "champion").version) == aligned_version
     assert client.get_model_version(aligned_name, aligned_version).tags["deploy.decision"] == "promoted"
     import json
 
