@@ -112,6 +112,13 @@ def test_lora_sft_registers_a_child_version_with_export_adapter_and_expert_load(
     with torch.no_grad():
         ours, theirs = with_merged(ids).logits, adapted(input_ids=ids).logits
     assert float((ours - theirs).norm() / ours.norm()) < 1e-4
+    # evaluation and serving load the LoRA-merged export through the one loader, with the export's tokenizer
+    from moeflow.platform.model_refs import load
+
+    evaluated = load(resolve(result.hf_uri, catalog=cat, store=store), store=store, cache_dir=world["root"] / "eval-dl")
+    assert evaluated.ref.catalog_id == result.model_id
+    with torch.no_grad():
+        assert torch.equal(evaluated.model(ids).logits, ours)
     counts = __import__("numpy").load(__import__("io").BytesIO(
         store.read_artifact(result.expert_load_uri).get_bytes("expert_load.npz")))["counts"]
     assert counts.shape[0] == 3 and counts.sum() > 0  # a window per log interval (steps 2, 4, 6)
