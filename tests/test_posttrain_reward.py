@@ -144,7 +144,8 @@ def _per_type(records, tokenizer, model, max_len: int) -> dict[str, dict]:
 
 
 def test_generated_pairs_differ_in_the_reply_and_the_head_reads_each_sides_end_token(world):
-    """Learnability by construction: no generated pair renders chosen and rejected identically; both sides
+    """Learnability by construction: no generated pair is identical (data.py would quarantine it) or renders
+    chosen and rejected identically; both sides
     share the prompt tokens and differ inside the reply; no pair is cut (too long ones are dropped, counted);
     and the reward head's position (``lengths − 1``) is each side's closing ``<|end|>``."""
     from moeflow.models.align import pairs as P
@@ -153,7 +154,7 @@ def test_generated_pairs_differ_in_the_reply_and_the_head_reads_each_sides_end_t
 
     tok = world["tokenizer"]
     data = R.load_pairs(world["sets"].preference_uri, tok, _cfg(heldout_pairs=10_000), 10_000)
-    assert data.stats["pairs_too_long"] == 0 and data.stats["train_pairs"] > 500
+    assert data.stats["pairs_too_long"] == 0 and data.stats["quarantined"] == 0 and data.stats["train_pairs"] > 500
     end = set(stop_ids(tok))
     for pairs in (data.train, data.heldout):
         for p in pairs.rendered:
