@@ -183,11 +183,14 @@ def sft_world(learn_world):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~3 min on 2 idle cores (800 SFT steps + 2 x 400 reward steps); 9.6 min at load ~10
 def test_reward_from_the_sft_model_on_the_full_generated_set_per_pair_type(sft_world, tmp_path):
     """The whole generated set (wrong-number arithmetic included), from the SFT model as in the pipeline, beside
-    the same run on half-flipped labels. Measured (see the report): the list/letter-count pairs clear 0.8, the
-    wrong-number arithmetic ones stay near chance for a 2-layer, 32-wide model — so the full-set figure is
-    below 0.8 and is asserted at what this model reaches, not at the issue's goal."""
+    the same run on half-flipped labels. Measured (2026-12-01, 2 shared cores): held-out 0.58 -> 0.76 on all
+    309 pairs (control 0.54); per type sort 1.00, length 0.89, reverse 0.75, sub 0.58, mul 0.54, succ 0.50 (n=4),
+    add 0.40 — the wrong-number arithmetic pairs stay near chance for a 2-layer, 32-wide model whose SFT answers
+    ~30 % of held-out problems, so the full-set figure is below the issue's 0.8 and is asserted at what this model
+    reaches (above the control), with the list/letter-count types at >= 0.8."""
     from moeflow.platform.posttrain import data as D
     from preference_world import learnable_pairs
 

