@@ -253,14 +253,16 @@ def _check_exact_match_gain(world, tmp_path, steps: int, gain: float):
 
 def test_sft_on_the_generated_arithmetic_answers_held_out_problems_beside_a_shuffled_control(world, tmp_path):
     """Fast twin of the slow test below: a few hundred steps already answer held-out problems (unseen
-    operands) exactly well above the base and above the same SFT on shuffled answers."""
+    operands) exactly well above the base and above the same SFT on shuffled answers (measured 2026-12-01 on
+    the 91 held-out problems: base 0, after 300 steps 6/91 = 0.066, shuffled-answer control 0)."""
     _check_exact_match_gain(world, tmp_path, steps=300, gain=0.04)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # 2 x 800 steps: ~2-3 min on 2 idle cores, far more under load
 def test_sft_long_on_the_generated_arithmetic_answers_many_more_held_out_problems(world, tmp_path):
-    """Long enough to be a clear gain: exact match on the held-out problems (measured: see the report)."""
+    """Long enough to be a clear gain: exact match on the 91 held-out problems (measured 2026-12-01, 2 shared
+    cores: base 0, after 800 steps 14/91 = 0.154, shuffled-answer control 1/91 = 0.011; 6.8 min at load ~12)."""
     _check_exact_match_gain(world, tmp_path, steps=800, gain=0.08)
 
 
