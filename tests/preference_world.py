@@ -39,10 +39,20 @@ def make_world(root, data: GeneratedDataConfig = DATA) -> dict:
 LEARNABLE_TASKS = ("Sort the list", "Reverse the list", "How many letters")
 
 
-def learnable_pairs(store, sets, path, shuffle: bool = False, seed: int = 0) -> str:
+def pair_type(prompt: str) -> str:
+    """The generator's task of a pair's prompt: add/sub/mul/succ/sort/reverse/length."""
+    for name, start in (("sort", "Sort the list"), ("reverse", "Reverse the list"), ("length", "How many letters"),
+                        ("succ", "What number comes after")):
+        if prompt.startswith(start):
+            return name
+    return {"+": "add", "-": "sub", "*": "mul"}[prompt.split()[3]]
+
+
+def learnable_pairs(store, sets, path, shuffle: bool = False, seed: int = 0, tasks=LEARNABLE_TASKS) -> str:
     """The generated pairs whose corruption a tiny model can learn to spot in a few hundred CPU steps —
     list answers with two entries swapped and wrong letter counts — as one JSONL folder (train + heldout);
-    ``shuffle`` swaps chosen and rejected in exactly half the TRAIN pairs (the control)."""
+    ``tasks=None`` keeps every pair (the full set); ``shuffle`` swaps chosen and rejected in exactly half
+    the TRAIN pairs (the control)."""
     import json
     import random
 
@@ -52,7 +62,7 @@ def learnable_pairs(store, sets, path, shuffle: bool = False, seed: int = 0) -> 
     art = store.read_artifact(sets.preference_uri)
     for split in ("train", "heldout"):
         rows = [json.loads(line) for line in art.get_bytes(f"{split}.jsonl").decode().splitlines()]
-        rows = [r for r in rows if r["prompt"].startswith(LEARNABLE_TASKS)]
+        rows = [r for r in rows if tasks is None or r["prompt"].startswith(tasks)]
         if shuffle and split == "train":
             flip = set(random.Random(seed).sample(range(len(rows)), len(rows) // 2))
             rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in flip else r
