@@ -14,8 +14,10 @@ def curves(rows: list[dict], title: str, color: str = "metric", y: str = "value"
             .interactive())
 
 
-def heatmap(rows: list[dict], title: str, height: int = 160) -> alt.Chart:
+def heatmap(rows: list[dict], title: str, height: int | None = None) -> alt.Chart:
     """step × expert load relative to a fair share, diverging around 1 (balanced), clipped at 2."""
+    num_experts = len({r["expert"] for r in rows})
+    height = height or max(120, min(480, 14 * num_experts))
     return (alt.Chart(pd.DataFrame(rows), title=title, height=height).mark_rect()
             .encode(x=alt.X("step:O", title="step (end of log window)", axis=alt.Axis(labelOverlap=True)),
                     y=alt.Y("expert:O", title="expert"),

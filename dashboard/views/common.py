@@ -68,5 +68,5 @@ def page(path: str) -> st.Page:
 
     for url_path, title, view in PAGES:
         if url_path == path:
-            return st.Page(view.render, title=title, url_path=url_path)
+            return st.Page(view.render, title=title, url_path=url_path, default=(url_path == "overview"))
     raise KeyError(f"no dashboard page {path!r}")
