@@ -58,14 +58,13 @@ def open_mlflow(settings: Settings):
     uri = settings.tracking_uri
     if not database_exists(uri):
         return None
-    from moeflow.platform.tracking import quiet_mlflow_env, s3_env_for_mlflow
+    from moeflow.platform.tracking import MLflowTracker, s3_env_for_mlflow
 
-    quiet_mlflow_env()
     if settings.uses_s3:
         s3_env_for_mlflow(settings)
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # the platform's tracker owns the client (and MLflow's quiet environment); reading through
+    # ``.client`` never touches ``experiment_id``, which would create the experiment
+    return MLflowTracker(uri, settings.project).client
 
 
 def open_store(settings: Settings):
