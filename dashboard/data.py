@@ -277,6 +277,8 @@ def token_datasets(catalog) -> list[dict]:
 def lineage_graph(catalog, pipeline_run_id: str | None = None) -> dict[str, list[dict]]:
     """Nodes (runs and artefacts) and edges of the catalog, or of one pipeline's stage runs."""
     runs = catalog.list_runs(limit=500, pipeline_run_id=pipeline_run_id)
+    if pipeline_run_id is not None:
+        runs = runs + _upstream_runs(catalog.list_runs(limit=2000), runs)
     known: dict[str, dict] = {}
     for ds in catalog.list_datasets(limit=1000):
         known[ds["uri"]] = ds
@@ -301,6 +303,26 @@ def lineage_graph(catalog, pipeline_run_id: str | None = None) -> dict[str, list
                 label = f"{entry['name']} v{entry['version']}" if entry else end.rsplit("/", 1)[-1]
                 nodes[end] = {"id": end, "type": kind, "label": f"{kind}\n{label}", "entry": entry}
     return {"nodes": list(nodes.values()), "edges": [{"source": a, "target": b} for a, b in dict.fromkeys(edges)]}
+
+
+def _upstream_runs(all_runs: list[dict], runs: list[dict]) -> list[dict]:
+    """The runs (of earlier pipelines) that produced what ``runs`` consumed, transitively: a stage a
+    pipeline took from Prefect's cache has no run of its own there, but its artefact has a producer."""
+    producer: dict[str, dict] = {}
+    for run in reversed(all_runs):  # newest producer of a URI wins
+        if run["stage"] != "pipeline" and run["status"] == "succeeded":
+            for uri in run.get("outputs", []):
+                producer[uri] = run
+    have = {r["id"] for r in runs}
+    todo = [u for r in runs for u in r.get("inputs", [])]
+    extra = []
+    while todo:
+        run = producer.get(todo.pop())
+        if run is not None and run["id"] not in have:
+            have.add(run["id"])
+            extra.append(run)
+            todo.extend(run.get("inputs", []))
+    return extra
 
 
 _NODE_STYLE = {"run": ("box", "#c6dbef"), "model": ("ellipse", "#fdd0a2"), "deploy_decision": ("octagon", "#fcbba1"),

@@ -210,3 +210,16 @@ def test_pages_do_not_write_to_the_home(home):
     after = {p: p.stat().st_mtime_ns for p in home["path"].rglob("*") if p.is_file() and "-wal" not in p.name
              and "-shm" not in p.name}
     assert after == before
+
+
+def test_lineage_of_a_pipeline_includes_the_producers_of_cached_inputs():
+    from moeflow.dashboard import data
+
+    def run(rid, stage, inputs=(), outputs=(), pipeline=None):
+        return {"id": rid, "stage": stage, "status": "succeeded", "inputs": list(inputs), "outputs": list(outputs),
+                "pipeline_run_id": pipeline}
+
+    old = [run("c1", "curate", [], ["cur"], "p1"), run("t1", "tokenize", ["cur"], ["tok"], "p1")]
+    new = [run("r2", "pretrain", ["tok"], ["model"], "p2")]
+    extra = data._upstream_runs(new + old, new)
+    assert [r["id"] for r in extra] == ["t1", "c1"]
