@@ -14,10 +14,10 @@ def curves(rows: list[dict], title: str, color: str = "metric", y: str = "value"
             .interactive())
 
 
-def heatmap(rows: list[dict], title: str, height: int | None = None) -> alt.Chart:
+def heatmap(rows: list[dict], title: str, height=None) -> alt.Chart:
     """step × expert load relative to a fair share, diverging around 1 (balanced), clipped at 2."""
-    num_experts = len({r["expert"] for r in rows})
-    height = height or max(120, min(480, 14 * num_experts))
+    # a band per expert (a fixed pixel height would include the axes and squeeze out the cells)
+    height = height or alt.Step(max(4, min(16, 480 // max(1, len({r["expert"] for r in rows})))))
     return (alt.Chart(pd.DataFrame(rows), title=title, height=height).mark_rect()
             .encode(x=alt.X("step:O", title="step (end of log window)", axis=alt.Axis(labelOverlap=True)),
                     y=alt.Y("expert:O", title="expert"),

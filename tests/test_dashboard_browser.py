@@ -89,12 +89,15 @@ def load(dash, path: str) -> float:
     start = time.monotonic()
     page.goto(dash["url"] + path)
     page.wait_for_selector('[data-testid="stMain"] h1', timeout=LOAD_TIMEOUT_MS)
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " && document.querySelector('[data-testid=\"stApp\"]')?.dataset.teststate !== 'running'",
-        timeout=LOAD_TIMEOUT_MS)
-    page.wait_for_timeout(300)  # charts mount after the script ends
-    return time.monotonic() - start
+    idle = 0
+    while idle < 3:  # the status widget ("Running... Stop") absent for three polls in a row
+        page.wait_for_timeout(150)
+        running = page.locator('[data-testid="stStatusWidget"]').count() or page.evaluate(
+            "() => document.querySelector('[data-testid=\"stApp\"]')?.dataset.teststate === 'running'")
+        idle = 0 if running else idle + 1
+        if time.monotonic() - start > LOAD_TIMEOUT_MS / 1000:
+            pytest.fail(f"{path} still running after {LOAD_TIMEOUT_MS / 1000:.0f} s")
+    return time.monotonic() - start - 0.45
 
 
 def no_exception(dash, name: str) -> None:
