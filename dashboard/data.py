@@ -20,7 +20,7 @@ from moeflow.platform.stages import STAGES
 from moeflow.platform.train.expert_load import NPZ_NAME, load_expert_load, relative_load_NLE
 
 # the metric a stage is judged by, first match wins (catalog run metrics)
-HEADLINE_METRICS = ("val_loss", "final_val_loss", "eval_loss", "bits_per_byte", "reward_accuracy",
+HEADLINE_METRICS = ("val_loss", "eval/val_loss", "final/val_loss", "eval_loss", "bits_per_byte", "reward_accuracy",
                     "heldout_accuracy", "exact_match", "loss", "docs_out", "num_tokens")
 # curves the Run page draws when MLflow has them (substring match on the metric key)
 CURVE_GROUPS = {
