@@ -1,53 +1,225 @@
-"""The dashboard renders the catalog's runs and a pretraining run's expert-load heatmap
-(Streamlit's AppTest runs the real script in-process)."""
+"""The dashboard's pages (Streamlit AppTest, in-process) and their logic (plain functions) on a small home
+written through the platform's writers (tests/dashboard_home.py), plus the read-only guarantee."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from moeflow.platform.catalog import Catalog
-from moeflow.platform.settings import get_settings
-from moeflow.platform.store import open_store
-from moeflow.platform.train.expert_load import NPZ_NAME, ExpertLoadRecorder
+from tests.dashboard_home import DEAD, NUM_LAYERS, build_home, expert_load_recorder
+
+PAGES = ("overview", "run", "compare", "experts", "data_page", "lineage", "models", "serving")
 
 
-@pytest.fixture
-def populated(moeflow_home):
-    settings = get_settings()
-    settings.ensure_dirs()
-    catalog = Catalog.from_settings(settings)
-    store = open_store(settings)
-    smoke = catalog.start_run("smoke", {"message": "hi"})
-    catalog.finish_run(smoke, "succeeded")
-    recorder = ExpertLoadRecorder()
-    rng = np.random.default_rng(0)
-    for step in (10, 20, 30):
-        recorder.record(step, rng.integers(1, 100, size=(2, 8)))
-    with store.write_artifact("runs/x/expert_load") as w:
-        w.put_bytes(NPZ_NAME, recorder.to_npz_bytes())
-    pretrain = catalog.start_run("pretrain", {"max_steps": 30})
-    catalog.add_lineage(pretrain, outputs=[w.uri])
-    catalog.finish_run(pretrain, "succeeded")
-    return {"smoke": smoke, "pretrain": pretrain}
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dash") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOEFLOW_HOME", str(path))
+        ids = build_home(path)
+        yield {"path": path, **ids}
 
 
-def test_dashboard_lists_runs_and_draws_expert_load(populated, repo_root):
+def _page(name):
+    import importlib
+
+    importlib.import_module(f"moeflow.dashboard.views.{name}").render()
+
+
+def open_page(name: str, **query):
     from streamlit.testing.v1 import AppTest
 
-    app = AppTest.from_file(str(repo_root / "dashboard" / "app.py"), default_timeout=120).run()
-    assert not app.exception, app.exception
+    app = AppTest.from_function(_page, args=(name,), default_timeout=60)
+    for key, value in query.items():
+        app.query_params[key] = value
+    return app.run()
+
+
+def _texts(app) -> str:
+    return "\n".join(str(e.value) for kind in ("markdown", "caption", "info", "warning", "error", "success", "code")
+                     for e in getattr(app, kind))
+
+
+# ------------------------------------------------------------------ pure logic
+def test_maxvio_and_alerts_find_the_dead_expert():
+    from moeflow.dashboard import data
+
+    arrays = expert_load_recorder().arrays()
+    counts = arrays["counts"]
+    maxvio = data.maxvio_NL(counts)
+    assert maxvio.shape == counts.shape[:2]
+    # a balanced window has MaxVio 0; one expert with all the load has E - 1
+    balanced = np.ones((1, 1, 8))
+    skewed = np.zeros((1, 1, 8)); skewed[0, 0, 3] = 8
+    assert data.maxvio_NL(balanced)[0, 0] == pytest.approx(0.0)
+    assert data.maxvio_NL(skewed)[0, 0] == pytest.approx(7.0)
+    # global MaxVio averages transient imbalance out: alternating hot experts -> lower than per-window
+    alternating = np.zeros((2, 1, 2)); alternating[0, 0, 0] = alternating[1, 0, 1] = 10
+    assert data.global_maxvio_NL(alternating)[-1, 0] == pytest.approx(0.0)
+    assert data.maxvio_NL(alternating)[-1, 0] == pytest.approx(1.0)
+    alerts = data.expert_alerts(counts)
+    assert {(a["layer"], a["expert"]) for a in alerts if a["alert"] == "dead"} == {DEAD}
+    hot = np.ones((3, 1, 4)); hot[:, 0, 0] = 10
+    assert [a["alert"] for a in data.expert_alerts(hot)] == ["overloaded"]
+
+
+def test_heatmap_and_bias_rows_cover_every_cell():
+    from moeflow.dashboard import data
+
+    arrays = expert_load_recorder().arrays()
+    N, L, E = arrays["counts"].shape
+    rows = data.heatmap_rows(arrays, 1)
+    assert len(rows) == N * E
+    assert {r["step"] for r in rows} == set(arrays["steps"].tolist())
+    last_dead = [r for r in rows if r["step"] == arrays["steps"][-1] and r["expert"] == DEAD[1]]
+    assert last_dead[0]["relative_load"] == 0.0
+    bias = data.bias_rows(arrays, 0)
+    assert len(bias) == N * E and any(r["bias"] != 0 for r in bias)
+
+
+def test_curve_groups_and_headline():
+    from moeflow.dashboard import data
+
+    groups = data.curve_keys(["loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "expert_load/layer0/max_share"])
+    assert groups == {"loss": ["loss", "val_loss"], "learning rate": ["lr"], "grad norm": ["grad_norm"],
+                      "throughput": ["tokens_per_s"]}
+    assert data.headline({"metrics": {"loss": 3.0, "val_loss": 2.5}}) == ("val_loss", 2.5)
+    assert data.headline({"metrics": {}}) is None
+
+
+def test_funnel_keeps_percentages():
+    from moeflow.dashboard import data
+
+    table = data.funnel_table([{"stage": "input", "docs": 40, "bytes": 100}, {"stage": "out", "docs": 30, "bytes": 50}])
+    assert [r["% docs kept"] for r in table] == [100.0, 75.0]
+    assert table[1]["% bytes kept"] == 50.0
+
+
+def test_serving_summary_from_prometheus_text():
+    from moeflow.dashboard import serving
+
+    def text(n_requests: float) -> str:
+        lines = [f'moeflow_serve_routed_requests_total{{model="m",version="1",via="split"}} {n_requests}',
+                 f'moeflow_serve_routed_requests_total{{model="m",version="2",via="split"}} {3 * n_requests}',
+                 'moeflow_serve_generation_tokens_total{model="m",version="1",replica="0"} 100']
+        for le, c in (("0.1", 0), ("0.2", 10), ("+Inf", 10)):
+            lines.append(f'moeflow_serve_time_to_first_token_seconds_bucket{{model="m",version="1",replica="0",le="{le}"}} {c}')
+        return "# TYPE moeflow_serve_routed_requests counter\n" + "\n".join(lines) + "\n"
+
+    rows = serving.summary(serving.parse(text(20)), serving.parse(text(10)), interval_s=5.0)
+    v1 = next(r for r in rows if r["version"] == "1")
+    v2 = next(r for r in rows if r["version"] == "2")
+    assert v1["requests/s"] == pytest.approx(2.0) and v2["requests/s"] == pytest.approx(6.0)
+    assert v1["share"] == pytest.approx(0.25)
+    assert v1["ttft p50 (s)"] == pytest.approx(0.15)  # linear inside the (0.1, 0.2] bucket
+    assert serving.quantile(0.5, []) is None
+
+
+# ------------------------------------------------------------------ pages (AppTest)
+@pytest.mark.parametrize("name", PAGES)
+def test_every_page_renders_without_exception(home, name):
+    app = open_page(name)
+    assert not app.exception, [e.value for e in app.exception]
+
+
+def test_overview_lists_the_pipeline_with_stages_links_and_the_error(home):
+    app = open_page("overview")
     table = app.dataframe[0].value
-    assert set(table["id"]) == {populated["smoke"], populated["pretrain"]}
-    assert set(table["stage"]) == {"smoke", "pretrain"}
-    # the expert-load tab found the artefact through the catalog and drew it
-    assert any("3 windows up to step 30; 8 experts" in c.value for c in app.caption)
-    assert app.slider[0].max == 1  # two router rows
+    assert list(table["stage"]) == ["curate", "tokenize", "pretrain", "evaluate", "deploy"]  # registry order
+    assert list(table["status"])[-1] == "failed"
+    assert table["run"].iloc[2] == f"/run?id={home['pretrain']}"
+    assert table["mlflow"].iloc[2].startswith("http://127.0.0.1:5000/#/experiments/")
+    assert "val_loss = 5.2" in list(table["metric"])
+    assert any("gate refused" in e.value for e in app.error)
 
 
-def test_dashboard_without_runs(moeflow_home, repo_root):
-    from streamlit.testing.v1 import AppTest
+def test_run_page_draws_curves_of_the_selected_run(home):
+    app = open_page("run", id=home["pretrain"])
+    assert app.selectbox[0].value == home["pretrain"]
+    charts = app.get("vega_lite_chart")
+    assert len(charts) == 4  # loss, learning rate, grad norm, throughput
 
-    app = AppTest.from_file(str(repo_root / "dashboard" / "app.py"), default_timeout=120).run()
-    assert not app.exception
-    assert any("No runs yet" in i.value for i in app.info)
+
+def test_experts_page_has_one_heatmap_per_layer_and_the_alert(home):
+    app = open_page("experts", run=home["pretrain"])
+    heatmaps = [c for c in app.get("vega_lite_chart") if '"rect"' in c.proto.spec]
+    assert len(heatmaps) == NUM_LAYERS
+    assert any("1 dead and 0 overloaded" in w.value for w in app.warning)
+    assert app.query_params["run"] == [home["pretrain"]] or app.query_params["run"] == home["pretrain"]
+
+
+def test_data_page_shows_funnel_rules_and_quarantine(home):
+    app = open_page("data_page")
+    funnel = app.dataframe[0].value
+    assert list(funnel["stage"])[0] == "input" and list(funnel["% docs kept"])[-1] == pytest.approx(75.0)
+    rules = {tuple(r) for r in app.dataframe[1].value[["step", "rule", "docs"]].values.tolist()}
+    assert rules == {("quality", "too_short", 6), ("exact_dedup", "duplicate", 4)}
+    assert any("not_utf8" in str(d.value) for d in app.dataframe)
+
+
+def test_lineage_graph_holds_the_pipeline_runs_and_artefacts(home):
+    app = open_page("lineage", pipeline=home["pipeline"], node=home["pretrain"])
+    dot = app.get("graphviz_chart")[0].proto.spec
+    for stage in ("curate", "tokenize", "pretrain", "evaluate", "deploy"):
+        assert f"{stage}\\n{home[stage][:8]}" in dot
+    assert f"URL=\"/lineage?node={home['pretrain']}\"" in dot
+    assert "penwidth=3" in dot  # the selected node
+    assert any(home["pretrain"] in c.value for c in app.code)
+
+
+def test_models_page_shows_versions_aliases_eval_and_decision(home):
+    app = open_page("models")
+    versions = app.dataframe[0].value
+    assert list(versions["version"]) == [2, 1]
+    assert list(versions["aliases"]) == ["champion", ""]
+    evals = app.dataframe[1].value
+    assert dict(zip(evals["task metric"], evals["value"]))["python_mc.acc"] == "0.25"
+    decisions = [d.value for d in app.dataframe if "promoted" in d.value.columns]
+    assert decisions and bool(decisions[0]["promoted"].iloc[0]) is True
+
+
+def test_compare_overlays_runs_and_differences(home):
+    from moeflow.dashboard import data
+
+    runs = [{"id": "a" * 32}, {"id": "b" * 32}]
+    hist = {"a" * 32: [{"metric": "loss", "step": 1, "value": 3.0}, {"metric": "loss", "step": 2, "value": 2.0}],
+            "b" * 32: [{"metric": "loss", "step": 2, "value": 1.5}]}
+    table = data.final_metrics_table(runs, hist)
+    assert table == [{"metric": "loss", "aaaaaaaa": 2.0, "bbbbbbbb": 1.5, "bbbbbbbb - aaaaaaaa": -0.5}]
+    app = open_page("compare", runs=home["pretrain"], metric="loss")
+    assert not app.exception and len(app.get("vega_lite_chart")) == 1
+
+
+# ------------------------------------------------------------------ read-only
+def test_fresh_home_creates_nothing(tmp_path, monkeypatch):
+    home = tmp_path / "fresh"
+    monkeypatch.setenv("MOEFLOW_HOME", str(home))
+    for name in PAGES:
+        app = open_page(name)
+        assert not app.exception, (name, [e.value for e in app.exception])
+        if name != "serving":
+            assert any("moeflow run" in i.value for i in app.info), name  # the empty state names the command
+    assert not home.exists(), sorted(p.name for p in home.rglob("*"))
+
+
+def test_pages_do_not_write_to_the_home(home):
+    before = {p: p.stat().st_mtime_ns for p in home["path"].rglob("*") if p.is_file() and "-wal" not in p.name
+              and "-shm" not in p.name}
+    for name in PAGES:
+        open_page(name)
+    after = {p: p.stat().st_mtime_ns for p in home["path"].rglob("*") if p.is_file() and "-wal" not in p.name
+             and "-shm" not in p.name}
+    assert after == before
+
+
+def test_lineage_of_a_pipeline_includes_the_producers_of_cached_inputs():
+    from moeflow.dashboard import data
+
+    def run(rid, stage, inputs=(), outputs=(), pipeline=None):
+        return {"id": rid, "stage": stage, "status": "succeeded", "inputs": list(inputs), "outputs": list(outputs),
+                "pipeline_run_id": pipeline}
+
+    old = [run("c1", "curate", [], ["cur"], "p1"), run("t1", "tokenize", ["cur"], ["tok"], "p1")]
+    new = [run("r2", "pretrain", ["tok"], ["model"], "p2")]
+    extra = data._upstream_runs(new + old, new)
+    assert [r["id"] for r in extra] == ["t1", "c1"]
