@@ -237,6 +237,14 @@ def run(
         result = run_in_process(flow, loaded, tags)
     typer.echo(json.dumps(result, indent=2, default=str))
     typer.echo(f"flow {flow!r} finished in {time.monotonic() - t0:.1f}s")
+    if isinstance(result, dict) and result.get("comparison"):
+        from .eval.engine import comparison_markdown
+
+        typer.echo("evaluation:\n" + comparison_markdown(result["comparison"]))
+    if isinstance(result, dict) and isinstance(result.get("deploy"), dict):
+        d = result["deploy"]
+        typer.echo(f"deploy {d['model_name']}/{d['version']}: {'promoted to @' + d['alias'] if d['promoted'] else 'rejected'}"
+                   f" ({'; '.join(d['reasons'])})")
     metrics = result.get("eval", result) if isinstance(result, dict) else {}
     if isinstance(metrics, dict) and {"val_loss", "unigram_loss"} <= set(metrics):
         typer.echo(f"validation loss {metrics['val_loss']:.3f} nats/token "
@@ -316,26 +324,40 @@ def deploy_rollback(
 
 @app.command()
 def serve(
-    model: str = typer.Option(..., "--model", "-m", help="name@alias, name/<version>, a store URI or an export dir"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="name@alias, name/<version>, a store URI or an export dir"),
+    config: Optional[str] = typer.Option(None, "--config", help="a serving YAML: several versions, aliases, "
+                                                                "A/B splits (instead of --model)"),
     port: int = typer.Option(8000, "--port", help="HTTP port of the OpenAI-compatible API"),
     host: str = typer.Option("127.0.0.1", "--host", help="bind address"),
     replicas: int = typer.Option(1, "--replicas", min=1, help="model replicas (Ray Serve balances over them)"),
     quantize: str = typer.Option("none", "--quantize", help="none | int8 (weight-only INT8)"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API on Ray Serve (keys: MOEFLOW_SERVE_API_KEYS)."""
-    from .serve.launch import ModelNotFound, serve_forever
+    from pydantic import ValidationError
+
+    from .model_refs import ModelRefError
+    from .serve.launch import config_for, load_config_file, serve_forever
     from .serve.registry import RegistryError
 
+    if (model is None) == (config is None):
+        typer.echo("error: give exactly one of --model and --config", err=True)
+        raise typer.Exit(2)
     if quantize not in ("none", "int8"):
         typer.echo(f"error: --quantize {quantize!r}: choose none or int8", err=True)
         raise typer.Exit(2)
     settings = _settings()
     try:
-        serve_forever(model, host=host, port=port, replicas=replicas, quantize=quantize, settings=settings,
-                      echo=typer.echo)
-    except (ModelNotFound, RegistryError, FileNotFoundError) as err:
+        cfg = (load_config_file(config) if config else
+               config_for(model, host=host, port=port, replicas=replicas, quantize=quantize, settings=settings))
+    except (ModelRefError, RegistryError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
+    except ValidationError as err:
+        first = err.errors()[0]
+        typer.echo(f"error: {config}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", err=True)
+        raise typer.Exit(2)
+    serve_forever(cfg, settings=settings, echo=typer.echo)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -67,3 +67,37 @@ def flow_run_namer(stage: str):
         return "-".join(parts)
 
     return name
+
+
+def run_posttrain_stage(stage: str, config, run, *, data_uri: str, model: str | None, run_name: str,
+                        default_from: str, pipeline: dict | None, data_param: str = "data_uri", **run_kwargs) -> dict:
+    """What every post-training task does, once: resolve the input version (``model``, default the newest
+    ``default_from`` model of ``run_name``), run ``run`` (``run_sft``, ``run_align`` ...) in a stage run,
+    record the outputs, register the export as a version of ``<run_name>-<stage>`` with alias ``stage``,
+    log the before/after headline and return it."""
+    from moeflow.platform import artifacts as A
+    from moeflow.platform import model_refs
+    from moeflow.platform.config import config_hash
+    from moeflow.platform.stage import stage_run
+
+    params = {**config.to_dict(), "model": model, data_param: data_uri, "run_name": run_name}
+    with stage_run(stage, params, inputs=[data_uri], pipeline=pipeline) as st:
+        ref = model_refs.resolve(model, default_name=A.stage_model_name(run_name, default_from), catalog=st.catalog,
+                                 tracker=st.tracker, store=st.store)
+        ref.require_hf()  # one line now, not a worker traceback later
+        st.catalog.add_lineage(st.run_id, inputs=[ref.uri])
+        name = A.stage_model_name(run_name, stage)
+        prefix = f"runs/{name}/{config_hash({**config.to_dict(), 'model_uri': ref.uri, data_param: data_uri})}"
+        result = run(config, st.store, model_uri=ref.uri, data_uri=data_uri, output_prefix=prefix, tracker=st.tracker,
+                     catalog=st.catalog, parent_model_id=ref.model_id, model_name=name, run_name=name, **run_kwargs)
+        st.add_output(result.hf_uri or result.checkpoint_uri, kind="model", name=name)
+        st.outputs += [u for u in (result.checkpoint_uri, result.expert_load_uri, getattr(result, "reference_uri", None))
+                       if u]
+        version = (st.register_model_version(name, result.hf_uri, artifact_path="hf", alias=stage,
+                                             tags={"moeflow.parent_model_uri": ref.uri}) if result.hf_uri else None)
+        st.log_metrics({f"{when}/{k}": v for when, figs in (("before", result.before), ("after", result.after))
+                        for k, v in figs.items()})
+    return {"hf_uri": result.hf_uri, "checkpoint_uri": result.checkpoint_uri, "model_id": result.model_id,
+            "parent_model_id": result.parent_model_id, "expert_load_uri": result.expert_load_uri,
+            "mlflow_model_name": name if version else None, "mlflow_model_version": version,
+            "before": result.before, "after": result.after, "metrics": result.metrics}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import task
 
 from moeflow.platform import artifacts as A
-from moeflow.platform.serve.deploy import DeployConfig, run_deploy
+from moeflow.platform.serve.deploy import DeployConfig, follow_promotion, run_deploy
 from moeflow.platform.serve.registry import MLflowRegistry
 from moeflow.platform.stage import stage_run
 
@@ -23,4 +23,5 @@ def deploy_task(config: DeployConfig, model_name: str, version: str | None = Non
                             output_prefix=f"deploy/{model_name}")
         st.add_output(result.decision_uri, kind=A.DEPLOY_DECISION, name=f"{model_name}-deploy")
         st.log_metrics({"deploy/promoted": float(result.promoted)})
+        st.tracker.set_tags({"moeflow.deploy.serving": follow_promotion(result, st.settings)})
     return result.to_dict()

@@ -89,6 +89,7 @@ def single(world):
     return result, run_id
 
 
+@pytest.mark.slow
 def test_every_task_and_the_validation_split_are_scored(single):
     result, _ = single
     (ev,) = result.models
@@ -102,6 +103,7 @@ def test_every_task_and_the_validation_split_are_scored(single):
     assert "| model |" in comparison_markdown(result.comparison)
 
 
+@pytest.mark.slow
 def test_planted_contamination_is_excluded_and_reported(single, world):
     (ev,) = single[0].models
     report = next(r for r in ev.contamination if r["task"] == "python_mc")
@@ -111,6 +113,7 @@ def test_planted_contamination_is_excluded_and_reported(single, world):
     assert ev.metrics["python_mc/num_contaminated"] == 1.0
 
 
+@pytest.mark.slow
 def test_results_reach_mlflow_the_model_version_the_catalog_and_the_store(single, world):
     result, run_id = single
     client = world["tracker"].client

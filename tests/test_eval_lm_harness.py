@@ -17,7 +17,8 @@ from moeflow.models import ModelConfig, MoETransformer  # noqa: E402
 from moeflow.models.eval.lm import ModelLM  # noqa: E402
 from moeflow.models.hf import export_hf  # noqa: E402
 from moeflow.models.tokenizer import train_bpe  # noqa: E402
-from moeflow.platform.eval import lm_harness, model_ref  # noqa: E402
+from moeflow.platform import model_refs as model_ref  # noqa: E402
+from moeflow.platform.eval import lm_harness  # noqa: E402
 from moeflow.platform.eval.runners import run_task  # noqa: E402
 from moeflow.platform.eval.tasks import CONFIG_DIR, load_task, load_task_data  # noqa: E402
 

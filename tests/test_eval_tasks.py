@@ -60,7 +60,7 @@ def test_malformed_records_are_quarantined_with_their_line(tmp_path):
 def test_bad_task_files_fail_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntype: generate\ndata: x.jsonl\nmax_new_token: 3\n")
-    with pytest.raises(TaskError, match="max_new_token: Extra inputs"):
+    with pytest.raises(TaskError, match="bad.yaml: unknown field 'max_new_token' .*did you mean 'max_new_tokens'"):
         load_task(bad)
     with pytest.raises(TaskError, match="shipped tasks: .*arith"):
         load_task("no_such_task")

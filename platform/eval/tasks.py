@@ -105,8 +105,9 @@ def load_task(path_or_name: str | Path) -> TaskSpec:
         return TaskSpec(**raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "task"
-        raise TaskError(f"{path}: {where}: {first['msg']}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise TaskError(f"{path}: {where + ': ' if where else ''}{msg}") from None
 
 
 # ============================================================================ records

@@ -152,11 +152,14 @@ def read_topk_cache(store, prefix: str) -> tuple[torch.Tensor, TopK] | None:
 
 
 def teacher_topk_for_pool(store, teacher, *, teacher_uri: str, tokens_uri: str, rows_NT1: torch.Tensor,
-                          loss: DistillLossConfig, device="cpu", batch_size: int = 8) -> tuple[TopK, str, bool]:
-    """The pool's top-k from the store cache, computing and committing it first when absent.
+                          loss: DistillLossConfig, device="cpu", batch_size: int = 8,
+                          write: bool = True) -> tuple[TopK, str, bool]:
+    """The pool's top-k from the store cache, computing (and, with ``write``, committing) it when absent.
 
-    Returns (top-k, cache URI, whether it was reused). A cache whose rows differ from the pool is a
-    hash collision or a corrupted artefact: refused, never used.
+    Returns (top-k, cache URI, whether it was reused). Only one rank writes (``write``); the others compute
+    the same numbers and round them to fp16 exactly as the cache stores them, so every rank trains on the
+    same targets. A cache whose rows differ from the pool is a hash collision or a corrupted artefact:
+    refused, never used.
     """
     prefix = cache_prefix(teacher_uri, tokens_uri, rows_NT1, loss.top_k, loss.temperature)
     cached = read_topk_cache(store, prefix)
@@ -167,11 +170,12 @@ def teacher_topk_for_pool(store, teacher, *, teacher_uri: str, tokens_uri: str, 
         return top, store.uri(prefix), True
     top = compute_topk(teacher, rows_NT1, k=loss.top_k, temperature=loss.temperature, device=device,
                        batch_size=batch_size)
-    uri = write_topk_cache(store, prefix, rows_NT1, top, {"teacher_uri": teacher_uri, "tokens_uri": tokens_uri,
-                                                          "k": loss.top_k, "temperature": loss.temperature,
-                                                          "shape": list(rows_NT1.shape)})
+    if write:
+        write_topk_cache(store, prefix, rows_NT1, top, {"teacher_uri": teacher_uri, "tokens_uri": tokens_uri,
+                                                        "k": loss.top_k, "temperature": loss.temperature,
+                                                        "shape": list(rows_NT1.shape)})
     # what the student trains on is what a later run will read: the fp16 round trip, not the fp32 values
-    return read_topk_cache(store, prefix)[1], uri, False
+    return TopK(top.logprobs_NK.half().float(), top.indices_NK), store.uri(prefix), False
 
 
 # ------------------------------------------------------------------ objective and evaluation
@@ -302,7 +306,7 @@ def build_distill(job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
     if cfg.teacher_logits == "cache":
         top, cache_uri, reused = teacher_topk_for_pool(store, teacher, teacher_uri=job.model_uri, tokens_uri=tokens_uri,
                                                        rows_NT1=pool, loss=cfg, device=ctx.device,
-                                                       batch_size=cfg.eval_batch_size)
+                                                       batch_size=cfg.eval_batch_size, write=ctx.rank == 0)
         log.info("distill: teacher top-%d of %d rows %s %s", cfg.top_k, len(pool), "reused from" if reused else
                  "cached at", cache_uri)
         parts.loader = PackedRowLoader(RowPool(pool, top), batch_size=cfg.micro_batch_size, seed=cfg.seed,

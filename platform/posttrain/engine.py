@@ -6,9 +6,9 @@ subclass). The core does the rest, the same way for every stage and on the same 
 pretraining (``platform/train``: ``worker_context``, ``wrap_model``, ``CheckpointManager``,
 ``resume_from_latest``/``save_checkpoint``, ``launch_ray``):
 
-1. start from a registered model version: ``resolve_model`` turns a catalog id, an MLflow registry
-   alias (``name@alias``) or a store URI of an HF export into the export's URI and catalog id; the
-   default is the newest version of the previous stage's model name;
+1. start from a registered model version: ``platform/model_refs.resolve`` turns every reference form
+   (catalog id, ``name@alias``, ``name/version``, a store URI of an export or a checkpoint) into the
+   export's URI and catalog id; the default is the newest version of the previous stage's model name;
 2. every rank downloads the HF export, imports it (``models.hf.import_hf``) with its tokenizer and
    calls the builder, which returns the module to train, its micro-batch loader and optionally an
    ``Objective`` (default: the token-weighted LM loss of ``Trainer`` on dict batches, what SFT uses);
@@ -51,6 +51,7 @@ from moeflow.models.config import strict_from_dict
 from moeflow.models.train import state as train_state
 from moeflow.models.train.loop import Trainer, _distributed, _unwrap, router_biases
 from moeflow.models.train.schedules import SCHEDULES
+from moeflow.platform import model_refs
 from moeflow.platform.config import StageConfig, config_hash
 from moeflow.platform.train.checkpoint import CheckpointManager
 from moeflow.platform.train.distributed import WorkerContext, barrier, open_store, worker_context, wrap_model
@@ -59,7 +60,7 @@ from moeflow.platform.train.worker import _maybe_die, rank0_tracker, resume_from
 
 log = logging.getLogger(__name__)
 
-HF_DIR = "hf"
+HF_DIR = model_refs.HF_DIR
 HEADLINE_FILE = "headline.json"
 INPUT_MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 Schedule = Literal[SCHEDULES]  # type: ignore[valid-type]
@@ -247,8 +248,8 @@ class PostTrainer(Trainer):
         global_count = counts.sum()
         if _distributed():
             dist.all_reduce(global_count, op=dist.ReduceOp.SUM)
-        parts = {name: torch.zeros((), device=self.device) for name in ("loss", "lm_loss", "mtp_loss", "seq_aux_loss",
-                                                                           "z_loss", "lb_loss")}
+        # only what this objective measures: an LM-loss column of zeros would read as a perfect LM
+        parts = {"loss": torch.zeros((), device=self.device)}
         counts_LE = entropy_L = None
         for micro, batch in enumerate(micro_batches):
             last = micro == k - 1
@@ -263,6 +264,8 @@ class PostTrainer(Trainer):
                         loss = loss + balance / k
                 loss.backward()
             parts["loss"] += loss.detach().float()
+            if balance is not None:
+                parts["balance_loss"] = parts.get("balance_loss", 0) + balance.detach().float() / k
             for name, value in out.metrics.items():
                 value = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach()
                 parts[name] = parts.get(name, torch.zeros((), device=self.device)) + value * share
@@ -289,18 +292,12 @@ def _unwrapped_lm(model: nn.Module) -> nn.Module:
     return model if hasattr(model, "routers") and hasattr(model, "lm_head") else getattr(model, "lm", model)
 
 
-def load_input_model(store, model_uri: str, local_dir: Path, device: torch.device | str = "cpu"):
-    """(MoETransformer, Tokenizer, local export dir) of an HF export artefact (ours)."""
-    from moeflow.models import hf
-    from moeflow.models.tokenizer import Tokenizer
-
-    local = store.read_artifact(model_uri).download(local_dir)
-    model = hf.import_hf(local, device=device)
-    tok_path = local / "tokenizer.json"
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{model_uri}: the HF export has no tokenizer.json (post-training needs the "
-                                f"model's own tokenizer)")
-    return model, Tokenizer.from_file(tok_path), local
+def _input_model(store, model_uri: str, local_dir: Path):
+    """(MoETransformer, Tokenizer, local export dir) of the input version: its HF export (a checkpoint's
+    run export) with the export's own tokenizer; ``model_refs`` resolves and loads it."""
+    loaded = model_refs.load(model_refs.resolve(model_uri, store=store), require_hf=True, store=store,
+                             cache_dir=local_dir)
+    return loaded.model, loaded.tokenizer, loaded.local_dir
 
 
 def posttrain_worker(config: dict, tracker=None) -> dict:
@@ -312,7 +309,7 @@ def posttrain_worker(config: dict, tracker=None) -> dict:
 
 def _train(job: PostTrainJob, ctx: WorkerContext, tracker) -> dict:
     store = open_store(job.store_uri)
-    base, tokenizer, _ = load_input_model(store, job.model_uri, ctx.tmp / "input")
+    base, tokenizer, _ = _input_model(store, job.model_uri, ctx.tmp / "input")
     torch.manual_seed(int(job.config.get("seed", 0)))
     parts = load_builder(job.builder)(job, base, tokenizer, ctx)
     cfg = parts.config
@@ -434,7 +431,7 @@ def finalize_posttrain(job: PostTrainJob, store, *, tracker=None, catalog=None,
     """On the driver: export the final checkpoint (HF + stage files), register it, log the headline figures."""
     with tempfile.TemporaryDirectory(prefix=f"moeflow-{job.stage}-final-") as tmp:
         tmp = Path(tmp)
-        base, tokenizer, input_dir = load_input_model(store, job.model_uri, tmp / "input")
+        base, tokenizer, input_dir = _input_model(store, job.model_uri, tmp / "input")
         parts = load_builder(job.builder)(job, base, tokenizer, None)
         cfg = parts.config
         manager = CheckpointManager(store, job.output_prefix, keep_last=cfg.keep_checkpoints)
@@ -508,43 +505,6 @@ def export_stage_model(parts: StageParts, store, job: PostTrainJob, local_dir: P
             if path.is_file():
                 w.put_file(path.relative_to(local_dir).as_posix(), path)
     return store.uri(prefix)
-
-
-# ------------------------------------------------------------------ which model version to start from
-@dataclass
-class ModelRef:
-    uri: str                  # store URI of the HF export
-    model_id: str | None      # catalog model version id (the new version's parent)
-    name: str | None = None
-
-
-def resolve_model(ref: str | None, *, catalog, tracker=None, default_name: str | None = None) -> ModelRef:
-    """A catalog id, ``name@alias`` (MLflow registry), a store URI, or None (newest ``default_name``)."""
-    if not ref:
-        if not default_name:
-            raise LookupError("no model given and no previous stage to default to")
-        rows = catalog.list_models(name=default_name, limit=1)
-        if not rows:
-            raise LookupError(f"no model named {default_name!r} in the catalog: run the stage that produces it "
-                              f"first, or pass a model (catalog id, name@alias or URI)")
-        return ModelRef(rows[0]["checkpoint_uri"], rows[0]["id"], rows[0]["name"])
-    if "://" in ref:
-        known = catalog.get_artifact(ref) if catalog is not None else None
-        return ModelRef(ref, known.get("id") if known and known.get("kind") == "model" else None)
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        client = getattr(tracker, "client", None)
-        if client is None:
-            raise LookupError(f"{ref!r}: resolving a registry alias needs MLflow tracking (MOEFLOW_TRACKING=mlflow)")
-        version = client.get_model_version_by_alias(name, alias)
-        uri = version.tags.get("moeflow.artifact_uri")
-        if not uri:
-            raise LookupError(f"{ref!r}: model version {version.version} has no moeflow.artifact_uri tag")
-        known = catalog.get_artifact(uri) if catalog is not None else None
-        return ModelRef(uri, known.get("id") if known else None, name)
-    row = catalog.get_model(ref)  # NotFoundError names the id
-    return ModelRef(row["checkpoint_uri"], row["id"], row["name"])
-
 
 
 # ------------------------------------------------------------------ command line (plain process or torchrun)

@@ -110,7 +110,7 @@ def save_head(model: RewardModel, hf_dir: Path) -> None:
 def load_reward_model(source: str | Path, *, store=None, device="cpu") -> tuple[RewardModel, object]:
     """(RewardModel, Tokenizer) from a reward export: a local folder or a store URI of one.
 
-    The RL stage and evaluation resolve ``<name>@reward`` with ``engine.resolve_model`` and pass the URI.
+    The RL stage and evaluation resolve ``<name>@reward`` with ``platform.model_refs.resolve`` and pass the URI.
     """
     import tempfile
 

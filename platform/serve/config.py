@@ -55,6 +55,8 @@ class GatewayConfig(StageConfig):
     max_inflight: int = Field(512, ge=1, description="concurrent generations per gateway replica before 429")
     first_token_timeout_s: float = Field(60.0, gt=0, description="queueing bound: no first token by then = 503")
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end bound of one request")
+    stall_timeout_s: float = Field(30.0, gt=0, description="no event from the replica for this long = 503 "
+                                                           "(a replica that died without closing its stream)")
     num_replicas: int = Field(1, ge=1, le=64, description="gateway replicas")
 
 

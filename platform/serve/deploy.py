@@ -111,3 +111,17 @@ def rollback_run(model_name: str, alias: str = "champion", settings=None) -> Dep
                           tracker=st.tracker, output_prefix=f"deploy/{model_name}")
         st.add_output(result.decision_uri, kind=A.DEPLOY_DECISION, name=f"{model_name}-deploy")
     return result
+
+
+def follow_promotion(result: DeployResult, settings=None) -> str:
+    """After a promotion, make a running gateway (if any) serve the new champion: the version's export
+    is fetched through the registry and deployed as its own Serve app, then the alias moves (hot swap)."""
+    if not result.promoted:
+        return "not promoted: the gateway is left as it is"
+    from .app import running_gateway, sync_alias
+    from .launch import resolve_served
+
+    if running_gateway(settings) is None:
+        return "no gateway is running: the alias is read when `moeflow serve` starts"
+    resolved = resolve_served(f"{result.model_name}/{result.version}", settings=settings)
+    return sync_alias(result.model_name, result.alias, result.version, resolved.model_dir, settings=settings)

@@ -319,13 +319,17 @@ class _Run:
         for i, c in enumerate(self.choices):
             self._tasks.append(asyncio.create_task(self._pump(i, c, queue)))
         remaining = len(self.choices)
+        stall = self.gw.config.stall_timeout_s
         while remaining:
-            timeout = self.deadline - time.perf_counter()
+            left = self.deadline - time.perf_counter()
             try:
-                i, ev = await asyncio.wait_for(queue.get(), max(timeout, 0.0))
+                i, ev = await asyncio.wait_for(queue.get(), max(min(left, stall), 0.0))
             except asyncio.TimeoutError:
-                raise P.APIError(504, f"the request took longer than {self.gw.config.request_timeout_s:g} s",
-                                 code="timeout", type_="server_error") from None
+                if left <= stall:
+                    raise P.APIError(504, f"the request took longer than {self.gw.config.request_timeout_s:g} s",
+                                     code="timeout", type_="server_error") from None
+                raise P.APIError(503, f"{self.route.key} sent nothing for {stall:g} s; retry",
+                                 code="stream_stalled", type_="server_error") from None
             if ev is _DONE:
                 remaining -= 1
                 continue
@@ -337,11 +341,16 @@ class _Run:
             yield i, ev
 
     async def _pump(self, i: int, c: _Choice, queue: asyncio.Queue) -> None:
+        ended = False
         try:
             async for ev in c.stream:
                 await queue.put((i, ev))
                 if ev.get("finish_reason") or ev["kind"] == "error":
+                    ended = True
                     break
+            if not ended:  # the replica's stream stopped without a finish: never pass that off as complete
+                raise P.APIError(503, f"{self.route.key} ended the stream before the end of the completion; retry",
+                                 code="stream_interrupted", type_="server_error")
         except asyncio.CancelledError:
             raise
         except BaseException as err:  # noqa: BLE001 - handed to the consumer

@@ -15,7 +15,6 @@ import json
 
 EVAL_PREFIX = "eval."
 HISTORY_TAG = "moeflow.alias_history.{alias}"
-ARTIFACT_TAGS = ("moeflow.artifact_uri", "moeflow.hf_uri")
 
 
 def version_metrics(tags: dict[str, str]) -> dict[str, float]:
@@ -83,6 +82,13 @@ class MLflowRegistry:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    @classmethod
+    def from_client(cls, client) -> "MLflowRegistry":
+        """The registry behind an existing MlflowClient (a tracker's), without a second connection."""
+        registry = cls.__new__(cls)
+        registry.client = client
+        return registry
 
     def _call(self, what: str, fn, *args):
         from mlflow.exceptions import MlflowException

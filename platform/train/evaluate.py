@@ -1,4 +1,6 @@
-"""Evaluate a pretraining checkpoint on the validation split, beside the unigram baseline.
+"""Validation loss / bits per byte of a model on the token shards' ``val`` split, beside the unigram baseline.
+
+The evaluate stage (``platform/eval/engine.py``) calls ``evaluate_model`` for every model it scores.
 
 ``evaluate_checkpoint`` loads a checkpoint (store URI or local directory), rebuilds the model
 from its ``meta.json``, and measures on the token artefact's ``val`` split:
@@ -14,36 +16,19 @@ from its ``meta.json``, and measures on the token artefact's ``val`` split:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.train.loop import bits_per_byte
-
-from moeflow.platform.config import StageConfig
+# The stage config lives beside the evaluate engine (platform/eval/); flows/pipeline.py imports it from
+# here, so the name stays importable from this module until the pipeline imports it from there.
+from moeflow.platform.eval.config import EvaluateConfig  # noqa: F401
 
 from .checkpoint import download_checkpoint
 from .loader import eval_batches
-
-
-class EvaluateConfig(StageConfig):
-    """How much of the validation split the evaluate stage reads."""
-
-    num_batches: int = Field(16, ge=1, le=100_000, description="validation batches to evaluate")
-    batch_size: int = Field(8, ge=1, le=65_536, description="rows per validation batch")
-    seq_len: Optional[int] = Field(None, ge=1, le=1_048_576,
-                                   description="tokens per row (default: the training sequence length)")
-
-
-@dataclass
-class EvaluateResult:
-    checkpoint_uri: str
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def unigram_log_probs(ds, vocab_size: int, max_tokens: int = 50_000_000, chunk: int = 1 << 22) -> np.ndarray:
@@ -122,15 +107,3 @@ def evaluate_checkpoint(checkpoint: str | Path, tokens_uri: str, *, seq_len: int
                              num_batches=num_batches, bytes_per_token=bytes_per_token, device=device)
     metrics["step"] = float(meta["step"])
     return metrics
-
-
-def run_evaluate(config: EvaluateConfig, store=None, *, checkpoint_uri: str, tokens_uri: str,
-                 device: str | torch.device = "cpu") -> EvaluateResult:
-    """The evaluate stage's engine: ``evaluate_checkpoint`` with the stage config.
-
-    ``store`` is accepted for the uniform ``run_<stage>(config, store, ...)`` signature; the
-    artefacts are read by URI, so any store's URIs work.
-    """
-    metrics = evaluate_checkpoint(checkpoint_uri, tokens_uri, seq_len=config.seq_len, batch_size=config.batch_size,
-                                  num_batches=config.num_batches, device=device)
-    return EvaluateResult(checkpoint_uri=checkpoint_uri, metrics=metrics)

@@ -19,6 +19,7 @@ import torch
 from moeflow.models.model_card import ModelCardInfo
 from moeflow.models.train import state as train_state
 from moeflow.platform import artifacts as A
+from moeflow.platform.config import config_hash
 
 from .checkpoint import CheckpointManager
 from .config import PretrainConfig
