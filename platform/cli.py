@@ -122,6 +122,21 @@ def status() -> None:
     _echo_table(rows, ["name", "running", "healthy", "pid", "port", "port_open", "url", "note"])
 
 
+@app.command()
+def doctor(
+    min_cpus: float = typer.Option(0, "--min-cpus", help="fail unless the Ray cluster has this many CPUs"),
+    min_gpus: float = typer.Option(0, "--min-gpus", help="fail unless the Ray cluster has this many GPUs"),
+) -> None:
+    """Check the configured services (store, catalog, MLflow, Prefect, Ray): one line each; exit 1 on a problem."""
+    from .doctor import run_checks
+
+    checks = run_checks(_settings(), min_cpus=min_cpus, min_gpus=min_gpus)
+    for check in checks:
+        typer.echo(check.line())
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
 @config_app.command("show")
 def config_show(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Print the effective settings (secrets masked), with the URIs runs actually use."""

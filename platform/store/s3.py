@@ -138,6 +138,10 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.root_uri = f"s3://{bucket}"
         self._bucket_ok = False
+        self.client = self._connect()
+
+    def _connect(self) -> Minio:
+        config = self.config
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=config.connect_timeout_s, read=config.read_timeout_s),
             retries=False,  # our RetryPolicy is the only retry loop
@@ -145,7 +149,7 @@ class S3Store(ObjectStore):
             cert_reqs="CERT_REQUIRED" if config.secure else "CERT_NONE",
             ca_certs=os.environ.get("SSL_CERT_FILE") or _certifi_where(),
         )
-        self.client = Minio(
+        return Minio(
             config.endpoint,
             access_key=config.access_key,
             secret_key=config.secret_key,
@@ -153,6 +157,18 @@ class S3Store(ObjectStore):
             region=config.region,
             http_client=http,
         )
+
+    # -- pickling: a store travels to Ray workers (curation's ShardTask, training's launch) by
+    # its settings; the minio client (thread locks, open sockets) is rebuilt on the other side
+    def __getstate__(self) -> dict:
+        return {"config": self.config, "bucket": self.bucket}
+
+    def __setstate__(self, state: dict) -> None:
+        self.config = state["config"]
+        self.bucket = state["bucket"]
+        self.root_uri = f"s3://{self.bucket}"
+        self._bucket_ok = False
+        self.client = self._connect()
 
     # -- addressing
     def uri(self, key: str) -> str:

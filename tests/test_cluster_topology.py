@@ -1,0 +1,250 @@
+"""The cluster topology natively on this machine (the issue's core, `slow`): a Ray cluster of a head and
+two worker nodes (`ray start` on loopback, one CPU each, bounded object stores), PostgreSQL scratch
+databases for the catalog, Prefect and MLflow, an S3 server (moto) for every artefact (MLflow's
+included, proxied by the MLflow server), the Prefect server on PostgreSQL with the platform's `flows`
+service (deployments on the process work pool + a Prefect worker). A deployment run of the shortened
+tiny `pipeline` is submitted through Prefect's API; it curates and tokenizes with 2 Ray workers, trains
+with 2 Ray Train workers (one per worker node: the head has no CPUs) and evaluates. Checked: artefacts
+in S3, runs in MLflow, lineage in the Postgres catalog, tasks on both worker nodes, and the curated and
+token content hashes equal to an embedded (local store, one process) run of the same recipe."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from s3server import free_port, moto_s3_server  # noqa: E402
+from test_catalog_helpers import PG_ADMIN_URL, require_postgres  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(1500)]
+
+BUCKET = "topology"
+
+
+@contextlib.contextmanager
+def scratch_databases(*roles: str):
+    """{role: URL} of fresh PostgreSQL databases with unique names, dropped afterwards."""
+    import psycopg
+
+    require_postgres()
+    names = {role: f"moeflow_topo_{role}_{uuid.uuid4().hex[:10]}" for role in roles}
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        for name in names.values():
+            conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rpartition("/")[0]
+    try:
+        yield {role: f"{base}/{name}" for role, name in names.items()}
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            for name in names.values():
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class RayNodes:
+    """A head and worker nodes started with `ray start --block` (each in its own process group, so
+    stopping them never touches another Ray on this machine, as `ray stop` would)."""
+
+    def __init__(self, log_dir: Path, env: dict):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_dir, self.env = log_dir, env
+        self.procs: list[subprocess.Popen] = []
+
+    def _start(self, name: str, args: list[str]) -> None:
+        ray = str(Path(sys.executable).parent / "ray")
+        log = (self.log_dir / f"ray-{name}.log").open("wb")
+        self.procs.append(subprocess.Popen(
+            [ray, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+             f"--object-store-memory={100 * 1024 * 1024}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start(self, workers: int = 2) -> "RayNodes":
+        self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
+                             f"--ray-client-server-port={free_port()}"])
+        self._wait_nodes(1)
+        for i in range(workers):  # one at a time: two raylets starting together overload 2 cores
+            self._start(f"worker{i}", [f"--address={self.address}", "--num-cpus=1", f"--resources={{\"node{i}\": 1}}"])
+            self._wait_nodes(2 + i)
+        return self
+
+    def _wait_nodes(self, n: int, timeout: float = 180) -> None:
+        ray = str(Path(sys.executable).parent / "ray")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            out = subprocess.run([ray, "status", f"--address={self.address}"], capture_output=True, text=True,
+                                 env=self.env, timeout=60)
+            if out.returncode == 0 and out.stdout.count("node_") >= n:
+                return
+            time.sleep(2)
+        raise RuntimeError(f"Ray cluster did not reach {n} nodes; logs in {self.log_dir}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _recipe():
+    from moeflow.platform.recipes import load_recipe
+
+    recipe = load_recipe("tiny", ["pretrain.max_steps=8", "pretrain.log_every=2", "pretrain.val_every=4",
+                                  "pretrain.checkpoint_every=4", "pretrain.val_batches=2", "pretrain.warmup_steps=2",
+                                  "pretrain.micro_batch_size=4", "pretrain.seq_len=64",
+                                  "evaluate.num_batches=2", "evaluate.batch_size=4",
+                                  "num_workers=2", "train_workers=2", "tokenize.vocab_size=512"])
+    recipe["curate"]["sources"][0]["max_files"] = 24
+    recipe["curate"]["files_per_shard"] = 8  # 3 shards: curation fans out
+    recipe["skip"] = ["posttrain_data", "sft", "reward", "align", "deploy"]  # curate, tokenize, pretrain, evaluate
+    return recipe
+
+
+def test_pipeline_deployment_on_a_multi_node_cluster(tmp_path, monkeypatch):
+    from moeflow.flows.pipeline import pipeline
+    from moeflow.platform import services
+    from moeflow.platform.settings import get_settings
+    from moeflow.platform.stages import flow_kwargs
+
+    recipe = _recipe()
+    home = tmp_path / "home"
+    with moto_s3_server() as moto, scratch_databases("catalog", "prefect", "mlflow") as dbs:
+        env = {
+            "MOEFLOW_HOME": str(home), "MOEFLOW_S3_ENDPOINT": moto.endpoint, "MOEFLOW_S3_BUCKET": BUCKET,
+            "MOEFLOW_S3_ACCESS_KEY": "k", "MOEFLOW_S3_SECRET_KEY": "s", "MOEFLOW_S3_REGION": "us-east-1",
+            "MOEFLOW_CATALOG_URL": dbs["catalog"], "MOEFLOW_MLFLOW_BACKEND_URI": dbs["mlflow"],
+            "MOEFLOW_PREFECT_PORT": str(free_port()), "MOEFLOW_MLFLOW_PORT": str(free_port()),
+            "MOEFLOW_RAY_PLACEMENT_TIMEOUT_S": "300", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        settings = get_settings()
+        settings.ensure_dirs()
+        from moeflow.platform.store import open_store
+
+        store = open_store(settings, create_bucket=True)
+        nodes = RayNodes(home, {**os.environ, "RAY_raylet_start_wait_time_s": "120"})
+        monkeypatch.setenv("MOEFLOW_RAY_ADDRESS", nodes.address)
+        settings = get_settings()
+        svcs = services.services(settings)
+        svcs["prefect"].env["PREFECT_API_DATABASE_CONNECTION_URL"] = dbs["prefect"].replace(
+            "postgresql://", "postgresql+asyncpg://")
+        started = []
+        try:
+            nodes.start(workers=2)
+            for name in ("prefect", "mlflow", "flows"):
+                services.start_service(svcs[name], settings, timeout=400)
+                started.append(name)
+            _check_doctor(settings)
+            state, result = _run_deployment(settings, flow_kwargs(pipeline, recipe))
+            assert state == "COMPLETED", _logs(home)
+            _check_cluster_result(result, store, settings, nodes.address, dbs)
+        finally:
+            for name in reversed(started):
+                services.stop_service(svcs[name], settings)
+            nodes.stop()
+    _check_embedded_hashes(recipe, result, tmp_path)
+
+
+def _check_doctor(settings) -> None:
+    """`moeflow doctor` on the whole configuration: every service ok, Ray's 2 CPUs counted."""
+    from moeflow.platform import doctor
+
+    checks = doctor.run_checks(settings, min_cpus=2)
+    assert all(c.ok for c in checks), [c.line() for c in checks]
+    short = doctor.check_ray(settings, min_cpus=3)
+    assert not short.ok and "has 2 CPU" in short.detail and "3 node" not in short.detail
+
+
+def _logs(home: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((home / "logs").glob("*.log")))
+
+
+def _run_deployment(settings, parameters: dict, timeout_s: float = 1200):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: settings.prefect_url}):
+        flow_run = run_deployment("pipeline/local", parameters=parameters, timeout=0, as_subflow=False)
+        deadline = time.time() + timeout_s
+        with get_client(sync_client=True) as client:
+            while time.time() < deadline:
+                run = client.read_flow_run(flow_run.id)
+                if run.state.is_final():
+                    result = run.state.result() if run.state.is_completed() else None
+                    return run.state.type.value, result
+                time.sleep(3)
+    return "TIMEOUT", None
+
+
+def _check_cluster_result(result: dict, store, settings, ray_address: str, dbs: dict) -> None:
+    for key in ("curated_uri", "tokens_uri", "checkpoint_uri", "hf_uri"):
+        assert result[key].startswith(f"s3://{BUCKET}/"), (key, result[key])
+    result["curated_hash"] = store.read_artifact(store.key_for_uri(result["curated_uri"])).content_hash
+    result["tokens_hash"] = store.read_artifact(store.key_for_uri(result["tokens_uri"])).content_hash
+    assert result["eval"], result  # evaluate ran on the pretrained checkpoint
+    keys = store.list("")
+    assert any(k.startswith("mlflow-artifacts/") for k in keys), "no MLflow artefact reached S3"
+    # MLflow on PostgreSQL: the pipeline's run and one per stage
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=settings.mlflow_server_url)
+    experiment = client.get_experiment_by_name(settings.project)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) >= 5, [r.info.run_name for r in runs]
+    # the catalog on PostgreSQL holds the lineage
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(dbs["catalog"].replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        edges = conn.execute(text("SELECT count(*) FROM lineage_edges")).scalar()
+        runs_n = conn.execute(text("SELECT count(*) FROM runs")).scalar()
+    engine.dispose()
+    assert edges >= 4 and runs_n >= 5, (edges, runs_n)
+    # the fan-out: curation tasks and Ray Train workers ran on both worker nodes
+    code = ("import json, ray; from ray.util.state import list_tasks, list_nodes; ray.init(address=%r); "
+            "heads = {n.node_id for n in list_nodes() if n.is_head_node}; "
+            "t = list_tasks(filters=[('func_or_class_name', '=', 'run_shard_segment')], limit=1000, detail=True); "
+            "w = list_tasks(filters=[('type', '=', 'ACTOR_CREATION_TASK')], limit=1000, detail=True); "
+            "print(json.dumps({'shard_nodes': sorted({x.node_id for x in t if x.node_id}), "
+            "'actor_nodes': sorted({x.node_id for x in w if x.node_id and 'Worker' in x.name}), 'heads': sorted(heads)}))"
+            % ray_address)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(set(seen["shard_nodes"]) - set(seen["heads"])) == 2, seen
+    assert len(set(seen["actor_nodes"]) - set(seen["heads"])) == 2, seen
+
+
+def _check_embedded_hashes(recipe: dict, result: dict, tmp_path: Path) -> None:
+    """The same recipe embedded (local store, inline): identical curated and token artefacts."""
+    from moeflow.platform.data.curate import CurateConfig, default_output_prefix, run_curation
+    from moeflow.platform.data.tokenize import TokenizeConfig, run_tokenize
+    from moeflow.platform.store import LocalStore
+
+    store = LocalStore(tmp_path / "embedded")
+    curate = CurateConfig.model_validate(recipe["curate"])
+    curated = run_curation(curate, store, output_prefix=default_output_prefix(curate), num_workers=1, progress=False)
+    tokens = run_tokenize(TokenizeConfig.model_validate(recipe["tokenize"]), store, curated_uri=curated.uri,
+                          output_prefix=f"datasets/{curate.name}/tokens", num_workers=1)
+    cluster_curated = result["curated_uri"].rsplit("/", 1)[-1]
+    assert curated.uri.rsplit("/", 1)[-1] == cluster_curated  # the same config + inputs fingerprint
+    assert (curated.content_hash, tokens.content_hash) == (result["curated_hash"], result["tokens_hash"])
