@@ -18,7 +18,8 @@ from moeflow.platform.data.curate import (
     run_curation,
 )
 from moeflow.platform.data.documents import iter_artifact_documents
-from moeflow.platform.data.fingerprint import hash_versions, inputs_fingerprint, versions_of
+from moeflow.platform.data.fingerprint import hash_versions, versions_of
+from moeflow.platform.data.sources import inputs_fingerprint
 from moeflow.platform.data.sources import SourceConfig, plan_shards
 from moeflow.platform.store import LocalStore
 

@@ -64,7 +64,8 @@ def test_s3_sources_and_s3_output(s3_store):
 
 
 def test_s3_inputs_fingerprint_follows_etags(s3_store):
-    from moeflow.platform.data.fingerprint import file_version, inputs_fingerprint
+    from moeflow.platform.data.fingerprint import file_version
+    from moeflow.platform.data.sources import inputs_fingerprint
 
     s3_store.put_bytes("fp/a.txt", b"first version\n")
     sources = [SourceConfig(uri="s3://curation-test/fp")]

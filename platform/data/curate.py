@@ -81,8 +81,8 @@ from .curate_steps import (
     split_segments,
 )
 from .banding import s_curve_rows
-from .fingerprint import changed_files, hash_versions, inputs_fingerprint, versions_of
-from .sources import ShardSpec, plan_shards
+from .fingerprint import changed_files, hash_versions, versions_of
+from .sources import ShardSpec, inputs_fingerprint, plan_shards
 
 __all__ = [
     "DEFAULT_STEPS", "FAULT_ENV", "FORMAT_VERSION", "GLOBAL_STEPS", "LOCAL_STEPS",

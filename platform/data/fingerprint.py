@@ -89,20 +89,6 @@ def versions_of(shards) -> dict[str, str]:
     return {u.logical_uri: u.version for s in shards for u in s.units}
 
 
-def inputs_fingerprint(sources) -> str:
-    """Fingerprint of the inputs of ``sources`` (SourceConfigs): lists and versions every file,
-    without the record counting that planning does, so it is cheap enough for a cache key.
-    Equal to ``hash_versions(versions_of(plan_shards(sources)))``."""
-    from .sources import resolve_files
-
-    versions: dict[str, str] = {}
-    for cfg in sources:
-        for read_uri, logical_uri, _rel, skip in resolve_files(cfg):
-            if logical_uri not in versions:
-                versions[logical_uri] = f"skip:{skip[0]}" if skip else file_version(read_uri)
-    return hash_versions(versions)
-
-
 def changed_files(old: dict[str, str], new: dict[str, str]) -> list[str]:
     """Logical URIs that were added, removed or changed between two {uri: version} maps."""
     return sorted(u for u in set(old) | set(new) if old.get(u) != new.get(u))

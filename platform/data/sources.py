@@ -51,6 +51,7 @@ from .readers import (  # noqa: F401  (re-exported: callers import the readers f
     open_binary,
     open_records_stream,
 )
+from .fingerprint import file_version, hash_versions
 from .units import InputUnit, ShardSpec, SourceError  # noqa: F401  (re-exported)
 
 STDLIB = "python-stdlib"
@@ -255,7 +256,6 @@ def plan_shards(
     sources: list[SourceConfig], files_per_shard: int = 64, records_per_shard: int = 10_000
 ) -> list[ShardSpec]:
     """Deterministic shards over all sources (see the module docstring)."""
-    from .fingerprint import file_version
 
     if not sources:
         raise SourceError("no sources configured")
@@ -292,3 +292,15 @@ def plan_shards(
         digest = hashlib.sha1(json.dumps([[u.logical_uri, u.start, u.stop, u.version] for u in units]).encode()).hexdigest()
         shards.append(ShardSpec(f"{index:05d}-{digest[:10]}", index, tuple(units)))
     return shards
+
+
+def inputs_fingerprint(sources) -> str:
+    """Fingerprint of the inputs of ``sources`` (SourceConfigs): lists and versions every file,
+    without the record counting that planning does, so it is cheap enough for a cache key.
+    Equal to ``hash_versions(versions_of(plan_shards(sources)))``."""
+    versions: dict[str, str] = {}
+    for cfg in sources:
+        for read_uri, logical_uri, _rel, skip in resolve_files(cfg):
+            if logical_uri not in versions:
+                versions[logical_uri] = f"skip:{skip[0]}" if skip else file_version(read_uri)
+    return hash_versions(versions)
