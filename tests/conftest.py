@@ -84,3 +84,16 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """Restore ``sys.modules['__main__']`` after every test: Streamlit's AppTest runs page scripts as
+    ``__main__``, and a later ``torch.multiprocessing.spawn`` child would re-run that script (it
+    re-imports the parent's main module by path) and die."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
