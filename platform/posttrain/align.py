@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -37,7 +37,7 @@ from moeflow.platform.config import StageConfig
 from moeflow.models.align.sft import PackedRowLoader
 
 from . import data as D
-from .engine import ObjectiveOutput, PostTrainConfig, PostTrainJob, StageParts, run_posttrain
+from .engine import ObjectiveOutput, PostTrainConfig, PostTrainJob, StageParts, StageResult, run_posttrain
 
 log = logging.getLogger(__name__)
 
@@ -320,17 +320,8 @@ def build_align(job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
 
 # ------------------------------------------------------------------ the library entry
 @dataclass
-class AlignResult:
-    checkpoint_uri: str
-    hf_uri: str | None
-    expert_load_uri: str | None
-    model_id: str | None
-    parent_model_id: str | None
-    steps: int
-    reference_uri: str | None = None
-    metrics: dict = field(default_factory=dict)
-    before: dict = field(default_factory=dict)
-    after: dict = field(default_factory=dict)
+class AlignResult(StageResult):
+    reference_uri: str | None = None  # the stored reference log-probs
 
 
 def run_align(config: AlignConfig | dict, store, *, model_uri: str, data_uri: str, output_prefix: str,
@@ -344,7 +335,5 @@ def run_align(config: AlignConfig | dict, store, *, model_uri: str, data_uri: st
                        parent_model_id=parent_model_id, model_name=model_name, run_name=run_name, **(extra_job or {}))
     result = run_posttrain(job, store, tracker=tracker, catalog=catalog, num_workers=num_workers, use_gpu=use_gpu)
     ref_prefix = f"{output_prefix.strip('/')}/{REFERENCE_DIR}"
-    return AlignResult(result.checkpoint_uri, result.hf_uri, result.expert_load_uri, result.model_id,
-                       result.parent_model_id, result.steps,
-                       store.uri(ref_prefix) if store.artifact_exists(ref_prefix) else None, result.metrics,
-                       result.headline.get("before", {}), result.headline.get("after", {}))
+    return AlignResult.from_posttrain(
+        result, reference_uri=store.uri(ref_prefix) if store.artifact_exists(ref_prefix) else None)

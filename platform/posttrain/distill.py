@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -38,7 +37,7 @@ from moeflow.models.align.sft import PackedRowLoader
 from moeflow.platform.config import StageConfig, config_hash
 from moeflow.platform.train.config import ModelOverrides
 
-from .engine import ObjectiveOutput, PostTrainConfig, PostTrainJob, StageParts, run_posttrain
+from .engine import ObjectiveOutput, PostTrainConfig, PostTrainJob, StageParts, StageResult, run_posttrain
 
 log = logging.getLogger(__name__)
 
@@ -327,17 +326,8 @@ def build_distill(job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
 
 
 # ------------------------------------------------------------------ the library entry
-@dataclass
-class DistillResult:
-    checkpoint_uri: str
-    hf_uri: str | None
-    expert_load_uri: str | None
-    model_id: str | None
-    parent_model_id: str | None
-    steps: int
-    metrics: dict = field(default_factory=dict)
-    before: dict = field(default_factory=dict)
-    after: dict = field(default_factory=dict)
+class DistillResult(StageResult):
+    pass
 
 
 def run_distill(config: DistillConfig | dict, store, *, model_uri: str, data_uri: str, output_prefix: str,
@@ -350,6 +340,4 @@ def run_distill(config: DistillConfig | dict, store, *, model_uri: str, data_uri
                        output_prefix=output_prefix, data_uris={"tokens": data_uri}, parent_model_id=parent_model_id,
                        model_name=model_name, run_name=run_name, **(extra_job or {}))
     result = run_posttrain(job, store, tracker=tracker, catalog=catalog, num_workers=num_workers, use_gpu=use_gpu)
-    return DistillResult(result.checkpoint_uri, result.hf_uri, result.expert_load_uri, result.model_id,
-                         result.parent_model_id, result.steps, result.metrics, result.headline.get("before", {}),
-                         result.headline.get("after", {}))
+    return DistillResult.from_posttrain(result)

@@ -207,6 +207,27 @@ class PostTrainResult:
     parent_model_id: str | None = None
 
 
+@dataclass
+class StageResult:
+    """What every post-training stage's ``run_<stage>`` returns (each stage names its own subclass)."""
+
+    checkpoint_uri: str
+    hf_uri: str | None
+    expert_load_uri: str | None
+    model_id: str | None
+    parent_model_id: str | None
+    steps: int
+    metrics: dict = field(default_factory=dict)
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_posttrain(cls, result: "PostTrainResult", **extra):
+        return cls(result.checkpoint_uri, result.hf_uri, result.expert_load_uri, result.model_id,
+                   result.parent_model_id, result.steps, result.metrics, result.headline.get("before", {}),
+                   result.headline.get("after", {}), **extra)
+
+
 def load_builder(spec: str) -> Callable[..., StageParts]:
     from moeflow.platform.stages import load_entrypoint  # imports by name happen in the registry only
 

@@ -18,7 +18,6 @@ Shape suffixes: P pairs, R rows (2 per pair).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from moeflow.models.align.sft import PackedRowLoader
 from moeflow.platform.config import StageConfig
 
 from .align import PairDataConfig, load_pairs
-from .engine import ObjectiveOutput, PostTrainConfig, PostTrainJob, StageParts, run_posttrain
+from .engine import ObjectiveOutput, PostTrainConfig, PostTrainJob, StageParts, StageResult, run_posttrain
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +155,8 @@ def build_reward(job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
 
 
 # ------------------------------------------------------------------ the library entry
-@dataclass
-class RewardResult:
-    checkpoint_uri: str
-    hf_uri: str | None
-    expert_load_uri: str | None
-    model_id: str | None
-    parent_model_id: str | None
-    steps: int
-    metrics: dict = field(default_factory=dict)
-    before: dict = field(default_factory=dict)
-    after: dict = field(default_factory=dict)
+class RewardResult(StageResult):
+    pass
 
 
 def run_reward(config: RewardConfig | dict, store, *, model_uri: str, data_uri: str, output_prefix: str,
@@ -179,6 +169,4 @@ def run_reward(config: RewardConfig | dict, store, *, model_uri: str, data_uri: 
                        output_prefix=output_prefix, data_uris={"preference": data_uri},
                        parent_model_id=parent_model_id, model_name=model_name, run_name=run_name, **(extra_job or {}))
     result = run_posttrain(job, store, tracker=tracker, catalog=catalog, num_workers=num_workers, use_gpu=use_gpu)
-    return RewardResult(result.checkpoint_uri, result.hf_uri, result.expert_load_uri, result.model_id,
-                        result.parent_model_id, result.steps, result.metrics, result.headline.get("before", {}),
-                        result.headline.get("after", {}))
+    return RewardResult.from_posttrain(result)

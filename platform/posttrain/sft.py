@@ -19,7 +19,6 @@ prompts with exact answers, e.g. arithmetic, equal to the answer).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -29,7 +28,7 @@ from moeflow.models.align import lora as L
 from moeflow.models.align.sft import PackedRowLoader, answer_exact_match, assistant_token_loss, pack_conversations
 
 from .data import CHAT, PROMPT, PostTrainDataError, load_data, write_quarantine
-from .engine import PostTrainConfig, PostTrainJob, StageParts, run_posttrain
+from .engine import PostTrainConfig, PostTrainJob, StageParts, StageResult, run_posttrain
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +71,8 @@ class SFTConfig(PostTrainConfig):
                             targets=tuple(self.lora_targets), last_k_layers=self.last_k_layers, init_seed=self.seed)
 
 
-@dataclass
-class SFTResult:
-    checkpoint_uri: str
-    hf_uri: str | None
-    expert_load_uri: str | None
-    model_id: str | None
-    parent_model_id: str | None
-    steps: int
-    metrics: dict = field(default_factory=dict)
-    before: dict = field(default_factory=dict)
-    after: dict = field(default_factory=dict)
+class SFTResult(StageResult):
+    pass
 
 
 # ------------------------------------------------------------------ the builder (runs on every rank and the driver)
@@ -176,6 +166,4 @@ def run_sft(config: SFTConfig | dict, store, *, model_uri: str, data_uri: str, o
                        parent_model_id=parent_model_id, model_name=model_name, run_name=run_name,
                        **(extra_job or {}))
     result = run_posttrain(job, store, tracker=tracker, catalog=catalog, num_workers=num_workers, use_gpu=use_gpu)
-    return SFTResult(result.checkpoint_uri, result.hf_uri, result.expert_load_uri, result.model_id,
-                     result.parent_model_id, result.steps, result.metrics, result.headline.get("before", {}),
-                     result.headline.get("after", {}))
+    return SFTResult.from_posttrain(result)
