@@ -152,6 +152,10 @@ class MoETransformer(nn.Module):
       block-diagonal causal and RoPE positions restart per document (no cache, no attention_mask_BS).
     - with_losses: compute the balancing losses (default: when targets are given); without targets
       they are only in ``terms["balance_loss"]`` (attached) and aux.
+    - mtp_boundary_BT (B, T) bool: True where targets[j] begins a new document (e.g. the next
+      document's BOS). Only the MTP depths treat those targets as chain breaks (-100 in
+      ``mtp_targets``); the main LM loss keeps them, as validation does, so LM losses of MTP and
+      non-MTP runs measure the same thing.
     - forced_routing: list (one per MoE layer, MTP excluded) of (B, T, K) expert ids to replay.
     - return_router_choices: aux["router_choices"] = (L_main, B, T, K) chosen expert ids.
     - MTP runs only when targets are given and no cache is used.
@@ -243,7 +247,8 @@ class MoETransformer(nn.Module):
                 cache: MLACache | None = None, cache_position: torch.Tensor | None = None,
                 forced_routing: list[torch.Tensor] | None = None, last_logits_only: bool = False,
                 return_hidden: bool = False, return_router_choices: bool = False,
-                document_ids_BT: torch.Tensor | None = None, with_losses: bool | None = None) -> ModelOutput:
+                document_ids_BT: torch.Tensor | None = None, with_losses: bool | None = None,
+                mtp_boundary_BT: torch.Tensor | None = None) -> ModelOutput:
         cfg = self.cfg
         with_losses = targets is not None if with_losses is None else with_losses
         positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position,
@@ -269,7 +274,8 @@ class MoETransformer(nn.Module):
         if targets is not None:
             lm_loss = self._loss_fn(logits, targets)
             if self.mtp and cache is None:
-                mtp_losses = self._mtp_losses(x_BTD, input_ids_BT, targets, cos, sin, mask, all_stats)
+                chain_BT = targets if mtp_boundary_BT is None else targets.masked_fill(mtp_boundary_BT, IGNORE_INDEX)
+                mtp_losses = self._mtp_losses(x_BTD, input_ids_BT, chain_BT, cos, sin, mask, all_stats)
                 mtp_loss = torch.stack(mtp_losses).mean()
         seq_aux = sum((s.seq_aux_loss for s in all_stats), zero)
         z = sum((s.z_loss for s in all_stats), zero)

@@ -182,8 +182,9 @@ class Trainer:
         self.logger = logger or NullLogger()
         self.bytes_per_token = bytes_per_token or cfg.bytes_per_token
         self.callbacks = list(callbacks or [])
-        # MTP must not predict across documents: with MTP on, targets that are the next
-        # document's BOS become -100, which the model treats as a boundary for its shifts.
+        # MTP must not predict across documents: with MTP on, targets that are the next document's
+        # BOS are passed as ``mtp_boundary_BT``; only the MTP depths drop them (the LM loss keeps
+        # every BOS target, as validation does).
         self.boundary_id = bos_id if getattr(getattr(model, "cfg", None), "mtp_depth", 0) else None
         self.rank = dist.get_rank() if _distributed() else 0
         self.world_size = dist.get_world_size() if _distributed() else 1
@@ -247,13 +248,15 @@ class Trainer:
             batch_BT1 = batch.to(self.device, non_blocking=True)
             inputs_BT, targets_BT, extra = batch_BT1[:, :-1], batch_BT1[:, 1:], {}
         if self.boundary_id is not None:
-            targets_BT = targets_BT.masked_fill(targets_BT == self.boundary_id, -100)
+            extra["mtp_boundary_BT"] = targets_BT == self.boundary_id
         return inputs_BT, targets_BT, extra
 
-    def _target_counts(self, targets_BT: torch.Tensor) -> torch.Tensor:
+    def _target_counts(self, targets_BT: torch.Tensor, extra: dict | None = None) -> torch.Tensor:
         """Valid targets of the LM loss and of each MTP depth, (1 + depth,) float64."""
         counts = [(targets_BT != IGNORE_INDEX).sum()]
-        counts += [(mtp_targets(targets_BT, d) != IGNORE_INDEX).sum() for d in range(1, self.mtp_depth + 1)]
+        boundary_BT = (extra or {}).get("mtp_boundary_BT")
+        chain_BT = targets_BT if boundary_BT is None else targets_BT.masked_fill(boundary_BT, IGNORE_INDEX)
+        counts += [(mtp_targets(chain_BT, d) != IGNORE_INDEX).sum() for d in range(1, self.mtp_depth + 1)]
         return torch.stack(counts).double()
 
     def weighted_objective(self, out, counts: torch.Tensor, global_counts: torch.Tensor) -> torch.Tensor:
@@ -324,7 +327,7 @@ class Trainer:
         entropy summed over micro-batches or None). Gradients accumulate in ``.grad``.
         """
         k = len(micro_batches)
-        counts_MC = torch.stack([self._target_counts(t) for _, t, _ in micro_batches])  # (k, 1 + depth)
+        counts_MC = torch.stack([self._target_counts(t, extra) for _, t, extra in micro_batches])  # (k, 1 + depth)
         global_counts = counts_MC.sum(0)
         if _distributed():
             dist.all_reduce(global_counts, op=dist.ReduceOp.SUM)  # the one count reduction of the step

@@ -1,0 +1,91 @@
+"""MTP and document boundaries: only the MTP targets respect them; the LM loss keeps every BOS target.
+
+Packed pretraining rows hold several BOS-started documents. Predicting the next document's BOS is
+part of next-token prediction (validation scores it), so the training LM loss must score it too,
+with or without MTP; only an MTP depth, whose extra input token or target would cross into the
+next document, drops those positions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflow.models import MoETransformer
+from moeflow.models.mtp import IGNORE_INDEX
+from moeflow.models.train.loop import Trainer
+from moeflow.platform.train.config import PretrainConfig
+from train_fakes import one_thread, tiny_model_overrides
+
+BOS = 1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _cfg(mtp_depth: int) -> PretrainConfig:
+    return PretrainConfig(model_overrides={**tiny_model_overrides(), "mtp_depth": mtp_depth, "seq_aux_alpha": 0.0},
+                          seq_len=16, micro_batch_size=2, grad_accum_steps=1, max_steps=1, warmup_steps=0,
+                          val_every=0)
+
+
+def _packed_rows() -> torch.Tensor:
+    """(2, 17) rows of BOS-started documents, BOS inside each row (so BOS is a target)."""
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(2, 64, (2, 17), generator=gen)
+    rows[0, [0, 6, 11]] = BOS
+    rows[1, [0, 9]] = BOS
+    return rows
+
+
+def _trainer(mtp_depth: int, state: dict | None = None) -> Trainer:
+    cfg = _cfg(mtp_depth)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.build_model_config())
+    if state is not None:  # the non-MTP twin: the same main-model weights
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not missing and all(k.startswith("mtp.") for k in unexpected)
+    return Trainer(cfg, model, iter(()), bos_id=BOS)
+
+
+def test_lm_loss_keeps_bos_targets_with_mtp_and_equals_validation():
+    rows = _packed_rows()
+    mtp = _trainer(mtp_depth=2)
+    plain = _trainer(mtp_depth=0, state=mtp.model.state_dict())
+    results = {}
+    for name, trainer in (("mtp", mtp), ("plain", plain)):
+        parts, _, _ = trainer.accumulate_gradients([trainer._split(rows)])
+        trainer.val_batches = lambda: [rows]
+        results[name] = (float(parts["lm_loss"]), trainer.evaluate()["val_loss"], trainer.last_target_counts)
+    (mtp_train, mtp_val, mtp_counts), (plain_train, plain_val, plain_counts) = results["mtp"], results["plain"]
+    # every one of the 32 targets (5 of them BOS) is in the LM loss, with and without MTP
+    assert int(mtp_counts[0]) == int(plain_counts[0]) == rows[:, 1:].numel() == 32
+    # training LM loss == validation loss on the same rows, and equal across MTP / non-MTP twins
+    assert mtp_train == pytest.approx(mtp_val, rel=1e-5)
+    assert mtp_train == pytest.approx(plain_train, rel=1e-5)
+    assert mtp_val == pytest.approx(plain_val, rel=1e-5)
+
+
+def test_mtp_targets_still_stop_at_document_boundaries():
+    """Depth d keeps the target at i only if targets[i..i+d] hold no BOS (and exist): counted by hand."""
+    rows = _packed_rows()
+    trainer = _trainer(mtp_depth=2)
+    inputs, targets, extra = trainer._split(rows)
+    counts = trainer._target_counts(targets, extra)
+    expected = []
+    for depth in (1, 2):
+        n = 0
+        for r in range(targets.shape[0]):
+            for i in range(targets.shape[1] - depth):
+                window = targets[r, i: i + depth + 1].tolist()
+                n += all(t != BOS and t != IGNORE_INDEX for t in window)
+        expected.append(n)
+    assert counts[1:].tolist() == expected
+    # and the model's MTP loss is the one on boundary-masked targets
+    out = trainer.model(inputs, targets=targets, **extra)
+    ref = trainer.model(inputs, targets=targets.masked_fill(targets == BOS, IGNORE_INDEX))
+    torch.testing.assert_close(out.aux["mtp_loss"], ref.aux["mtp_loss"])
+    assert not torch.allclose(out.aux["lm_loss"], ref.aux["lm_loss"])  # the LM loss scores BOS, ref does not
