@@ -92,6 +92,17 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_factor = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the inverse frequencies: a bf16 inv_freq is off by up to
+        # 0.36 rad at position 2047, and evaluation / the HF export rebuild it in fp32. Keep fp32,
+        # moving only the device (as Router keeps its balancing bias).
+        inv_freq_fp32 = self.inv_freq
+        out = super()._apply(fn, recurse)
+        moved = self.inv_freq
+        if moved.dtype != torch.float32 and inv_freq_fp32.dtype == torch.float32:
+            self.inv_freq = inv_freq_fp32.to(device=moved.device)
+        return out
+
     def forward(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles_BTp = positions_BT.float()[..., None] * self.inv_freq.float()
         return angles_BTp.cos() * self.attention_factor, angles_BTp.sin() * self.attention_factor
