@@ -264,10 +264,14 @@ class ModelConfig:
         Causal attention (QKᵀ and AV) per token per layer, forward: H·(d_qk + d_v)·S (the average
         query sees S/2 keys; 2 flops per multiply-add). Training (fwd + bwd) is 3× forward, so
         3·L·H·(d_qk + d_v)·S. With training=False the total is divided by 3 (forward only).
+        Each MTP depth applies the shared LM head once more (V·D multiply-adds per token), which a
+        parameter count sees only once: it is added per depth. Checked against torch's
+        FlopCounterMode on the executed matmuls (tests/test_train_flops.py).
         """
         n_attn_layers = self.num_layers + self.mtp_depth
         attn = 3.0 * n_attn_layers * self.num_heads * (self.qk_head_dim + self.v_head_dim) * seq_len
-        total = 6.0 * self.num_params(active=True, embedding=False) + attn
+        head_reuse = self.mtp_depth * self.vocab_size * self.hidden_size
+        total = 6.0 * (self.num_params(active=True, embedding=False) + head_reuse) + attn
         return total if training else total / 3.0
 
 
