@@ -30,11 +30,20 @@ def update_router_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, gamma: floa
     return new_bias.to(bias_E.dtype)
 
 
-def tokens_per_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Float counts (E,) of routed token slots per expert. scatter_add (not bincount) avoids a host sync."""
+def tokens_per_expert(topk_idx_TK: torch.Tensor, num_experts: int, valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Float counts (E,) of routed token slots per expert. scatter_add (not bincount) avoids a host sync.
+
+    ``valid_T`` (bool, any shape with T elements in topk_idx's leading order) leaves out the slots of
+    positions that are not real tokens (e.g. the padded tail of an MTP depth), without a host sync.
+    """
     flat = topk_idx_TK.reshape(-1)
     counts = torch.zeros(num_experts, dtype=torch.float32, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    if valid_T is None:
+        weights = torch.ones_like(flat, dtype=torch.float32)
+    else:
+        k = flat.numel() // valid_T.numel()
+        weights = valid_T.reshape(-1, 1).expand(-1, k).reshape(-1).to(torch.float32)
+    return counts.scatter_add_(0, flat, weights)
 
 
 def maxvio(counts_E: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ They are computed only when targets are given (0 otherwise); router statistics a
 lm_loss is the mean token cross-entropy over targets != -100 (0 if there are none).
 
 Router statistics (rows: the main MoE layers in order, then MTP blocks' MoE layers):
-    aux["tokens_per_expert"] (L, E) fp32 counts of this forward; aux["maxvio"] (L,);
+    aux["tokens_per_expert"] (L, E) fp32 counts of this forward (an MTP block counts only the
+    positions its depth has a target for); aux["maxvio"] (L,);
     aux["router_entropy"] (L,). All computed on the device, no host sync.
 A training loop sums tokens_per_expert over micro-batches and ranks and calls
 ``model.apply_router_bias_update(counts_LE)`` once per optimiser step.
@@ -308,10 +309,24 @@ class MoETransformer(nn.Module):
             depth = j + 1
             emb_BTD = self._embed(shift_left(input_ids_BT, depth, 0))
             h_BTD, normed_BTD, stats = module(h_BTD, emb_BTD, cos, sin, mask)
+            depth_targets_BT = mtp_targets(targets_BT, depth)
             if stats is not None:
-                all_stats.append(stats)
-            losses.append(self._loss_fn(self.lm_head(normed_BTD), mtp_targets(targets_BT, depth)))
+                all_stats.append(self._count_real_positions(stats, depth_targets_BT != IGNORE_INDEX))
+            losses.append(self._loss_fn(self.lm_head(normed_BTD), depth_targets_BT))
         return losses
+
+    def _count_real_positions(self, stats: MoEStats, real_BT: torch.Tensor) -> MoEStats:
+        """An MTP block's router counts over the positions its depth trains on only.
+
+        At depth d the last d positions see a padded input token, and positions whose chain crosses a
+        document boundary or padding have no target; counting them would feed fake load into the
+        balancing-bias update and MaxVio of the MTP routers.
+        """
+        counts_E = balancing.tokens_per_expert(stats.topk_idx_BTK, self.cfg.num_routed_experts, real_BT)
+        # built field by field: dataclasses.replace calls fields(), which torch.compile cannot trace
+        return MoEStats(tokens_per_expert_E=counts_E, maxvio=balancing.maxvio(counts_E),
+                        router_entropy=stats.router_entropy, seq_aux_loss=stats.seq_aux_loss,
+                        z_loss=stats.z_loss, lb_loss=stats.lb_loss, topk_idx_BTK=stats.topk_idx_BTK)
 
     def _router_stats(self, all_stats: list[MoEStats]) -> dict:
         if not all_stats:

@@ -89,3 +89,29 @@ def test_mtp_targets_still_stop_at_document_boundaries():
     ref = trainer.model(inputs, targets=targets.masked_fill(targets == BOS, IGNORE_INDEX))
     torch.testing.assert_close(out.aux["mtp_loss"], ref.aux["mtp_loss"])
     assert not torch.allclose(out.aux["lm_loss"], ref.aux["lm_loss"])  # the LM loss scores BOS, ref does not
+
+
+def test_mtp_routers_count_only_positions_with_a_target():
+    """Main routers count every position (B·T·K slots); an MTP depth's router only the positions it has a
+    target for: not the padded tail (last d positions), not chains across a BOS."""
+    rows = _packed_rows()
+    trainer = _trainer(mtp_depth=2)
+    inputs, targets, extra = trainer._split(rows)
+    out = trainer.model(inputs, targets=targets, **extra)
+    counts_LE = out.aux["tokens_per_expert"]
+    num_main = trainer.model.cfg.num_moe_layers
+    k = trainer.model.cfg.num_experts_per_tok
+    expected = trainer._target_counts(targets, extra)
+    assert counts_LE[:num_main].sum(-1).tolist() == [inputs.numel() * k] * num_main
+    assert counts_LE[num_main:].sum(-1).tolist() == [float(expected[1] * k), float(expected[2] * k)]
+    # and the counts the bias update sees are exactly the routed slots of those positions
+    with torch.no_grad():
+        seen = []
+        hook = trainer.model.mtp[1].block.mlp.register_forward_hook(lambda m, a, o: seen.append(o[1].topk_idx_BTK))
+        trainer.model(inputs, targets=targets, **extra)
+        hook.remove()
+    from moeflow.models.mtp import mtp_targets
+    chain = targets.masked_fill(extra["mtp_boundary_BT"], IGNORE_INDEX)
+    real = mtp_targets(chain, 2) != IGNORE_INDEX
+    by_hand = torch.bincount(seen[0][real].reshape(-1), minlength=trainer.model.cfg.num_routed_experts).float()
+    torch.testing.assert_close(counts_LE[num_main + 1], by_hand)
