@@ -467,10 +467,18 @@ class Trainer:
                 "cumulative_counts_LE": self.cumulative_counts_LE.cpu().clone(),
                 "interval_counts_LE": self.interval_counts_LE.cpu().clone(),
                 "last_counts_LE": self.last_counts_LE.cpu().clone(), "history": list(self.history),
-                "last_val": dict(self.last_val), "time": time.time(),
-                # a checkpoint may fall inside a log interval: keep its partial sums
-                "interval": {k: v.detach().cpu().clone() for k, v in self._interval.items()},
+                "last_val": dict(self.last_val), "time": time.time(), **self.interval_state()}
+
+    def interval_state(self) -> dict[str, Any]:
+        """This rank's partial log-interval sums: a checkpoint may fall inside a log interval. They
+        differ between ranks (each sums its own losses until the log step's all-reduce), so a
+        multi-rank checkpoint keeps one per rank (``state.capture``)."""
+        return {"interval": {k: v.detach().cpu().clone() for k, v in self._interval.items()},
                 "interval_steps": self._interval_steps}
+
+    def load_interval_state(self, state: dict[str, Any]) -> None:
+        self._interval = {k: v.to(self.device) for k, v in state.get("interval", {}).items()}
+        self._interval_steps = int(state.get("interval_steps", 0))
 
     def load_loop_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -480,5 +488,4 @@ class Trainer:
         self.last_counts_LE = state["last_counts_LE"].double().to(self.device)
         self.history = list(state.get("history", []))
         self.last_val = dict(state.get("last_val", {}))
-        self._interval = {k: v.to(self.device) for k, v in state.get("interval", {}).items()}
-        self._interval_steps = int(state.get("interval_steps", 0))
+        self.load_interval_state(state)

@@ -5,7 +5,8 @@ A checkpoint directory holds
     model.pt       full (unsharded) model state dict, CPU tensors — includes the router-bias buffers
     optimizer.pt   full optimiser state dict keyed by parameter names (layout-independent)
     trainer.pt     loop state (step, tokens seen, balancing statistics, log history), per-rank
-                   RNG states (python, numpy, torch, cuda) and per-rank data-loader positions,
+                   RNG states (python, numpy, torch, cuda), per-rank data-loader positions and
+                   per-rank partial log-interval sums,
                    plus any ``extra`` states (e.g. the expert-load recorder)
     meta.json      step, world size, configs — readable without torch
 
@@ -72,11 +73,13 @@ def capture(trainer, loader=None, extra: dict[str, Any] | None = None) -> dict[s
     optim_sd = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
     rngs = _gather(rng_state())
     loaders = _gather(loader.state_dict() if loader is not None else None)
+    intervals = _gather(trainer.interval_state())  # per rank: each holds its own partial log sums
     rank = dist.get_rank() if _distributed() else 0
     if rank != 0:
         return None
     return {"model": model_sd, "optimizer": optim_sd,
-            "trainer": {"loop": trainer.loop_state(), "rng": rngs, "loader": loaders, "extra": extra or {},
+            "trainer": {"loop": trainer.loop_state(), "rng": rngs, "loader": loaders, "intervals": intervals,
+                        "extra": extra or {},
                         "world_size": len(rngs), "format_version": FORMAT_VERSION},
             "meta": {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "world_size": len(rngs),
                      "pretrain_config": trainer.cfg.to_dict(),
@@ -120,6 +123,8 @@ def restore(trainer, directory: str | Path, loader=None) -> dict[str, Any]:
     optim_sd = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=False)
     set_optimizer_state_dict(trainer.model, trainer.optimizer, optim_sd, options=options)
     trainer.load_loop_state(t_state["loop"])
+    if "intervals" in t_state:  # older checkpoints hold rank 0's sums only (in "loop")
+        trainer.load_interval_state(t_state["intervals"][rank])
     set_rng_state(t_state["rng"][rank])
     if loader is not None and t_state["loader"][rank] is not None:
         loader.load_state_dict(t_state["loader"][rank])
