@@ -52,6 +52,17 @@ def test_seq_aux_loss_hand_computed():
     assert bal.seq_aux_loss(scores2, idx2, alpha=0.1).item() == pytest.approx(0.1 * (1.25 + 1.0) / 2)
 
 
+def test_seq_aux_loss_hand_computed_with_two_experts_per_token():
+    """K = 2, where f_i's 1/K matters: f = E/(K·T) · counts, so perfect balance gives exactly α."""
+    # T=2, E=4, K=2: tokens pick {0, 1} and {0, 2} -> counts [2, 1, 1, 0], f = 4/(2·2) · counts = [2, 1, 1, 0]
+    scores = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.8, 0.6, 0.4, 0.2]]])  # both normalise to [.4, .3, .2, .1]
+    idx = torch.tensor([[[0, 1], [0, 2]]])
+    # Σ f P = 2·0.4 + 1·0.3 + 1·0.2 + 0 = 1.3
+    assert bal.seq_aux_loss(scores, idx, alpha=0.01).item() == pytest.approx(0.01 * 1.3)
+    balanced = torch.tensor([[[0, 1], [2, 3]]])  # f = [1, 1, 1, 1], P = 1/4 each: Σ f P = 1
+    assert bal.seq_aux_loss(torch.full((1, 2, 4), 0.3), balanced, alpha=0.01).item() == pytest.approx(0.01)
+
+
 def test_z_loss_and_lb_loss_hand_computed():
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     # logsumexp: log 2, log 4
