@@ -119,6 +119,30 @@ class CheckpointManager:
             return None
         return ref, self.download(ref, local_dir)
 
+    def download_newest_intact(self, local_root: str | Path) -> tuple[CheckpointRef, Path, list[str]] | None:
+        """The newest checkpoint whose files match their manifest, downloaded under ``local_root``.
+
+        A corrupted newest checkpoint (a checksum mismatch: a bad disk, a truncated object) must not
+        block resume while an older one is intact: each corrupted one is skipped with a warning, and
+        the returned list says which (one line each). None when there are no checkpoints; when every
+        one is corrupted, a ``ChecksumError`` naming them (starting over silently would lose the run).
+        """
+        from moeflow.platform.store import ChecksumError
+
+        skipped: list[str] = []
+        for ref in reversed(self.list()):
+            local = Path(local_root) / f"resume-{ref.step}"
+            try:
+                return ref, self.download(ref, local), skipped
+            except ChecksumError as exc:
+                shutil.rmtree(local, ignore_errors=True)
+                skipped.append(f"step {ref.step} at {ref.uri}: {exc}")
+                log.warning("checkpoint step %d is corrupted (%s); trying the previous one", ref.step, exc)
+        if skipped:
+            raise ChecksumError(f"every checkpoint under {self.store.uri(self.prefix)} is corrupted: "
+                                + "; ".join(skipped), self.store.uri(self.prefix))
+        return None
+
 
 def download_checkpoint(uri: str, local_dir: str | Path | None = None) -> Path:
     """A checkpoint artefact by URI into ``local_dir`` (a fresh temp dir by default)."""

@@ -113,13 +113,21 @@ def rank0_tracker(cfg: LaunchConfig, tracker=None, stage: str = "pretrain"):
 def resume_from_latest(manager: CheckpointManager, trainer, loader, ctx: WorkerContext) -> tuple[CheckpointRef | None, Path | None]:
     """Restore the newest committed checkpoint into ``trainer``/``loader`` on every rank.
 
-    Rank 0 lists the store and broadcasts the choice, so all ranks load the same step.
+    Rank 0 lists the store, takes the newest checkpoint that passes its checksums (skipping, with a
+    warning, corrupted newer ones) and broadcasts the choice, so all ranks load the same step.
     Returns (ref, local directory) or (None, None) when there is nothing to resume.
     """
-    latest = broadcast(manager.latest() if ctx.rank == 0 else None)
+    found = manager.download_newest_intact(ctx.tmp) if ctx.rank == 0 else None
+    latest = broadcast(found[0] if found else None)
     if latest is None:
         return None, None
-    local = manager.download(latest, ctx.tmp / f"resume-{latest.step}")
+    if found:
+        local, skipped = found[1], found[2]
+        if skipped:
+            log.warning("resuming from step %d, the newest intact checkpoint; skipped %d corrupted: %s",
+                        latest.step, len(skipped), "; ".join(skipped))
+    else:
+        local = manager.download(latest, ctx.tmp / f"resume-{latest.step}")
     train_state.restore(trainer, local, loader)
     log.info("rank %d resumed from %s at step %d", ctx.rank, latest.uri, trainer.step)
     return latest, local

@@ -1,0 +1,79 @@
+"""A corrupted newest checkpoint does not block resume: the newest intact one is used, and said so.
+
+The store verifies every downloaded file against its manifest's sha256; here the newest checkpoint's
+weights are overwritten in place (a bad disk or a truncated upload), which only the checksum sees.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from moeflow.platform.store import ChecksumError, LocalStore
+from moeflow.platform.train.checkpoint import CheckpointManager
+from moeflow.platform.train.config import PretrainConfig
+from moeflow.platform.train.launcher import train_worker
+from train_fakes import one_thread, pattern_docs, tiny_model_overrides, write_token_artifact
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _corrupt(store: LocalStore, manager: CheckpointManager, step: int, name: str = "model.pt") -> None:
+    ref = next(r for r in manager.list() if r.step == step)
+    path = store._path(f"{ref.prefix}/{name}")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    path.write_bytes(bytes(data))
+
+
+def test_manager_skips_corrupted_newest_and_refuses_when_all_are_corrupted(tmp_path, caplog):
+    store = LocalStore(tmp_path / "s")
+    manager = CheckpointManager(store, "runs/a", keep_last=3)
+    for step in (4, 8, 12):
+        d = tmp_path / f"c{step}"
+        d.mkdir()
+        (d / "model.pt").write_bytes(bytes([step]) * 64)
+        manager.save(step, d)
+    _corrupt(store, manager, 12)
+    caplog.set_level(logging.WARNING, logger="moeflow")
+    ref, local, skipped = manager.download_newest_intact(tmp_path / "dl")
+    assert ref.step == 8 and (local / "model.pt").read_bytes() == bytes([8]) * 64
+    assert len(skipped) == 1 and skipped[0].startswith("step 12 at ") and "corrupted" in skipped[0]
+    assert any("checkpoint step 12 is corrupted" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "dl" / "resume-12").exists()  # no half-verified copy left behind
+    for step in (4, 8):
+        _corrupt(store, manager, step)
+    with pytest.raises(ChecksumError, match="every checkpoint .* is corrupted: step 12 .*; step 8 .*; step 4 "):
+        manager.download_newest_intact(tmp_path / "dl2")
+    assert CheckpointManager(store, "runs/empty").download_newest_intact(tmp_path / "dl3") is None
+
+
+def test_training_resumes_from_the_newest_intact_checkpoint_and_rewrites_the_corrupted_step(tmp_path, caplog):
+    store = LocalStore(tmp_path / "store")
+    tokens_uri = write_token_artifact(store, "datasets/fake/tokens/abc", pattern_docs(200, seed=0),
+                                      pattern_docs(30, seed=99), shard_tokens=3000)
+    cfg = PretrainConfig(model_overrides=tiny_model_overrides(), seq_len=32, micro_batch_size=4, max_steps=8,
+                         lr=1e-2, warmup_steps=2, log_every=2, val_every=0, checkpoint_every=4, keep_checkpoints=3)
+    launch = {"pretrain": cfg.to_dict(), "tokens_uri": tokens_uri, "output_prefix": "runs/c",
+              "store_uri": store.root_uri, "tracking": "noop", "device": "cpu"}
+    train_worker(launch)
+    manager = CheckpointManager(store, "runs/c")
+    assert [r.step for r in manager.list()] == [4, 8]
+    reference = torch.load(manager.download(manager.list()[-1], tmp_path / "ref") / "model.pt", weights_only=True)
+    _corrupt(store, manager, 8)
+
+    caplog.set_level(logging.INFO, logger="moeflow")
+    result = train_worker(launch)  # same config: resumes, re-trains steps 5..8, re-saves step 8
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("resuming from step 4, the newest intact checkpoint; skipped 1 corrupted: step 8 at ")
+               for m in messages), messages
+    assert result["steps"] == 8
+    rewritten = torch.load(manager.download(manager.list()[-1], tmp_path / "new") / "model.pt", weights_only=True)
+    for name, tensor in reference.items():  # exact resume: bit-identical to the uninterrupted run
+        assert torch.equal(tensor, rewritten[name]), name
