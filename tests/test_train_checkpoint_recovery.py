@@ -77,3 +77,22 @@ def test_training_resumes_from_the_newest_intact_checkpoint_and_rewrites_the_cor
     rewritten = torch.load(manager.download(manager.list()[-1], tmp_path / "new") / "model.pt", weights_only=True)
     for name, tensor in reference.items():  # exact resume: bit-identical to the uninterrupted run
         assert torch.equal(tensor, rewritten[name]), name
+
+
+def test_pruned_checkpoints_are_marked_in_the_catalog(tmp_path):
+    from moeflow.platform.catalog import Catalog
+
+    store = LocalStore(tmp_path / "s")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    manager = CheckpointManager(store, "runs/p", keep_last=2, catalog=catalog, model_name="moe-p")
+    for step in (4, 8, 12, 16):
+        d = tmp_path / f"c{step}"
+        d.mkdir()
+        (d / "model.pt").write_bytes(bytes([step]) * 8)
+        manager.save(step, d)
+    rows = {m["metrics"]["step"]: m for m in catalog.list_models("moe-p")}
+    assert sorted(rows) == [4, 8, 12, 16]  # every checkpoint stays registered (lineage) ...
+    for step, row in rows.items():
+        exists = store.artifact_exists(f"runs/p/checkpoints/step-{step:08d}")
+        assert exists == (step in (12, 16))
+        assert row["metrics"].get("pruned", 0) == (0 if exists else 1), (step, row["metrics"])  # ... marked

@@ -12,7 +12,8 @@ latest. Step numbers are zero-padded so lexicographic order is numeric order.
 
 When a ``Catalog`` is given, every committed checkpoint is registered as a model version
 (``register_model``; metrics carry the step and ``"checkpoint": 1``), so the lineage of a
-final model can be walked back to the checkpoints it came from.
+final model can be walked back to the checkpoints it came from; pruned ones are marked
+``"pruned": 1``. A corrupted newest checkpoint does not block resume (``download_newest_intact``).
 """
 
 from __future__ import annotations
@@ -100,10 +101,19 @@ class CheckpointManager:
         return ref
 
     def prune(self) -> list[int]:
-        """Delete all but the newest ``keep_last`` committed checkpoints; returns removed steps."""
+        """Delete all but the newest ``keep_last`` committed checkpoints; returns removed steps.
+
+        With a catalog, each removed checkpoint's model version is marked ``"pruned": 1`` (merged into
+        its metrics, where ``"checkpoint": 1`` already says what it is), so the catalog does not offer a
+        URI that no longer exists as a loadable model; the row stays for lineage. The mark is written
+        before the delete: a crash in between leaves a marked checkpoint that the next prune deletes.
+        """
         refs = self.list()
         removed = []
         for ref in refs[: max(0, len(refs) - self.keep_last)]:
+            if self.catalog is not None:  # merges into the row registered at save time
+                self.catalog.register_model(self.model_name, ref.uri, self.config_hash,
+                                            metrics={"step": ref.step, "checkpoint": 1, "pruned": 1})
             self.store.delete_prefix(ref.prefix)
             removed.append(ref.step)
         return removed
