@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from moeflow.platform.store import ChecksumError, LocalStore
 from moeflow.platform.train.checkpoint import CheckpointManager
 from moeflow.platform.train.config import PretrainConfig
 from moeflow.platform.train.launcher import train_worker
+from moeflow.platform.train.train_log import TrainLog
 from train_fakes import one_thread, pattern_docs, tiny_model_overrides, write_token_artifact
 
 
@@ -66,6 +68,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint_and_rewrites_the_cor
     manager = CheckpointManager(store, "runs/c")
     assert [r.step for r in manager.list()] == [4, 8]
     reference = torch.load(manager.download(manager.list()[-1], tmp_path / "ref") / "model.pt", weights_only=True)
+    history_before, load_before = TrainLog(store, "runs/c").read(8)
     _corrupt(store, manager, 8)
 
     caplog.set_level(logging.INFO, logger="moeflow")
@@ -77,6 +80,11 @@ def test_training_resumes_from_the_newest_intact_checkpoint_and_rewrites_the_cor
     rewritten = torch.load(manager.download(manager.list()[-1], tmp_path / "new") / "model.pt", weights_only=True)
     for name, tensor in reference.items():  # exact resume: bit-identical to the uninterrupted run
         assert torch.equal(tensor, rewritten[name]), name
+    # and the train log read back at step 8 is the uninterrupted run's (throughput aside)
+    history_after, load_after = TrainLog(store, "runs/c").read(8)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert strip(history_after) == strip(history_before)
+    np.testing.assert_array_equal(load_after.arrays()["counts"], load_before.arrays()["counts"])
 
 
 def test_pruned_checkpoints_are_marked_in_the_catalog(tmp_path):

@@ -18,6 +18,7 @@ from moeflow.platform.store import LocalStore
 from moeflow.platform.train.checkpoint import CheckpointManager
 from moeflow.platform.train.expert_load import ExpertLoadRecorder, expert_metrics, load_expert_load
 from moeflow.platform.train.launcher import LaunchConfig, run_pretrain, train_worker
+from moeflow.platform.train.train_log import TrainLog
 from moeflow.platform.tracking import NoopTracker
 from train_fakes import one_thread, pattern_docs, tiny_model_overrides, write_token_artifact
 
@@ -144,10 +145,8 @@ def test_cli_killed_mid_run_resumes_to_the_uninterrupted_result(token_store, tmp
     assert second.returncode == 0, second.stderr[-2000:]
     assert json.loads(second.stdout)["steps"] == 12
 
-    def history(prefix):
-        d = CheckpointManager(store, prefix).download_latest(tmp_path / prefix.replace("/", "_"))[1]
-        return [{k: v for k, v in h.items() if k != "tokens_per_s"}
-                for h in torch.load(d / "trainer.pt", weights_only=False)["loop"]["history"]]
+    def history(prefix):  # the train log (checkpoints no longer carry the history)
+        return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in TrainLog(store, prefix).read(12)[0]]
 
     assert history("runs/cli") == history("runs/cli-ref")
 
@@ -192,9 +191,9 @@ def test_torchrun_fsdp2_killed_and_resumed_matches_ddp(token_store, tmp_path):
             assert CheckpointManager(store, f"runs/tr-{name}").latest().step == 4
             proc = _torchrun(path, env)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        d = CheckpointManager(store, f"runs/tr-{name}").download_latest(tmp_path / name)[1]
+        last = CheckpointManager(store, f"runs/tr-{name}").latest().step
         runs[name] = [{k: v for k, v in h.items() if k != "tokens_per_s"}
-                      for h in torch.load(d / "trainer.pt", weights_only=False)["loop"]["history"]]
+                      for h in TrainLog(store, f"runs/tr-{name}").read(last)[0]]
     assert len(runs["ddp"]) == 4
     # identical losses, load statistics and biases; the gradient norm differs in the last bit only
     # (FSDP2 sums squares per shard before reducing: another summation order)

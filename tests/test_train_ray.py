@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import pytest
-import torch
 
 from moeflow.platform.store import LocalStore
 from moeflow.platform.train.checkpoint import CheckpointManager
+from moeflow.platform.train.train_log import TrainLog
 from moeflow.platform.train.launcher import run_pretrain
 from moeflow.platform.tracking import NoopTracker
 from test_train_launcher import tiny_config
@@ -41,8 +41,7 @@ def ray_store(tmp_path_factory):
 
 
 def _history(store, prefix, tmp_path):
-    d = CheckpointManager(store, prefix).download_latest(tmp_path / prefix.replace("/", "_"))[1]
-    rows = torch.load(d / "trainer.pt", weights_only=False)["loop"]["history"]
+    rows = TrainLog(store, prefix).read(CheckpointManager(store, prefix).latest().step)[0]  # the train log
     return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in rows]
 
 

@@ -4,7 +4,8 @@ A checkpoint directory holds
 
     model.pt       full (unsharded) model state dict, CPU tensors — includes the router-bias buffers
     optimizer.pt   full optimiser state dict keyed by parameter names (layout-independent)
-    trainer.pt     loop state (step, tokens seen, balancing statistics, log history), per-rank
+    trainer.pt     loop state (step, tokens seen, balancing statistics, log history unless captured
+                   with include_history=False: pretraining appends it to its train log), per-rank
                    RNG states (python, numpy, torch, cuda), per-rank data-loader positions and
                    per-rank partial log-interval sums,
                    plus any ``extra`` states (e.g. the expert-load recorder)
@@ -66,8 +67,13 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def capture(trainer, loader=None, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Everything needed to resume. Collective; returns the state on rank 0, None elsewhere."""
+def capture(trainer, loader=None, extra: dict[str, Any] | None = None,
+            include_history: bool = True) -> dict[str, Any] | None:
+    """Everything needed to resume. Collective; returns the state on rank 0, None elsewhere.
+
+    include_history=False leaves the metrics history out of the loop state: the pretraining worker
+    appends it to the run's train log instead of re-pickling it into every checkpoint.
+    """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(trainer.model, options=options)
     optim_sd = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
@@ -77,8 +83,11 @@ def capture(trainer, loader=None, extra: dict[str, Any] | None = None) -> dict[s
     rank = dist.get_rank() if _distributed() else 0
     if rank != 0:
         return None
+    loop = trainer.loop_state()
+    if not include_history:
+        loop.pop("history")
     return {"model": model_sd, "optimizer": optim_sd,
-            "trainer": {"loop": trainer.loop_state(), "rng": rngs, "loader": loaders, "intervals": intervals,
+            "trainer": {"loop": loop, "rng": rngs, "loader": loaders, "intervals": intervals,
                         "extra": extra or {},
                         "world_size": len(rngs), "format_version": FORMAT_VERSION},
             "meta": {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "world_size": len(rngs),

@@ -24,6 +24,7 @@ from moeflow.platform.config import config_hash
 from .checkpoint import CheckpointManager
 from .config import PretrainConfig
 from .expert_load import NPZ_NAME, log_expert_load_heatmap
+from .train_log import TrainLog, checkpoint_log
 from .worker import LaunchConfig
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,12 @@ def finalize_run(launch: LaunchConfig, store, *, tracker=None, replay_history: b
     with tempfile.TemporaryDirectory(prefix="moeflow-final-") as tmp:
         local = manager.download(ref, Path(tmp) / "ckpt")
         t_state = torch.load(local / train_state.TRAINER_FILE, map_location="cpu", weights_only=False)
-        history = t_state["loop"]["history"]
+        history, recorder, _ = checkpoint_log(local, t_state, TrainLog(store, launch.output_prefix), ref.step)
         metrics = final_metrics(history)
         model = load_model(local, device)
         train_ds = TokenDataset.open(launch.tokens_uri, "train", cache_dir=launch.cache_dir)
         hf_uri = export_hf(model, store, launch.output_prefix, Path(tmp) / "hf", ref, metrics, train_ds,
-                           launch=launch, expert_load_npz=local / NPZ_NAME)
+                           launch=launch, expert_load_npz=recorder.save(Path(tmp) / NPZ_NAME))
     expert_prefix = A.expert_load_key(launch.output_prefix)
     expert_uri = store.uri(expert_prefix) if store.artifact_exists(expert_prefix) else None
     if tracker is not None:

@@ -3,8 +3,9 @@
 ``train_worker(config_dict)`` runs on every rank (Ray Train, torchrun or a plain process): it
 joins the group (``distributed.worker_context``), builds the model, wraps it in DDP or FSDP2
 per ``PretrainConfig.parallelism``, resumes from the newest committed checkpoint in the store,
-trains, checkpoints every ``checkpoint_every`` steps and at the end, and writes the expert-load
-artefact. Rank 0 alone logs metrics; under Ray every rank calls ``ray.train.report`` on log
+trains, checkpoints every ``checkpoint_every`` steps and at the end (each checkpoint preceded by
+its train-log segment: the history and expert-load windows since the previous one, see
+``train_log``), and writes the expert-load artefact. Rank 0 alone logs metrics; under Ray every rank calls ``ray.train.report`` on log
 steps (V2 expects all workers to report the same number of times).
 
 A post-training stage writes its own worker function (its own step function and data) and
@@ -42,6 +43,7 @@ from .config import PretrainConfig
 from .distributed import WorkerContext, barrier, broadcast, open_store, worker_context, wrap_model
 from .expert_load import NPZ_NAME, ExpertLoadRecorder, expert_metrics
 from .loader import PackedLoader, eval_batches
+from .train_log import TrainLog, checkpoint_log
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +136,11 @@ def resume_from_latest(manager: CheckpointManager, trainer, loader, ctx: WorkerC
 
 
 def save_checkpoint(trainer, loader, manager: CheckpointManager, ctx: WorkerContext,
-                    extra_files: dict[str, Any] | None = None) -> CheckpointRef:
-    """Capture (collective), write on rank 0 with ``extra_files`` (name -> callable(path)), broadcast the ref."""
-    captured = train_state.capture(trainer, loader)
+                    extra_files: dict[str, Any] | None = None, include_history: bool = True) -> CheckpointRef:
+    """Capture (collective), write on rank 0 with ``extra_files`` (name -> callable(path)), broadcast the ref.
+
+    include_history=False: the metrics history stays out of ``trainer.pt`` (see ``train_log``)."""
+    captured = train_state.capture(trainer, loader, include_history=include_history)
     ref = None
     if ctx.rank == 0:
         local = ctx.tmp / f"ckpt-{trainer.step}"
@@ -195,21 +199,24 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
                                 catalog=_catalog() if (cfg.record_catalog and rank == 0) else None,
                                 model_name=cfg.model_name, config=pcfg.to_dict())
     recorder = ExpertLoadRecorder()
+    train_log = TrainLog(store, cfg.output_prefix)
     bytes_per_token = val_ds.meta.get("bytes_per_token") or pcfg.bytes_per_token
 
     with (rank0_tracker(cfg, tracker) if rank == 0 else contextlib.nullcontext(None)) as tracker0:
         trainer = Trainer(pcfg, model, loader, wrapped=wrapped, val_batches=val_batches, device=device,
                           logger=tracker0, bytes_per_token=bytes_per_token, bos_id=bos_id)
-        # ---- resume from the newest committed checkpoint
+        # ---- resume from the newest intact checkpoint; its history and expert-load log from the train log
         latest, local = resume_from_latest(manager, trainer, loader, ctx)
-        if local is not None and (local / NPZ_NAME).is_file():
-            recorder = ExpertLoadRecorder.from_npz_bytes((local / NPZ_NAME).read_bytes())
-            recorder.truncate(trainer.step)
-        elif latest is None and rank == 0 and tracker0 is not None:
+        log_from = 0  # the train-log segment written at the next checkpoint starts after this step
+        if local is not None:
+            t_state = torch.load(local / train_state.TRAINER_FILE, map_location="cpu", weights_only=False)
+            trainer.history, recorder, inside = checkpoint_log(local, t_state, train_log, trainer.step)
+            log_from = 0 if inside else trainer.step  # an older-format checkpoint: its first segment covers all
+        elif rank == 0 and tracker0 is not None:
             tracker0.log_params({"pretrain": pcfg.to_dict(), "tokens_uri": cfg.tokens_uri,
                                  "world_size": world_size, "output_prefix": cfg.output_prefix})
 
-        state = {"checkpoint": latest}
+        state = {"checkpoint": latest, "log_from": log_from}
 
         def on_step(tr: Trainer, step: int, metrics: dict) -> None:
             if "loss" in metrics:  # a log step: close the expert-load window
@@ -227,7 +234,10 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
                     ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             if (pcfg.checkpoint_every and step % pcfg.checkpoint_every == 0) or step == pcfg.max_steps:
                 tr.meter.pause()  # checkpoint time is not training throughput
-                state["checkpoint"] = save_checkpoint(tr, loader, manager, ctx, {NPZ_NAME: recorder.save})
+                if rank == 0:  # the segment first: every committed checkpoint has its log chain
+                    train_log.append(step, state["log_from"], tr.history, recorder)
+                state["log_from"] = step
+                state["checkpoint"] = save_checkpoint(tr, loader, manager, ctx, include_history=False)
                 tr.meter.resume()
             if cfg.fault_step is not None and step == cfg.fault_step and rank == cfg.fault_rank:
                 _maybe_die(cfg.fault_marker)
