@@ -77,6 +77,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint_and_rewrites_the_cor
     assert any(m.startswith("resuming from step 4, the newest intact checkpoint; skipped 1 corrupted: step 8 at ")
                for m in messages), messages
     assert result["steps"] == 8
+    assert len(result["skipped_corrupted_checkpoints"]) == 1 and "step 8 at " in result["skipped_corrupted_checkpoints"][0]
     rewritten = torch.load(manager.download(manager.list()[-1], tmp_path / "new") / "model.pt", weights_only=True)
     for name, tensor in reference.items():  # exact resume: bit-identical to the uninterrupted run
         assert torch.equal(tensor, rewritten[name]), name

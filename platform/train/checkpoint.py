@@ -60,6 +60,7 @@ class CheckpointManager:
         self.catalog = catalog
         self.model_name = model_name
         self.config_hash = config_hash(config or {})
+        self.skipped_corrupted: list[str] = []
 
     # ---------------------------------------------------------------- listing
     def list(self) -> list[CheckpointRef]:
@@ -140,6 +141,7 @@ class CheckpointManager:
         from moeflow.platform.store import ChecksumError
 
         skipped: list[str] = []
+        self.skipped_corrupted = skipped  # what the last resume skipped, for the run's result
         for ref in reversed(self.list()):
             local = Path(local_root) / f"resume-{ref.step}"
             try:

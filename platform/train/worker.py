@@ -256,6 +256,8 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
             last = trainer.history[-1] if trainer.history else {}
             result.update({"checkpoint_uri": state["checkpoint"].uri, "expert_load_uri": expert_uri,
                            "metrics": last, "seconds": time.time() - started})
+            if manager.skipped_corrupted:  # said in the log at resume, and here in the run's result
+                result["skipped_corrupted_checkpoints"] = list(manager.skipped_corrupted)
         barrier()
         return result
 
