@@ -24,6 +24,7 @@ N nope dim, P rope dim, V value head dim, R kv_lora_rank, D hidden.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -132,21 +133,62 @@ def document_attention(document_ids_BT: torch.Tensor, positions: torch.Tensor | 
 
     A token attends only to earlier tokens of its own document, and RoPE positions restart at 0 at
     each document start, so every document computes exactly what it would alone. Documents are
-    runs of equal ids (a change of id starts a new one). Returns (positions (B, T), mask (B, 1, T, T), None).
+    runs of equal ids (a change of id starts a new one). Returns (positions (B, T), mask, None): the
+    mask is a bool (B, 1, T, T) tensor for SDPA, or on the flex path (``MLA.document_kernel``; by
+    default on CUDA) a FlexAttention ``BlockMask``, which skips the blocks between documents instead of
+    materialising T×T booleans and losing SDPA's fused causal kernels.
     """
     B, T = document_ids_BT.shape
     dev = document_ids_BT.device
     starts_BT = torch.ones(B, T, dtype=torch.bool, device=dev)
     starts_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
     run_BT = starts_BT.long().cumsum(dim=1)  # 1, 1, 2, 2, 2, 3, ...: a repeated id later is a new document
-    same_BTT = run_BT[:, :, None] == run_BT[:, None, :]
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     if positions is None:
         idx_BT = torch.arange(T, device=dev).expand(B, T)
         # index of each token's document start: running max of the start positions
         start_idx_BT = torch.where(starts_BT, idx_BT, torch.zeros_like(idx_BT)).cummax(dim=1).values
         positions = idx_BT - start_idx_BT
+    if _use_flex(dev):
+        return positions, _document_block_mask(run_BT), None
+    same_BTT = run_BT[:, :, None] == run_BT[:, None, :]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     return positions, (same_BTT & causal_TT[None])[:, None], None
+
+
+def _use_flex(device: torch.device) -> bool:
+    kernel = MLA.document_kernel
+    if kernel not in ("auto", "flex", "sdpa"):
+        raise ValueError(f"MLA.document_kernel={kernel!r}: expected 'auto', 'flex' or 'sdpa'")
+    return kernel == "flex" or (kernel == "auto" and device.type == "cuda")
+
+
+def _document_block_mask(run_BT: torch.Tensor):
+    """FlexAttention BlockMask of the block-diagonal causal mask over document runs (B, T)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = run_BT.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (run_BT[b, q_idx] == run_BT[b, kv_idx])
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=run_BT.device)
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process (its fused kernel); built on first use, not at import."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(q_BHTC, k_BHTC, v_BHTV, block_mask, scale: float) -> torch.Tensor:
+    """flex_attention: compiled on CUDA; eager elsewhere (a slow but exact reference, used by the CPU tests)."""
+    if q_BHTC.device.type != "cuda":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q_BHTC, k_BHTC, v_BHTV, block_mask=block_mask, scale=scale)
+    return _compiled_flex()(q_BHTC, k_BHTC, v_BHTV, block_mask=block_mask, scale=scale)
 
 
 def _attention_mask(q_slots_T, k_slots_S, key_real_BS) -> torch.Tensor:
@@ -158,6 +200,9 @@ def _attention_mask(q_slots_T, k_slots_S, key_real_BS) -> torch.Tensor:
 
 class MLA(nn.Module):
     pad_v_on_cuda = False
+    # document-masked training rows: "auto" = FlexAttention BlockMask on CUDA, dense SDPA mask elsewhere;
+    # "flex" / "sdpa" force one (tests compare the two; the GPU benchmark measures both)
+    document_kernel = "auto"
     absorbed_bmm_max_scores = 2**25  # absorbed path: explicit bmm attention up to this many scores
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -216,6 +261,10 @@ class MLA(nn.Module):
         k_nope_BTHN, v_BTHV = kv_BTHX.split([self.nope_dim, self.v_dim], dim=-1)
         q_BTHC = torch.cat([q_nope_BTHN, q_rot_BTHP], dim=-1)
         k_BTHC = torch.cat([k_nope_BTHN, k_rot_BTP[:, :, None, :].expand(B, T, H, self.rope_dim)], dim=-1)
+        if mask_B1TS is not None and not torch.is_tensor(mask_B1TS):  # a BlockMask: the flex path
+            out_BHTV = _flex_attention(q_BTHC.transpose(1, 2), k_BTHC.transpose(1, 2), v_BTHV.transpose(1, 2),
+                                       mask_B1TS, self.softmax_scale)
+            return out_BHTV.transpose(1, 2)
         pad = self.qk_dim - self.v_dim if (q_BTHC.is_cuda and self.pad_v_on_cuda) else 0
         if pad > 0:
             v_BTHV = F.pad(v_BTHV, (0, pad))

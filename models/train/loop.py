@@ -33,7 +33,9 @@ never synchronise the host.
 
 A batch is a ``(B, T + 1)`` token tensor (inputs and next-token targets are its two shifts) or a
 dict with ``input_ids`` (B, T), ``targets`` (B, T) (-100 = no loss) and optionally
-``document_ids`` (B, T) for rows packed from several documents (block-diagonal attention).
+``document_ids`` (B, T) for rows packed from several documents (block-diagonal attention). With
+``document_masking`` on (the pretraining default) a token tensor's documents are found from its BOS
+tokens, for training and validation alike.
 
 Shape suffixes: B rows, T tokens per row, L MoE layers, E routed experts.
 """
@@ -93,6 +95,7 @@ class LoopConfig(Protocol):
     val_every: int
     bytes_per_token: float | None
     peak_flops: float
+    # optional: document_masking (bool, default off when absent), see Trainer._documents
 
     def tokens_per_step(self, world_size: int = 1) -> int: ...
 
@@ -186,6 +189,9 @@ class Trainer:
         # BOS are passed as ``mtp_boundary_BT``; only the MTP depths drop them (the LM loss keeps
         # every BOS target, as validation does).
         self.boundary_id = bos_id if getattr(getattr(model, "cfg", None), "mtp_depth", 0) else None
+        # document masking (config ``document_masking``): each BOS starts a document that attends only
+        # within itself; rows that start mid-document count their leading tokens as one more document
+        self.document_bos_id = bos_id if getattr(cfg, "document_masking", False) else None
         self.rank = dist.get_rank() if _distributed() else 0
         self.world_size = dist.get_world_size() if _distributed() else 1
         self.optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
@@ -246,10 +252,16 @@ class Trainer:
             extra = {"document_ids_BT": docs.to(self.device, non_blocking=True)} if docs is not None else {}
         else:
             batch_BT1 = batch.to(self.device, non_blocking=True)
-            inputs_BT, targets_BT, extra = batch_BT1[:, :-1], batch_BT1[:, 1:], {}
+            inputs_BT, targets_BT, extra = batch_BT1[:, :-1], batch_BT1[:, 1:], self._documents(batch_BT1[:, :-1])
         if self.boundary_id is not None:
             extra["mtp_boundary_BT"] = targets_BT == self.boundary_id
         return inputs_BT, targets_BT, extra
+
+    def _documents(self, inputs_BT: torch.Tensor) -> dict:
+        """``{"document_ids_BT": ...}`` for a packed token row when document masking is on, else {}."""
+        if self.document_bos_id is None:
+            return {}
+        return {"document_ids_BT": (inputs_BT == self.document_bos_id).long().cumsum(dim=1)}
 
     def _target_counts(self, targets_BT: torch.Tensor, extra: dict | None = None) -> torch.Tensor:
         """Valid targets of the LM loss and of each MTP depth, (1 + depth,) float64."""
@@ -437,7 +449,7 @@ class Trainer:
         for batch_BT1 in self.val_batches():
             batch_BT1 = batch_BT1.to(self.device)
             with self._autocast():
-                out = module(batch_BT1[:, :-1], targets=batch_BT1[:, 1:])
+                out = module(batch_BT1[:, :-1], targets=batch_BT1[:, 1:], **self._documents(batch_BT1[:, :-1]))
             num_targets = int((batch_BT1[:, 1:] != -100).sum())
             sums[0] += out.aux["lm_loss"].double() * num_targets
             sums[1] += num_targets

@@ -21,7 +21,7 @@ import dataclasses
 import typing
 from typing import Literal, Optional
 
-from pydantic import ConfigDict, Field, create_model, field_serializer, model_validator
+from pydantic import ConfigDict, Field, create_model, field_serializer, model_serializer, model_validator
 
 from moeflow.models.config import _PRESETS, ModelConfig  # _PRESETS: the preset names, for the enum
 from moeflow.models.train.schedules import SCHEDULES
@@ -52,6 +52,9 @@ def _overrides_model() -> type[_OverridesBase]:
 ModelOverrides = _overrides_model()
 
 
+_LATER_FIELDS = {"document_masking": True}  # field -> default; see PretrainConfig._dump
+
+
 class PretrainConfig(StageConfig):
     """Everything the pretraining loop and launcher need. Batch sizes are per rank."""
 
@@ -78,6 +81,9 @@ class PretrainConfig(StageConfig):
     eps: float = Field(1e-8, gt=0, le=1, description="AdamW epsilon")
     decay_embeddings: bool = Field(True, description="apply weight decay to the embeddings too")
     grad_clip: float = Field(1.0, le=1e6, description="global gradient-norm clip; <= 0 disables clipping")
+    document_masking: bool = Field(True, description="packed rows attend within their BOS-started documents "
+                                                     "only (block-diagonal causal; RoPE restarts per document), "
+                                                     "in training and validation; off = plain causal over the row")
     # --- numerics and speed
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the init and the data order")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="autocast: auto = bf16 on CUDA, fp32 on CPU")
@@ -98,6 +104,16 @@ class PretrainConfig(StageConfig):
     @field_serializer("model_overrides")
     def _dump_overrides(self, overrides) -> dict:
         return {k: v for k, v in overrides.model_dump(mode="json").items() if v is not None}
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        # Fields added after checkpoints stored their config are dumped only when changed from the
+        # default, so a config written before them dumps (and hashes, and names its cache) as before.
+        data = handler(self)
+        for name, default in _LATER_FIELDS.items():
+            if data.get(name) == default:
+                data.pop(name)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
