@@ -254,12 +254,45 @@ def run(
 
 
 def run_in_process(stage: str, recipe: dict, tags: list[str]):
-    from prefect import tags as prefect_tags
+    """Run the flow here; without a Prefect server, on a temporary one that dies with this process."""
+    from . import services
 
-    flow_obj = get_stage(stage).load_flow()
-    _library_logging()
-    with prefect_tags(*tags):
-        return flow_obj(**flow_kwargs(flow_obj, recipe))
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):
+            api = stack.enter_context(services.temporary_prefect_server(get_settings()))
+            stack.enter_context(_environ("PREFECT_API_URL", api))
+        from prefect import tags as prefect_tags
+
+        flow_obj = get_stage(stage).load_flow()
+        _library_logging()
+        try:
+            with prefect_tags(*tags):
+                return flow_obj(**flow_kwargs(flow_obj, recipe))
+        finally:
+            _drain_prefect_workers()
+
+
+def _drain_prefect_workers() -> None:
+    """Send the run's last logs and events while the server still answers (at interpreter exit the
+    temporary server is gone, and Prefect's workers would retry against a closed port)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=30)
+
+
+@contextlib.contextmanager
+def _environ(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _library_logging() -> None:

@@ -9,6 +9,7 @@ The environment every service and every flow run shares comes from one function,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .compute import RAY_ADDRESS_FILE
 from .settings import Settings
@@ -368,6 +370,64 @@ def stop_service(svc: Service, settings: Settings, timeout: float = 20.0) -> boo
             _reap(pid)
             time.sleep(0.2)
     return True
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    It survives the exec, so the server goes with the ``moeflow run`` that started it even when that
+    run is killed with SIGKILL and no cleanup code of ours can run."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def temporary_prefect_server(settings: Settings, timeout: float = 180.0) -> Iterator[str]:
+    """A Prefect API server over this home's database for one in-process run; yields its API URL.
+
+    Prefect would start one by itself (its "ephemeral" server) as an ordinary child process: when the
+    run is killed with SIGKILL that server is orphaned and lives on (~240 MB each), invisible to
+    ``moeflow down``/``status``. This one is the same server (Prefect's app under uvicorn, no UI) but
+    started with a parent-death signal, so the kernel ends it with its parent, however the parent ends.
+    """
+    port = _free_port(settings.host)
+    env = service_env(settings)
+    env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+    env.pop("PREFECT_API_URL", None)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.log_dir / "prefect-temporary.log"
+    command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+               "--host", settings.host, "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    with log_path.open("ab") as log:
+        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} run pid {os.getpid()}: {' '.join(command)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=settings.home, preexec_fn=_die_with_parent)
+    api = f"http://{settings.host}:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout
+        while not http_ok(f"{api}/health"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the temporary Prefect server did not start within {timeout:.0f}s; "
+                                   f"log {log_path}:\n{tail}")
+            time.sleep(0.2)
+        yield api
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _reap(pid: int) -> None:
