@@ -94,12 +94,27 @@ def up(
             raise typer.Exit(1)
         word = "started" if state["started"] else "already running"
         typer.echo(f" {word} ({time.monotonic() - t0:.1f}s)")
+    for run in _recover_crashed_runs(settings):
+        typer.echo(f"run {run['id']} ({run['stage']}, started {run['started_at']}): its process died; marked crashed")
     typer.echo("")
     typer.echo(f"Prefect UI : http://{settings.host}:{settings.prefect_port}")
     typer.echo(f"MLflow UI  : {settings.mlflow_server_url}")
     typer.echo(f"Dashboard  : {settings.dashboard_url}")
     typer.echo(f"Deployments: http://{settings.host}:{settings.prefect_port}/deployments (start any flow from a form)")
     typer.echo(f"logs       : {settings.log_dir}")
+
+
+def _recover_crashed_runs(settings: Settings) -> list[dict]:
+    """Runs left "running" by killed processes become crashed (catalog, MLflow, and Prefect when it is up)."""
+    from . import services
+    from .catalog import Catalog
+    from .recovery import recover_crashed_runs
+    from .tracking import get_tracker
+
+    api = services.prefect_api_url(settings)
+    with Catalog.from_settings(settings) as catalog, \
+            (_environ("PREFECT_API_URL", api) if api else contextlib.nullcontext()):
+        return recover_crashed_runs(catalog, get_tracker(settings))
 
 
 @app.command()

@@ -147,3 +147,23 @@ def test_kill_9_of_moeflow_run_orphans_nothing_and_the_next_run_marks_it_crashed
     leftovers = [p for p in psutil.process_iter(["cmdline", "environ"])
                  if (p.info["environ"] or {}).get("MOEFLOW_HOME") == str(home)]
     assert not leftovers, [p.info["cmdline"] for p in leftovers]
+
+
+def test_up_marks_runs_of_dead_processes_crashed(tmp_path):
+    from conftest import free_port
+    from moeflow.platform.catalog import Catalog
+
+    home = tmp_path / "home"
+    env = {**os.environ, "MOEFLOW_HOME": str(home), "MOEFLOW_DASHBOARD_PORT": str(free_port())}
+    home.mkdir()
+    with Catalog(f"sqlite:///{home / 'catalog.db'}") as cat:
+        run_id = cat.start_run("pretrain", {}, owner=_dead_owner())
+    cli = [sys.executable, "-m", "moeflow.platform.cli"]
+    try:
+        up = subprocess.run([*cli, "up", "--only", "dashboard"], env=env, capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"run {run_id} (pretrain" in up.stdout and "marked crashed" in up.stdout
+    finally:
+        subprocess.run([*cli, "down", "--only", "dashboard"], env=env, capture_output=True, timeout=120)
+    with Catalog(f"sqlite:///{home / 'catalog.db'}") as cat:
+        assert cat.get_run(run_id)["status"] == "crashed"
