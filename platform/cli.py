@@ -25,6 +25,7 @@ import typer
 
 from . import recipes
 from .settings import Settings, SettingsError, get_settings
+from .store.errors import AuthError as StoreRefused
 from .stages import (STAGES, MissingInput, RecipeInvalid, UnknownStage, find_input, flow_kwargs, get_stage,
                      validate_recipe)
 
@@ -37,7 +38,14 @@ deploy_app = typer.Typer(no_args_is_help=True, help="Promotion: 'moeflow run dep
 app.add_typer(deploy_app, name="deploy")
 
 SERVICE_NAMES = ["prefect", "mlflow", "dashboard", "ray", "flows"]  # start order: flows needs prefect
-USER_ERRORS = (recipes.RecipeError, RecipeInvalid, MissingInput, SettingsError, UnknownStage)
+
+
+class StoreUnavailable(RuntimeError):
+    """The object store cannot be written (read-only, refused credentials, no bucket): nothing can run."""
+
+
+USER_ERRORS = (recipes.RecipeError, RecipeInvalid, MissingInput, SettingsError, UnknownStage, StoreRefused,
+               StoreUnavailable)
 _STATE = {"debug": False}
 
 
@@ -80,7 +88,8 @@ def up(
     from . import services
 
     settings = _settings()
-    settings.ensure_dirs()
+    with user_errors():
+        settings.ensure_dirs()
     for name in only or SERVICE_NAMES:
         if name not in SERVICE_NAMES:
             raise typer.BadParameter(f"unknown service {name!r}; choose from {SERVICE_NAMES}")
@@ -202,6 +211,26 @@ def prepare_flow_environment(settings: Settings) -> None:
             os.environ["MOEFLOW_MLFLOW_TRACKING_URI"] = tracking
 
 
+def check_store_or_record_failure(stage: str, recipe: dict, settings: Settings) -> None:
+    """A store that refuses writes fails the run here, in one line, before Prefect starts (so nothing
+    is retried); the run is still recorded in the catalog as failed, with the reason."""
+    from .doctor import check_store
+
+    check = check_store(settings)
+    if check.ok:
+        return
+    try:
+        from .catalog import Catalog
+
+        with Catalog.from_settings(settings) as catalog:
+            run_id = catalog.start_run(stage, recipe.get(stage) or {})
+            catalog.finish_run(run_id, status="failed", error=check.detail)
+        where = f"run {run_id} recorded as failed"
+    except Exception as exc:  # the catalog may be just as unreachable; the store's problem comes first
+        where = f"not recorded in the catalog: {exc}"
+    raise StoreUnavailable(f"{check.detail}\n({where})")
+
+
 def check_recipe(stage: str, recipe: dict) -> dict:
     """Validate the recipe (every section) and that the stage's inputs exist; returns run options.
 
@@ -240,16 +269,19 @@ def run(
         loaded = recipes.load_recipe(recipe, set_ or [])
         options = check_recipe(flow, loaded)
         check_inputs(flow, options)
-    prepare_flow_environment(settings)
+    with user_errors():
+        prepare_flow_environment(settings)
+        check_store_or_record_failure(flow, loaded, settings)
     from . import services
 
     tags = run_tags(flow, loaded)
     typer.echo(f"running flow {flow!r} with recipe {loaded.get('name', recipe)!r}")
     t0 = time.monotonic()
-    if not local and services.deployments_available(settings):
-        result = run_through_deployment(flow, loaded, tags)
-    else:
-        result = run_in_process(flow, loaded, tags)
+    with user_errors():  # a store that starts refusing writes mid-run ends in one line too
+        if not local and services.deployments_available(settings):
+            result = run_through_deployment(flow, loaded, tags)
+        else:
+            result = run_in_process(flow, loaded, tags)
     typer.echo(json.dumps(result, indent=2, default=str))
     typer.echo(f"flow {flow!r} finished in {time.monotonic() - t0:.1f}s")
     if isinstance(result, dict) and result.get("comparison"):
