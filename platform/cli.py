@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import typer
 
 from . import recipes
+from .databases import init_databases
 from .settings import Settings, SettingsError, get_settings
 from .store.errors import AuthError as StoreRefused
 from .stages import (STAGES, MissingInput, RecipeInvalid, UnknownStage, find_input, flow_kwargs, get_stage,
@@ -90,6 +91,8 @@ def up(
     settings = _settings()
     with user_errors():
         settings.ensure_dirs()
+    if {"prefect", "mlflow", "flows"} & set(only or SERVICE_NAMES):
+        init_databases(settings)
     for name in only or SERVICE_NAMES:
         if name not in SERVICE_NAMES:
             raise typer.BadParameter(f"unknown service {name!r}; choose from {SERVICE_NAMES}")
@@ -209,6 +212,7 @@ def prepare_flow_environment(settings: Settings) -> None:
         tracking = services.effective_tracking_uri(settings)
         if tracking != settings.tracking_uri:
             os.environ["MOEFLOW_MLFLOW_TRACKING_URI"] = tracking
+    init_databases(settings)  # once per home, under a lock: concurrent first runs raced the migrations
 
 
 def check_store_or_record_failure(stage: str, recipe: dict, settings: Settings) -> None:
