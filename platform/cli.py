@@ -24,7 +24,9 @@ from typing import Iterator, Optional
 import typer
 
 from . import recipes
+from .databases import init_databases
 from .settings import Settings, SettingsError, get_settings
+from .store.errors import AuthError as StoreRefused
 from .stages import (STAGES, MissingInput, RecipeInvalid, UnknownStage, find_input, flow_kwargs, get_stage,
                      validate_recipe)
 
@@ -37,7 +39,14 @@ deploy_app = typer.Typer(no_args_is_help=True, help="Promotion: 'moeflow run dep
 app.add_typer(deploy_app, name="deploy")
 
 SERVICE_NAMES = ["prefect", "mlflow", "dashboard", "ray", "flows"]  # start order: flows needs prefect
-USER_ERRORS = (recipes.RecipeError, RecipeInvalid, MissingInput, SettingsError, UnknownStage)
+
+
+class StoreUnavailable(RuntimeError):
+    """The object store cannot be written (read-only, refused credentials, no bucket): nothing can run."""
+
+
+USER_ERRORS = (recipes.RecipeError, RecipeInvalid, MissingInput, SettingsError, UnknownStage, StoreRefused,
+               StoreUnavailable)
 _STATE = {"debug": False}
 
 
@@ -80,7 +89,10 @@ def up(
     from . import services
 
     settings = _settings()
-    settings.ensure_dirs()
+    with user_errors():
+        settings.ensure_dirs()
+    if {"prefect", "mlflow", "flows"} & set(only or SERVICE_NAMES):
+        init_databases(settings)
     for name in only or SERVICE_NAMES:
         if name not in SERVICE_NAMES:
             raise typer.BadParameter(f"unknown service {name!r}; choose from {SERVICE_NAMES}")
@@ -94,12 +106,27 @@ def up(
             raise typer.Exit(1)
         word = "started" if state["started"] else "already running"
         typer.echo(f" {word} ({time.monotonic() - t0:.1f}s)")
+    for run in _recover_crashed_runs(settings):
+        typer.echo(f"run {run['id']} ({run['stage']}, started {run['started_at']}): its process died; marked crashed")
     typer.echo("")
     typer.echo(f"Prefect UI : http://{settings.host}:{settings.prefect_port}")
     typer.echo(f"MLflow UI  : {settings.mlflow_server_url}")
     typer.echo(f"Dashboard  : {settings.dashboard_url}")
     typer.echo(f"Deployments: http://{settings.host}:{settings.prefect_port}/deployments (start any flow from a form)")
     typer.echo(f"logs       : {settings.log_dir}")
+
+
+def _recover_crashed_runs(settings: Settings) -> list[dict]:
+    """Runs left "running" by killed processes become crashed (catalog, MLflow, and Prefect when it is up)."""
+    from . import services
+    from .catalog import Catalog
+    from .recovery import recover_crashed_runs
+    from .tracking import get_tracker
+
+    api = services.prefect_api_url(settings)
+    with Catalog.from_settings(settings) as catalog, \
+            (_environ("PREFECT_API_URL", api) if api else contextlib.nullcontext()):
+        return recover_crashed_runs(catalog, get_tracker(settings))
 
 
 @app.command()
@@ -185,6 +212,27 @@ def prepare_flow_environment(settings: Settings) -> None:
         tracking = services.effective_tracking_uri(settings)
         if tracking != settings.tracking_uri:
             os.environ["MOEFLOW_MLFLOW_TRACKING_URI"] = tracking
+    init_databases(settings)  # once per home, under a lock: concurrent first runs raced the migrations
+
+
+def check_store_or_record_failure(stage: str, recipe: dict, settings: Settings) -> None:
+    """A store that refuses writes fails the run here, in one line, before Prefect starts (so nothing
+    is retried); the run is still recorded in the catalog as failed, with the reason."""
+    from .doctor import check_store
+
+    check = check_store(settings)
+    if check.ok:
+        return
+    try:
+        from .catalog import Catalog
+
+        with Catalog.from_settings(settings) as catalog:
+            run_id = catalog.start_run(stage, recipe.get(stage) or {})
+            catalog.finish_run(run_id, status="failed", error=check.detail)
+        where = f"run {run_id} recorded as failed"
+    except Exception as exc:  # the catalog may be just as unreachable; the store's problem comes first
+        where = f"not recorded in the catalog: {exc}"
+    raise StoreUnavailable(f"{check.detail}\n({where})")
 
 
 def check_recipe(stage: str, recipe: dict) -> dict:
@@ -225,16 +273,19 @@ def run(
         loaded = recipes.load_recipe(recipe, set_ or [])
         options = check_recipe(flow, loaded)
         check_inputs(flow, options)
-    prepare_flow_environment(settings)
+    with user_errors():
+        prepare_flow_environment(settings)
+        check_store_or_record_failure(flow, loaded, settings)
     from . import services
 
     tags = run_tags(flow, loaded)
     typer.echo(f"running flow {flow!r} with recipe {loaded.get('name', recipe)!r}")
     t0 = time.monotonic()
-    if not local and services.deployments_available(settings):
-        result = run_through_deployment(flow, loaded, tags)
-    else:
-        result = run_in_process(flow, loaded, tags)
+    with user_errors():  # a store that starts refusing writes mid-run ends in one line too
+        if not local and services.deployments_available(settings):
+            result = run_through_deployment(flow, loaded, tags)
+        else:
+            result = run_in_process(flow, loaded, tags)
     typer.echo(json.dumps(result, indent=2, default=str))
     typer.echo(f"flow {flow!r} finished in {time.monotonic() - t0:.1f}s")
     if isinstance(result, dict) and result.get("comparison"):
@@ -254,12 +305,45 @@ def run(
 
 
 def run_in_process(stage: str, recipe: dict, tags: list[str]):
-    from prefect import tags as prefect_tags
+    """Run the flow here; without a Prefect server, on a temporary one that dies with this process."""
+    from . import services
 
-    flow_obj = get_stage(stage).load_flow()
-    _library_logging()
-    with prefect_tags(*tags):
-        return flow_obj(**flow_kwargs(flow_obj, recipe))
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):
+            api = stack.enter_context(services.temporary_prefect_server(get_settings()))
+            stack.enter_context(_environ("PREFECT_API_URL", api))
+        from prefect import tags as prefect_tags
+
+        flow_obj = get_stage(stage).load_flow()
+        _library_logging()
+        try:
+            with prefect_tags(*tags):
+                return flow_obj(**flow_kwargs(flow_obj, recipe))
+        finally:
+            _drain_prefect_workers()
+
+
+def _drain_prefect_workers() -> None:
+    """Send the run's last logs and events while the server still answers (at interpreter exit the
+    temporary server is gone, and Prefect's workers would retry against a closed port)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=30)
+
+
+@contextlib.contextmanager
+def _environ(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _library_logging() -> None:

@@ -22,6 +22,7 @@ different subset of the forms above.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -212,18 +213,26 @@ class LoadedModel:
     ref: ModelRef
     model: object        # MoETransformer, eval mode
     tokenizer: object    # models.tokenizer.Tokenizer
-    local_dir: Path
+    local_dir: Path | None  # where the files are; None when they were fetched to a temporary dir, now removed
+    meta: dict | None = None  # a checkpoint's meta.json (step, pretrain_config); None for an HF export
 
 
-def _download(uri: str, cache_dir: str | Path | None, store) -> Path:
-    if not _is_store_uri(uri):
-        return Path(uri)
-    target = Path(cache_dir or tempfile.mkdtemp(prefix="moeflow-model-"))
+def _inference_files(artifact) -> list[str]:
+    """The files loading needs: a checkpoint's optimiser and trainer state (often 2-3x the weights) only
+    serve resuming, so they are never copied for inference or evaluation."""
+    from moeflow.models.train.state import OPTIM_FILE, TRAINER_FILE
+
+    return [name for name in artifact.names() if name not in (OPTIM_FILE, TRAINER_FILE)]
+
+
+def _download(uri: str, target: Path, store) -> Path:
     if store is not None and uri.startswith(store.root_uri.rstrip("/") + "/"):
-        return Path(store.read_artifact(uri).download(target))
-    from moeflow.platform.store import read_artifact
+        artifact = store.read_artifact(uri)
+    else:
+        from moeflow.platform.store import read_artifact
 
-    return Path(read_artifact(uri).download(str(target)))
+        artifact = read_artifact(uri)
+    return Path(artifact.download(target, names=_inference_files(artifact)))
 
 
 def _tokenizer(path_or_uri: str):
@@ -244,7 +253,23 @@ def load(ref: str | ModelRef, *, device="cpu", dtype=None, tokenizer: str | None
     ``require_hf``: refuse a checkpoint without an export (post-training trains from the export)."""
     mref = ref if isinstance(ref, ModelRef) else resolve(ref, store=store, settings=settings)
     source = mref.require_hf() if require_hf else (mref.hf_uri or mref.uri)
-    local = _download(source, cache_dir, store)
+    if not _is_store_uri(source):
+        return _load_dir(mref, source, Path(source), device=device, dtype=dtype, tokenizer=tokenizer,
+                         require_hf=require_hf, keep=True)
+    if cache_dir is not None:
+        local = _download(source, Path(cache_dir), store)
+        return _load_dir(mref, source, local, device=device, dtype=dtype, tokenizer=tokenizer, require_hf=require_hf,
+                         keep=True)
+    # no cache dir: the files live only while loading (the model is in memory afterwards), also on errors
+    with tempfile.TemporaryDirectory(prefix="moeflow-model-") as tmp:
+        local = _download(source, Path(tmp), store)
+        return _load_dir(mref, source, local, device=device, dtype=dtype, tokenizer=tokenizer, require_hf=require_hf,
+                         keep=False)
+
+
+def _load_dir(mref: ModelRef, source: str, local: Path, *, device, dtype, tokenizer, require_hf: bool,
+              keep: bool) -> LoadedModel:
+    meta = None
     if (local / "config.json").is_file():
         from moeflow.models.hf import import_hf
 
@@ -253,6 +278,7 @@ def load(ref: str | ModelRef, *, device="cpu", dtype=None, tokenizer: str | None
         from moeflow.platform.train.evaluate import load_model
 
         model = load_model(local, device)
+        meta = json.loads((local / "meta.json").read_text())
         if dtype is not None:
             model = model.to(dtype)
     else:
@@ -264,4 +290,4 @@ def load(ref: str | ModelRef, *, device="cpu", dtype=None, tokenizer: str | None
     tok = _tokenizer(tok_source)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ModelRefError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {model.cfg.vocab_size}")
-    return LoadedModel(mref, model.eval(), tok, local)
+    return LoadedModel(mref, model.eval(), tok, local if keep else None, meta)

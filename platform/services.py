@@ -9,6 +9,7 @@ The environment every service and every flow run shares comes from one function,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .compute import RAY_ADDRESS_FILE
 from .settings import Settings
@@ -198,24 +200,89 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class PortHolder:
+    """The process listening on a port (pid None: a process of another user, or not visible)."""
+
+    port: int
+    pid: int | None
+    command: str
+
+    def describe(self) -> str:
+        who = f"pid {self.pid} ({self.command})" if self.pid is not None else "a process this user cannot see"
+        return f"port {self.port} is held by {who}"
+
+
+def port_holder(port: int) -> PortHolder | None:
+    """Who listens on TCP ``port`` (any address), from the kernel's socket table (psutil reads
+    /proc/net/tcp{,6} and maps socket inodes to pids); None when nobody does."""
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return PortHolder(port, conn.pid, _command_line(conn.pid))
+    return None
+
+
+def _command_line(pid: int | None, limit: int = 120) -> str:
+    import psutil
+
+    if pid is None:
+        return "?"
+    try:
+        line = " ".join(" ".join(psutil.Process(pid).cmdline()).split()) or psutil.Process(pid).name()
+    except (psutil.Error, OSError):
+        return "?"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def owns(pid: int, holder: PortHolder) -> bool:
+    """Whether ``holder`` belongs to the service we started as ``pid``: that process itself, or a
+    process of its session (each service starts in a session of its own, so its servers, workers
+    and Ray's GCS share the session id ``pid``) or one of its descendants.
+
+    A live pid plus a URL that answers is not enough: another home's server on the same port
+    answers too, while our process fails to bind (or has not bound yet)."""
+    import psutil
+
+    if holder.pid is None:
+        return False
+    if holder.pid == pid:
+        return True
+    try:
+        if os.getsid(holder.pid) == pid:
+            return True
+        return any(p.pid == pid for p in psutil.Process(holder.pid).parents())
+    except (OSError, psutil.Error):
+        return False
+
+
 def service_status(svc: Service, settings: Settings) -> dict:
-    """pid file and process, health check, and the port: a port that answers without our
-    process is someone else's (another home's ``moeflow up``, or an unrelated server)."""
+    """pid file and process, health check, and who holds the port: healthy means our process is
+    the one listening and its health check answers. A port held by another process (another home's
+    ``moeflow up``, an unrelated server) is named with its pid and command."""
     pid = _read_pid(svc.pid_file(settings))
     running = pid is not None and _pid_alive(pid)
-    healthy = running
-    if running and svc.health_url is not None:
-        healthy = http_ok(svc.health_url)
-    if running and svc.health_tcp is not None:
-        healthy = tcp_ok(*svc.health_tcp)
     port = svc.port
-    port_open = tcp_ok(settings.host, port) if port else None
-    if running:
+    holder = port_holder(port) if port else None
+    foreign = holder is not None and not (running and owns(pid, holder))
+    healthy = running and not foreign
+    if healthy and port and holder is None:
+        healthy = False  # our process has not bound its port (yet)
+    if healthy and svc.health_url is not None:
+        healthy = http_ok(svc.health_url)
+    if healthy and svc.health_tcp is not None:
+        healthy = tcp_ok(*svc.health_tcp)
+    port_open = (holder is not None) if port else None
+    if foreign:
+        note = f"{holder.describe()}, not by this home's {svc.name}"
+    elif running:
         note = "" if healthy else ("starting or unhealthy" if port_open else "running, port not answering")
     else:
-        note = f"port {port} is taken by another process" if port_open else ""
+        note = ""
     return {"name": svc.name, "running": running, "healthy": healthy, "pid": pid if running else None,
-            "port": port or "", "port_open": port_open, "url": svc.url, "note": note}
+            "port": port or "", "port_open": port_open, "url": svc.url, "note": note,
+            "holder": holder if foreign else None}
 
 
 def tcp_ok(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -230,6 +297,8 @@ def start_service(svc: Service, settings: Settings, timeout: float = 120.0) -> d
     """Start ``svc`` unless it is already healthy; wait until it answers its health check."""
     settings.ensure_dirs()
     status = service_status(svc, settings)
+    if status["holder"] is not None and not status["running"]:
+        raise PortTaken(svc.name, status["holder"])
     if status["healthy"]:
         return {**status, "started": False}
     if status["running"]:  # alive but unhealthy: maybe still starting
@@ -246,7 +315,10 @@ def start_service(svc: Service, settings: Settings, timeout: float = 120.0) -> d
                             start_new_session=True, cwd=settings.home)
     svc.pid_file(settings).write_text(str(proc.pid))
     if not _wait_healthy(svc, settings, timeout, proc):
+        foreign = service_status(svc, settings)["holder"]
         stop_service(svc, settings)
+        if foreign is not None:  # another process took the port while ours started
+            raise PortTaken(svc.name, foreign)
         tail = svc.log_file(settings).read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{svc.name} did not become healthy within {timeout:.0f}s; log {svc.log_file(settings)}:\n{tail}")
     if svc.name == "ray":  # flows connect to this head instead of starting their own Ray
@@ -254,13 +326,25 @@ def start_service(svc: Service, settings: Settings, timeout: float = 120.0) -> d
     return {**service_status(svc, settings), "started": True}
 
 
+class PortTaken(RuntimeError):
+    """A service's port is held by a process that is not ours: starting would report someone else's server."""
+
+    def __init__(self, name: str, holder: PortHolder):
+        super().__init__(f"cannot start {name}: {holder.describe()}; stop it, or give this home another port "
+                         f"(MOEFLOW_{name.upper()}_PORT)")
+        self.holder = holder
+
+
 def _wait_healthy(svc: Service, settings: Settings, timeout: float, proc: subprocess.Popen | None = None) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             return False
-        if service_status(svc, settings)["healthy"]:
+        status = service_status(svc, settings)
+        if status["healthy"]:
             return True
+        if status["holder"] is not None:  # another process listens there: ours cannot bind
+            return False
         time.sleep(0.5)
     return False
 
@@ -286,6 +370,64 @@ def stop_service(svc: Service, settings: Settings, timeout: float = 20.0) -> boo
             _reap(pid)
             time.sleep(0.2)
     return True
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    It survives the exec, so the server goes with the ``moeflow run`` that started it even when that
+    run is killed with SIGKILL and no cleanup code of ours can run."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def temporary_prefect_server(settings: Settings, timeout: float = 180.0) -> Iterator[str]:
+    """A Prefect API server over this home's database for one in-process run; yields its API URL.
+
+    Prefect would start one by itself (its "ephemeral" server) as an ordinary child process: when the
+    run is killed with SIGKILL that server is orphaned and lives on (~240 MB each), invisible to
+    ``moeflow down``/``status``. This one is the same server (Prefect's app under uvicorn, no UI) but
+    started with a parent-death signal, so the kernel ends it with its parent, however the parent ends.
+    """
+    port = _free_port(settings.host)
+    env = service_env(settings)
+    env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+    env.pop("PREFECT_API_URL", None)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.log_dir / "prefect-temporary.log"
+    command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+               "--host", settings.host, "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    with log_path.open("ab") as log:
+        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} run pid {os.getpid()}: {' '.join(command)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=settings.home, preexec_fn=_die_with_parent)
+    api = f"http://{settings.host}:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout
+        while not http_ok(f"{api}/health"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the temporary Prefect server did not start within {timeout:.0f}s; "
+                                   f"log {log_path}:\n{tail}")
+            time.sleep(0.2)
+        yield api
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _reap(pid: int) -> None:

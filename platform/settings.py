@@ -17,12 +17,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 def _default_home() -> Path:
-    return Path(os.environ.get("MOEFLOW_HOME", Path.home() / ".moeflow")).expanduser()
+    # an empty MOEFLOW_HOME is refused by Settings (it would mean the current directory); here it only
+    # must not make the config file source read ./config.toml
+    return Path(os.environ.get("MOEFLOW_HOME") or Path.home() / ".moeflow").expanduser()
 
 
 class _TomlFileSource(PydanticBaseSettingsSource):
@@ -77,6 +79,13 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
     ray_placement_timeout_s: float = Field(
         120.0, gt=0, description="seconds training waits for Ray to place its workers before failing")
+
+    @field_validator("home", "store_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is set but empty (it would mean the current directory): unset it or name a directory")
+        return value
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -141,10 +150,16 @@ class Settings(BaseSettings):
         return self.home / "run"
 
     def ensure_dirs(self) -> None:
-        for path in (self.home, self.log_dir, self.run_dir, self.prefect_home):
-            path.mkdir(parents=True, exist_ok=True)
+        """Create the home's folders (and the local store's); ``HomeError`` names the one that cannot be."""
+        folders = [(p, "MOEFLOW_HOME") for p in (self.home, self.log_dir, self.run_dir, self.prefect_home)]
         if not self.uses_s3:
-            self.store_root.mkdir(parents=True, exist_ok=True)
+            folders.append((self.store_root, "MOEFLOW_STORE_DIR" if self.store_dir else "MOEFLOW_HOME"))
+        for path, setting in folders:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise HomeError(f"cannot create {path} ({exc.strerror or exc}): set {setting} to a directory "
+                                "this user can write") from None
 
     def masked(self) -> dict[str, Any]:
         """Effective settings with secrets masked and derived values added, for display."""
@@ -173,6 +188,10 @@ def _mask_url(url: str) -> str:
 
 class SettingsError(ValueError):
     """A setting (environment variable or config file) has a value the platform cannot use."""
+
+
+class HomeError(SettingsError):
+    """``MOEFLOW_HOME`` (or the store directory) cannot be created or written."""
 
 
 def get_settings(**overrides: Any) -> Settings:

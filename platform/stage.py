@@ -131,6 +131,7 @@ def stage_run(
     (``{"catalog_run_id": ..., "mlflow_run_id": ...}``) so stage runs nest under it.
     """
     from .catalog import Catalog
+    from .recovery import recover_crashed_runs
     from .store import open_store
     from .tracking import (TAG_CATALOG_RUN_ID, TAG_CONFIG_HASH, TAG_PIPELINE_RUN_ID, TAG_PREFECT_FLOW_RUN_ID,
                            TAG_STAGE, dataset_display_name, get_tracker, prefect_flow_run_url, stage_run_name)
@@ -139,13 +140,15 @@ def stage_run(
     settings.ensure_dirs()
     if logging.getLogger("moeflow").level == logging.NOTSET:  # progress (steps, loss, funnel) is INFO
         logging.getLogger("moeflow").setLevel(logging.INFO)
-    store = store if store is not None else open_store(settings, create_bucket=True)
     owns_catalog = catalog is None
     catalog = catalog if catalog is not None else Catalog.from_settings(settings)
     tracker = tracker if tracker is not None else get_tracker(settings)
+    recover_crashed_runs(catalog, tracker)
     pipeline = pipeline or {}
     chash = config_hash(config)
     prefect_run = current_prefect_flow_run_id()
+    # the catalog run is recorded before anything else can fail (the store's credentials, its
+    # permissions, MLflow), so every failed start leaves a failed run with its reason
     run_id = catalog.start_run(stage, config, pipeline_run_id=pipeline.get("catalog_run_id"),
                                prefect_flow_run_id=prefect_run)
     tags = {TAG_STAGE: stage, TAG_CATALOG_RUN_ID: run_id, TAG_CONFIG_HASH: chash}
@@ -154,10 +157,17 @@ def stage_run(
     if pipeline.get("catalog_run_id"):
         tags[TAG_PIPELINE_RUN_ID] = pipeline["catalog_run_id"]
     try:
-        parent = pipeline.get("mlflow_run_id")
-        name = stage_run_name(stage, parent_run_name=tracker.run_name(parent) if parent else None,
-                              flow_run_name=current_prefect_flow_run_name())
-        with tracker.start_run(name, tags=tags, nested=parent is not None, parent_run_id=parent) as mlflow_run_id:
+        with contextlib.ExitStack() as mlflow_run:
+            try:
+                store = store if store is not None else open_store(settings, create_bucket=True)
+                parent = pipeline.get("mlflow_run_id")
+                name = stage_run_name(stage, parent_run_name=tracker.run_name(parent) if parent else None,
+                                      flow_run_name=current_prefect_flow_run_name())
+                mlflow_run_id = mlflow_run.enter_context(
+                    tracker.start_run(name, tags=tags, nested=parent is not None, parent_run_id=parent))
+            except BaseException as err:
+                catalog.finish_run(run_id, status="failed", error=_one_line(err))
+                raise
             catalog.set_run_ids(run_id, mlflow_run_id=mlflow_run_id)
             st = StageRun(stage, run_id, settings, store, catalog, tracker, mlflow_run_id, chash,
                           inputs=[(dataset_display_name(uri, catalog.get_artifact(uri)), uri) for uri in inputs],
@@ -170,7 +180,7 @@ def stage_run(
                 yield st
             except BaseException as err:
                 catalog.add_lineage(run_id, inputs=list(inputs), outputs=st.outputs)
-                message = "".join(traceback.format_exception_only(type(err), err)).strip()
+                message = _one_line(err)
                 catalog.finish_run(run_id, status="failed", error=message, metrics=st.metrics)
                 tracker.set_tags({"moeflow.status": "failed", "moeflow.error": message[:5000]})
                 st.describe("failed")
@@ -182,3 +192,7 @@ def stage_run(
     finally:
         if owns_catalog:  # a catalog we opened holds a connection pool
             catalog.close()
+
+
+def _one_line(err: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(err), err)).strip()

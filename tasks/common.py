@@ -101,3 +101,15 @@ def run_posttrain_stage(stage: str, config, run, *, data_uri: str, model: str | 
             "parent_model_id": result.parent_model_id, "expert_load_uri": result.expert_load_uri,
             "mlflow_model_name": name if version else None, "mlflow_model_version": version,
             "before": result.before, "after": result.after, "metrics": result.metrics}
+
+
+def retry_if_it_can_help(_task, _task_run, state) -> bool:
+    """Prefect ``retry_condition_fn`` of I/O tasks: no retry after an error that no retry can fix
+    (``store.errors.retry_can_help``), e.g. a read-only store or refused S3 credentials."""
+    from moeflow.platform.store.errors import retry_can_help
+
+    try:
+        state.result(raise_on_failure=True)
+    except Exception as exc:  # the task's own exception
+        return retry_can_help(exc)
+    return True

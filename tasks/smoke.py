@@ -11,9 +11,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from moeflow.platform.smoke import SmokeConfig, run_smoke
 from moeflow.platform.stage import stage_run
+from moeflow.tasks.common import retry_if_it_can_help
 
 
-@task(name="smoke-write", retries=2, retry_delay_seconds=2)
+@task(name="smoke-write", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_it_can_help)
 def smoke_task(config: SmokeConfig, pipeline: dict | None = None) -> dict:
     with stage_run("smoke", config.to_dict(), pipeline=pipeline) as st:
         result = run_smoke(config, st.store, output_prefix=f"smoke/{st.config_hash}")

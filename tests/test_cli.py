@@ -94,9 +94,9 @@ def test_status_checks_ports_as_well_as_pid_files(moeflow_home, monkeypatch):
         result = runner.invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if line.startswith("dashboard"))
-    assert "False" in row and "open" in row and f"port {port} is taken by another process" in row
+    assert "False" in row and "open" in row and f"port {port} is held by pid" in row
     mlflow_row = next(line for line in result.output.splitlines() if line.startswith("mlflow"))
-    assert "closed" in mlflow_row and "taken" not in mlflow_row
+    assert "closed" in mlflow_row and "held" not in mlflow_row
 
 
 def test_stages_lists_the_registry():

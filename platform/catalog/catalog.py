@@ -41,6 +41,7 @@ from .models import (
     Run,
     utcnow,
 )
+from .owner import Owner, is_dead, this_process
 from .records import artifact_node, dataset_dict, edge, model_dict, run_dict
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,10 @@ class Catalog:
         prefect_flow_run_id: str | None = None,
         mlflow_run_id: str | None = None,
         code_version: str | None = None,
+        owner: str | None = None,
     ) -> str:
-        """Record a run of ``stage`` as ``running``; returns its id (uuid hex)."""
+        """Record a run of ``stage`` as ``running``; returns its id (uuid hex). ``owner`` is the process
+        that will finish it (``host:pid:start-time``, this process by default): see ``crashed_runs``."""
         if not stage or not isinstance(stage, str):
             raise ValueError(f"stage must be a non-empty string, got {stage!r}")
         if config is not None and not isinstance(config, dict):
@@ -184,6 +187,7 @@ class Catalog:
                     prefect_flow_run_id=_opt_str(prefect_flow_run_id),
                     mlflow_run_id=_opt_str(mlflow_run_id),
                     metrics={},
+                    owner=owner or str(this_process()),
                 )
             )
             return run_id
@@ -195,7 +199,7 @@ class Catalog:
     ) -> None:
         """Mark a run ``succeeded``/``failed``; ``metrics`` are merged into the run's metrics."""
         if status not in RUN_STATUSES or status == "running":
-            raise ValueError(f"finish_run status must be 'succeeded' or 'failed', got {status!r}")
+            raise ValueError(f"finish_run status must be one of {RUN_STATUSES[1:]}, got {status!r}")
 
         def write(session: Session) -> None:
             run = self._get_run(session, run_id)
@@ -206,6 +210,35 @@ class Catalog:
                 run.metrics = {**(run.metrics or {}), **normalize_json(metrics)}
 
         self._write(write)
+
+    def mark_dead_runs_crashed(self) -> list[dict]:
+        """Every ``running`` run whose owner process on this host is gone becomes ``crashed`` (with
+        the reason as its error); returns those runs as they were. Runs of other hosts, runs without
+        an owner and runs of live processes are left alone. Safe to call from several processes:
+        each run is re-checked inside the write transaction."""
+        def read(session: Session) -> list[tuple[str, str]]:
+            query = (select(Run.id, Run.owner).join(Project, Project.id == Run.project_id)
+                     .where(Project.name == self.project, Run.status == "running", Run.owner.is_not(None)))
+            return list(session.execute(query).all())
+
+        dead = [(run_id, o) for run_id, text in self._read(read)
+                if (o := Owner.parse(text)) is not None and is_dead(o)]
+        crashed = []
+        for run_id, o in dead:
+            def write(session: Session, run_id=run_id, o=o) -> dict | None:
+                run = self._get_run(session, run_id)
+                if run.status != "running":
+                    return None  # another process got there first
+                before = run_dict(run)
+                run.status = "crashed"
+                run.ended_at = utcnow()
+                run.error = (f"crashed: its process (pid {o.pid} on {o.host}) ended without finishing the run "
+                             "(killed, out of memory, or the machine went down)")
+                return before
+
+            if (found := self._write(write)) is not None:
+                crashed.append(found)
+        return crashed
 
     def set_run_ids(
         self, run_id: str, *, mlflow_run_id: str | None = None, prefect_flow_run_id: str | None = None

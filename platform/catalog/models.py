@@ -38,7 +38,7 @@ NAME_LEN = 255
 URI_LEN = 1024
 HASH_LEN = 128
 
-RUN_STATUSES = ("running", "succeeded", "failed")
+RUN_STATUSES = ("running", "succeeded", "failed", "crashed")  # crashed: its process died (recovery.py)
 DATASET_KINDS = (A.CURATED, A.TOKENIZER, A.TOKENS, A.EXPERT_LOAD, A.CHAT_DATA, A.PREFERENCE_DATA, A.PROMPT_DATA,
                  A.EVAL_RESULTS, A.DEPLOY_DECISION)  # spelled once, in platform/artifacts.py
 EDGE_DIRECTIONS = ("input", "output")
@@ -128,6 +128,7 @@ class Run(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    owner: Mapped[str | None] = mapped_column(String(255))  # host:pid:start-time (owner.py), None before 0002
 
 
 class LineageEdge(Base):

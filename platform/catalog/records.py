@@ -34,6 +34,7 @@ def run_dict(run: Run, edges: dict[str, list[str]] | None = None) -> dict:
         "mlflow_run_id": run.mlflow_run_id,
         "error": run.error,
         "metrics": run.metrics or {},
+        "owner": run.owner,
     }
     if edges is not None:
         data["inputs"] = edges.get("inputs", [])

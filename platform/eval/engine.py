@@ -87,9 +87,8 @@ def _validation(loaded, tokens_uri: str, config: EvaluateConfig, device: str) ->
 
     train_ds, val_ds = TokenDataset.open(tokens_uri, "train"), TokenDataset.open(tokens_uri, "val")
     seq_len = config.seq_len or min(loaded.model.cfg.max_seq_len, 2048)
-    meta_path = loaded.local_dir / "meta.json"
-    if config.seq_len is None and meta_path.is_file():
-        seq_len = int(json.loads(meta_path.read_text()).get("pretrain_config", {}).get("seq_len", seq_len))
+    if config.seq_len is None and loaded.meta:
+        seq_len = int(loaded.meta.get("pretrain_config", {}).get("seq_len", seq_len))
     return evaluate_model(loaded.model, train_ds, val_ds, seq_len=seq_len, batch_size=config.batch_size,
                           num_batches=config.num_batches, device=device)
 

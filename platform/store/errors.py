@@ -62,3 +62,10 @@ class InvalidKeyError(StoreError, ValueError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+def retry_can_help(exc: BaseException) -> bool:
+    """Whether retrying an I/O task after ``exc`` may succeed: not after a refused or misconfigured
+    store (credentials, permissions, a read-only directory, a missing bucket), a corrupt object or a
+    bad key; yes after transient and unknown errors."""
+    return not isinstance(exc, (AuthError, BucketNotFoundError, ChecksumError, InvalidKeyError))

@@ -11,6 +11,7 @@ both exist); such a write raises StoreError naming both keys.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -19,11 +20,12 @@ from typing import BinaryIO, Callable
 from urllib.parse import unquote, urlsplit
 
 from .base import ObjectStore
-from .errors import NotFoundError, StoreError
+from .errors import AuthError, NotFoundError, StoreError
 from .keys import check_key, norm_prefix
 
 _TMP_MARK = ".moeflow-tmp-"
 _COPY_CHUNK = 8 << 20
+_DENIED = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def path_from_file_uri(uri: str) -> Path:
@@ -75,15 +77,20 @@ class LocalStore(ObjectStore):
 
     def _write(self, key: str, fill: Callable[[BinaryIO], None]) -> None:
         path = self._path(key)
-        self._prepare_parent(path)
         tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
+            self._prepare_parent(path)
             with open(tmp, "wb") as fh:
                 fill(fh)
                 fh.flush()
                 if self.durable:
                     os.fsync(fh.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno in _DENIED:  # a read-only or foreign directory: no retry can help
+                raise AuthError(f"cannot write to the store {self.root} ({exc.strerror}): make it writable or set "
+                                "MOEFLOW_STORE_DIR", path.as_uri()) from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 
