@@ -163,6 +163,10 @@ class Engine:
         with self._lock:
             self._cancel.add(request_id)
 
+    def warmup(self) -> int:
+        """Capture every decode bucket now (graph mode) so no request waits for a capture; the graph count."""
+        return self.static.capture_all() if self.decode_mode == "graph" else 0
+
     # ------------------------------------------------------------------ state
     def num_running(self) -> int:
         return len(self._running)
