@@ -85,7 +85,7 @@ def up(
 
     settings = _settings()
     settings.ensure_dirs()
-    names = list(only or SERVICE_NAMES) + (["serve"] if serve and (not only or "serve" in only) else [])
+    names = list(only or SERVICE_NAMES) + (["serve"] if serve else [])  # --serve adds it to --only too
     for name in dict.fromkeys(names):
         if name == "serve" and not serve:
             raise typer.BadParameter("the serve service needs --serve <model reference>")
