@@ -68,6 +68,10 @@ def _replica_id() -> str:
 class ModelServer:
     def __init__(self, spec: ServedModel | dict) -> None:
         self.spec = ServedModel.model_validate(spec)
+        if not Path(self.spec.model_dir).is_dir():  # a model reference (a RayService's config): fetch it here
+            from .launch import resolve_served
+
+            self.spec = self.spec.model_copy(update={"model_dir": resolve_served(self.spec.model_dir).model_dir})
         self.model = load_model(self.spec)
         self.tokenizer = load_tokenizer(self.spec.model_dir)
         if self.tokenizer.vocab_size > self.model.cfg.vocab_size:
