@@ -386,35 +386,42 @@ def http_main(args) -> None:
     model_dir = make_export(work / "model", args.preset, getattr(torch, args.dtype), args.tokenizer, args.context)
     vocab = ModelConfig.preset(args.preset).vocab_size
     levels = [int(x) for x in args.levels.split(",")]
+    servers = [(b, q) for b in args.backends.split(",") if b
+               for q in (["none", "int8"] if (b == "moeflow" and args.int8) else ["none"])]
+    procs = {}
     rows = []
-    backends = [b for b in args.backends.split(",") if b]
-    for backend in backends:
-        for quantize in (["none", "int8"] if (backend == "moeflow" and args.int8) else ["none"]):
+    try:
+        # every server loads at once (one GPU holds them all); the load then runs on one at a time,
+        # level by level, so each level's rows of every server come from the same minutes of the run
+        for backend, quantize in servers:
             port = _free_port()
             cmd = [sys.executable, __file__, "server", "--backend", backend, "--model-dir", str(model_dir),
                    "--port", str(port), "--device", args.device, "--dtype", args.dtype, "--max-batch",
                    str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk), "--context", str(args.context),
                    "--quantize", quantize]
-            proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            base = f"http://127.0.0.1:{port}"
             label = backend + ("" if quantize == "none" else f" {quantize}")
+            procs[label] = (subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}),
+                            f"http://127.0.0.1:{port}")
+        for label, (proc, base) in procs.items():
+            wait_healthy(base, proc, args.start_timeout)
+            asyncio.run(run_level(base, min(4, levels[-1]), 0.0, args.prompt, 4, vocab, 0))  # warm-up
+        for c in levels:
+            for label, (proc, base) in procs.items():
+                duration = args.duration if label.startswith("moeflow") else args.baseline_duration
+                row = {"bench": "http", "server": label, "preset": args.preset, "prompt_len": args.prompt,
+                       "max_tokens": args.new, **asyncio.run(run_level(base, c, duration, args.prompt, args.new,
+                                                                       vocab, c))}
+                log(json.dumps(row))
+                _write(args.out, [row])
+                rows.append(row)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+        for proc, _ in procs.values():
             try:
-                wait_healthy(base, proc, args.start_timeout)
-                asyncio.run(run_level(base, min(4, levels[-1]), 0.0, args.prompt, 4, vocab, 0))  # warm-up
-                for c in levels:
-                    duration = args.duration if backend == "moeflow" else args.baseline_duration
-                    row = {"bench": "http", "server": label, "preset": args.preset, "prompt_len": args.prompt,
-                           "max_tokens": args.new, **asyncio.run(run_level(base, c, duration, args.prompt, args.new,
-                                                                           vocab, c))}
-                    log(json.dumps(row))
-                    rows.append(row)
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-    _write(args.out, rows)
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     log("\n| server | streams | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | requests | errors |")
     log("| --- | ---: | ---: | --- | --- | ---: | ---: |")
     for r in rows:

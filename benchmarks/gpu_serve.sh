@@ -17,7 +17,7 @@ export PYTHONPATH=/tmp/pkg:/tmp/site MOEFLOW_HOME=/tmp/mfhome MOEFLOW_TRACKING=n
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/device.txt
 python3 -c "import torch, transformers, sys; print('torch', torch.__version__, 'transformers', transformers.__version__, 'python', sys.version.split()[0])" | tee -a $OUT/device.txt
 timeout ${T_TESTS:-150} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_serve_engine.py tests/test_generation.py 2>&1 | tail -15 | tee $OUT/gpu_tests.log
-timeout ${T_DECODE:-240} python3 benchmarks/bench_decode.py --engine ${ENGINE_ONLY:+--engine-only} --int8 --impls "moeflow cached" --repeats 1 \
+timeout ${T_DECODE:-240} python3 benchmarks/bench_decode.py --engine ${ENGINE_ONLY:+--engine-only} --int8 --impls "moeflow cached" --repeats 1 --ppl-seqs ${PPL_SEQS:-16} --ppl-len ${PPL_LEN:-240} \
   --out $OUT/decode.jsonl 2>&1 | grep -v Warning | tee $OUT/decode.log | tail -22
-timeout ${T_HTTP:-330} python3 benchmarks/bench_serve.py http ${HTTP_INT8:+--int8} --tokenizer "$TOKENIZER" --duration ${DURATION:-8} \
+timeout ${T_HTTP:-330} python3 benchmarks/bench_serve.py http ${HTTP_INT8:+--int8} --tokenizer "$TOKENIZER" --duration ${DURATION:-8} --new ${NEW:-128} \
   --out $OUT/serve.jsonl 2>&1 | grep -v -e Warning -e "Loading weights" | tee $OUT/serve.log | tail -16
