@@ -5,12 +5,16 @@ One ``Engine.step()`` is one scheduling iteration:
 1. requests added (``add``) or cancelled (``cancel``) since the last step are taken in; a cancelled
    request leaves at once and its slot is free for this very step;
 2. **decode**: every running request advances by one token in ONE batched model call over the
-   ``SlotCache`` (rows = slots, right-aligned at a shared cursor, see slots.py);
-3. **chunked prefill**: waiting requests take free slots and their prompts are prefilled, at most
-   ``prefill_chunk`` prompt tokens per step in total, each prompt in its own batch-1 staging cache.
-   A long prompt therefore costs the running streams one chunk of latency per step instead of a
-   stall; when its last chunk is done, its first token is sampled and its latents are copied into
-   its slot, so it joins the decode batch on the next step.
+   ``SlotCache`` (rows = slots, right-aligned at a shared cursor, see slots.py). ``decode_mode``
+   "graph" (the default on CUDA) replays a CUDA graph captured per (rows, cache columns) bucket
+   (graphs.py); "static" runs those bucketed steps uncaptured; "eager" (the default on CPU) calls the
+   model on the dynamic cache. Greedy rows take one batched argmax (one device sync per step);
+3. **prefill**: waiting requests take free slots and their prompts are prefilled, at most
+   ``prefill_chunk`` prompt tokens per step in total. Prompts that fit whole are prefilled together
+   in one left-padded call (as ``generate`` pads a batch); a longer one is prefilled a chunk per step
+   in its own batch-1 staging cache, so it costs the running streams one chunk of latency per step
+   instead of a stall. When a prompt is done, its first token is sampled and its latents are copied
+   into its slot, so it joins the decode batch on the next step.
 
 Each request samples with its own parameters (temperature, top-k, top-p, its own seeded
 ``torch.Generator``; the filters and the draw are ``generation.sample_next``), stops on its own stop

@@ -16,6 +16,8 @@ left-padded row of ``generate`` behaves.
   With ``max_len`` = 2 × the context this happens at most once per context-length of steps.
 - ``rows_view(n)`` is an ``MLACache`` over rows [0, n) (views, not copies), so a decode step
   skips trailing free rows; free rows below n are computed and ignored (masked, never attended).
+  ``static_view(n, w)`` also cuts the columns to [0, w), for the static (CUDA-graph) step: its
+  addresses do not move with the cursor, because every write here is in place.
 
 Shape suffixes: B slots, S columns, R kv_lora_rank, P rope dim.
 """
