@@ -21,11 +21,27 @@ multi-head attention H × (qk_head_dim + v_head_dim) × layers × 2 bytes, and w
 cache actually holds after a prefill.
 Correctness beside speed: ``teacher_forced`` compares every generated token with the argmax of a full
 uncached forward over prompt + completion (see ``teacher_forced_check``).
+
+Serving engine rows (``models/serving``, continuous batching; ``--engine``):
+- ``engine graph`` / ``engine eager``: B requests added at once to an ``Engine`` with B slots, CUDA-graph
+  decode (buckets captured by ``warmup()`` before timing) or the dynamic eager step; stepped to the end.
+  ``decode tok/s`` = B × (new − 1) ÷ the time after the step that produced every first token (prefill
+  excluded); ``tokens_per_s`` = B × new ÷ the whole time (prefill included).
+- ``engine graph int8``: the same on the INT8 weight-only copy (``models/quant.py``), with ``--int8``.
+MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
+embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
+expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
+tokens (B × (prompt + new/2) × (kv_lora_rank + rope_dim) × layers × 2 bytes). Bandwidth: the 4.3 TB/s of
+BENCHMARKS.md (H200) and the device-to-device copy bandwidth measured in the same run (bytes read + written).
+INT8 rows also report the weight bytes, the peak GPU memory of the row, and the perplexity of the bf16
+and INT8 models on ``--ppl-seqs`` sequences sampled from the bf16 model at temperature 1 (random weights:
+the perplexity is the model's own, what matters is the INT8 − bf16 delta on the same tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -37,6 +53,10 @@ import torch
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.generation import CudaGraphPool, generate
 from moeflow.models.hf import export_hf
+from moeflow.models.quant import model_bytes, quantize_int8
+from moeflow.models.serving import Engine, SamplingParams
+
+STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
 def log(msg: str) -> None:
@@ -103,6 +123,128 @@ def hf_cache_bytes_per_token(hf_model, ids_BT) -> float | None:
         return None
 
 
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median of 10, 2 GiB)."""
+    src = torch.randn(2**29, device="cuda")  # 2 GiB of fp32
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * 2**31 / statistics.median(times)
+
+
+def decode_bytes_per_step(model, batch: int, live_tokens_per_row: float) -> float:
+    """What a decode step must read (see the module docstring): weights touched + the live latent cache."""
+    cfg = model.cfg
+    touched = 1 - (1 - cfg.num_experts_per_tok / max(cfg.num_routed_experts, 1)) ** batch
+    total, seen = 0.0, set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        nbytes = t.numel() * t.element_size()
+        if "embed_tokens" in name:
+            nbytes = batch * t.shape[-1] * t.element_size()
+        elif ".experts." in name:
+            nbytes *= touched
+        total += nbytes
+    cache = batch * live_tokens_per_row * cfg.kv_cache_values_per_token * cfg.num_layers * 2
+    return total + cache
+
+
+def engine_decode(model, prompts: list[list[int]], new: int, mode: str) -> dict:
+    """B requests at once through the serving engine; decode-only and whole-call tokens/s."""
+    B = len(prompts)
+    engine = Engine(model, max_batch=B, context_len=len(prompts[0]) + new + 8, prefill_chunk=1 << 16,
+                    decode_mode=mode)
+    warm = time.perf_counter()
+    engine.warmup()
+    warm = time.perf_counter() - warm
+    tokens: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        engine.add(str(i), p, SamplingParams(max_tokens=new, temperature=0.0))
+    sync()
+    t0 = time.perf_counter()
+    steps = 0
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.token_id is not None:
+                tokens.setdefault(ev.request_id, []).append(ev.token_id)
+        steps += 1
+        if steps == 1:
+            sync()
+            t1 = time.perf_counter()
+    sync()
+    t2 = time.perf_counter()
+    return {"decode_tokens_per_s": B * (new - 1) / (t2 - t1), "tokens_per_s": B * new / (t2 - t0),
+            "step_ms": 1e3 * (t2 - t1) / max(steps - 1, 1), "steps": steps, "capture_s": warm,
+            "graphs": engine.static.num_graphs if engine.static else 0,
+            "tokens": [tokens[str(i)] for i in range(B)]}
+
+
+@torch.no_grad()
+def perplexity(model, seqs_BT: torch.Tensor, start: int) -> float:
+    """exp(mean next-token cross-entropy) over positions >= start (the sampled part)."""
+    logits = model(seqs_BT[:, :-1]).logits[:, start - 1:].float()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs_BT[:, start:].reshape(-1))
+    return float(torch.exp(ce))
+
+
+def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
+    rows, g = [], torch.Generator().manual_seed(11)
+    models = {"bf16" if cuda else "fp32": model}
+    if args.int8:
+        q = copy.deepcopy(model)
+        report = quantize_int8(q)
+        models["int8"] = q
+        log(f"# int8: {report.num_linears} linears, {report.num_expert_stacks} expert stacks, "
+            f"{report.bytes_before:,} -> {report.bytes_after:,} bytes")
+    modes = ["graph", "eager"] if cuda else ["static", "eager"]
+    for B in [int(b) for b in args.batches.split(",")]:
+        prompts = torch.randint(3, model.cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
+        ref = None
+        for label, m in models.items():
+            for mode in (modes if label != "int8" else modes[:1]):
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                engine_decode(m, prompts, 4, mode)  # warm-up (kernels, allocator)
+                r = engine_decode(m, prompts, args.new_tokens, mode)
+                step_bytes = decode_bytes_per_step(m, B, args.prompt_len + args.new_tokens / 2)
+                row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
+                       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                       **{k: v for k, v in r.items() if k != "tokens"},
+                       "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
+                       "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
+                       "mbu_measured_bw": step_bytes / (r["step_ms"] / 1e3) / bw if bw else None,
+                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+                if ref is None:
+                    ref = r["tokens"]
+                    row["equals_generate"] = r["tokens"] == generate(m, prompts, args.new_tokens).tokens
+                else:
+                    row["prefix_agreement_with_first_row"] = prefix_agreement(ref, r["tokens"])
+                log(json.dumps(row))
+                rows.append(row)
+    if args.int8:
+        torch.manual_seed(3)
+        starts = torch.randint(3, model.cfg.vocab_size, (args.ppl_seqs, 16)).tolist()
+        sampled = generate(model, starts, args.ppl_len, temperature=1.0, seed=7).tokens
+        seqs = torch.tensor([s + t for s, t in zip(starts, sampled)], device=model.lm_head.weight.device)
+        ppl = {label: perplexity(m, seqs, 16) for label, m in models.items()}
+        base = ppl["bf16" if cuda else "fp32"]
+        row = {"bench": "int8_perplexity", "seqs": args.ppl_seqs, "tokens_per_seq": args.ppl_len, **ppl,
+               "delta_pct": 100 * (ppl["int8"] - base) / base}
+        log(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="bench_ref")
@@ -114,6 +256,11 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default="all", help="comma-separated substrings of the moeflow rows to run, or all")
     p.add_argument("--out", default="")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--engine", action="store_true", help="serving-engine rows (graph/eager) with MBU")
+    p.add_argument("--engine-only", action="store_true", help="only the engine rows (and int8)")
+    p.add_argument("--int8", action="store_true", help="engine rows on the INT8 model too, and perplexity")
+    p.add_argument("--ppl-seqs", type=int, default=16)
+    p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -121,6 +268,9 @@ def main(argv=None) -> int:
     cfg = ModelConfig.preset("tiny" if args.smoke else args.preset)
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,3", 8, 6, 1
+        args.ppl_seqs, args.ppl_len = 2, 16
+    if args.engine_only:
+        args.engine, args.skip_hf = True, True
     if cuda:
         log(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     torch.manual_seed(0)
@@ -137,14 +287,24 @@ def main(argv=None) -> int:
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(
                 d, dtype=dtype, attn_implementation="sdpa").to(device).eval()
 
+    rows = []
+    if args.engine:
+        bw = copy_bandwidth() if cuda else None
+        if bw:
+            log(f"# device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+            rows.append({"bench": "copy_bandwidth", "bytes_per_s": bw})
+        rows += engine_rows(model, args, cuda, bw)
+    if args.engine_only:
+        _finish(args, rows)
+        return 0
     # one pool per variant, shared by both batch sizes; length 256 holds 64 + 128 (+1) slots, so the
     # 2-token and 128-token calls reuse one captured graph (and one compilation) per batch size
     pool, pool_compiled = CudaGraphPool(length_multiple=256), CudaGraphPool(compile_step=True, length_multiple=256)
     L, H = cfg.num_layers, cfg.num_heads
     ours_bpt = cfg.kv_cache_values_per_token * L * 2
     mha_bpt = H * (cfg.qk_head_dim + cfg.v_head_dim) * L * 2
-    rows = [{"bench": "kv_cache_bytes_per_token", "moeflow_latent": ours_bpt, "full_mha": mha_bpt,
-             "ratio": mha_bpt / ours_bpt}]
+    rows.append({"bench": "kv_cache_bytes_per_token", "moeflow_latent": ours_bpt, "full_mha": mha_bpt,
+                 "ratio": mha_bpt / ours_bpt})
     g = torch.Generator().manual_seed(5)
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(3, cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
@@ -200,10 +360,7 @@ def main(argv=None) -> int:
                 rows.append({"bench": "decode_agreement", "batch": B, "impl": name,
                              "prefix_agreement_with_eager_cached": prefix_agreement(results["moeflow cached"], toks)})
                 log(json.dumps(rows[-1]))
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    _finish(args, rows)
     log(f"\nKV cache bytes/token (all {L} layers, bf16): moeflow latent {ours_bpt:,} vs full MHA {mha_bpt:,} "
         f"({mha_bpt / ours_bpt:.1f}x)")
     log("| impl | batch | tokens/s (whole call) | steady tokens/s | seconds |")
@@ -213,6 +370,22 @@ def main(argv=None) -> int:
             steady = f"{r['steady_tokens_per_s']:,.0f}" if "steady_tokens_per_s" in r else ""
             log(f"| {r['impl']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {steady} | {r['seconds']:.2f} |")
     return 0
+
+
+def _finish(args, rows: list[dict]) -> None:
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    eng = [r for r in rows if r["bench"] == "engine_decode"]
+    if eng:
+        log("\n| impl | weights | batch | decode tok/s | step ms | tok/s (whole) | MBU (4.3 TB/s) | MBU (measured bw) | peak GiB |")
+        log("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in eng:
+            mbu_m = f"{100 * r['mbu_measured_bw']:.1f} %" if r["mbu_measured_bw"] else ""
+            peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] else ""
+            log(f"| {r['impl']} | {r['weights']} | {r['batch']} | {r['decode_tokens_per_s']:,.0f} | {r['step_ms']:.2f} | "
+                f"{r['tokens_per_s']:,.0f} | {100 * r['mbu_stated_bw']:.1f} % | {mbu_m} | {peak} |")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,54 @@
-"""Serving engine throughput: continuous batching (``models/serving``) beside ``generate`` on the same model.
+"""Serving benchmarks: the engine beside ``generate``, and the OpenAI HTTP API beside a transformers server.
 
     mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/moeflow
-    PYTHONPATH=/tmp/pkg python3 benchmarks/bench_serve.py --preset tiny --device cpu
-    PYTHONPATH=/tmp/pkg python3 benchmarks/bench_serve.py --preset bench_ref --device cuda --dtype bfloat16
+    # engine vs generate (CPU figures in RESULTS.md)
+    PYTHONPATH=/tmp/pkg python3 benchmarks/bench_serve.py engine --preset tiny --device cpu
+    # HTTP API, ours and the baseline in the same run (GPU: bench_ref, bf16)
+    PYTHONPATH=/tmp/pkg python3 benchmarks/bench_serve.py http --preset bench_ref --out results/serve.jsonl
+    PYTHONPATH=/tmp/pkg python3 benchmarks/bench_serve.py http --smoke          # CPU, tiny, seconds
 
-Rows (greedy, random weights, ``--prompt`` token random prompts, ``--new`` new tokens each):
-- ``generate batch B``: one ``generate()`` call over B prompts (all start together; the peer);
-- ``engine batch B``: the same B requests through ``Engine`` (all added at once), stepped to the end;
-- ``engine staggered``: 4·B requests arriving ``--stagger`` steps apart into B slots (continuous
-  batching's case: requests join and leave between steps; ``generate`` would wait for whole batches).
-tokens/s = generated tokens ÷ wall time (prefill included). ``--quantize int8`` runs the engine on
-the INT8 weight-only model too (``models/quant.py``), with the weight bytes beside it.
+``engine`` rows (greedy, random weights, ``--prompt`` token random prompts, ``--new`` new tokens each):
+``generate batch B`` = one ``generate()`` call over B prompts; ``engine batch B`` = the same B requests
+through ``Engine``, all added at once; ``engine staggered`` = 4·B requests arriving ``--stagger`` steps
+apart into B slots. tokens/s = generated tokens ÷ wall time (prefill included).
+
+``http``: one exported model (``export_hf`` of ``--preset`` with random weights and a byte-level BPE
+tokenizer of the model's vocabulary size, so every generated id decodes to text and streams as one SSE
+chunk) is served twice, one server process at a time, through the SAME gateway code
+(``platform/serve/gateway.py``: FastAPI app, OpenAI protocol, SSE, metrics) under uvicorn:
+
+- ``moeflow``: ``ModelServer`` = the continuous-batching engine (CUDA-graph decode on the GPU);
+- ``transformers``: ``HFGenerateServer`` = ``AutoModelForCausalLM.from_pretrained`` of the same export
+  and ``model.generate`` with request-level batching: requests that wait while a batch runs form the
+  next batch (what Ray Serve's ``@serve.batch`` gives a server that wraps ``generate``); tokens stream
+  per step through a ``BaseStreamer``.
+
+Ray Serve itself is not in the loop: its wheel is too large to carry to the lent GPU machine, so both
+servers run the gateway's ASGI app in one uvicorn process with the backend in process
+(``LocalBackend``), which is the code path of ``tests/test_serve_gateway.py``.
+
+Load (``aiohttp`` in the parent process): C concurrent streams, each sending streaming
+``/v1/completions`` requests back to back (``--prompt`` random token ids, ``max_tokens=--new``, greedy)
+until ``--duration`` seconds have passed (every stream finishes at least one request). Per level:
+aggregate tokens/s = completion tokens (usage chunk) ÷ wall time of the level; time to first token =
+request sent → first content chunk; inter-token latency = gaps between consecutive content chunks of a
+stream; p50/p99 over all requests / gaps of the level.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,11 +58,16 @@ from moeflow.models.quant import model_bytes, quantize_int8
 from moeflow.models.serving import Engine, SamplingParams
 
 
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
+# ============================================================================ engine vs generate
 def bench_generate(model, prompts, new: int, device: str) -> float:
     _sync(device)
     t = time.perf_counter()
@@ -59,19 +94,7 @@ def bench_engine(model, prompts, new: int, device: str, max_batch: int, stagger:
     return made / (time.perf_counter() - t)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--stagger", type=int, default=4)
-    ap.add_argument("--quantize", default="none", choices=["none", "int8"])
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+def engine_main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -95,11 +118,376 @@ def main() -> None:
                    "engine_staggered_tok_s": round(bench_engine(m, prompts * 4, args.new, args.device, b,
                                                                 args.stagger), 1)}
             rows.append(row)
-            print(json.dumps(row))
-    if args.out:
-        with open(args.out, "a") as fh:
+            log(json.dumps(row))
+    _write(args.out, [{**vars(args), **row} for row in rows])
+
+
+# ============================================================================ the exported model
+def make_export(directory: Path, preset: str, dtype: torch.dtype, tokenizer_path: str | None, max_seq_len: int) -> Path:
+    """``export_hf`` of a random ``preset`` model (routing biases too) with a tokenizer of its vocabulary."""
+    from moeflow.models.hf import export_hf
+    from moeflow.models.tokenizer import Tokenizer, train_bpe
+
+    cfg = ModelConfig.preset(preset)
+    if tokenizer_path:
+        tok = Tokenizer.from_file(tokenizer_path)
+    else:  # small: train on this interpreter's standard library (seconds)
+        import sysconfig
+
+        files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        tok = train_bpe((f.read_text(errors="ignore") for f in files), vocab_size=min(cfg.vocab_size, 2048),
+                        min_frequency=1, max_train_bytes=4_000_000)
+    if tok.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"tokenizer has {tok.vocab_size} ids, the {preset} model {cfg.vocab_size}")
+    cfg = cfg.replace(max_seq_len=max_seq_len)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for r in model.routers():
+            r.e_score_correction_bias.normal_(0.0, 0.02)
+    export_hf(model, directory, dtype=dtype, include_mtp=False, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+              pad_token_id=tok.pad_id)
+    tok.save(Path(directory) / "tokenizer.json")
+    return Path(directory)
+
+
+# ============================================================================ the baseline server
+class HFGenerateServer:
+    """transformers ``generate`` behind the replica protocol of ``model_server.ModelServer`` (same gateway).
+
+    A worker thread takes every request waiting when it is free as one batch (left-padded, greedy or
+    sampled with the batch's first request's temperature), runs ``generate`` for the batch's largest
+    ``max_tokens`` and streams each row's tokens as they come; a row's stream ends at its own
+    ``max_tokens`` or end-of-sequence token.
+    """
+
+    def __init__(self, model_dir: str, device: str, dtype: torch.dtype, max_batch: int) -> None:
+        import queue
+
+        import transformers
+
+        from moeflow.platform.serve.model_server import load_tokenizer
+
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        self.device, self.max_batch = device, max_batch
+        self.eos = self.tokenizer.eos_id
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    async def generate(self, payload: dict):
+        prompt = payload.get("prompt")
+        ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+        params = payload.get("params") or {}
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        self._queue.put((ids, params, loop, q))
+        yield {"kind": "accepted", "num_prompt_tokens": len(ids), "prompt_ids": ids, "prompt_text": "",
+               "replica": "hf"}
+        while True:
+            ev = await q.get()
+            if isinstance(ev, BaseException):
+                yield {"kind": "error", "status": 500, "message": str(ev), "param": None, "code": None,
+                       "type": "server_error"}
+                return
+            yield ev
+            if ev["finish_reason"] is not None:
+                return
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._generate(batch)
+            except Exception as err:  # noqa: BLE001 - every waiting client must hear about it
+                for _, _, loop, q in batch:
+                    loop.call_soon_threadsafe(q.put_nowait, err)
+
+    def _generate(self, batch) -> None:
+        from transformers.generation.streamers import BaseStreamer
+
+        prompts = [b[0] for b in batch]
+        P = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        max_new = [int(b[1].get("max_tokens") or 16) for b in batch]
+        temperature = float(batch[0][1].get("temperature") or 0.0)
+        made = [0] * len(batch)
+        done = [m == 0 for m in max_new]
+        tok = self.tokenizer
+        outer = self
+
+        class RowStreamer(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate passes the prompt first
+                    self.first = False
+                    return
+                for r, t in enumerate(value.reshape(-1).tolist()):
+                    if done[r]:
+                        continue
+                    made[r] += 1
+                    reason = "stop" if t == outer.eos else ("length" if made[r] >= max_new[r] else None)
+                    done[r] = reason is not None
+                    ev = {"kind": "token", "token_id": t, "text": tok.decode([t], skip_special=True),
+                          "finish_reason": reason, "num_generated": made[r], "logprob": None, "token": None,
+                          "top": None, "prompt_logprobs": None}
+                    loop, q = batch[r][2], batch[r][3]
+                    loop.call_soon_threadsafe(q.put_nowait, ev)
+
+            def end(self):
+                for r, (_, _, loop, q) in enumerate(batch):
+                    if not done[r]:
+                        done[r] = True
+                        loop.call_soon_threadsafe(q.put_nowait, {
+                            "kind": "token", "token_id": None, "text": "", "finish_reason": "length",
+                            "num_generated": made[r], "logprob": None, "token": None, "top": None,
+                            "prompt_logprobs": None})
+
+        sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new), pad_token_id=0,
+                                eos_token_id=self.eos, streamer=RowStreamer(), **sample)
+
+
+# ============================================================================ one server process
+def server_main(args) -> None:
+    import uvicorn
+
+    from moeflow.platform.serve.config import GatewayConfig, ServedModel
+    from moeflow.platform.serve.gateway import Gateway, LocalBackend, create_app
+    from moeflow.platform.serve.routing import LocalRouteStore, RouteTable
+
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    if args.backend == "moeflow":
+        from moeflow.platform.serve.model_server import ModelServer
+
+        spec = ServedModel(name="bench", version="1", model_dir=args.model_dir,
+                           engine={"max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
+                                   "context_len": args.context, "dtype": args.dtype, "device": args.device,
+                                   "quantize": args.quantize, "max_waiting": 4096})
+        server = ModelServer(spec)
+        info = {"decode_mode": server.loop.engine.decode_mode,
+                "graphs": server.loop.engine.static.num_graphs if server.loop.engine.static else 0}
+    else:
+        server = HFGenerateServer(args.model_dir, args.device, dtype, args.max_batch)
+        info = {}
+    table = RouteTable(versions={"bench": ["1"]}, aliases={"bench": {"champion": "1"}})
+    gw = Gateway(GatewayConfig(port=args.port, max_inflight=4096, max_tokens_cap=args.context), LocalRouteStore(table),
+                 LocalBackend({"bench@1": server}))
+    log(json.dumps({"server": args.backend, "load_s": round(time.perf_counter() - t0, 1), **info}))
+    uvicorn.run(create_app(gw), host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
+
+
+# ============================================================================ the load
+async def one_stream(session, url: str, body: dict, results: list) -> None:
+    t0 = time.perf_counter()
+    first = last = None
+    gaps, chunks, tokens, error = [], 0, 0, None
+    async with session.post(url, json=body) as resp:
+        if resp.status != 200:
+            error = f"{resp.status}: {(await resp.text())[:200]}"
+        else:
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    error = str(data["error"])[:200]
+                    continue
+                if data.get("usage"):
+                    tokens = data["usage"]["completion_tokens"]
+                if any(c.get("text") for c in data.get("choices", [])):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    chunks += 1
+    results.append({"ttft": None if first is None else first - t0, "gaps": gaps, "tokens": tokens,
+                    "chunks": chunks, "e2e": time.perf_counter() - t0, "error": error})
+
+
+async def run_level(base: str, concurrency: int, duration: float, prompt_len: int, new: int, vocab: int,
+                    seed: int) -> dict:
+    import aiohttp
+    import random
+
+    rng = random.Random(seed)
+    url = f"{base}/v1/completions"
+    results: list = []
+    deadline = time.perf_counter() + duration
+
+    async def stream_loop(session):
+        while True:
+            body = {"model": "bench", "prompt": [rng.randrange(300, vocab) for _ in range(prompt_len)],
+                    "max_tokens": new, "temperature": 0.0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            await one_stream(session, url, body, results)
+            if time.perf_counter() > deadline:
+                return
+
+    conn = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(stream_loop(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["error"] is None]
+    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
+    gaps = sorted(g for r in ok for g in r["gaps"])
+    tokens = sum(r["tokens"] for r in ok)
+
+    def pct(xs, q):
+        return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 2) if xs else None
+
+    return {"concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
+            "first_error": next((r["error"] for r in results if r["error"]), None),
+            "wall_s": round(wall, 2), "completion_tokens": tokens, "tok_s": round(tokens / wall, 1),
+            "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
+            "itl_p50_ms": pct(gaps, 0.5), "itl_p99_ms": pct(gaps, 0.99),
+            "tokens_per_chunk": round(tokens / max(1, sum(r["chunks"] for r in ok)), 3),
+            "e2e_p50_s": round(statistics.median(r["e2e"] for r in ok), 3) if ok else None}
+
+
+def wait_healthy(base: str, proc, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"no /health from {base} within {timeout:.0f} s")
+
+
+def http_main(args) -> None:
+    if args.smoke:
+        args.preset, args.levels, args.duration, args.new, args.prompt = "tiny", "1,4", 1.0, 8, 8
+        args.device, args.dtype, args.max_batch, args.context = "cpu", "float32", 8, 64
+    cuda = args.device.startswith("cuda")
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    model_dir = make_export(work / "model", args.preset, getattr(torch, args.dtype), args.tokenizer, args.context)
+    vocab = ModelConfig.preset(args.preset).vocab_size
+    levels = [int(x) for x in args.levels.split(",")]
+    servers = [(b, q) for b in args.backends.split(",") if b
+               for q in (["none", "int8"] if (b == "moeflow" and args.int8) else ["none"])]
+    procs = {}
+    rows = []
+    try:
+        # every server loads at once (one GPU holds them all); the load then runs on one at a time,
+        # level by level, so each level's rows of every server come from the same minutes of the run
+        for backend, quantize in servers:
+            port = _free_port()
+            cmd = [sys.executable, __file__, "server", "--backend", backend, "--model-dir", str(model_dir),
+                   "--port", str(port), "--device", args.device, "--dtype", args.dtype, "--max-batch",
+                   str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk), "--context", str(args.context),
+                   "--quantize", quantize]
+            label = backend + ("" if quantize == "none" else f" {quantize}")
+            procs[label] = (subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}),
+                            f"http://127.0.0.1:{port}")
+        for label, (proc, base) in procs.items():
+            wait_healthy(base, proc, args.start_timeout)
+            asyncio.run(run_level(base, min(4, levels[-1]), 0.0, args.prompt, 4, vocab, 0))  # warm-up
+        for c in levels:
+            for label, (proc, base) in procs.items():
+                duration = args.duration if label.startswith("moeflow") else args.baseline_duration
+                row = {"bench": "http", "server": label, "preset": args.preset, "prompt_len": args.prompt,
+                       "max_tokens": args.new, **asyncio.run(run_level(base, c, duration, args.prompt, args.new,
+                                                                       vocab, c))}
+                log(json.dumps(row))
+                _write(args.out, [row])
+                rows.append(row)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+        for proc, _ in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    log("\n| server | streams | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | requests | errors |")
+    log("| --- | ---: | ---: | --- | --- | ---: | ---: |")
+    for r in rows:
+        log(f"| {r['server']} | {r['concurrency']} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
+            f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['requests']} | {r['errors']} |")
+    if cuda:
+        log(f"# device: {torch.cuda.get_device_name()}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write(path: str | None, rows: list[dict]) -> None:
+    if path:
+        with open(path, "a") as fh:
             for row in rows:
-                fh.write(json.dumps({**vars(args), **row}) + "\n")
+                fh.write(json.dumps(row) + "\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("engine", help="engine vs generate, no HTTP")
+    e.add_argument("--preset", default="tiny")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--batches", default="1,8")
+    e.add_argument("--prompt", type=int, default=32)
+    e.add_argument("--new", type=int, default=64)
+    e.add_argument("--stagger", type=int, default=4)
+    e.add_argument("--quantize", default="none", choices=["none", "int8"])
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--out", default=None)
+    for name in ("http", "server"):
+        h = sub.add_parser(name, help="HTTP API, ours vs transformers" if name == "http" else "(internal) one server")
+        h.add_argument("--preset", default="bench_ref")
+        h.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        h.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+        h.add_argument("--max-batch", type=int, default=128, help="decode slots (ours) / largest batch (baseline)")
+        h.add_argument("--prefill-chunk", type=int, default=2048)
+        h.add_argument("--context", type=int, default=256)
+        h.add_argument("--quantize", default="none", choices=["none", "int8"])
+        if name == "server":
+            h.add_argument("--backend", required=True, choices=["moeflow", "transformers"])
+            h.add_argument("--model-dir", required=True)
+            h.add_argument("--port", type=int, required=True)
+        else:
+            h.add_argument("--levels", default="1,8,32,128")
+            h.add_argument("--prompt", type=int, default=64)
+            h.add_argument("--new", type=int, default=128)
+            h.add_argument("--duration", type=float, default=8.0, help="seconds per level (ours)")
+            h.add_argument("--baseline-duration", type=float, default=0.0,
+                           help="seconds per level (transformers; 0 = one request per stream)")
+            h.add_argument("--backends", default="moeflow,transformers")
+            h.add_argument("--int8", action="store_true", help="also serve the INT8 model (ours)")
+            h.add_argument("--tokenizer", default=None, help="tokenizer.json of the model's vocabulary")
+            h.add_argument("--start-timeout", type=float, default=300)
+            h.add_argument("--smoke", action="store_true")
+            h.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    {"engine": engine_main, "http": http_main, "server": server_main}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,12 @@ def _echo_table(rows: list[dict], columns: list[str]) -> None:
 def up(
     only: Optional[list[str]] = typer.Option(None, "--only", help=f"start only these services: {SERVICE_NAMES}"),
     timeout: float = typer.Option(180.0, help="seconds to wait for each service's health check"),
+    serve: Optional[str] = typer.Option(None, "--serve", help="also serve this model (as `moeflow serve --model`): "
+                                                              "name@alias, name/<version>, a store URI or an export dir"),
+    serve_port: int = typer.Option(8000, "--serve-port", min=1, max=65535, help="HTTP port of the served API"),
 ) -> None:
-    """Start the local Prefect server and worker, MLflow server, dashboard and Ray head (idempotent)."""
+    """Start the local Prefect server and worker, MLflow server, dashboard and Ray head (idempotent);
+    with --serve, the OpenAI-compatible serving gateway too (on that Ray head)."""
     from . import services
 
     settings = _settings()
@@ -93,13 +97,17 @@ def up(
         settings.ensure_dirs()
     if {"prefect", "mlflow", "flows"} & set(only or SERVICE_NAMES):
         init_databases(settings)
-    for name in only or SERVICE_NAMES:
-        if name not in SERVICE_NAMES:
-            raise typer.BadParameter(f"unknown service {name!r}; choose from {SERVICE_NAMES}")
+    names = list(only or SERVICE_NAMES) + (["serve"] if serve else [])  # --serve adds it to --only too
+    for name in dict.fromkeys(names):
+        if name == "serve" and not serve:
+            raise typer.BadParameter("the serve service needs --serve <model reference>")
+        if name not in SERVICE_NAMES + ["serve"]:
+            raise typer.BadParameter(f"unknown service {name!r}; choose from {SERVICE_NAMES + ['serve']}")
         typer.echo(f"starting {name} ...", nl=False)
         t0 = time.monotonic()
         try:
-            state = services.up(settings, [name], timeout=timeout)[0]
+            state = (services.start_serving(settings, serve, serve_port, timeout) if name == "serve" else
+                     services.up(settings, [name], timeout=timeout)[0])
         except RuntimeError as err:
             typer.echo(" FAILED")
             typer.echo(str(err), err=True)
@@ -113,6 +121,8 @@ def up(
     typer.echo(f"MLflow UI  : {settings.mlflow_server_url}")
     typer.echo(f"Dashboard  : {settings.dashboard_url}")
     typer.echo(f"Deployments: http://{settings.host}:{settings.prefect_port}/deployments (start any flow from a form)")
+    if serve:
+        typer.echo(f"Serving API: http://{settings.host}:{serve_port}/v1 ({serve})")
     typer.echo(f"logs       : {settings.log_dir}")
 
 

@@ -10,6 +10,7 @@ The environment every service and every flow run shares comes from one function,
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -168,7 +169,39 @@ def services(settings: Settings) -> dict[str, Service]:
             url=f"http://{host}:{settings.prefect_port}/deployments",
             env=flows_env,
         ),
+        **({"serve": serving} if (serving := _recorded_serving(settings)) else {}),
     }
+
+
+SERVE_FILE = "serve.json"  # what `moeflow up --serve` serves (model reference, port): status and down read it
+
+
+def serve_service(settings: Settings, model_ref: str, port: int) -> Service:
+    """The OpenAI-compatible gateway, ``moeflow serve --model <ref>``, as a service of ``moeflow up``: it
+    serves on the Ray head that ``moeflow up`` started (or its own local Ray without one)."""
+    host = settings.host
+    return Service(
+        name="serve",
+        command=[sys.executable, "-m", "moeflow.platform.cli", "serve", "--model", model_ref, "--host", host,
+                 "--port", str(port)],
+        health_url=f"http://{host}:{port}/health",
+        url=f"http://{host}:{port}/v1",
+    )
+
+
+def start_serving(settings: Settings, model_ref: str, port: int, timeout: float = 180.0) -> dict:
+    """Start (or keep) the serving gateway; recorded first, so ``down`` finds it even if the start fails."""
+    settings.ensure_dirs()
+    (settings.run_dir / SERVE_FILE).write_text(json.dumps({"model_ref": model_ref, "port": port}))
+    return start_service(serve_service(settings, model_ref, port), settings, timeout)
+
+
+def _recorded_serving(settings: Settings) -> Service | None:
+    path = settings.run_dir / SERVE_FILE
+    try:
+        return serve_service(settings, **json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -353,6 +386,8 @@ def stop_service(svc: Service, settings: Settings, timeout: float = 20.0) -> boo
     """Stop ``svc`` (its whole process group); returns whether something was running."""
     if svc.name == "ray":
         (settings.run_dir / RAY_ADDRESS_FILE).unlink(missing_ok=True)
+    if svc.name == "serve":
+        (settings.run_dir / SERVE_FILE).unlink(missing_ok=True)
     pid = _read_pid(svc.pid_file(settings))
     svc.pid_file(settings).unlink(missing_ok=True)
     if pid is None or not _pid_alive(pid):
@@ -444,7 +479,7 @@ def up(settings: Settings, names: list[str] | None = None, timeout: float = 180.
 
 def down(settings: Settings, names: list[str] | None = None) -> list[dict]:
     table = services(settings)
-    return [{"name": n, "stopped": stop_service(table[n], settings)} for n in (names or list(table))]
+    return [{"name": n, "stopped": n in table and stop_service(table[n], settings)} for n in (names or list(table))]
 
 
 def status(settings: Settings) -> list[dict]:

@@ -100,6 +100,9 @@ def _pod_templates(obj: dict) -> list[dict]:
         return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
     if obj["kind"] == "RayJob":
         return [spec["submitterPodTemplate"]] if "submitterPodTemplate" in spec else []
+    if obj["kind"] == "RayService":
+        cluster = spec["rayClusterConfig"]
+        return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster.get("workerGroupSpecs", [])]
     return [spec["template"]] if "template" in spec else []
 
 
@@ -172,7 +175,7 @@ def test_base_objects_validate():
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert {("RayCluster", "moeflow"), ("RayJob", "moeflow-pretrain"), ("Deployment", "prefect"),
             ("Deployment", "prefect-worker"), ("Deployment", "mlflow"), ("StatefulSet", "postgres"),
-            ("StatefulSet", "s3"), ("Deployment", "dashboard"), ("Deployment", "gateway")} <= kinds
+            ("StatefulSet", "s3"), ("Deployment", "dashboard"), ("RayService", "moeflow-serve")} <= kinds
     _validate_objects(objects)
     groups = {g["groupName"]: g for g in next(o for o in objects if o["kind"] == "RayCluster")["spec"]["workerGroupSpecs"]}
     assert set(groups) == {"cpu", "gpu"}
@@ -208,6 +211,70 @@ def test_kuberay_schema_catches_mistakes():
     bad["spec"]["submissionMode"] = "K8sMode"
     with pytest.raises(jsonschema.ValidationError):
         validate(bad)
+
+
+def _serve_config(rayservice: dict) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+@pytest.mark.parametrize("overlay", [None, "local", "production"])
+def test_rayservice_serve_config_builds_with_rays_schema_and_moeflows_builders(overlay):
+    """serveConfigV2 passes Ray Serve's own schema; every application's builder imports and builds with its
+    args (the pydantic configs check them); model apps are named as the gateway looks them up, and the
+    route table serves exactly the deployed versions."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from moeflow.platform.serve.app import GATEWAY_APP, app_name
+    from moeflow.platform.serve.routing import RouteTable
+
+    objects = _base_objects() if overlay is None else _render(overlay)
+    service = next(o for o in objects if o["kind"] == "RayService")
+    config = _serve_config(service)
+    ServeDeploySchema.model_validate(config)
+    built, deployed = {}, set()
+    for app in config["applications"]:
+        module, attr = app["import_path"].split(":")
+        built[app["name"]] = getattr(importlib.import_module(module), attr)(app["args"])
+        if attr == "model_app":
+            assert app["name"] == app_name(app["args"]["name"], app["args"]["version"])
+            assert app["route_prefix"] is None, "model versions are reached through the gateway only"
+            deployed.add((app["args"]["name"], app["args"]["version"]))
+    gateway = next(a for a in config["applications"] if a["name"] == GATEWAY_APP)
+    assert gateway["route_prefix"] == "/"
+    routes = RouteTable.model_validate(gateway["args"]["routes"])
+    assert {(n, v) for n, vs in routes.versions.items() for v in vs} == deployed
+    assert routes.resolve("moeflow-tiny").version in {v for _, v in deployed}
+    gpu_args = [a["args"].get("num_gpus", 0) for a in config["applications"] if a["import_path"].endswith(":model_app")]
+    assert all(g == (0 if overlay == "local" else 1) for g in gpu_args), gpu_args
+
+
+def test_rayservice_checks_catch_mistakes():
+    import jsonschema
+    from pydantic import ValidationError
+
+    from moeflow.platform.serve.app import gateway_app, model_app
+
+    validate = _kuberay_validator()
+    service = next(o for o in _base_objects() if o["kind"] == "RayService")
+    bad = copy.deepcopy(service)
+    bad["spec"]["serveConfigv2"] = bad["spec"].pop("serveConfigV2")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(bad)
+    bad = copy.deepcopy(service)
+    bad["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 2
+    with pytest.raises(jsonschema.ValidationError):
+        validate(bad)
+    apps = {a["name"]: a for a in _serve_config(service)["applications"]}
+    model = next(a for a in apps.values() if a["import_path"].endswith(":model_app"))
+    with pytest.raises(ValidationError):
+        model_app({**model["args"], "engine": {"max_batchh": 8}})
+    gateway = apps["moeflow-gateway"]["args"]
+    with pytest.raises(ValidationError, match="not served"):
+        gateway_app({**gateway, "routes": {**gateway["routes"], "aliases": {"moeflow-tiny": {"production": "9"}}}})
+    with pytest.raises(ValueError, match="unknown args"):
+        gateway_app({**gateway, "replicas": 2})
 
 
 def test_kubernetes_validate_catches_a_bad_pod_template():

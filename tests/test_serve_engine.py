@@ -50,13 +50,18 @@ def _tokens(evs) -> list[int]:
     return [e.token_id for e in evs if e.token_id is not None]
 
 
-def test_greedy_equals_generate_with_joins_chunks_and_compaction(model):
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_greedy_equals_generate_with_joins_chunks_and_compaction(model, mode):
     lengths = (3, 17, 1, 30, 9, 24)
     prompts = _prompts(lengths)
     n_new = 30
     # 3 slots for 6 requests, 8-token prefill chunks, a 65-column cache for a 64-token context:
-    # requests wait, join mid-way, and the cursor is rebased several times.
-    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
+    # requests wait, join mid-way, and the cursor is rebased several times. "static" runs the
+    # bucketed steps that CUDA graphs capture (graphs.py), eagerly: 3 rows -> bucket 4 > 3 slots is
+    # not allowed, so buckets 1, 2, 3; widths 8, 16, 32, 64, 65.
+    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode=mode)
+    if mode == "static":
+        engine.static.width_buckets = [8, 16, 32, 64, 65]
     events: dict[str, list] = {}
     for i in range(3):
         engine.add(f"r{i}", prompts[i], SamplingParams(max_tokens=n_new, **GREEDY))
@@ -76,10 +81,11 @@ def test_greedy_equals_generate_with_joins_chunks_and_compaction(model):
     assert engine.slots.num_live() == 0
 
 
-def test_seeded_sampling_equals_generate_alone_whatever_the_neighbours(model):
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_seeded_sampling_equals_generate_alone_whatever_the_neighbours(model, mode):
     prompts = _prompts((5, 11, 2))
     params = dict(temperature=0.9, top_k=20, top_p=0.9)
-    engine = Engine(model, max_batch=4, prefill_chunk=4)
+    engine = Engine(model, max_batch=4, prefill_chunk=4, decode_mode=mode)
     for i, p in enumerate(prompts):
         engine.add(f"s{i}", p, SamplingParams(max_tokens=10, seed=100 + i, **params))
     engine.add("noise", prompts[0], SamplingParams(max_tokens=10, temperature=1.5))
@@ -87,6 +93,59 @@ def test_seeded_sampling_equals_generate_alone_whatever_the_neighbours(model):
     for i, p in enumerate(prompts):
         ref = generate(model, [p], 10, seed=100 + i, **params).tokens[0]
         assert _tokens(events[f"s{i}"]) == ref
+
+
+def test_short_prompts_prefill_in_one_batched_call_and_still_equal_generate(model):
+    prompts = _prompts((3, 12, 7, 1, 9))
+    engine = Engine(model, max_batch=8, prefill_chunk=64)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    try:
+        for i, p in enumerate(prompts):
+            engine.add(f"r{i}", p, SamplingParams(max_tokens=12, **GREEDY))
+        first = engine.step()
+    finally:
+        hook.remove()
+    assert calls == [(5, 12)], "five whole prompts: one left-padded call of 5 rows x the longest prompt"
+    assert {e.request_id for e in first} == {f"r{i}" for i in range(5)}, "each gets its first token at once"
+    events = _drain(engine)
+    for i, p in enumerate(prompts):
+        assert _tokens([e for e in first if e.request_id == f"r{i}"] + events[f"r{i}"]) == generate(
+            model, [p], 12).tokens[0]
+
+
+def test_static_decode_buckets_rows_and_columns(model):
+    from moeflow.models.serving.graphs import bucket_for, buckets_up_to
+
+    assert buckets_up_to(32) == [1, 2, 4, 8, 16, 32] and buckets_up_to(48, 16) == [16, 32, 48]
+    assert bucket_for(5, [1, 2, 4, 8]) == 8 and bucket_for(1, [1, 2]) == 1
+    with pytest.raises(ValueError):
+        bucket_for(9, [1, 2, 4, 8])
+    engine = Engine(model, max_batch=6, decode_mode="static", cache_len=100)
+    assert engine.static.batch_buckets == [1, 2, 4, 6] and engine.static.width_buckets == [64, 100]
+    assert engine.static.bucket(5, 63) == (6, 64) and engine.static.bucket(1, 64) == (1, 100)
+    with pytest.raises(ValueError, match="decode_mode"):
+        Engine(model, decode_mode="fast")
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(model, decode_mode="graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_engine_equals_generate_on_the_gpu(model):
+    """The captured decode (bf16, grouped experts) against generate() on the same GPU model, token for token."""
+    gpu = MoETransformer(model.cfg).to("cuda", torch.bfloat16).eval()
+    gpu.load_state_dict(model.state_dict())
+    lengths = (3, 17, 1, 30, 9, 24)
+    prompts = _prompts(lengths)
+    engine = Engine(gpu, max_batch=3, prefill_chunk=8, cache_len=65)
+    assert engine.decode_mode == "graph"
+    for i, p in enumerate(prompts):
+        engine.add(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
+    events = _drain(engine)
+    assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30 and engine.slots.num_compactions >= 1
+    for i, p in enumerate(prompts):
+        assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
 
 
 def test_long_prompt_prefills_in_chunks_without_stalling_a_running_stream(model):

@@ -5,12 +5,16 @@ One ``Engine.step()`` is one scheduling iteration:
 1. requests added (``add``) or cancelled (``cancel``) since the last step are taken in; a cancelled
    request leaves at once and its slot is free for this very step;
 2. **decode**: every running request advances by one token in ONE batched model call over the
-   ``SlotCache`` (rows = slots, right-aligned at a shared cursor, see slots.py);
-3. **chunked prefill**: waiting requests take free slots and their prompts are prefilled, at most
-   ``prefill_chunk`` prompt tokens per step in total, each prompt in its own batch-1 staging cache.
-   A long prompt therefore costs the running streams one chunk of latency per step instead of a
-   stall; when its last chunk is done, its first token is sampled and its latents are copied into
-   its slot, so it joins the decode batch on the next step.
+   ``SlotCache`` (rows = slots, right-aligned at a shared cursor, see slots.py). ``decode_mode``
+   "graph" (the default on CUDA) replays a CUDA graph captured per (rows, cache columns) bucket
+   (graphs.py); "static" runs those bucketed steps uncaptured; "eager" (the default on CPU) calls the
+   model on the dynamic cache. Greedy rows take one batched argmax (one device sync per step);
+3. **prefill**: waiting requests take free slots and their prompts are prefilled, at most
+   ``prefill_chunk`` prompt tokens per step in total. Prompts that fit whole are prefilled together
+   in one left-padded call (as ``generate`` pads a batch); a longer one is prefilled a chunk per step
+   in its own batch-1 staging cache, so it costs the running streams one chunk of latency per step
+   instead of a stall. When a prompt is done, its first token is sampled and its latents are copied
+   into its slot, so it joins the decode batch on the next step.
 
 Each request samples with its own parameters (temperature, top-k, top-p, its own seeded
 ``torch.Generator``; the filters and the draw are ``generation.sample_next``), stops on its own stop
@@ -34,8 +38,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..generation import sample_next
+from ..generation import left_pad, sample_next
 from .detok import TextStream
+from .graphs import StaticDecoder
 from .slots import SlotCache
 
 MAX_LOGPROBS = 20
@@ -107,8 +112,11 @@ class _Seq:
 class Engine:
     def __init__(self, model, *, max_batch: int = 8, context_len: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 256, decode: Callable[[list[int]], str] | None = None,
-                 default_stop_token_ids: Sequence[int] = (), cache_len: int | None = None) -> None:
-        """cache_len: columns of the slot cache (default 2 x context; more = rarer compaction)."""
+                 default_stop_token_ids: Sequence[int] = (), cache_len: int | None = None,
+                 decode_mode: str = "auto") -> None:
+        """cache_len: columns of the slot cache (default 2 x context; more = rarer compaction).
+        decode_mode: "eager" (dynamic cache), "static" (bucketed static steps, run eagerly) or "graph"
+        (the same steps captured as CUDA graphs, see graphs.py); "auto" = graph on CUDA, else eager."""
         self.model = model.eval()
         self.device = model.lm_head.weight.device
         self.vocab_size = model.cfg.vocab_size
@@ -116,6 +124,13 @@ class Engine:
         self.prefill_chunk, self.max_waiting, self.decode = prefill_chunk, max_waiting, decode
         self.default_stop_token_ids = tuple(default_stop_token_ids)
         self.slots = SlotCache(model, max_batch, self.context_len, cache_len, device=self.device)
+        if decode_mode == "auto":
+            decode_mode = "graph" if self.device.type == "cuda" else "eager"
+        if decode_mode not in ("eager", "static", "graph"):
+            raise ValueError(f"decode_mode must be auto, eager, static or graph, got {decode_mode!r}")
+        self.decode_mode = decode_mode
+        self.static = (StaticDecoder(model, self.slots, capture=decode_mode == "graph")
+                       if decode_mode != "eager" else None)
         self._lock = threading.Lock()
         self._inbox: deque[_Seq] = deque()
         self._cancel: set[str] = set()
@@ -151,6 +166,10 @@ class Engine:
         """The request leaves at the next step (its slot is freed then); unknown ids are ignored."""
         with self._lock:
             self._cancel.add(request_id)
+
+    def warmup(self) -> int:
+        """Capture every decode bucket now (graph mode) so no request waits for a capture; the graph count."""
+        return self.static.capture_all() if self.decode_mode == "graph" else 0
 
     # ------------------------------------------------------------------ state
     def num_running(self) -> int:
@@ -196,49 +215,84 @@ class Engine:
     def _decode(self, out: list[TokenOutput]) -> None:
         rows = sorted(self._running)
         num_rows = rows[-1] + 1
-        tok_B1 = torch.zeros(num_rows, 1, dtype=torch.long, device=self.device)
-        real_B1 = torch.zeros(num_rows, 1, dtype=torch.bool, device=self.device)
+        tokens, real = [0] * num_rows, [False] * num_rows
         for b in rows:
-            tok_B1[b, 0] = self._running[b].next_token
-            real_B1[b, 0] = True
+            tokens[b], real[b] = self._running[b].next_token, True
         self.slots.prepare_step()
-        view = self.slots.rows_view(num_rows)
-        logits_BV = self.model(tok_B1, cache=view, attention_mask_BS=real_B1, last_logits_only=True).logits[:, -1]
+        if self.static is not None:
+            logits_BV = self.static.run(tokens, real, self.slots.cursor)
+        else:
+            tok_B1 = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+            real_B1 = torch.tensor(real, dtype=torch.bool, device=self.device)[:, None]
+            view = self.slots.rows_view(num_rows)
+            logits_BV = self.model(tok_B1, cache=view, attention_mask_BS=real_B1, last_logits_only=True).logits[:, -1]
         self.slots.advance(rows)
+        greedy = self._greedy_tokens(logits_BV[:num_rows], [self._running[b] for b in rows])
         for b in rows:
-            out.append(self._accept(self._running[b], logits_BV[b]))
+            out.append(self._accept(self._running[b], logits_BV[b], greedy[b]))
 
     def _prefill(self, out: list[TokenOutput]) -> None:
         while self._waiting and self._free_slots() > 0:
-            seq = self._waiting.popleft()
-            seq.stage = self._stages.pop() if self._stages else self.model.new_cache(1, self.context_len)
-            seq.stage.reset()
-            self._prefilling.append(seq)
-        budget = self.prefill_chunk
-        for seq in list(self._prefilling):
+            self._prefilling.append(self._waiting.popleft())
+        # Plan this step's prefill budget in arrival order: a prompt that fits whole joins one
+        # left-padded batch call (many short prompts cost one call, not one each); a longer one, or
+        # one asking for prompt log-probs, is prefilled a chunk at a time in its own staging cache.
+        budget, whole, chunked = self.prefill_chunk, [], []
+        for seq in self._prefilling:
             if budget <= 0:
                 break
-            chunk = seq.prompt[seq.num_prefilled: seq.num_prefilled + budget]
-            budget -= len(chunk)
-            want_lp = seq.params.prompt_logprobs is not None
-            ids_1T = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            logits_TV = self.model(ids_1T, cache=seq.stage, last_logits_only=not want_lp).logits[0]
-            if want_lp:
-                self._collect_prompt_logprobs(seq, logits_TV)
-            seq.num_prefilled += len(chunk)
-            if seq.num_prefilled < len(seq.prompt):
-                continue
-            self._prefilling.remove(seq)
-            if seq.params.max_tokens == 0:
-                self._free(seq)
-                out.append(self._finished(seq, "length"))
-                continue
-            seq.slot = self.slots.free_slot()
-            self.slots.insert(seq.slot, seq.stage, len(seq.prompt))
+            rest = len(seq.prompt) - seq.num_prefilled
+            if seq.num_prefilled == 0 and rest <= budget and seq.params.prompt_logprobs is None:
+                whole.append(seq)
+            else:
+                chunked.append((seq, min(rest, budget)))
+            budget -= min(rest, budget)
+        for seq, n in chunked:
+            self._prefill_chunk(seq, n, out)
+        if whole:
+            self._prefill_whole(whole, out)
+
+    def _prefill_chunk(self, seq: _Seq, n: int, out: list[TokenOutput]) -> None:
+        if seq.stage is None:
+            seq.stage = self._stages.pop() if self._stages else self.model.new_cache(1, self.context_len)
+            seq.stage.reset()
+        chunk = seq.prompt[seq.num_prefilled: seq.num_prefilled + n]
+        want_lp = seq.params.prompt_logprobs is not None
+        ids_1T = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        logits_TV = self.model(ids_1T, cache=seq.stage, last_logits_only=not want_lp).logits[0]
+        if want_lp:
+            self._collect_prompt_logprobs(seq, logits_TV)
+        seq.num_prefilled += len(chunk)
+        if seq.num_prefilled < len(seq.prompt):
+            return
+        self._start_decoding(seq, seq.stage, 0, 0, logits_TV[-1], out)
+
+    def _prefill_whole(self, seqs: list[_Seq], out: list[TokenOutput]) -> None:
+        """Prefill whole prompts in one call, left-padded like ``generate`` (each row computes what it would alone)."""
+        ids_kP, mask_kP = left_pad([s.prompt for s in seqs], 0, self.device)
+        k, P = ids_kP.shape
+        stage = self.model.new_cache(k, P)
+        logits_kV = self.model(ids_kP, cache=stage, attention_mask_BS=mask_kP, last_logits_only=True).logits[:, -1]
+        greedy = self._greedy_tokens(logits_kV, seqs)
+        for r, seq in enumerate(seqs):
+            seq.num_prefilled = len(seq.prompt)
+            self._start_decoding(seq, stage, r, P - len(seq.prompt), logits_kV[r], out, greedy[r])
+
+    def _start_decoding(self, seq: _Seq, stage, row: int, start: int, logits_V: torch.Tensor,
+                        out: list[TokenOutput], greedy_token: int | None = None) -> None:
+        """Prefill done: copy its latents into a free slot and take the first token."""
+        self._prefilling.remove(seq)
+        if seq.params.max_tokens == 0:
+            self._free(seq)
+            out.append(self._finished(seq, "length"))
+            return
+        seq.slot = self.slots.free_slot()
+        self.slots.insert(seq.slot, stage, len(seq.prompt), row, start)
+        if seq.stage is not None:
             self._stages.append(seq.stage)
             seq.stage = None
-            self._running[seq.slot] = seq
-            out.append(self._accept(seq, logits_TV[-1]))
+        self._running[seq.slot] = seq
+        out.append(self._accept(seq, logits_V, greedy_token))
 
     # ------------------------------------------------------------------ per-request bookkeeping
     def _free_slots(self) -> int:
@@ -258,9 +312,18 @@ class Engine:
         top_k = p.top_k if p.top_k and p.top_k > 0 else None
         return int(sample_next(logits_V[None], p.temperature, top_k, p.top_p, seq.generator)[0])
 
-    def _accept(self, seq: _Seq, logits_V: torch.Tensor) -> TokenOutput:
+    @staticmethod
+    def _greedy_tokens(logits_BV: torch.Tensor, seqs: list[_Seq]) -> list[int | None]:
+        """Every row's argmax in one call and one device sync (what ``sample_next`` does at temperature 0,
+        row by row), when any of ``seqs`` is greedy; None per row otherwise."""
+        if not any(s.params.temperature == 0.0 for s in seqs):
+            return [None] * logits_BV.shape[0]
+        return logits_BV.argmax(dim=-1).tolist()
+
+    def _accept(self, seq: _Seq, logits_V: torch.Tensor, greedy_token: int | None = None) -> TokenOutput:
         """Sample the next token of ``seq`` from its logits, check every stop rule, emit the event."""
-        tok = self._sample(seq, logits_V)
+        greedy = seq.params.temperature == 0.0 and greedy_token is not None
+        tok = greedy_token if greedy else self._sample(seq, logits_V)
         seq.generated.append(tok)
         ev = TokenOutput(seq.request_id, tok, num_prompt_tokens=len(seq.prompt), num_generated=len(seq.generated))
         if seq.params.logprobs is not None:

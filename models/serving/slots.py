@@ -16,6 +16,8 @@ left-padded row of ``generate`` behaves.
   With ``max_len`` = 2 × the context this happens at most once per context-length of steps.
 - ``rows_view(n)`` is an ``MLACache`` over rows [0, n) (views, not copies), so a decode step
   skips trailing free rows; free rows below n are computed and ignored (masked, never attended).
+  ``static_view(n, w)`` also cuts the columns to [0, w), for the static (CUDA-graph) step: its
+  addresses do not move with the cursor, because every write here is in place.
 
 Shape suffixes: B slots, S columns, R kv_lora_rank, P rope dim.
 """
@@ -59,8 +61,10 @@ class SlotCache:
         self.cache.key_mask_BS[b].zero_()
         self.cache.num_real_B[b] = 0
 
-    def insert(self, b: int, staging: MLACache, num_tokens: int) -> None:
-        """Copy ``num_tokens`` prefilled slots of ``staging`` (row 0) into row b, right-aligned at the cursor."""
+    def insert(self, b: int, staging: MLACache, num_tokens: int, row: int = 0, start: int = 0) -> None:
+        """Copy ``num_tokens`` prefilled columns of ``staging`` (row ``row`` from column ``start``: a
+        left-padded batch prefill keeps a prompt at the right end of its row) into row b, right-aligned
+        at the cursor."""
         if self.live[b]:
             raise ValueError(f"SlotCache.insert: slot {b} is in use")
         if num_tokens > self.context_len:
@@ -69,7 +73,7 @@ class SlotCache:
             self._rebase(max([num_tokens] + [n for n, up in zip(self.lengths, self.live) if up]))
         c, n = self.cursor, num_tokens
         for dst, src in zip(self.cache.kv_latent + self.cache.k_rope, staging.kv_latent + staging.k_rope):
-            dst[b, c - n: c] = src[0, :n].to(dst.dtype)
+            dst[b, c - n: c] = src[row, start: start + n].to(dst.dtype)
         self.cache.key_mask_BS[b].zero_()
         self.cache.key_mask_BS[b, c - n: c] = True
         self.cache.num_real_B[b] = n
@@ -96,6 +100,18 @@ class SlotCache:
         view.key_mask_BS = c.key_mask_BS[:num_rows]
         view.num_real_B = c.num_real_B[:num_rows]
         view.length = self.cursor
+        return view
+
+    def static_view(self, num_rows: int, num_cols: int) -> MLACache:
+        """An MLACache over rows [0, num_rows) and columns [0, num_cols) for the STATIC mode (the caller
+        passes ``cache_position``): fixed addresses whatever the cursor, so a CUDA graph can replay it."""
+        if num_cols > self.max_len or num_rows > self.num_slots:
+            raise ValueError(f"SlotCache.static_view: {num_rows} x {num_cols} exceeds {self.num_slots} x {self.max_len}")
+        view = self.rows_view(num_rows)
+        view.max_len = num_cols
+        view.kv_latent = [t[:, :num_cols] for t in view.kv_latent]
+        view.k_rope = [t[:, :num_cols] for t in view.k_rope]
+        view.key_mask_BS = view.key_mask_BS[:, :num_cols]
         return view
 
     # ------------------------------------------------------------------ compaction

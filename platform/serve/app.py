@@ -102,10 +102,11 @@ def _gateway_deployment(gateway: GatewayConfig):
                       max_ongoing_requests=max(gateway.max_inflight, 1) + 8, graceful_shutdown_timeout_s=60)
     @serve.ingress()
     class GatewayIngress:
-        def __init__(self, config: dict, key_hashes: list[str]) -> None:
+        def __init__(self, config: dict, key_hashes: list[str], routes: dict | None = None) -> None:
             import ray
 
-            store = RayRouteStore(ray.get_actor(ROUTE_STORE, namespace=NAMESPACE))
+            actor = _route_store(routes) if routes is not None else ray.get_actor(ROUTE_STORE, namespace=NAMESPACE)
+            store = RayRouteStore(actor)
             self.gateway = Gateway(GatewayConfig.model_validate(config), store, RayBackend(), set(key_hashes))
 
         def __serve_build_asgi_app__(self):
@@ -128,6 +129,46 @@ def _model_deployment(spec: ServedModel):
     else:
         opts["num_replicas"] = spec.num_replicas
     return serve.deployment(**opts)(ModelServer)
+
+
+def _route_store(routes: dict):
+    """The route-store actor holding ``routes`` (created if absent; updated if it holds another table)."""
+    import ray
+
+    table = RouteTable.model_validate(routes)
+    store = ray.remote(RouteStoreActor).options(name=ROUTE_STORE, namespace=NAMESPACE, lifetime="detached",
+                                                get_if_exists=True, num_cpus=0).remote(table.model_dump())
+    current = ray.get(store.get.remote())
+    if current.model_dump(exclude={"revision"}) != table.model_dump(exclude={"revision"}):
+        try:
+            ray.get(store.update.remote(table.model_copy(update={"revision": current.revision + 1}).model_dump()))
+        except ValueError:  # another gateway replica updated it first, to the same table
+            pass
+    return store
+
+
+# ---------------------------------------------------------------------- Serve config builders (RayService)
+# A Serve config file (what a KubeRay RayService's ``serveConfigV2`` holds) names an application by
+# ``import_path`` and passes it ``args``; these two builders are those import paths. Ray Serve then
+# owns deploying, scaling and upgrading (a changed config is rolled out by KubeRay without downtime).
+def model_app(args: dict):
+    """One model version (``args`` = a ``ServedModel``). Its application must be named
+    ``moeflow-model-<name>-<version>`` (what the gateway's backend looks up); ``model_dir`` may be any
+    model reference (``name@alias``, a store URI): each replica resolves and downloads it itself."""
+    spec = ServedModel.model_validate(args)
+    return _model_deployment(spec).bind(spec.model_dump())
+
+
+def gateway_app(args: dict):
+    """The gateway ingress (``args`` = ``{"gateway": GatewayConfig, "routes": RouteTable}``): its replicas
+    create the route store with ``routes``; API keys come from the environment (``MOEFLOW_SERVE_API_KEYS``)
+    and only their hashes are passed on."""
+    unknown = set(args) - {"gateway", "routes"}
+    if unknown:
+        raise ValueError(f"gateway_app: unknown args {sorted(unknown)} (expected 'gateway' and 'routes')")
+    gw = GatewayConfig.model_validate(args.get("gateway") or {})
+    routes = RouteTable.model_validate(args["routes"])
+    return _gateway_deployment(gw).bind(gw.model_dump(), api_key_hashes(), routes.model_dump())
 
 
 # ---------------------------------------------------------------------- control (the driver side)
@@ -178,7 +219,6 @@ def start(config: ServeConfig, *, api_keys: list[str] | None = None, settings=No
 
     All applications are submitted in one ``run_many``, so their replicas start side by side.
     """
-    import ray
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -191,11 +231,7 @@ def start(config: ServeConfig, *, api_keys: list[str] | None = None, settings=No
     table = RouteTable(versions=versions, aliases=config.aliases, default_alias=gw.default_alias, revision=1)
     for name, arms in config.splits.items():
         table = table.with_split(name, [Arm.model_validate(a) for a in arms])  # every arm must resolve
-    store = ray.remote(RouteStoreActor).options(name=ROUTE_STORE, namespace=NAMESPACE, lifetime="detached",
-                                                get_if_exists=True, num_cpus=0).remote(table.model_dump())
-    current = ray.get(store.get.remote())
-    if current.model_dump(exclude={"revision"}) != table.model_dump(exclude={"revision"}):
-        ray.get(store.update.remote(table.model_copy(update={"revision": current.revision + 1}).model_dump()))
+    store = _route_store(table.model_dump())
     targets = [RunTarget(_model_deployment(s).bind(s.model_dump()), name=s.app_name, route_prefix=None)
                for s in config.models]
     targets.append(RunTarget(_gateway_deployment(gw).bind(gw.model_dump(), api_key_hashes(api_keys)),

@@ -22,6 +22,9 @@ class EngineConfig(StageConfig):
     quantize: Literal["none", "int8"] = Field("none", description="int8 = weight-only INT8 (models/quant.py)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="activation / weight dtype")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:i]'")
+    decode_mode: Literal["auto", "eager", "static", "graph"] = Field(
+        "auto", description="decode step: 'graph' = CUDA graphs per batch/width bucket (captured at start), "
+                            "'eager', 'static' = the bucketed steps uncaptured; 'auto' = graph on CUDA, else eager")
 
 
 class ServedModel(StageConfig):

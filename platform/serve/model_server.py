@@ -68,6 +68,10 @@ def _replica_id() -> str:
 class ModelServer:
     def __init__(self, spec: ServedModel | dict) -> None:
         self.spec = ServedModel.model_validate(spec)
+        if not Path(self.spec.model_dir).is_dir():  # a model reference (a RayService's config): fetch it here
+            from .launch import resolve_served
+
+            self.spec = self.spec.model_copy(update={"model_dir": resolve_served(self.spec.model_dir).model_dir})
         self.model = load_model(self.spec)
         self.tokenizer = load_tokenizer(self.spec.model_dir)
         if self.tokenizer.vocab_size > self.model.cfg.vocab_size:
@@ -75,12 +79,21 @@ class ModelServer:
                              f"the model {self.model.cfg.vocab_size}")
         self.chat_stops = tuple(chat_stop_ids(self.tokenizer))
         e = self.spec.engine
-        self.loop = AsyncEngine(lambda: Engine(
-            self.model, max_batch=e.max_batch, context_len=e.context_len, prefill_chunk=e.prefill_chunk,
-            max_waiting=e.max_waiting, decode=self._decode, default_stop_token_ids=(self.tokenizer.eos_id,)))
+        self.loop = AsyncEngine(self._make_engine)
         self.context_len = self.loop.engine.context_len
         self.replica = _replica_id()
         self.started = time.time()
+
+    def _make_engine(self) -> Engine:
+        """A fresh engine; in graph mode every decode bucket is captured here, before any request waits on it."""
+        e = self.spec.engine
+        engine = Engine(self.model, max_batch=e.max_batch, context_len=e.context_len, prefill_chunk=e.prefill_chunk,
+                        max_waiting=e.max_waiting, decode=self._decode, default_stop_token_ids=(self.tokenizer.eos_id,),
+                        decode_mode=e.decode_mode)
+        num_graphs = engine.warmup()
+        if num_graphs:
+            log.info("%s: %d decode graphs captured", self.spec.key, num_graphs)
+        return engine
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special=True)
