@@ -62,12 +62,14 @@ def kind(p: dict) -> str:
 
 @pytest.fixture(scope="module")
 def sets():
-    cfg = GeneratedDataConfig(max_functions=300, max_files=100, num_arithmetic=1000, heldout_fraction=0.2)
+    cfg = GeneratedDataConfig(max_functions=200, max_files=60, num_arithmetic=800, heldout_fraction=0.2)
     return build_sets(cfg, stdlib_texts(cfg.max_files))["preference"]
 
 
 def test_a_surface_only_scorer_stays_near_chance_on_every_kind_of_generated_pair(sets):
-    """Measured (2026-12-07): held-out surface-scorer accuracy overall ≈ 0.5 and per kind within 0.4–0.6."""
+    """Measured 2026-12-07 (this config): held-out surface-scorer accuracy 0.576 overall; wrong numbers 0.573 (the
+    generator's offsets lean positive, 4 of 7, so "the smaller number" wins slightly more often), lists 0.491,
+    docstrings 0.619 (swapped and truncated-then-continued); the old bare cut: 1.0 (test below)."""
     w = fit_surface_scorer(sets["train"])
     held = sets["heldout"]
     overall = surface_accuracy(w, held)
