@@ -1,4 +1,5 @@
-"""Post-training throughput: our SFT and DPO steps beside TRL's SFTTrainer / DPOTrainer, in the same process.
+"""Post-training throughput: our SFT, DPO and reward steps beside TRL's SFTTrainer / DPOTrainer / RewardTrainer,
+in the same process.
 
 One model, one data set, one sequence length for both sides:
 
@@ -9,19 +10,24 @@ One model, one data set, one sequence length for both sides:
 * the data: random token ids from a word-level tokenizer in which every word is one token, so text
   tokenises to exactly the planned lengths. SFT: ``--batch`` rows of ``--seq`` tokens, loss on every
   token (pre-tokenised for TRL). DPO: ``--batch`` pairs, prompt ``--prompt`` tokens and each reply
-  ``--reply`` tokens (TRL appends EOS to each reply; its token count is read from its own dataset).
+  ``--reply`` tokens (TRL appends EOS to each reply; its token count is read from its own dataset). Reward: the
+  same pairs, both sides scored by the model with a scalar head (pre-tokenised for TRL, so both sides hold the
+  same ids as ours; no EOS appended).
 * ours: the engine core's ``PostTrainer`` (``platform/posttrain/engine.py``) — the LM objective on dict
   batches for SFT, ``align.DPOObjective`` for DPO with the reference log-probs computed once before the
   timed steps (our design: no reference model in memory during the update). TRL's DPOTrainer runs as
   configured by default (``precompute_ref_log_probs=False``: a reference copy scores every step) and,
   with ``--trl-precompute``, also with ``precompute_ref_log_probs=True`` (the like-for-like setting).
+  Reward: ``reward.RewardObjective`` (Bradley–Terry) on ``RewardModel`` (our LM + a linear head on the last real
+  token); TRL's ``RewardTrainer`` trains ``AutoModelForSequenceClassification`` (``num_labels=1``) loaded from the
+  same export, with ``gradient_checkpointing=False`` (TRL's reward default is True; we do not recompute).
 * tokens/s: tokens per optimiser step ÷ median step time over the timed steps (CUDA-synchronised,
-  after ``--warmup`` steps). DPO counts policy tokens: both sides of every pair (prompt + reply each).
+  after ``--warmup`` steps). DPO and reward count both sides of every pair (prompt + reply each).
 
 Writes one JSON line per measurement to ``--out`` and prints them. Usage on the GPU::
 
     python benchmarks/bench_posttrain.py --out results/posttrain_h200.jsonl
-    python benchmarks/bench_posttrain.py --preset tiny --seq 64 --prompt 16 --reply 16 --steps 3 --warmup 1  # CPU smoke
+    python benchmarks/bench_posttrain.py --smoke   # CPU: the tiny preset, short rows, 2 timed steps, every bench (TRL rows need trl)
 """
 
 from __future__ import annotations
@@ -128,6 +134,26 @@ def ours_dpo(args, model, pairs: list[tuple[list[int], list[int], list[int]]], d
                reference_precompute_s=ref_s, pairs=len(pairs))
 
 
+def ours_reward(args, model, pairs: list[tuple[list[int], list[int], list[int]]], device: str,
+                compile: bool = False) -> dict:
+    from moeflow.models.align import pairs as P
+    from moeflow.models.align.reward import RewardModel
+    from moeflow.platform.posttrain.engine import PostTrainer
+    from moeflow.platform.posttrain.reward import RewardConfig, RewardObjective
+
+    rendered = [P.RenderedPair(p + c, [0] * len(p) + [1] * len(c), p + r, [0] * len(p) + [1] * len(r)) for p, c, r in pairs]
+    cfg = RewardConfig(max_steps=10_000, lr=1e-5, micro_batch_size=args.batch, seq_len=args.prompt + args.reply,
+                       warmup_steps=0, log_every=10_000, weight_decay=0.0, grad_clip=1.0, checkpoint_every=0,
+                       compile=compile)
+    torch.manual_seed(0)
+    reward_model = RewardModel(model).to(device)
+    trainer = PostTrainer(cfg, reward_model, _cycle(P.PairSet(rendered, pad_id=0).batches(args.batch)),
+                          objective=RewardObjective(cfg), device=device)
+    times = timed(trainer.train_step, args.warmup, args.steps, device)
+    return row("ours_reward_compiled" if compile else "ours_reward", 2 * args.batch * (args.prompt + args.reply), times,
+               pairs=len(pairs))
+
+
 def _cycle(items):
     while True:
         yield from items
@@ -209,6 +235,25 @@ def trl_dpo(args, hf_dir: Path, tokenizer, pairs, device: str, out_dir: Path, pr
                train_call_s=total_s, trl_example_lengths=lengths)
 
 
+def trl_reward(args, hf_dir: Path, tokenizer, pairs, device: str, out_dir: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    data = Dataset.from_dict({"chosen_ids": [p + c for p, c, _ in pairs], "rejected_ids": [p + r for p, _, r in pairs]})
+    model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), num_labels=1, dtype=torch.float32).to(device)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    timer = _StepTimer(device)
+    config = RewardConfig(**_common(args, out_dir / "reward", device), max_length=args.prompt + args.reply,
+                          gradient_checkpointing=False)
+    trainer = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
+    lengths = {k: len(v) for k, v in trainer.train_dataset[0].items() if k.endswith("_ids")}  # what TRL trains on
+    trainer.train()
+    times = timer.times[args.warmup:]
+    del trainer
+    return row("trl_reward", args.batch * sum(lengths.values()), times, trl_example_lengths=lengths)
+
+
 # ------------------------------------------------------------------ main
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -220,11 +265,16 @@ def main(argv=None) -> None:
     parser.add_argument("--reply", type=int, default=256, help="DPO tokens per reply")
     parser.add_argument("--steps", type=int, default=8, help="timed optimiser steps")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--only", default="ours_sft,trl_sft,ours_dpo,trl_dpo", help="comma-separated benches")
+    parser.add_argument("--only", default="ours_sft,trl_sft,ours_dpo,trl_dpo,ours_reward,trl_reward",
+                        help="comma-separated benches")
+    parser.add_argument("--smoke", action="store_true", help="CPU check of every bench: tiny preset, vocab 512, "
+                        "rows of 64, pairs of 16 + 16, 2 timed steps after 1 warm-up (overrides those options)")
     parser.add_argument("--trl-precompute", action="store_true", help="also TRL DPO with precompute_ref_log_probs")
     parser.add_argument("--compile", action="store_true", help="last: our steps again with compile_blocks")
     parser.add_argument("--out", default=None, help="JSONL file to append to")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset, args.vocab, args.seq, args.prompt, args.reply, args.steps, args.warmup = "tiny", 512, 64, 16, 16, 2, 1
     import os
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -271,7 +321,8 @@ def main(argv=None) -> None:
         # ours first, each on a fresh copy of the same initial weights
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         for name, fn in (("ours_sft", lambda m: ours_sft(args, m, rows, device)),
-                         ("ours_dpo", lambda m: ours_dpo(args, m, pairs, device))):
+                         ("ours_dpo", lambda m: ours_dpo(args, m, pairs, device)),
+                         ("ours_reward", lambda m: ours_reward(args, m, pairs, device))):
             if name in only:
                 model.load_state_dict(state)
                 emit(fn(model))
@@ -286,8 +337,11 @@ def main(argv=None) -> None:
             if args.trl_precompute:
                 torch.cuda.empty_cache() if device == "cuda" else None
                 emit(trl_dpo(args, hf_dir, tokenizer, pairs, device, tmp, precompute=True))
+        if "trl_reward" in only:
+            torch.cuda.empty_cache() if device == "cuda" else None
+            emit(trl_reward(args, hf_dir, tokenizer, pairs, device, tmp))
         if args.compile:  # last, so a compile that runs long costs no peer row
-            for name, fn in (("ours_sft", ours_sft), ("ours_dpo", ours_dpo)):
+            for name, fn in (("ours_sft", ours_sft), ("ours_dpo", ours_dpo), ("ours_reward", ours_reward)):
                 if name in only:
                     model = build_model(args, device)
                     model.load_state_dict(state)
@@ -297,7 +351,8 @@ def main(argv=None) -> None:
     by = {r["bench"]: r["tokens_per_s"] for r in results}
     for ours, peer in (("ours_sft", "trl_sft"), ("ours_dpo", "trl_dpo"), ("ours_dpo", "trl_dpo_precomputed_ref"),
                        ("ours_sft_compiled", "trl_sft"), ("ours_dpo_compiled", "trl_dpo"),
-                       ("ours_dpo_compiled", "trl_dpo_precomputed_ref")):
+                       ("ours_dpo_compiled", "trl_dpo_precomputed_ref"), ("ours_reward", "trl_reward"),
+                       ("ours_reward_compiled", "trl_reward")):
         if by.get(ours) and by.get(peer):
             print(f"{ours} / {peer} = {by[ours] / by[peer]:.2f}x", flush=True)
 

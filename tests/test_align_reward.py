@@ -131,3 +131,47 @@ def test_balancing_losses_reach_the_router_through_the_reward_forward():
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
     assert out.aux["tokens_per_expert"].shape == (len(model.routers()), model.cfg.num_routed_experts)
     assert model(torch.tensor([[5, 6]]), torch.tensor([2])).balance_loss is None
+
+
+def test_reply_mean_logprob_equals_a_naive_loop_over_the_reply_tokens():
+    """Reply = the tokens after the row's LAST marker (id 7 here), up to its length; padding and an earlier
+    marker change nothing; each token is scored by the LM's prediction at the position before it."""
+    from moeflow.models.align.reward import reply_mean_logprob
+
+    model = _reward_model().lm.eval()
+    ids = torch.tensor([[5, 7, 9, 7, 11, 12, 13, 0, 0], [5, 6, 7, 20, 21, 22, 23, 24, 25]])
+    lengths = torch.tensor([7, 9])
+    with torch.no_grad():
+        out = model(ids, return_hidden=True)
+        got = reply_mean_logprob(model, ids, out.hidden, lengths, reply_start_id=7)
+        logp = torch.log_softmax(out.logits.float(), -1)
+        want = [sum(logp[0, p - 1, ids[0, p]] for p in (4, 5, 6)) / 3,
+                sum(logp[1, p - 1, ids[1, p]] for p in range(3, 9)) / 6]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+
+
+def test_likelihood_input_starts_at_one_and_carries_the_lms_preference():
+    """With ``reply_start_id`` the reward is head + a · mean log π(reply); a = 1 at the start (the plain head's
+    reward plus exactly the reply's mean log-prob), a = 0 is the plain head; the state round-trips and a
+    mismatch is refused."""
+    from moeflow.models.align.reward import reply_mean_logprob
+
+    plain, with_lik = _reward_model(0), _reward_model(0)
+    with_lik = RewardModel(plain.lm, reply_start_id=7)
+    assert float(with_lik.likelihood_weight) == 1.0
+    with_lik.load_head_state({**plain.head_state(), "likelihood_weight": torch.tensor(1.0), "reply_start_id": 7})
+    ids, lengths = torch.tensor([[5, 7, 9, 10, 11]]), torch.tensor([5])
+    with torch.no_grad():
+        base = plain.eval()(ids, lengths).rewards_B
+        lp = reply_mean_logprob(plain.lm, ids, plain.lm(ids, return_hidden=True).hidden, lengths, 7)
+        torch.testing.assert_close(with_lik.eval()(ids, lengths).rewards_B, base + lp)
+        with_lik.likelihood_weight.fill_(0.0)
+        torch.testing.assert_close(with_lik(ids, lengths).rewards_B, base)
+        with_lik.likelihood_weight.fill_(1.0)
+    other = RewardModel(_reward_model(1).lm, reply_start_id=7)
+    other.lm.load_state_dict(plain.lm.state_dict())
+    other.load_head_state(with_lik.head_state())
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(ids, lengths).rewards_B, with_lik(ids, lengths).rewards_B)
+    with pytest.raises(ValueError, match="likelihood"):
+        plain.load_head_state(with_lik.head_state())

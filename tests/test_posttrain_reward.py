@@ -43,8 +43,8 @@ def test_reward_config_is_checked_at_the_edge():
 def test_reward_stage_registers_a_child_version_whose_export_reloads(world):
     store, catalog = world["store"], world["catalog"]
     tracker = NoopTracker()
-    result = R.run_reward(_cfg(), store, model_uri=world["base_uri"], data_uri=world["sets"].preference_uri,
-                          output_prefix="runs/reward-a", tracker=tracker, catalog=catalog,
+    result = R.run_reward(_cfg(likelihood_feature=True), store, model_uri=world["base_uri"],
+                          data_uri=world["sets"].preference_uri, output_prefix="runs/reward-a", tracker=tracker, catalog=catalog,
                           parent_model_id=world["base_id"], model_name="moe-tiny-reward")
     assert result.steps == 4 and result.hf_uri and result.expert_load_uri
     assert set(result.before) >= {"accuracy", "margin"} and set(result.after) >= {"accuracy", "margin"}
@@ -52,8 +52,10 @@ def test_reward_stage_registers_a_child_version_whose_export_reloads(world):
     assert row["parent_model_id"] == world["base_id"] and row["name"] == "moe-tiny-reward"
     art = store.read_artifact(result.hf_uri)
     assert HEAD_FILE in art.names() and "tokenizer.json" in art.names() and "config.json" in art.names()
-    # the export reloads as the same reward model: it reproduces the "after" held-out figures
+    # the export reloads as the same reward model (head, trained likelihood weight, marker id): it reproduces the
+    # "after" held-out figures
     model, tok = R.load_reward_model(result.hf_uri, store=store)
+    assert model.likelihood_weight is not None and float(model.likelihood_weight) != 1.0
     data = R.load_pairs(world["sets"].preference_uri, tok, _cfg(), 48)
     again = R.evaluate_rewards(model, data.heldout, batch_size=16)
     assert again["accuracy"] == pytest.approx(result.after["accuracy"])
@@ -182,35 +184,77 @@ def sft_world(learn_world):
     return {**w, "sft_uri": sft.hf_uri, "sft_after": sft.after}
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)  # ~3 min on 2 idle cores (800 SFT steps + 2 x 400 reward steps); 9.6 min at load ~10
-def test_reward_from_the_sft_model_on_the_full_generated_set_per_pair_type(sft_world, tmp_path):
-    """The whole generated set (wrong-number arithmetic included), from the SFT model as in the pipeline, beside
-    the same run on half-flipped labels. Measured (2026-12-01, 2 shared cores): held-out 0.58 -> 0.76 on all
-    309 pairs (control 0.54); per type sort 1.00, length 0.89, reverse 0.75, sub 0.58, mul 0.54, succ 0.50 (n=4),
-    add 0.40 — the wrong-number arithmetic pairs stay near chance for a 2-layer, 32-wide model whose SFT answers
-    ~30 % of held-out problems, so the full-set figure is below the issue's 0.8 and is asserted at what this model
-    reaches (above the control), with the list/letter-count types at >= 0.8."""
+def _reward_beside_control(w, model_uri: str, tmp_path, cfg: R.RewardConfig, tag: str, *, plain: bool = True,
+                           tasks=None):
+    """The reward stage from ``model_uri`` on the generated pairs (``tasks=None``: all of them) with the likelihood
+    input, the same run on half-flipped training labels (the control), and (``plain``) the plain last-token head;
+    held-out accuracy per pair type."""
     from moeflow.platform.posttrain import data as D
     from preference_world import learnable_pairs
 
-    w = sft_world
-    cfg = _cfg(max_steps=400, lr=2e-3, micro_batch_size=16, warmup_steps=10, log_every=100, checkpoint_every=0,
-               heldout_pairs=512)
-
-    def train(shuffle: bool):
-        data = learnable_pairs(w["store"], w["sets"], tmp_path / f"all-{shuffle}", shuffle=shuffle, tasks=None)
-        result = R.run_reward(cfg, w["store"], model_uri=w["sft_uri"], data_uri=data,
-                              output_prefix=f"runs/reward-sft-all-{shuffle}", tracker=NoopTracker())
+    def train(shuffle: bool, likelihood: bool):
+        data = learnable_pairs(w["store"], w["sets"], tmp_path / f"{tag}-{shuffle}", shuffle=shuffle, tasks=tasks)
+        result = R.run_reward(cfg.model_copy(update={"likelihood_feature": likelihood}), w["store"], model_uri=model_uri,
+                              data_uri=data, output_prefix=f"runs/reward-{tag}-{shuffle}-{likelihood}",
+                              tracker=NoopTracker())
         model, tok = R.load_reward_model(result.hf_uri, store=w["store"])
         records = D.load_data(data, D.PREFERENCE, split="heldout").records[: cfg.heldout_pairs]
         return result, _per_type(records, tok, model, cfg.seq_len)
 
-    (real, real_types), (control, control_types) = train(False), train(True)
-    print("sft", w["sft_after"], "reward full set", real.before, real.after, "control", control.after)
-    for k in sorted(real_types):
-        print(f"  {k:8s} n={int(real_types[k]['pairs']):3d} accuracy {real_types[k]['accuracy']:.2f} "
-              f"control {control_types[k]['accuracy']:.2f}")
-    assert real.after["accuracy"] >= control.after["accuracy"] + 0.15
-    assert 0.3 <= control.after["accuracy"] <= 0.65
-    assert real_types["sort"]["accuracy"] >= 0.8 and real_types["length"]["accuracy"] >= 0.8
+    runs = {"likelihood": train(False, True), "control": train(True, True)}
+    if plain:
+        runs["plain"] = train(False, False)
+    for name, (result, types) in runs.items():
+        print(f"{name:10s} held-out {result.before['accuracy']:.3f} -> {result.after['accuracy']:.3f} "
+              f"(n={int(result.after['pairs'])}) " + " ".join(f"{k} {v['accuracy']:.2f}" for k, v in sorted(types.items())))
+    return runs
+
+
+def test_reward_with_the_likelihood_input_beside_flipped_labels_fast(world, tmp_path):
+    """Fast twin of the slow test below (which runs on every pair type): a briefly fine-tuned policy (250 SFT steps
+    on the small world), 150 reward steps on the list and letter-count pairs. Measured 2026-12-07 (2 shared cores,
+    load ~8, 72 s): held-out (51 pairs) 0.882 -> 0.941 (length 1.00, reverse 0.93, sort 0.92); the same run on
+    half-flipped training labels 0.882 -> 0.608."""
+    from moeflow.platform.posttrain.sft import SFTConfig, run_sft
+
+    sft = run_sft(SFTConfig(max_steps=250, lr=3e-3, micro_batch_size=16, seq_len=64, warmup_steps=10, log_every=250,
+                            checkpoint_every=0, heldout_max_examples=16, exact_match_max_prompts=0),
+                  world["store"], model_uri=world["base_uri"], data_uri=world["sets"].chat_uri,
+                  output_prefix="runs/reward-fast-sft", tracker=NoopTracker())
+    from preference_world import LEARNABLE_TASKS
+
+    cfg = _cfg(max_steps=150, lr=2e-3, micro_batch_size=16, warmup_steps=5, log_every=50, checkpoint_every=0,
+               heldout_pairs=256)
+    runs = _reward_beside_control(world, sft.hf_uri, tmp_path, cfg, "fast", plain=False, tasks=LEARNABLE_TASKS)
+    real, control = runs["likelihood"][0], runs["control"][0]
+    assert real.after["accuracy"] >= 0.85 and real.after["accuracy"] > real.before["accuracy"]
+    assert control.after["accuracy"] <= 0.7 and real.after["accuracy"] >= control.after["accuracy"] + 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # 800 SFT steps + 3 x 400 reward steps: ~5 min on 2 idle cores, far more under load
+def test_reward_from_the_sft_model_on_the_full_generated_set_per_pair_type(sft_world, tmp_path):
+    """The whole generated set (wrong-number arithmetic included), from the SFT model as in the pipeline, 400 steps,
+    lr 1e-3. Why the plain head stalls (last session: 0.76 with add/sub/mul near chance): the SFT policy ranks
+    these held-out pairs by its OWN mean reply log-probability at 0.89 (add 0.63, sub 0.73, mul 0.69, lists and
+    letter counts 1.0), but a 2-layer, 32-wide model's last hidden state cannot re-derive "did each token match
+    what I predicted" — that knowledge sits in the next-token predictions. With the likelihood input (weight
+    from 1) the reward model starts from that judgement and BT training keeps what the labels support.
+    Measured 2026-12-07 (2 shared cores, load ~15, 10 min; SFT: held-out loss 0.222, exact match 0.31), held-out
+    accuracy on all 309 pairs:
+      likelihood  0.887 -> 0.874   add 0.44 length 0.96 mul 0.85 reverse 1.00 sort 0.99 sub 0.73 succ 0.50 (n=4)
+      control     0.887 -> 0.518   add 0.47 length 0.42 mul 0.15 reverse 0.62 sort 0.65 sub 0.42 (half the training
+                                   labels flipped: the labels drive the figure)
+      plain head  0.466 -> 0.715   add 0.42 length 0.94 mul 0.69 reverse 0.49 sort 1.00 sub 0.54 (0.777 at lr 2e-3)
+    Add is the weak type: training overfits its ~340 problems (train 0.83, held-out 0.44, from 0.63 before)."""
+    w = sft_world
+    cfg = _cfg(max_steps=400, lr=1e-3, micro_batch_size=16, warmup_steps=10, log_every=100, checkpoint_every=0,
+               heldout_pairs=512)
+    runs = _reward_beside_control(w, w["sft_uri"], tmp_path, cfg, "sft-all")
+    (real, real_types), (control, _), (plain, _) = runs["likelihood"], runs["control"], runs["plain"]
+    print("sft", w["sft_after"])
+    assert real.after["accuracy"] >= 0.8 and real.after["pairs"] >= 300
+    assert control.after["accuracy"] <= 0.65 and real.after["accuracy"] >= control.after["accuracy"] + 0.2
+    assert plain.after["accuracy"] < real.after["accuracy"]
+    for k in ("sort", "reverse", "length"):
+        assert real_types[k]["accuracy"] >= 0.9, (k, real_types[k])

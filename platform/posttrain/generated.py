@@ -11,7 +11,8 @@ is in both splits:
   successor of n; the sorted/reversed list; the length of a word ...) — as chat examples and as
   ``{"prompt", "answer"}`` prompts (what the RL stage rewards and what the exact-match metric reads);
 * **preference pairs** whose rejected side is corrupted: a wrong number (the answer ± a non-zero
-  offset), a truncated docstring, or another function's docstring (swapped).
+  offset), a truncated docstring (continued with another's words, so not shorter), or another
+  function's docstring (swapped).
 
 ``write_generated_sets`` writes three store artefacts (``train.jsonl`` + ``heldout.jsonl`` + ``stats.json``)
 under a config-hashed prefix and registers them in the catalog as CHAT_DATA, PREFERENCE_DATA and
@@ -135,15 +136,28 @@ def instruction_examples(fn: Function) -> list[dict]:
 
 
 def docstring_pairs(fn: Function, others: list[Function], rng: random.Random) -> list[dict]:
-    """Chosen = the true summary; rejected = truncated to its first words, or another function's (swapped)."""
+    """Chosen = the true summary; rejected = a truncated summary, or another function's (swapped).
+
+    The truncated one is cut after its first half and continued with the last words of another
+    function's summary up to the original word count: a reply that goes astray and still ends like a
+    summary, not a shorter one — a bare cut would be recognisable by its length alone (``tests`` check that a length/format-only
+    scorer stays near chance on these pairs).
+    """
     prompt = f"What does the function `{fn.name}` do?"
     words = fn.summary.split()
-    cut = " ".join(words[: max(1, len(words) // 3)])
-    pairs = [{"prompt": prompt, "chosen": fn.summary, "rejected": cut}] if cut != fn.summary else []
-    if others:
-        other = others[rng.randrange(len(others))]
-        if other.summary != fn.summary:
-            pairs.append({"prompt": prompt, "chosen": fn.summary, "rejected": other.summary})
+    pool = [o for o in others if o.summary != fn.summary]
+    pairs = []
+    if pool and len(words) >= 2:
+        donor = pool[rng.randrange(len(pool))].summary.split()
+        keep = max(1, len(words) // 2)
+        need = len(words) - keep
+        tail = (donor * (1 + need // len(donor)))[-need:] if need else []  # the donor's END: it ends like a summary
+        cut = " ".join(words[:keep] + tail)
+        if cut != fn.summary:
+            pairs.append({"prompt": prompt, "chosen": fn.summary, "rejected": cut})
+    if pool:
+        other = pool[rng.randrange(len(pool))]
+        pairs.append({"prompt": prompt, "chosen": fn.summary, "rejected": other.summary})
     return pairs
 
 

@@ -53,6 +53,9 @@ class RewardConfig(PostTrainConfig, PairDataConfig, BTLossConfig):
 
     seq_len: int = Field(256, ge=8, le=1_048_576, description="longest pair side in tokens (longer pairs are dropped)")
     lr: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate")
+    likelihood_feature: bool = Field(False, description="the head also reads the LM's mean log-probability of the "
+                                                        "reply (weight learned from 1): carries what the input "
+                                                        "policy already knows token by token")
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         """Token capacity of a step: both sides of every pair at ``seq_len`` (batches pad to their longest row)."""
@@ -126,16 +129,24 @@ def load_reward_model(source: str | Path, *, store=None, device="cpu") -> tuple[
         local = store.read_artifact(str(source)).download(Path(tempfile.mkdtemp(prefix="moeflow-reward-")))
     if not (local / HEAD_FILE).is_file():
         raise FileNotFoundError(f"{source}: no {HEAD_FILE} — not a reward model export")
-    model = RewardModel(hf.import_hf(local, device=device))
-    model.load_head_state(torch.load(local / HEAD_FILE, map_location="cpu", weights_only=True))
+    state = torch.load(local / HEAD_FILE, map_location="cpu", weights_only=True)
+    model = RewardModel(hf.import_hf(local, device=device), reply_start_id=state.get("reply_start_id"))
+    model.load_head_state(state)
     return model.to(device), Tokenizer.from_file(local / "tokenizer.json")
+
+
+def reply_start_id(tokenizer) -> int:
+    """The chat template's ``<|assistant|>`` id: a reply is what follows its last occurrence."""
+    from moeflow.models.tokenizer import ASSISTANT
+
+    return int(tokenizer.special_ids[ASSISTANT])
 
 
 # ------------------------------------------------------------------ the builder (every rank, and the driver)
 def build_reward(job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
     cfg = RewardConfig.model_validate(job.config)
     torch.manual_seed(cfg.seed)  # the head's init: the same on every rank and on resume
-    model = RewardModel(base)
+    model = RewardModel(base, reply_start_id=reply_start_id(tokenizer) if cfg.likelihood_feature else None)
     parts = StageParts(model, cfg, export_model=lambda m: m.lm, extra_export_files=save_head)
     if ctx is None:  # the driver: export only
         return parts
