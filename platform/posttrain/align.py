@@ -88,6 +88,11 @@ class AlignConfig(PostTrainConfig, PairDataConfig, DPOLossConfig, RLConfig):
     kl_pairs: int = Field(64, ge=1, le=100_000, description="held-out pairs whose chosen replies measure "
                                                             "KL(π ‖ π_ref) (the reference's log-softmax is kept)")
 
+    @property
+    def data_key(self) -> str:
+        """Which generated set this method reads (a key of ``posttrain_data_task``'s result)."""
+        return "prompt_uri" if self.method in RL_METHODS else "preference_uri"
+
     @model_validator(mode="after")
     def _check_rl_batches(self):
         rows, step = self.rows_per_rollout(), self.micro_batch_size * self.grad_accum_steps

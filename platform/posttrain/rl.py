@@ -101,6 +101,8 @@ class RLConfig(StageConfig):
                                                      "samples before computing advantages")
     max_prompts: int = Field(0, ge=0, le=100_000_000, description="training prompts used (0 = all)")
     eval_prompts: int = Field(64, ge=1, le=1_000_000, description="held-out prompts answered greedily before/after")
+    eval_samples: int = Field(4, ge=0, le=1024, description="held-out replies sampled per prompt at the rollout "
+                                                           "temperature for sampled_reward/sampled_exact_match (0: off)")
     rollout_cuda_graph: bool = Field(True, description="decode rollouts with the CUDA-graph decoder on GPU")
 
     @model_validator(mode="after")
@@ -382,8 +384,44 @@ def _bare(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------ held-out figures
 @torch.no_grad()
 def evaluate_policy(model: nn.Module, reference: nn.Module, tokenizer, prompts: list[D.PromptRecord],
-                    rewards: CompositeReward, *, max_new_tokens: int, batch_size: int = 32) -> dict[str, float]:
-    """Greedy replies to held-out prompts: exact match, mean reward (+ each term), KL to the reference, MaxVio."""
+                    rewards: CompositeReward, *, max_new_tokens: int, batch_size: int = 32, samples: int = 0,
+                    temperature: float = 1.0, seed: int = 0) -> dict[str, float]:
+    """Greedy replies to held-out prompts: exact match, mean reward (+ each term), KL to the reference, MaxVio;
+    with ``samples`` > 0 also the mean reward and exact match of that many sampled replies per prompt (the
+    distribution RL trains; a fixed seed, so before and after draw with the same noise)."""
+    figures = _greedy_figures(model, reference, tokenizer, prompts, rewards, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size)
+    if samples:
+        figures.update(_sampled_figures(policy_lm(model), tokenizer, prompts, rewards, max_new_tokens=max_new_tokens,
+                                        samples=samples, temperature=temperature, seed=seed, batch_size=batch_size))
+    return figures
+
+
+@torch.no_grad()
+def _sampled_figures(lm, tokenizer, prompts, rewards, *, max_new_tokens, samples, temperature, seed,
+                     batch_size) -> dict[str, float]:
+    from moeflow.models.chat import prompt_ids, stop_ids
+    from moeflow.models.generation import generate
+
+    was_training = lm.training
+    lm.eval()
+    stops = stop_ids(tokenizer)
+    out: list[Sample] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids = [prompt_ids(tokenizer, list(p.prompt)) for p in chunk for _ in range(samples)]
+        gen = generate(lm, ids, max_new_tokens, temperature=temperature, stop_token_ids=stops, seed=seed + i,
+                       pad_id=tokenizer.pad_id)
+        for r, (toks, reason) in enumerate(zip(gen.tokens, gen.finish_reasons)):
+            p = chunk[r // samples]
+            text = tokenizer.decode([t for t in toks if t not in stops])
+            out.append(Sample(list(p.prompt), text, ids[r], list(toks), reason == "stop", p.answer, p.tests))
+    lm.train(was_training)
+    return {"sampled_reward": sum(rewards(out).total) / max(1, len(out)),
+            "sampled_exact_match": sum(ExactMatch()(out)) / max(1, len(out))}
+
+
+def _greedy_figures(model, reference, tokenizer, prompts, rewards, *, max_new_tokens, batch_size) -> dict[str, float]:
     from moeflow.models.chat import prompt_ids, stop_ids
     from moeflow.models.generation import generate
 
@@ -460,7 +498,8 @@ def build_rl(job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
                                  world_size=ctx.world_size, device=device)
     parts.objective = RLObjective(cfg, method)
     parts.evaluate = lambda m: evaluate_policy(m, reference, tokenizer, heldout, rewards,
-                                               max_new_tokens=cfg.max_new_tokens)
+                                               max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples,
+                                               temperature=cfg.temperature, seed=cfg.seed)
     return parts
 
 
