@@ -296,17 +296,59 @@ def _check_learns(w, method: str, steps: int, gain: float, greedy_gain: float | 
 
 
 def test_grpo_raises_heldout_accuracy_and_reward_beside_a_shuffled_reward_control(sft_world):
-    """Fast twin of the slow tests below: 60 GRPO steps (64 replies each) on the letter-count task."""
+    """Fast twin of the slow tests below: 60 GRPO steps (8 prompts × 8 replies each, T = 0.7) on the letter-count
+    task. Measured 2026-12-07 on the shared 2-core machine (90 held-out prompts, 8 sampled replies each): sampled
+    exact match = mean reward 0.294 -> 0.357 (greedy 0.467 -> 0.456, flat); the same run with rewards shuffled
+    across the rollout's samples: 0.294 -> 0.068 (greedy 0.056), KL to the reference 0.68 vs 0.13. ~65 s with
+    the SFT fixture."""
     _check_learns(sft_world, "grpo", steps=60, gain=0.04, greedy_gain=None)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_grpo_long_raises_greedy_heldout_exact_match(sft_world):
+    """100 GRPO steps. Measured 2026-12-07 (90 held-out prompts): greedy exact match 0.467 -> 0.544, sampled exact
+    match = mean reward 0.294 -> 0.432, KL to the reference 0.22; shuffled-reward control: greedy 0.056, sampled
+    0.064, KL 0.78 (its random advantages walk the policy away). ~3.5 min for both runs under load."""
     _check_learns(sft_world, "grpo", steps=100, gain=0.08, greedy_gain=0.04)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_ppo_raises_heldout_accuracy_and_reward_beside_a_shuffled_reward_control(sft_world):
+    """100 PPO steps (value head zero-initialised on the policy, GAE γ=1 λ=0.95, whitened advantages, one epoch).
+    Measured 2026-12-07 (90 held-out prompts): sampled exact match = mean reward 0.294 -> 0.396, greedy 0.467 ->
+    0.478 (flat), KL 0.20; shuffled-reward control: sampled 0.131, greedy 0.100. ~3.5 min for both runs."""
     _check_learns(sft_world, "ppo", steps=100, gain=0.06, greedy_gain=None)
+
+
+@pytest.mark.slow
+def test_two_ray_workers_each_roll_out_their_shard_update_under_ddp_and_survive_a_killed_worker(world, tmp_path):
+    """Colocated on Ray Train: 2 gloo workers, each samples replies to its own prompts and both update one DDP
+    model; rank 1 is SIGKILLed after step 4 on the first attempt and the group resumes from step 3."""
+    from moeflow.platform.compute import ensure_ray
+
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
+    ensure_ray()
+    try:
+        result = run_align(_cfg(max_steps=6), world["store"], model_uri=world["base_uri"],
+                           data_uri=world["sets"].prompt_uri, output_prefix="runs/rl-ray", tracker=NoopTracker(),
+                           num_workers=2, extra_job={"fault_step": 4, "fault_rank": 1,
+                                                     "fault_marker": str(tmp_path / "killed")})
+    finally:
+        import ray
+
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous
+    assert (tmp_path / "killed").exists()  # the fault happened
+    assert result.steps == 6 and {"exact_match", "reward", "kl_to_reference"} <= set(result.after)
+    _, _, trainer = _final(world["store"], "runs/rl-ray", tmp_path)
+    loaders = trainer["loader"]
+    assert trainer["world_size"] == 2 and len(loaders) == 2
+    # each rank rolled out its own prompts: the two buffers hold different token ids
+    a, b = loaders[0]["buffer"]["input_ids"], loaders[1]["buffer"]["input_ids"]
+    assert a.shape[0] == b.shape[0] == 8 and not (a.shape == b.shape and torch.equal(a, b))
