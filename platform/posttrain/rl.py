@@ -103,7 +103,8 @@ class RLConfig(StageConfig):
     eval_prompts: int = Field(64, ge=1, le=1_000_000, description="held-out prompts answered greedily before/after")
     eval_samples: int = Field(4, ge=0, le=1024, description="held-out replies sampled per prompt at the rollout "
                                                            "temperature for sampled_reward/sampled_exact_match (0: off)")
-    rollout_cuda_graph: bool = Field(True, description="decode rollouts with the CUDA-graph decoder on GPU")
+    rollout_cuda_graph: bool = Field(True, description="decode rollouts with the CUDA-graph decoder on GPU (bf16 "
+                                                       "weights only)")
 
     @model_validator(mode="after")
     def _check_rewards(self):
@@ -223,7 +224,8 @@ class RolloutSource:
 
         lm = policy_lm(self.model)
         graph = False
-        if self.cfg.rollout_cuda_graph and self.device.type == "cuda":
+        # the captured step needs the grouped-GEMM (bf16) expert path: the fp32 fallback syncs the host
+        if self.cfg.rollout_cuda_graph and self.device.type == "cuda" and lm.lm_head.weight.dtype == torch.bfloat16:
             self._graphs = self._graphs or CudaGraphPool()
             graph = self._graphs
         was_training = lm.training
