@@ -194,6 +194,23 @@ def test_routing_agreement_is_logged_below_one_without_replay(world, tmp_path):
     assert all(0.0 < a <= 1.0 for a in agreements) and min(agreements) < 1.0, agreements
 
 
+def test_router_bias_update_during_rl_is_a_setting(world, tmp_path):
+    """On (the default) the aux-loss-free biases move with the update's expert counts; off they stay as the
+    input version had them."""
+    biases = {}
+    for switch in (True, False):
+        prefix = f"runs/rl-bias-{switch}"
+        run_align(_cfg(max_steps=2, checkpoint_every=0, router_bias_update=switch, eval_prompts=2), world["store"],
+                  model_uri=world["base_uri"], data_uri=world["sets"].prompt_uri, output_prefix=prefix,
+                  tracker=NoopTracker())
+        _, weights, _ = _final(world["store"], prefix, tmp_path)
+        biases[switch] = {k: v for k, v in weights.items() if k.endswith("e_score_correction_bias")}
+    base = {k: v for k, v in world["model"].state_dict().items() if k.endswith("e_score_correction_bias")}
+    assert biases[False].keys() == base.keys() and biases[False]
+    assert all(torch.equal(biases[False][k], base[k]) for k in base)
+    assert any(not torch.equal(biases[True][k], base[k]) for k in base)
+
+
 def test_failed_mid_rollout_resumes_to_the_uninterrupted_result_in_process(world, tmp_path, monkeypatch):
     """PPO with 2 epochs × 2 mini-batches per rollout: the checkpoint at step 3 falls inside a rollout batch,
     so the resumed run must restore the rollout buffer, its position and the adaptive KL coefficient."""
