@@ -145,6 +145,30 @@ def test_reward_model_term_scores_prompt_and_reply_with_the_learned_head(world):
     assert scores[1] == pytest.approx(direct, abs=1e-5) and scores[0] != scores[1]
 
 
+def test_reward_model_by_reference_scores_samples_and_initialises_the_ppo_value_head(world, tmp_path):
+    """A reward export in the store (LM + tokenizer + reward_head.pt), named by its URI: the composite reward loads it
+    through model_refs and scores like the model itself; value_init=reward_model copies its head."""
+    from moeflow.platform.posttrain.reward import save_head
+    from moeflow.platform.posttrain.rl import PolicyWithValue, _init_value_from_reward_model
+
+    torch.manual_seed(3)
+    rm = RewardModel(MoETransformer(world["model"].cfg)).eval()
+    with torch.no_grad():
+        rm.score.bias.fill_(0.25)
+    local = tmp_path / "rm"
+    H.export_hf(rm.lm, local, bos_token_id=world["tok"].bos_id, eos_token_id=world["tok"].eos_id,
+                pad_token_id=world["tok"].pad_id)
+    save_head(rm, local)
+    uri = _export(rm.lm, world["tok"], local, world["store"], "runs/rm/hf")  # re-export keeps the head file
+    composite = RW.build_rewards({"reward_model": 1.0}, max_new_tokens=8, reward_model=uri, store=world["store"])
+    samples = [_sample("7"), _sample("eight")]
+    assert composite(samples).total == pytest.approx(RW.RewardModelScore(rm, world["tok"])(samples), abs=1e-5)
+    policy = PolicyWithValue(MoETransformer(world["model"].cfg))
+    assert policy.value_head.weight.abs().sum() == 0
+    _init_value_from_reward_model(policy, _cfg(method="ppo", reward_model=uri, value_init="reward_model"), world["store"])
+    assert torch.equal(policy.value_head.weight, rm.score.weight) and policy.value_head.bias.item() == 0.25
+
+
 # ------------------------------------------------------------------ the loop
 def _job(world, prefix: str, **kw) -> dict:
     return PostTrainJob(stage="align", builder=BUILDER, config=_cfg(**kw).to_dict(), model_uri=world["base_uri"],
