@@ -1,4 +1,4 @@
-"""The ``align`` flow (method: dpo): a model version + preference pairs -> an aligned model version."""
+"""The ``align`` flow: a model version + preference pairs (dpo) or prompts with answers (grpo, ppo) -> an aligned version."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ def align(align: AlignConfig = AlignConfig(), posttrain_data: GeneratedDataConfi
           dataset: str = "tiny", run_name: str = "moe", model: str | None = None, data_uri: str | None = None,
           train_workers: int = 1, use_gpu: bool = False) -> dict:
     """``model`` (policy and reference) defaults to the newest sft model of ``run_name``; without ``data_uri``
-    the generated preference pairs are used."""
+    the generated preference pairs (dpo) or prompts with exact answers (grpo, ppo) are used."""
     # data
     if data_uri is None:
-        data_uri = posttrain_data_task(posttrain_data, dataset=dataset)["preference_uri"]
+        data_uri = posttrain_data_task(posttrain_data, dataset=dataset)[align.data_key]
     # align
     return align_task(align, data_uri, model=model, run_name=run_name, num_workers=train_workers, use_gpu=use_gpu)

@@ -100,9 +100,9 @@ def pipeline(
         # reward
         if "reward" not in skip:
             out["reward"] = reward_task(reward, data["preference_uri"], model=policy, **train)
-        # align (dpo)
+        # align (dpo on preference pairs; grpo/ppo on prompts)
         if "align" not in skip:
-            out["align"] = align_task(align, data["preference_uri"], model=policy, **train)
+            out["align"] = align_task(align, data[align.data_key], model=policy, **train)
         # evaluate: every policy version this run made (or, with pretrain skipped, the newest pretrained model)
         names = {"pretrain": run_name, "sft": out.get("sft", {}).get("mlflow_model_name"),
                  "align": out.get("align", {}).get("mlflow_model_name")}

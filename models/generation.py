@@ -43,6 +43,7 @@ class GenerationResult:
     finish_reasons: list[str]                    # "stop" (a stop token was produced) | "length"
     num_prompt_tokens: list[int] = field(default_factory=list)
     routing: list[torch.Tensor] | None = None    # per prompt (P_b + N_b, L, K) int64 expert ids, on CPU
+    logprobs: list[list[float]] | None = None    # per prompt, log-prob of each generated token (return_logprobs)
 
 
 # ============================================================================ sampling (pure functions)
@@ -121,8 +122,14 @@ def _validate(prompts, max_new_tokens: int, vocab_size: int, pad_id: int) -> Non
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_token_ids: Sequence[int] = (),
              seed: int | None = None, record_routing: bool = False, pad_id: int = 0, use_cache: bool = True,
-             cuda_graph: bool | CudaGraphPool = False, sync_every: int = 16) -> GenerationResult:
-    """Continue each prompt by up to ``max_new_tokens`` tokens; rows stop independently at a stop token."""
+             cuda_graph: bool | CudaGraphPool = False, sync_every: int = 16,
+             return_logprobs: bool = False) -> GenerationResult:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; rows stop independently at a stop token.
+
+    ``return_logprobs``: the fp32 log-prob of every generated token under the distribution it was drawn
+    from before the top-k/top-p filters, softmax(logits / temperature) (raw logits when greedy) — what an
+    RL update's importance ratio compares with (``models.align.rl.token_logprobs``).
+    """
     cfg = model.cfg
     _validate(prompts, max_new_tokens, cfg.vocab_size, pad_id)
     device = model.lm_head.weight.device
@@ -149,11 +156,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     out_BN = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     length_B = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated per row (stop included)
+    logp_BN = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if return_logprobs else None
     logits_BV = runner.prefill()
     for step in range(max_new_tokens):
         was_done_B = done_B.clone()
         next_B = torch.where(was_done_B, out_BN[:, step], pick(logits_BV))  # out_BN holds pad_id
         out_BN[:, step] = next_B
+        if logp_BN is not None:
+            scaled_BV = logits_BV.float() / temperature if temperature > 0 else logits_BV.float()
+            logp_BN[:, step] = torch.log_softmax(scaled_BV, dim=-1).gather(1, next_B[:, None]).squeeze(1)
         length_B += (~was_done_B).long()
         if stops.numel():
             done_B |= torch.isin(next_B, stops)
@@ -168,7 +179,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     reasons = ["stop" if (n and stops.numel() and row[-1] in set(stops.tolist())) else "length"
                for row, n in zip(tokens, lengths)]
     routing = runner.routing_per_row(mask_BP, lengths) if record_routing else None
-    return GenerationResult(tokens, reasons, [len(p) for p in prompts], routing)
+    logprobs = [row[:n] for row, n in zip(logp_BN.tolist(), lengths)] if logp_BN is not None else None
+    return GenerationResult(tokens, reasons, [len(p) for p in prompts], routing, logprobs)
 
 
 class _CachedDecoder:

@@ -136,7 +136,7 @@ def test_align_config_is_checked_at_the_edge():
     with pytest.raises(ValueError, match="beta"):
         A.AlignConfig(beta=0)
     with pytest.raises(ValueError, match="method"):
-        A.AlignConfig(method="ppo")
+        A.AlignConfig(method="reinforce")  # ppo and grpo are methods now (issue 11)
     with pytest.raises(ValueError, match="did you mean 'label_smoothing'"):
         A.AlignConfig(label_smothing=0.1)
 

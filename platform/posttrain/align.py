@@ -1,4 +1,5 @@
-"""The align stage, ``method: dpo``: preference pairs + a model version -> a policy tuned by DPO / IPO / cDPO.
+"""The align stage. ``method: dpo`` (this module): preference pairs + a model version -> a policy tuned by DPO /
+IPO / cDPO. ``method: grpo`` / ``ppo``: online RL on prompts with exact answers (``rl.py``, same config class).
 
 The reference is the input model version. Its log-probs of every training and held-out completion are
 computed ONCE, before the first update, and written to the store (``<output_prefix>/reference``, an
@@ -28,7 +29,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moeflow.models.align import pairs as P
 from moeflow.models.align.dpo import pair_logprobs, policy_reference_kl, preference_loss, sequence_logprobs
@@ -38,6 +39,8 @@ from moeflow.models.align.sft import PackedRowLoader
 
 from . import data as D
 from .engine import ObjectiveOutput, PostTrainConfig, PostTrainJob, StageParts, StageResult, run_posttrain
+from .rl import BUILDER as RL_BUILDER
+from .rl import RL_METHODS, RLConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +72,39 @@ class PairDataConfig(StageConfig):
     eval_batch_size: int = Field(16, ge=1, le=4096, description="pairs per forward when scoring")
 
 
-class AlignConfig(PostTrainConfig, PairDataConfig, DPOLossConfig):
-    """Preference alignment: the loop (``PostTrainConfig``), the pairs it reads and the DPO-family loss.
+class AlignConfig(PostTrainConfig, PairDataConfig, DPOLossConfig, RLConfig):
+    """Alignment: the loop (``PostTrainConfig``); for dpo the pairs it reads and the DPO-family loss; for grpo/ppo
+    the online-RL settings (``RLConfig``).
 
-    ``micro_batch_size`` counts pairs (each is two rows); ``seq_len`` is the longest side kept.
+    dpo: ``micro_batch_size`` counts pairs (each is two rows); ``seq_len`` is the longest side kept.
+    grpo/ppo: ``micro_batch_size`` counts sampled replies; one optimiser step is ``micro_batch_size ×
+    grad_accum_steps`` replies, and a rollout batch (``prompts_per_rollout × samples_per_prompt`` per rank)
+    must be a whole number of steps; ``seq_len`` bounds prompt + reply.
     """
 
-    method: Literal["dpo"] = Field("dpo", description="alignment method (ppo and grpo join with the RL stage)")
+    method: Literal["dpo", "grpo", "ppo"] = Field("dpo", description="alignment method: dpo (offline, preference "
+                                                                      "pairs), grpo or ppo (online RL, prompts)")
     lr: float = Field(1e-4, gt=0, le=1.0, description="peak learning rate")
     kl_pairs: int = Field(64, ge=1, le=100_000, description="held-out pairs whose chosen replies measure "
                                                             "KL(π ‖ π_ref) (the reference's log-softmax is kept)")
 
+    @property
+    def data_key(self) -> str:
+        """Which generated set this method reads (a key of ``posttrain_data_task``'s result)."""
+        return "prompt_uri" if self.method in RL_METHODS else "preference_uri"
+
+    @model_validator(mode="after")
+    def _check_rl_batches(self):
+        rows, step = self.rows_per_rollout(), self.micro_batch_size * self.grad_accum_steps
+        if self.method in RL_METHODS and rows % step:
+            raise ValueError(f"prompts_per_rollout × samples_per_prompt = {rows} replies per rollout must be a "
+                             f"multiple of micro_batch_size × grad_accum_steps = {step} (replies per step)")
+        return self
+
     def tokens_per_step(self, world_size: int = 1) -> int:
-        """Token capacity of a step: both sides of every pair at ``seq_len`` (batches pad to their longest row)."""
-        return 2 * super().tokens_per_step(world_size)
+        """Token capacity of a step: dpo, both sides of every pair at ``seq_len`` (batches pad to their longest
+        row); grpo/ppo, every reply at ``seq_len``."""
+        return (1 if self.method in RL_METHODS else 2) * super().tokens_per_step(world_size)
 
 
 # ------------------------------------------------------------------ preference data -> pairs
@@ -328,10 +350,12 @@ def run_align(config: AlignConfig | dict, store, *, model_uri: str, data_uri: st
               tracker=None, catalog=None, parent_model_id: str | None = None, model_name: str = "moe-align",
               run_name: str = "align", num_workers: int = 1, use_gpu: bool = False,
               extra_job: dict | None = None) -> AlignResult:
-    """Align ``model_uri`` (an HF export; also the reference) on the preference pairs at ``data_uri``."""
+    """Align ``model_uri`` (an HF export; also the reference) on the preference pairs (dpo) or the prompts with
+    answers/tests (grpo, ppo) at ``data_uri``."""
     cfg = config if isinstance(config, AlignConfig) else AlignConfig.model_validate(config)
-    job = PostTrainJob(stage="align", builder=BUILDER, config=cfg.to_dict(), model_uri=model_uri,
-                       output_prefix=output_prefix, data_uris={"preference": data_uri},
+    rl = cfg.method in RL_METHODS
+    job = PostTrainJob(stage="align", builder=RL_BUILDER if rl else BUILDER, config=cfg.to_dict(), model_uri=model_uri,
+                       output_prefix=output_prefix, data_uris={"prompt" if rl else "preference": data_uri},
                        parent_model_id=parent_model_id, model_name=model_name, run_name=run_name, **(extra_job or {}))
     result = run_posttrain(job, store, tracker=tracker, catalog=catalog, num_workers=num_workers, use_gpu=use_gpu)
     ref_prefix = f"{output_prefix.strip('/')}/{REFERENCE_DIR}"
