@@ -75,6 +75,9 @@ class Service:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     health_tcp: tuple[str, int] | None = None  # healthy when this port accepts connections
+    # other services of this home whose processes may hold this one's port: Ray Serve's HTTP proxy is an
+    # actor of the Ray head that `moeflow up` started, not a descendant of the `moeflow serve` process
+    port_shared_with: tuple[str, ...] = ()
 
     @property
     def port(self) -> int | None:
@@ -186,6 +189,7 @@ def serve_service(settings: Settings, model_ref: str, port: int) -> Service:
                  "--port", str(port)],
         health_url=f"http://{host}:{port}/health",
         url=f"http://{host}:{port}/v1",
+        port_shared_with=("ray",),
     )
 
 
@@ -298,7 +302,9 @@ def service_status(svc: Service, settings: Settings) -> dict:
     running = pid is not None and _pid_alive(pid)
     port = svc.port
     holder = port_holder(port) if port else None
-    foreign = holder is not None and not (running and owns(pid, holder))
+    owners = [pid] + [p for name in svc.port_shared_with
+                      if (p := _read_pid(settings.run_dir / f"{name}.pid")) is not None and _pid_alive(p)]
+    foreign = holder is not None and not (running and any(owns(o, holder) for o in owners))
     healthy = running and not foreign
     if healthy and port and holder is None:
         healthy = False  # our process has not bound its port (yet)
