@@ -224,6 +224,7 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
                        "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
                        "mbu_measured_bw": step_bytes / (r["step_ms"] / 1e3) / bw if bw else None,
                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+                row["teacher_forced"] = teacher_forced_check(m, prompts, r["tokens"])
                 if ref is None:
                     ref = r["tokens"]
                     row["equals_generate"] = r["tokens"] == generate(m, prompts, args.new_tokens).tokens

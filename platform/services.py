@@ -485,7 +485,9 @@ def up(settings: Settings, names: list[str] | None = None, timeout: float = 180.
 
 def down(settings: Settings, names: list[str] | None = None) -> list[dict]:
     table = services(settings)
-    return [{"name": n, "stopped": n in table and stop_service(table[n], settings)} for n in (names or list(table))]
+    # the gateway first: it shuts its Serve applications down through the Ray head stopped after it
+    order = names or sorted(table, key=lambda n: n != "serve")
+    return [{"name": n, "stopped": n in table and stop_service(table[n], settings)} for n in order]
 
 
 def status(settings: Settings) -> list[dict]:
