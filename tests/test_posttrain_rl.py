@@ -226,7 +226,7 @@ def test_bf16_rollout_copy_follows_the_policy_between_rollouts(world, tmp_path):
 def test_routing_agreement_is_logged_below_one_without_replay(world, tmp_path):
     """Replay off: the update chooses its own experts; after a few large steps they drift from the rollout's."""
     run_align(_cfg(max_steps=4, log_every=1, checkpoint_every=0, routing_replay=False, lr=2e-2, ppo_epochs=2,
-                   micro_batch_size=4), world["store"], model_uri=world["base_uri"],
+                   micro_batch_size=4, rewards={"fluency": 1.0}), world["store"], model_uri=world["base_uri"],
               data_uri=world["sets"].prompt_uri, output_prefix="runs/rl-noreplay", tracker=NoopTracker())
     history, _, _ = _final(world["store"], "runs/rl-noreplay", tmp_path)
     agreements = [h["routing/agreement_mean"] for h in history]
