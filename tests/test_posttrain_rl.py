@@ -208,10 +208,25 @@ def test_first_update_is_on_policy_and_the_run_logs_what_rl_needs(world, tmp_pat
     assert result.hf_uri is not None
 
 
+def test_bf16_rollout_copy_follows_the_policy_between_rollouts(world, tmp_path):
+    """rollout_dtype=bf16: a bf16 copy samples, synced from the fp32 policy before every rollout; with large steps
+    an unsynced copy would sample from stale weights and the update's ratios would drift far from 1."""
+    run_align(_cfg(max_steps=4, log_every=1, checkpoint_every=0, lr=2e-2, rollout_dtype="bf16", eval_prompts=2,
+                   micro_batch_size=8,
+                   rewards={"fluency": 1.0}),  # a reward that differs between samples: the weights really move
+              world["store"], model_uri=world["base_uri"], data_uri=world["sets"].prompt_uri,
+              output_prefix="runs/rl-bf16", tracker=NoopTracker())
+    history, _, _ = _final(world["store"], "runs/rl-bf16", tmp_path)
+    assert len(history) == 4
+    print([(round(r["ratio_mean"], 4), round(r["kl_old"], 5)) for r in history])
+    for row in history:  # one step per rollout: every step on-policy up to bf16-vs-fp32 rounding
+        assert abs(row["ratio_mean"] - 1) < 0.01 and row["kl_old"] < 0.002, row
+
+
 def test_routing_agreement_is_logged_below_one_without_replay(world, tmp_path):
     """Replay off: the update chooses its own experts; after a few large steps they drift from the rollout's."""
     run_align(_cfg(max_steps=4, log_every=1, checkpoint_every=0, routing_replay=False, lr=2e-2, ppo_epochs=2,
-                   micro_batch_size=4), world["store"], model_uri=world["base_uri"],
+                   micro_batch_size=4, rewards={"fluency": 1.0}), world["store"], model_uri=world["base_uri"],
               data_uri=world["sets"].prompt_uri, output_prefix="runs/rl-noreplay", tracker=NoopTracker())
     history, _, _ = _final(world["store"], "runs/rl-noreplay", tmp_path)
     agreements = [h["routing/agreement_mean"] for h in history]

@@ -6,7 +6,8 @@ resume, expert-load recording, HF export and registration); this module supplies
 * ``RolloutSource`` — the engine's micro-batch loader. When its buffer is used up it *generates*: this
   rank takes its shard of the next ``prompts_per_rollout`` prompts, samples ``samples_per_prompt``
   replies each with the policy's own latent-cache ``generate`` (token-in/token-out; temperature, top-k,
-  top-p, stop tokens, ``max_new_tokens``; the CUDA-graph decoder on GPU), recording every token's
+  top-p, stop tokens, ``max_new_tokens``; on GPU a bf16 copy of the policy, synced in place before each
+  rollout, decoded with the CUDA-graph decoder), recording every token's
   sampling log-prob and every MoE layer's expert choice; scores them with the composite reward; computes
   the frozen reference's log-probs (and, for PPO, the value head's values, the KL-shaped per-token
   rewards and GAE); then serves ``ppo_epochs`` shuffled passes over the rows as micro-batches. Colocated
@@ -105,6 +106,9 @@ class RLConfig(StageConfig):
                                                            "temperature for sampled_reward/sampled_exact_match (0: off)")
     rollout_cuda_graph: bool = Field(True, description="decode rollouts with the CUDA-graph decoder on GPU (bf16 "
                                                        "weights only)")
+    rollout_dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="weights rollouts sample with: bf16 = "
+                                                           "a bf16 copy synced in place before each rollout (auto: "
+                                                           "bf16 for fp32 weights on CUDA, else the policy itself)")
 
     @model_validator(mode="after")
     def _check_rewards(self):
@@ -184,6 +188,7 @@ class RolloutSource:
         self.buffer: dict[str, torch.Tensor] = {}
         self.metrics: dict[str, float] = {}
         self._graphs = None
+        self._bf16_copy: nn.Module | None = None
 
     # -------------------------------------------------------------- the engine's loader protocol
     def __iter__(self):
@@ -219,10 +224,27 @@ class RolloutSource:
         chosen = [order[(slot * n + j) % len(order)] for j in range(n)]
         return chosen[self.rank::self.world_size]
 
+    def _rollout_lm(self) -> nn.Module:
+        """The module that samples: the policy itself, or (``rollout_dtype`` bf16) a bf16 copy whose tensors are
+        overwritten in place from the policy before every rollout — in place, so captured CUDA graphs stay valid;
+        buffers too, so the router biases the update moved are the ones the rollout routes with."""
+        lm = policy_lm(self.model)
+        dtype = self.cfg.rollout_dtype
+        if dtype == "auto":
+            dtype = "bf16" if self.device.type == "cuda" and lm.lm_head.weight.dtype == torch.float32 else "fp32"
+        if dtype == "fp32" or lm.lm_head.weight.dtype == torch.bfloat16:
+            return lm
+        if self._bf16_copy is None:
+            self._bf16_copy = copy.deepcopy(lm).to(torch.bfloat16).eval().requires_grad_(False)
+        with torch.no_grad():
+            for src, dst in zip(lm.state_dict().values(), self._bf16_copy.state_dict().values()):
+                dst.copy_(src)
+        return self._bf16_copy
+
     def _generate(self, ids: list[list[int]], seed: int):
         from moeflow.models.generation import CudaGraphPool, generate
 
-        lm = policy_lm(self.model)
+        lm = self._rollout_lm()
         graph = False
         # the captured step needs the grouped-GEMM (bf16) expert path: the fp32 fallback syncs the host
         if self.cfg.rollout_cuda_graph and self.device.type == "cuda" and lm.lm_head.weight.dtype == torch.bfloat16:
