@@ -143,8 +143,11 @@ def ours_reward(args, model, pairs: list[tuple[list[int], list[int], list[int]]]
 
     rendered = [P.RenderedPair(p + c, [0] * len(p) + [1] * len(c), p + r, [0] * len(p) + [1] * len(r)) for p, c, r in pairs]
     cfg = RewardConfig(max_steps=10_000, lr=1e-5, micro_batch_size=args.batch, seq_len=args.prompt + args.reply,
-                       warmup_steps=0, log_every=10_000, weight_decay=0.0, grad_clip=1.0, checkpoint_every=0,
-                       compile=compile)
+                       warmup_steps=0, log_every=10_000, weight_decay=0.0, grad_clip=1.0, checkpoint_every=0)
+    if compile:  # per decoder block, as the SFT/DPO rows (the Trainer would compile the whole reward module)
+        from moeflow.models.transformer import compile_blocks
+
+        compile_blocks(model)
     torch.manual_seed(0)
     reward_model = RewardModel(model).to(device)
     trainer = PostTrainer(cfg, reward_model, _cycle(P.PairSet(rendered, pad_id=0).batches(args.batch)),

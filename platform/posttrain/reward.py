@@ -2,11 +2,14 @@
 
 The reward model is the input model version with a scalar head (``models.align.reward.RewardModel``)
 on the last real token of ``prompt + reply`` (that token is the reply's closing ``<|end|>``). Both
-sides of a batch of pairs go through one forward (chosen rows first). It trains on the engine core
-(``engine.py``: resume, router-bias update, expert load, checkpoints) like every post-training stage.
+sides of a batch of pairs go through one forward (chosen rows first). With ``likelihood_feature`` the head
+also reads the model's own mean log-probability of the reply (see ``models/align/reward.py`` for why: on
+the generated pairs a small SFT policy judges wrong numbers through its next-token predictions, which its
+last hidden state does not carry). It trains on the engine core (``engine.py``: resume, router-bias
+update, expert load, checkpoints) like every post-training stage.
 
 Export: the HF export of the LM (an ordinary ``DeepseekV3ForCausalLM`` folder) plus ``reward_head.pt``
-(the head's weight and bias); ``load_reward_model`` turns such a folder (or its store URI) back into a
+(the head's weight and bias, and the likelihood weight + ``<|assistant|>`` id when used); ``load_reward_model`` turns such a folder (or its store URI) back into a
 ``RewardModel`` — how the RL stage and evaluation load it by registry alias (``<name>@reward``).
 
 Headline figures on held-out pairs, before (the freshly initialised head) and after training:
