@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)" | tee -a $OUT/machine.txt
 for part in ${PARTS:-grpo reward doc router}; do
   case "$part" in
-    grpo)   timeout ${T_GRPO:-300} python3 benchmarks/bench_grpo.py --iters 2 --warmup 1 --out $OUT/grpo.jsonl ;;
+    grpo)   timeout ${T_GRPO:-300} python3 benchmarks/bench_grpo.py ${GRPO_ARGS:---iters 2 --warmup 1} --out $OUT/grpo.jsonl ;;
     reward) timeout ${T_REWARD:-150} python3 benchmarks/bench_posttrain.py --only ours_reward,trl_reward --compile --out $OUT/reward.jsonl ;;
     doc)    timeout ${T_DOC:-120} python3 benchmarks/bench_doc_attention.py --compile --out $OUT/doc_attention.jsonl ;;
     router) timeout ${T_ROUTER:-60} python3 benchmarks/bench_router_precision.py --out $OUT/router.jsonl ;;
