@@ -90,6 +90,16 @@ def expert_load(home: str, uri: str) -> dict:
     return data.read_expert_load(uri, settings())
 
 
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def rl_routing(home: str, mlflow_run_id: str) -> dict[str, list[dict]]:
+    """An RL run's rollout-vs-update MaxVio and routing agreement (only those keys' histories are read)."""
+    client = sources().mlflow
+    if client is None or not mlflow_run_id:
+        return {"maxvio": [], "agreement": []}
+    keys = data.rl_routing_keys(client.get_run(mlflow_run_id).data.metrics)
+    return data.rl_routing(data.metric_history(client, mlflow_run_id, keys) if keys else [])
+
+
 @st.cache_data(ttl=60, show_spinner=False)
 def specialisation(home: str) -> list[dict]:
     return data.specialisation_reports(sources().catalog, settings())

@@ -223,6 +223,42 @@ def bias_rows(arrays: dict[str, np.ndarray], layer: int) -> list[dict]:
             for n in range(bias_NE.shape[0]) for e in range(bias_NE.shape[1])]
 
 
+# RL (align: grpo / ppo) logs, per step, the MaxVio of the rollout's routing and of the update's own
+# routing (the trainer's last-batch MaxVio), and the share of top-k choices the update kept from the
+# rollout (1 by construction with routing replay on).
+RL_ROUTING_KEYS = {"rollout/maxvio_layer": ("maxvio", "rollout"), "maxvio_batch/layer": ("maxvio", "update"),
+                   "routing/agreement_layer": ("agreement", None)}
+
+
+def rl_routing_keys(metric_names) -> list[str]:
+    """The metric keys ``rl_routing`` reads, out of a run's keys (none: not an RL run)."""
+    return sorted(k for k in metric_names
+                  if any(k.startswith(p) and k[len(p):].isdigit() for p in RL_ROUTING_KEYS)
+                  or k == "routing/agreement_mean")
+
+
+def rl_routing(history: list[dict]) -> dict[str, list[dict]]:
+    """Long-form rows of an RL run's routing curves from {metric, step, value} history rows:
+    ``maxvio`` {step, layer, phase (rollout | update), maxvio} — shown only when the run logged rollout
+    MaxVio, so a pretraining run's ``maxvio_batch`` alone is not called an update — and ``agreement``
+    {step, layer (or "mean"), agreement}."""
+    out: dict[str, list[dict]] = {"maxvio": [], "agreement": []}
+    for row in history:
+        key = row["metric"]
+        if key == "routing/agreement_mean":
+            out["agreement"].append({"step": row["step"], "layer": "mean", "agreement": row["value"]})
+            continue
+        for prefix, (kind, phase) in RL_ROUTING_KEYS.items():
+            if key.startswith(prefix) and key[len(prefix):].isdigit():
+                rec = {"step": row["step"], "layer": key[len(prefix):], kind: row["value"]}
+                out[kind].append({**rec, "phase": phase} if phase else rec)
+    if not any(r["phase"] == "rollout" for r in out["maxvio"]):
+        out["maxvio"] = []
+    for rows in out.values():
+        rows.sort(key=lambda r: (r["step"], r.get("phase", ""), r["layer"]))
+    return out
+
+
 def specialisation_reports(catalog, settings) -> list[dict]:
     """The evaluation stage's expert-specialisation-by-domain reports, newest first."""
     from moeflow.platform.store import read_artifact

@@ -1,9 +1,15 @@
 """Serving metrics from the gateway's Prometheus endpoint (``moeflow_serve_*``, vLLM-style names).
 
-``parse`` turns one scrape into per-(model, version, replica) counters and histograms; ``summary``
-turns it (and an earlier scrape, for rates) into the Serving page's table: requests/s, tokens/s,
-time to first token and end-to-end latency percentiles (from histogram buckets, linear within a
-bucket as Prometheus' ``histogram_quantile`` does), errors, and the A/B split per version.
+``parse`` turns one scrape into samples; ``summary`` turns it (and an earlier scrape, for rates) into
+the Serving page's per-(model, version) table: requests and how they were routed (``via``: an alias,
+or ``split:<arm>`` for the A/B split), each version's share of its model's requests, requests/s and
+tokens/s, time to first token and end-to-end latency percentiles (from histogram buckets, linear
+within a bucket as Prometheus' ``histogram_quantile`` does), finished and cancelled choices.
+
+The gateway's series and labels are those of ``platform/serve/metrics.py``; the fast test holds this
+module to a scrape captured from a real gateway (``tests/dashboard_gateway_metrics.prom``). Refused
+requests (4xx/5xx) are counted by the gateway per route and status only — a refusal may come before a
+version is chosen — so ``error_rows`` is gateway-wide, not per version.
 """
 
 from __future__ import annotations
@@ -60,8 +66,8 @@ def summary(samples: list[dict], previous: list[dict] | None = None, interval_s:
             if name in ("routed_requests_total", "prompt_tokens_total", "generation_tokens_total"):
                 acc[name] = acc.get(name, 0.0) + s["value"]
             elif name == "request_finished_total":
-                reason = s["labels"].get("finish_reason", "")
-                field = "errors" if reason in ("error", "abort", "aborted") else "finished"
+                # the engine's reasons: "stop" | "length" (finished) and "cancelled" (client went away)
+                field = "cancelled" if s["labels"].get("finish_reason") == "cancelled" else "finished"
                 acc[field] = acc.get(field, 0.0) + s["value"]
         return out
 
@@ -73,11 +79,17 @@ def summary(samples: list[dict], previous: list[dict] | None = None, interval_s:
             le = float(s["labels"]["le"])
             per = hist.setdefault(_key(s["labels"]), {}).setdefault(name[: -len("_bucket")], {})
             per[le] = per.get(le, 0.0) + s["value"]  # summed over replicas
+    via: dict[tuple, set[str]] = {}
+    for s in samples:
+        if s["name"] == PREFIX + "routed_requests_total" and s["value"] > 0:
+            via.setdefault(_key(s["labels"]), set()).add(s["labels"].get("via", ""))
     rows = []
     for key in sorted(set(now) | set(hist)):
         acc, old = now.get(key, {}), before.get(key, {})
-        row = {"model": key[0], "version": key[1], "requests": acc.get("routed_requests_total", 0.0),
-               "generated tokens": acc.get("generation_tokens_total", 0.0), "errors": acc.get("errors", 0.0)}
+        row = {"model": key[0], "version": key[1], "via": ", ".join(sorted(via.get(key, ()))),
+               "requests": acc.get("routed_requests_total", 0.0),
+               "generated tokens": acc.get("generation_tokens_total", 0.0),
+               "finished": acc.get("finished", 0.0), "cancelled": acc.get("cancelled", 0.0)}
         if previous is not None and interval_s:
             row["requests/s"] = (row["requests"] - old.get("routed_requests_total", 0.0)) / interval_s
             row["tokens/s"] = (row["generated tokens"] - old.get("generation_tokens_total", 0.0)) / interval_s
@@ -86,10 +98,20 @@ def summary(samples: list[dict], previous: list[dict] | None = None, interval_s:
             for q in (0.5, 0.95, 0.99):
                 row[f"{short} p{int(q * 100)} (s)"] = quantile(q, buckets)
         rows.append(row)
-    total = sum(r["requests"] for r in rows) or 1.0
+    per_model: dict[str, float] = {}
     for r in rows:
-        r["share"] = r["requests"] / total
+        per_model[r["model"]] = per_model.get(r["model"], 0.0) + r["requests"]
+    for r in rows:  # the A/B split's realised share: of this model's requests, not of all models'
+        r["share"] = r["requests"] / (per_model[r["model"]] or 1.0)
     return rows
+
+
+def error_rows(samples: list[dict]) -> list[dict]:
+    """Refused requests (HTTP status >= 400) per route and status, over the gateway's lifetime."""
+    return [{"route": s["labels"].get("route", ""), "status": s["labels"].get("status", ""), "requests": s["value"]}
+            for s in samples
+            if s["name"] == PREFIX + "http_requests_total" and s["labels"].get("status", "0").isdigit()
+            and int(s["labels"]["status"]) >= 400 and s["value"] > 0]
 
 
 def replica_rows(samples: list[dict]) -> list[dict]:

@@ -101,6 +101,7 @@ def test_serving_summary_from_prometheus_text():
     def text(n_requests: float) -> str:
         lines = [f'moeflow_serve_routed_requests_total{{model="m",version="1",via="split"}} {n_requests}',
                  f'moeflow_serve_routed_requests_total{{model="m",version="2",via="split"}} {3 * n_requests}',
+                 f'moeflow_serve_routed_requests_total{{model="other",version="7",via="only"}} {5 * n_requests}',
                  'moeflow_serve_generation_tokens_total{model="m",version="1",replica="0"} 100']
         for le, c in (("0.1", 0), ("0.2", 10), ("+Inf", 10)):
             lines.append(f'moeflow_serve_time_to_first_token_seconds_bucket{{model="m",version="1",replica="0",le="{le}"}} {c}')
@@ -110,7 +111,8 @@ def test_serving_summary_from_prometheus_text():
     v1 = next(r for r in rows if r["version"] == "1")
     v2 = next(r for r in rows if r["version"] == "2")
     assert v1["requests/s"] == pytest.approx(2.0) and v2["requests/s"] == pytest.approx(6.0)
-    assert v1["share"] == pytest.approx(0.25)
+    assert v1["share"] == pytest.approx(0.25)  # of model m's requests: another model's do not dilute it
+    assert next(r for r in rows if r["model"] == "other")["share"] == pytest.approx(1.0)
     assert v1["ttft p50 (s)"] == pytest.approx(0.15)  # linear inside the (0.1, 0.2] bucket
     assert serving.quantile(0.5, []) is None
 

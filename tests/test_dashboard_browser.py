@@ -10,6 +10,7 @@ overrides the folder). No browser: a failure in CI, a skip elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -44,12 +45,20 @@ def _browser_or_skip():
 
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory):
-    sync_playwright = _browser_or_skip()
+    _browser_or_skip()
     given = os.environ.get("MOEFLOW_DASHBOARD_TEST_HOME")
     home = Path(given) if given else tmp_path_factory.mktemp("dash-browser") / "home"
     ids = {} if given else build_home(home)
+    with open_dashboard(home, ids, tmp_path_factory.mktemp("dash-log") / "streamlit.log") as dash:
+        yield dash
+
+
+@contextlib.contextmanager
+def open_dashboard(home: Path, ids: dict, log_path: Path):
+    """A ``streamlit run dashboard/app.py`` server over ``home`` and a headless Chromium page on it
+    (also used by benchmarks/bench_dashboard.py)."""
+    sync_playwright = _browser_or_skip()
     port = free_port()
-    log_path = tmp_path_factory.mktemp("dash-log") / "streamlit.log"
     env = {**os.environ, "MOEFLOW_HOME": str(home), "PYTHONPATH": os.pathsep.join(
         [str(REPO.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with log_path.open("w") as log:

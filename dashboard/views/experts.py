@@ -75,6 +75,7 @@ def show_run(run: dict, slot: str) -> None:
     cols[1].altair_chart(charts.curves(data.layer_series_rows(steps_N, global_maxvio, "maxvio_global"),
                                        "MaxVio global (cumulative load)", color="layer", y="maxvio_global"),
                          width="stretch")
+    _rl_routing(run, slot)
     st.subheader("load per layer")
     with st.container(key=f"heatmaps-{slot}"):
         grid = st.columns(2 if slot == "a" and L > 1 else 1)
@@ -91,6 +92,28 @@ def show_run(run: dict, slot: str) -> None:
         layer = st.slider("layer", 0, L - 1, 0, key=f"bias-layer-{slot}") if L > 1 else 0
         st.altair_chart(charts.curves(data.bias_rows(arrays, layer), f"router bias, layer {layer}",
                                       color="expert", y="bias"), width="stretch")
+
+
+def _rl_routing(run: dict, slot: str) -> None:
+    """RL runs: MaxVio per layer of the rollout's routing beside the update's, and their agreement."""
+    rl = cache.rl_routing(home(), run.get("mlflow_run_id") or "")
+    if not rl["maxvio"] and not rl["agreement"]:
+        return
+    st.subheader("RL routing: rollout vs update")
+    with st.container(key=f"rl-routing-{slot}"):
+        cols = st.columns(2)
+        if rl["maxvio"]:
+            chart = (charts.curves(rl["maxvio"], "MaxVio per layer (— rollout, ┅ update)", color="layer", y="maxvio")
+                     .encode(strokeDash="phase:N", tooltip=["step:Q", "layer:N", "phase:N", "maxvio:Q"]))
+            cols[0].altair_chart(chart, width="stretch")
+        if rl["agreement"]:
+            cols[1].altair_chart(charts.curves(rl["agreement"], "routing agreement (update's top-k = rollout's)",
+                                               color="layer", y="agreement"), width="stretch")
+            last = max(r["step"] for r in rl["agreement"])
+            mean = next((r["agreement"] for r in rl["agreement"] if r["step"] == last and r["layer"] == "mean"), None)
+            if mean is not None:
+                st.caption(f"agreement at step {last}: {mean:.3f} (1 = the update routed every token as the rollout "
+                           "did, e.g. with routing replay on)")
 
 
 def _specialisation() -> None:

@@ -36,5 +36,16 @@ def _live(url: str) -> None:
         return
     with st.container(key="serving-versions"):
         st.dataframe(rows, hide_index=True, width="stretch")
+    if previous is None:
+        st.caption(f"requests/s and tokens/s appear from the next scrape (every {REFRESH_S:g} s)")
+    errors = serving.error_rows(samples)
+    with st.container(key="serving-errors"):
+        if errors:
+            n = int(sum(e["requests"] for e in errors))
+            st.warning(f"{n} error response{'s' if n != 1 else ''} from the gateway (all versions: a request "
+                       "can be refused before a version is chosen)")
+            st.dataframe(errors, hide_index=True, width="stretch")
+        else:
+            st.success("No error responses.")
     st.subheader("per replica")
     st.dataframe(serving.replica_rows(samples), hide_index=True, width="stretch")

@@ -1,0 +1,142 @@
+"""Render time of every dashboard page on the tests' small home (tests/dashboard_home.py: one tiny pipeline).
+
+Two figures per page, both against the 2-second bound of issue 14:
+
+* ``script``: server-side script time — the page's script run in-process by Streamlit's AppTest (what the
+  server runs on each rerun), cold (``st.cache_data`` cleared, so every read goes to the catalog, MLflow and
+  the store; imports and the opened sources stay, as in a running server) and warm (median of ``--reps``
+  reruns inside the cache TTL, as when clicking between pages);
+* ``browser``: load-to-ready in Debian's headless Chromium against a real ``streamlit run`` server — from
+  ``goto`` (a full page load: Streamlit's JS bundle, a new session) until the page's title is drawn and the
+  script has stopped running (tests/test_dashboard_browser's ``load``), first visit and the median of
+  ``--reps`` revisits; and from a click on the page's sidebar link (in-app navigation, how one moves
+  between pages) until the same.
+
+The machine's load average is printed beside the figures (other processes share its cores).
+
+    python benchmarks/bench_dashboard.py [--reps 3] [--no-browser]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+PAGES = ("overview", "run", "compare", "experts", "data_page", "lineage", "models", "serving")
+
+
+def _page(name: str) -> None:
+    import importlib
+
+    importlib.import_module(f"moeflow.dashboard.views.{name}").render()
+
+
+def script_times(reps: int) -> dict[str, dict[str, float]]:
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    out = {}
+    t = time.perf_counter()
+    AppTest.from_function(_page, args=("overview",), default_timeout=120).run()
+    out["(first page of a process: imports)"] = {"cold_s": time.perf_counter() - t}
+    for name in PAGES:
+        app = AppTest.from_function(_page, args=(name,), default_timeout=120)
+        if name == "serving":
+            app.query_params["url"] = "http://127.0.0.1:9/metrics"  # nothing listens: the page's empty state
+        app.run()  # AppTest's own first-run set-up is not the page's
+        st.cache_data.clear()
+        t = time.perf_counter()
+        app.run()
+        cold = time.perf_counter() - t
+        assert not app.exception, (name, [e.value for e in app.exception])
+        warm = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            app.run()
+            warm.append(time.perf_counter() - t)
+        out[name] = {"cold_s": cold, "warm_s": statistics.median(warm)}
+    return out
+
+
+def browser_times(home: Path, reps: int) -> dict[str, dict[str, float]]:
+    import test_dashboard_browser as B
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench-dash-log-") as logs, \
+            B.open_dashboard(home, {}, Path(logs) / "streamlit.log") as dash:
+        for name in B.PAGES:
+            path = "/" if name == "overview" else f"/{name}"
+            first = B.load(dash, path)
+            again = [B.load(dash, path) for _ in range(reps)]
+            out[name] = {"first_s": first, "revisit_s": statistics.median(again)}
+        for name in B.PAGES:  # in-app navigation: a sidebar click (no page reload: the frontend stays)
+            out[name]["sidebar_click_s"] = statistics.median(navigate(dash, name) for _ in range(reps))
+    return out
+
+
+def navigate(dash, name: str) -> float:
+    """Click the page's sidebar link from another page; seconds until its title shows and the script stopped."""
+    page = dash["page"]
+    other = "serving" if name != "serving" else "lineage"
+    _click(page, other)
+    _ready(page, other)
+    start = time.monotonic()
+    _click(page, name)
+    _ready(page, name)
+    return time.monotonic() - start - 0.45  # the three idle polls that confirm the script stopped
+
+
+def _click(page, name: str) -> None:
+    page.locator('[data-testid="stSidebarNav"] a').filter(has_text=name.capitalize()).first.click()
+
+
+def _ready(page, name: str) -> None:
+    page.wait_for_function("t => document.querySelector('[data-testid=\"stMain\"] h1')?.innerText.trim()"
+                           ".toLowerCase() === t", arg=name, timeout=60_000)
+    idle = 0
+    while idle < 3:
+        page.wait_for_timeout(150)
+        running = page.locator('[data-testid="stStatusWidget"]').count() or page.evaluate(
+            "() => document.querySelector('[data-testid=\"stApp\"]')?.dataset.teststate === 'running'")
+        idle = 0 if running else idle + 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-browser", action="store_true")
+    args = parser.parse_args()
+    from dashboard_home import build_home
+
+    with tempfile.TemporaryDirectory(prefix="bench-dash-") as tmp:
+        home = Path(tmp) / "home"
+        os.environ["MOEFLOW_HOME"] = str(home)
+        build_home(home)
+        result = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count(),
+                  "script": script_times(args.reps)}
+        if not args.no_browser:
+            import pytest
+
+            try:
+                result["browser"] = browser_times(home, args.reps)
+            except pytest.skip.Exception as err:  # no Chromium here: report the script times alone
+                result["browser_unavailable"] = str(err)
+        result["load_average_after"] = os.getloadavg()
+    print(json.dumps(result, indent=1))
+    for part in ("script", "browser"):
+        for name, figs in result.get(part, {}).items():
+            print(f"{part:8s} {name:36s} " + "  ".join(f"{k} {v:6.2f}" for k, v in figs.items()))
+
+
+if __name__ == "__main__":
+    main()
