@@ -222,7 +222,6 @@ def prepare_flow_environment(settings: Settings) -> None:
         tracking = services.effective_tracking_uri(settings)
         if tracking != settings.tracking_uri:
             os.environ["MOEFLOW_MLFLOW_TRACKING_URI"] = tracking
-    init_databases(settings)  # once per home, under a lock: concurrent first runs raced the migrations
 
 
 def check_store_or_record_failure(stage: str, recipe: dict, settings: Settings) -> None:
@@ -286,6 +285,7 @@ def run(
     with user_errors():
         prepare_flow_environment(settings)
         check_store_or_record_failure(flow, loaded, settings)
+    init_databases(settings)  # once per home, under a lock: concurrent first runs raced the migrations
     from . import services
 
     tags = run_tags(flow, loaded)

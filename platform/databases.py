@@ -65,8 +65,16 @@ def _init_mlflow(settings: Settings) -> None:
     quiet_mlflow_env()
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    store = SqlAlchemyStore(settings.mlflow_backend, settings.mlflow_artifacts_root)  # creates + migrates
-    store.engine.dispose()
+    chatty = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic.runtime.migration")]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:  # "Creating initial MLflow database tables..." is ours to say, once, at INFO
+        logger.setLevel(logging.WARNING)
+    try:
+        store = SqlAlchemyStore(settings.mlflow_backend, settings.mlflow_artifacts_root)  # creates + migrates
+        store.engine.dispose()
+    finally:
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
     log.info("MLflow database ready: %s", settings.mlflow_backend)
 
 

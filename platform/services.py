@@ -45,7 +45,7 @@ def prefect_env(settings: Settings) -> dict[str, str]:
     env = {
         "PREFECT_HOME": str(settings.prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{settings.prefect_home / 'prefect.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": settings.prefect_db_url,
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
         # a loaded 2-core machine needs more than the default 20 s to start the embedded server
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",

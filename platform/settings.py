@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(None, description="MLflow server or backend URI")
     mlflow_backend_uri: str | None = Field(None, description="backend store of the local MLflow server")
     prefect_api_url: str | None = Field(None, description="Prefect API of a remote server")
+    prefect_database_url: str | None = Field(
+        None, description="database of the Prefect server `moeflow up` starts (postgresql://...; default SQLite under home)")
 
     # local services
     host: str = "127.0.0.1"
@@ -134,6 +136,17 @@ class Settings(BaseSettings):
         return self.home / "prefect"
 
     @property
+    def prefect_db_url(self) -> str:
+        """The Prefect server's database as Prefect wants it (an async driver: aiosqlite or asyncpg)."""
+        url = self.prefect_database_url
+        if not url:
+            return f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}"
+        for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+asyncpg://" + url[len(prefix):]
+        return url
+
+    @property
     def prefect_url(self) -> str:
         return self.prefect_api_url or f"http://{self.host}:{self.prefect_port}/api"
 
@@ -171,7 +184,8 @@ class Settings(BaseSettings):
             data[name] = str(value) if isinstance(value, Path) else value
         for name in ("store_uri", "catalog_db_url", "tracking_uri", "prefect_url", "dashboard_url"):
             data[name] = _mask_url(getattr(self, name))
-        data["catalog_url"] = _mask_url(data["catalog_url"]) if data["catalog_url"] else None
+        for name in ("catalog_url", "prefect_database_url", "mlflow_backend_uri"):
+            data[name] = _mask_url(data[name]) if data[name] else None
         return data
 
 

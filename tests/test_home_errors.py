@@ -89,6 +89,7 @@ def test_a_read_only_store_fails_at_once_without_retries_and_is_recorded(tmp_pat
     assert run["id"] in lines[1]
 
 
+@pytest.mark.slow  # a Prefect test server: ~60 s on 2 loaded cores
 def test_a_store_that_turns_read_only_inside_a_stage_fails_it_with_the_reason_and_no_retry(tmp_path, monkeypatch):
     """The stage path (a run started from the Prefect UI skips the CLI's check): the local store's
     refusal is an AuthError naming the directory, the Prefect task does not retry it, the run is failed."""
