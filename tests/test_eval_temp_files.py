@@ -93,3 +93,14 @@ def test_an_evaluation_leaves_no_temp_residue_even_when_it_fails(checkpoint, scr
         run_evaluate(config, checkpoint["store"], model_uris=[checkpoint["uri"]],
                      tokenizer_uri=checkpoint["tokenizer"], tokens_uri=checkpoint["store"].uri("tokens/missing"))
     assert list(scratch.iterdir()) == []
+
+
+def test_evaluating_a_stored_checkpoint_leaves_no_temp_copy(checkpoint, scratch):
+    """``platform.train.evaluate.evaluate_checkpoint`` (pretraining's val loss of a stored checkpoint) fetched the
+    whole checkpoint, optimiser included, to a ``moeflow-ckpt-*`` temp dir and left it there; the fetch now lives
+    only while loading (here the token artefact is missing, so the evaluation fails after loading)."""
+    from moeflow.platform.train.evaluate import evaluate_checkpoint
+
+    with pytest.raises(Exception):
+        evaluate_checkpoint(checkpoint["uri"], checkpoint["store"].uri("no/such/tokens"))
+    assert list(scratch.iterdir()) == []

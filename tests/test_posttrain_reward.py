@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def test_reward_config_is_checked_at_the_edge():
     assert R.RewardConfig(micro_batch_size=4, seq_len=32).tokens_per_step() == 2 * 4 * 32
 
 
-def test_reward_stage_registers_a_child_version_whose_export_reloads(world):
+def test_reward_stage_registers_a_child_version_whose_export_reloads(world, tmp_path, monkeypatch):
     store, catalog = world["store"], world["catalog"]
     tracker = NoopTracker()
     result = R.run_reward(_cfg(likelihood_feature=True), store, model_uri=world["base_uri"],
@@ -54,7 +56,11 @@ def test_reward_stage_registers_a_child_version_whose_export_reloads(world):
     assert HEAD_FILE in art.names() and "tokenizer.json" in art.names() and "config.json" in art.names()
     # the export reloads as the same reward model (head, trained likelihood weight, marker id): it reproduces the
     # "after" held-out figures
+    scratch = tmp_path / "tmp"  # the process's temp dir: loading from the store leaves no copy of the export in it
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     model, tok = R.load_reward_model(result.hf_uri, store=store)
+    assert list(scratch.iterdir()) == []
     assert model.likelihood_weight is not None and float(model.likelihood_weight) != 1.0
     data = R.load_pairs(world["sets"].preference_uri, tok, _cfg(), 48)
     again = R.evaluate_rewards(model, data.heldout, batch_size=16)

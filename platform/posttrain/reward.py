@@ -119,9 +119,6 @@ def load_reward_model(source: str | Path, *, store=None, device="cpu") -> tuple[
     """
     import tempfile
 
-    from moeflow.models import hf
-    from moeflow.models.tokenizer import Tokenizer
-
     local = Path(source)
     if not local.is_dir():
         if store is None:
@@ -129,7 +126,16 @@ def load_reward_model(source: str | Path, *, store=None, device="cpu") -> tuple[
 
             store, key = store_for_uri(str(source))
             source = key
-        local = store.read_artifact(str(source)).download(Path(tempfile.mkdtemp(prefix="moeflow-reward-")))
+        # the export lives only while loading (the model is in memory afterwards): no copy left in the temp dir
+        with tempfile.TemporaryDirectory(prefix="moeflow-reward-") as tmp:
+            return _load_reward_dir(store.read_artifact(str(source)).download(Path(tmp)), source, device)
+    return _load_reward_dir(local, source, device)
+
+
+def _load_reward_dir(local: Path, source, device) -> tuple[RewardModel, object]:
+    from moeflow.models import hf
+    from moeflow.models.tokenizer import Tokenizer
+
     if not (local / HEAD_FILE).is_file():
         raise FileNotFoundError(f"{source}: no {HEAD_FILE} — not a reward model export")
     state = torch.load(local / HEAD_FILE, map_location="cpu", weights_only=True)

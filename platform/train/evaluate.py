@@ -16,6 +16,7 @@ from its ``meta.json``, and measures on the token artefact's ``val`` split:
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -97,10 +98,13 @@ def evaluate_checkpoint(checkpoint: str | Path, tokens_uri: str, *, seq_len: int
     from moeflow.platform.data.shards import TokenDataset
 
     path = Path(checkpoint)
-    local = path if path.is_dir() else download_checkpoint(str(checkpoint))
-    meta = train_state.read_meta(local)
+    if path.is_dir():
+        meta, model = train_state.read_meta(path), load_model(path, device)
+    else:  # the download lives only while loading: no checkpoint copy is left in the temp dir, also on errors
+        with tempfile.TemporaryDirectory(prefix="moeflow-ckpt-") as tmp:
+            local = download_checkpoint(str(checkpoint), tmp)
+            meta, model = train_state.read_meta(local), load_model(local, device)
     seq_len = seq_len or int(meta["pretrain_config"]["seq_len"])
-    model = load_model(local, device)
     train_ds = TokenDataset.open(tokens_uri, "train", cache_dir=cache_dir)
     val_ds = TokenDataset.open(tokens_uri, "val", cache_dir=cache_dir)
     metrics = evaluate_model(model, train_ds, val_ds, seq_len=seq_len, batch_size=batch_size,
