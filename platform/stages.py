@@ -98,8 +98,9 @@ _SPECS = (
               (A.MODEL, A.PREFERENCE_DATA), (A.MODEL, A.EXPERT_LOAD),
               "model version + preference pairs -> Bradley-Terry reward model (alias 'reward')", (_SFT,)),
     StageSpec("align", "moeflow.flows.align:align", "moeflow.platform.posttrain.align:AlignConfig",
-              (A.MODEL, A.PREFERENCE_DATA), (A.MODEL, A.EXPERT_LOAD),
-              "model version + preference pairs -> DPO / IPO / cDPO aligned model", (_SFT,)),
+              (A.MODEL, A.PREFERENCE_DATA, A.PROMPT_DATA), (A.MODEL, A.EXPERT_LOAD),
+              "model version + preference pairs (dpo/ipo/cDPO) or prompts with answers (online RL: grpo/ppo) "
+              "-> aligned model", (_SFT,)),
     StageSpec("distill", "moeflow.flows.distill:distill", "moeflow.platform.posttrain.distill:DistillConfig",
               (A.MODEL, A.TOKENS), (A.MODEL, A.EXPERT_LOAD),
               "teacher model version + token shards -> smaller student (top-k KD / JSD)", (_PRETRAINED, _TOKENS)),
