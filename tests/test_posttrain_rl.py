@@ -23,7 +23,7 @@ from moeflow.platform.posttrain.align import AlignConfig, run_align
 from moeflow.platform.posttrain.data import to_jsonl
 from moeflow.platform.posttrain.engine import PostTrainJob, posttrain_worker
 from moeflow.platform.posttrain.generated import GeneratedDataConfig, write_generated_sets
-from moeflow.platform.posttrain.rl import BUILDER
+from moeflow.platform.posttrain.align import RL_BUILDER as BUILDER
 from moeflow.platform.store.local import LocalStore
 from moeflow.platform.tracking import NoopTracker
 from moeflow.platform.train.checkpoint import CheckpointManager

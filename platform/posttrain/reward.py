@@ -31,7 +31,7 @@ from moeflow.models.align.reward import HEAD_FILE, RewardModel, bradley_terry_lo
 from moeflow.models.align.sft import PackedRowLoader
 from moeflow.platform.config import StageConfig
 
-from .align import PairDataConfig, load_pairs
+from .pairs import PairDataConfig, load_pairs
 from .engine import ObjectiveOutput, PostTrainConfig, PostTrainJob, StageParts, StageResult, run_posttrain
 
 log = logging.getLogger(__name__)

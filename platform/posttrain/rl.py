@@ -54,7 +54,6 @@ from .rl_rewards import CompositeReward, ExactMatch, Sample, build_rewards
 
 log = logging.getLogger(__name__)
 
-BUILDER = "moeflow.platform.posttrain.rl:build_rl"
 RL_METHODS = ("grpo", "ppo")
 
 
@@ -491,10 +490,8 @@ def _greedy_figures(model, reference, tokenizer, prompts, rewards, *, max_new_to
 
 
 # ------------------------------------------------------------------ the builder (every rank, and the driver)
-def build_rl(job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
-    from .align import AlignConfig
-
-    cfg = AlignConfig.model_validate(job.config)
+def build_rl(cfg, job: PostTrainJob, base, tokenizer, ctx) -> StageParts:
+    """The RL stage's parts; ``cfg`` is the validated ``AlignConfig`` (``align.build_rl_stage`` is the builder)."""
     method = cfg.method
     if method not in RL_METHODS:
         raise ValueError(f"build_rl serves methods {RL_METHODS}, got {method!r}")
