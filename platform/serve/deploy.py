@@ -119,7 +119,7 @@ def follow_promotion(result: DeployResult, settings=None) -> str:
     if not result.promoted:
         return "not promoted: the gateway is left as it is"
     from .app import running_gateway, sync_alias
-    from .launch import resolve_served
+    from .resolve import resolve_served
 
     if running_gateway(settings) is None:
         return "no gateway is running: the alias is read when `moeflow serve` starts"

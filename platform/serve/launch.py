@@ -9,39 +9,11 @@ reference, the alias itself plus the default alias, so clients can ask for ``nam
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..model_refs import resolve
-
-
-@dataclass
-class ResolvedModel:
-    name: str
-    version: str
-    model_dir: str
-    aliases: dict[str, str] = field(default_factory=dict)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
-
-
-def resolve_served(ref: str, *, settings=None, registry=None, default_alias: str = "champion") -> ResolvedModel:
-    """A served model: the reference's HF export (``model_refs.resolve``), downloaded once into the cache."""
-    from ..tracking.pyfunc import fetch_hf_export
-
-    mref = resolve(ref, registry=registry, settings=settings)
-    hf = mref.require_hf()
-    model_dir = str(fetch_hf_export(hf)) if hf.startswith(("file:", "s3://")) else hf
-    if mref.mlflow_name:
-        aliases = {mref.alias: mref.mlflow_version, default_alias: mref.mlflow_version} if mref.alias else {}
-        return ResolvedModel(mref.mlflow_name, mref.mlflow_version, model_dir, aliases)
-    stored = mref.uri.startswith(("file:", "s3://"))
-    return ResolvedModel(_slug(Path(mref.uri.rstrip("/")).name), "1" if stored else "local", model_dir)
+from .resolve import ResolvedModel, resolve_served  # noqa: F401  (re-exported: `launch.resolve_served`)
 
 
 def config_for(ref: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, quantize: str = "none",

@@ -69,7 +69,7 @@ class ModelServer:
     def __init__(self, spec: ServedModel | dict) -> None:
         self.spec = ServedModel.model_validate(spec)
         if not Path(self.spec.model_dir).is_dir():  # a model reference (a RayService's config): fetch it here
-            from .launch import resolve_served
+            from .resolve import resolve_served
 
             self.spec = self.spec.model_copy(update={"model_dir": resolve_served(self.spec.model_dir).model_dir})
         self.model = load_model(self.spec)
