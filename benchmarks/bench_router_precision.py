@@ -4,7 +4,7 @@ The router is documented fp32 (DeepSeek-V3 computes routing in fp32), but under 
 ``F.linear`` ran its logits in bf16; ``Router.forward`` now turns autocast off around them. This
 measures the price in the mode where it matters: fp32 master weights + bf16 autocast (with bf16
 parameters and no autocast the router was already fp32, so that mode is the control: the two
-variants must tie there). The "bf16" variant is the router forward as it was before the change,
+variants must tie there). The "bf16" variant is the router logits as they were before the change,
 patched in for the measurement only. Both variants run in one process, interleaved (A B A B ...),
 on the same weights and batches; it also reports how many top-k choices the two variants disagree
 on for the same input (what the bf16 rounding changed).
@@ -26,32 +26,19 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.models import ModelConfig, MoETransformer
-from moeflow.models.moe import Router, RouterOutput, balanced_assignment, select_experts
+from moeflow.models.moe import Router
 from moeflow.models.train.optim import build_adamw
 
-FP32_FORWARD = Router.forward
+FP32_LOGITS = Router.logits
 
 
-def bf16_autocast_forward(self, x_TD, forced_idx_TK=None):
-    """The router forward before the change: its linear follows autocast (bf16 logits)."""
+def bf16_autocast_logits(self, x_TD):
+    """The router logits before the change: the linear follows autocast (bf16 logits)."""
     dt = torch.promote_types(x_TD.dtype, torch.float32)
-    logits_TE = F.linear(x_TD.to(dt), self.weight.to(dt))
-    scores_TE = logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
-    if forced_idx_TK is not None:
-        idx_TK = forced_idx_TK
-    elif self.force_balanced:
-        idx_TK = balanced_assignment(x_TD.shape[0], self.k, self.num_experts, x_TD.device)
-    else:
-        with torch.no_grad():
-            bias = self.e_score_correction_bias if self.use_bias else None
-            idx_TK = select_experts(scores_TE.detach(), bias, self.k, self.n_group, self.topk_group)
-    weight_TK = scores_TE.gather(1, idx_TK)
-    if self.norm_topk_prob:
-        weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
-    return RouterOutput(idx_TK, weight_TK * self.route_scale, scores_TE, logits_TE)
+    return F.linear(x_TD.to(dt), self.weight.to(dt))
 
 
-VARIANTS = {"router_fp32": FP32_FORWARD, "router_bf16_autocast": bf16_autocast_forward}
+VARIANTS = {"router_fp32": FP32_LOGITS, "router_bf16_autocast": bf16_autocast_logits}
 
 
 def _sync(device):
@@ -79,15 +66,15 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq_len: int, steps: int, w
         opt.zero_grad(set_to_none=True)
 
     for i in range(warmup + steps):
-        for name, forward in VARIANTS.items():
-            Router.forward = forward
+        for name, logits in VARIANTS.items():
+            Router.logits = logits
             _sync(device)
             t0 = time.perf_counter()
             step(i)
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    Router.forward = FP32_FORWARD
+    Router.logits = FP32_LOGITS
     disagree = _choice_disagreement(model, batches[0], autocast)
     rows = []
     for name, ts in times.items():
@@ -110,12 +97,12 @@ class _Null:
 def _choice_disagreement(model, rows, autocast: bool) -> float:
     """Fraction of (token, layer) top-k sets that differ between the two router variants, same input."""
     choices = {}
-    for name, forward in VARIANTS.items():
-        Router.forward = forward
+    for name, logits in VARIANTS.items():
+        Router.logits = logits
         with (torch.autocast(rows.device.type, dtype=torch.bfloat16) if autocast else _Null()):
             out = model(rows[:, :-1], return_router_choices=True)
         choices[name] = out.aux["router_choices"].sort(dim=-1).values
-    Router.forward = FP32_FORWARD
+    Router.logits = FP32_LOGITS
     a, b = choices.values()
     return float((a != b).any(dim=-1).double().mean())
 

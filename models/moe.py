@@ -93,11 +93,15 @@ class Router(nn.Module):
             self.e_score_correction_bias = bias_fp32.to(device=moved.device)
         return out
 
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32 (fp64 in reference tests), also under autocast, which would run the linear in bf16."""
+        dt = torch.promote_types(x_TD.dtype, torch.float32)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return F.linear(x_TD.to(dt), self.weight.to(dt))
+
     def forward(self, x_TD: torch.Tensor, forced_idx_TK: torch.Tensor | None = None) -> RouterOutput:
         """forced_idx_TK (optional) replays given expert choices (e.g. routing replay in RL)."""
-        dt = torch.promote_types(x_TD.dtype, torch.float32)  # fp32, or fp64 in reference tests
-        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run the linear in bf16
-            logits_TE = F.linear(x_TD.to(dt), self.weight.to(dt))
+        logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
         if forced_idx_TK is not None:
             idx_TK = forced_idx_TK
