@@ -17,11 +17,16 @@ Key map (ours → HF; every other key is identical, ``model.`` prefix included):
     mtp.{j}.block.{rest}                                  → model.layers.{L+j}.{rest}  (same expert rule)
     mtp.{j}.{enorm,hnorm,eh_proj}.weight                  → model.layers.{L+j}.{enorm,hnorm,eh_proj}.weight
     mtp.{j}.norm.weight                                   → model.layers.{L+j}.shared_head.norm.weight
+    (shared with the main model)                          → model.layers.{L+j}.embed_tokens.weight = model.embed_tokens.weight
+                                                             model.layers.{L+j}.shared_head.head.weight = lm_head.weight
     lm_head.weight                                        → lm_head.weight (omitted when embeddings are tied)
     ``mlp.gate.e_score_correction_bias`` is our aux-loss-free bias, kept in fp32 (HF keeps it fp32 too).
 
 MTP modules use DeepSeek-V3's own layout (extra layer indices after the main ones,
-``num_nextn_predict_layers`` = depth). ``DeepseekV3ForCausalLM`` does not run them: it loads the main
+``num_nextn_predict_layers`` = depth). DeepSeek-V3's checkpoints give every MTP layer its own copy of the
+embedding and the output head, and loaders of that layout (vLLM's MTP speculative decoder, DeepSeek's
+``convert.py``) expect them there, so the export writes the shared tensors into each MTP layer too
+(2 × vocab × hidden per depth); ``import_hf`` reads the main model's copies and ignores these. ``DeepseekV3ForCausalLM`` does not run them: it loads the main
 model and reports those keys as unexpected; ``import_hf`` reads them back.
 
 Refused on export (no HF equivalent, so the loaded model would compute something else):
@@ -247,6 +252,12 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, dtyp
                 put(f"{prefix}.{e}.up_proj.weight", t[e, F_:])
             else:
                 put(f"{prefix}.{e}.down_proj.weight", t[e])
+    if include_mtp and cfg.mtp_depth:
+        embed = state_dict["model.embed_tokens.weight"]
+        head = embed if cfg.tie_embeddings else state_dict["lm_head.weight"]
+        for j in range(cfg.mtp_depth):
+            put(f"model.layers.{cfg.num_layers + j}.embed_tokens.weight", embed)
+            put(f"model.layers.{cfg.num_layers + j}.shared_head.head.weight", head)
     return out
 
 

@@ -94,6 +94,30 @@ def test_export_import_round_trip_is_exact(tmp_path):
     assert torch.equal(a.aux["mtp_loss"], b.aux["mtp_loss"]) and a.aux["mtp_loss"] > 0
 
 
+def test_mtp_layer_keys_follow_deepseek_v3(tmp_path):
+    """Each MTP layer carries DeepSeek-V3's full key set (as in the released checkpoints' layer 61):
+    its own copies of the embedding and the output head besides enorm/hnorm/eh_proj/shared_head.norm and
+    the block; an untied model's head copy is the LM head, not the embedding."""
+    from safetensors.torch import load_file
+    cfg = ModelConfig.preset("tiny").replace(mtp_depth=2)
+    model = _model(cfg)
+    export_hf(model, tmp_path / "hf")
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    L = cfg.num_layers
+    for j in range(2):
+        layer = f"model.layers.{L + j}"
+        for name in ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight",
+                     "shared_head.norm.weight", "shared_head.head.weight", "input_layernorm.weight",
+                     "self_attn.kv_a_proj_with_mqa.weight", "mlp.gate.weight"):
+            assert f"{layer}.{name}" in hf, f"{layer}.{name}"
+        assert torch.equal(hf[f"{layer}.embed_tokens.weight"], hf["model.embed_tokens.weight"])
+        assert torch.equal(hf[f"{layer}.shared_head.head.weight"], hf["lm_head.weight"])
+        assert not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"])
+    assert f"model.layers.{L + 2}.embed_tokens.weight" not in hf
+    back = import_hf(tmp_path / "hf")
+    assert set(back.state_dict()) == set(model.state_dict())
+
+
 def test_sharded_bf16_export(tmp_path):
     cfg = ModelConfig.preset("tiny")
     model = _model(cfg)
