@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from moeflow.models import MoETransformer
 from moeflow.models.train import state as train_state
 from moeflow.models.train.loop import Trainer
+from moeflow.platform.store import LocalStore
+from moeflow.platform.train.checkpoint import CheckpointManager
 from moeflow.platform.train.config import PretrainConfig
 from moeflow.platform.train.loader import PackedLoader
 from train_fakes import ArrayTokens, pattern_docs, tiny_model_overrides
@@ -126,9 +128,14 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         broken, loader = _build(rank, world)
         broken.fit(until_step=BREAK)
         torch.save(_snapshot(broken, loader), out / f"broken{rank}.pt")
-        train_state.save(train_state.capture(broken, loader), out / "ckpt2")  # collective
+        # as the worker does it: each rank writes its shards into its own folder and uploads them into
+        # the one artefact (rank 0 commits); every rank downloads the whole checkpoint to resume
+        train_state.save(train_state.capture(broken, loader), out / f"local{rank}")  # collective
+        manager = CheckpointManager(LocalStore(out / "store"), "runs/r")
+        ref = manager.save_sharded(BREAK, out / f"local{rank}", metadata={"world_size": world})
+        ckpt2 = manager.download(ref, out / f"ckpt2-{rank}")
         resumed, loader = _build(rank, world, perturb=True)
-        train_state.restore(resumed, out / "ckpt2", loader)
+        train_state.restore(resumed, ckpt2, loader)
         resumed.fit()
         # 1 -> 2: the test process's 1-rank checkpoint, right after load
         grown, loader = _build(rank, world, perturb=True)
@@ -156,9 +163,12 @@ def test_sharded_checkpoint_resumes_exactly_on_2_ranks_and_reshards_2_to_1_and_1
         mp.spawn(_worker, args=(2, str(out / "init"), tmp), nprocs=2, join=True)
         results = [torch.load(out / f"result{r}.pt", weights_only=False) for r in range(2)]
         broken = [torch.load(out / f"broken{r}.pt", weights_only=False) for r in range(2)]
-        assert train_state.checkpoint_format(out / "ckpt2") == 2
-        assert sorted(p.name for p in (out / "ckpt2" / "model").iterdir()) == [".metadata", "__0_0.distcp",
-                                                                                 "__1_0.distcp"]
+        # rank 1 wrote only its own shards (no gather to rank 0); the committed artefact holds all
+        assert sorted(p.relative_to(out / "local1").as_posix() for p in (out / "local1").rglob("*")
+                      if p.is_file()) == ["model/__1_0.distcp", "optim/__1_0.distcp"]
+        ckpt2 = out / "ckpt2-0"
+        assert train_state.checkpoint_format(ckpt2) == 2
+        assert sorted(p.name for p in (ckpt2 / "model").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
         # same world size: bit-identical to the uninterrupted run
         for r in range(2):
@@ -166,7 +176,7 @@ def test_sharded_checkpoint_resumes_exactly_on_2_ranks_and_reshards_2_to_1_and_1
 
         # 2 -> 1, in this process without a process group
         shrunk, loader = _build(0, 1, perturb=True)
-        train_state.restore(shrunk, out / "ckpt2", loader)
+        train_state.restore(shrunk, ckpt2, loader)
         now = _snapshot(shrunk, loader)
         _assert_same(now["model"], broken[0]["model"], "model")
         _assert_same(now["optim"], broken[0]["optim"], "optim")
@@ -259,3 +269,29 @@ def test_restore_on_fewer_ranks_resplits_the_loader_and_averages_the_interval_su
     # a loader that cannot re-split refuses with one line naming both worker counts
     with pytest.raises(ValueError, match="written by 2 worker.*this run has 1"):
         train_state.restore(resumed, tmp_path / "ckpt", iter(()))
+
+
+def test_files_staged_by_other_ranks_are_committed_with_their_checksums(tmp_path):
+    """The store side of ``save_sharded``: a rank uploads into rank 0's staging area (``stage_file``),
+    rank 0 adopts the entry; nothing is visible before the commit and a bad entry is refused."""
+    from moeflow.platform.store import ChecksumError, StoreError
+    from moeflow.platform.store.artifact import stage_file
+
+    store = LocalStore(tmp_path / "store")
+    shard = tmp_path / "__1_0.distcp"
+    shard.write_bytes(b"rank one's shard" * 100)
+    writer = store.write_artifact("runs/x/checkpoints/step-00000003")
+    writer.begin()
+    info = stage_file(store, writer.staging_prefix, "model/__1_0.distcp", shard)
+    with pytest.raises(StoreError, match="wrong size"):
+        writer.adopt("model/__2_0.distcp", info)  # never staged
+    writer.adopt("model/__1_0.distcp", info)
+    writer.put_bytes("model/.metadata", b"rank zero")
+    assert not store.artifact_exists("runs/x/checkpoints/step-00000003")
+    writer.commit()
+    art = store.read_artifact("runs/x/checkpoints/step-00000003")
+    assert art.get_bytes("model/__1_0.distcp") == shard.read_bytes()
+    path = store._path("runs/x/checkpoints/step-00000003/model/__1_0.distcp")
+    path.write_bytes(b"x" * path.stat().st_size)  # the manifest holds the uploader's sha256
+    with pytest.raises(ChecksumError):
+        art.download(tmp_path / "dl")

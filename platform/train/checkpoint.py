@@ -128,7 +128,7 @@ class CheckpointManager:
                 writer.begin()
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it (below)
                 error = f"rank 0: {exc}"
-        staging = broadcast(None if error else writer.staging_prefix)
+        staging = broadcast(writer.staging_prefix if rank == 0 and not error else None)
         infos: dict[str, dict] = {}
         if staging is not None and rank != 0:
             try:
