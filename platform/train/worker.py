@@ -2,8 +2,10 @@
 
 ``train_worker(config_dict)`` runs on every rank (Ray Train, torchrun or a plain process): it
 joins the group (``distributed.worker_context``), builds the model, wraps it in DDP or FSDP2
-per ``PretrainConfig.parallelism``, resumes from the newest committed checkpoint in the store,
-trains, checkpoints every ``checkpoint_every`` steps and at the end (each checkpoint preceded by
+per ``PretrainConfig.parallelism``, resumes from the newest committed checkpoint in the store
+(written by any number of workers: model, optimiser and data position are resharded, see
+``models.train.state``), trains, checkpoints every ``checkpoint_every`` steps and at the end
+(sharded: every rank uploads its own DCP shards into the one artefact; each checkpoint preceded by
 its train-log segment: the history and expert-load windows since the previous one, see
 ``train_log``), and writes the expert-load artefact. Rank 0 alone logs metrics; under Ray every rank calls ``ray.train.report`` on log
 steps (V2 expects all workers to report the same number of times).
