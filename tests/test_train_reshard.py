@@ -66,8 +66,11 @@ class Recording:
         self.loader.load_resharded(states)
 
 
-def _build(rank: int, world: int, perturb: bool = False, ddp: bool = True) -> tuple[Trainer, Recording]:
+def _build(rank: int, world: int, perturb: bool = False, ddp: bool = True,
+           fsdp: bool = False) -> tuple[Trainer, Recording]:
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from moeflow.platform.train.distributed import wrap_model
 
     cfg = _config()
     torch.manual_seed(cfg.seed)
@@ -78,13 +81,21 @@ def _build(rank: int, world: int, perturb: bool = False, ddp: bool = True) -> tu
                 p.add_(0.5)
     loader = Recording(PackedLoader(_ds(), seq_len=cfg.seq_len, batch_size=cfg.micro_batch_size, seed=cfg.seed,
                                     rank=rank, world_size=world, bos_id=BOS, prefetch=0))
-    return Trainer(cfg, model, loader, wrapped=DDP(model) if world > 1 and ddp else model, bos_id=BOS), loader
+    if fsdp:
+        wrapped = wrap_model(model, "fsdp", "fp32", world, torch.device("cpu"))
+    else:
+        wrapped = DDP(model) if world > 1 and ddp else model
+    return Trainer(cfg, model, loader, wrapped=wrapped, bos_id=BOS), loader
 
 
 def _snapshot(trainer: Trainer, loader: Recording) -> dict:
-    optim = copy.deepcopy(get_optimizer_state_dict(trainer.model, trainer.optimizer,
-                                                   options=StateDictOptions(full_state_dict=True)))
-    return {"model": {k: v.clone() for k, v in trainer.model.state_dict().items()}, "optim": optim,
+    """Full (unsharded) model and optimiser state, copied; collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optim = copy.deepcopy(get_optimizer_state_dict(trainer.model, trainer.optimizer, options=full))
+    model = {k: v.clone() for k, v in get_model_state_dict(trainer.model, options=full).items()}
+    return {"model": model, "optim": optim,
             "step": trainer.step, "loader": loader.state_dict(), "rows": list(loader.rows),
             "torch_rng": torch.get_rng_state()}
 
@@ -295,3 +306,47 @@ def test_files_staged_by_other_ranks_are_committed_with_their_checksums(tmp_path
     path.write_bytes(b"x" * path.stat().st_size)  # the manifest holds the uploader's sha256
     with pytest.raises(ChecksumError):
         art.download(tmp_path / "dl")
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = Path(out)
+        sharded, loader = _build(rank, world, fsdp=True)
+        sharded.fit(until_step=BREAK)
+        snap = _snapshot(sharded, loader)  # collective (full_state_dict gathers for the comparison only)
+        train_state.save(train_state.capture(sharded, loader), out / "fsdp2")
+        grown, loader = _build(rank, world, perturb=True, fsdp=True)
+        train_state.restore(grown, out / "ckpt1", loader)  # 1 -> 2, into FSDP2 shards
+        after = _snapshot(grown, loader)
+        if rank == 0:
+            torch.save({"saved": snap, "grown": after}, out / "fsdp.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # one spawn of 2 ranks (~40 s on the shared machine)
+def test_fsdp2_shards_reshard_to_one_plain_process_and_back():
+    """FSDP2 holds each parameter sharded over the ranks: its checkpoint restores into one unsharded
+    process (2 -> 1), and a 1-rank checkpoint into FSDP2 shards (1 -> 2), the same full state."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        one, loader = _build(0, 1)
+        one.fit(until_step=BREAK)
+        saved_one = _snapshot(one, loader)
+        train_state.save(train_state.capture(one, loader), out / "ckpt1")
+        mp.spawn(_fsdp_worker, args=(2, str(out / "init"), tmp), nprocs=2, join=True)
+        result = torch.load(out / "fsdp.pt", weights_only=False)
+        shrunk, loader = _build(0, 1, perturb=True)
+        train_state.restore(shrunk, out / "fsdp2", loader)
+        now = _snapshot(shrunk, loader)
+        _assert_same(now["model"], result["saved"]["model"], "model")
+        _assert_same(now["optim"], result["saved"]["optim"], "optim")
+        _assert_same(train_state.load_model_weights(out / "fsdp2"), result["saved"]["model"], "weights")
+        _assert_same(result["grown"]["model"], saved_one["model"], "grown model")
+        _assert_same(result["grown"]["optim"], saved_one["optim"], "grown optim")
