@@ -220,9 +220,9 @@ class LoadedModel:
 def _inference_files(artifact) -> list[str]:
     """The files loading needs: a checkpoint's optimiser and trainer state (often 2-3x the weights) only
     serve resuming, so they are never copied for inference or evaluation."""
-    from moeflow.models.train.state import OPTIM_FILE, TRAINER_FILE
+    from moeflow.models.train.state import RESUME_ONLY
 
-    return [name for name in artifact.names() if name not in (OPTIM_FILE, TRAINER_FILE)]
+    return [name for name in artifact.names() if name.split("/")[0] not in RESUME_ONLY]
 
 
 def _download(uri: str, target: Path, store) -> Path:

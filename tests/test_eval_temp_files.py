@@ -15,14 +15,16 @@ import torch
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.tokenizer import train_bpe
+from moeflow.models.train import state as train_state
 from moeflow.models.train.state import META_FILE, MODEL_FILE, OPTIM_FILE, TRAINER_FILE
 from moeflow.platform import model_refs
 from moeflow.platform.store import LocalStore
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    """A real checkpoint artefact (weights, AdamW state after one step, trainer state, meta) and a tokenizer."""
+@pytest.fixture(params=[1, 2], ids=["full", "sharded"])
+def checkpoint(tmp_path, request):
+    """A real checkpoint artefact (weights, AdamW state after one step, trainer state, meta) and a tokenizer,
+    in the full format (model.pt, optimizer.pt) and in the sharded one (DCP folders model/, optim/)."""
     tok = train_bpe(["def f(x):\n    return x + 1\n", "the quick brown fox jumps"] * 20, vocab_size=300)
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, max_seq_len=64)
@@ -33,18 +35,29 @@ def checkpoint(tmp_path):
     opt.step()
     local = tmp_path / "ckpt"
     local.mkdir()
-    torch.save(model.state_dict(), local / MODEL_FILE)
-    torch.save(opt.state_dict(), local / OPTIM_FILE)
-    torch.save({"loop": {"step": 1}}, local / TRAINER_FILE)
-    (local / META_FILE).write_text(json.dumps({"step": 1, "model_config": cfg.to_dict(),
-                                               "pretrain_config": {"seq_len": 32}}))
+    meta = {"step": 1, "model_config": cfg.to_dict(), "pretrain_config": {"seq_len": 32}}
+    if request.param == 1:
+        torch.save(model.state_dict(), local / MODEL_FILE)
+        torch.save(opt.state_dict(), local / OPTIM_FILE)
+        torch.save({"loop": {"step": 1}}, local / TRAINER_FILE)
+        (local / META_FILE).write_text(json.dumps(meta))
+        weights, resume = [MODEL_FILE], OPTIM_FILE
+    else:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        train_state.save({"model": model.state_dict(), "optimizer": get_optimizer_state_dict(model, opt),
+                          "trainer": {"loop": {"step": 1}}, "meta": meta}, local)
+        weights, resume = [f"{train_state.MODEL_DIR}/.metadata", f"{train_state.MODEL_DIR}/__0_0.distcp"], \
+            f"{train_state.OPTIM_DIR}/__0_0.distcp"
     store = LocalStore(tmp_path / "store")
     with store.write_artifact("saved/step-000001") as w:
-        for p in sorted(local.iterdir()):
-            w.put_file(p.name, p)
+        for p in sorted(local.rglob("*")):
+            if p.is_file():
+                w.put_file(p.relative_to(local).as_posix(), p)
     tok.save(tmp_path / "tokenizer.json")
-    assert (local / OPTIM_FILE).stat().st_size > (local / MODEL_FILE).stat().st_size  # AdamW: two moments
-    return {"store": store, "uri": w.uri, "tokenizer": str(tmp_path / "tokenizer.json"), "model": model}
+    assert (local / resume).stat().st_size > (local / weights[-1]).stat().st_size  # AdamW: two moments
+    return {"store": store, "uri": w.uri, "tokenizer": str(tmp_path / "tokenizer.json"), "model": model,
+            "weights": weights}
 
 
 @pytest.fixture
@@ -76,7 +89,8 @@ def test_only_the_weights_are_fetched_into_a_cache_dir(checkpoint, tmp_path):
     cache = tmp_path / "cache"
     loaded = model_refs.load(checkpoint["uri"], tokenizer=checkpoint["tokenizer"], store=checkpoint["store"],
                              cache_dir=cache)
-    assert sorted(p.name for p in cache.iterdir()) == sorted([MODEL_FILE, META_FILE])
+    fetched = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file())
+    assert fetched == sorted([*checkpoint["weights"], META_FILE])  # no optimiser, no trainer state
     assert loaded.local_dir == cache
 
 

@@ -18,6 +18,7 @@ from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models import hf as H
 from moeflow.models.align.reward import RewardModel
 from moeflow.models.tokenizer import train_bpe
+from moeflow.models.train.state import load_model_weights
 from moeflow.platform.posttrain import rl_rewards as RW
 from moeflow.platform.posttrain.align import AlignConfig, run_align
 from moeflow.platform.posttrain.data import to_jsonl
@@ -180,7 +181,7 @@ def _final(store, prefix, tmp_path):
     d = CheckpointManager(store, prefix).download_latest(tmp_path / prefix.replace("/", "_"))[1]
     trainer = torch.load(d / "trainer.pt", weights_only=False)
     history = [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in trainer["loop"]["history"]]
-    return history, torch.load(d / "model.pt", weights_only=True), trainer
+    return history, load_model_weights(d), trainer
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])

@@ -15,6 +15,7 @@ import torch
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models import hf as H
 from moeflow.models.tokenizer import train_bpe
+from moeflow.models.train.state import load_model_weights
 from moeflow.platform.catalog import Catalog
 from moeflow.platform.model_refs import ModelRefError, resolve
 from moeflow.platform.posttrain.engine import PostTrainJob, dead_experts, posttrain_worker
@@ -128,7 +129,7 @@ def test_lora_sft_registers_a_child_version_with_export_adapter_and_expert_load(
     assert tracker.metric_history("before/assistant_loss") and tracker.metric_history("experts/dead_in_interval")
     # inside the engine loop the stacked expert adapters got gradients and moved (B starts at 0)
     ckpt = CheckpointManager(store, "runs/sft-lora").download_latest(world["root"] / "sft-lora-ckpt")[1]
-    weights = torch.load(ckpt / "model.pt", weights_only=True)
+    weights = load_model_weights(ckpt)
     for pname in ("gate_up_proj", "down_proj"):
         lora_B = weights[f"model.layers.1.mlp.experts.parametrizations.{pname}.0.lora_B"]
         assert lora_B.shape[0] == 4 and bool((lora_B.abs().sum(dim=(1, 2)) > 0).all()), pname  # every expert
@@ -144,7 +145,7 @@ def _final(store, prefix, tmp_path):
     d = CheckpointManager(store, prefix).download_latest(tmp_path / prefix.replace("/", "_"))[1]
     history = [{k: v for k, v in h.items() if k != "tokens_per_s"}
                for h in torch.load(d / "trainer.pt", weights_only=False)["loop"]["history"]]
-    return history, torch.load(d / "model.pt", weights_only=True)
+    return history, load_model_weights(d)
 
 
 def test_failed_mid_run_resumes_to_the_uninterrupted_result_in_process(world, tmp_path, monkeypatch):
@@ -212,7 +213,7 @@ def test_router_bias_switch_and_dead_expert_warning(world, caplog):
         sft_module.build_sft = original
     assert "router 0 expert 0" in caplog.text and "received no tokens" in caplog.text
     d = CheckpointManager(store, "runs/sft-nobias").download_latest(world["root"] / "nobias")[1]
-    bias = torch.load(d / "model.pt", weights_only=True)["model.layers.1.mlp.gate.e_score_correction_bias"]
+    bias = load_model_weights(d)["model.layers.1.mlp.gate.e_score_correction_bias"]
     assert float(bias[0]) == -1e4 and torch.count_nonzero(bias[1:]) == 0
 
 

@@ -54,6 +54,17 @@ def test_hf_artefact_is_a_complete_model_folder(trained, tmp_path):
     assert (ids["input_ids"] if hasattr(ids, "keys") else ids) == render_ids(tok, convo).ids
     model = transformers.AutoModelForCausalLM.from_pretrained(str(local))
     assert model.config.vocab_size == tok.vocab_size
+    # exported from a sharded (DCP) checkpoint: the same weights as the checkpoint's
+    import torch
+
+    from moeflow.models.train.state import checkpoint_format, load_model_weights
+
+    ckpt = store.read_artifact(result.checkpoint_uri)
+    assert "model/.metadata" in ckpt.names() and "model.pt" not in ckpt.names()
+    weights = load_model_weights(ckpt.download(tmp_path / "ckpt"))
+    assert checkpoint_format(tmp_path / "ckpt") == 2
+    exported = model.state_dict()
+    assert torch.equal(exported["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
     card = art.get_bytes("README.md").decode()
     assert "# moe-export" in card and f"| tokens | `{tokens_uri}` |" in card and f"| curated | `{curated}` |" in card
     assert f"| checkpoint | `{result.checkpoint_uri}` |" in card and "| steps | 6 |" in card

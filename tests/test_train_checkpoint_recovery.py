@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from moeflow.models.train.state import load_model_weights
+
 from moeflow.platform.store import ChecksumError, LocalStore
 from moeflow.platform.train.checkpoint import CheckpointManager
 from moeflow.platform.train.config import PretrainConfig
@@ -67,9 +69,9 @@ def test_training_resumes_from_the_newest_intact_checkpoint_and_rewrites_the_cor
     train_worker(launch)
     manager = CheckpointManager(store, "runs/c")
     assert [r.step for r in manager.list()] == [4, 8]
-    reference = torch.load(manager.download(manager.list()[-1], tmp_path / "ref") / "model.pt", weights_only=True)
+    reference = load_model_weights(manager.download(manager.list()[-1], tmp_path / "ref"))
     history_before, load_before = TrainLog(store, "runs/c").read(8)
-    _corrupt(store, manager, 8)
+    _corrupt(store, manager, 8, "model/__0_0.distcp")  # a shard of the sharded checkpoint
 
     caplog.set_level(logging.INFO, logger="moeflow")
     result = train_worker(launch)  # same config: resumes, re-trains steps 5..8, re-saves step 8
@@ -78,7 +80,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint_and_rewrites_the_cor
                for m in messages), messages
     assert result["steps"] == 8
     assert len(result["skipped_corrupted_checkpoints"]) == 1 and "step 8 at " in result["skipped_corrupted_checkpoints"][0]
-    rewritten = torch.load(manager.download(manager.list()[-1], tmp_path / "new") / "model.pt", weights_only=True)
+    rewritten = load_model_weights(manager.download(manager.list()[-1], tmp_path / "new"))
     for name, tensor in reference.items():  # exact resume: bit-identical to the uninterrupted run
         assert torch.equal(tensor, rewritten[name]), name
     # and the train log read back at step 8 is the uninterrupted run's (throughput aside)

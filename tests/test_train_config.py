@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from moeflow.models.config import ModelConfig
+from moeflow.platform.config import config_hash
 from moeflow.platform.train.config import ModelOverrides, PretrainConfig
 
 
@@ -56,7 +57,10 @@ def test_old_checkpoint_config_dict_loads_and_round_trips():
            "val_every": 100, "val_batches": 8, "val_batch_size": None, "checkpoint_every": 100,
            "keep_checkpoints": 2, "bytes_per_token": None, "peak_flops": 798e12}
     cfg = PretrainConfig.from_dict(old)
-    assert cfg.to_dict() == old  # same dict back: the checkpoint/catalog hash of it is unchanged
+    # read today, the dict trains with document masking (the default); the old run was plain causal, so
+    # the config must not hash as before, or the stage cache would hand back that causal run
+    assert cfg.document_masking and cfg.to_dict() == {**old, "document_masking": True}
+    assert cfg.config_hash() != config_hash(old)
     assert cfg.betas == (0.9, 0.95)
 
 

@@ -46,8 +46,9 @@ def _segments(row: torch.Tensor) -> list[tuple[int, int]]:
 
 def test_default_is_on_and_a_packed_row_equals_its_documents_run_alone():
     assert PretrainConfig().document_masking is True
-    # dumped only when off, so configs stored before the field hash as before (test_train_config)
-    assert "document_masking" not in PretrainConfig().to_dict()
+    # always dumped: a doc-masked config must not hash like a plain-causal config stored before the
+    # field (the stage cache would reuse that run), and off must read back as off
+    assert PretrainConfig().to_dict()["document_masking"] is True
     off = PretrainConfig(document_masking=False)
     assert PretrainConfig.from_dict(off.to_dict()) == off and off.config_hash() != PretrainConfig().config_hash()
     trainer = _trainer()

@@ -109,7 +109,7 @@ def test_bias_update_uses_counts_summed_over_micro_batches():
     trainer.model.apply_router_bias_update = lambda counts, gamma=None: (seen.append(counts.clone()), original(counts))
     # the same 3 micro-batches, forwarded by hand with the pre-step weights
     probe = PackedLoader(ds, seq_len=cfg.seq_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, prefetch=0)
-    batches = [b for _, b in zip(range(3), probe._batches(0, 0))]
+    batches = [b for _, b in zip(range(3), probe._batches({"epoch": 0, "row": 0}))]
     with torch.no_grad():
         expected = sum(trainer.model(torch.from_numpy(b)[:, :-1]).aux["tokens_per_expert"] for b, _ in batches)
     bias_before = trainer.model.routers()[0].e_score_correction_bias.clone()

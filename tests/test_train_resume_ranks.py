@@ -54,9 +54,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         broken.fit(until_step=BREAK_AT)  # mid log-interval (log_every 4)
         captured = train_state.capture(broken)
         ckpt = os.path.join(out_dir, "ckpt")
-        if rank == 0:
-            train_state.save(captured, ckpt)
-        dist.barrier()
+        train_state.save(captured, ckpt)  # collective: each rank writes its shards
         resumed = _trainer(rank, BREAK_AT)
         train_state.restore(resumed, ckpt)
         resumed.fit()

@@ -1,46 +1,96 @@
 """Checkpoint state of a pretraining run: capture, save to / load from a local directory, restore.
 
-A checkpoint directory holds
+A checkpoint directory (format 2, sharded) holds
 
-    model.pt       full (unsharded) model state dict, CPU tensors — includes the router-bias buffers
-    optimizer.pt   full optimiser state dict keyed by parameter names (layout-independent)
+    model/         the model state dict as a ``torch.distributed.checkpoint`` (DCP) folder:
+                   ``.metadata`` (written by rank 0) and one ``__<rank>_0.distcp`` per rank
+                   (each rank writes only the tensors it holds: its FSDP2 shards; under DDP the
+                   replicated tensors are de-duplicated by DCP's planner, each written once)
+    optim/         the optimiser state dict (keyed by parameter names), the same way; a folder of
+                   its own so inference and evaluation copy only ``model/`` (``model_refs``)
     trainer.pt     loop state (step, tokens seen, balancing statistics, log history unless captured
                    with include_history=False: pretraining appends it to its train log), per-rank
                    RNG states (python, numpy, torch, cuda), per-rank data-loader positions and
-                   per-rank partial log-interval sums,
-                   plus any ``extra`` states (e.g. the expert-load recorder)
+                   per-rank partial log-interval sums, plus any ``extra`` states — small, written by
+                   rank 0 from what every rank sends it
     meta.json      step, world size, configs — readable without torch
 
-The model and optimiser go through ``torch.distributed.checkpoint.state_dict``
-(``get_/set_model_state_dict``, ``get_/set_optimizer_state_dict`` with full state dicts), which
-gives the same file for a plain module, DDP and FSDP2 — so a run checkpointed under FSDP2 can be
-evaluated or exported in one process. Capturing is collective when distributed (every rank
-calls it); only rank 0 gets the tensors and writes.
+Nothing is gathered to one rank: each rank writes its own files (into its own local folder; the
+worker commits the union of every rank's folder as one artefact, ``CheckpointManager.save_sharded``).
 
-Exact resume needs the same world size (per-rank RNG and loader positions); ``restore`` refuses
-a different one with a clear error.
+Format 1 (before sharding) held ``model.pt`` / ``optimizer.pt``: full state dicts that rank 0
+gathered to its CPU. ``restore`` and ``load_model_weights`` read both formats.
+
+Resuming on a different number of workers (resharding):
+
+* model and optimiser: DCP reshards them (any world size, DDP or FSDP2; each rank reads the parts
+  of the saved shards it now holds).
+* data loader: a loader that can (``PackedLoader.load_resharded``) gets the saved positions of all
+  old ranks and re-splits what the old ranks had not consumed yet; see that method for what exactly
+  is guaranteed (nothing skipped, nothing repeated, at the granularity of packed rows).
+* RNG: new rank ``r`` takes old rank ``r``'s state when there was one, else a fresh state seeded
+  from (seed, step, r). Same world size: every rank gets its own state back (bit-identical resume).
+  Different world size: deterministic (the same checkpoint resumed twice on W' workers gives the same
+  run) but not equal to any uninterrupted run — which cannot exist, since the data order per rank differs.
+* partial log-interval sums: every new rank gets the mean over the old ranks (the logged value is a
+  mean over ranks; the interval's steps before the checkpoint then weigh as they did).
+
+Async save (``dcp.async_save``) is not used, on purpose: it only overlaps the write to local disk
+with training, but the checkpoint is not usable until every rank's files are uploaded to the store
+and rank 0 has committed the manifest (a collective step); running that in a background thread
+beside the training step's own collectives needs a second process group and a commit protocol that
+survives a crash of one rank mid-upload. The local write is a small part of a checkpoint's time
+next to the upload (benchmarks/RESULTS.md, "checkpoint save"), so it is not worth that today.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 
-MODEL_FILE, OPTIM_FILE, TRAINER_FILE, META_FILE = "model.pt", "optimizer.pt", "trainer.pt", "meta.json"
-FORMAT_VERSION = 1
+# format 1 (full state dicts; still read)
+MODEL_FILE, OPTIM_FILE = "model.pt", "optimizer.pt"
+# both formats
+TRAINER_FILE, META_FILE = "trainer.pt", "meta.json"
+# format 2 (DCP folders)
+MODEL_DIR, OPTIM_DIR = "model", "optim"
+DCP_METADATA = ".metadata"
+FORMAT_VERSION = 2
+# the files a checkpoint needs only to resume (inference and evaluation skip them)
+RESUME_ONLY = (OPTIM_FILE, TRAINER_FILE, OPTIM_DIR)
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _no_group() -> bool:
+    """No process group: DCP then reads and writes in this process alone (no collectives)."""
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _dcp(call, state: dict, **kwargs) -> Any:
+    """``dcp.save``/``dcp.load``; in one process without a group (evaluation, export, tests) DCP's
+    "assuming the intent is to ... in a single process" warning is the intent, so it is not shown."""
+    no_dist = _no_group()
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        return call(state, no_dist=no_dist, **kwargs)
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,6 +108,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_fresh_rng(seed: int, step: int, rank: int) -> None:
+    """A new rank of a resharded resume (no saved state of its own): seeded from (seed, step, rank)."""
+    mixed = int(np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(1)[0])
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)  # the CUDA generators too
+
+
 def _gather(obj: Any) -> list[Any]:
     """The object of every rank, in rank order (collective when distributed)."""
     if not _distributed():
@@ -67,42 +125,63 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
+def checkpoint_format(directory: str | Path) -> int:
+    """2 for a sharded (DCP) checkpoint, 1 for a full one; FileNotFoundError for neither."""
+    directory = Path(directory)
+    if (directory / MODEL_DIR / DCP_METADATA).is_file():
+        return 2
+    if (directory / MODEL_FILE).is_file():
+        return 1
+    raise FileNotFoundError(f"{directory} is not a checkpoint: it has neither {MODEL_DIR}/{DCP_METADATA} "
+                            f"(sharded) nor {MODEL_FILE} (full)")
+
+
 def capture(trainer, loader=None, extra: dict[str, Any] | None = None,
-            include_history: bool = True) -> dict[str, Any] | None:
-    """Everything needed to resume. Collective; returns the state on rank 0, None elsewhere.
+            include_history: bool = True) -> dict[str, Any]:
+    """Everything needed to resume. Collective; call ``save`` right after (before the next step).
+
+    Every rank returns its own ``model``/``optimizer`` state dicts — sharded ones (DTensor shards under
+    FSDP2, this rank's tensors under DDP), views of the live tensors, not copies — and rank 0 also the
+    small ``trainer`` and ``meta`` parts (None on the other ranks).
 
     include_history=False leaves the metrics history out of the loop state: the pretraining worker
     appends it to the run's train log instead of re-pickling it into every checkpoint.
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(trainer.model, options=options)
-    optim_sd = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
     rngs = _gather(rng_state())
     loaders = _gather(loader.state_dict() if loader is not None else None)
     intervals = _gather(trainer.interval_state())  # per rank: each holds its own partial log sums
-    rank = dist.get_rank() if _distributed() else 0
+    rank, _ = _rank_world()
+    out: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "trainer": None, "meta": None}
     if rank != 0:
-        return None
+        return out
     loop = trainer.loop_state()
     if not include_history:
         loop.pop("history")
-    return {"model": model_sd, "optimizer": optim_sd,
-            "trainer": {"loop": loop, "rng": rngs, "loader": loaders, "intervals": intervals,
-                        "extra": extra or {},
-                        "world_size": len(rngs), "format_version": FORMAT_VERSION},
-            "meta": {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "world_size": len(rngs),
-                     "pretrain_config": trainer.cfg.to_dict(),
-                     "model_config": trainer.model.cfg.to_dict() if hasattr(trainer.model, "cfg") else None,
-                     "format_version": FORMAT_VERSION}}
+    out["trainer"] = {"loop": loop, "rng": rngs, "loader": loaders, "intervals": intervals, "extra": extra or {},
+                      "world_size": len(rngs), "format_version": FORMAT_VERSION,
+                      "seed": getattr(trainer.cfg, "seed", 0)}
+    out["meta"] = {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "world_size": len(rngs),
+                   "pretrain_config": trainer.cfg.to_dict(),
+                   "model_config": trainer.model.cfg.to_dict() if hasattr(trainer.model, "cfg") else None,
+                   "format_version": FORMAT_VERSION}
+    return out
 
 
 def save(state: dict[str, Any], directory: str | Path) -> Path:
+    """Write a captured state into ``directory`` (collective when distributed: every rank calls it).
+
+    Each rank writes its DCP shard files; rank 0 also the DCP ``.metadata`` and ``trainer.pt`` /
+    ``meta.json``. Ranks may pass different (local) directories: the checkpoint is then the union of
+    the folders (what ``CheckpointManager.save_sharded`` commits); one shared folder works as well.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state["model"], directory / MODEL_FILE)
-    torch.save(state["optimizer"], directory / OPTIM_FILE)
-    torch.save(state["trainer"], directory / TRAINER_FILE)
-    (directory / META_FILE).write_text(json.dumps(state["meta"], indent=2, sort_keys=True))
+    _dcp(dcp.save, state["model"], checkpoint_id=directory / MODEL_DIR)
+    _dcp(dcp.save, state["optimizer"], checkpoint_id=directory / OPTIM_DIR)
+    if state.get("trainer") is not None:
+        torch.save(state["trainer"], directory / TRAINER_FILE)
+        (directory / META_FILE).write_text(json.dumps(state["meta"], indent=2, sort_keys=True))
     return directory
 
 
@@ -110,31 +189,90 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / META_FILE).read_text())
 
 
+def _load_full_dcp(folder: Path) -> dict[str, Any]:
+    """A whole DCP state dict into this process's CPU memory, without a process group: every tensor
+    is allocated from the checkpoint's metadata at its global shape, then filled from the shards."""
+    reader = dcp.FileSystemReader(folder)
+    metadata = reader.read_metadata()
+    state: dict[str, Any] = {}
+    for key, info in metadata.state_dict_metadata.items():
+        if not hasattr(info, "size"):
+            raise ValueError(f"{folder}: entry {key!r} is not a tensor (a model state dict holds only tensors)")
+        state[key] = torch.empty(tuple(info.size), dtype=info.properties.dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
 def load_model_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    return torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+    """The full model state dict (CPU) of a checkpoint of either format, in one process (no process
+    group needed): what evaluation, the HF export and post-training stages load."""
+    directory = Path(directory)
+    if checkpoint_format(directory) == 2:
+        return _load_full_dcp(directory / MODEL_DIR)
+    return torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
 
 
 def restore(trainer, directory: str | Path, loader=None) -> dict[str, Any]:
-    """Load a checkpoint directory into a built trainer (every rank calls it); returns ``extra``."""
+    """Load a checkpoint directory into a built trainer (every rank calls it); returns ``extra``.
+
+    Any world size: a checkpoint written by W workers resumes on W' (see the module docstring for
+    what is resharded and what is exact). Every rank needs the whole checkpoint folder.
+    """
     directory = Path(directory)
-    for name in (MODEL_FILE, OPTIM_FILE, TRAINER_FILE, META_FILE):
+    fmt = checkpoint_format(directory)
+    needed = (TRAINER_FILE, META_FILE) + ((f"{OPTIM_DIR}/{DCP_METADATA}",) if fmt == 2 else (OPTIM_FILE,))
+    for name in needed:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"checkpoint {directory} misses {name}")
     t_state = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=False)
-    world_size = dist.get_world_size() if _distributed() else 1
-    rank = dist.get_rank() if _distributed() else 0
-    if t_state["world_size"] != world_size:
-        raise ValueError(f"checkpoint {directory} was written by {t_state['world_size']} worker(s); this run has "
-                         f"{world_size}. Exact resume needs the same number of data-parallel workers.")
-    options = StateDictOptions(full_state_dict=True)
-    model_sd = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-    set_model_state_dict(trainer.model, model_sd, options=options)
-    optim_sd = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(trainer.model, trainer.optimizer, optim_sd, options=options)
+    rank, world_size = _rank_world()
+    saved_world = int(t_state["world_size"])
+    if fmt == 2:  # DCP: each rank reads the parts of the saved shards it holds now (resharding)
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)  # allocates AdamW state
+        _dcp(dcp.load, model_sd, checkpoint_id=directory / MODEL_DIR)
+        _dcp(dcp.load, optim_sd, checkpoint_id=directory / OPTIM_DIR)
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    else:  # format 1: full state dicts, on every rank
+        options = StateDictOptions(full_state_dict=True)
+        model_sd = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+        set_model_state_dict(trainer.model, model_sd, options=options)
+        optim_sd = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=False)
+        set_optimizer_state_dict(trainer.model, trainer.optimizer, optim_sd, options=options)
     trainer.load_loop_state(t_state["loop"])
+    same = saved_world == world_size
     if "intervals" in t_state:  # older checkpoints hold rank 0's sums only (in "loop")
-        trainer.load_interval_state(t_state["intervals"][rank])
-    set_rng_state(t_state["rng"][rank])
-    if loader is not None and t_state["loader"][rank] is not None:
-        loader.load_state_dict(t_state["loader"][rank])
+        trainer.load_interval_state(t_state["intervals"][rank] if same else _mean_intervals(t_state["intervals"]))
+    if same:
+        set_rng_state(t_state["rng"][rank])
+    elif rank < saved_world:
+        set_rng_state(t_state["rng"][rank])
+    else:
+        seed_fresh_rng(int(t_state.get("seed", 0)), trainer.step, rank)
+    if loader is not None:
+        states = t_state["loader"]
+        if same:
+            if states[rank] is not None:
+                loader.load_state_dict(states[rank])
+        elif any(s is not None for s in states):
+            if not hasattr(loader, "load_resharded"):
+                raise ValueError(f"checkpoint {directory} was written by {saved_world} worker(s); this run has "
+                                 f"{world_size}, and its data loader ({type(loader).__name__}) cannot re-split "
+                                 f"its position: resume with {saved_world} worker(s)")
+            loader.load_resharded(states)
     return t_state.get("extra", {})
+
+
+def _mean_intervals(intervals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The old ranks' partial log-interval sums averaged (what every new rank starts from)."""
+    sums: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for state in intervals:
+        for key, value in state.get("interval", {}).items():
+            sums[key] = sums.get(key, 0) + value.double()
+            dtypes[key] = value.dtype
+    n = len(intervals)
+    steps = {int(s.get("interval_steps", 0)) for s in intervals}
+    return {"interval": {k: (v / n).to(dtypes[k]) for k, v in sums.items()},
+            "interval_steps": max(steps) if steps else 0}

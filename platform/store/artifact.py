@@ -64,6 +64,16 @@ def file_digest(path: str | Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def stage_file(store: "ObjectStore", staging_prefix: str, name: str, local_path: str | Path) -> dict:
+    """Upload ``local_path`` into another process's artefact writer (its ``staging_prefix``); returns the
+    manifest entry to pass to that writer's ``adopt``."""
+    size, sha = file_digest(local_path)
+    store.put_file(join_key(staging_prefix, check_name(name)), local_path)
+    if os.path.getsize(local_path) != size:
+        raise StoreError(f"{local_path} changed while it was uploaded", store.uri(staging_prefix))
+    return {"size": size, "sha256": sha}
+
+
 def check_name(name: str) -> str:
     """An artefact file name: a valid key that cannot clash with the protocol's own keys."""
     check_key(name, "artefact file name")
@@ -241,6 +251,23 @@ class ArtifactWriter:
 
     def names(self) -> list[str]:
         return sorted(self._files)
+
+    # -- files staged by other processes (a sharded checkpoint: every rank uploads its own shards)
+    @property
+    def staging_prefix(self) -> str:
+        """Where this writer stages files: other processes upload there with ``stage_file`` and hand
+        the returned entry to ``adopt``; the commit then promotes them with the writer's own files."""
+        return self._staging
+
+    def adopt(self, name: str, info: dict) -> None:
+        """Take a file another process staged (``stage_file``) into this artefact; its size is checked
+        against the store now, its sha256 (computed by the uploader) goes into the manifest."""
+        key = self._staged(name)
+        if name in self._files:
+            raise StoreError(f"artefact {self.uri}: file {name!r} was staged twice", self.uri)
+        if not self.store.exists(key) or self.store.size(key) != int(info["size"]):
+            raise StoreError(f"artefact {self.uri}: staged file {name!r} is missing or has the wrong size", self.uri)
+        self._files[name] = {"size": int(info["size"]), "sha256": str(info["sha256"])}
 
     # -- commit / abort
     def commit(self) -> dict:

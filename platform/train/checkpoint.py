@@ -3,8 +3,12 @@
 Layout under a run's output prefix::
 
     <prefix>/checkpoints/step-00000050/   an atomic artefact (MANIFEST.json committed last):
-        model.pt optimizer.pt trainer.pt meta.json   (see moeflow.models.train.state)
-        expert_load.npz                             (the expert-load history up to this step)
+        model/ optim/ trainer.pt meta.json   (sharded, see moeflow.models.train.state; older
+                                              checkpoints: model.pt optimizer.pt trainer.pt meta.json)
+        expert_load.npz ...                   (a stage's extra files, e.g. post-training's)
+
+Under several ranks every rank uploads its own shard files into the artefact (``save_sharded``);
+rank 0 commits the manifest once all of them are in.
 
 A reader never sees a half-written checkpoint: ``latest()`` only considers folders whose
 manifest is committed, so a worker killed mid-upload leaves the previous checkpoint as the
@@ -90,16 +94,79 @@ class CheckpointManager:
         meta = {"step": int(step), "kind": "pretrain-checkpoint", **(metadata or {})}
         # overwrite: a restarted worker may re-save the step it died at (same deterministic state)
         with self.store.write_artifact(prefix, metadata=meta, overwrite=True) as writer:
-            for path in sorted(local_dir.iterdir()):
-                if path.is_file():
-                    writer.put_file(path.name, path)
+            for name, path in _files(local_dir):
+                writer.put_file(name, path)
         ref = CheckpointRef(int(step), prefix, self.store.uri(prefix))
         log.info("checkpoint step %d committed at %s", step, ref.uri)
+        self._registered(ref)
+        return ref
+
+    def save_sharded(self, step: int, local_dir: str | Path, metadata: dict[str, Any] | None = None) -> CheckpointRef:
+        """Collective (every rank calls it): commit the union of every rank's ``local_dir`` as one artefact.
+
+        Each rank uploads its own files (its DCP shards; rank 0 also the small files) straight into the
+        staging area of rank 0's artefact writer — no file crosses to rank 0 — and sends rank 0 only
+        their names, sizes and sha256; rank 0 commits the manifest after every rank's upload, then
+        prunes. A failure on any rank aborts the artefact on every rank (nothing is committed).
+        Single process: ``save``.
+        """
+        import torch.distributed as dist
+
+        from moeflow.platform.store.artifact import stage_file
+
+        from .distributed import broadcast
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.save(step, local_dir, metadata)
+        rank, local_dir = dist.get_rank(), Path(local_dir)
+        prefix = f"{self.prefix}/{step_name(step)}"
+        writer, error = None, None
+        if rank == 0:
+            meta = {"step": int(step), "kind": "pretrain-checkpoint", **(metadata or {})}
+            writer = self.store.write_artifact(prefix, metadata=meta, overwrite=True)
+            try:
+                writer.begin()
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it (below)
+                error = f"rank 0: {exc}"
+        staging = broadcast(writer.staging_prefix if rank == 0 and not error else None)
+        infos: dict[str, dict] = {}
+        if staging is not None and rank != 0:
+            try:
+                for name, path in _files(local_dir):
+                    infos[name] = stage_file(self.store, staging, name, path)
+            except Exception as exc:  # noqa: BLE001
+                error = f"rank {rank}: {exc}"
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (infos, error))
+        errors = [e for _, e in everyone if e]
+        ref = None
+        if rank == 0 and not errors:
+            try:
+                for name, path in _files(local_dir):
+                    writer.put_file(name, path)
+                for other, _ in everyone[1:]:
+                    for name, info in other.items():
+                        writer.adopt(name, info)
+                writer.commit()
+                ref = CheckpointRef(int(step), prefix, self.store.uri(prefix))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"rank 0: {exc}")
+        if rank == 0 and writer is not None and ref is None:
+            writer.abort()
+        outcome = broadcast((ref, errors))
+        if outcome[1]:
+            raise RuntimeError(f"checkpoint step {step} was not committed: " + "; ".join(outcome[1]))
+        ref = outcome[0]
+        if rank == 0:
+            log.info("checkpoint step %d committed at %s (%d ranks' files)", step, ref.uri, len(everyone))
+            self._registered(ref)
+        return ref
+
+    def _registered(self, ref: CheckpointRef) -> None:
         if self.catalog is not None:
             self.catalog.register_model(self.model_name, ref.uri, self.config_hash,
-                                        metrics={"step": int(step), "checkpoint": 1})
+                                        metrics={"step": ref.step, "checkpoint": 1})
         self.prune()
-        return ref
 
     def prune(self) -> list[int]:
         """Delete all but the newest ``keep_last`` committed checkpoints; returns removed steps.
@@ -154,6 +221,12 @@ class CheckpointManager:
             raise ChecksumError(f"every checkpoint under {self.store.uri(self.prefix)} is corrupted: "
                                 + "; ".join(skipped), self.store.uri(self.prefix))
         return None
+
+
+def _files(local_dir: Path) -> list[tuple[str, Path]]:
+    """(artefact name, path) of every file under ``local_dir``, sub-folders included (a sharded
+    checkpoint keeps its DCP folders ``model/`` and ``optim/``)."""
+    return [(path.relative_to(local_dir).as_posix(), path) for path in sorted(local_dir.rglob("*")) if path.is_file()]
 
 
 def download_checkpoint(uri: str, local_dir: str | Path | None = None) -> Path:

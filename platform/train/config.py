@@ -52,7 +52,14 @@ def _overrides_model() -> type[_OverridesBase]:
 ModelOverrides = _overrides_model()
 
 
-_LATER_FIELDS = {"document_masking": True}  # field -> default; see PretrainConfig._dump
+# Fields added after checkpoints stored their config, left out of the dump when at this value; see
+# PretrainConfig._dump. Empty today. document_masking used to be here (left out when on, its default),
+# so the default doc-masked config hashed like a plain-causal config stored before the field and the
+# stage cache reused that causal run; leaving it out when OFF instead breaks the round trip (from_dict
+# would read the missing key as on). It is always dumped now: configs from before the field hash
+# differently (a re-run starts a new output prefix instead of reusing or resuming a run that trained
+# something else).
+_LATER_FIELDS: dict[str, object] = {}
 
 
 class PretrainConfig(StageConfig):
@@ -107,8 +114,9 @@ class PretrainConfig(StageConfig):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict:
-        # Fields added after checkpoints stored their config are dumped only when changed from the
-        # default, so a config written before them dumps (and hashes, and names its cache) as before.
+        # A field added after checkpoints stored their config may be left out when it is at the value
+        # that reproduces the behaviour from before the field AND that value is its default (so from_dict
+        # reads the missing key back the same); then an old config dumps and hashes as before.
         data = handler(self)
         for name, default in _LATER_FIELDS.items():
             if data.get(name) == default:

@@ -19,6 +19,14 @@ the plan of the saved epoch up to the saved row, then reading tokens from there:
 ``{"epoch", "row"}`` restores the exact stream. A background thread prefetches batches;
 ``state_dict()`` reflects what the consumer has taken, never what was prefetched.
 
+Resuming on a different number of ranks (``load_resharded``): the rows the old ranks had not
+consumed yet — the rest of every epoch that any old rank had started, as the OLD split planned it —
+become a *pending* list of row ranges ``(epoch, world_size, rank, start, stop)`` of those old
+plans, dealt round-robin to the new ranks (pending row ``i`` goes to new rank ``i % W'``); after
+it, each new rank continues with the next epoch under the new split. The state then also holds
+``pending`` (the same on every rank) and ``taken`` (how many of its pending rows this rank has
+consumed), so a resharded run can be checkpointed and resharded again.
+
 Shapes: batches are ``(B, T + 1)`` int64 tensors (B rows, T = seq_len).
 """
 
@@ -171,17 +179,28 @@ class PackedLoader:
         self.bos_id = bos_id
         self.has_bos = detect_bos(ds, bos_id)
         self._starts, self._lengths = document_spans(ds.doc_starts, ds.num_tokens)
-        self._state = {"epoch": 0, "row": 0}
+        self._state: dict[str, Any] = {"epoch": 0, "row": 0, "pending": [], "taken": 0}
+        self._lengths_cache: dict[tuple[int, int, int], int] = {}
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._sync_iter: Iterator[tuple[np.ndarray, dict]] | None = None
 
     # ---------------------------------------------------------------- plan and reading
-    def rows(self, epoch: int) -> Iterator[list[Piece]]:
-        order = rank_document_order(len(self._starts), seed=self.seed, epoch=epoch, rank=self.rank,
-                                    world_size=self.world_size, shuffle=self.shuffle)
+    def rows(self, epoch: int, rank: int | None = None, world_size: int | None = None) -> Iterator[list[Piece]]:
+        """The rows of ``epoch`` planned for ``rank`` of ``world_size`` (default: this loader's)."""
+        order = rank_document_order(len(self._starts), seed=self.seed, epoch=epoch,
+                                    rank=self.rank if rank is None else rank,
+                                    world_size=self.world_size if world_size is None else world_size,
+                                    shuffle=self.shuffle)
         return plan_rows(order, self._starts, self._lengths, self.seq_len + 1, self.has_bos, self.buffer_size)
+
+    def plan_length(self, epoch: int, rank: int, world_size: int) -> int:
+        """How many rows ``rank`` of ``world_size`` has in ``epoch`` (plans the epoch; no tokens read)."""
+        key = (epoch, rank, world_size)
+        if key not in self._lengths_cache:
+            self._lengths_cache[key] = sum(1 for _ in self.rows(epoch, rank, world_size))
+        return self._lengths_cache[key]
 
     def read_row(self, row: list[Piece]) -> np.ndarray:
         parts = []
@@ -193,14 +212,45 @@ class PackedLoader:
         assert out.shape == (self.seq_len + 1,), out.shape
         return out
 
-    def _row_stream(self, epoch: int, skip: int) -> Iterator[tuple[list[Piece], int, int]]:
-        """(row, epoch, index) forever, starting at row ``skip`` of ``epoch``."""
+    def _pending_stream(self, pending: list[list[int]], taken: int) -> Iterator[tuple[list[Piece], int]]:
+        """(row, taken after it): this rank's share of ``pending`` (global row ``i`` goes to rank
+        ``i % world_size``), from its ``taken``-th row on."""
+        index, mine = 0, 0  # global pending index; this rank's rows passed so far
+        for epoch, world_size, rank, start, stop in pending:
+            size = stop - start
+            ours = len(range((self.rank - index) % self.world_size, size, self.world_size))
+            if mine + ours <= taken:  # every row of ours in this range was consumed: skip planning it
+                index, mine = index + size, mine + ours
+                continue
+            i = -1
+            for i, row in enumerate(self.rows(epoch, rank, world_size)):
+                if i >= stop:
+                    break
+                if i < start:
+                    continue
+                if index % self.world_size == self.rank:
+                    if mine >= taken:
+                        yield row, mine + 1
+                    mine += 1
+                index += 1
+            if i < stop - 1:
+                raise ValueError(f"pending rows {start}..{stop} of epoch {epoch} (rank {rank}/{world_size}) are "
+                                 f"past the end of that plan ({i + 1} rows): not this dataset's checkpoint")
+
+    def _row_stream(self, epoch: int, skip: int, pending: list | None = None,
+                    taken: int = 0) -> Iterator[tuple[list[Piece], dict]]:
+        """(row, state after it) forever: this rank's pending rows, then row ``skip`` of ``epoch`` on."""
+        pending = [list(p) for p in pending or []]
+        for row, mine in self._pending_stream(pending, taken):
+            yield row, {"epoch": epoch, "row": skip, "pending": pending, "taken": mine}
+        total = sum(p[4] - p[3] for p in pending)
+        taken = len(range(self.rank, total, self.world_size))
         while True:
             count = 0
             for index, row in enumerate(self.rows(epoch)):
                 count += 1
                 if index >= skip:
-                    yield row, epoch, index
+                    yield row, {"epoch": epoch, "row": index + 1, "pending": pending, "taken": taken}
             if count == 0:
                 raise ValueError(f"rank {self.rank}/{self.world_size}: no full row of {self.seq_len + 1} "
                                  f"tokens in epoch {epoch} (dataset too small for this seq_len / world size)")
@@ -208,20 +258,19 @@ class PackedLoader:
                 raise ValueError(f"loader state row={skip} is past the end of epoch {epoch} ({count} rows)")
             epoch, skip = epoch + 1, 0
 
-    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[np.ndarray, dict]]:
-        stream = self._row_stream(epoch, skip)
+    def _batches(self, state: dict) -> Iterator[tuple[np.ndarray, dict]]:
+        stream = self._row_stream(state["epoch"], state["row"], state.get("pending"), state.get("taken", 0))
         while True:
-            rows, state = [], None
+            rows = []
             for _ in range(self.batch_size):
-                row, ep, index = next(stream)
+                row, state = next(stream)
                 rows.append(self.read_row(row))
-                state = {"epoch": ep, "row": index + 1}
             yield np.stack(rows), state
 
     # ---------------------------------------------------------------- background prefetch
-    def _producer(self, epoch: int, skip: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _producer(self, state: dict, out: queue.Queue, stop: threading.Event) -> None:
         try:
-            for item in self._batches(epoch, skip):
+            for item in self._batches(state):
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
@@ -237,7 +286,7 @@ class PackedLoader:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._thread = threading.Thread(target=self._producer, daemon=True, name=f"loader-rank{self.rank}",
-                                        args=(self._state["epoch"], self._state["row"], self._queue, self._stop))
+                                        args=(dict(self._state), self._queue, self._stop))
         self._thread.start()
 
     def close(self) -> None:
@@ -252,7 +301,7 @@ class PackedLoader:
     def __next__(self) -> torch.Tensor:
         if self.prefetch <= 0:  # synchronous path (debugging, deterministic profiling)
             if self._sync_iter is None:
-                self._sync_iter = self._batches(self._state["epoch"], self._state["row"])
+                self._sync_iter = self._batches(dict(self._state))
             batch, state = next(self._sync_iter)
         else:
             if self._thread is None:
@@ -269,16 +318,98 @@ class PackedLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": int(self._state["epoch"]), "row": int(self._state["row"]), "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "seq_len": self.seq_len,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "pending": [list(p) for p in self._state.get("pending", [])],
+                "taken": int(self._state.get("taken", 0))}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "world_size", "seq_len"):
+    def _check_state(self, state: dict[str, Any], keys: tuple[str, ...]) -> None:
+        for key in keys:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
-                                 f"{key}={getattr(self, key)}; exact resume needs the same value")
+                                 f"{key}={getattr(self, key)}; resuming needs the same value")
+
+    def _set_state(self, state: dict[str, Any]) -> None:
         self.close()
         self._sync_iter = None
-        self._state = {"epoch": int(state["epoch"]), "row": int(state["row"])}
+        self._state = {"epoch": int(state["epoch"]), "row": int(state["row"]),
+                       "pending": [[int(x) for x in p] for p in state.get("pending", [])],
+                       "taken": int(state.get("taken", 0))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's own saved position (same world size): the exact stream resumes."""
+        self._check_state(state, ("seed", "world_size", "seq_len"))
+        self._set_state(state)
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Resume from the positions of ALL ranks of a run with another number of ranks.
+
+        Guaranteed (rows are the unit; a row is a fixed list of dataset token spans): over the whole
+        run, old ranks before the checkpoint plus new ranks after it, every row of every epoch the old
+        ranks had started is consumed exactly once — nothing skipped, nothing repeated — as the OLD
+        split planned it (``pending``, dealt round-robin to the new ranks); the following epochs use
+        the new split. Not kept: which rank sees a row and at which step (so the weights are not those
+        of any uninterrupted run), and the epoch boundary of the pending rows (a new rank may start
+        the next epoch one row before another). Cost: every old rank's plan of those epochs is
+        replayed once (index arithmetic, no tokens read).
+        """
+        old_world = len(states)
+        for state in states:
+            self._check_state(state, ("seed", "seq_len"))
+            if state.get("world_size", old_world) != old_world:
+                raise ValueError(f"loader states of {old_world} ranks, but one was saved with "
+                                 f"world_size={state['world_size']}")
+        pending = [[int(x) for x in p] for p in states[0].get("pending", [])]
+        if any([[int(x) for x in p] for p in s.get("pending", [])] != pending for s in states):
+            raise ValueError("loader states disagree on the pending rows: not one run's checkpoint")
+        total = sum(p[4] - p[3] for p in pending)
+        taken = [int(s.get("taken", 0)) for s in states]
+        own = [len(range(q, total, old_world)) for q in range(old_world)]
+        # 1. pending rows nobody consumed: global row i was consumed iff i // W < taken[i % W]
+        low, high = min(taken) * old_world, min(max(taken) * old_world, total)
+        left = _slice_ranges(pending, low, low)  # empty; built up in order below
+        for i in range(low, high):
+            if i // old_world >= taken[i % old_world]:
+                left += _slice_ranges(pending, i, i + 1)
+        left += _slice_ranges(pending, high, total)
+        # 2. the epochs the old ranks had started under their own split
+        positions = [(int(s["epoch"]), int(s["row"])) if taken[q] >= own[q] else (int(s["epoch"]), 0)
+                     for q, s in enumerate(states)]
+        first, last = min(p[0] for p in positions), max(p[0] for p in positions)
+        if all(p == (last, 0) for p in positions):
+            next_epoch = last  # nobody started it: the new split takes it whole
+        else:
+            next_epoch = last + 1
+            for epoch in range(first, last + 1):
+                for q, (at_epoch, at_row) in enumerate(positions):
+                    if at_epoch > epoch:
+                        continue
+                    start = at_row if at_epoch == epoch else 0
+                    stop = self.plan_length(epoch, q, old_world)
+                    if start < stop:
+                        left.append([epoch, old_world, q, start, stop])
+        self._set_state({"epoch": next_epoch, "row": 0, "pending": _merge_ranges(left), "taken": 0})
+
+
+def _slice_ranges(ranges: list[list[int]], a: int, b: int) -> list[list[int]]:
+    """The rows with global index in ``[a, b)`` of a list of ``[epoch, world_size, rank, start, stop]``."""
+    out, offset = [], 0
+    for epoch, world_size, rank, start, stop in ranges:
+        size = stop - start
+        lo, hi = max(a - offset, 0), min(b - offset, size)
+        if lo < hi:
+            out.append([epoch, world_size, rank, start + lo, start + hi])
+        offset += size
+    return out
+
+
+def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
+    """Adjacent ranges of the same plan joined (keeps the pending list short)."""
+    out: list[list[int]] = []
+    for r in ranges:
+        if out and out[-1][:3] == r[:3] and out[-1][4] == r[3]:
+            out[-1] = [*out[-1][:4], r[4]]
+        else:
+            out.append(list(r))
+    return out
 
 
 def eval_batches(ds: TokenSource, *, seq_len: int, batch_size: int, num_batches: int, rank: int = 0,

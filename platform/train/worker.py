@@ -2,8 +2,10 @@
 
 ``train_worker(config_dict)`` runs on every rank (Ray Train, torchrun or a plain process): it
 joins the group (``distributed.worker_context``), builds the model, wraps it in DDP or FSDP2
-per ``PretrainConfig.parallelism``, resumes from the newest committed checkpoint in the store,
-trains, checkpoints every ``checkpoint_every`` steps and at the end (each checkpoint preceded by
+per ``PretrainConfig.parallelism``, resumes from the newest committed checkpoint in the store
+(written by any number of workers: model, optimiser and data position are resharded, see
+``models.train.state``), trains, checkpoints every ``checkpoint_every`` steps and at the end
+(sharded: every rank uploads its own DCP shards into the one artefact; each checkpoint preceded by
 its train-log segment: the history and expert-load windows since the previous one, see
 ``train_log``), and writes the expert-load artefact. Rank 0 alone logs metrics; under Ray every rank calls ``ray.train.report`` on log
 steps (V2 expects all workers to report the same number of times).
@@ -137,20 +139,23 @@ def resume_from_latest(manager: CheckpointManager, trainer, loader, ctx: WorkerC
 
 def save_checkpoint(trainer, loader, manager: CheckpointManager, ctx: WorkerContext,
                     extra_files: dict[str, Any] | None = None, include_history: bool = True) -> CheckpointRef:
-    """Capture (collective), write on rank 0 with ``extra_files`` (name -> callable(path)), broadcast the ref.
+    """Capture and save sharded (collective): every rank writes its own shards into its local scratch
+    folder and uploads them into the one checkpoint artefact; rank 0 adds the small files and
+    ``extra_files`` (name -> callable(path)) and commits. Returns the ref on every rank.
 
     include_history=False: the metrics history stays out of ``trainer.pt`` (see ``train_log``)."""
     captured = train_state.capture(trainer, loader, include_history=include_history)
-    ref = None
-    if ctx.rank == 0:
-        local = ctx.tmp / f"ckpt-{trainer.step}"
+    local = ctx.tmp / f"ckpt-{trainer.step}"
+    try:
         train_state.save(captured, local)
-        for name, write in (extra_files or {}).items():
-            write(local / name)
-        ref = manager.save(trainer.step, local, metadata={"world_size": ctx.world_size,
-                                                          "tokens_seen": trainer.tokens_seen})
+        del captured
+        if ctx.rank == 0:
+            for name, write in (extra_files or {}).items():
+                write(local / name)
+        return manager.save_sharded(trainer.step, local, metadata={"world_size": ctx.world_size,
+                                                                   "tokens_seen": trainer.tokens_seen})
+    finally:
         shutil.rmtree(local, ignore_errors=True)
-    return broadcast(ref)
 
 
 # ------------------------------------------------------------------ the per-worker function
