@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr | None = None
     s3_secure: bool = False
     s3_region: str | None = None
+    s3_retry_tries: int = Field(
+        4, ge=1, le=30, description="attempts of each S3 request before a stage fails (transient errors only)")
+    s3_retry_max_delay_s: float = Field(
+        5.0, gt=0, le=300, description="cap of the exponential backoff between S3 attempts; with s3_retry_tries it "
+        "sets how long a stage rides out an S3 restart (defaults: ~1.5 s; 10 tries, 5 s cap: ~30 s)")
 
     # databases: SQLite files under home by default, PostgreSQL URLs in a cluster
     catalog_url: str | None = Field(None, description="SQLAlchemy URL of the lineage catalog")
@@ -81,6 +86,9 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
     ray_placement_timeout_s: float = Field(
         120.0, gt=0, description="seconds training waits for Ray to place its workers before failing")
+    ray_max_failures: int = Field(
+        2, ge=-1, le=1000, description="times Ray Train restarts a training worker group that lost a worker "
+        "(a dead process or node) from the last committed checkpoint; -1: without limit, 0: never")
 
     @field_validator("home", "store_dir", mode="before")
     @classmethod

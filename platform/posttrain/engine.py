@@ -425,7 +425,7 @@ def _log(tracker, metrics: dict, step: int) -> None:
 
 # ------------------------------------------------------------------ the driver
 def run_posttrain(job: PostTrainJob, store, *, tracker=None, catalog=None, num_workers: int = 1,
-                  use_gpu: bool = False, use_ray: bool | None = None, max_failures: int = 2) -> PostTrainResult:
+                  use_gpu: bool = False, use_ray: bool | None = None, max_failures: int | None = None) -> PostTrainResult:
     """Train (resuming if checkpoints exist), export HF, register the new version (parent = the input)."""
     job = dataclasses.replace(job, store_uri=job.store_uri or store.root_uri,
                               device="cuda" if use_gpu else "cpu")

@@ -64,7 +64,7 @@ def _settings(settings: "Settings | None") -> "Settings":
 
 def s3_config(settings: "Settings | None" = None, **overrides) -> "S3Config":
     """The S3 connection of the settings (``overrides`` tune timeouts, part size, retries)."""
-    from .s3 import S3Config
+    from .s3 import RetryPolicy, S3Config
 
     settings = _settings(settings)
     if not settings.s3_endpoint:
@@ -76,7 +76,8 @@ def s3_config(settings: "Settings | None" = None, **overrides) -> "S3Config":
         secret_key=secret(settings.s3_secret_key),
         secure=settings.s3_secure,
         region=settings.s3_region,
-        **overrides,
+        **{"retry": RetryPolicy(tries=settings.s3_retry_tries, max_delay_s=settings.s3_retry_max_delay_s),
+           **overrides},
     )
 
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def run_pretrain(config: PretrainConfig | dict, store, *, tokens_uri: str, output_prefix: str, num_workers: int = 1,
                  use_gpu: bool = False, tracker=None, catalog=None, use_ray: bool | None = None,
-                 max_failures: int = 2, run_name: str = "pretrain", model_name: str = "moe",
+                 max_failures: int | None = None, run_name: str = "pretrain", model_name: str = "moe",
                  extra_launch: dict | None = None) -> PretrainResult:
     """Pretrain (resuming if checkpoints exist) and export HF; returns the URIs and final metrics.
 

@@ -1,8 +1,11 @@
 """Run a training worker function on Ray Train V2 (``TorchTrainer``).
 
 ``launch_ray(config, num_workers, use_gpu, worker=train_worker)`` runs ``worker(config)`` on
-``num_workers`` Ray Train workers with ``FailureConfig(max_failures)``: a worker that dies is
-restarted with the whole group, and the worker resumes from the store's newest checkpoint. We
+``num_workers`` Ray Train workers with ``FailureConfig(max_failures)`` (default the settings'
+``ray_max_failures``, ``MOEFLOW_RAY_MAX_FAILURES``): a worker that dies, alone or with its node, is
+restarted with the whole group, and the worker resumes from the store's newest checkpoint. A lost
+node's workers wait (Ray Train retries the placement without counting failures) until the cluster
+has room again, e.g. until KubeRay has replaced the node. We
 keep our own checkpoints in the object store (not Ray's checkpoint API): the same resume path
 then serves Ray restarts, a re-run of the Prefect task and a torchrun job. Any stage's worker
 function fits (``worker`` takes the JSON-serialisable config dict).
@@ -74,14 +77,22 @@ def _resources(available: dict, wanted: dict) -> dict:
     return {k: round(float(available.get(k, 0.0)), 2) for k in wanted}
 
 
-def launch_ray(config: dict, num_workers: int, use_gpu: bool = False, *, max_failures: int = 2,
+def failure_config(settings, max_failures: int | None = None):
+    """Ray Train's ``FailureConfig``: ``max_failures`` restarts of the worker group, default the settings'
+    ``ray_max_failures``."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(max_failures=settings.ray_max_failures if max_failures is None else max_failures)
+
+
+def launch_ray(config: dict, num_workers: int, use_gpu: bool = False, *, max_failures: int | None = None,
                settings=None, cpus_per_worker: float = 1, worker: Callable[[dict], Any] | None = None,
                placement_timeout_s: float | None = None) -> Any:
     """Run ``worker`` (default: pretraining's ``train_worker``) on Ray Train workers; returns Ray's ``Result``.
 
     Fails with ``PlacementTimeout`` when the workers cannot be placed within
     ``placement_timeout_s`` (default ``settings.ray_placement_timeout_s``)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from moeflow.platform.compute import ensure_ray
@@ -102,7 +113,7 @@ def launch_ray(config: dict, num_workers: int, use_gpu: bool = False, *, max_fai
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_bundle(use_gpu, cpus_per_worker)),
         run_config=RunConfig(name=f"{config.get('run_name', 'pretrain')}-{int(time.time())}",
-                             storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
+                             storage_path=str(storage), failure_config=failure_config(settings, max_failures),
                              worker_runtime_env={"env_vars": worker_env()}),
     )
     return trainer.fit()
