@@ -53,6 +53,7 @@ def run_pretrain(config: PretrainConfig | dict, store, *, tokens_uri: str, outpu
     checkpoints). The final model is recorded by the stage (``tasks/pretrain.py``).
     """
     pcfg = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
+    pcfg.mesh_shape(num_workers)  # world = dp x ep x pp: fail here, before any worker starts
     use_ray = num_workers > 1 if use_ray is None else use_ray
     launch = LaunchConfig(pretrain=pcfg.to_dict(), tokens_uri=tokens_uri, output_prefix=output_prefix,
                           store_uri=store.root_uri, run_name=run_name, model_name=model_name,
