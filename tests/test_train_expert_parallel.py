@@ -120,7 +120,8 @@ def _spawn_ep(dp: int, ep: int, parallelism: str = "ddp", grad_accum: int = 2) -
 def _assert_matches_reference(dp: int, ep: int, parallelism: str = "ddp", grad_accum: int = 2) -> None:
     got = _spawn_ep(dp, ep, parallelism, grad_accum)
     ref, ref_state = _reference(dp * ep, grad_accum)
-    assert got["local_expert_shape"][0] == 4 // ep  # each rank holds E/ep experts
+    # each rank holds E/ep experts (FSDP2 shards those rows over dp too)
+    assert got["local_expert_shape"][0] == 4 // ep // (dp if parallelism == "fsdp" else 1)
     for step, (g, r) in enumerate(zip(got["history"], ref["history"])):
         for name in r:
             assert g[name] == pytest.approx(r[name], rel=1e-4, abs=1e-6), (step, name, g[name], r[name])
@@ -133,8 +134,10 @@ def _assert_matches_reference(dp: int, ep: int, parallelism: str = "ddp", grad_a
         assert r.abs().max() > 0  # the bias moved: the test can see a wrong count
         torch.testing.assert_close(g, r, rtol=0, atol=1e-7)
     assert got["plain"].keys() == ref_state.keys()
+    # weights: AdamW's first steps move by ~lr·sign(g), so a near-zero gradient's last-bit noise
+    # (another summation order) can move a weight by a few 1e-6 (lr 1e-2); 1e-5 is 0.1 % of one step
     for name, value in ref_state.items():
-        torch.testing.assert_close(got["plain"][name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got["plain"][name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     one_process = MoETransformer(_config(1, grad_accum).build_model_config())
     one_process.load_state_dict(got["plain"], strict=True)  # the EP checkpoint loads into a plain model
     assert got["reload_losses"][0] == pytest.approx(got["reload_losses"][1], rel=1e-6)

@@ -21,7 +21,7 @@ from moeflow.platform.train.config import PretrainConfig
 from moeflow.platform.train.pipeline_parallel import split_layers
 from train_fakes import one_thread, tiny_model_overrides
 
-STEPS, MICRO, ROWS = 2, 4, 1  # steps, micro-batches per step, rows per micro-batch per replica
+STEPS, MICRO, ROWS = 2, 2, 1  # steps, micro-batches per step, rows per micro-batch per replica
 
 
 def _config(rows: int = ROWS, grad_accum: int = MICRO, schedule: str = "1f1b", pp: int = 2) -> PretrainConfig:
@@ -121,8 +121,10 @@ def _assert_matches_reference(dp: int, pp: int, schedule: str) -> None:
             torch.testing.assert_close(merged_bias[name], ref, rtol=0, atol=1e-7)
     merged_state = {k: v for r in replica0 for k, v in r["state"].items()}
     assert merged_state.keys() == state.keys()
+    # weights: AdamW's first steps move by ~lr·sign(g), so a near-zero gradient's last-bit noise
+    # (another summation order) can move a weight by a few 1e-6 (lr 1e-2); 1e-5 is 0.1 % of one step
     for name, ref in state.items():
-        torch.testing.assert_close(merged_state[name], ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(merged_state[name], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_split_layers_is_even_and_consecutive():

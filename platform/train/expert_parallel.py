@@ -205,6 +205,8 @@ def _fully_shard(model: nn.Module, mesh: DeviceMesh, dtype: str, device: torch.d
         if block.is_moe:
             fully_shard(block.mlp.experts, mesh=mesh["dp"], mp_policy=mp)
             block.mlp.experts.set_gradient_divide_factor(float(mesh.size()))  # sum over dp ÷ world
+            if device.type == "cpu":  # the factor is NCCL's PREMUL_SUM, which gloo lacks: SUM, then scale
+                block.mlp.experts.set_force_sum_reduction_for_comms(True)
     for layer in model.model.layers:
         fully_shard(layer, mesh=world_mesh, mp_policy=mp)
     for module in model.mtp:

@@ -7,7 +7,9 @@ one worker, in-process otherwise), then finalise on the driver (HF export, final
 * ``worker``: ``train_worker`` (the per-rank loop), resume and checkpoint helpers;
 * ``ray_launch``: ``launch_ray`` on Ray Train V2 (any worker function);
 * ``finalize``: ``finalize_run`` after training (HF export, final metrics);
-* ``config``: ``PretrainConfig`` (pydantic, validated where the user typed it).
+* ``config``: ``PretrainConfig`` (pydantic, validated where the user typed it);
+* ``expert_parallel``: routed experts sharded over a (dp, ep) mesh (``PretrainConfig.expert_parallel``),
+  all-to-all dispatch; ``pipeline_parallel``: 1F1B stages (library and tests; not yet in the worker).
 
 Without Ray, MLflow or a store server (e.g. on a GPU box)::
 
