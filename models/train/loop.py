@@ -53,7 +53,7 @@ from torch import nn
 
 from ..mtp import IGNORE_INDEX, mtp_targets
 from .metrics import ThroughputMeter, mfu
-from .optim import build_adamw, set_lr
+from .optim import build_adamw, clip_grad_norm, set_lr
 from .schedules import lr_at
 
 LOSS_PARTS = ("lm_loss", "mtp_loss", "seq_aux_loss", "z_loss", "lb_loss")
@@ -374,12 +374,8 @@ class Trainer:
         return parts, counts_LE, entropy_L
 
     def _clip_gradients(self) -> torch.Tensor:
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm
-            norm = norm.full_tensor()
-        return norm.detach().float()
+        return clip_grad_norm(self.model.parameters(), max_norm).detach().float()
 
     def _accumulate_interval(self, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor,
                              entropy_L: torch.Tensor | None) -> None:

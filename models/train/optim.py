@@ -66,6 +66,36 @@ def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas
     return opt
 
 
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip to the global gradient norm; returns the norm before clipping (a plain scalar tensor).
+
+    Gradients may be plain tensors (one process, DDP) or DTensors on different meshes (FSDP2 over
+    the world, expert shards on the ``ep`` or ``(dp, ep)`` mesh): torch's ``clip_grad_norm_`` refuses
+    DTensors of several meshes, and a local norm would differ between ranks holding different
+    experts (and then so would the clipped replicated weights). So the norm is taken per mesh,
+    made global with ``full_tensor`` (a sum of squares over that mesh's shards), and combined.
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[object, list[torch.Tensor]] = {}  # mesh (None: plain tensors) -> parameters
+    for p in params:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p)
+    squares = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        squares.append(norm.float().pow(2))
+    if not squares:
+        return torch.zeros(())
+    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    if max_norm != float("inf"):
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.device), foreach=True)
+    return total
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -53,13 +53,14 @@ ModelOverrides = _overrides_model()
 
 
 # Fields added after checkpoints stored their config, left out of the dump when at this value; see
-# PretrainConfig._dump. Empty today. document_masking used to be here (left out when on, its default),
+# PretrainConfig._dump: the parallelism fields
+# (a plain single-device run's config hashes as before they existed). document_masking used to be here (left out when on, its default),
 # so the default doc-masked config hashed like a plain-causal config stored before the field and the
 # stage cache reused that causal run; leaving it out when OFF instead breaks the round trip (from_dict
 # would read the missing key as on). It is always dumped now: configs from before the field hash
 # differently (a re-run starts a new output prefix instead of reusing or resuming a run that trained
 # something else).
-_LATER_FIELDS: dict[str, object] = {}
+_LATER_FIELDS: dict[str, object] = {"expert_parallel": 1, "pipeline_parallel": 1, "pipeline_schedule": "1f1b"}
 
 
 class PretrainConfig(StageConfig):
@@ -98,6 +99,13 @@ class PretrainConfig(StageConfig):
                                                                      "(faster, smaller; tiny updates are lost)")
     compile: bool = Field(False, description="torch.compile each decoder block")
     parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: DDP or FSDP2 (one worker: none)")
+    expert_parallel: int = Field(1, ge=1, le=1024, description="expert-parallel degree ep: each group of ep workers "
+                                                               "shares one copy of the routed experts, each worker "
+                                                               "holding num_routed_experts / ep; workers = dp x ep x pp")
+    pipeline_parallel: int = Field(1, ge=1, le=256, description="pipeline stages pp: decoder blocks split over pp "
+                                                                "workers (grad_accum_steps = micro-batches per step)")
+    pipeline_schedule: Literal["1f1b", "interleaved_1f1b"] = Field(
+        "1f1b", description="pipeline schedule (interleaved: two stages per worker)")
     # --- cadence
     log_every: int = Field(10, ge=1, le=1_000_000, description="steps between logged metrics")
     val_every: int = Field(50, ge=0, le=10_000_000, description="steps between validations (0: none; the last step always)")
@@ -129,8 +137,31 @@ class PretrainConfig(StageConfig):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be <= max_steps={self.max_steps}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={self.betas}: each must be in [0, 1)")
-        self.build_model_config()  # the merged model config must be valid too (raises ValueError)
+        model = self.build_model_config()  # the merged model config must be valid too (raises ValueError)
+        self._check_parallel(model)
         return self
+
+    def _check_parallel(self, model: ModelConfig) -> None:
+        ep, pp = self.expert_parallel, self.pipeline_parallel
+        if ep > 1 and model.num_moe_layers == 0:
+            raise ValueError(f"expert_parallel={ep} needs MoE layers; this model (dense_twin={self.dense_twin}) has none")
+        if ep > 1 and model.num_routed_experts % ep:
+            raise ValueError(f"expert_parallel={ep} must divide num_routed_experts={model.num_routed_experts}")
+        stages = pp * (2 if self.pipeline_schedule == "interleaved_1f1b" else 1)
+        if pp > 1 and stages > model.num_layers:
+            raise ValueError(f"pipeline_parallel={pp} ({stages} stages with {self.pipeline_schedule}) needs at least "
+                             f"{stages} decoder layers; the model has num_layers={model.num_layers}")
+        if pp > 1 and self.grad_accum_steps < pp:
+            raise ValueError(f"pipeline_parallel={pp}: grad_accum_steps={self.grad_accum_steps} (the micro-batches "
+                             f"of a step) must be >= {pp} to fill the pipeline")
+
+    def mesh_shape(self, world_size: int) -> tuple[int, int, int]:
+        """(dp, ep, pp) for ``world_size`` workers: world = dp x ep x pp (a one-line error otherwise)."""
+        ep, pp = self.expert_parallel, self.pipeline_parallel
+        if world_size % (ep * pp):
+            raise ValueError(f"{world_size} worker(s) cannot be split into expert_parallel={ep} x "
+                             f"pipeline_parallel={pp}: the number of workers must be a multiple of {ep * pp}")
+        return world_size // (ep * pp), ep, pp
 
     # ------------------------------------------------------------------ derived
     def build_model_config(self) -> ModelConfig:

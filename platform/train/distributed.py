@@ -132,10 +132,17 @@ def open_store(store_uri: str | None):
 
 
 def wrap_model(model: torch.nn.Module, parallelism: str, dtype: str, world_size: int, device: torch.device,
-               find_unused_parameters: bool = False) -> torch.nn.Module:
-    """DDP or FSDP2 around the bare model (architecture stays separate from distribution)."""
+               find_unused_parameters: bool = False, expert_parallel: int = 1) -> torch.nn.Module:
+    """DDP or FSDP2 around the bare model (architecture stays separate from distribution);
+    with ``expert_parallel`` > 1 the routed experts are first sharded over a (dp, ep) mesh
+    (``expert_parallel.parallelize``)."""
     if world_size <= 1:
         return model
+    if expert_parallel > 1:
+        from .expert_parallel import build_mesh, parallelize
+
+        mesh = build_mesh(device.type, world_size // expert_parallel, expert_parallel)
+        return parallelize(model, mesh, parallelism, dtype, device, find_unused_parameters)
     if parallelism == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

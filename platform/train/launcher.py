@@ -7,7 +7,9 @@ one worker, in-process otherwise), then finalise on the driver (HF export, final
 * ``worker``: ``train_worker`` (the per-rank loop), resume and checkpoint helpers;
 * ``ray_launch``: ``launch_ray`` on Ray Train V2 (any worker function);
 * ``finalize``: ``finalize_run`` after training (HF export, final metrics);
-* ``config``: ``PretrainConfig`` (pydantic, validated where the user typed it).
+* ``config``: ``PretrainConfig`` (pydantic, validated where the user typed it);
+* ``expert_parallel``: routed experts sharded over a (dp, ep) mesh (``PretrainConfig.expert_parallel``),
+  all-to-all dispatch; ``pipeline_parallel``: 1F1B stages (library and tests; not yet in the worker).
 
 Without Ray, MLflow or a store server (e.g. on a GPU box)::
 
@@ -53,6 +55,7 @@ def run_pretrain(config: PretrainConfig | dict, store, *, tokens_uri: str, outpu
     checkpoints). The final model is recorded by the stage (``tasks/pretrain.py``).
     """
     pcfg = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
+    pcfg.mesh_shape(num_workers)  # world = dp x ep x pp: fail here, before any worker starts
     use_ray = num_workers > 1 if use_ray is None else use_ray
     launch = LaunchConfig(pretrain=pcfg.to_dict(), tokens_uri=tokens_uri, output_prefix=output_prefix,
                           store_uri=store.root_uri, run_name=run_name, model_name=model_name,

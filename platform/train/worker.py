@@ -187,7 +187,12 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
     model = MoETransformer(pcfg.build_model_config()).to(device)
     if pcfg.param_dtype == "bf16":
         model = model.to(torch.bfloat16)  # the router keeps its bias buffer fp32 (Router._apply)
-    wrapped = wrap_model(model, pcfg.parallelism, pcfg.dtype, world_size, device, cfg.find_unused_parameters)
+    _dp, ep, pp = pcfg.mesh_shape(world_size)
+    if pp > 1:
+        raise ValueError(f"pipeline_parallel={pp}: the pretraining worker does not run pipeline stages yet "
+                         "(moeflow.platform.train.pipeline_parallel is the library piece); use pipeline_parallel=1")
+    wrapped = wrap_model(model, pcfg.parallelism, pcfg.dtype, world_size, device, cfg.find_unused_parameters,
+                         expert_parallel=ep)
     loader = PackedLoader(train_ds, seq_len=pcfg.seq_len, batch_size=pcfg.micro_batch_size, seed=pcfg.seed,
                           rank=rank, world_size=world_size, bos_id=bos_id)
     num_val = max(world_size, pcfg.val_batches - pcfg.val_batches % world_size)  # equal per rank (FSDP)
