@@ -67,5 +67,9 @@ def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """A device-tensor lr (the CUDA-graphed step's) is written in place: the graph reads it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

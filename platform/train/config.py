@@ -52,7 +52,9 @@ def _overrides_model() -> type[_OverridesBase]:
 ModelOverrides = _overrides_model()
 
 
-_LATER_FIELDS = {"document_masking": True}  # field -> default; see PretrainConfig._dump
+# field -> default; see PretrainConfig._dump
+_LATER_FIELDS = {"document_masking": True, "activation_checkpointing": "none", "fp8": [], "fp8_grad_dtype": "e4m3",
+                 "cuda_graph": False}
 
 
 class PretrainConfig(StageConfig):
@@ -91,6 +93,16 @@ class PretrainConfig(StageConfig):
                                                                      "(faster, smaller; tiny updates are lost)")
     compile: bool = Field(False, description="torch.compile each decoder block")
     parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: DDP or FSDP2 (one worker: none)")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="recompute in backward, per decoder block: selective = norms, RoPE, SwiGLU and "
+                            "gathers (keeps matmul and attention outputs), full = the whole block; exact, "
+                            "trades speed for memory (benchmarks/RESULTS.md, issue 16)")
+    fp8: list[Literal["attn", "dense", "shared", "experts", "lm_head"]] = Field(
+        default_factory=list, description="layer groups whose matmuls run in FP8 (rowwise e4m3 scales; "
+                                          "CUDA sm89+; empty = bf16 everywhere, the measured default)")
+    fp8_grad_dtype: Literal["e4m3", "e5m2"] = Field("e4m3", description="FP8 format of the output gradients")
+    cuda_graph: bool = Field(False, description="replay each optimiser step as one CUDA graph after 3 eager "
+                                                "steps (one CUDA worker only; ignored with a log line on CPU)")
     # --- cadence
     log_every: int = Field(10, ge=1, le=1_000_000, description="steps between logged metrics")
     val_every: int = Field(50, ge=0, le=10_000_000, description="steps between validations (0: none; the last step always)")
@@ -121,6 +133,8 @@ class PretrainConfig(StageConfig):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be <= max_steps={self.max_steps}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={self.betas}: each must be in [0, 1)")
+        if len(set(self.fp8)) != len(self.fp8):
+            raise ValueError(f"fp8={self.fp8}: a layer group is listed twice")
         self.build_model_config()  # the merged model config must be valid too (raises ValueError)
         return self
 
