@@ -36,6 +36,8 @@ def _run(steps=3, device="cpu", model_kw=None, **cfg_kw):
     ds = ArrayTokens(pattern_docs(200, seed=0), vocab_size=64)
     torch.manual_seed(cfg.seed)
     model = MoETransformer(cfg.build_model_config()).to(device)
+    if cfg.param_dtype == "bf16":
+        model = model.to(torch.bfloat16)
     loader = PackedLoader(ds, seq_len=cfg.seq_len, batch_size=cfg.micro_batch_size, seed=cfg.seed)
     trainer = Trainer(cfg, model, iter(loader), device=device, bos_id=ds.meta["bos_id"])
     trainer.fit(until_step=steps)
@@ -144,13 +146,14 @@ def test_graphed_step_plumbing_on_cpu_equals_the_eager_loop(monkeypatch):
 @cuda
 def test_loop_cuda_graph_on_cuda_matches_the_eager_loop():
     steps = 7  # 3 eager warm-up steps, the capture, then replays; the lr changes every step
-    ref, ref_hist = _run(steps=steps, device="cuda", dtype="fp32")
-    tr, hist = _run(steps=steps, device="cuda", dtype="fp32", cuda_graph=True)
-    assert tr._graphed is not None and tr._graphed.captured
-    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-4)
+    # bf16 weights: the routed experts take the grouped-GEMM path (the fp32 loop syncs the host)
+    ref, ref_hist = _run(steps=steps, device="cuda", param_dtype="bf16")
+    tr, hist = _run(steps=steps, device="cuda", param_dtype="bf16", cuda_graph=True)
+    assert tr._graphed is not None and tr._graphed.captured and tr._graphed.calls == steps
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-3)
     ref_p, p = _params(ref), _params(tr)
     for name in ref_p:
-        torch.testing.assert_close(p[name], ref_p[name], rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(p[name].float(), ref_p[name].float(), rtol=2e-2, atol=2e-3, msg=name)
     torch.testing.assert_close(tr.cumulative_counts_LE, ref.cumulative_counts_LE)
 
 
