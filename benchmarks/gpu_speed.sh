@@ -20,22 +20,22 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee $
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, hasattr(torch, '_scaled_grouped_mm'))" | tee -a $OUT/env.log
 TOK="file://$PWD/data/store/$(cat data/tokens_uri.txt 2>/dev/null)"
 if [ -n "${TEST:-}" ]; then
-  (cd moeflow && timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_model_speed.py \
-    tests/test_train_speed_options.py 2>&1 | tail -30 | tee $OUT/gpu_tests.log)
+  (cd moeflow && timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_model_speed.py \
+    tests/test_train_speed_options.py 2>&1 | grep -v "^DEBUG" | tail -60 | tee $OUT/gpu_tests.log)
 fi
 if [ -n "${GROUPED:-}${FP8:-}" ]; then
   timeout ${FP8_S:-150} python3 moeflow/benchmarks/bench_fp8.py ${GROUPED:+--grouped-only} --out $OUT/fp8.jsonl 2>&1 \
-    | grep -v -i warn | tee $OUT/fp8.log | tail -16
+    | grep -v -i -e warn -e "^DEBUG" | tee $OUT/fp8.log | tail -16
 fi
 if [ -n "${LOOP:-}" ]; then
   timeout ${LOOP_S:-240} python3 moeflow/benchmarks/bench_train.py speed --tokens-uri "$TOK" --variants "$LOOP" \
-    --steps ${LOOP_STEPS:-30} --batch ${LOOP_B:-8} --log-every 5 --out $OUT/loop.jsonl 2>&1 | grep -v -i warn \
+    --steps ${LOOP_STEPS:-30} --batch ${LOOP_B:-8} --log-every 5 --out $OUT/loop.jsonl 2>&1 | grep -v -i -e warn -e "^DEBUG" \
     | tee $OUT/loop.log | tail -12
 fi
 if [ -n "${CONV:-}" ]; then
   timeout ${CONV_S:-300} python3 moeflow/benchmarks/bench_train.py compare --tokens-uri "$TOK" --preset bench_ref \
     --variants "$CONV" --steps ${CONV_STEPS:-1000} --seq-len 1024 --batch 8 --lr 1e-3 --log-every 10 \
-    --out $OUT/conv.jsonl 2>&1 | grep -v -i warn | tee $OUT/conv.log | tail -8
+    --out $OUT/conv.jsonl 2>&1 | grep -v -i -e warn -e "^DEBUG" | tee $OUT/conv.log | tail -8
 fi
 if [ -n "${IMPLS:-}" ]; then
   timeout ${TRAIN_S:-420} python3 moeflow/benchmarks/bench_model.py --parts train --impls "$IMPLS" \

@@ -392,7 +392,8 @@ class Trainer:
         from ..kernels.graph_step import GraphedStep
 
         keys = [sorted(extra) for _, _, extra in micro_batches]
-        flat = [t for (inputs, targets, extra), names in zip(micro_batches, keys)
+        # contiguous: the same strides on every call (warm-up, capture, replay; see graph_step.static_copy)
+        flat = [t.contiguous() for (inputs, targets, extra), names in zip(micro_batches, keys)
                 for t in (inputs, targets, *(extra[n] for n in names))]
         for group in self.optimizer.param_groups:  # a device-tensor lr: replays read the current value
             if not torch.is_tensor(group["lr"]):
