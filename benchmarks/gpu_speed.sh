@@ -34,7 +34,7 @@ if [ -n "${LOOP:-}" ]; then
 fi
 if [ -n "${CONV:-}" ]; then
   timeout ${CONV_S:-300} python3 moeflow/benchmarks/bench_train.py compare --tokens-uri "$TOK" --preset bench_ref \
-    --variants "$CONV" --steps ${CONV_STEPS:-1000} --seq-len 1024 --batch 8 --lr 1e-3 --log-every 10 \
+    --variants "$CONV" --steps ${CONV_STEPS:-1000} --seq-len ${CONV_SEQ:-1024} --batch ${CONV_B:-8} --lr 1e-3 --log-every 10 \
     --out $OUT/conv.jsonl 2>&1 | grep -v -i -e warn -e "^DEBUG" | tee $OUT/conv.log | tail -8
 fi
 if [ -n "${IMPLS:-}" ]; then
