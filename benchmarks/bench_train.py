@@ -7,6 +7,11 @@ those of the training loop (loader, loss assembly, bias update, logging), not of
     python3 benchmarks/bench_train.py throughput --tokens-uri URI            # bench_ref, tokens/s + MFU
     python3 benchmarks/bench_train.py compare --tokens-uri URI --steps 400   # MoE vs dense twin, balancing modes
     torchrun --nproc_per_node 2 benchmarks/bench_train.py scaling --tokens-uri URI   # data-parallel tokens/s
+    python3 benchmarks/bench_train.py speed --tokens-uri URI --variants bf16,graph,fp8   # speed options, bench_ref
+    python3 benchmarks/bench_train.py compare --tokens-uri URI --variants bf16,fp8 --steps 1000   # FP8 convergence
+
+Speed-option variants (``PretrainConfig`` fields, issue 16): ``bf16`` (none), ``graph`` (cuda_graph),
+``fp8`` (fp8 = ``--fp8-groups``), ``graph_fp8``, ``ac_selective`` / ``ac_full`` (activation_checkpointing).
 
 Results are JSON lines (``--out``) and a table on stdout. MFU = (6 × active non-embedding params +
 causal attention FLOPs) × tokens/s ÷ 798 TFLOP/s (BENCHMARKS.md), per GPU.
@@ -82,7 +87,7 @@ def base_pretrain(args, **over) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["throughput", "compare", "scaling"])
+    p.add_argument("mode", choices=["throughput", "compare", "scaling", "speed"])
     p.add_argument("--tokens-uri", required=True)
     p.add_argument("--store-uri", default=None, help="default: the tokens artefact's store root")
     p.add_argument("--out", default=None)
@@ -96,12 +101,31 @@ def main(argv=None) -> None:
     p.add_argument("--eager", action="store_true")
     p.add_argument("--param-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="GPU weights/optimiser dtype; fp32 = master weights + bf16 autocast")
-    p.add_argument("--variants", default="moe,dense,seq_aux,none")
+    p.add_argument("--variants", default=None, help="compare: moe,dense,seq_aux,none (default); speed: bf16,graph,fp8")
+    p.add_argument("--fp8-groups", default="attn,dense,shared,experts", help="the fp8 variants' layer groups")
+    p.add_argument("--no-doc-mask", action="store_true", help="plain causal attention (as bench_model times)")
     args = p.parse_args(argv)
     store_uri = args.store_uri or args.tokens_uri.split("/datasets/")[0]
     out_prefix = f"bench/{args.mode}/{int(time.time())}"
     rows = []
-    if args.mode in ("throughput", "scaling"):
+    fp8_groups = args.fp8_groups.split(",")
+    speed_variants = {
+        "bf16": {}, "graph": {"cuda_graph": True}, "fp8": {"fp8": fp8_groups},
+        "graph_fp8": {"cuda_graph": True, "fp8": fp8_groups},
+        "ac_selective": {"activation_checkpointing": "selective"}, "ac_full": {"activation_checkpointing": "full"},
+    }
+    doc = {"document_masking": False} if args.no_doc_mask else {}
+    if args.mode == "speed":
+        args.preset = args.preset or "bench_ref"
+        args.steps = args.steps or 30
+        over = {"model_overrides": {"vocab_size": 32768}} if args.preset == "bench_ref" else {}
+        for name in (args.variants or "bf16,graph,fp8").split(","):
+            rows.append(run(f"speed-{name}-b{args.batch}", base_pretrain(args, **over, **doc, **speed_variants[name]),
+                            args.tokens_uri, store_uri, out_prefix))
+            write_row(args, rows[-1])
+            print(json.dumps({k: rows[-1][k] for k in ("name", "wall_s", "tokens_per_s", "mfu", "peak_mem_gib")}),
+                  flush=True)
+    elif args.mode in ("throughput", "scaling"):
         args.preset = args.preset or "bench_ref"
         args.steps = args.steps or 30
         over = {"model_overrides": {"vocab_size": 32768}} if args.preset == "bench_ref" else {}
@@ -117,9 +141,10 @@ def main(argv=None) -> None:
             "dense": {"dense_twin": True},
             "seq_aux": {"model_overrides": {"balancing": "none", "seq_aux_alpha": 1e-3}},
             "none": {"model_overrides": {"balancing": "none", "seq_aux_alpha": 0.0}},
+            **speed_variants,
         }
-        for name in args.variants.split(","):
-            rows.append(run(name, base_pretrain(args, **variants[name]), args.tokens_uri, store_uri, out_prefix))
+        for name in (args.variants or "moe,dense,seq_aux,none").split(","):
+            rows.append(run(name, base_pretrain(args, **doc, **variants[name]), args.tokens_uri, store_uri, out_prefix))
             write_row(args, rows[-1])
             print(json.dumps({k: rows[-1][k] for k in ("name", "wall_s", "tokens_per_s", "mfu")}), flush=True)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -24,10 +24,22 @@ no extra pass over the activation is made. Eager, each quantisation is a separat
 On CPU ``_scaled_mm`` runs too (torch ≥ 2.6), which is what the tests compare against a
 dequantise-then-matmul reference.
 
+Routed experts (group ``"experts"``): ``fp8_grouped_mm`` runs each of the two grouped GEMMs of
+``RoutedExperts._grouped`` through ``torch._scaled_grouped_mm`` (CUDA, sm90+): the permuted token
+rows quantised per row (e4m3), each expert's weight per output row (one scale per expert and
+output feature), bf16 out; dgrad the same way with the gradient per row and the weight per input
+column; wgrad per expert in bf16 (``torch._grouped_mm`` of the saved bf16 rows), as above. Groups
+are padded to 16 rows (``FP8_GROUP_ALIGN``), the alignment the fp8 grouped kernel asks for.
+The token permutation and SwiGLU that produce the GEMM inputs sit in the same compiled block, so the
+rowwise quantisation fuses into them. ``_scaled_grouped_mm`` has no CPU kernel; the CPU reference is
+``reference_fp8_grouped_mm`` (dequantise, then per-group matmul), compared on the GPU.
+
 ``enable_fp8(model, modules=("attn", "dense", "shared"))`` swaps the chosen nn.Linear modules for
 ``Fp8Linear`` (the same Parameter objects, the same names, so checkpoints and the HF export are
-unchanged); ``"lm_head"`` and ``"router"`` are selectable but not defaults (DeepSeek-V3 keeps the
-output head and the gating in high precision).
+unchanged) and, for ``"experts"``, sets ``RoutedExperts.fp8_grad_dtype`` (the same parameters, the
+grouped GEMMs through ``fp8_grouped_mm``). ``"experts"`` and ``"lm_head"`` are selectable but not
+defaults; the router always stays fp32 (DeepSeek-V3 keeps the output head and the gating in high
+precision).
 
 Shape suffixes: M rows (tokens), K in features, N out features.
 """
@@ -40,7 +52,8 @@ from torch import nn
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
-FP8_GROUPS = ("attn", "dense", "shared", "lm_head")
+FP8_GROUPS = ("attn", "dense", "shared", "experts", "lm_head")
+FP8_GROUP_ALIGN = 16  # rows per expert group: the fp8 grouped GEMM wants 16-row aligned offsets
 
 
 def quantize_rows(x_MK: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +124,56 @@ class Fp8Linear(nn.Linear):
         return fp8_linear(x, self.weight, self.grad_dtype)
 
 
+class _Fp8GroupedMatmul(torch.autograd.Function):
+    """y (M, N) = x (M, K) · b[e] (K, N) for the rows of each group e (``offs`` = cumulative group
+    ends, int32); ``w_ENK`` is the stored expert weight (E, N, K), ``b`` its transposed view."""
+
+    @staticmethod
+    def forward(ctx, x_MK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor, grad_dtype: torch.dtype,
+                out_dtype: torch.dtype):
+        xq_MK, sx_M1 = quantize_rows(x_MK.contiguous(), E4M3)
+        wq_ENK, sw_EN1 = quantize_rows(w_ENK.contiguous(), E4M3)  # one scale per expert and output row
+        y_MN = torch._scaled_grouped_mm(xq_MK, wq_ENK.transpose(-2, -1), sx_M1.squeeze(-1), sw_EN1.squeeze(-1),
+                                        offs=offs_E, out_dtype=out_dtype)
+        ctx.save_for_backward(x_MK, w_ENK, offs_E)
+        ctx.grad_dtype = grad_dtype
+        return y_MN
+
+    @staticmethod
+    def backward(ctx, dy_MN: torch.Tensor):
+        x_MK, w_ENK, offs_E = ctx.saved_tensors
+        dx_MK = dw_ENK = None
+        if ctx.needs_input_grad[0]:
+            gq_MN, sg_M1 = quantize_rows(dy_MN.contiguous(), ctx.grad_dtype)
+            wq_EKN, sw_EK1 = quantize_rows(w_ENK.transpose(-2, -1).contiguous(), E4M3)  # per input column
+            dx_MK = torch._scaled_grouped_mm(gq_MN, wq_EKN.transpose(-2, -1), sg_M1.squeeze(-1), sw_EK1.squeeze(-1),
+                                             offs=offs_E, out_dtype=dy_MN.dtype)
+        if ctx.needs_input_grad[1]:  # per expert dy_gᵀ · x_g in bf16 (ragged K = the group's rows)
+            dw_ENK = torch._grouped_mm(dy_MN.t(), x_MK.to(dy_MN.dtype), offs=offs_E).to(w_ENK.dtype)
+        return dx_MK, dw_ENK, None, None, None
+
+
+def fp8_grouped_mm(x_MK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor,
+                   grad_dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """``torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)`` through fp8 (see the module docstring);
+    x (M, K) in the compute dtype, w (E, N, K) the stored expert weight, offs (E,) int32 ends."""
+    with torch.autocast(x_MK.device.type, enabled=False):
+        return _Fp8GroupedMatmul.apply(x_MK, w_ENK.to(x_MK.dtype), offs_E, grad_dtype, x_MK.dtype)
+
+
+def reference_fp8_grouped_mm(x_MK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """What ``fp8_grouped_mm`` computes, as dequantise-then-matmul per group in fp32 (tests)."""
+    xq, sx = quantize_rows(x_MK)
+    wq, sw = quantize_rows(w_ENK)
+    x32, w32 = xq.float() * sx, wq.float() * sw
+    out = x32.new_zeros(x_MK.shape[0], w_ENK.shape[1])
+    start = 0
+    for e, end in enumerate(offs_E.tolist()):
+        out[start:end] = x32[start:end] @ w32[e].t()
+        start = end
+    return out
+
+
 def _linear_groups(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
     """(parent, attribute) of every swappable nn.Linear of an MoETransformer, by group."""
     groups: dict[str, list[tuple[nn.Module, str]]] = {g: [] for g in FP8_GROUPS}
@@ -149,6 +212,21 @@ def enable_fp8(model: nn.Module, modules=("attn", "dense", "shared"), grad_dtype
     swapped = []
     groups = _linear_groups(model)
     for group in modules:
+        if group == "experts":
+            for i, block in enumerate(model.model.layers):
+                experts = getattr(block.mlp, "experts", None) if block.is_moe else None
+                if experts is None or (allowed is not None and id(block) not in allowed):
+                    continue
+                if fp8_supported(experts.gate_up_proj.shape[-1], experts.gate_up_proj.shape[-2]) and \
+                        fp8_supported(experts.down_proj.shape[-1], experts.down_proj.shape[-2]):
+                    experts.fp8_grad_dtype = grad_dtype
+                    swapped.append(f"{names[id(experts)]}")
+            for module in getattr(model, "mtp", []):
+                experts = getattr(module.block.mlp, "experts", None) if module.block.is_moe else None
+                if experts is not None and layers is None:
+                    experts.fp8_grad_dtype = grad_dtype
+                    swapped.append(f"{names[id(experts)]}")
+            continue
         for parent, attr in groups[group]:
             lin = getattr(parent, attr)
             if isinstance(lin, Fp8Linear) or not fp8_supported(lin.in_features, lin.out_features):

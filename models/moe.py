@@ -160,6 +160,9 @@ class RoutedExperts(nn.Module):
 
     group_align = 1  # row multiple per group; 1 measured fastest and correct on H100 (torch 2.11)
     use_grouped_mm: bool | None = None  # None: auto (CUDA + bf16); True/False forces a path
+    # fp8.enable_fp8(model, ["experts"]) sets this to the fp8 gradient dtype: the grouped path's two
+    # GEMMs then run through fp8.fp8_grouped_mm (groups padded to 16 rows); None = bf16 grouped_mm
+    fp8_grad_dtype: torch.dtype | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -206,6 +209,10 @@ class RoutedExperts(nn.Module):
     def _grouped(self, x_sorted_ND, expert_sorted_N, counts_E) -> torch.Tensor:
         N, D = x_sorted_ND.shape
         E, a = self.num_experts, self.group_align
+        if self.fp8_grad_dtype is not None:
+            from .fp8 import FP8_GROUP_ALIGN
+
+            a = max(a, FP8_GROUP_ALIGN)
         if a > 1:
             padded_E = (counts_E + (a - 1)) // a * a
             pad_end_E = torch.cumsum(padded_E, 0, dtype=torch.int32)
@@ -219,8 +226,14 @@ class RoutedExperts(nn.Module):
             x_MD, offs_E = x_sorted_ND, torch.cumsum(counts_E, 0, dtype=torch.int32)
         dtype = self.compute_dtype(x_MD)  # grouped_mm has no autocast rule: cast explicitly (no-op in bf16)
         x_MD = x_MD.to(dtype)
-        h_M2F = _grouped_mm(x_MD, self.gate_up_proj.to(dtype).transpose(-2, -1), offs_E)
-        y_MD = _grouped_mm(self._swiglu_rows(h_M2F), self.down_proj.to(dtype).transpose(-2, -1), offs_E)
+        if self.fp8_grad_dtype is not None:
+            from .fp8 import fp8_grouped_mm
+
+            h_M2F = fp8_grouped_mm(x_MD, self.gate_up_proj.to(dtype), offs_E, self.fp8_grad_dtype)
+            y_MD = fp8_grouped_mm(self._swiglu_rows(h_M2F), self.down_proj.to(dtype), offs_E, self.fp8_grad_dtype)
+        else:
+            h_M2F = _grouped_mm(x_MD, self.gate_up_proj.to(dtype).transpose(-2, -1), offs_E)
+            y_MD = _grouped_mm(self._swiglu_rows(h_M2F), self.down_proj.to(dtype).transpose(-2, -1), offs_E)
         return y_MD.index_select(0, dest_N.long()) if a > 1 else y_MD
 
     def _looped(self, x_sorted_ND, counts_E) -> torch.Tensor:

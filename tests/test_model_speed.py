@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models import fp8
-from moeflow.models.kernels.graph_step import GraphedStep, sync_free_embedding
+from moeflow.models.kernels.graph_step import GraphedStep, static_copy, sync_free_embedding
 from moeflow.models.transformer import set_activation_checkpointing
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -199,6 +199,15 @@ def test_sync_free_embedding_matches_nn_embedding():
     w2 = w.detach().clone().requires_grad_(True)
     F.embedding(ids, w2).backward(dy)
     torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_static_copy_keeps_strides_of_sliced_inputs():
+    batch = torch.arange(30).view(3, 10)
+    targets = batch[:, 1:]  # what the loop passes: a strided view
+    copy = static_copy(targets)
+    assert copy.stride() == targets.stride() and torch.equal(copy, targets)
+    assert copy.data_ptr() != targets.data_ptr()
+    assert targets.clone().stride() != targets.stride()  # why clone() would not do
 
 
 def test_graphed_step_off_cuda_is_the_plain_step():

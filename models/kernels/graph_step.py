@@ -53,6 +53,14 @@ def make_capture_safe(model) -> None:
     model.capture_safe_embedding = True
 
 
+def static_copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` with ``x``'s strides. ``clone()`` makes a sliced input (the loop's ``batch[:, 1:]``)
+    contiguous: compiled code guarded on the warm-up calls' strides would then recompile inside the
+    capture, which CUDA forbids (measured: the loop's first capture failed in the compiled loss)."""
+    out = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+    return out.copy_(x)
+
+
 class GraphedStep:
     """See the module docstring. ``outputs`` of the last call are also kept as ``self.outputs``."""
 
@@ -94,7 +102,7 @@ class GraphedStep:
             for opt in self.optimizers:
                 if not all(group.get("capturable", False) for group in opt.param_groups):
                     raise ValueError(f"GraphedStep: optimiser {type(opt).__name__} needs capturable=True on CUDA")
-            self.static_inputs = tuple(x.clone() for x in inputs)
+            self.static_inputs = tuple(static_copy(x) for x in inputs)
             self._zero_grads()  # the captured backward then writes (not accumulates) the gradients
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):

@@ -31,6 +31,15 @@ pretraining rows without masks every n_m is N/(k·W) and this is exactly the old
 Loss parts are reduced across ranks only on log steps (one small all-reduce), so non-log steps
 never synchronise the host.
 
+Speed options (config fields read with ``getattr``, so configs without them train as before):
+``activation_checkpointing`` ("none" / "selective" / "full"), ``fp8`` (layer groups, see
+``models/fp8.py``) and ``fp8_grad_dtype`` are applied to the bare model by ``prepare_model`` —
+the worker calls it before wrapping the model for DDP/FSDP (FSDP must see the final modules), the
+Trainer again (a no-op then). ``cuda_graph`` replays the device part of ``train_step`` (forward,
+backward, clipping, AdamW, router-bias update) as one CUDA graph (``kernels/graph_step.py``) after
+3 eager steps; the optimiser then runs capturable with a device-tensor learning rate, written
+before each replay. One CUDA rank only; on CPU it is ignored with a log line.
+
 A batch is a ``(B, T + 1)`` token tensor (inputs and next-token targets are its two shifts) or a
 dict with ``input_ids`` (B, T), ``targets`` (B, T) (-100 = no loss) and optionally
 ``document_ids`` (B, T) for rows packed from several documents (block-diagonal attention). With
@@ -43,6 +52,7 @@ Shape suffixes: B rows, T tokens per row, L MoE layers, E routed experts.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -57,6 +67,8 @@ from .optim import build_adamw, clip_grad_norm, set_lr
 from .schedules import lr_at
 
 LOSS_PARTS = ("lm_loss", "mtp_loss", "seq_aux_loss", "z_loss", "lb_loss")
+GRAPH_WARMUP_STEPS = 3  # eager optimiser steps before the CUDA graph is captured (compile, autotuning)
+log = logging.getLogger(__name__)
 
 
 class Logger(Protocol):
@@ -95,7 +107,8 @@ class LoopConfig(Protocol):
     val_every: int
     bytes_per_token: float | None
     peak_flops: float
-    # optional: document_masking (bool, default off when absent), see Trainer._documents
+    # optional: document_masking (bool, default off when absent), see Trainer._documents;
+    # activation_checkpointing, fp8, fp8_grad_dtype, cuda_graph (speed options, see the module docstring)
 
     def tokens_per_step(self, world_size: int = 1) -> int: ...
 
@@ -150,6 +163,24 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)  # DDP
 
 
+def prepare_model(model: nn.Module, cfg) -> list[str]:
+    """Apply the config's activation checkpointing and FP8 groups to a bare MoETransformer in place
+    (idempotent); returns the FP8 module names. Call before DDP/FSDP wrapping and compilation."""
+    if not (hasattr(model, "model") and hasattr(model.model, "layers")):
+        return []  # not an MoETransformer (e.g. a reward head's wrapper): nothing to apply
+    policy = getattr(cfg, "activation_checkpointing", "none") or "none"
+    from ..transformer import set_activation_checkpointing
+
+    set_activation_checkpointing(model, policy)
+    groups = list(getattr(cfg, "fp8", None) or [])
+    if not groups:
+        return []
+    from .. import fp8
+
+    grad_dtype = {"e4m3": fp8.E4M3, "e5m2": fp8.E5M2}[getattr(cfg, "fp8_grad_dtype", "e4m3")]
+    return fp8.enable_fp8(model, groups, grad_dtype=grad_dtype)
+
+
 # ------------------------------------------------------------------ the trainer
 StepCallback = Callable[["Trainer", int, dict], None]
 
@@ -172,6 +203,7 @@ class Trainer:
         self.model = model
         self.wrapped = wrapped if wrapped is not None else model
         self.forward_module = self.wrapped
+        prepare_model(model, cfg)  # before compiling: the policy and the FP8 modules are traced
         if cfg.compile:
             if hasattr(model, "model") and hasattr(model.model, "layers"):
                 from ..transformer import compile_blocks
@@ -224,6 +256,20 @@ class Trainer:
         self._interval_steps = 0
         self.meter = ThroughputMeter()
         self.last_val: dict[str, float] = {}
+        self._graphed = None  # GraphedStep of the device part of train_step (cuda_graph)
+        self.use_cuda_graph = bool(getattr(cfg, "cuda_graph", False))
+        if self.use_cuda_graph and self.device.type != "cuda":
+            log.warning("cuda_graph=True ignored: the device is %s, CUDA graphs need CUDA", self.device)
+            self.use_cuda_graph = False
+        if self.use_cuda_graph and self.world_size > 1:
+            raise ValueError(f"cuda_graph=True needs one CUDA worker; this run has {self.world_size} "
+                             "(the gradient all-reduce is not captured)")
+        if self.use_cuda_graph:
+            from ..kernels.graph_step import make_capture_safe
+
+            make_capture_safe(model)  # sync-free embedding backward
+            for group in self.optimizer.param_groups:
+                group["capturable"] = True  # AdamW's step counters stay on the device
 
     # ---------------------------------------------------------------- one optimiser step
     def _autocast(self):
@@ -293,18 +339,13 @@ class Trainer:
                    total_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
         set_lr(self.optimizer, lr)
         micro_batches = [self._split(next(self.train_batches)) for _ in range(cfg.grad_accum_steps)]
-        parts, counts_LE, entropy_L = self.accumulate_gradients(micro_batches)
-
-        # global expert counts: summed over micro-batches (above) and ranks (here)
-        if counts_LE is not None:
-            if _distributed():
-                dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM)
-        grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.use_cuda_graph:
+            parts, counts_LE, entropy_L, grad_norm = self._graphed_step(micro_batches)
+        else:
+            self._plain_optimizer_groups()
+            parts, counts_LE, entropy_L, grad_norm = self._device_step(micro_batches)
+            self.optimizer.zero_grad(set_to_none=True)
         if counts_LE is not None and hasattr(self.model, "apply_router_bias_update"):
-            if self.update_router_bias:
-                self.model.apply_router_bias_update(counts_LE.to(torch.float32))
             self.last_counts_LE = counts_LE
             self.interval_counts_LE += counts_LE
             self.cumulative_counts_LE += counts_LE
@@ -330,6 +371,60 @@ class Trainer:
         for callback in self.callbacks:
             callback(self, self.step, metrics)
         return metrics
+
+    def _device_step(self, micro_batches):
+        """The device part of one optimiser step: gradients, clipping, AdamW, router-bias update.
+        No host synchronisation (the CUDA graph captures exactly this); gradients are left set."""
+        parts, counts_LE, entropy_L = self.accumulate_gradients(micro_batches)
+        # global expert counts: summed over micro-batches (above) and ranks (here)
+        if counts_LE is not None and _distributed():
+            dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM)
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        if counts_LE is not None and hasattr(self.model, "apply_router_bias_update") and self.update_router_bias:
+            self.model.apply_router_bias_update(counts_LE.to(torch.float32))
+        return parts, counts_LE, entropy_L, grad_norm
+
+    def _graphed_step(self, micro_batches):
+        """``_device_step`` through a GraphedStep: 3 eager steps, then one capture, then replays.
+        The micro-batches travel as a flat tuple of tensors (the graph's static inputs); outputs
+        are cloned (the static ones are overwritten by the next replay)."""
+        from ..kernels.graph_step import GraphedStep
+
+        keys = [sorted(extra) for _, _, extra in micro_batches]
+        # contiguous: the same strides on every call (warm-up, capture, replay; see graph_step.static_copy)
+        flat = [t.contiguous() for (inputs, targets, extra), names in zip(micro_batches, keys)
+                for t in (inputs, targets, *(extra[n] for n in names))]
+        for group in self.optimizer.param_groups:  # a device-tensor lr: replays read the current value
+            if not torch.is_tensor(group["lr"]):
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device)
+        if self._graphed is None or self._graph_keys != keys:
+            def body(*tensors):
+                it, rebuilt = iter(tensors), []
+                for names in keys:
+                    inputs, targets = next(it), next(it)
+                    rebuilt.append((inputs, targets, {n: next(it) for n in names}))
+                return self._device_step(rebuilt)
+
+            self._graphed = GraphedStep(body, [self.optimizer], warmup_steps=GRAPH_WARMUP_STEPS)
+            self._graph_keys = keys
+        parts, counts_LE, entropy_L, grad_norm = self._graphed(*flat)
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        return {k: v.clone() for k, v in parts.items()}, clone(counts_LE), clone(entropy_L), grad_norm.clone()
+
+    def _plain_optimizer_groups(self) -> None:
+        """Undo what a graphed run's checkpoint brings into an eager run: a tensor lr (the CPU for-each
+        AdamW refuses it) and capturable=True off CUDA."""
+        for group in self.optimizer.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"] = float(group["lr"])
+            if self.device.type != "cuda" and group.get("capturable"):
+                group["capturable"] = False
+
+    def drop_cuda_graph(self) -> None:
+        """Forget the captured step (e.g. after the optimiser state was replaced by a checkpoint load:
+        the graph would keep reading the old tensors); the next steps warm up and capture afresh."""
+        self._graphed = None
 
     def accumulate_gradients(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor, dict]]):
         """Forward + backward of one step's micro-batches (``_split`` triples), token-weighted.
@@ -489,6 +584,7 @@ class Trainer:
         self._interval_steps = int(state.get("interval_steps", 0))
 
     def load_loop_state(self, state: dict[str, Any]) -> None:
+        self.drop_cuda_graph()  # a resume replaces the optimiser state the graph was captured on
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.cumulative_counts_LE = state["cumulative_counts_LE"].double().to(self.device)

@@ -97,5 +97,9 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """A device-tensor lr (the CUDA-graphed step's) is written in place: the graph reads it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -52,15 +52,16 @@ def _overrides_model() -> type[_OverridesBase]:
 ModelOverrides = _overrides_model()
 
 
-# Fields added after checkpoints stored their config, left out of the dump when at this value; see
-# PretrainConfig._dump: the parallelism fields
-# (a plain single-device run's config hashes as before they existed). document_masking used to be here (left out when on, its default),
-# so the default doc-masked config hashed like a plain-causal config stored before the field and the
-# stage cache reused that causal run; leaving it out when OFF instead breaks the round trip (from_dict
-# would read the missing key as on). It is always dumped now: configs from before the field hash
-# differently (a re-run starts a new output prefix instead of reusing or resuming a run that trained
-# something else).
-_LATER_FIELDS: dict[str, object] = {"expert_parallel": 1, "pipeline_parallel": 1, "pipeline_schedule": "1f1b"}
+# Fields added after checkpoints stored their config, left out of the dump when at this value (see
+# PretrainConfig._dump): the parallelism and speed fields, so a plain run's config hashes as before they
+# existed. document_masking used to be here (left out when on, its default), so the default doc-masked
+# config hashed like a plain-causal config stored before the field and the stage cache reused that causal
+# run; leaving it out when OFF instead breaks the round trip (from_dict would read the missing key as on).
+# It is always dumped now: configs from before the field hash differently (a re-run starts a new output
+# prefix instead of reusing or resuming a run that trained something else).
+_LATER_FIELDS: dict[str, object] = {"expert_parallel": 1, "pipeline_parallel": 1, "pipeline_schedule": "1f1b",
+                                    "activation_checkpointing": "none", "fp8": [], "fp8_grad_dtype": "e4m3",
+                                    "cuda_graph": False}
 
 
 class PretrainConfig(StageConfig):
@@ -106,6 +107,16 @@ class PretrainConfig(StageConfig):
                                                                 "workers (grad_accum_steps = micro-batches per step)")
     pipeline_schedule: Literal["1f1b", "interleaved_1f1b"] = Field(
         "1f1b", description="pipeline schedule (interleaved: two stages per worker)")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="recompute in backward, per decoder block: selective = norms, RoPE, SwiGLU and "
+                            "gathers (keeps matmul and attention outputs), full = the whole block; exact, "
+                            "trades speed for memory (benchmarks/RESULTS.md, issue 16)")
+    fp8: list[Literal["attn", "dense", "shared", "experts", "lm_head"]] = Field(
+        default_factory=list, description="layer groups whose matmuls run in FP8 (rowwise e4m3 scales; "
+                                          "CUDA sm89+; empty = bf16 everywhere, the measured default)")
+    fp8_grad_dtype: Literal["e4m3", "e5m2"] = Field("e4m3", description="FP8 format of the output gradients")
+    cuda_graph: bool = Field(False, description="replay each optimiser step as one CUDA graph after 3 eager "
+                                                "steps (one CUDA worker only; ignored with a log line on CPU)")
     # --- cadence
     log_every: int = Field(10, ge=1, le=1_000_000, description="steps between logged metrics")
     val_every: int = Field(50, ge=0, le=10_000_000, description="steps between validations (0: none; the last step always)")
@@ -137,6 +148,8 @@ class PretrainConfig(StageConfig):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be <= max_steps={self.max_steps}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={self.betas}: each must be in [0, 1)")
+        if len(set(self.fp8)) != len(self.fp8):
+            raise ValueError(f"fp8={self.fp8}: a layer group is listed twice")
         model = self.build_model_config()  # the merged model config must be valid too (raises ValueError)
         self._check_parallel(model)
         return self

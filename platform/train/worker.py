@@ -36,7 +36,7 @@ import torch
 from moeflow.models import MoETransformer
 from moeflow.models.config import strict_from_dict
 from moeflow.models.train import state as train_state
-from moeflow.models.train.loop import Trainer, router_biases
+from moeflow.models.train.loop import Trainer, prepare_model, router_biases
 
 from moeflow.platform import artifacts as A
 
@@ -187,6 +187,10 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
     model = MoETransformer(pcfg.build_model_config()).to(device)
     if pcfg.param_dtype == "bf16":
         model = model.to(torch.bfloat16)  # the router keeps its bias buffer fp32 (Router._apply)
+    fp8_modules = prepare_model(model, pcfg)  # AC policy + FP8 groups on the bare model: FSDP wraps the result
+    if rank == 0 and (fp8_modules or pcfg.activation_checkpointing != "none" or pcfg.cuda_graph):
+        log.info("speed options: activation_checkpointing=%s, fp8=%s (%d modules, grads %s), cuda_graph=%s",
+                 pcfg.activation_checkpointing, pcfg.fp8, len(fp8_modules), pcfg.fp8_grad_dtype, pcfg.cuda_graph)
     _dp, ep, pp = pcfg.mesh_shape(world_size)
     if pp > 1:
         raise ValueError(f"pipeline_parallel={pp}: the pretraining worker does not run pipeline stages yet "
