@@ -97,11 +97,14 @@ def stage_rows(stages: list[dict], links) -> list[dict]:
 
 
 class Links:
-    """URLs of a run in the dashboard, MLflow and Prefect (None when the id is unknown)."""
+    """URLs of a run in the dashboard, MLflow and Prefect (None when the id is unknown).
 
-    def __init__(self, settings, experiment_ids: dict[str, str] | None = None):
+    MLflow's UI resolves ``#/runs/<run id>`` to the run's page in its experiment itself, so the
+    links need no MLflow read (the Overview, the first page anyone opens, then never imports MLflow).
+    """
+
+    def __init__(self, settings):
         self.settings = settings
-        self.experiment_ids = experiment_ids or {}
 
     def run_page(self, run_id: str) -> str:
         return f"/run?id={run_id}"
@@ -109,9 +112,7 @@ class Links:
     def mlflow_run(self, mlflow_run_id: str | None) -> str | None:
         if not mlflow_run_id:
             return None
-        experiment = self.experiment_ids.get(mlflow_run_id)
-        base = self.settings.mlflow_server_url
-        return f"{base}/#/experiments/{experiment}/runs/{mlflow_run_id}" if experiment else f"{base}/#/runs/{mlflow_run_id}"
+        return f"{self.settings.mlflow_server_url}/#/runs/{mlflow_run_id}"
 
     def prefect_flow_run(self, flow_run_id: str | None) -> str | None:
         if not flow_run_id:

@@ -3,6 +3,11 @@ written through the platform's writers (tests/dashboard_home.py), plus the read-
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -130,7 +135,8 @@ def test_overview_lists_the_pipeline_with_stages_links_and_the_error(home):
     assert list(table["stage"]) == ["curate", "tokenize", "pretrain", "evaluate", "deploy"]  # registry order
     assert list(table["status"])[-1] == "failed"
     assert table["run"].iloc[2] == f"/run?id={home['pretrain']}"
-    assert table["mlflow"].iloc[2].startswith("http://127.0.0.1:5000/#/experiments/")
+    # MLflow's UI resolves #/runs/<id> to the run's page itself: the Overview reads nothing from MLflow
+    assert re.fullmatch(r"http://127\.0\.0\.1:5000/#/runs/[0-9a-f]{32}", table["mlflow"].iloc[2])
     assert "val_loss = 5.2" in list(table["metric"])
     assert any("gate refused" in e.value for e in app.error)
 
@@ -202,6 +208,32 @@ def test_fresh_home_creates_nothing(tmp_path, monkeypatch):
         if name != "serving":
             assert any("moeflow run" in i.value for i in app.info), name  # the empty state names the command
     assert not home.exists(), sorted(p.name for p in home.rglob("*"))
+
+
+def test_pages_without_mlflow_reads_leave_it_unopened(home):
+    """Importing MLflow is most of a cold visit: the Overview (the first page anyone opens), Data,
+    Lineage and Serving pages must not open its client."""
+    from moeflow.dashboard import cache, sources
+
+    cache._sources.clear()
+    for name in ("overview", "data_page", "lineage", "serving"):
+        assert not open_page(name).exception
+        assert cache.sources()._mlflow is sources._UNOPENED, name
+    assert not open_page("run").exception
+    assert cache.sources()._mlflow is not None  # the Run page opened it, on first use
+
+
+def test_server_warm_up_imports_the_pages_dependencies_and_creates_nothing(tmp_path):
+    """``python -m moeflow.dashboard.server`` (what ``moeflow up`` runs) imports MLflow & co. before
+    Streamlit binds its port, without touching a fresh home."""
+    home = tmp_path / "fresh"
+    code = ("import sys; from moeflow.dashboard.server import warm; warm(); "
+            "print(sorted(m for m in ('mlflow.tracking', 'altair', 'pyarrow', 'sqlalchemy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOEFLOW_HOME": str(home)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "['altair', 'mlflow.tracking', 'pyarrow', 'sqlalchemy']"
+    assert not home.exists()
 
 
 def test_pages_do_not_write_to_the_home(home):

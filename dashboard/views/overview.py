@@ -29,8 +29,7 @@ def _body() -> None:
     if not entries:
         st.info("The catalog holds no runs yet. Fill it with `moeflow run pipeline --recipe tiny`.")
         return
-    ids = tuple(r["mlflow_run_id"] for e in entries for r in [e["run"], *e["stages"]] if r.get("mlflow_run_id"))
-    links = data.Links(cache.settings(), cache.mlflow_experiments(home(), ids))
+    links = data.Links(cache.settings())
     st.caption(f"{len(entries)} top-level runs, newest first")
     for i, entry in enumerate(entries):
         top = entry["run"]
