@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
 
-A real ``streamlit run dashboard/app.py`` server on a free port over a small home
+The dashboard's server as ``moeflow up`` starts it (``python -m moeflow.dashboard.server``: imports,
+then ``streamlit run dashboard/app.py``) on a free port over a small home
 (tests/dashboard_home.py; or the home named by ``MOEFLOW_DASHBOARD_TEST_HOME``, e.g. one a tiny
 pipeline filled). Every page must load without an exception in the page or in the server log and
 show its key elements (one heatmap canvas per layer, the lineage graph's run nodes); links must
@@ -53,17 +54,23 @@ def dashboard(tmp_path_factory):
         yield dash
 
 
+SERVER = ("-m", "moeflow.dashboard.server")  # what `moeflow up` runs: imports first, then `streamlit run`
+
+
 @contextlib.contextmanager
-def open_dashboard(home: Path, ids: dict, log_path: Path):
-    """A ``streamlit run dashboard/app.py`` server over ``home`` and a headless Chromium page on it
-    (also used by benchmarks/bench_dashboard.py)."""
+def open_dashboard(home: Path, ids: dict, log_path: Path, server_args: tuple[str, ...] = SERVER):
+    """The dashboard's server over ``home`` (``server_args``: the Python arguments before Streamlit's
+    flags; benchmarks/bench_dashboard.py also starts a plain ``-m streamlit run <script>``) and a
+    headless Chromium page on it. Yields the page and ``started_s``, the seconds until the health check
+    answered."""
     sync_playwright = _browser_or_skip()
     port = free_port()
     env = {**os.environ, "MOEFLOW_HOME": str(home), "PYTHONPATH": os.pathsep.join(
         [str(REPO.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    started = time.monotonic()
     with log_path.open("w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"), "--server.port", str(port),
+            [sys.executable, *server_args, "--server.port", str(port),
              "--server.address", "127.0.0.1", "--server.headless", "true"],
             cwd=str(home.parent), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -72,6 +79,7 @@ def open_dashboard(home: Path, ids: dict, log_path: Path):
         while True:
             try:
                 if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                    started = time.monotonic() - started
                     break
             except OSError:
                 pass
@@ -85,7 +93,8 @@ def open_dashboard(home: Path, ids: dict, log_path: Path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            yield {"url": url, "page": page, "errors": errors, "log": log_path, "ids": ids, "home": home}
+            yield {"url": url, "page": page, "errors": errors, "log": log_path, "ids": ids, "home": home,
+                   "browser": browser, "started_s": started}
             browser.close()
     finally:
         os.killpg(server.pid, 15)
