@@ -89,6 +89,7 @@ def stage_rows(stages: list[dict], links) -> list[dict]:
             "duration_s": duration_s(run),
             "metric": f"{head[0]} = {head[1]:.4g}" if head else "",
             "run": links.run_page(run["id"]),
+            "artefacts": links.artefacts(run),
             "mlflow": links.mlflow_run(run.get("mlflow_run_id")),
             "prefect": links.prefect_flow_run(run.get("prefect_flow_run_id")),
             "error": (run.get("error") or "")[:300],
@@ -108,6 +109,10 @@ class Links:
 
     def run_page(self, run_id: str) -> str:
         return f"/run?id={run_id}"
+
+    def artefacts(self, run: dict) -> str:
+        """The run's node on the Lineage page: its inputs and outputs, each a node to click through."""
+        return f"/lineage?pipeline={run.get('pipeline_run_id') or 'all'}&node={run['id']}"
 
     def mlflow_run(self, mlflow_run_id: str | None) -> str | None:
         if not mlflow_run_id:
@@ -366,8 +371,9 @@ _NODE_STYLE = {"run": ("box", "#c6dbef"), "model": ("ellipse", "#fdd0a2"), "depl
                "raw": ("note", "#eeeeee")}
 
 
-def lineage_dot(graph: dict[str, list[dict]], selected: str | None = None) -> str:
-    """Graphviz DOT, left to right; every node links to ``/lineage?node=<id>`` (click-through)."""
+def lineage_dot(graph: dict[str, list[dict]], selected: str | None = None, pipeline: str = "all") -> str:
+    """Graphviz DOT, left to right; every node links to ``/lineage?pipeline=<pipeline>&node=<id>``
+    (click-through that keeps the graph being looked at)."""
     from urllib.parse import quote
 
     ids = {n["id"]: f"n{i}" for i, n in enumerate(graph["nodes"])}
@@ -377,7 +383,7 @@ def lineage_dot(graph: dict[str, list[dict]], selected: str | None = None) -> st
         label = n["label"].replace('"', "'").replace("\n", "\\n")
         pen = ", penwidth=3" if n["id"] == selected else ""
         lines.append(f'{ids[n["id"]]} [id="{ids[n["id"]]}", label="{label}", shape={shape}, fillcolor="{colour}", '
-                     f'URL="/lineage?node={quote(n["id"], safe="")}", target="_self", tooltip="{n["id"]}"{pen}];')
+                     f'URL="/lineage?pipeline={quote(pipeline, safe="")}&node={quote(n["id"], safe="")}", target="_self", tooltip="{n["id"]}"{pen}];')
     for e in graph["edges"]:
         lines.append(f'{ids[e["source"]]} -> {ids[e["target"]]};')
     lines.append("}")

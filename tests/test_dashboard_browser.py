@@ -173,7 +173,7 @@ def test_lineage_graph_shows_the_runs_and_nodes_link_through(dashboard):
     # click-through: a run node's link opens its details on the lineage page
     link = page.locator(".st-key-lineage-graph svg g.node a").filter(has_text="pretrain").first
     href = link.get_attribute("href") or link.get_attribute("xlink:href")
-    assert href and href.startswith("/lineage?node=")
+    assert href and re.fullmatch(r"/lineage\?pipeline=[0-9a-f]{32}&node=[0-9a-f]{32}", href), href
     load(dashboard, href)
     details = page.locator(".st-key-node-details")
     details.get_by_text("open the run").wait_for(timeout=LOAD_TIMEOUT_MS)
@@ -199,3 +199,10 @@ def test_overview_links_resolve(dashboard):
         assert page.url.endswith(f"id={run_id}")
         page.locator(".st-key-curves").locator(VEGA_DRAWN).first.wait_for(timeout=LOAD_TIMEOUT_MS)
     no_exception(dashboard, "run-from-link")
+    # a stage row's "artefacts" link opens its node on the Lineage page: inputs and outputs
+    if run_id:
+        load(dashboard, f"/lineage?pipeline={dashboard['ids']['pipeline']}&node={run_id}")
+        details = page.locator(".st-key-node-details")
+        details.get_by_text("open the run").wait_for(timeout=LOAD_TIMEOUT_MS)
+        assert "expert_load" in details.inner_text()  # the run's outputs are listed
+        no_exception(dashboard, "artefacts-from-link")

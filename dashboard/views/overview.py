@@ -11,6 +11,7 @@ from .common import header, home, live, page, require_catalog
 def _columns() -> dict:
     return {
         "run": st.column_config.LinkColumn("run", display_text="open"),
+        "artefacts": st.column_config.LinkColumn("artefacts", display_text="lineage"),
         "mlflow": st.column_config.LinkColumn("MLflow", display_text="MLflow"),
         "prefect": st.column_config.LinkColumn("Prefect", display_text="Prefect"),
         "duration_s": st.column_config.NumberColumn("duration (s)", format="%.1f"),
