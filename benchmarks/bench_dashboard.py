@@ -6,7 +6,12 @@ Two figures per page, both against the 2-second bound of issue 14:
   server runs on each rerun), cold (``st.cache_data`` cleared, so every read goes to the catalog, MLflow and
   the store; imports and the opened sources stay, as in a running server) and warm (median of ``--reps``
   reruns inside the cache TTL, as when clicking between pages);
-* ``browser``: load-to-ready in Debian's headless Chromium against a real ``streamlit run`` server — from
+* ``browser``, cold: a new server and a new Chromium (empty profile) per variant — an empty Streamlit page
+  (the floor: Streamlit's own frontend boot), the dashboard under a plain ``streamlit run app.py``
+  (imports in the first session) and under ``python -m moeflow.dashboard.server`` (what ``moeflow up``
+  runs: imports before the port opens) — server start until its health check answers, first visit of
+  ``/``, and reloads;
+* ``browser``, per page: load-to-ready in Debian's headless Chromium against the server — from
   ``goto`` (a full page load: Streamlit's JS bundle, a new session) until the page's title is drawn and the
   script has stopped running (tests/test_dashboard_browser's ``load``), first visit and the median of
   ``--reps`` revisits; and from a click on the page's sidebar link (in-app navigation, how one moves
@@ -68,19 +73,45 @@ def script_times(reps: int) -> dict[str, dict[str, float]]:
     return out
 
 
+EMPTY_PAGE = 'import streamlit as st\n\nst.title("overview")\n'  # Streamlit's floor: a title, nothing else
+
+
+def cold_visits(home: Path, reps: int, logs: Path) -> dict[str, dict[str, float]]:
+    """A new server and a new browser (empty profile: no cached bundle) per variant: seconds until the
+    health check answered, the first visit of ``/`` and the median of ``reps`` reloads."""
+    import test_dashboard_browser as B
+
+    empty = logs / "empty_app.py"
+    empty.write_text(EMPTY_PAGE)
+    variants = {
+        "empty Streamlit page (floor)": ("-m", "streamlit", "run", str(empty)),
+        "dashboard: streamlit run app.py (before)": ("-m", "streamlit", "run", str(REPO / "dashboard" / "app.py")),
+        "dashboard: moeflow.dashboard.server (after)": B.SERVER,
+    }
+    out = {}
+    for name, server_args in variants.items():
+        with B.open_dashboard(home, {}, logs / "cold.log", server_args) as dash:
+            first = B.load(dash, "/")
+            again = [B.load(dash, "/") for _ in range(reps)]
+            out[name] = {"server_start_s": dash["started_s"], "first_visit_s": first,
+                         "reload_s": statistics.median(again)}
+    return out
+
+
 def browser_times(home: Path, reps: int) -> dict[str, dict[str, float]]:
     import test_dashboard_browser as B
 
     out = {}
-    with tempfile.TemporaryDirectory(prefix="bench-dash-log-") as logs, \
-            B.open_dashboard(home, {}, Path(logs) / "streamlit.log") as dash:
-        for name in B.PAGES:
-            path = "/" if name == "overview" else f"/{name}"
-            first = B.load(dash, path)
-            again = [B.load(dash, path) for _ in range(reps)]
-            out[name] = {"first_s": first, "revisit_s": statistics.median(again)}
-        for name in B.PAGES:  # in-app navigation: a sidebar click (no page reload: the frontend stays)
-            out[name]["sidebar_click_s"] = statistics.median(navigate(dash, name) for _ in range(reps))
+    with tempfile.TemporaryDirectory(prefix="bench-dash-log-") as logs:
+        out.update(cold_visits(home, reps, Path(logs)))
+        with B.open_dashboard(home, {}, Path(logs) / "streamlit.log") as dash:
+            for name in B.PAGES:
+                path = "/" if name == "overview" else f"/{name}"
+                first = B.load(dash, path)
+                again = [B.load(dash, path) for _ in range(reps)]
+                out[name] = {"first_s": first, "revisit_s": statistics.median(again)}
+            for name in B.PAGES:  # in-app navigation: a sidebar click (no page reload: the frontend stays)
+                out[name]["sidebar_click_s"] = statistics.median(navigate(dash, name) for _ in range(reps))
     return out
 
 

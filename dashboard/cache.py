@@ -32,7 +32,7 @@ def sources() -> Sources:
     key = (str(s.home), s.catalog_db_url, s.tracking_uri, s.store_uri)
     found = _sources(*key)
     appeared = ((found.catalog is None and database_exists(s.catalog_db_url))
-                or (found.mlflow is None and database_exists(s.tracking_uri))
+                or (found.mlflow_missing and database_exists(s.tracking_uri))
                 or (found.store is None and (s.uses_s3 or s.store_root.is_dir())))
     if appeared:
         _sources.clear()
@@ -63,21 +63,6 @@ def run(home: str, run_id: str) -> dict | None:
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def metric_history(home: str, mlflow_run_id: str) -> list[dict]:
     return data.metric_history(sources().mlflow, mlflow_run_id)
-
-
-@st.cache_data(ttl=TTL_S, show_spinner=False)
-def mlflow_experiments(home: str, mlflow_run_ids: tuple[str, ...]) -> dict[str, str]:
-    """{MLflow run id: experiment id} for links into MLflow's UI."""
-    client = sources().mlflow
-    out = {}
-    if client is None:
-        return out
-    for rid in mlflow_run_ids:
-        try:
-            out[rid] = client.get_run(rid).info.experiment_id
-        except Exception:  # a run deleted from MLflow: its link falls back to the run id alone
-            continue
-    return out
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)

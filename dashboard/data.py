@@ -89,6 +89,7 @@ def stage_rows(stages: list[dict], links) -> list[dict]:
             "duration_s": duration_s(run),
             "metric": f"{head[0]} = {head[1]:.4g}" if head else "",
             "run": links.run_page(run["id"]),
+            "artefacts": links.artefacts(run),
             "mlflow": links.mlflow_run(run.get("mlflow_run_id")),
             "prefect": links.prefect_flow_run(run.get("prefect_flow_run_id")),
             "error": (run.get("error") or "")[:300],
@@ -97,21 +98,26 @@ def stage_rows(stages: list[dict], links) -> list[dict]:
 
 
 class Links:
-    """URLs of a run in the dashboard, MLflow and Prefect (None when the id is unknown)."""
+    """URLs of a run in the dashboard, MLflow and Prefect (None when the id is unknown).
 
-    def __init__(self, settings, experiment_ids: dict[str, str] | None = None):
+    MLflow's UI resolves ``#/runs/<run id>`` to the run's page in its experiment itself, so the
+    links need no MLflow read (the Overview, the first page anyone opens, then never imports MLflow).
+    """
+
+    def __init__(self, settings):
         self.settings = settings
-        self.experiment_ids = experiment_ids or {}
 
     def run_page(self, run_id: str) -> str:
         return f"/run?id={run_id}"
 
+    def artefacts(self, run: dict) -> str:
+        """The run's node on the Lineage page: its inputs and outputs, each a node to click through."""
+        return f"/lineage?pipeline={run.get('pipeline_run_id') or 'all'}&node={run['id']}"
+
     def mlflow_run(self, mlflow_run_id: str | None) -> str | None:
         if not mlflow_run_id:
             return None
-        experiment = self.experiment_ids.get(mlflow_run_id)
-        base = self.settings.mlflow_server_url
-        return f"{base}/#/experiments/{experiment}/runs/{mlflow_run_id}" if experiment else f"{base}/#/runs/{mlflow_run_id}"
+        return f"{self.settings.mlflow_server_url}/#/runs/{mlflow_run_id}"
 
     def prefect_flow_run(self, flow_run_id: str | None) -> str | None:
         if not flow_run_id:
@@ -365,8 +371,9 @@ _NODE_STYLE = {"run": ("box", "#c6dbef"), "model": ("ellipse", "#fdd0a2"), "depl
                "raw": ("note", "#eeeeee")}
 
 
-def lineage_dot(graph: dict[str, list[dict]], selected: str | None = None) -> str:
-    """Graphviz DOT, left to right; every node links to ``/lineage?node=<id>`` (click-through)."""
+def lineage_dot(graph: dict[str, list[dict]], selected: str | None = None, pipeline: str = "all") -> str:
+    """Graphviz DOT, left to right; every node links to ``/lineage?pipeline=<pipeline>&node=<id>``
+    (click-through that keeps the graph being looked at)."""
     from urllib.parse import quote
 
     ids = {n["id"]: f"n{i}" for i, n in enumerate(graph["nodes"])}
@@ -376,7 +383,7 @@ def lineage_dot(graph: dict[str, list[dict]], selected: str | None = None) -> st
         label = n["label"].replace('"', "'").replace("\n", "\\n")
         pen = ", penwidth=3" if n["id"] == selected else ""
         lines.append(f'{ids[n["id"]]} [id="{ids[n["id"]]}", label="{label}", shape={shape}, fillcolor="{colour}", '
-                     f'URL="/lineage?node={quote(n["id"], safe="")}", target="_self", tooltip="{n["id"]}"{pen}];')
+                     f'URL="/lineage?pipeline={quote(pipeline, safe="")}&node={quote(n["id"], safe="")}", target="_self", tooltip="{n["id"]}"{pen}];')
     for e in graph["edges"]:
         lines.append(f'{ids[e["source"]]} -> {ids[e["target"]]};')
     lines.append("}")

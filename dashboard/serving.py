@@ -8,8 +8,10 @@ within a bucket as Prometheus' ``histogram_quantile`` does), finished and cancel
 
 The gateway's series and labels are those of ``platform/serve/metrics.py``; the fast test holds this
 module to a scrape captured from a real gateway (``tests/dashboard_gateway_metrics.prom``). Refused
-requests (4xx/5xx) are counted by the gateway per route and status only — a refusal may come before a
-version is chosen — so ``error_rows`` is gateway-wide, not per version.
+requests (4xx/5xx) are counted by the gateway per route and status (``error_rows``, gateway-wide: a
+refusal may come before a version is chosen), and the errors after a version was chosen per version,
+status and code (``moeflow_serve_version_errors_total``: ``version_error_rows`` and the summary's
+``errors`` / ``error rate`` columns, so the A/B split's arms compare on errors too).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def summary(samples: list[dict], previous: list[dict] | None = None, interval_s:
             if not key[0]:
                 continue
             acc = out.setdefault(key, {})
-            if name in ("routed_requests_total", "prompt_tokens_total", "generation_tokens_total"):
+            if name in ("routed_requests_total", "prompt_tokens_total", "generation_tokens_total",
+                        "version_errors_total"):
                 acc[name] = acc.get(name, 0.0) + s["value"]
             elif name == "request_finished_total":
                 # the engine's reasons: "stop" | "length" (finished) and "cancelled" (client went away)
@@ -89,7 +92,9 @@ def summary(samples: list[dict], previous: list[dict] | None = None, interval_s:
         row = {"model": key[0], "version": key[1], "via": ", ".join(sorted(via.get(key, ()))),
                "requests": acc.get("routed_requests_total", 0.0),
                "generated tokens": acc.get("generation_tokens_total", 0.0),
-               "finished": acc.get("finished", 0.0), "cancelled": acc.get("cancelled", 0.0)}
+               "finished": acc.get("finished", 0.0), "cancelled": acc.get("cancelled", 0.0),
+               "errors": acc.get("version_errors_total", 0.0)}
+        row["error rate"] = row["errors"] / row["requests"] if row["requests"] else None
         if previous is not None and interval_s:
             row["requests/s"] = (row["requests"] - old.get("routed_requests_total", 0.0)) / interval_s
             row["tokens/s"] = (row["generated tokens"] - old.get("generation_tokens_total", 0.0)) / interval_s
@@ -112,6 +117,13 @@ def error_rows(samples: list[dict]) -> list[dict]:
             for s in samples
             if s["name"] == PREFIX + "http_requests_total" and s["labels"].get("status", "0").isdigit()
             and int(s["labels"]["status"]) >= 400 and s["value"] > 0]
+
+
+def version_error_rows(samples: list[dict]) -> list[dict]:
+    """Errors after a version was chosen, per (model, version, HTTP status, code), over the gateway's lifetime."""
+    return [{"model": s["labels"].get("model", ""), "version": s["labels"].get("version", ""),
+             "status": s["labels"].get("status", ""), "code": s["labels"].get("code", ""), "requests": s["value"]}
+            for s in samples if s["name"] == PREFIX + "version_errors_total" and s["value"] > 0]
 
 
 def replica_rows(samples: list[dict]) -> list[dict]:

@@ -10,7 +10,7 @@ import time) and cached by the Streamlit layer (``st.cache_resource``), not here
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,33 @@ def database_exists(url: str) -> bool:
     return path is None or path.is_file()
 
 
+_UNOPENED = object()
+
+
 @dataclass
 class Sources:
-    """The three read-only sources of one home (``None`` where a source does not exist yet)."""
+    """The three read-only sources of one home (``None`` where a source does not exist yet).
+
+    The MLflow client is opened on first use: importing MLflow is most of a cold page's time
+    (benchmarks/RESULTS.md), and the Overview, Data, Lineage and Serving pages never read it.
+    """
 
     settings: Settings
     catalog: Any | None      # moeflow.platform.catalog.Catalog
-    mlflow: Any | None       # mlflow.MlflowClient
     store: Any | None        # moeflow.platform.store.ObjectStore
+    _mlflow: Any = field(default=_UNOPENED, repr=False)
+
+    @property
+    def mlflow(self):
+        """The ``mlflow.MlflowClient`` of the home (None while its database does not exist)."""
+        if self._mlflow is _UNOPENED:
+            self._mlflow = open_mlflow(self.settings)
+        return self._mlflow
+
+    @property
+    def mlflow_missing(self) -> bool:
+        """Opened and found no database (a later run may create it)."""
+        return self._mlflow is None
 
     @property
     def empty(self) -> bool:
@@ -76,4 +95,4 @@ def open_store(settings: Settings):
 
 
 def open_sources(settings: Settings) -> Sources:
-    return Sources(settings, open_catalog(settings), open_mlflow(settings), open_store(settings))
+    return Sources(settings, open_catalog(settings), open_store(settings))

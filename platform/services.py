@@ -104,7 +104,6 @@ def _python_bin(name: str) -> str:
 
 def services(settings: Settings) -> dict[str, Service]:
     host = settings.host
-    dashboard_app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     mlflow_env = {}
     if settings.uses_s3:
         mlflow_env = {
@@ -138,7 +137,9 @@ def services(settings: Settings) -> dict[str, Service]:
         ),
         "dashboard": Service(
             name="dashboard",
-            command=[sys.executable, "-m", "streamlit", "run", str(dashboard_app), "--server.port",
+            # the server module imports what the pages use before it binds the port, so the health
+            # check answers when a first visit is fast (dashboard/server.py)
+            command=[sys.executable, "-m", "moeflow.dashboard.server", "--server.port",
                      str(settings.dashboard_port), "--server.address", host, "--server.headless", "true",
                      "--browser.gatherUsageStats", "false"],
             health_url=f"{settings.dashboard_url}/_stcore/health",

@@ -3,6 +3,12 @@ written through the platform's writers (tests/dashboard_home.py), plus the read-
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -130,8 +136,10 @@ def test_overview_lists_the_pipeline_with_stages_links_and_the_error(home):
     assert list(table["stage"]) == ["curate", "tokenize", "pretrain", "evaluate", "deploy"]  # registry order
     assert list(table["status"])[-1] == "failed"
     assert table["run"].iloc[2] == f"/run?id={home['pretrain']}"
-    assert table["mlflow"].iloc[2].startswith("http://127.0.0.1:5000/#/experiments/")
+    # MLflow's UI resolves #/runs/<id> to the run's page itself: the Overview reads nothing from MLflow
+    assert re.fullmatch(r"http://127\.0\.0\.1:5000/#/runs/[0-9a-f]{32}", table["mlflow"].iloc[2])
     assert "val_loss = 5.2" in list(table["metric"])
+    assert table["artefacts"].iloc[2] == f"/lineage?pipeline={home['pipeline']}&node={home['pretrain']}"
     assert any("gate refused" in e.value for e in app.error)
 
 
@@ -164,7 +172,8 @@ def test_lineage_graph_holds_the_pipeline_runs_and_artefacts(home):
     dot = app.get("graphviz_chart")[0].proto.spec
     for stage in ("curate", "tokenize", "pretrain", "evaluate", "deploy"):
         assert f"{stage}\\n{home[stage][:8]}" in dot
-    assert f"URL=\"/lineage?node={home['pretrain']}\"" in dot
+    # click-through keeps the pipeline being looked at (its details are then shown, not the newest pipeline's)
+    assert f"URL=\"/lineage?pipeline={home['pipeline']}&node={home['pretrain']}\"" in dot
     assert "penwidth=3" in dot  # the selected node
     assert any(home["pretrain"] in c.value for c in app.code)
 
@@ -178,6 +187,11 @@ def test_models_page_shows_versions_aliases_eval_and_decision(home):
     assert dict(zip(evals["task metric"], evals["value"]))["python_mc.acc"] == "0.25"
     decisions = [d.value for d in app.dataframe if "promoted" in d.value.columns]
     assert decisions and bool(decisions[0]["promoted"].iloc[0]) is True
+    # the compared version is in the URL too (a bookmark shows the same comparison)
+    assert open_page("models").query_params["vs"] == "1"
+    compared = open_page("models", version="1", vs="2")
+    table = next(d.value for d in compared.dataframe if "b - a" in d.value.columns)
+    assert compared.selectbox(key="compare-version").value == "2" and len(table) >= 1
 
 
 def test_compare_overlays_runs_and_differences(home):
@@ -204,6 +218,32 @@ def test_fresh_home_creates_nothing(tmp_path, monkeypatch):
     assert not home.exists(), sorted(p.name for p in home.rglob("*"))
 
 
+def test_pages_without_mlflow_reads_leave_it_unopened(home):
+    """Importing MLflow is most of a cold visit: the Overview (the first page anyone opens), Data,
+    Lineage and Serving pages must not open its client."""
+    from moeflow.dashboard import cache, sources
+
+    cache._sources.clear()
+    for name in ("overview", "data_page", "lineage", "serving"):
+        assert not open_page(name).exception
+        assert cache.sources()._mlflow is sources._UNOPENED, name
+    assert not open_page("run").exception
+    assert cache.sources()._mlflow is not None  # the Run page opened it, on first use
+
+
+def test_server_warm_up_imports_the_pages_dependencies_and_creates_nothing(tmp_path):
+    """``python -m moeflow.dashboard.server`` (what ``moeflow up`` runs) imports MLflow & co. before
+    Streamlit binds its port, without touching a fresh home."""
+    home = tmp_path / "fresh"
+    code = ("import sys; from moeflow.dashboard.server import warm; warm(); "
+            "print(sorted(m for m in ('mlflow.tracking', 'altair', 'pyarrow', 'sqlalchemy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOEFLOW_HOME": str(home)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "['altair', 'mlflow.tracking', 'pyarrow', 'sqlalchemy']"
+    assert not home.exists()
+
+
 def test_pages_do_not_write_to_the_home(home):
     before = {p: p.stat().st_mtime_ns for p in home["path"].rglob("*") if p.is_file() and "-wal" not in p.name
               and "-shm" not in p.name}
@@ -212,6 +252,51 @@ def test_pages_do_not_write_to_the_home(home):
     after = {p: p.stat().st_mtime_ns for p in home["path"].rglob("*") if p.is_file() and "-wal" not in p.name
              and "-shm" not in p.name}
     assert after == before
+
+
+def test_pages_refresh_themselves_while_a_run_is_running(tmp_path, monkeypatch):
+    """Auto-refresh: the pages' bodies run as a fragment with ``run_every`` while a run is running, and
+    without once it ended."""
+    import streamlit as st
+
+    from moeflow.dashboard import cache
+    from moeflow.dashboard.views import common
+    from moeflow.platform.catalog import Catalog
+
+    monkeypatch.setenv("MOEFLOW_HOME", str(tmp_path / "home"))
+    from moeflow.platform.settings import get_settings
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True)
+    catalog = Catalog(settings.catalog_db_url, project=settings.project)
+    run_id = catalog.start_run("pretrain", {"stage": "pretrain"})
+    every: list = []
+    fragment = st.fragment
+    monkeypatch.setattr(st, "fragment", lambda *a, **kw: every.append(kw.get("run_every")) or fragment(*a, **kw))
+    cache._sources.clear()
+    st.cache_data.clear()
+    app = open_page("overview")
+    assert not app.exception and every == [common.REFRESH_S]
+    assert any("refreshing every" in c.value for c in app.caption)
+    catalog.finish_run(run_id, "succeeded")
+    catalog.close()
+    st.cache_data.clear()
+    every.clear()
+    app = open_page("overview")
+    assert not app.exception and every == [None]
+    assert not any("refreshing every" in c.value for c in app.caption)
+
+
+def test_a_missing_browser_fails_the_browser_tests_in_ci(tmp_path):
+    """In CI (CI=true) no Chromium is a failure, not a skip (tests/conftest.py's service_unavailable)."""
+    env = {**os.environ, "CI": "true", "MOEFLOW_CHROMIUM": str(tmp_path / "no-chromium")}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_dashboard_browser.py::test_overview_links_resolve"],
+                         cwd=str(Path(__file__).resolve().parents[1]), env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0, out.stdout[-2000:]
+    assert "required service unavailable in CI: no Chromium" in out.stdout, out.stdout[-2000:]
+    assert "1 error" in out.stdout or "1 failed" in out.stdout, out.stdout[-2000:]
 
 
 def test_lineage_of_a_pipeline_includes_the_producers_of_cached_inputs():

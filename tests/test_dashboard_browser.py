@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
 
-A real ``streamlit run dashboard/app.py`` server on a free port over a small home
+The dashboard's server as ``moeflow up`` starts it (``python -m moeflow.dashboard.server``: imports,
+then ``streamlit run dashboard/app.py``) on a free port over a small home
 (tests/dashboard_home.py; or the home named by ``MOEFLOW_DASHBOARD_TEST_HOME``, e.g. one a tiny
 pipeline filled). Every page must load without an exception in the page or in the server log and
 show its key elements (one heatmap canvas per layer, the lineage graph's run nodes); links must
@@ -53,17 +54,23 @@ def dashboard(tmp_path_factory):
         yield dash
 
 
+SERVER = ("-m", "moeflow.dashboard.server")  # what `moeflow up` runs: imports first, then `streamlit run`
+
+
 @contextlib.contextmanager
-def open_dashboard(home: Path, ids: dict, log_path: Path):
-    """A ``streamlit run dashboard/app.py`` server over ``home`` and a headless Chromium page on it
-    (also used by benchmarks/bench_dashboard.py)."""
+def open_dashboard(home: Path, ids: dict, log_path: Path, server_args: tuple[str, ...] = SERVER):
+    """The dashboard's server over ``home`` (``server_args``: the Python arguments before Streamlit's
+    flags; benchmarks/bench_dashboard.py also starts a plain ``-m streamlit run <script>``) and a
+    headless Chromium page on it. Yields the page and ``started_s``, the seconds until the health check
+    answered."""
     sync_playwright = _browser_or_skip()
     port = free_port()
     env = {**os.environ, "MOEFLOW_HOME": str(home), "PYTHONPATH": os.pathsep.join(
         [str(REPO.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    started = time.monotonic()
     with log_path.open("w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"), "--server.port", str(port),
+            [sys.executable, *server_args, "--server.port", str(port),
              "--server.address", "127.0.0.1", "--server.headless", "true"],
             cwd=str(home.parent), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -72,6 +79,7 @@ def open_dashboard(home: Path, ids: dict, log_path: Path):
         while True:
             try:
                 if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                    started = time.monotonic() - started
                     break
             except OSError:
                 pass
@@ -85,7 +93,8 @@ def open_dashboard(home: Path, ids: dict, log_path: Path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            yield {"url": url, "page": page, "errors": errors, "log": log_path, "ids": ids, "home": home}
+            yield {"url": url, "page": page, "errors": errors, "log": log_path, "ids": ids, "home": home,
+                   "browser": browser, "started_s": started}
             browser.close()
     finally:
         os.killpg(server.pid, 15)
@@ -164,7 +173,7 @@ def test_lineage_graph_shows_the_runs_and_nodes_link_through(dashboard):
     # click-through: a run node's link opens its details on the lineage page
     link = page.locator(".st-key-lineage-graph svg g.node a").filter(has_text="pretrain").first
     href = link.get_attribute("href") or link.get_attribute("xlink:href")
-    assert href and href.startswith("/lineage?node=")
+    assert href and re.fullmatch(r"/lineage\?pipeline=[0-9a-f]{32}&node=[0-9a-f]{32}", href), href
     load(dashboard, href)
     details = page.locator(".st-key-node-details")
     details.get_by_text("open the run").wait_for(timeout=LOAD_TIMEOUT_MS)
@@ -190,3 +199,10 @@ def test_overview_links_resolve(dashboard):
         assert page.url.endswith(f"id={run_id}")
         page.locator(".st-key-curves").locator(VEGA_DRAWN).first.wait_for(timeout=LOAD_TIMEOUT_MS)
     no_exception(dashboard, "run-from-link")
+    # a stage row's "artefacts" link opens its node on the Lineage page: inputs and outputs
+    if run_id:
+        load(dashboard, f"/lineage?pipeline={dashboard['ids']['pipeline']}&node={run_id}")
+        details = page.locator(".st-key-node-details")
+        details.get_by_text("open the run").wait_for(timeout=LOAD_TIMEOUT_MS)
+        assert "expert_load" in details.inner_text()  # the run's outputs are listed
+        no_exception(dashboard, "artefacts-from-link")

@@ -71,7 +71,8 @@ class RealGateway:
         return self.loopback.url + "/metrics"
 
     def traffic(self, users: range, max_tokens: int = 6) -> dict[str, int]:
-        """One request per user (the split is sticky per user), plus one bad request; requests per version."""
+        """One request per user (the split is sticky per user), plus two bad requests: one refused before a
+        version is chosen, one routed to version 2 and refused by its replica; requests routed per version."""
         import openai
 
         client = openai.OpenAI(base_url=self.loopback.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -83,6 +84,9 @@ class RealGateway:
             per_version[version] = per_version.get(version, 0) + 1
         with pytest.raises(openai.BadRequestError):  # over the max_tokens cap: a 400 the page must count
             client.completions.create(model="tiny", prompt="x", max_tokens=999)
+        with pytest.raises(openai.BadRequestError):  # a token id outside the vocabulary: version 2's error
+            client.completions.create(model="tiny@2", prompt=[10 ** 9], max_tokens=2)
+        per_version["2"] = per_version.get("2", 0) + 1
         return per_version
 
 
@@ -107,16 +111,20 @@ def test_summary_of_a_captured_gateway_scrape():
     rows = serving.summary(samples)
     by_version = {r["version"]: r for r in rows}
     assert set(by_version) == {"1", "2"} and {r["model"] for r in rows} == {"tiny"}
-    assert sum(r["requests"] for r in rows) == 8
-    for r in rows:  # every served request finished and produced tokens; latencies are real seconds
-        assert r["requests"] >= 1 and r["generated tokens"] >= r["requests"]
-        assert r["finished"] == r["requests"] and r["cancelled"] == 0
+    assert sum(r["requests"] for r in rows) == 9  # 8 users and one request refused by version 2's replica
+    assert by_version["2"]["errors"] == 1 and by_version["1"]["errors"] == 0
+    assert by_version["2"]["error rate"] == pytest.approx(1 / by_version["2"]["requests"])
+    for r in rows:  # every request that was not refused finished and produced tokens; latencies are real seconds
+        assert r["requests"] >= 1 and r["generated tokens"] >= r["requests"] - r["errors"]
+        assert r["finished"] == r["requests"] - r["errors"] and r["cancelled"] == 0
         assert 0 < r["ttft p50 (s)"] <= r["ttft p95 (s)"] <= r["ttft p99 (s)"] < 80
         assert r["ttft p50 (s)"] <= r["e2e p50 (s)"] <= r["e2e p99 (s)"] < 80
-        assert r["via"].startswith("split:")
+        assert any(v.startswith("split:") for v in r["via"].split(", "))  # (version 2 also "2": pinned)
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
     errors = serving.error_rows(samples)
-    assert errors == [{"route": "/v1/completions", "status": "400", "requests": 1.0}]
+    assert errors == [{"route": "/v1/completions", "status": "400", "requests": 2.0}]
+    assert serving.version_error_rows(samples) == [{"model": "tiny", "version": "2", "status": "400", "code": "",
+                                                    "requests": 1.0}]
     replicas = serving.replica_rows(samples)
     assert {(r["version"], r["replica"]) for r in replicas} == {("1", "local"), ("2", "local")}  # LocalBackend's replica
 
@@ -129,8 +137,13 @@ def test_serving_page_on_the_captured_scrape(tmp_path, monkeypatch):
     assert not app.exception, [e.value for e in app.exception]
     versions = app.dataframe[0].value
     assert sorted(versions["version"]) == ["1", "2"]
-    assert {"requests", "ttft p50 (s)", "e2e p95 (s)", "share", "cancelled"} <= set(versions.columns)
-    assert any("1 error response" in e.value for e in app.warning)
+    assert {"requests", "ttft p50 (s)", "e2e p95 (s)", "share", "cancelled", "errors", "error rate"} <= set(
+        versions.columns)
+    assert dict(zip(versions["version"], versions["errors"])) == {"1": 0.0, "2": 1.0}
+    assert any("2 error responses" in e.value for e in app.warning)
+    per_version = app.dataframe[2].value  # after the gateway-wide error table
+    assert per_version.to_dict("records") == [{"model": "tiny", "version": "2", "status": "400", "code": "",
+                                               "requests": 1.0}]
 
 
 # ------------------------------------------------------------------ slow: the live gateway
@@ -152,7 +165,8 @@ def test_serving_page_against_a_live_gateway(tmp_path, one_cpu_thread):
         assert (table["requests/s"] > 0).all() and (table["tokens/s"] > 0).all()
         assert (table["ttft p50 (s)"] > 0).all() and (table["e2e p99 (s)"] >= table["e2e p50 (s)"]).all()
         assert table["share"].sum() == pytest.approx(1.0)
-        assert any("2 error responses" in e.value for e in app.warning)  # one 400 per traffic burst
+        assert any("4 error responses" in e.value for e in app.warning)  # two 400s per traffic burst
+        assert dict(zip(table["version"], table["errors"])) == {"1": 0.0, "2": 2.0}  # one per burst on version 2
 
 
 if __name__ == "__main__":

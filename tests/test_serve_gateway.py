@@ -389,6 +389,7 @@ def test_a_replica_stream_that_stops_early_is_an_error_not_a_short_answer(stack)
     gw = stack["gw"]
     old = gw.backend
     gw.backend = Truncating(old)
+    before = _version_errors(stack)
     try:
         r = _post(stack, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10})
         assert r.status_code == 503 and r.json()["error"]["code"] == "stream_interrupted"
@@ -398,6 +399,33 @@ def test_a_replica_stream_that_stops_early_is_an_error_not_a_short_answer(stack)
         assert "stream_interrupted" in lines[-2] and lines[-1] == "data: [DONE]"
     finally:
         gw.backend = old
+    # both count for the version, the streamed one too (its HTTP status was already 200)
+    assert _new_errors(before, _version_errors(stack)) == {("1", "503", "stream_interrupted"): 2.0}
+
+
+def _version_errors(stack) -> dict[tuple[str, str, str], float]:
+    """``moeflow_serve_version_errors_total`` of the gateway's /metrics by (version, status, code)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(stack["url"] + "/metrics").text
+    return {(s.labels["version"], s.labels["status"], s.labels["code"]): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "moeflow_serve_version_errors_total"}
+
+
+def _new_errors(before: dict, after: dict) -> dict:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+def test_errors_after_the_version_is_chosen_are_counted_per_version(stack):
+    """The dashboard's per-version errors: a version's replica refusing a request counts for that version;
+    a refusal before any version is chosen (over the gateway's caps) counts in http_requests only."""
+    before = _version_errors(stack)
+    assert _post(stack, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 999}).status_code == 400
+    refused = _post(stack, "/v1/completions", {"model": "tiny@2", "prompt": [10 ** 9], "max_tokens": 2})
+    assert refused.status_code == 400 and "outside" in refused.json()["error"]["message"]
+    code = refused.json()["error"]["code"] or ""
+    assert _new_errors(before, _version_errors(stack)) == {("2", "400", code): 1.0}
 
 
 def test_a_stalled_replica_stream_times_out_instead_of_hanging(stack):

@@ -28,7 +28,7 @@ def render() -> None:
     selected = st.query_params.get("node")
     st.caption(f"{len(graph['nodes'])} nodes, {len(graph['edges'])} edges; click a node for its details")
     with st.container(key="lineage-graph"):
-        st.graphviz_chart(data.lineage_dot(graph, selected), width="stretch")
+        st.graphviz_chart(data.lineage_dot(graph, selected, chosen), width="stretch")
     nodes = {n["id"]: n for n in graph["nodes"]}
     if selected and selected in nodes:
         _details(nodes[selected], graph)

@@ -54,7 +54,7 @@ def _registry(models: list[dict]) -> None:
     if len(versions) > 1:
         st.subheader("compare two versions")
         others = [k for k in versions if k != chosen]
-        other = st.selectbox("with version", others, key="compare-version")
+        other = pick("with version", others, "vs", key="compare-version")
         st.dataframe(data.compare_versions(versions[other], v), hide_index=True, width="stretch",
                      column_config={"a": f"v{other}", "b": f"v{chosen}"}, key="compare-table")
 

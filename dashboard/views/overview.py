@@ -11,6 +11,7 @@ from .common import header, home, live, page, require_catalog
 def _columns() -> dict:
     return {
         "run": st.column_config.LinkColumn("run", display_text="open"),
+        "artefacts": st.column_config.LinkColumn("artefacts", display_text="lineage"),
         "mlflow": st.column_config.LinkColumn("MLflow", display_text="MLflow"),
         "prefect": st.column_config.LinkColumn("Prefect", display_text="Prefect"),
         "duration_s": st.column_config.NumberColumn("duration (s)", format="%.1f"),
@@ -29,8 +30,7 @@ def _body() -> None:
     if not entries:
         st.info("The catalog holds no runs yet. Fill it with `moeflow run pipeline --recipe tiny`.")
         return
-    ids = tuple(r["mlflow_run_id"] for e in entries for r in [e["run"], *e["stages"]] if r.get("mlflow_run_id"))
-    links = data.Links(cache.settings(), cache.mlflow_experiments(home(), ids))
+    links = data.Links(cache.settings())
     st.caption(f"{len(entries)} top-level runs, newest first")
     for i, entry in enumerate(entries):
         top = entry["run"]

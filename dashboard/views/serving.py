@@ -47,5 +47,12 @@ def _live(url: str) -> None:
             st.dataframe(errors, hide_index=True, width="stretch")
         else:
             st.success("No error responses.")
+    per_version = serving.version_error_rows(samples)
+    with st.container(key="serving-version-errors"):
+        if per_version:
+            st.markdown("**errors per version** (after the version was chosen; a streamed answer's error too)")
+            st.dataframe(per_version, hide_index=True, width="stretch")
+        else:
+            st.caption("No version has failed a request.")
     st.subheader("per replica")
     st.dataframe(serving.replica_rows(samples), hide_index=True, width="stretch")

@@ -137,7 +137,8 @@ class Gateway:
         self.inflight += 1
         try:
             await run.open()
-        except BaseException:
+        except BaseException as err:
+            run.count_error(err)
             await run.close()
             raise
         return run
@@ -320,25 +321,35 @@ class _Run:
             self._tasks.append(asyncio.create_task(self._pump(i, c, queue)))
         remaining = len(self.choices)
         stall = self.gw.config.stall_timeout_s
-        while remaining:
-            left = self.deadline - time.perf_counter()
-            try:
-                i, ev = await asyncio.wait_for(queue.get(), max(min(left, stall), 0.0))
-            except asyncio.TimeoutError:
-                if left <= stall:
-                    raise P.APIError(504, f"the request took longer than {self.gw.config.request_timeout_s:g} s",
-                                     code="timeout", type_="server_error") from None
-                raise P.APIError(503, f"{self.route.key} sent nothing for {stall:g} s; retry",
-                                 code="stream_stalled", type_="server_error") from None
-            if ev is _DONE:
-                remaining -= 1
-                continue
-            if isinstance(ev, BaseException):
-                raise ev if isinstance(ev, P.APIError) else _backend_error(self.route, ev)
-            if ev["kind"] == "error":
-                raise P.APIError(ev["status"], ev["message"], code=ev.get("code"), type_=ev.get("type"))
-            self._observe(self.choices[i], ev)
-            yield i, ev
+        try:
+            while remaining:
+                left = self.deadline - time.perf_counter()
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), max(min(left, stall), 0.0))
+                except asyncio.TimeoutError:
+                    if left <= stall:
+                        raise P.APIError(504, f"the request took longer than {self.gw.config.request_timeout_s:g} s",
+                                         code="timeout", type_="server_error") from None
+                    raise P.APIError(503, f"{self.route.key} sent nothing for {stall:g} s; retry",
+                                     code="stream_stalled", type_="server_error") from None
+                if ev is _DONE:
+                    remaining -= 1
+                    continue
+                if isinstance(ev, BaseException):
+                    raise ev if isinstance(ev, P.APIError) else _backend_error(self.route, ev)
+                if ev["kind"] == "error":
+                    raise P.APIError(ev["status"], ev["message"], code=ev.get("code"), type_=ev.get("type"))
+                self._observe(self.choices[i], ev)
+                yield i, ev
+        except P.APIError as err:
+            self.count_error(err)
+            raise
+
+    def count_error(self, err: BaseException) -> None:
+        """Count an error answered for this run's version (``version_errors``); a cancellation is none."""
+        if isinstance(err, P.APIError):
+            self.gw.metrics.version_errors.labels(self.route.name, self.route.version, str(err.status),
+                                                  err.code or "").inc()
 
     async def _pump(self, i: int, c: _Choice, queue: asyncio.Queue) -> None:
         ended = False

@@ -35,6 +35,10 @@ class GatewayMetrics:
         self.finished = Counter(p + "request_finished", "choices finished, by reason", REPLICA + ("finish_reason",),
                                 registry=r)
         self.http = Counter(p + "http_requests", "HTTP requests by route and status", ("route", "status"), registry=r)
+        # errors after a version was chosen (the replica refused, failed, stalled, ...), so the A/B split's arms
+        # can be compared on errors too; ``http`` counts every refusal, also those before a version is chosen
+        self.version_errors = Counter(p + "version_errors", "failed requests per version, by HTTP status and code",
+                                      VERSION + ("status", "code"), registry=r)
         self.routed = Counter(p + "routed_requests", "requests per resolved version and how it was chosen",
                               VERSION + ("via",), registry=r)
 
