@@ -92,7 +92,7 @@ def _snapshot(trainer: Trainer, loader: Recording) -> dict:
     """Full (unsharded) model and optimiser state, copied; collective under FSDP2."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = StateDictOptions(full_state_dict=True)  # on every rank (cpu_offload would keep it on rank 0)
     optim = copy.deepcopy(get_optimizer_state_dict(trainer.model, trainer.optimizer, options=full))
     model = {k: v.clone() for k, v in get_model_state_dict(trainer.model, options=full).items()}
     return {"model": model, "optim": optim,
