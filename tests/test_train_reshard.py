@@ -92,7 +92,7 @@ def _snapshot(trainer: Trainer, loader: Recording) -> dict:
     """Full (unsharded) model and optimiser state, copied; collective under FSDP2."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = StateDictOptions(full_state_dict=True)  # on every rank (cpu_offload would keep it on rank 0)
     optim = copy.deepcopy(get_optimizer_state_dict(trainer.model, trainer.optimizer, options=full))
     model = {k: v.clone() for k, v in get_model_state_dict(trainer.model, options=full).items()}
     return {"model": model, "optim": optim,
@@ -350,3 +350,55 @@ def test_fsdp2_shards_reshard_to_one_plain_process_and_back():
         _assert_same(train_state.load_model_weights(out / "fsdp2"), result["saved"]["model"], "weights")
         _assert_same(result["grown"]["model"], saved_one["model"], "grown model")
         _assert_same(result["grown"]["optim"], saved_one["optim"], "grown optim")
+
+
+def _train_worker_rank(rank: int, world: int, port: int, launch: dict) -> None:
+    """One rank of ``train_worker`` joined the way torchrun does it (environment variables)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from moeflow.platform.train.launcher import train_worker
+
+    train_worker(launch)
+
+
+@pytest.mark.slow  # a 2-rank run, then a 1-rank run (~60 s on the shared machine)
+def test_a_two_worker_run_resumes_on_one_worker_through_the_store(tmp_path):
+    """The whole pretraining path: 2 workers commit sharded checkpoints, the run goes on with 1 worker
+    (more steps), which resumes from the store (resharded) and commits its own; every checkpoint's
+    weights load in one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from moeflow.platform.train.launcher import train_worker
+    from train_fakes import write_token_artifact
+
+    store = LocalStore(tmp_path / "store")
+    tokens_uri = write_token_artifact(store, "datasets/fake/tokens/r", pattern_docs(200, seed=0),
+                                      pattern_docs(30, seed=99), shard_tokens=3000)
+    cfg = PretrainConfig(model_overrides=tiny_model_overrides(), seq_len=16, micro_batch_size=2, max_steps=4, lr=1e-2,
+                         warmup_steps=1, log_every=2, val_every=0, checkpoint_every=4, keep_checkpoints=3)
+    launch = {"pretrain": cfg.to_dict(), "tokens_uri": tokens_uri, "output_prefix": "runs/grow",
+              "store_uri": store.root_uri, "tracking": "noop", "device": "cpu"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_train_worker_rank, args=(2, port, launch), nprocs=2, join=True)
+    manager = CheckpointManager(store, "runs/grow")
+    first = manager.latest()
+    assert first.step == 4 and store.read_artifact(first.prefix).metadata["world_size"] == 2
+    names = store.read_artifact(first.prefix).names()
+    assert {"model/__0_0.distcp", "model/__1_0.distcp", "optim/__1_0.distcp", "trainer.pt"} <= set(names)
+    before = train_state.load_model_weights(manager.download(first, tmp_path / "c4"))
+
+    longer = {**launch, "pretrain": {**cfg.to_dict(), "max_steps": 8}}
+    result = train_worker(longer)  # one worker, this process
+    assert result["steps"] == 8
+    last = manager.latest()
+    local = manager.download(last, tmp_path / "c8")
+    t_state = torch.load(local / train_state.TRAINER_FILE, weights_only=False)
+    assert t_state["world_size"] == 1 and t_state["loop"]["step"] == 8
+    loader = t_state["loader"][0]
+    assert loader["pending"] and loader["taken"] == 4 * 2  # 4 steps x 2 rows, all from the re-split rows
+    after = train_state.load_model_weights(local)
+    assert before.keys() == after.keys() and not torch.equal(before["lm_head.weight"], after["lm_head.weight"])

@@ -229,6 +229,13 @@ def restore(trainer, directory: str | Path, loader=None) -> dict[str, Any]:
     t_state = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=False)
     rank, world_size = _rank_world()
     saved_world = int(t_state["world_size"])
+    same = saved_world == world_size
+    states = t_state["loader"]
+    if (loader is not None and not same and any(s is not None for s in states)
+            and not hasattr(loader, "load_resharded")):  # before anything is loaded
+        raise ValueError(f"checkpoint {directory} was written by {saved_world} worker(s); this run has "
+                         f"{world_size}, and its data loader ({type(loader).__name__}) cannot re-split "
+                         f"its position: resume with {saved_world} worker(s)")
     if fmt == 2:  # DCP: each rank reads the parts of the saved shards it holds now (resharding)
         model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)  # allocates AdamW state
         _dcp(dcp.load, model_sd, checkpoint_id=directory / MODEL_DIR)
@@ -241,25 +248,17 @@ def restore(trainer, directory: str | Path, loader=None) -> dict[str, Any]:
         optim_sd = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=False)
         set_optimizer_state_dict(trainer.model, trainer.optimizer, optim_sd, options=options)
     trainer.load_loop_state(t_state["loop"])
-    same = saved_world == world_size
     if "intervals" in t_state:  # older checkpoints hold rank 0's sums only (in "loop")
         trainer.load_interval_state(t_state["intervals"][rank] if same else _mean_intervals(t_state["intervals"]))
-    if same:
+    if rank < saved_world:  # same world size: every rank its own stream (exact resume)
         set_rng_state(t_state["rng"][rank])
-    elif rank < saved_world:
-        set_rng_state(t_state["rng"][rank])
-    else:
+    else:  # a rank the checkpoint did not have
         seed_fresh_rng(int(t_state.get("seed", 0)), trainer.step, rank)
     if loader is not None:
-        states = t_state["loader"]
         if same:
             if states[rank] is not None:
                 loader.load_state_dict(states[rank])
         elif any(s is not None for s in states):
-            if not hasattr(loader, "load_resharded"):
-                raise ValueError(f"checkpoint {directory} was written by {saved_world} worker(s); this run has "
-                                 f"{world_size}, and its data loader ({type(loader).__name__}) cannot re-split "
-                                 f"its position: resume with {saved_world} worker(s)")
             loader.load_resharded(states)
     return t_state.get("extra", {})
 
