@@ -80,3 +80,23 @@ def test_mesh_shape_and_parallel_config_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot be split"):
         run_pretrain(tiny_config(expert_parallel=2), LocalStore(tmp_path / "s"), tokens_uri="file:///nowhere",
                      output_prefix="runs/x", num_workers=3)
+
+
+@pytest.mark.slow  # two spawned processes, four variants
+def test_bench_parallel_smoke_on_cpu(tmp_path):
+    """benchmarks/bench_parallel.py runs on CPU with gloo (its GPU run needs a multi-GPU machine)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "parallel.jsonl"
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_parallel.py"), "--spawn", "2",
+                           "--preset", "tiny", "--seq-len", "16", "--batch", "2", "--steps", "1", "--warmup", "1",
+                           "--variants", "fsdp,ep_fsdp", "--out", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["variant"], r["dp"], r["ep"]) for r in rows] == [("fsdp", 2, 1), ("ep_fsdp", 1, 2)]
+    assert rows[0]["all_to_all_share"] is None and 0 < rows[1]["all_to_all_share"] < 1
+    assert all(r["tokens_per_s"] > 0 for r in rows)
