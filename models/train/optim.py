@@ -82,14 +82,14 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
         if p.grad is not None:
             key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
             groups.setdefault(key, []).append(p)
-    squares = []
+    norms = []
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        squares.append(norm.float().pow(2))
-    if not squares:
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
         return torch.zeros(())
-    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    # one mesh (one process, DDP, FSDP2 alone): that norm as is, bit for bit what clip_grad_norm_ gave
+    total = norms[0] if len(norms) == 1 else torch.stack([n.float().to(norms[0].device) for n in norms]).pow(2).sum().sqrt()
     if max_norm != float("inf"):
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.device), foreach=True)
