@@ -70,10 +70,11 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     """Clip to the global gradient norm; returns the norm before clipping (a plain scalar tensor).
 
     Gradients may be plain tensors (one process, DDP) or DTensors on different meshes (FSDP2 over
-    the world, expert shards on the ``ep`` or ``(dp, ep)`` mesh): torch's ``clip_grad_norm_`` refuses
-    DTensors of several meshes, and a local norm would differ between ranks holding different
-    experts (and then so would the clipped replicated weights). So the norm is taken per mesh,
-    made global with ``full_tensor`` (a sum of squares over that mesh's shards), and combined.
+    the world, expert shards on the ``ep`` or ``(dp, ep)`` mesh). torch's ``clip_grad_norm_`` refuses
+    such a mix (torch 2.13: "aten._foreach_norm.Scalar got mixed torch.Tensor and DTensor"), and a
+    norm of the local shards would differ between ranks holding different experts (and then so would
+    the clipped replicated weights). So the norm is taken per mesh (DTensor reduces a sharded
+    gradient's norm over its mesh; ``full_tensor`` then only unwraps it) and the groups combined.
     """
     from torch.distributed.tensor import DTensor
 
