@@ -52,12 +52,14 @@ def _recording(trainer: Trainer, gather) -> list[dict]:
 
 def _run(trainer: Trainer, gather) -> dict:
     grads = _recording(trainer, gather)
-    history, biases = [], []
+    history, biases, counts = [], [], []
     for _ in range(STEPS):
         metrics = trainer.train_step()
-        history.append({k: metrics[k] for k in ("loss", "lm_loss", "mtp_loss", "seq_aux_loss", "grad_norm")})
+        history.append({k: metrics[k] for k in ("loss", "lm_loss", "mtp_loss", "seq_aux_loss", "grad_norm",
+                                                "maxvio_batch/mean")})
         biases.append(router_biases(trainer.model))
-    return {"history": history, "grads": grads, "biases": biases}
+        counts.append(trainer.last_counts_LE.clone())  # global expert counts: the bias update's and MaxVio's input
+    return {"history": history, "grads": grads, "biases": biases, "counts": counts}
 
 
 def _reference(world: int, grad_accum: int) -> tuple[dict, dict]:
@@ -130,6 +132,8 @@ def _assert_matches_reference(dp: int, ep: int, parallelism: str = "ddp", grad_a
         assert g.keys() == r.keys()
         for name in r:
             torch.testing.assert_close(g[name], r[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
+    for g, r in zip(got["counts"], ref["counts"]):
+        assert torch.equal(g, r)  # every rank's tokens, all MoE layers (MTP's too)
     for g, r in zip(got["biases"], ref["biases"]):
         assert r.abs().max() > 0  # the bias moved: the test can see a wrong count
         torch.testing.assert_close(g, r, rtol=0, atol=1e-7)

@@ -70,10 +70,11 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     """Clip to the global gradient norm; returns the norm before clipping (a plain scalar tensor).
 
     Gradients may be plain tensors (one process, DDP) or DTensors on different meshes (FSDP2 over
-    the world, expert shards on the ``ep`` or ``(dp, ep)`` mesh): torch's ``clip_grad_norm_`` refuses
-    DTensors of several meshes, and a local norm would differ between ranks holding different
-    experts (and then so would the clipped replicated weights). So the norm is taken per mesh,
-    made global with ``full_tensor`` (a sum of squares over that mesh's shards), and combined.
+    the world, expert shards on the ``ep`` or ``(dp, ep)`` mesh). torch's ``clip_grad_norm_`` refuses
+    such a mix (torch 2.13: "aten._foreach_norm.Scalar got mixed torch.Tensor and DTensor"), and a
+    norm of the local shards would differ between ranks holding different experts (and then so would
+    the clipped replicated weights). So the norm is taken per mesh (DTensor reduces a sharded
+    gradient's norm over its mesh; ``full_tensor`` then only unwraps it) and the groups combined.
     """
     from torch.distributed.tensor import DTensor
 
@@ -82,14 +83,14 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
         if p.grad is not None:
             key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
             groups.setdefault(key, []).append(p)
-    squares = []
+    norms = []
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        squares.append(norm.float().pow(2))
-    if not squares:
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
         return torch.zeros(())
-    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    # one mesh (one process, DDP, FSDP2 alone): that norm as is, bit for bit what clip_grad_norm_ gave
+    total = norms[0] if len(norms) == 1 else torch.stack([n.float().to(norms[0].device) for n in norms]).pow(2).sum().sqrt()
     if max_norm != float("inf"):
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.device), foreach=True)
