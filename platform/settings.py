@@ -63,7 +63,7 @@ class Settings(BaseSettings):
         4, ge=1, le=30, description="attempts of each S3 request before a stage fails (transient errors only)")
     s3_retry_max_delay_s: float = Field(
         5.0, gt=0, le=300, description="cap of the exponential backoff between S3 attempts; with s3_retry_tries it "
-        "sets how long a stage rides out an S3 restart (defaults: ~1.5 s; 10 tries, 5 s cap: ~30 s)")
+        "sets how long a stage rides out an S3 restart (defaults: ~1.5 s; 10 tries, 5 s cap: ~25 s)")
 
     # databases: SQLite files under home by default, PostgreSQL URLs in a cluster
     catalog_url: str | None = Field(None, description="SQLAlchemy URL of the lineage catalog")

@@ -14,7 +14,8 @@ touching the machine's shared one) holding the catalog and the MLflow backend.
 - A Ray worker node SIGKILLed mid-training (its whole `ray start` process group) and a replacement node
   started, as KubeRay would: Ray Train restarts the worker group (``MOEFLOW_RAY_MAX_FAILURES``) and it
   resumes from the last checkpoint committed in S3; the final weights are bit-identical to an
-  uninterrupted run's.
+  uninterrupted run's (gloo's all-reduce of 2 ranks is order-independent, and the data position, RNG
+  and optimiser state come back with the checkpoint).
 
 The Prefect API of the pipeline run is the session's test server (SQLite): restarting a Prefect server
 on PostgreSQL is not covered here.

@@ -67,12 +67,32 @@ class RayNodes:
             self.add_worker()
         return self
 
-    def add_worker(self) -> str:
-        name = f"worker{self.num_workers}"
-        self.num_workers += 1
-        self._start(name, [f"--address={self.address}", "--num-cpus=1"])
-        self._wait_nodes(len(self.alive()))
-        return name
+    def add_worker(self, attempts: int = 3) -> str:
+        """Start a worker node of one CPU and wait until it runs. A node whose start fails (on a loaded
+        machine its raylet can give up waiting for its dashboard agent) is started again, as KubeRay
+        restarts a pod that failed to start."""
+        for _ in range(attempts):
+            name = f"worker{self.num_workers}"
+            self.num_workers += 1
+            self._start(name, [f"--address={self.address}", "--num-cpus=1"])
+            if self._started(name):
+                return name
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.procs[name].pid, signal.SIGKILL)
+            self.procs.pop(name).wait(timeout=30)
+        raise RuntimeError(f"a Ray worker node did not start in {attempts} attempts; logs in {self.log_dir}")
+
+    def _started(self, name: str, timeout: float = 240) -> bool:
+        """`ray start` prints "Ray runtime started" once its node has joined; False if it exits first."""
+        log, proc = self.log_dir / f"ray-{name}.log", self.procs[name]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if "Ray runtime started" in log.read_text(errors="replace"):
+                return True
+            if proc.poll() is not None:
+                return False
+            time.sleep(1)
+        return False
 
     def alive(self) -> list[str]:
         return [name for name, proc in self.procs.items() if proc.poll() is None]
@@ -88,8 +108,7 @@ class RayNodes:
         while time.time() < deadline:
             out = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True,
                                  env=self.env, timeout=60)
-            active = out.stdout.split("Pending:")[0] if "Pending:" in out.stdout else out.stdout
-            if out.returncode == 0 and active.count("node_") >= n:
+            if out.returncode == 0 and out.stdout.count("node_") >= n:
                 return
             time.sleep(2)
         raise RuntimeError(f"Ray cluster did not reach {n} nodes; logs in {self.log_dir}")
