@@ -19,7 +19,8 @@ Two figures per page, both against the 2-second bound of issue 14:
 
 The machine's load average is printed beside the figures (other processes share its cores).
 
-    python benchmarks/bench_dashboard.py [--reps 3] [--no-browser]
+    python benchmarks/bench_dashboard.py [--reps 3] [--no-browser] [--cold-rounds 3] [--cold-only]
+        [--baseline /tmp/old]   # git archive <commit> | tar -x -C /tmp/old
 """
 
 from __future__ import annotations
@@ -76,34 +77,57 @@ def script_times(reps: int) -> dict[str, dict[str, float]]:
 EMPTY_PAGE = 'import streamlit as st\n\nst.title("overview")\n'  # Streamlit's floor: a title, nothing else
 
 
-def cold_visits(home: Path, reps: int, logs: Path) -> dict[str, dict[str, float]]:
-    """A new server and a new browser (empty profile: no cached bundle) per variant: seconds until the
-    health check answered, the first visit of ``/`` and the median of ``reps`` reloads."""
+def cold_visits(home: Path, reps: int, logs: Path, rounds: int = 1,
+                baseline: Path | None = None) -> dict[str, dict[str, float]]:
+    """A new server and a new browser (empty profile: no cached bundle) per variant and round, the variants
+    interleaved: seconds until the health check answered, the first visit of ``/``, the median of ``reps``
+    reloads, the first load of ``/run`` after them (the first page that reads MLflow), and a second user's
+    first visit of ``/`` (another empty profile, the server already warm: the
+    difference to the first visit is what the server's first session costs); medians over ``rounds``.
+    ``baseline``: an older checkout of the repository (``git archive <commit> | tar -x``) served with a
+    plain ``streamlit run``, for a before/after in one run."""
     import test_dashboard_browser as B
 
     empty = logs / "empty_app.py"
     empty.write_text(EMPTY_PAGE)
     variants = {
-        "empty Streamlit page (floor)": ("-m", "streamlit", "run", str(empty)),
-        "dashboard: streamlit run app.py (before)": ("-m", "streamlit", "run", str(REPO / "dashboard" / "app.py")),
-        "dashboard: moeflow.dashboard.server (after)": B.SERVER,
+        "empty Streamlit page (floor)": (("-m", "streamlit", "run", str(empty)), None),
+        "this checkout: streamlit run app.py": (("-m", "streamlit", "run", str(REPO / "dashboard" / "app.py")), None),
+        "this checkout: moeflow.dashboard.server": (B.SERVER, None),
     }
-    out = {}
-    for name, server_args in variants.items():
-        with B.open_dashboard(home, {}, logs / "cold.log", server_args) as dash:
-            first = B.load(dash, "/")
-            again = [B.load(dash, "/") for _ in range(reps)]
-            out[name] = {"server_start_s": dash["started_s"], "first_visit_s": first,
-                         "reload_s": statistics.median(again)}
-    return out
+    if baseline is not None:
+        link = logs / "baseline-path" / "moeflow"  # `import moeflow` -> the older checkout
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(baseline.resolve())
+        variants = {f"{baseline.name}: streamlit run app.py": (
+            ("-m", "streamlit", "run", str(baseline / "dashboard" / "app.py")), str(link.parent)), **variants}
+    seen: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+    for _ in range(rounds):
+        for name, (server_args, pythonpath) in variants.items():
+            with B.open_dashboard(home, {}, logs / "cold.log", server_args, pythonpath) as dash:
+                first = B.load(dash, "/")
+                again = [B.load(dash, "/") for _ in range(reps)]
+                # the first visit of a page that reads MLflow (the Overview does not), e.g. a bookmarked run
+                mlflow_page = B.load(dash, "/run") if "empty" not in name else float("nan")
+                other = dash["browser"].new_context(viewport={"width": 1400, "height": 1000})
+                second = B.load({**dash, "page": other.new_page()}, "/")
+                other.close()
+            for key, value in (("server_start_s", dash["started_s"]), ("first_visit_s", first),
+                               ("reload_s", statistics.median(again)), ("first_run_page_s", mlflow_page),
+                               ("second_user_first_visit_s", second)):
+                seen[name].setdefault(key, []).append(value)
+    return {name: {key: statistics.median(values) for key, values in figs.items()} for name, figs in seen.items()}
 
 
-def browser_times(home: Path, reps: int) -> dict[str, dict[str, float]]:
+def browser_times(home: Path, reps: int, rounds: int, cold_only: bool,
+                  baseline: Path | None = None) -> dict[str, dict[str, float]]:
     import test_dashboard_browser as B
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-dash-log-") as logs:
-        out.update(cold_visits(home, reps, Path(logs)))
+        out.update(cold_visits(home, reps, Path(logs), rounds, baseline))
+        if cold_only:
+            return out
         with B.open_dashboard(home, {}, Path(logs) / "streamlit.log") as dash:
             for name in B.PAGES:
                 path = "/" if name == "overview" else f"/{name}"
@@ -146,6 +170,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--cold-rounds", type=int, default=1, help="rounds of the cold-start comparison (median)")
+    parser.add_argument("--cold-only", action="store_true", help="only the cold-start comparison (no script times)")
+    parser.add_argument("--baseline", type=Path, help="an older checkout (git archive <commit> | tar -x) to compare")
     args = parser.parse_args()
     from dashboard_home import build_home
 
@@ -153,13 +180,14 @@ def main() -> None:
         home = Path(tmp) / "home"
         os.environ["MOEFLOW_HOME"] = str(home)
         build_home(home)
-        result = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count(),
-                  "script": script_times(args.reps)}
+        result = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
+        if not args.cold_only:
+            result["script"] = script_times(args.reps)
         if not args.no_browser:
             import pytest
 
             try:
-                result["browser"] = browser_times(home, args.reps)
+                result["browser"] = browser_times(home, args.reps, args.cold_rounds, args.cold_only, args.baseline)
             except pytest.skip.Exception as err:  # no Chromium here: report the script times alone
                 result["browser_unavailable"] = str(err)
         result["load_average_after"] = os.getloadavg()

@@ -1,7 +1,7 @@
 """The dashboard's server process: import what the pages use, then serve ``app.py`` with Streamlit.
 
 Streamlit imports a page's modules in the first session that runs it, so the first visitor of a
-plain ``streamlit run`` waits for MLflow, SQLAlchemy, Altair, pandas and pyarrow (≈ 5 s on this
+plain ``streamlit run`` waits for MLflow, SQLAlchemy, pandas and pyarrow (≈ 5 s on this
 machine; benchmarks/RESULTS.md, "Dashboard render time"). ``moeflow up`` and the browser tests start
 the dashboard through this module instead:
 
@@ -26,7 +26,6 @@ APP = Path(__file__).resolve().parent / "app.py"
 def warm() -> float:
     """Import the pages' heavy dependencies and open the sources once; returns the seconds it took."""
     start = time.perf_counter()
-    import altair  # noqa: F401 - charts.py
     import pandas  # noqa: F401 - Streamlit turns every table into a DataFrame
     import pyarrow  # noqa: F401 - ... and sends it as Arrow
     import streamlit.elements.arrow  # noqa: F401

@@ -236,11 +236,11 @@ def test_server_warm_up_imports_the_pages_dependencies_and_creates_nothing(tmp_p
     Streamlit binds its port, without touching a fresh home."""
     home = tmp_path / "fresh"
     code = ("import sys; from moeflow.dashboard.server import warm; warm(); "
-            "print(sorted(m for m in ('mlflow.tracking', 'altair', 'pyarrow', 'sqlalchemy') if m in sys.modules))")
+            "print(sorted(m for m in ('mlflow.tracking', 'pandas', 'pyarrow', 'sqlalchemy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOEFLOW_HOME": str(home)},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[-2] == "['altair', 'mlflow.tracking', 'pyarrow', 'sqlalchemy']"
+    assert out.stdout.split("\n")[-2] == "['mlflow.tracking', 'pandas', 'pyarrow', 'sqlalchemy']"
     assert not home.exists()
 
 

@@ -58,14 +58,15 @@ SERVER = ("-m", "moeflow.dashboard.server")  # what `moeflow up` runs: imports f
 
 
 @contextlib.contextmanager
-def open_dashboard(home: Path, ids: dict, log_path: Path, server_args: tuple[str, ...] = SERVER):
+def open_dashboard(home: Path, ids: dict, log_path: Path, server_args: tuple[str, ...] = SERVER,
+                   pythonpath: str | None = None):
     """The dashboard's server over ``home`` (``server_args``: the Python arguments before Streamlit's
     flags; benchmarks/bench_dashboard.py also starts a plain ``-m streamlit run <script>``) and a
     headless Chromium page on it. Yields the page and ``started_s``, the seconds until the health check
-    answered."""
+    answered. ``pythonpath`` replaces the server's import path (the benchmark's older checkout)."""
     sync_playwright = _browser_or_skip()
     port = free_port()
-    env = {**os.environ, "MOEFLOW_HOME": str(home), "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, "MOEFLOW_HOME": str(home), "PYTHONPATH": pythonpath or os.pathsep.join(
         [str(REPO.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     started = time.monotonic()
     with log_path.open("w") as log:

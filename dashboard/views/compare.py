@@ -39,6 +39,6 @@ def render() -> None:
     st.query_params["metric"] = metric
     rows = [{**row, "run": run_label(by_id[rid])} for rid, h in histories.items() for row in h if row["metric"] == metric]
     with st.container(key="compare-chart"):
-        st.altair_chart(charts.curves(rows, metric, color="run"), width="stretch")
+        st.vega_lite_chart(rows, charts.curves(rows, metric, color="run"), width="stretch")
     st.subheader("final metrics")
     st.dataframe(data.final_metrics_table(picked, histories), hide_index=True, width="stretch", key="final")

@@ -38,7 +38,8 @@ def _curation(report: dict) -> None:
             docs_key = next((k for k in ("docs", "docs_out") if k in funnel[0]), None)
             label_key = next((k for k in ("stage", "step") if k in funnel[0]), None)
             if docs_key and label_key:
-                st.altair_chart(charts.bars(funnel, docs_key, label_key, "documents after each step"), width="stretch")
+                st.vega_lite_chart(funnel, charts.bars(funnel, docs_key, label_key, "documents after each step"),
+                                   width="stretch")
         else:
             st.info("This artefact has no funnel in its stats.json.")
     stats = report["stats"]

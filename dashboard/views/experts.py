@@ -70,11 +70,11 @@ def show_run(run: dict, slot: str) -> None:
     maxvio = data.maxvio_NL(counts_NLE)
     global_maxvio = data.global_maxvio_NL(counts_NLE)
     cols = st.columns(2)
-    cols[0].altair_chart(charts.curves(data.layer_series_rows(steps_N, maxvio, "maxvio"), "MaxVio per window",
-                                       color="layer", y="maxvio"), width="stretch")
-    cols[1].altair_chart(charts.curves(data.layer_series_rows(steps_N, global_maxvio, "maxvio_global"),
-                                       "MaxVio global (cumulative load)", color="layer", y="maxvio_global"),
-                         width="stretch")
+    rows = data.layer_series_rows(steps_N, maxvio, "maxvio")
+    cols[0].vega_lite_chart(rows, charts.curves(rows, "MaxVio per window", color="layer", y="maxvio"), width="stretch")
+    rows = data.layer_series_rows(steps_N, global_maxvio, "maxvio_global")
+    cols[1].vega_lite_chart(rows, charts.curves(rows, "MaxVio global (cumulative load)", color="layer",
+                                                y="maxvio_global"), width="stretch")
     _rl_routing(run, slot)
     st.subheader("load per layer")
     with st.container(key=f"heatmaps-{slot}"):
@@ -83,15 +83,17 @@ def show_run(run: dict, slot: str) -> None:
             title = f"layer {int(arrays['layers'][layer]) if 'layers' in arrays else layer}"
             with grid[layer % len(grid)]:
                 with st.container(key=f"heatmap-{slot}-{layer}"):
-                    st.altair_chart(charts.heatmap(data.heatmap_rows(arrays, layer), title), width="stretch")
+                    rows = data.heatmap_rows(arrays, layer)
+                    st.vega_lite_chart(rows, charts.heatmap(rows, title), width="stretch")
     bias = arrays.get("bias")
     st.subheader("router bias")
     if bias is None or not np.any(bias):
         st.info("The router bias stayed at zero (aux-loss balancing or a bias update speed of 0).")
     else:
         layer = st.slider("layer", 0, L - 1, 0, key=f"bias-layer-{slot}") if L > 1 else 0
-        st.altair_chart(charts.curves(data.bias_rows(arrays, layer), f"router bias, layer {layer}",
-                                      color="expert", y="bias"), width="stretch")
+        rows = data.bias_rows(arrays, layer)
+        st.vega_lite_chart(rows, charts.curves(rows, f"router bias, layer {layer}", color="expert", y="bias"),
+                           width="stretch")
 
 
 def _rl_routing(run: dict, slot: str) -> None:
@@ -103,12 +105,13 @@ def _rl_routing(run: dict, slot: str) -> None:
     with st.container(key=f"rl-routing-{slot}"):
         cols = st.columns(2)
         if rl["maxvio"]:
-            chart = (charts.curves(rl["maxvio"], "MaxVio per layer (— rollout, ┅ update)", color="layer", y="maxvio")
-                     .encode(strokeDash="phase:N", tooltip=["step:Q", "layer:N", "phase:N", "maxvio:Q"]))
-            cols[0].altair_chart(chart, width="stretch")
+            cols[0].vega_lite_chart(rl["maxvio"], charts.curves(rl["maxvio"], "MaxVio per layer (— rollout, ┅ update)",
+                                                                color="layer", y="maxvio", dash="phase"),
+                                    width="stretch")
         if rl["agreement"]:
-            cols[1].altair_chart(charts.curves(rl["agreement"], "routing agreement (update's top-k = rollout's)",
-                                               color="layer", y="agreement"), width="stretch")
+            cols[1].vega_lite_chart(rl["agreement"], charts.curves(rl["agreement"], "routing agreement (update's top-k "
+                                                                   "= rollout's)", color="layer", y="agreement"),
+                                    width="stretch")
             last = max(r["step"] for r in rl["agreement"])
             mean = next((r["agreement"] for r in rl["agreement"] if r["step"] == last and r["layer"] == "mean"), None)
             if mean is not None:

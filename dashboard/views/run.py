@@ -56,7 +56,7 @@ def show_run(run: dict) -> None:
         chart_cols = st.columns(2)
         for i, (group, keys) in enumerate(groups.items()):
             rows = [r for r in history if r["metric"] in keys]
-            chart_cols[i % 2].altair_chart(charts.curves(rows, group), width="stretch")
+            chart_cols[i % 2].vega_lite_chart(rows, charts.curves(rows, group), width="stretch")
     if any(u for u in run.get("outputs", []) if u.rstrip("/").endswith("/expert_load")):
         st.page_link(page("experts"), label="expert load of this run", query_params={"run": run["id"]},
                      icon=":material/grid_on:")
