@@ -36,7 +36,7 @@ import torch
 from moeflow.models import MoETransformer
 from moeflow.models.config import strict_from_dict
 from moeflow.models.train import state as train_state
-from moeflow.models.train.loop import Trainer, prepare_model, router_biases
+from moeflow.models.train.loop import Trainer, prepare_model
 
 from moeflow.platform import artifacts as A
 
@@ -191,22 +191,34 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
     if rank == 0 and (fp8_modules or pcfg.activation_checkpointing != "none" or pcfg.cuda_graph):
         log.info("speed options: activation_checkpointing=%s, fp8=%s (%d modules, grads %s), cuda_graph=%s",
                  pcfg.activation_checkpointing, pcfg.fp8, len(fp8_modules), pcfg.fp8_grad_dtype, pcfg.cuda_graph)
-    _dp, ep, pp = pcfg.mesh_shape(world_size)
-    if pp > 1:
-        raise ValueError(f"pipeline_parallel={pp}: the pretraining worker does not run pipeline stages yet "
-                         "(moeflow.platform.train.pipeline_parallel is the library piece); use pipeline_parallel=1")
-    wrapped = wrap_model(model, pcfg.parallelism, pcfg.dtype, world_size, device, cfg.find_unused_parameters,
-                         expert_parallel=ep)
+    dp, ep, pp = pcfg.mesh_shape(world_size)
+    mesh = None
+    if pp > 1:  # pipeline stages on a (dp, pp) mesh; the data is split over the dp replicas only
+        if ep > 1:
+            raise ValueError(f"pipeline_parallel={pp} with expert_parallel={ep}: EP inside a pipeline stage is "
+                             "not supported yet; use one of them")
+        if pcfg.parallelism != "ddp":
+            raise ValueError(f"pipeline_parallel={pp} composes with parallelism=ddp (gradients all-reduced over "
+                             f"the replicas), not {pcfg.parallelism!r}")
+        from .pipeline_parallel import build_mesh
+
+        mesh = build_mesh(device.type, dp, pp)
+        data_rank, data_world = mesh["dp"].get_local_rank(), dp
+        wrapped = None
+    else:
+        data_rank, data_world = rank, world_size
+        wrapped = wrap_model(model, pcfg.parallelism, pcfg.dtype, world_size, device, cfg.find_unused_parameters,
+                             expert_parallel=ep)
     loader = PackedLoader(train_ds, seq_len=pcfg.seq_len, batch_size=pcfg.micro_batch_size, seed=pcfg.seed,
-                          rank=rank, world_size=world_size, bos_id=bos_id)
-    num_val = max(world_size, pcfg.val_batches - pcfg.val_batches % world_size)  # equal per rank (FSDP)
+                          rank=data_rank, world_size=data_world, bos_id=bos_id)
+    num_val = max(data_world, pcfg.val_batches - pcfg.val_batches % data_world)  # equal per rank (FSDP)
     val_size = pcfg.val_batch_size or pcfg.micro_batch_size
     val_cache: list = []
 
     def val_batches():
         if not val_cache:
             val_cache.extend(eval_batches(val_ds, seq_len=pcfg.seq_len, batch_size=val_size,
-                                          num_batches=num_val, rank=rank, world_size=world_size, bos_id=bos_id))
+                                          num_batches=num_val, rank=data_rank, world_size=data_world, bos_id=bos_id))
         return val_cache
 
     manager = CheckpointManager(store, cfg.output_prefix, keep_last=pcfg.keep_checkpoints,
@@ -217,8 +229,15 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
     bytes_per_token = val_ds.meta.get("bytes_per_token") or pcfg.bytes_per_token
 
     with (rank0_tracker(cfg, tracker) if rank == 0 else contextlib.nullcontext(None)) as tracker0:
-        trainer = Trainer(pcfg, model, loader, wrapped=wrapped, val_batches=val_batches, device=device,
-                          logger=tracker0, bytes_per_token=bytes_per_token, bos_id=bos_id)
+        if mesh is not None:
+            from .pipeline_parallel import PipelineTrainer
+
+            trainer = PipelineTrainer(pcfg, model, loader, mesh=mesh, device=device, schedule=pcfg.pipeline_schedule,
+                                      val_batches=val_batches, logger=tracker0, bytes_per_token=bytes_per_token,
+                                      bos_id=bos_id)
+        else:
+            trainer = Trainer(pcfg, model, loader, wrapped=wrapped, val_batches=val_batches, device=device,
+                              logger=tracker0, bytes_per_token=bytes_per_token, bos_id=bos_id)
         # ---- resume from the newest intact checkpoint; its history and expert-load log from the train log
         latest, local = resume_from_latest(manager, trainer, loader, ctx)
         log_from = 0  # the train-log segment written at the next checkpoint starts after this step
@@ -237,9 +256,9 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
                 if rank == 0:
                     log.info("%s", progress_line(step, pcfg.max_steps, metrics))
                 if rank == 0 and tr.logged_interval_counts_LE.numel():
-                    bias = router_biases(tr.model)
+                    bias = tr.logged_bias_LE  # all routers' biases (a pipeline rank holds only its own)
                     recorder.record(step, tr.logged_interval_counts_LE.numpy(),
-                                    None if bias is None else bias.cpu().numpy())
+                                    None if bias is None else bias.numpy())
                     if tracker0 is not None:
                         tracker0.log_metrics(expert_metrics(tr.logged_interval_counts_LE.numpy()), step=step)
                 if ctx.ray_ctx is not None:
