@@ -10,7 +10,7 @@ last checkpoint whose weights, loaded in one process (``load_model_weights``: th
 DCP shards is the plain layout), equal the one-process run's. The model has MTP (the last stage's
 embedding copy) and document masking is on (the BOS flags travel with the hidden state).
 
-Resume (slow): rank 1 is SIGKILLed after step 5; the relaunch resumes from the step-4 checkpoint in the
+Resume (slow): rank 1 is SIGKILLed after step 5; the relaunch resumes from the step-3 checkpoint in the
 store and its history and final weights equal the one-process run's.
 """
 
@@ -40,7 +40,7 @@ def _config(pp: int, max_steps: int = STEPS, **kw) -> PretrainConfig:
     overrides = {**tiny_model_overrides(), "num_layers": 3, "mtp_depth": 1, "seq_aux_alpha": 1e-2,
                  "bias_update_gamma": 1e-2}
     base = dict(model_overrides=overrides, seq_len=16, micro_batch_size=2, grad_accum_steps=2, max_steps=max_steps,
-                lr=1e-2, warmup_steps=1, log_every=2, val_every=3, val_batches=2, checkpoint_every=2,
+                lr=1e-2, warmup_steps=1, log_every=2, val_every=3, val_batches=2, checkpoint_every=3,
                 keep_checkpoints=5, pipeline_parallel=pp)
     return PretrainConfig(**{**base, **kw})
 
@@ -82,7 +82,8 @@ def _assert_same_history(got: list[dict], ref: list[dict]) -> None:
             if name in r:
                 assert g[name] == pytest.approx(r[name], rel=2e-4, abs=1e-6), (r["step"], name, g[name], r[name])
         layers = sorted(k for k in r if k.startswith("maxvio_batch/layer"))
-        assert layers and [g[k] for k in layers] == pytest.approx([r[k] for k in layers], rel=1e-6, abs=1e-9)
+        assert layers or "loss" not in r
+        assert [g[k] for k in layers] == pytest.approx([r[k] for k in layers], rel=1e-6, abs=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +139,8 @@ def test_pipeline_worker_matches_one_process(data, reference, tmp_path):
 
 @pytest.mark.slow  # two 2-rank launches (~40 s)
 def test_pipeline_worker_killed_rank_resumes_exactly(data, reference, tmp_path):
-    """Rank 1 (the last stage) SIGKILLs itself after step 5 (checkpoint at 4), first attempt only; the
-    relaunch resumes from the step-4 checkpoint in the store and ends as the one-process run does."""
+    """Rank 1 (the last stage) SIGKILLs itself after step 5 (checkpoint at 3), first attempt only; the
+    relaunch resumes from the step-3 checkpoint in the store and ends as the one-process run does."""
     store, uri = data
     ref_history, ref_weights, _ = reference
     marker = tmp_path / "killed-once"
@@ -148,7 +149,7 @@ def test_pipeline_worker_killed_rank_resumes_exactly(data, reference, tmp_path):
     with pytest.raises(Exception, match="signal|SIGKILL|exited"):
         _spawn(2, launch)
     assert "killed pid" in marker.read_text()
-    assert CheckpointManager(store, "runs/pp-kill").latest().step == 4
+    assert CheckpointManager(store, "runs/pp-kill").latest().step == 3
     _spawn(2, launch)  # the marker lets this attempt pass step 5
     assert CheckpointManager(store, "runs/pp-kill").latest().step == STEPS
     _assert_same_history(_history(store, "runs/pp-kill"), ref_history)

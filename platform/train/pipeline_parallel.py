@@ -406,6 +406,7 @@ class PipelineTrainer(Trainer):
         super().__init__(cfg, self.runner.union, train_batches, wrapped=self.runner.union, val_batches=val_batches,
                          device=device, logger=logger, bytes_per_token=bytes_per_token, bos_id=bos_id)
         self.optimizer = self.runner.optimizer
+        self.flat_optimizer_state = True  # ranks hold different parameters (see models.train.state.capture)
         self.mesh, self.dp_mesh, self.pp_mesh = mesh, mesh["dp"], mesh["pp"]
         self.data_parallel_size = self.dp_mesh.size()
         self.num_routers = len(model.routers())
