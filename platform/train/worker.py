@@ -132,6 +132,11 @@ def resume_from_latest(manager: CheckpointManager, trainer, loader, ctx: WorkerC
                         latest.step, len(skipped), "; ".join(skipped))
     else:
         local = manager.download(latest, ctx.tmp / f"resume-{latest.step}")
+    saved_pp = int((train_state.read_meta(local).get("pretrain_config") or {}).get("pipeline_parallel", 1))
+    pp = int(getattr(trainer.cfg, "pipeline_parallel", 1))
+    if saved_pp != pp:  # the stages of a replica share one data position: a loader cannot re-split that
+        raise ValueError(f"checkpoint {latest.uri} was written with pipeline_parallel={saved_pp}; this run has "
+                         f"{pp}: resume with the same pipeline_parallel (its weights load anywhere for evaluation)")
     train_state.restore(trainer, local, loader)
     log.info("rank %d resumed from %s at step %d", ctx.rank, latest.uri, trainer.step)
     return latest, local
