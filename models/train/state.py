@@ -274,7 +274,8 @@ def _flat_optimizer_state(folder: Path) -> bool:
     EP's DTensors), wrong when ranks hold different parameters (pipeline stages: a stage would get
     another stage's groups). Trainers whose ranks differ set ``flat_optimizer_state`` (read by ``capture``)."""
     keys = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-    return any(k.startswith("param_groups.") for k in keys)
+    # nested: DCP itself flattens the list into "param_groups.<index>.<key>"; flattened: "param_groups.<fqn>.<key>"
+    return any(k.startswith("param_groups.") and not k.split(".")[1].isdigit() for k in keys)
 
 
 def _mean_intervals(intervals: list[dict[str, Any]]) -> dict[str, Any]:

@@ -25,8 +25,18 @@ averaged over ``dp`` (one all-reduce per tensor, not overlapped with backward: s
 not yet fast). The gradient norm is summed over stages (the last stage's embedding copy left
 out), router counts are all-reduced over ``dp`` and each stage updates its own routers' biases.
 
-Not yet: document masking (stages see plain causal rows), activation checkpointing, EP inside
-a stage, and the pretraining worker (which refuses pipeline_parallel > 1).
+Document masking (``document_bos_id``): every stage needs the rows' document boundaries, but a stage
+receives only the previous stage's output, so the first stage appends the BOS flags (0/1: exact in any
+dtype) as one extra channel of the hidden state (D + 1); each stage rebuilds the one-process document
+ids (``cumsum(BOS)``: block-diagonal mask, RoPE restarting per document) from it. The MTP chain breaks
+(targets that start a document) travel with the targets to the last stage.
+
+``PipelineTrainer`` is the loop's ``Trainer`` over a ``PipelineRunner``: what the pretraining worker
+runs for pipeline_parallel > 1 (loader split over dp, validation through the stages, the global router
+counts and biases, checkpoints of the stages' union under one-process names).
+
+Not yet: activation checkpointing, EP inside a stage, FSDP over dp (plain all-reduce), compile, FP8,
+CUDA graphs, bf16 autocast (stages run in the parameters' dtype), router-entropy logging.
 
 Shape suffixes: B rows, T tokens, D hidden, L router layers of a stage, E experts.
 """
