@@ -135,6 +135,11 @@ def test_pipeline_worker_matches_one_process(data, reference, tmp_path):
     assert load.keys() == ref_load.keys()
     for key in ref_load:
         np.testing.assert_allclose(load[key], ref_load[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    # its stages share one data position per replica: resuming it without the pipeline is refused, in one line
+    from moeflow.platform.train.launcher import train_worker
+
+    with pytest.raises(ValueError, match="written with pipeline_parallel=2; this run has 1: resume with the same"):
+        train_worker(_launch(store, uri, _config(pp=1, max_steps=STEPS + 2), "runs/pp"))
 
 
 @pytest.mark.slow  # two 2-rank launches (~40 s)
@@ -163,3 +168,6 @@ def test_pipeline_worker_refuses_what_it_cannot_compose(data):
     # one worker cannot hold pp=2 stages: said in one line before anything runs
     with pytest.raises(ValueError, match="cannot be split into expert_parallel=1 x pipeline_parallel=2"):
         train_worker(_launch(store, uri, _config(pp=2), "runs/refused"))
+    with pytest.raises(ValueError, match=r"pipeline_parallel=2 does not compose with expert_parallel=2, "
+                                         r"parallelism='fsdp' yet"):
+        _config(pp=2, expert_parallel=2, parallelism="fsdp")

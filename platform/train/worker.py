@@ -201,12 +201,6 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
     dp, ep, pp = pcfg.mesh_shape(world_size)
     mesh = None
     if pp > 1:  # pipeline stages on a (dp, pp) mesh; the data is split over the dp replicas only
-        if ep > 1:
-            raise ValueError(f"pipeline_parallel={pp} with expert_parallel={ep}: EP inside a pipeline stage is "
-                             "not supported yet; use one of them")
-        if pcfg.parallelism != "ddp":
-            raise ValueError(f"pipeline_parallel={pp} composes with parallelism=ddp (gradients all-reduced over "
-                             f"the replicas), not {pcfg.parallelism!r}")
         from .pipeline_parallel import build_mesh
 
         mesh = build_mesh(device.type, dp, pp)
