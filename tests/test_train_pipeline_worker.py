@@ -36,8 +36,8 @@ COMPARED = ("loss", "lm_loss", "mtp_loss", "seq_aux_loss", "grad_norm", "val_los
             "maxvio_global/mean", "router_bias/mean_abs", "router_bias/max_abs", "tokens_seen")
 
 
-def _config(pp: int, max_steps: int = STEPS, **kw) -> PretrainConfig:
-    overrides = {**tiny_model_overrides(), "num_layers": 3, "mtp_depth": 1, "seq_aux_alpha": 1e-2,
+def _config(pp: int, max_steps: int = STEPS, num_layers: int = 3, **kw) -> PretrainConfig:
+    overrides = {**tiny_model_overrides(), "num_layers": num_layers, "mtp_depth": 1, "seq_aux_alpha": 1e-2,
                  "bias_update_gamma": 1e-2}
     base = dict(model_overrides=overrides, seq_len=16, micro_batch_size=2, grad_accum_steps=2, max_steps=max_steps,
                 lr=1e-2, warmup_steps=1, log_every=2, val_every=3, val_batches=2, checkpoint_every=3,
@@ -159,6 +159,21 @@ def test_pipeline_worker_killed_rank_resumes_exactly(data, reference, tmp_path):
     assert CheckpointManager(store, "runs/pp-kill").latest().step == STEPS
     _assert_same_history(_history(store, "runs/pp-kill"), ref_history)
     _assert_same_weights(store, "runs/pp-kill", ref_weights, tmp_path / "pp")
+
+
+@pytest.mark.slow  # one-process and 2-rank runs of a 4-layer model
+def test_interleaved_pipeline_worker_matches_one_process(data, tmp_path):
+    """Two stages per rank (stages 0, 2 on rank 0; 1, 3 on rank 1): the checkpoint's union module per rank."""
+    from moeflow.platform.train.launcher import train_worker
+
+    store, uri = data
+    torch.set_num_threads(1)
+    train_worker(_launch(store, uri, _config(pp=1, num_layers=4), "runs/one-4"))
+    _spawn(2, _launch(store, uri, _config(pp=2, num_layers=4, pipeline_schedule="interleaved_1f1b"), "runs/il"))
+    _assert_same_history(_history(store, "runs/il"), _history(store, "runs/one-4"))
+    manager = CheckpointManager(store, "runs/one-4")
+    ref = train_state.load_model_weights(manager.download(manager.latest(), tmp_path / "one"))
+    _assert_same_weights(store, "runs/il", ref, tmp_path / "il")
 
 
 def test_pipeline_worker_refuses_what_it_cannot_compose(data):
