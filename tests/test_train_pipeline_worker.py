@@ -176,6 +176,19 @@ def test_interleaved_pipeline_worker_matches_one_process(data, tmp_path):
     _assert_same_weights(store, "runs/il", ref, tmp_path / "il")
 
 
+@pytest.mark.slow  # 2 + 4 spawned ranks
+def test_pipeline_with_data_parallel_worker_matches_ddp(data, tmp_path):
+    """A (dp=2, pp=2) mesh on 4 ranks: each replica reads the rows a 2-rank DDP run's rank reads, so the two
+    runs log the same (global) metrics and end with the same weights."""
+    store, uri = data
+    _spawn(2, _launch(store, uri, _config(pp=1), "runs/ddp"))
+    _spawn(4, _launch(store, uri, _config(pp=2), "runs/dp-pp"))
+    _assert_same_history(_history(store, "runs/dp-pp"), _history(store, "runs/ddp"))
+    manager = CheckpointManager(store, "runs/ddp")
+    ref = train_state.load_model_weights(manager.download(manager.latest(), tmp_path / "ddp"))
+    _assert_same_weights(store, "runs/dp-pp", ref, tmp_path / "dp-pp")
+
+
 def test_pipeline_worker_refuses_what_it_cannot_compose(data):
     from moeflow.platform.train.launcher import train_worker
 
