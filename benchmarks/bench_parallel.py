@@ -152,11 +152,12 @@ def bench(args) -> list[dict]:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(results[-1]) + "\n")
         if ctx.is_rank0:
-            print(f"{'variant':10} {'world':>5} {'dp':>3} {'ep':>3} {'pp':>3} {'tokens/s':>12} {'per rank':>10} {'a2a share':>9}")
+            print(f"{'variant':10} {'world':>5} {'dp':>3} {'ep':>3} {'pp':>3} {'tokens/s':>12} {'per rank':>10} "
+                  f"{'a2a share':>9}")
             for r in results:
                 share = "-" if r["all_to_all_share"] is None else f"{100 * r['all_to_all_share']:.1f} %"
-                print(f"{r['variant']:10} {r['world']:5} {r['dp']:3} {r['ep']:3} {r['pp']:3} {r['tokens_per_s']:12,.0f} "
-                      f"{r['tokens_per_s_per_rank']:10,.0f} {share:>9}")
+                print(f"{r['variant']:10} {r['world']:5} {r['dp']:3} {r['ep']:3} {r['pp']:3} "
+                      f"{r['tokens_per_s']:12,.0f} {r['tokens_per_s_per_rank']:10,.0f} {share:>9}")
     return results
 
 

@@ -36,7 +36,7 @@ runs for pipeline_parallel > 1 (loader split over dp, validation through the sta
 counts and biases, checkpoints of the stages' union under one-process names).
 
 Not yet: activation checkpointing, EP inside a stage, FSDP over dp (plain all-reduce), compile, FP8,
-CUDA graphs, bf16 autocast (stages run in the parameters' dtype), router-entropy logging.
+CUDA graphs, bf16 autocast (stages run in the parameters' dtype).
 
 Shape suffixes: B rows, T tokens, D hidden, L router layers of a stage, E experts.
 """
@@ -119,6 +119,7 @@ class StageModel(MoETransformer):
         assert not missing.missing_keys
         self.counts_LE: torch.Tensor | None = None  # router counts of this step, summed over micro-batches
         self.balance_3: torch.Tensor | None = None  # (seq_aux, z, lb) of this step, ÷ micro-batches, detached
+        self.entropy_L: torch.Tensor | None = None  # router entropies of this step, summed over micro-batches
 
     def routers(self):
         if "layer_ids" not in self.__dict__:  # MoETransformer.__init__ (init_weights) runs before the pruning
@@ -130,8 +131,12 @@ class StageModel(MoETransformer):
         if not torch.is_grad_enabled():  # validation: no balancing statistics
             return
         if stats is not None:
-            part = torch.stack([stats.seq_aux_loss, stats.z_loss, stats.lb_loss]).detach().double() * self.balance_weight
+            part = torch.stack([stats.seq_aux_loss, stats.z_loss, stats.lb_loss]).detach().double()
+            part = part * self.balance_weight
             self.balance_3 = part if self.balance_3 is None else self.balance_3 + part
+            if self.entropy_L is None:
+                self.entropy_L = torch.zeros(len(self.routers()), dtype=torch.float64, device=counts_E.device)
+            self.entropy_L[row] += stats.router_entropy.detach().double()
         if self.counts_LE is None:
             self.counts_LE = torch.zeros(len(self.routers()), self.cfg.num_routed_experts, dtype=torch.float64,
                                          device=counts_E.device)
@@ -322,7 +327,7 @@ class PipelineRunner:
         gradients accumulate, each stage's router counts (``counts_LE``) and balancing losses
         (``balance_3``) are reset, then summed. ``global_counts``: valid targets of the global batch."""
         for st in self.stages:
-            st.counts_LE = st.balance_3 = None
+            st.counts_LE = st.balance_3 = st.entropy_L = None
         if self.loss_fn is not None:
             self.loss_fn.global_counts = global_counts
             self.loss_fn.parts = {}
@@ -394,11 +399,11 @@ class PipelineTrainer(Trainer):
 
     The balancing statistics are the one-process ones: each stage writes its routers' counts into
     its rows of the full (L, E) matrix, one all-reduce over the whole mesh sums the stages (disjoint
-    rows) and the replicas, and each stage updates its own routers' biases from its rows.
-    The batch's rows are this replica's (the loader is split over ``dp`` only: every stage of a
-    replica reads the same rows; the first stage uses the inputs, the last the targets).
-    Not here: router entropy (not logged), torch.compile, activation checkpointing, FP8, CUDA graphs
-    and bf16 autocast (the stages run in the parameters' dtype).
+    rows) and the replicas, and each stage updates its own routers' biases from its rows (router
+    entropies are placed and summed the same way). The batch's rows are this replica's (the loader
+    is split over ``dp`` only: every stage of a replica reads the same rows; the first stage uses the
+    inputs, the last the targets). Not here (refused by ``PretrainConfig``): torch.compile, activation
+    checkpointing, FP8, CUDA graphs; bf16 autocast is off (the stages run in the parameters' dtype).
     """
 
     def __init__(self, cfg, model: MoETransformer, train_batches, *, mesh: DeviceMesh, device: torch.device,
@@ -428,18 +433,14 @@ class PipelineTrainer(Trainer):
         self.logged_interval_counts_LE = zeros().cpu()
         self.use_bf16 = False
 
-    def _full_LE(self, per_stage: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Stage tensors (rows of this stage's routers) placed into the one-process (L, E) order."""
-        full = torch.zeros(self.num_routers, self.cfg_experts, dtype=torch.float64, device=self.device)
+    def _full(self, per_stage: dict[int, torch.Tensor | None], width: int) -> torch.Tensor:
+        """Stage tensors (one row per router of the stage) placed into the one-process (L, width) order."""
+        full = torch.zeros(self.num_routers, width, dtype=torch.float64, device=self.device)
         for st in self.runner.stages:
             value = per_stage.get(id(st))
             if value is not None:
-                full[st.global_rows] += value.double()
+                full[st.global_rows] += value.double().reshape(len(st.global_rows), width)
         return full
-
-    @property
-    def cfg_experts(self) -> int:
-        return self.runner.stages[0].cfg.num_routed_experts
 
     def _device_step(self, micro_batches):
         runner = self.runner
@@ -454,7 +455,9 @@ class PipelineTrainer(Trainer):
         self.optimizer.step()
         # one all-reduce over the whole mesh: the router counts (stages: disjoint rows; replicas: summed),
         # the LM/MTP losses (last stages) and the balancing losses (every stage, ÷ replicas)
-        counts_LE = self._full_LE({id(st): st.counts_LE for st in runner.stages})
+        E = self.runner.stages[0].cfg.num_routed_experts
+        counts_LE = self._full({id(st): st.counts_LE for st in runner.stages}, E)
+        entropy_L1 = self._full({id(st): st.entropy_L for st in runner.stages}, 1) / self.data_parallel_size
         parts_5 = torch.zeros(5, dtype=torch.float64, device=self.device)
         if runner.loss_fn is not None:
             parts_5[0] = torch.as_tensor(runner.loss_fn.parts.get("lm_loss", 0.0)).double()
@@ -462,10 +465,12 @@ class PipelineTrainer(Trainer):
         for st in runner.stages:
             if st.balance_3 is not None:
                 parts_5[2:] += st.balance_3 / self.data_parallel_size
-        flat = torch.cat([counts_LE.flatten(), parts_5])
+        flat = torch.cat([counts_LE.flatten(), entropy_L1.flatten(), parts_5])
         if _world() > 1:
             dist.all_reduce(flat)
-        counts_LE, parts_5 = flat[:-5].view_as(counts_LE), flat[-5:].float()
+        L = self.num_routers
+        counts_LE, entropy_L = flat[:L * E].view_as(counts_LE), flat[L * E:L * E + L].float()
+        parts_5 = flat[-5:].float()
         if self.update_router_bias and self.num_routers:
             for st in runner.stages:
                 if st.global_rows:
@@ -473,13 +478,15 @@ class PipelineTrainer(Trainer):
         parts = dict(zip(("lm_loss", "mtp_loss", "seq_aux_loss", "z_loss", "lb_loss"), parts_5.unbind()))
         parts["loss"] = parts["lm_loss"] + self.mtp_loss_weight * parts["mtp_loss"] + parts_5[2:].sum()
         self.last_target_counts = global_counts
-        return parts, (counts_LE if self.num_routers else None), None, grad_norm
+        if not self.num_routers:
+            return parts, None, None, grad_norm
+        return parts, counts_LE, entropy_L, grad_norm
 
     def router_bias_LE(self) -> torch.Tensor | None:
         biases = {id(st): router_biases(st) for st in self.runner.stages}
         if not self.num_routers:
             return None
-        full = self._full_LE(biases)
+        full = self._full(biases, self.runner.stages[0].cfg.num_routed_experts)
         dist.all_reduce(full, group=self.pp_mesh.get_group())  # the replicas hold the same biases
         return full.float()
 

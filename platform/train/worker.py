@@ -4,7 +4,8 @@
 joins the group (``distributed.worker_context``), builds the model, wraps it in DDP or FSDP2
 per ``PretrainConfig.parallelism`` (with expert_parallel > 1: experts sharded over ``ep``; with
 pipeline_parallel > 1 instead: this rank's stages on a (dp, pp) mesh, ``pipeline_parallel.PipelineTrainer``,
-the data split over the dp replicas; such a run resumes only with the same pipeline_parallel), resumes from the newest committed checkpoint in the store
+the data split over the dp replicas; such a run resumes only with the same pipeline_parallel), resumes
+from the newest committed checkpoint in the store
 (written by any number of workers: model, optimiser and data position are resharded, see
 ``models.train.state``), trains, checkpoints every ``checkpoint_every`` steps and at the end
 (sharded: every rank uploads its own DCP shards into the one artefact; each checkpoint preceded by
