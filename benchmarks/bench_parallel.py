@@ -76,24 +76,34 @@ def run_variant(name: str, args, rank: int, world: int, device) -> dict:
     from moeflow.platform.train.distributed import wrap_model
 
     ep = (args.ep or world) if name.startswith("ep") else 1
+    pp = (args.pp or world) if name == "pp" else 1
+    micro = max(args.micro, pp) if name == "pp" else 1  # a pipeline needs >= pp micro-batches per step
     pcfg = PretrainConfig(model_preset=args.preset, seq_len=args.seq_len, micro_batch_size=args.batch,
-                          max_steps=10_000, warmup_steps=0, log_every=10_000, val_every=0, lr=1e-4,
-                          parallelism="fsdp" if name.endswith("fsdp") else "ddp", expert_parallel=ep,
-                          param_dtype=args.param_dtype, compile=False, dtype="auto")
-    dp, ep, _pp = pcfg.mesh_shape(world)
+                          grad_accum_steps=micro, max_steps=10_000, warmup_steps=0, log_every=10_000, val_every=0,
+                          lr=1e-4, parallelism="fsdp" if name.endswith("fsdp") else "ddp", expert_parallel=ep,
+                          pipeline_parallel=pp, document_masking=False, param_dtype=args.param_dtype,
+                          compile=False, dtype="auto")
+    dp, ep, pp = pcfg.mesh_shape(world)
     torch.manual_seed(0)
     model = MoETransformer(pcfg.build_model_config()).to(device)
     if pcfg.param_dtype == "bf16":
         model = model.to(torch.bfloat16)
-    wrapped = wrap_model(model, pcfg.parallelism, pcfg.dtype, world, device, expert_parallel=ep)
-    gen = torch.Generator().manual_seed(1 + rank)
+    gen = torch.Generator().manual_seed(1 + (rank // pp))  # the stages of a replica read the same rows
     vocab = model.cfg.vocab_size
 
     def batches():
         while True:
             yield torch.randint(2, vocab, (args.batch, args.seq_len + 1), generator=gen)
 
-    trainer = Trainer(pcfg, model, batches(), wrapped=wrapped, device=device)
+    if pp > 1:
+        from moeflow.platform.train.pipeline_parallel import PipelineTrainer, build_mesh
+
+        wrapped = None
+        trainer = PipelineTrainer(pcfg, model, batches(), mesh=build_mesh(device.type, dp, pp), device=device,
+                                  schedule=args.pp_schedule)
+    else:
+        wrapped = wrap_model(model, pcfg.parallelism, pcfg.dtype, world, device, expert_parallel=ep)
+        trainer = Trainer(pcfg, model, batches(), wrapped=wrapped, device=device)
     for _ in range(args.warmup):
         trainer.train_step()
     times = []
@@ -114,9 +124,9 @@ def run_variant(name: str, args, rank: int, world: int, device) -> dict:
             _sync(device)
             instrumented = time.perf_counter() - t0
         a2a_share = timer.seconds / instrumented
-    tokens = args.batch * args.seq_len * world
-    result = {"variant": name, "world": world, "dp": dp, "ep": ep, "preset": args.preset, "seq_len": args.seq_len,
-              "batch_per_rank": args.batch, "step_s": step_s, "tokens_per_s": tokens / step_s,
+    tokens = args.batch * micro * args.seq_len * dp * ep  # rows per step of every model replica (pp: not x pp)
+    result = {"variant": name, "world": world, "dp": dp, "ep": ep, "pp": pp, "micro_batches": micro,
+              "preset": args.preset, "seq_len": args.seq_len, "batch_per_rank": args.batch, "step_s": step_s, "tokens_per_s": tokens / step_s,
               "tokens_per_s_per_rank": tokens / step_s / world, "all_to_all_share": a2a_share,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
@@ -142,11 +152,12 @@ def bench(args) -> list[dict]:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(results[-1]) + "\n")
         if ctx.is_rank0:
-            print(f"{'variant':10} {'world':>5} {'dp':>3} {'ep':>3} {'tokens/s':>12} {'per rank':>10} {'a2a share':>9}")
+            print(f"{'variant':10} {'world':>5} {'dp':>3} {'ep':>3} {'pp':>3} {'tokens/s':>12} {'per rank':>10} "
+                  f"{'a2a share':>9}")
             for r in results:
                 share = "-" if r["all_to_all_share"] is None else f"{100 * r['all_to_all_share']:.1f} %"
-                print(f"{r['variant']:10} {r['world']:5} {r['dp']:3} {r['ep']:3} {r['tokens_per_s']:12,.0f} "
-                      f"{r['tokens_per_s_per_rank']:10,.0f} {share:>9}")
+                print(f"{r['variant']:10} {r['world']:5} {r['dp']:3} {r['ep']:3} {r['pp']:3} "
+                      f"{r['tokens_per_s']:12,.0f} {r['tokens_per_s_per_rank']:10,.0f} {share:>9}")
     return results
 
 
@@ -159,8 +170,12 @@ def _spawned(rank: int, world: int, port: int, argv: list[str]) -> None:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="bench_ref")
-    p.add_argument("--variants", default="fsdp,ep_fsdp", help="comma list of fsdp, ep_fsdp, ddp, ep_ddp")
+    p.add_argument("--variants", default="fsdp,ep_fsdp", help="comma list of fsdp, ep_fsdp, ddp, ep_ddp, pp")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: the world size)")
+    p.add_argument("--pp", type=int, default=None, help="pp variant: pipeline stages (default: the world size; "
+                                                        "DP over the rest)")
+    p.add_argument("--micro", type=int, default=4, help="pp variant: micro-batches (of --batch rows) per step")
+    p.add_argument("--pp-schedule", default="1f1b", choices=["1f1b", "interleaved_1f1b"])
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8, help="rows per rank per step")
     p.add_argument("--steps", type=int, default=10)

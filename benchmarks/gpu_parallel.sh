@@ -15,4 +15,7 @@ for n in 2 4 8; do
   [ "$n" -le "$NGPU" ] || break
   timeout 300 torchrun --nproc_per_node $n benchmarks/bench_parallel.py --preset bench_ref --variants fsdp,ep_fsdp \
     --out $OUT/parallel.jsonl 2>&1 | grep -v Warning | tail -8 | tee -a $OUT/parallel.log
+  # pipeline: 2 stages (1F1B, 8 micro-batches of 8 x 2048 per replica), DP over the other n/2
+  timeout 300 torchrun --nproc_per_node $n benchmarks/bench_parallel.py --preset bench_ref --variants pp --pp 2 \
+    --micro 8 --out $OUT/parallel.jsonl 2>&1 | grep -v Warning | tail -4 | tee -a $OUT/parallel.log
 done

@@ -226,6 +226,7 @@ class Trainer:
         self.document_bos_id = bos_id if getattr(cfg, "document_masking", False) else None
         self.rank = dist.get_rank() if _distributed() else 0
         self.world_size = dist.get_world_size() if _distributed() else 1
+        self.data_parallel_size = self.world_size  # model replicas (a pipeline's stages share one batch)
         self.optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                                      eps=cfg.eps, decay_embeddings=cfg.decay_embeddings)
         self.mtp_depth = int(getattr(model.cfg, "mtp_depth", 0))
@@ -251,6 +252,7 @@ class Trainer:
         self.interval_counts_LE = zeros()
         self.last_counts_LE = zeros()
         self.logged_interval_counts_LE = torch.zeros(num_moe, num_experts, dtype=torch.float64)  # host copy
+        self.logged_bias_LE: torch.Tensor | None = None  # the router biases at the last log step (host)
         self.history: list[dict] = []  # metrics of every log step (small: scalars only)
         self._interval: dict[str, torch.Tensor] = {}
         self._interval_steps = 0
@@ -350,7 +352,7 @@ class Trainer:
             self.interval_counts_LE += counts_LE
             self.cumulative_counts_LE += counts_LE
 
-        tokens = cfg.tokens_per_step(self.world_size)
+        tokens = cfg.tokens_per_step(self.data_parallel_size)
         self.step += 1
         self.tokens_seen += tokens
         self.meter.add(tokens)
@@ -515,7 +517,8 @@ class Trainer:
                 metrics[f"maxvio_global/layer{layer}"] = float(run_vio[layer])
             metrics["maxvio_batch/mean"] = float(batch_vio.mean())
             metrics["maxvio_global/mean"] = float(run_vio.mean())
-            bias_LE = router_biases(self.model)
+            bias_LE = self.router_bias_LE()
+            self.logged_bias_LE = None if bias_LE is None else bias_LE.cpu()
             if bias_LE is not None and bias_LE.numel():
                 metrics["router_bias/mean_abs"] = float(bias_LE.abs().mean())
                 metrics["router_bias/max_abs"] = float(bias_LE.abs().max())
@@ -524,6 +527,11 @@ class Trainer:
         self.interval_counts_LE.zero_()
         self._interval, self._interval_steps = {}, 0
         return metrics
+
+    def router_bias_LE(self) -> torch.Tensor | None:
+        """Every router's balancing bias (L, E), in the counts' row order (collective in a pipeline run,
+        whose ranks each hold some routers: called on every rank, at log steps)."""
+        return router_biases(self.model)
 
     # ---------------------------------------------------------------- validation
     @torch.no_grad()

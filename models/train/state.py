@@ -147,7 +147,9 @@ def capture(trainer, loader=None, extra: dict[str, Any] | None = None,
     include_history=False leaves the metrics history out of the loop state: the pretraining worker
     appends it to the run's train log instead of re-pickling it into every checkpoint.
     """
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+    flat = bool(getattr(trainer, "flat_optimizer_state", False))
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer,
+                                        options=StateDictOptions(flatten_optimizer_state_dict=flat))
     rngs = _gather(rng_state())
     loaders = _gather(loader.state_dict() if loader is not None else None)
     intervals = _gather(trainer.interval_state())  # per rank: each holds its own partial log sums
@@ -237,10 +239,12 @@ def restore(trainer, directory: str | Path, loader=None) -> dict[str, Any]:
                          f"{world_size}, and its data loader ({type(loader).__name__}) cannot re-split "
                          f"its position: resume with {saved_world} worker(s)")
     if fmt == 2:  # DCP: each rank reads the parts of the saved shards it holds now (resharding)
-        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)  # allocates AdamW state
+        options = StateDictOptions(flatten_optimizer_state_dict=_flat_optimizer_state(directory / OPTIM_DIR))
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=options)  # allocates AdamW state
         _dcp(dcp.load, model_sd, checkpoint_id=directory / MODEL_DIR)
         _dcp(dcp.load, optim_sd, checkpoint_id=directory / OPTIM_DIR)
-        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=options)
     else:  # format 1: full state dicts, on every rank
         options = StateDictOptions(full_state_dict=True)
         model_sd = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
@@ -261,6 +265,17 @@ def restore(trainer, directory: str | Path, loader=None) -> dict[str, Any]:
         elif any(s is not None for s in states):
             loader.load_resharded(states)
     return t_state.get("extra", {})
+
+
+def _flat_optimizer_state(folder: Path) -> bool:
+    """Whether a DCP optimiser folder holds a flattened optimiser state dict (``param_groups.<fqn>.<key>``
+    entries). The default (nested) layout saves ``param_groups`` as ONE object that DCP de-duplicates
+    across ranks, keeping one rank's copy: right when every rank holds every parameter name (DDP, FSDP2,
+    EP's DTensors), wrong when ranks hold different parameters (pipeline stages: a stage would get
+    another stage's groups). Trainers whose ranks differ set ``flat_optimizer_state`` (read by ``capture``)."""
+    keys = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    # nested: DCP itself flattens the list into "param_groups.<index>.<key>"; flattened: "param_groups.<fqn>.<key>"
+    return any(k.startswith("param_groups.") and not k.split(".")[1].isdigit() for k in keys)
 
 
 def _mean_intervals(intervals: list[dict[str, Any]]) -> dict[str, Any]:

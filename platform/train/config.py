@@ -167,6 +167,13 @@ class PretrainConfig(StageConfig):
         if pp > 1 and self.grad_accum_steps < pp:
             raise ValueError(f"pipeline_parallel={pp}: grad_accum_steps={self.grad_accum_steps} (the micro-batches "
                              f"of a step) must be >= {pp} to fill the pipeline")
+        if pp > 1:  # what the pipeline stages do not compose with yet (platform.train.pipeline_parallel)
+            unsupported = [f"{name}={value!r}" for name, value, off in (
+                ("expert_parallel", ep, 1), ("parallelism", self.parallelism, "ddp"), ("compile", self.compile, False),
+                ("cuda_graph", self.cuda_graph, False), ("activation_checkpointing", self.activation_checkpointing,
+                                                         "none"), ("fp8", self.fp8, [])) if value != off]
+            if unsupported:
+                raise ValueError(f"pipeline_parallel={pp} does not compose with {', '.join(unsupported)} yet")
 
     def mesh_shape(self, world_size: int) -> tuple[int, int, int]:
         """(dp, ep, pp) for ``world_size`` workers: world = dp x ep x pp (a one-line error otherwise)."""

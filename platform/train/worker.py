@@ -2,7 +2,10 @@
 
 ``train_worker(config_dict)`` runs on every rank (Ray Train, torchrun or a plain process): it
 joins the group (``distributed.worker_context``), builds the model, wraps it in DDP or FSDP2
-per ``PretrainConfig.parallelism``, resumes from the newest committed checkpoint in the store
+per ``PretrainConfig.parallelism`` (with expert_parallel > 1: experts sharded over ``ep``; with
+pipeline_parallel > 1 instead: this rank's stages on a (dp, pp) mesh, ``pipeline_parallel.PipelineTrainer``,
+the data split over the dp replicas; such a run resumes only with the same pipeline_parallel), resumes
+from the newest committed checkpoint in the store
 (written by any number of workers: model, optimiser and data position are resharded, see
 ``models.train.state``), trains, checkpoints every ``checkpoint_every`` steps and at the end
 (sharded: every rank uploads its own DCP shards into the one artefact; each checkpoint preceded by
@@ -36,7 +39,7 @@ import torch
 from moeflow.models import MoETransformer
 from moeflow.models.config import strict_from_dict
 from moeflow.models.train import state as train_state
-from moeflow.models.train.loop import Trainer, prepare_model, router_biases
+from moeflow.models.train.loop import Trainer, prepare_model
 
 from moeflow.platform import artifacts as A
 
@@ -132,6 +135,11 @@ def resume_from_latest(manager: CheckpointManager, trainer, loader, ctx: WorkerC
                         latest.step, len(skipped), "; ".join(skipped))
     else:
         local = manager.download(latest, ctx.tmp / f"resume-{latest.step}")
+    saved_pp = int((train_state.read_meta(local).get("pretrain_config") or {}).get("pipeline_parallel", 1))
+    pp = int(getattr(trainer.cfg, "pipeline_parallel", 1))
+    if saved_pp != pp:  # the stages of a replica share one data position: a loader cannot re-split that
+        raise ValueError(f"checkpoint {latest.uri} was written with pipeline_parallel={saved_pp}; this run has "
+                         f"{pp}: resume with the same pipeline_parallel (its weights load anywhere for evaluation)")
     train_state.restore(trainer, local, loader)
     log.info("rank %d resumed from %s at step %d", ctx.rank, latest.uri, trainer.step)
     return latest, local
@@ -191,22 +199,28 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
     if rank == 0 and (fp8_modules or pcfg.activation_checkpointing != "none" or pcfg.cuda_graph):
         log.info("speed options: activation_checkpointing=%s, fp8=%s (%d modules, grads %s), cuda_graph=%s",
                  pcfg.activation_checkpointing, pcfg.fp8, len(fp8_modules), pcfg.fp8_grad_dtype, pcfg.cuda_graph)
-    _dp, ep, pp = pcfg.mesh_shape(world_size)
-    if pp > 1:
-        raise ValueError(f"pipeline_parallel={pp}: the pretraining worker does not run pipeline stages yet "
-                         "(moeflow.platform.train.pipeline_parallel is the library piece); use pipeline_parallel=1")
-    wrapped = wrap_model(model, pcfg.parallelism, pcfg.dtype, world_size, device, cfg.find_unused_parameters,
-                         expert_parallel=ep)
+    dp, ep, pp = pcfg.mesh_shape(world_size)
+    mesh = None
+    if pp > 1:  # pipeline stages on a (dp, pp) mesh; the data is split over the dp replicas only
+        from .pipeline_parallel import build_mesh
+
+        mesh = build_mesh(device.type, dp, pp)
+        data_rank, data_world = mesh["dp"].get_local_rank(), dp
+        wrapped = None
+    else:
+        data_rank, data_world = rank, world_size
+        wrapped = wrap_model(model, pcfg.parallelism, pcfg.dtype, world_size, device, cfg.find_unused_parameters,
+                             expert_parallel=ep)
     loader = PackedLoader(train_ds, seq_len=pcfg.seq_len, batch_size=pcfg.micro_batch_size, seed=pcfg.seed,
-                          rank=rank, world_size=world_size, bos_id=bos_id)
-    num_val = max(world_size, pcfg.val_batches - pcfg.val_batches % world_size)  # equal per rank (FSDP)
+                          rank=data_rank, world_size=data_world, bos_id=bos_id)
+    num_val = max(data_world, pcfg.val_batches - pcfg.val_batches % data_world)  # equal per rank (FSDP)
     val_size = pcfg.val_batch_size or pcfg.micro_batch_size
     val_cache: list = []
 
     def val_batches():
         if not val_cache:
             val_cache.extend(eval_batches(val_ds, seq_len=pcfg.seq_len, batch_size=val_size,
-                                          num_batches=num_val, rank=rank, world_size=world_size, bos_id=bos_id))
+                                          num_batches=num_val, rank=data_rank, world_size=data_world, bos_id=bos_id))
         return val_cache
 
     manager = CheckpointManager(store, cfg.output_prefix, keep_last=pcfg.keep_checkpoints,
@@ -217,8 +231,15 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
     bytes_per_token = val_ds.meta.get("bytes_per_token") or pcfg.bytes_per_token
 
     with (rank0_tracker(cfg, tracker) if rank == 0 else contextlib.nullcontext(None)) as tracker0:
-        trainer = Trainer(pcfg, model, loader, wrapped=wrapped, val_batches=val_batches, device=device,
-                          logger=tracker0, bytes_per_token=bytes_per_token, bos_id=bos_id)
+        if mesh is not None:
+            from .pipeline_parallel import PipelineTrainer
+
+            trainer = PipelineTrainer(pcfg, model, loader, mesh=mesh, device=device, schedule=pcfg.pipeline_schedule,
+                                      val_batches=val_batches, logger=tracker0, bytes_per_token=bytes_per_token,
+                                      bos_id=bos_id)
+        else:
+            trainer = Trainer(pcfg, model, loader, wrapped=wrapped, val_batches=val_batches, device=device,
+                              logger=tracker0, bytes_per_token=bytes_per_token, bos_id=bos_id)
         # ---- resume from the newest intact checkpoint; its history and expert-load log from the train log
         latest, local = resume_from_latest(manager, trainer, loader, ctx)
         log_from = 0  # the train-log segment written at the next checkpoint starts after this step
@@ -237,9 +258,9 @@ def _train(cfg: LaunchConfig, pcfg: PretrainConfig, ctx: WorkerContext, tracker)
                 if rank == 0:
                     log.info("%s", progress_line(step, pcfg.max_steps, metrics))
                 if rank == 0 and tr.logged_interval_counts_LE.numel():
-                    bias = router_biases(tr.model)
+                    bias = tr.logged_bias_LE  # all routers' biases (a pipeline rank holds only its own)
                     recorder.record(step, tr.logged_interval_counts_LE.numpy(),
-                                    None if bias is None else bias.cpu().numpy())
+                                    None if bias is None else bias.numpy())
                     if tracker0 is not None:
                         tracker0.log_metrics(expert_metrics(tr.logged_interval_counts_LE.numpy()), step=step)
                 if ctx.ray_ctx is not None:
