@@ -237,9 +237,9 @@ class HFGenerateServer:
                     made[r] += 1
                     reason = "stop" if t == outer.eos else ("length" if made[r] >= max_new[r] else None)
                     done[r] = reason is not None
-                    ev = {"kind": "token", "token_id": t, "text": tok.decode([t], skip_special=True),
-                          "finish_reason": reason, "num_generated": made[r], "logprob": None, "token": None,
-                          "top": None, "prompt_logprobs": None}
+                    ev = {"kind": "token", "token_ids": [t], "text": tok.decode([t], skip_special=True),
+                          "finish_reason": reason, "num_generated": made[r], "logprobs": None, "tokens": None,
+                          "tops": None, "prompt_logprobs": None}
                     loop, q = batch[r][2], batch[r][3]
                     loop.call_soon_threadsafe(q.put_nowait, ev)
 
@@ -248,8 +248,8 @@ class HFGenerateServer:
                     if not done[r]:
                         done[r] = True
                         loop.call_soon_threadsafe(q.put_nowait, {
-                            "kind": "token", "token_id": None, "text": "", "finish_reason": "length",
-                            "num_generated": made[r], "logprob": None, "token": None, "top": None,
+                            "kind": "token", "token_ids": [], "text": "", "finish_reason": "length",
+                            "num_generated": made[r], "logprobs": None, "tokens": None, "tops": None,
                             "prompt_logprobs": None})
 
         sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)

@@ -363,7 +363,7 @@ def test_int8_model_server_serves_with_smaller_weights(stack):
         async def run():
             return [e async for e in q.generate({"prompt": ids, "params": {"max_tokens": 8, "temperature": 0}})]
 
-        toks = [e["token_id"] for e in aio.run(run()) if e["kind"] == "token"]
+        toks = [t for e in aio.run(run()) if e["kind"] == "token" for t in e["token_ids"]]
         assert toks == generate(q.model, [ids], 8, stop_token_ids=[q.tokenizer.eos_id]).tokens[0]
     finally:
         q.close()
