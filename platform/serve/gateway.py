@@ -320,26 +320,27 @@ class _Run:
             raise _backend_error(self.route, err) from None
 
     async def events(self) -> AsyncIterator[tuple[int, dict]]:
-        """(choice index, token event) merged over choices, until all finished; metrics on the way."""
-        queue: asyncio.Queue = asyncio.Queue()
-        for i, c in enumerate(self.choices):
-            self._tasks.append(asyncio.create_task(self._pump(i, c, queue)))
-        remaining = len(self.choices)
+        """(choice index, token event) merged over choices, until all finished; metrics on the way.
+
+        One choice (the common request) is read straight from its stream; several go through a
+        queue fed by one task per choice. Either way the wait for an event is bounded (``asyncio.timeout``:
+        a timer per wait, where ``wait_for`` made a task per token)."""
+        source = self._one(self.choices[0]) if len(self.choices) == 1 else self._merged()
         stall = self.gw.config.stall_timeout_s
         try:
-            while remaining:
+            while True:
                 left = self.deadline - time.perf_counter()
                 try:
-                    i, ev = await asyncio.wait_for(queue.get(), max(min(left, stall), 0.0))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(max(min(left, stall), 0.0)):
+                        i, ev = await source.__anext__()
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
                     if left <= stall:
                         raise P.APIError(504, f"the request took longer than {self.gw.config.request_timeout_s:g} s",
                                          code="timeout", type_="server_error") from None
                     raise P.APIError(503, f"{self.route.key} sent nothing for {stall:g} s; retry",
                                      code="stream_stalled", type_="server_error") from None
-                if ev is _DONE:
-                    remaining -= 1
-                    continue
                 if isinstance(ev, BaseException):
                     raise ev if isinstance(ev, P.APIError) else _backend_error(self.route, ev)
                 if ev["kind"] == "error":
@@ -349,6 +350,39 @@ class _Run:
         except P.APIError as err:
             self.count_error(err)
             raise
+        finally:
+            await source.aclose()
+
+    async def _one(self, c: _Choice) -> AsyncIterator[tuple[int, dict | BaseException]]:
+        """The events of a single choice, then a stream that ended without a finish as an error."""
+        try:
+            async for ev in c.stream:
+                yield 0, ev
+                if ev.get("finish_reason") or ev["kind"] == "error":
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - handed to the consumer
+            yield 0, err
+            return
+        yield 0, self._interrupted()
+
+    async def _merged(self) -> AsyncIterator[tuple[int, dict | BaseException]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, c in enumerate(self.choices):
+            self._tasks.append(asyncio.create_task(self._pump(i, c, queue)))
+        remaining = len(self.choices)
+        while remaining:
+            i, ev = await queue.get()
+            if ev is _DONE:
+                remaining -= 1
+                continue
+            yield i, ev
+
+    def _interrupted(self) -> P.APIError:
+        # the replica's stream stopped without a finish: never pass that off as complete
+        return P.APIError(503, f"{self.route.key} ended the stream before the end of the completion; retry",
+                          code="stream_interrupted", type_="server_error")
 
     def count_error(self, err: BaseException) -> None:
         """Count an error answered for this run's version (``version_errors``); a cancellation is none."""
@@ -364,9 +398,8 @@ class _Run:
                 if ev.get("finish_reason") or ev["kind"] == "error":
                     ended = True
                     break
-            if not ended:  # the replica's stream stopped without a finish: never pass that off as complete
-                raise P.APIError(503, f"{self.route.key} ended the stream before the end of the completion; retry",
-                                 code="stream_interrupted", type_="server_error")
+            if not ended:
+                raise self._interrupted()
         except asyncio.CancelledError:
             raise
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
