@@ -29,6 +29,10 @@ Ray Serve itself is not in the loop: its wheel is too large to carry to the lent
 servers run the gateway's ASGI app in one uvicorn process with the backend in process
 (``LocalBackend``), which is the code path of ``tests/test_serve_gateway.py``.
 
+``--stub-step-ms S`` replaces the engine of our server by ``StubEngine``: a step that waits S ms (the GIL
+released, as while the GPU runs) and gives every running request one token, so the server's CPU is the
+serving side alone (gateway, SSE, metrics, the engine thread's hand-over) and its ideal rate is slots / S.
+
 ``--engine-peer`` adds, per level C, the engine alone (no HTTP, no asyncio: ``Engine.step`` in a loop) on
 the same export and settings, C requests at once, each ``--new`` tokens: the gap between it and the API
 row is what the serving side costs. ``--old-pythonpath P`` serves a second ``moeflow`` server from the
@@ -266,6 +270,63 @@ class HFGenerateServer:
                                 eos_token_id=self.eos, streamer=RowStreamer(), **sample)
 
 
+# ============================================================================ a stand-in engine
+class StubEngine:
+    """The ``Engine`` interface the serving loop uses, with a step that costs ``step_ms`` of waiting and no
+    compute: token ids cycle through [300, 400), each is the text " t"; ``max_tokens`` ends a request."""
+
+    def __init__(self, max_batch: int, step_ms: float) -> None:
+        from collections import deque
+
+        self.max_batch, self.step_s = max_batch, step_ms / 1e3
+        self.lock = threading.Lock()
+        self.inbox: deque = deque()
+        self.cancelled: set[str] = set()
+        self.running: dict[str, list] = {}  # id -> [max_tokens, made]
+        self.context_len = 1 << 20
+        self.decode_mode, self.static = "stub", None
+
+    def add(self, request_id, prompt_ids, params) -> None:
+        with self.lock:
+            self.inbox.append((request_id, params.max_tokens))
+
+    def cancel(self, request_id) -> None:
+        with self.lock:
+            self.cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        with self.lock:
+            return bool(self.inbox or self.running or self.cancelled)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def num_waiting(self) -> int:
+        return len(self.inbox)
+
+    def step(self):
+        from moeflow.models.serving import TokenOutput
+
+        out = []
+        with self.lock:
+            while self.inbox and len(self.running) < self.max_batch:
+                rid, n = self.inbox.popleft()
+                self.running[rid] = [n, 0]
+            cancelled, self.cancelled = self.cancelled, set()
+        for rid in cancelled & set(self.running):
+            del self.running[rid]
+            out.append(TokenOutput(rid, None, finish_reason="cancelled"))
+        time.sleep(self.step_s)
+        for rid, st in list(self.running.items()):
+            st[1] += 1
+            done = st[1] >= st[0]
+            out.append(TokenOutput(rid, 300 + st[1] % 100, text=" t", finish_reason="length" if done else None,
+                                   num_generated=st[1]))
+            if done:
+                del self.running[rid]
+        return out
+
+
 # ============================================================================ one server process
 def server_main(args) -> None:
     import uvicorn
@@ -282,9 +343,12 @@ def server_main(args) -> None:
         spec = ServedModel(name="bench", version="1", model_dir=args.model_dir,
                            engine={"max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
                                    "context_len": args.context, "dtype": args.dtype, "device": args.device,
-                                   "quantize": args.quantize, "max_waiting": 4096})
+                                   "quantize": args.quantize, "max_waiting": 4096,
+                                   **({"compile": "inductor"} if args.compile else {})})
         server = ModelServer(spec)
-        info = {"decode_mode": server.loop.engine.decode_mode,
+        if args.stub_step_ms:
+            server.loop.engine = StubEngine(args.max_batch, args.stub_step_ms)
+        info = {"stub_step_ms": args.stub_step_ms, "decode_mode": server.loop.engine.decode_mode,
                 "graphs": server.loop.engine.static.num_graphs if server.loop.engine.static else 0}
     else:
         server = HFGenerateServer(args.model_dir, args.device, dtype, args.max_batch)
@@ -432,22 +496,25 @@ def http_main(args) -> None:
     model_dir = make_export(work / "model", args.preset, getattr(torch, args.dtype), args.tokenizer, args.context)
     vocab = ModelConfig.preset(args.preset).vocab_size
     levels = [int(x) for x in args.levels.split(",")]
-    servers = [(b, q, None) for b in args.backends.split(",") if b
-               for q in (["none", "int8"] if (b == "moeflow" and args.int8) else ["none"])]
+    compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    servers = [(b, q, None, c) for b in args.backends.split(",") if b
+               for q in (["none", "int8"] if (b == "moeflow" and args.int8) else ["none"])
+               for c in (compiled if (b == "moeflow" and q == "none") else [False])]
     if args.old_pythonpath:
-        servers.append(("moeflow", "none", args.old_pythonpath))
+        servers.append(("moeflow", "none", args.old_pythonpath, False))
     procs = {}
     rows = []
     try:
         # every server loads at once (one GPU holds them all); the load then runs on one at a time,
         # level by level, so each level's rows of every server come from the same minutes of the run
-        for backend, quantize, pythonpath in servers:
+        for backend, quantize, pythonpath, compile_ in servers:
             port = _free_port()
             cmd = [sys.executable, __file__, "server", "--backend", backend, "--model-dir", str(model_dir),
                    "--port", str(port), "--device", args.device, "--dtype", args.dtype, "--max-batch",
                    str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk), "--context", str(args.context),
-                   "--quantize", quantize]
-            label = backend + ("" if quantize == "none" else f" {quantize}") + (" (old)" if pythonpath else "")
+                   "--quantize", quantize, "--stub-step-ms", str(args.stub_step_ms)] + (["--compile"] if compile_ else [])
+            label = (backend + ("" if quantize == "none" else f" {quantize}") + (" compiled" if compile_ else "")
+                     + (" (old)" if pythonpath else ""))
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
             procs[label] = (subprocess.Popen(cmd, env=env), f"http://127.0.0.1:{port}")
         for label, (proc, base) in procs.items():
@@ -530,6 +597,8 @@ def main(argv=None) -> None:
         h.add_argument("--context", type=int, default=256)
         h.add_argument("--quantize", default="none", choices=["none", "int8"])
         if name == "server":
+            h.add_argument("--compile", action="store_true", help="the engine's decode step compiled (inductor)")
+            h.add_argument("--stub-step-ms", type=float, default=0.0)
             h.add_argument("--backend", required=True, choices=["moeflow", "transformers"])
             h.add_argument("--model-dir", required=True)
             h.add_argument("--port", type=int, required=True)
@@ -545,9 +614,12 @@ def main(argv=None) -> None:
             h.add_argument("--tokenizer", default=None, help="tokenizer.json of the model's vocabulary")
             h.add_argument("--start-timeout", type=float, default=300)
             h.add_argument("--smoke", action="store_true")
+            h.add_argument("--compile", default="no", choices=["no", "yes", "both"],
+                           help="ours with the engine's decode step compiled (inductor), or both ours")
             h.add_argument("--overhead", action="store_true", help="CPU: the API vs the engine alone (see above)")
             h.add_argument("--engine-peer", action="store_true", help="also the engine alone at each level")
             h.add_argument("--old-pythonpath", default=None, help="also serve moeflow from this package root")
+            h.add_argument("--stub-step-ms", type=float, default=0.0, help="ours: StubEngine steps (see above)")
             h.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     {"engine": engine_main, "http": http_main, "server": server_main}[args.cmd](args)

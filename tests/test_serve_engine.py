@@ -148,6 +148,67 @@ def test_cuda_graph_engine_equals_generate_on_the_gpu(model):
         assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
 
 
+def _compiled_vs_eager_static(model, backend: str) -> None:
+    """The engine with its static step compiled by ``backend`` against the same engine uncompiled: same
+    greedy tokens (and = generate), same log-probabilities, over joins, several buckets and compaction.
+    The model is the GPU's (bf16, grouped-GEMM experts; ``torch._grouped_mm`` also runs on the CPU, in bf16):
+    the CPU's fp32 per-expert loop syncs on the host, a graph break the GPU path does not have."""
+    import copy
+
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    for m in model.modules():
+        if hasattr(m, "use_grouped_mm"):
+            m.use_grouped_mm = True
+    prompts = _prompts((3, 17, 1, 30, 9, 24))
+    runs = {}
+    for compile_ in (None, backend):
+        engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode="static", compile=compile_)
+        engine.static.width_buckets = [16, 32, 65]
+        assert engine.warmup() == (9 if compile_ else 0)  # 3 x 3 buckets compiled (and run) before any request
+        for i, p in enumerate(prompts):
+            engine.add(f"r{i}", p, SamplingParams(max_tokens=30, logprobs=0, **GREEDY))
+        runs[compile_] = _drain(engine)
+        assert engine.slots.num_compactions >= 1
+    for i, p in enumerate(prompts):
+        eager, compiled = runs[None][f"r{i}"], runs[backend][f"r{i}"]
+        assert _tokens(compiled) == _tokens(eager) == generate(model, [p], 30).tokens[0], f"request {i}"
+        lp_e = [e.logprob for e in eager if e.token_id is not None]
+        lp_c = [e.logprob for e in compiled if e.token_id is not None]
+        assert lp_c == pytest.approx(lp_e, abs=0.05)  # bf16: a fused kernel rounds differently
+
+
+@pytest.mark.slow
+def test_inductor_compiled_engine_step_equals_the_eager_step_on_the_cpu(model):
+    """The real compiler (inductor, C++ on the CPU) on the engine's bucketed decode step."""
+    torch._dynamo.reset()
+    _compiled_vs_eager_static(model, "inductor")
+
+
+def test_compiled_engine_step_equals_the_eager_step(model):
+    """The same wiring with dynamo's aot_eager backend (traced and functionalized, no code generation): fast."""
+    torch._dynamo.reset()
+    _compiled_vs_eager_static(model, "aot_eager")
+    with pytest.raises(ValueError, match="compile needs"):
+        Engine(model, decode_mode="eager", compile="inductor")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_graph_engine_equals_generate_on_the_gpu(model):
+    """The compiled step captured in CUDA graphs (the fast serving path) against generate(), token for token."""
+    gpu = MoETransformer(model.cfg).to("cuda", torch.bfloat16).eval()
+    gpu.load_state_dict(model.state_dict())
+    prompts = _prompts((3, 17, 1, 30, 9, 24))
+    engine = Engine(gpu, max_batch=3, prefill_chunk=8, cache_len=65, compile="inductor")
+    assert engine.decode_mode == "graph" and engine.warmup() == engine.static.num_graphs >= 4
+    for i, p in enumerate(prompts):
+        engine.add(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
+    events = _drain(engine)
+    assert engine.static.num_replays > 30 and engine.slots.num_compactions >= 1
+    for i, p in enumerate(prompts):
+        assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
+
+
 def test_long_prompt_prefills_in_chunks_without_stalling_a_running_stream(model):
     engine = Engine(model, max_batch=2, prefill_chunk=8)
     engine.add("stream", _prompts((4,))[0], SamplingParams(max_tokens=20, **GREEDY))
