@@ -149,32 +149,57 @@ def test_cuda_graph_engine_equals_generate_on_the_gpu(model):
 
 
 def _compiled_vs_eager_static(model, backend: str) -> None:
-    """The engine with its static step compiled by ``backend`` against the same engine uncompiled: same
-    greedy tokens (and = generate), same log-probabilities, over joins, several buckets and compaction.
+    """The engine's static step compiled by ``backend`` against the eager static step ON THE SAME INPUTS at
+    every decode step of a run with joins, several (rows, columns) buckets and compaction: each step runs
+    the compiled step first (its cache writes and counters undone by the eager step that follows and
+    drives the run), and the two logits must agree to bf16 rounding, with the same argmax on (nearly) every
+    row (a router near-tie may flip a rare row's expert choice). Teacher-forced, because in bf16 a whole greedy trajectory flips at the first near-tie (rounding,
+    not a bug: the eager static step and ``generate`` disagree the same way in bf16).
     The model is the GPU's (bf16, grouped-GEMM experts; ``torch._grouped_mm`` also runs on the CPU, in bf16):
     the CPU's fp32 per-expert loop syncs on the host, a graph break the GPU path does not have."""
     import copy
+
+    from moeflow.models.serving.graphs import StaticDecoder
 
     model = copy.deepcopy(model).to(torch.bfloat16)
     for m in model.modules():
         if hasattr(m, "use_grouped_mm"):
             m.use_grouped_mm = True
-    prompts = _prompts((3, 17, 1, 30, 9, 24))
-    runs = {}
-    for compile_ in (None, backend):
-        engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode="static", compile=compile_)
-        engine.static.width_buckets = [16, 32, 65]
-        assert engine.warmup() == (9 if compile_ else 0)  # 3 x 3 buckets compiled (and run) before any request
-        for i, p in enumerate(prompts):
-            engine.add(f"r{i}", p, SamplingParams(max_tokens=30, logprobs=0, **GREEDY))
-        runs[compile_] = _drain(engine)
-        assert engine.slots.num_compactions >= 1
-    for i, p in enumerate(prompts):
-        eager, compiled = runs[None][f"r{i}"], runs[backend][f"r{i}"]
-        assert _tokens(compiled) == _tokens(eager) == generate(model, [p], 30).tokens[0], f"request {i}"
-        lp_e = [e.logprob for e in eager if e.token_id is not None]
-        lp_c = [e.logprob for e in compiled if e.token_id is not None]
-        assert lp_c == pytest.approx(lp_e, abs=0.05)  # bf16: a fused kernel rounds differently
+    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode="static")
+    engine.static.width_buckets = [16, 32, 65]
+    compiled = StaticDecoder(model, engine.slots, capture=False, compile=backend,
+                             batch_buckets=engine.static.batch_buckets, width_buckets=engine.static.width_buckets)
+    eager_run, cache = engine.static.run, engine.slots.cache
+    diffs, same, rows, buckets = [], 0, 0, set()
+
+    def both(tokens, real, cursor):
+        before = cache.num_real_B.clone()
+        logits_c = compiled.run(tokens, real, cursor)[: len(tokens)].float()
+        cache.num_real_B.copy_(before)
+        logits_e = eager_run(tokens, real, cursor)
+        live = torch.tensor(real)
+        e = logits_e[: len(tokens)].float()[live]
+        scale = e.abs().amax(-1)
+        diff = (logits_c[live] - e).abs().amax(-1) / scale
+        diffs.extend(diff.tolist())  # per row
+        top2 = e.topk(2, -1).values
+        clear = ((top2[:, 0] - top2[:, 1]) / scale > 0.03) & (diff < 0.03)  # no near-tie, no expert flip
+        nonlocal same, rows
+        same += int((logits_c[live].argmax(-1) == e.argmax(-1))[clear].sum())
+        rows += int(clear.sum())
+        buckets.add(engine.static.bucket(len(tokens), cursor))
+        return logits_e
+
+    engine.static.run = both
+    for i, p in enumerate(_prompts((3, 17, 1, 30, 9, 24))):
+        engine.add(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
+    _drain(engine)
+    assert engine.slots.num_compactions >= 1 and len(buckets) >= 4 and rows > 50
+    # a row whose router top-k sits on a near-tie may pick another expert (rounding): rare, large; the rest
+    # agree to bf16 rounding (~1 % of the logits' scale)
+    close = sum(d < 0.03 for d in diffs)
+    assert close >= 0.95 * len(diffs), f"only {close} of {len(diffs)} rows' logits agree to 3 % (worst {max(diffs):.3f})"
+    assert same == rows, f"the argmax differs on {rows - same} of {rows} rows without a near-tie"
 
 
 @pytest.mark.slow
@@ -184,10 +209,20 @@ def test_inductor_compiled_engine_step_equals_the_eager_step_on_the_cpu(model):
     _compiled_vs_eager_static(model, "inductor")
 
 
+@pytest.mark.slow
 def test_compiled_engine_step_equals_the_eager_step(model):
-    """The same wiring with dynamo's aot_eager backend (traced and functionalized, no code generation): fast."""
+    """The same wiring with dynamo's aot_eager backend (traced and functionalized, no code generation)."""
     torch._dynamo.reset()
     _compiled_vs_eager_static(model, "aot_eager")
+
+
+def test_compile_option_wires_the_compiled_step_into_the_static_decoder(model):
+    """Fast: which step the engine runs (the compiled wrapper of ``compile_decode_step``, or the model), and the
+    refusal of compile with the eager step; the slow tests above run the compiled step."""
+    engine = Engine(model, max_batch=2, decode_mode="static", compile="aot_eager")
+    assert isinstance(engine.static._fn, torch._dynamo.eval_frame.OptimizedModule)
+    assert engine.static._fn._orig_mod is model and engine.static.compile == "aot_eager"
+    assert Engine(model, max_batch=2, decode_mode="static").static._fn is model
     with pytest.raises(ValueError, match="compile needs"):
         Engine(model, decode_mode="eager", compile="inductor")
 
