@@ -159,10 +159,13 @@ def decode_bytes_per_step(model, batch: int, live_tokens_per_row: float) -> floa
 
 
 def engine_decode(model, prompts: list[list[int]], new: int, mode: str) -> dict:
-    """B requests at once through the serving engine; decode-only and whole-call tokens/s."""
+    """B requests at once through the serving engine; decode-only and whole-call tokens/s.
+    ``mode``: a ``decode_mode``, with "+compile" for the inductor-compiled step (capture_s then includes
+    compilation, which the warm-up call of the same model has mostly done)."""
     B = len(prompts)
+    decode_mode, _, compiled = mode.partition("+")
     engine = Engine(model, max_batch=B, context_len=len(prompts[0]) + new + 8, prefill_chunk=1 << 16,
-                    decode_mode=mode)
+                    decode_mode=decode_mode, compile="inductor" if compiled else None)
     warm = time.perf_counter()
     engine.warmup()
     warm = time.perf_counter() - warm
@@ -206,6 +209,8 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
         log(f"# int8: {report.num_linears} linears, {report.num_expert_stacks} expert stacks, "
             f"{report.bytes_before:,} -> {report.bytes_after:,} bytes")
     modes = ["graph", "eager"] if cuda else ["static", "eager"]
+    if args.engine_compile:
+        modes.insert(1, modes[0] + "+compile")
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(3, model.cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
         ref = None
@@ -260,6 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("--engine", action="store_true", help="serving-engine rows (graph/eager) with MBU")
     p.add_argument("--engine-only", action="store_true", help="only the engine rows (and int8)")
     p.add_argument("--int8", action="store_true", help="engine rows on the INT8 model too, and perplexity")
+    p.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)

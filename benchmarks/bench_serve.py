@@ -6,6 +6,8 @@
     # HTTP API, ours and the baseline in the same run (GPU: bench_ref, bf16)
     PYTHONPATH=/tmp/pkg python3 benchmarks/bench_serve.py http --preset bench_ref --out results/serve.jsonl
     PYTHONPATH=/tmp/pkg python3 benchmarks/bench_serve.py http --smoke          # CPU, tiny, seconds
+    # the serving side's own cost (CPU): the API vs the engine alone, this tree vs an older checkout
+    PYTHONPATH=/tmp/pkg python3 benchmarks/bench_serve.py http --overhead --old-pythonpath /tmp/pkg-old
 
 ``engine`` rows (greedy, random weights, ``--prompt`` token random prompts, ``--new`` new tokens each):
 ``generate batch B`` = one ``generate()`` call over B prompts; ``engine batch B`` = the same B requests
@@ -26,6 +28,16 @@ chunk) is served twice, one server process at a time, through the SAME gateway c
 Ray Serve itself is not in the loop: its wheel is too large to carry to the lent GPU machine, so both
 servers run the gateway's ASGI app in one uvicorn process with the backend in process
 (``LocalBackend``), which is the code path of ``tests/test_serve_gateway.py``.
+
+``--stub-step-ms S`` replaces the engine of our server by ``StubEngine``: a step that waits S ms (the GIL
+released, as while the GPU runs) and gives every running request one token, so the server's CPU is the
+serving side alone (gateway, SSE, metrics, the engine thread's hand-over) and its ideal rate is slots / S.
+
+``--engine-peer`` adds, per level C, the engine alone (no HTTP, no asyncio: ``Engine.step`` in a loop) on
+the same export and settings, C requests at once, each ``--new`` tokens: the gap between it and the API
+row is what the serving side costs. ``--old-pythonpath P`` serves a second ``moeflow`` server from the
+package at ``P`` (an older checkout) beside this one, level by level. ``--overhead`` = CPU, the ``tiny``
+preset in fp32, levels 8/32/64 with as many slots, both of these.
 
 Load (``aiohttp`` in the parent process): C concurrent streams, each sending streaming
 ``/v1/completions`` requests back to back (``--prompt`` random token ids, ``max_tokens=--new``, greedy)
@@ -237,9 +249,9 @@ class HFGenerateServer:
                     made[r] += 1
                     reason = "stop" if t == outer.eos else ("length" if made[r] >= max_new[r] else None)
                     done[r] = reason is not None
-                    ev = {"kind": "token", "token_id": t, "text": tok.decode([t], skip_special=True),
-                          "finish_reason": reason, "num_generated": made[r], "logprob": None, "token": None,
-                          "top": None, "prompt_logprobs": None}
+                    ev = {"kind": "token", "token_ids": [t], "text": tok.decode([t], skip_special=True),
+                          "finish_reason": reason, "num_generated": made[r], "logprobs": None, "tokens": None,
+                          "tops": None, "prompt_logprobs": None}
                     loop, q = batch[r][2], batch[r][3]
                     loop.call_soon_threadsafe(q.put_nowait, ev)
 
@@ -248,14 +260,71 @@ class HFGenerateServer:
                     if not done[r]:
                         done[r] = True
                         loop.call_soon_threadsafe(q.put_nowait, {
-                            "kind": "token", "token_id": None, "text": "", "finish_reason": "length",
-                            "num_generated": made[r], "logprob": None, "token": None, "top": None,
+                            "kind": "token", "token_ids": [], "text": "", "finish_reason": "length",
+                            "num_generated": made[r], "logprobs": None, "tokens": None, "tops": None,
                             "prompt_logprobs": None})
 
         sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
         with torch.no_grad():
             self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new), pad_token_id=0,
                                 eos_token_id=self.eos, streamer=RowStreamer(), **sample)
+
+
+# ============================================================================ a stand-in engine
+class StubEngine:
+    """The ``Engine`` interface the serving loop uses, with a step that costs ``step_ms`` of waiting and no
+    compute: token ids cycle through [300, 400), each is the text " t"; ``max_tokens`` ends a request."""
+
+    def __init__(self, max_batch: int, step_ms: float) -> None:
+        from collections import deque
+
+        self.max_batch, self.step_s = max_batch, step_ms / 1e3
+        self.lock = threading.Lock()
+        self.inbox: deque = deque()
+        self.cancelled: set[str] = set()
+        self.running: dict[str, list] = {}  # id -> [max_tokens, made]
+        self.context_len = 1 << 20
+        self.decode_mode, self.static = "stub", None
+
+    def add(self, request_id, prompt_ids, params) -> None:
+        with self.lock:
+            self.inbox.append((request_id, params.max_tokens))
+
+    def cancel(self, request_id) -> None:
+        with self.lock:
+            self.cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        with self.lock:
+            return bool(self.inbox or self.running or self.cancelled)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def num_waiting(self) -> int:
+        return len(self.inbox)
+
+    def step(self):
+        from moeflow.models.serving import TokenOutput
+
+        out = []
+        with self.lock:
+            while self.inbox and len(self.running) < self.max_batch:
+                rid, n = self.inbox.popleft()
+                self.running[rid] = [n, 0]
+            cancelled, self.cancelled = self.cancelled, set()
+        for rid in cancelled & set(self.running):
+            del self.running[rid]
+            out.append(TokenOutput(rid, None, finish_reason="cancelled"))
+        time.sleep(self.step_s)
+        for rid, st in list(self.running.items()):
+            st[1] += 1
+            done = st[1] >= st[0]
+            out.append(TokenOutput(rid, 300 + st[1] % 100, text=" t", finish_reason="length" if done else None,
+                                   num_generated=st[1]))
+            if done:
+                del self.running[rid]
+        return out
 
 
 # ============================================================================ one server process
@@ -274,9 +343,12 @@ def server_main(args) -> None:
         spec = ServedModel(name="bench", version="1", model_dir=args.model_dir,
                            engine={"max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
                                    "context_len": args.context, "dtype": args.dtype, "device": args.device,
-                                   "quantize": args.quantize, "max_waiting": 4096})
+                                   "quantize": args.quantize, "max_waiting": 4096,
+                                   **({"compile": "inductor"} if args.compile else {})})
         server = ModelServer(spec)
-        info = {"decode_mode": server.loop.engine.decode_mode,
+        if args.stub_step_ms:
+            server.loop.engine = StubEngine(args.max_batch, args.stub_step_ms)
+        info = {"stub_step_ms": args.stub_step_ms, "decode_mode": server.loop.engine.decode_mode,
                 "graphs": server.loop.engine.static.num_graphs if server.loop.engine.static else 0}
     else:
         server = HFGenerateServer(args.model_dir, args.device, dtype, args.max_batch)
@@ -361,6 +433,41 @@ async def run_level(base: str, concurrency: int, duration: float, prompt_len: in
             "e2e_p50_s": round(statistics.median(r["e2e"] for r in ok), 3) if ok else None}
 
 
+def engine_peer(model_dir: Path, args, concurrency: int, vocab: int) -> dict:
+    """The engine alone on the served export: ``concurrency`` requests at once, greedy, ``--new`` tokens each."""
+    import random
+
+    from moeflow.models.hf import import_hf
+
+    model = import_hf(model_dir, dtype=getattr(torch, args.dtype), device=args.device, include_mtp=False).eval()
+    rng = random.Random(concurrency)
+    prompts = [[rng.randrange(300, vocab) for _ in range(args.prompt)] for _ in range(concurrency)]
+    mode = "graph" if args.device.startswith("cuda") else "eager"
+    engine = Engine(model, max_batch=args.max_batch, context_len=args.context, prefill_chunk=args.prefill_chunk,
+                    decode_mode=mode)
+    engine.warmup()
+    for warm in (True, False):
+        for i, p in enumerate(prompts[:4] if warm else prompts):
+            engine.add(f"{warm}{i}", p, SamplingParams(max_tokens=4 if warm else args.new, temperature=0.0))
+        made = 0
+        _sync(args.device)
+        t, cpu0 = time.perf_counter(), time.process_time()
+        while engine.has_work():
+            made += sum(ev.token_id is not None for ev in engine.step())
+        _sync(args.device)
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu0
+    return {"concurrency": concurrency, "requests": concurrency, "errors": 0, "wall_s": round(wall, 2),
+            "completion_tokens": made, "tok_s": round(made / wall, 1),
+            "server_cpu_ms_per_token": round(1000 * cpu / max(1, made), 3)}
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``): what the server spent, whatever
+    else the machine runs, so the API's cost per token can be compared with the engine's on a loaded machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_healthy(base: str, proc, timeout: float) -> None:
     import urllib.request
 
@@ -381,36 +488,53 @@ def http_main(args) -> None:
     if args.smoke:
         args.preset, args.levels, args.duration, args.new, args.prompt = "tiny", "1,4", 1.0, 8, 8
         args.device, args.dtype, args.max_batch, args.context = "cpu", "float32", 8, 64
+    if args.overhead:
+        args.preset, args.levels, args.new, args.prompt, args.backends = "tiny", "8,32,64", 64, 16, "moeflow"
+        args.device, args.dtype, args.max_batch, args.context, args.engine_peer = "cpu", "float32", 64, 128, True
     cuda = args.device.startswith("cuda")
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     model_dir = make_export(work / "model", args.preset, getattr(torch, args.dtype), args.tokenizer, args.context)
     vocab = ModelConfig.preset(args.preset).vocab_size
     levels = [int(x) for x in args.levels.split(",")]
-    servers = [(b, q) for b in args.backends.split(",") if b
-               for q in (["none", "int8"] if (b == "moeflow" and args.int8) else ["none"])]
+    compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    servers = [(b, q, None, c) for b in args.backends.split(",") if b
+               for q in (["none", "int8"] if (b == "moeflow" and args.int8) else ["none"])
+               for c in (compiled if (b == "moeflow" and q == "none") else [False])]
+    if args.old_pythonpath:
+        servers.append(("moeflow", "none", args.old_pythonpath, False))
     procs = {}
     rows = []
     try:
         # every server loads at once (one GPU holds them all); the load then runs on one at a time,
         # level by level, so each level's rows of every server come from the same minutes of the run
-        for backend, quantize in servers:
+        for backend, quantize, pythonpath, compile_ in servers:
             port = _free_port()
             cmd = [sys.executable, __file__, "server", "--backend", backend, "--model-dir", str(model_dir),
                    "--port", str(port), "--device", args.device, "--dtype", args.dtype, "--max-batch",
                    str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk), "--context", str(args.context),
-                   "--quantize", quantize]
-            label = backend + ("" if quantize == "none" else f" {quantize}")
-            procs[label] = (subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}),
-                            f"http://127.0.0.1:{port}")
+                   "--quantize", quantize, "--stub-step-ms", str(args.stub_step_ms)] + (["--compile"] if compile_ else [])
+            label = (backend + ("" if quantize == "none" else f" {quantize}") + (" compiled" if compile_ else "")
+                     + (" (old)" if pythonpath else ""))
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+            procs[label] = (subprocess.Popen(cmd, env=env), f"http://127.0.0.1:{port}")
         for label, (proc, base) in procs.items():
             wait_healthy(base, proc, args.start_timeout)
             asyncio.run(run_level(base, min(4, levels[-1]), 0.0, args.prompt, 4, vocab, 0))  # warm-up
         for c in levels:
             for label, (proc, base) in procs.items():
                 duration = args.duration if label.startswith("moeflow") else args.baseline_duration
+                cpu0 = _cpu_s(proc.pid)
                 row = {"bench": "http", "server": label, "preset": args.preset, "prompt_len": args.prompt,
                        "max_tokens": args.new, **asyncio.run(run_level(base, c, duration, args.prompt, args.new,
                                                                        vocab, c))}
+                row["server_cpu_ms_per_token"] = round(1000 * (_cpu_s(proc.pid) - cpu0)
+                                                       / max(1, row["completion_tokens"]), 3)
+                log(json.dumps(row))
+                _write(args.out, [row])
+                rows.append(row)
+            if args.engine_peer:
+                row = {"bench": "http", "server": "engine alone", "preset": args.preset, "prompt_len": args.prompt,
+                       "max_tokens": args.new, **engine_peer(model_dir, args, c, vocab)}
                 log(json.dumps(row))
                 _write(args.out, [row])
                 rows.append(row)
@@ -422,11 +546,14 @@ def http_main(args) -> None:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    log("\n| server | streams | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | requests | errors |")
-    log("| --- | ---: | ---: | --- | --- | ---: | ---: |")
+    log("\n| server | streams | tok/s | server CPU ms / token | TTFT p50 / p99 ms | ITL p50 / p99 ms | tokens per chunk "
+        "| requests | errors |")
+    log("| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        log(f"| {r['server']} | {r['concurrency']} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
-            f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['requests']} | {r['errors']} |")
+        log(f"| {r['server']} | {r['concurrency']} | {r['tok_s']:,.0f} | {r.get('server_cpu_ms_per_token')} | "
+            f"{r.get('ttft_p50_ms')} / {r.get('ttft_p99_ms')} | "
+            f"{r.get('itl_p50_ms')} / {r.get('itl_p99_ms')} | {r.get('tokens_per_chunk')} | {r['requests']} | "
+            f"{r['errors']} |")
     if cuda:
         log(f"# device: {torch.cuda.get_device_name()}")
 
@@ -470,6 +597,8 @@ def main(argv=None) -> None:
         h.add_argument("--context", type=int, default=256)
         h.add_argument("--quantize", default="none", choices=["none", "int8"])
         if name == "server":
+            h.add_argument("--compile", action="store_true", help="the engine's decode step compiled (inductor)")
+            h.add_argument("--stub-step-ms", type=float, default=0.0)
             h.add_argument("--backend", required=True, choices=["moeflow", "transformers"])
             h.add_argument("--model-dir", required=True)
             h.add_argument("--port", type=int, required=True)
@@ -485,6 +614,12 @@ def main(argv=None) -> None:
             h.add_argument("--tokenizer", default=None, help="tokenizer.json of the model's vocabulary")
             h.add_argument("--start-timeout", type=float, default=300)
             h.add_argument("--smoke", action="store_true")
+            h.add_argument("--compile", default="no", choices=["no", "yes", "both"],
+                           help="ours with the engine's decode step compiled (inductor), or both ours")
+            h.add_argument("--overhead", action="store_true", help="CPU: the API vs the engine alone (see above)")
+            h.add_argument("--engine-peer", action="store_true", help="also the engine alone at each level")
+            h.add_argument("--old-pythonpath", default=None, help="also serve moeflow from this package root")
+            h.add_argument("--stub-step-ms", type=float, default=0.0, help="ours: StubEngine steps (see above)")
             h.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     {"engine": engine_main, "http": http_main, "server": server_main}[args.cmd](args)

@@ -251,6 +251,18 @@ class _FullDecoder(_CachedDecoder):
         return self._full()
 
 
+def compile_decode_step(model, *, dynamic: bool | None = False, backend: str = "inductor"):
+    """``torch.compile`` of ``model``'s forward for a decode step that a CUDA graph then captures: the compiled
+    step fuses the step's many small element-wise kernels (at small batch kernel count, not bytes, bounds the
+    step time), the graph removes the launches. Used by ``CudaGraphPool`` (``generate``) and by the serving
+    engine's bucketed steps (``serving/graphs.py``). ``dynamic=False`` specializes every shape (a few shapes:
+    ``generate``); ``None`` lets a second size of a dimension recompile it as symbolic, which bounds the
+    compilations of many buckets (the engine's (rows, columns) buckets: about three compilations, not one
+    per bucket). ``backend``: "inductor" (the real one; C++ on the CPU, Triton on the GPU) or a lighter
+    dynamo backend for tests ("aot_eager")."""
+    return torch.compile(model, dynamic=dynamic, backend=backend)
+
+
 class CudaGraphPool:
     """Captured decode steps kept across ``generate`` calls, so a graph is captured once per shape.
 
@@ -288,7 +300,7 @@ class CudaGraphPool:
         if not self.compile_step:
             return model
         if id(model) not in self._compiled:
-            self._compiled[id(model)] = torch.compile(model, dynamic=False)
+            self._compiled[id(model)] = compile_decode_step(model)
         return self._compiled[id(model)]
 
 

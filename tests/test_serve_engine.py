@@ -148,6 +148,102 @@ def test_cuda_graph_engine_equals_generate_on_the_gpu(model):
         assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
 
 
+def _compiled_vs_eager_static(model, backend: str) -> None:
+    """The engine's static step compiled by ``backend`` against the eager static step ON THE SAME INPUTS at
+    every decode step of a run with joins, several (rows, columns) buckets and compaction: each step runs
+    the compiled step first (its cache writes and counters undone by the eager step that follows and
+    drives the run), and the two logits must agree to bf16 rounding, with the same argmax on (nearly) every
+    row (a router near-tie may flip a rare row's expert choice). Teacher-forced, because in bf16 a whole greedy trajectory flips at the first near-tie (rounding,
+    not a bug: the eager static step and ``generate`` disagree the same way in bf16).
+    The model is the GPU's (bf16, grouped-GEMM experts; ``torch._grouped_mm`` also runs on the CPU, in bf16):
+    the CPU's fp32 per-expert loop syncs on the host, a graph break the GPU path does not have."""
+    import copy
+
+    from moeflow.models.serving.graphs import StaticDecoder
+
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    for m in model.modules():
+        if hasattr(m, "use_grouped_mm"):
+            m.use_grouped_mm = True
+    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode="static")
+    engine.static.width_buckets = [16, 32, 65]
+    compiled = StaticDecoder(model, engine.slots, capture=False, compile=backend,
+                             batch_buckets=engine.static.batch_buckets, width_buckets=engine.static.width_buckets)
+    eager_run, cache = engine.static.run, engine.slots.cache
+    diffs, same, rows, buckets = [], 0, 0, set()
+
+    def both(tokens, real, cursor):
+        before = cache.num_real_B.clone()
+        logits_c = compiled.run(tokens, real, cursor)[: len(tokens)].float()
+        cache.num_real_B.copy_(before)
+        logits_e = eager_run(tokens, real, cursor)
+        live = torch.tensor(real)
+        e = logits_e[: len(tokens)].float()[live]
+        scale = e.abs().amax(-1)
+        diff = (logits_c[live] - e).abs().amax(-1) / scale
+        diffs.extend(diff.tolist())  # per row
+        top2 = e.topk(2, -1).values
+        clear = ((top2[:, 0] - top2[:, 1]) / scale > 0.03) & (diff < 0.03)  # no near-tie, no expert flip
+        nonlocal same, rows
+        same += int((logits_c[live].argmax(-1) == e.argmax(-1))[clear].sum())
+        rows += int(clear.sum())
+        buckets.add(engine.static.bucket(len(tokens), cursor))
+        return logits_e
+
+    engine.static.run = both
+    for i, p in enumerate(_prompts((3, 17, 1, 30, 9, 24))):
+        engine.add(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
+    _drain(engine)
+    assert engine.slots.num_compactions >= 1 and len(buckets) >= 4 and rows > 50
+    # a row whose router top-k sits on a near-tie may pick another expert (rounding): rare, large; the rest
+    # agree to bf16 rounding (~1 % of the logits' scale)
+    close = sum(d < 0.03 for d in diffs)
+    assert close >= 0.95 * len(diffs), f"only {close} of {len(diffs)} rows' logits agree to 3 % (worst {max(diffs):.3f})"
+    assert same == rows, f"the argmax differs on {rows - same} of {rows} rows without a near-tie"
+
+
+@pytest.mark.slow
+def test_inductor_compiled_engine_step_equals_the_eager_step_on_the_cpu(model):
+    """The real compiler (inductor, C++ on the CPU) on the engine's bucketed decode step."""
+    torch._dynamo.reset()
+    _compiled_vs_eager_static(model, "inductor")
+
+
+@pytest.mark.slow
+def test_compiled_engine_step_equals_the_eager_step(model):
+    """The same wiring with dynamo's aot_eager backend (traced and functionalized, no code generation)."""
+    torch._dynamo.reset()
+    _compiled_vs_eager_static(model, "aot_eager")
+
+
+def test_compile_option_wires_the_compiled_step_into_the_static_decoder(model):
+    """Fast: which step the engine runs (the compiled wrapper of ``compile_decode_step``, or the model), and the
+    refusal of compile with the eager step; the slow tests above run the compiled step."""
+    engine = Engine(model, max_batch=2, decode_mode="static", compile="aot_eager")
+    assert isinstance(engine.static._fn, torch._dynamo.eval_frame.OptimizedModule)
+    assert engine.static._fn._orig_mod is model and engine.static.compile == "aot_eager"
+    assert Engine(model, max_batch=2, decode_mode="static").static._fn is model
+    with pytest.raises(ValueError, match="compile needs"):
+        Engine(model, decode_mode="eager", compile="inductor")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_graph_engine_equals_generate_on_the_gpu(model):
+    """The compiled step captured in CUDA graphs (the fast serving path) against generate(), token for token."""
+    gpu = MoETransformer(model.cfg).to("cuda", torch.bfloat16).eval()
+    gpu.load_state_dict(model.state_dict())
+    prompts = _prompts((3, 17, 1, 30, 9, 24))
+    engine = Engine(gpu, max_batch=3, prefill_chunk=8, cache_len=65, compile="inductor")
+    assert engine.decode_mode == "graph" and engine.warmup() == engine.static.num_graphs >= 4
+    for i, p in enumerate(prompts):
+        engine.add(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
+    events = _drain(engine)
+    assert engine.static.num_replays > 30 and engine.slots.num_compactions >= 1
+    for i, p in enumerate(prompts):
+        assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
+
+
 def test_long_prompt_prefills_in_chunks_without_stalling_a_running_stream(model):
     engine = Engine(model, max_batch=2, prefill_chunk=8)
     engine.add("stream", _prompts((4,))[0], SamplingParams(max_tokens=20, **GREEDY))

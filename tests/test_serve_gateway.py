@@ -363,7 +363,7 @@ def test_int8_model_server_serves_with_smaller_weights(stack):
         async def run():
             return [e async for e in q.generate({"prompt": ids, "params": {"max_tokens": 8, "temperature": 0}})]
 
-        toks = [e["token_id"] for e in aio.run(run()) if e["kind"] == "token"]
+        toks = [t for e in aio.run(run()) if e["kind"] == "token" for t in e["token_ids"]]
         assert toks == generate(q.model, [ids], 8, stop_token_ids=[q.tokenizer.eos_id]).tokens[0]
     finally:
         q.close()
@@ -452,3 +452,58 @@ def test_a_stalled_replica_stream_times_out_instead_of_hanging(stack):
     finally:
         gw.backend, gw.config = old_backend, old_config
     assert gw.inflight == 0
+
+
+def test_a_consumer_that_falls_behind_gets_coalesced_chunks_with_every_token_and_logprob(stack, client):
+    """Tokens that queued up while the consumer was busy come as ONE multi-token event / SSE chunk (not one per
+    late token); the text, the completion logprobs lists and the chat logprobs entries still cover every token
+    in order, equal to the non-streamed answer and to ``generate``."""
+
+    class Lagging:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def stream(self, route, payload):
+            async def gen():
+                it = self.inner.stream(route, payload)
+                try:
+                    yield await it.__anext__()  # accepted
+                    await asyncio.sleep(1.0)  # the engine runs on; its tokens queue up for this request
+                    async for ev in it:
+                        yield ev
+                finally:
+                    await it.aclose()
+            return gen()
+
+    srv = _server(stack)
+    ids = srv.tokenizer.encode("def add", add_bos=True)
+    ref = _reference(srv, ids, 12, [srv.tokenizer.eos_id])
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    plain = client.completions.create(**body).choices[0]
+    gw = stack["gw"]
+    old = gw.backend
+    gw.backend = Lagging(old)
+    try:
+        with httpx.stream("POST", stack["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={**body, "stream": True}, timeout=30) as s:
+            chunks = [json.loads(l[6:]) for l in s.iter_lines() if l.startswith("data: {")]
+        chat_body = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=0,
+                         logprobs=True, top_logprobs=2)
+        chat_plain = client.chat.completions.create(**chat_body).choices[0]
+        chat_chunks = list(client.chat.completions.create(**chat_body, stream=True))
+    finally:
+        gw.backend = old
+    n = len(ref)
+    assert len(plain.logprobs.tokens) == n and plain.text == srv.tokenizer.decode(ref)
+    assert len(chunks) < n, "the late tokens were not coalesced"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain.text
+    streamed = {k: [x for c in chunks for x in c["choices"][0]["logprobs"][k]]
+                for k in ("tokens", "token_logprobs", "top_logprobs")}
+    assert streamed["tokens"] == plain.logprobs.tokens
+    assert streamed["token_logprobs"] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert [sorted(t) for t in streamed["top_logprobs"]] == [sorted(t) for t in plain.logprobs.top_logprobs]
+    content = [e for c in chat_chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in content] == [e.token for e in chat_plain.logprobs.content]
+    assert [e.logprob for e in content] == pytest.approx([e.logprob for e in chat_plain.logprobs.content], abs=1e-5)
+    assert "".join(c.choices[0].delta.content or "" for c in chat_chunks if c.choices) == chat_plain.message.content
+    assert sum(1 for c in chat_chunks if c.choices and c.choices[0].delta.content) < len(content)

@@ -113,10 +113,11 @@ class Engine:
     def __init__(self, model, *, max_batch: int = 8, context_len: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 256, decode: Callable[[list[int]], str] | None = None,
                  default_stop_token_ids: Sequence[int] = (), cache_len: int | None = None,
-                 decode_mode: str = "auto") -> None:
+                 decode_mode: str = "auto", compile: str | None = None) -> None:
         """cache_len: columns of the slot cache (default 2 x context; more = rarer compaction).
         decode_mode: "eager" (dynamic cache), "static" (bucketed static steps, run eagerly) or "graph"
-        (the same steps captured as CUDA graphs, see graphs.py); "auto" = graph on CUDA, else eager."""
+        (the same steps captured as CUDA graphs, see graphs.py); "auto" = graph on CUDA, else eager.
+        compile: None, or a ``torch.compile`` backend ("inductor") for the static / graph steps (graphs.py)."""
         self.model = model.eval()
         self.device = model.lm_head.weight.device
         self.vocab_size = model.cfg.vocab_size
@@ -128,8 +129,10 @@ class Engine:
             decode_mode = "graph" if self.device.type == "cuda" else "eager"
         if decode_mode not in ("eager", "static", "graph"):
             raise ValueError(f"decode_mode must be auto, eager, static or graph, got {decode_mode!r}")
+        if compile is not None and decode_mode == "eager":
+            raise ValueError("compile needs decode_mode static or graph (the eager step's shapes change every step)")
         self.decode_mode = decode_mode
-        self.static = (StaticDecoder(model, self.slots, capture=decode_mode == "graph")
+        self.static = (StaticDecoder(model, self.slots, capture=decode_mode == "graph", compile=compile)
                        if decode_mode != "eager" else None)
         self._lock = threading.Lock()
         self._inbox: deque[_Seq] = deque()
@@ -167,9 +170,13 @@ class Engine:
         with self._lock:
             self._cancel.add(request_id)
 
+    @torch.inference_mode()  # as ``step``: a graph captured (a step compiled) with autograd on would record for it
     def warmup(self) -> int:
-        """Capture every decode bucket now (graph mode) so no request waits for a capture; the graph count."""
-        return self.static.capture_all() if self.decode_mode == "graph" else 0
+        """Capture (and compile) every decode bucket now (graph mode, or a compiled static step) so no request
+        waits for it; the number of buckets prepared."""
+        if self.decode_mode == "graph" or (self.static is not None and self.static.compile):
+            return self.static.capture_all()
+        return 0
 
     # ------------------------------------------------------------------ state
     def num_running(self) -> int:

@@ -18,6 +18,10 @@ next replay.
 ``StaticDecoder(..., capture=False)`` runs the same bucketed static step eagerly: that is the CPU
 path of this code (tests check it equals ``generate`` token for token) and the GPU fallback.
 ``capture=True`` (CUDA) captures each bucket on first use, all buckets in one memory pool.
+``compile="inductor"`` runs (and captures) the step compiled by ``generation.compile_decode_step``
+instead of the eager model: the fused step that made ``generate``'s graph path ~2x faster. Its
+first shapes compile (``capture_all`` does it before traffic); tests check the compiled step equals
+the eager one on the CPU (inductor's C++ backend).
 
 Shape suffixes: B rows of a bucket, V vocab.
 """
@@ -25,6 +29,8 @@ Shape suffixes: B rows of a bucket, V vocab.
 from __future__ import annotations
 
 import torch
+
+from ..generation import compile_decode_step
 
 
 def buckets_up_to(limit: int, smallest: int = 1) -> list[int]:
@@ -47,10 +53,12 @@ class StaticDecoder:
     """Bucketed static decode steps over a ``SlotCache``, captured as CUDA graphs when ``capture``."""
 
     def __init__(self, model, slots, *, capture: bool, batch_buckets: list[int] | None = None,
-                 width_buckets: list[int] | None = None, min_width: int = 64) -> None:
+                 width_buckets: list[int] | None = None, min_width: int = 64, compile: str | None = None) -> None:
         if capture and slots.cache.key_mask_BS.device.type != "cuda":
             raise ValueError("StaticDecoder: capture=True needs the model and slot cache on CUDA")
         self.model, self.slots, self.capture = model, slots, capture
+        self.compile = compile
+        self._fn = model if compile is None else compile_decode_step(model, dynamic=None, backend=compile)
         self.batch_buckets = sorted(batch_buckets or buckets_up_to(slots.num_slots))
         self.width_buckets = sorted(width_buckets or buckets_up_to(slots.max_len, min(min_width, slots.max_len)))
         if self.batch_buckets[-1] > slots.num_slots or self.width_buckets[-1] > slots.max_len:
@@ -74,8 +82,8 @@ class StaticDecoder:
 
     def _step(self, b: int, w: int) -> torch.Tensor:
         view = self.slots.static_view(b, w)
-        out = self.model(self.tok_B1[:b], cache=view, cache_position=self.slot_1,
-                         attention_mask_BS=self.real_B1[:b], last_logits_only=True)
+        out = self._fn(self.tok_B1[:b], cache=view, cache_position=self.slot_1,
+                       attention_mask_BS=self.real_B1[:b], last_logits_only=True)
         return out.logits[:, -1]
 
     def run(self, tokens: list[int], real: list[bool], cursor: int) -> torch.Tensor:
@@ -103,8 +111,9 @@ class StaticDecoder:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._step(b, w)
-            cache.num_real_B.copy_(real_before)
+            for _ in range(2 if self.compile else 1):  # a compiled step: compile, then one clean run
+                self._step(b, w)
+                cache.num_real_B.copy_(real_before)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
@@ -119,4 +128,4 @@ class StaticDecoder:
             for w in self.width_buckets:
                 tokens, real = [0] * b, [False] * b
                 self.run(tokens, real, w - 1)  # all rows free: writes only masked columns
-        return self.num_graphs
+        return self.num_graphs if self.capture else len(self.batch_buckets) * len(self.width_buckets)

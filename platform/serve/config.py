@@ -25,6 +25,9 @@ class EngineConfig(StageConfig):
     decode_mode: Literal["auto", "eager", "static", "graph"] = Field(
         "auto", description="decode step: 'graph' = CUDA graphs per batch/width bucket (captured at start), "
                             "'eager', 'static' = the bucketed steps uncaptured; 'auto' = graph on CUDA, else eager")
+    compile: Literal["none", "inductor"] = Field(
+        "none", description="'inductor' = torch.compile the static/graph decode step (compiled at start; needs "
+                            "decode_mode graph, static, or auto on CUDA)")
 
 
 class ServedModel(StageConfig):

@@ -152,8 +152,7 @@ class Gateway:
                 if lps is not None:
                     if ev["prompt_logprobs"] is not None:
                         lps[i].add_prompt(ev["prompt_logprobs"])
-                    if ev["token_id"] is not None:
-                        lps[i].add(ev["token"], ev["logprob"], ev["top"])
+                    lps[i].add_all(ev["tokens"], ev["logprobs"], ev["tops"])
                 texts[i] += ev["text"]
                 reasons[i] = ev["finish_reason"]
             choices = [{"index": i, "text": texts[i], "logprobs": lps[i].take() if lps else None,
@@ -170,8 +169,8 @@ class Gateway:
             reasons: dict[int, str | None] = {}
             async for i, ev in run.events():
                 texts[i] += ev["text"]
-                if req.logprobs and ev["token_id"] is not None:
-                    lps[i].append(P.chat_logprob_entry(ev["token"], ev["logprob"], ev["top"]))
+                if req.logprobs:
+                    lps[i].extend(map(P.chat_logprob_entry, ev["tokens"], ev["logprobs"], ev["tops"]))
                 reasons[i] = ev["finish_reason"]
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                         "logprobs": {"content": lps[i]} if req.logprobs else None, "finish_reason": reasons.get(i)}
@@ -183,10 +182,10 @@ class Gateway:
 
     async def _stream_completion(self, req: P.CompletionRequest, run: "_Run") -> StreamingResponse:
         rid, created = P.new_id("cmpl"), P.now()
+        chunk_of = P.SSEChunks({"id": rid, "object": "text_completion", "created": created, "model": run.route.key})
 
         def chunk(i, text, logprobs=None, reason=None):
-            return P.sse({"id": rid, "object": "text_completion", "created": created, "model": run.route.key,
-                          "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}]})
+            return chunk_of({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
 
         async def body():
             lps = {i: P.CompletionLogprobs() for i in range(len(run.choices))} if req.logprobs is not None else None
@@ -200,8 +199,7 @@ class Gateway:
                         if ev["prompt_logprobs"] is not None:
                             lps[i].add_prompt(ev["prompt_logprobs"])
                             text = run.choices[i].accepted["prompt_text"] + text
-                        if ev["token_id"] is not None:
-                            lps[i].add(ev["token"], ev["logprob"], ev["top"])
+                        lps[i].add_all(ev["tokens"], ev["logprobs"], ev["tops"])
                     if text or ev["finish_reason"] or lps is not None:
                         yield chunk(i, text, lps[i].take() if lps else None, ev["finish_reason"])
                 if req.include_usage():
@@ -217,10 +215,11 @@ class Gateway:
 
     async def _stream_chat(self, req: P.ChatCompletionRequest, run: "_Run") -> StreamingResponse:
         rid, created = P.new_id("chatcmpl"), P.now()
+        chunk_of = P.SSEChunks({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                "model": run.route.key})
 
         def chunk(i, delta, reason=None, logprobs=None):
-            return P.sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": run.route.key,
-                          "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]})
+            return chunk_of({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason})
 
         async def body():
             try:
@@ -228,8 +227,8 @@ class Gateway:
                     yield chunk(i, {"role": "assistant", "content": ""})
                 async for i, ev in run.events():
                     lp = None
-                    if req.logprobs and ev["token_id"] is not None:
-                        lp = {"content": [P.chat_logprob_entry(ev["token"], ev["logprob"], ev["top"])]}
+                    if req.logprobs and ev["token_ids"]:
+                        lp = {"content": list(map(P.chat_logprob_entry, ev["tokens"], ev["logprobs"], ev["tops"]))}
                     if ev["text"] or lp:
                         yield chunk(i, {"content": ev["text"]}, None, lp)
                     if ev["finish_reason"]:
@@ -258,6 +257,7 @@ class _Choice:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.finish_reason: str | None = None
+        self.series: tuple | None = None  # (generation_tokens, ttft, itl) children of its replica, once known
 
 
 class _Run:
@@ -299,7 +299,12 @@ class _Run:
             prompt_tokens[id(p.get("prompt", p.get("messages")))] = c.accepted["num_prompt_tokens"]
         self.prompt_tokens = sum(prompt_tokens.values())
         for c in self.choices:
-            m.prompt_tokens.labels(r.name, r.version, c.accepted["replica"]).inc(c.accepted["num_prompt_tokens"])
+            replica = c.accepted["replica"]
+            m.prompt_tokens.labels(r.name, r.version, replica).inc(c.accepted["num_prompt_tokens"])
+            # the labelled children once per choice: ``.labels(...)`` per token (a lock and a dict lookup of the
+            # label tuple, each time) was a measurable share of the per-token cost
+            c.series = (m.generation_tokens.labels(r.name, r.version, replica),
+                        m.ttft.labels(r.name, r.version, replica), m.itl.labels(r.name, r.version, replica))
 
     async def _first(self, c: _Choice) -> dict:
         try:
@@ -315,26 +320,27 @@ class _Run:
             raise _backend_error(self.route, err) from None
 
     async def events(self) -> AsyncIterator[tuple[int, dict]]:
-        """(choice index, token event) merged over choices, until all finished; metrics on the way."""
-        queue: asyncio.Queue = asyncio.Queue()
-        for i, c in enumerate(self.choices):
-            self._tasks.append(asyncio.create_task(self._pump(i, c, queue)))
-        remaining = len(self.choices)
+        """(choice index, token event) merged over choices, until all finished; metrics on the way.
+
+        One choice (the common request) is read straight from its stream; several go through a
+        queue fed by one task per choice. Either way the wait for an event is bounded (``asyncio.timeout``:
+        a timer per wait, where ``wait_for`` made a task per token)."""
+        source = self._one(self.choices[0]) if len(self.choices) == 1 else self._merged()
         stall = self.gw.config.stall_timeout_s
         try:
-            while remaining:
+            while True:
                 left = self.deadline - time.perf_counter()
                 try:
-                    i, ev = await asyncio.wait_for(queue.get(), max(min(left, stall), 0.0))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(max(min(left, stall), 0.0)):
+                        i, ev = await source.__anext__()
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
                     if left <= stall:
                         raise P.APIError(504, f"the request took longer than {self.gw.config.request_timeout_s:g} s",
                                          code="timeout", type_="server_error") from None
                     raise P.APIError(503, f"{self.route.key} sent nothing for {stall:g} s; retry",
                                      code="stream_stalled", type_="server_error") from None
-                if ev is _DONE:
-                    remaining -= 1
-                    continue
                 if isinstance(ev, BaseException):
                     raise ev if isinstance(ev, P.APIError) else _backend_error(self.route, ev)
                 if ev["kind"] == "error":
@@ -344,6 +350,39 @@ class _Run:
         except P.APIError as err:
             self.count_error(err)
             raise
+        finally:
+            await source.aclose()
+
+    async def _one(self, c: _Choice) -> AsyncIterator[tuple[int, dict | BaseException]]:
+        """The events of a single choice, then a stream that ended without a finish as an error."""
+        try:
+            async for ev in c.stream:
+                yield 0, ev
+                if ev.get("finish_reason") or ev["kind"] == "error":
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - handed to the consumer
+            yield 0, err
+            return
+        yield 0, self._interrupted()
+
+    async def _merged(self) -> AsyncIterator[tuple[int, dict | BaseException]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, c in enumerate(self.choices):
+            self._tasks.append(asyncio.create_task(self._pump(i, c, queue)))
+        remaining = len(self.choices)
+        while remaining:
+            i, ev = await queue.get()
+            if ev is _DONE:
+                remaining -= 1
+                continue
+            yield i, ev
+
+    def _interrupted(self) -> P.APIError:
+        # the replica's stream stopped without a finish: never pass that off as complete
+        return P.APIError(503, f"{self.route.key} ended the stream before the end of the completion; retry",
+                          code="stream_interrupted", type_="server_error")
 
     def count_error(self, err: BaseException) -> None:
         """Count an error answered for this run's version (``version_errors``); a cancellation is none."""
@@ -359,9 +398,8 @@ class _Run:
                 if ev.get("finish_reason") or ev["kind"] == "error":
                     ended = True
                     break
-            if not ended:  # the replica's stream stopped without a finish: never pass that off as complete
-                raise P.APIError(503, f"{self.route.key} ended the stream before the end of the completion; retry",
-                                 code="stream_interrupted", type_="server_error")
+            if not ended:
+                raise self._interrupted()
         except asyncio.CancelledError:
             raise
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
@@ -369,24 +407,34 @@ class _Run:
         await queue.put((i, _DONE))
 
     def _observe(self, c: _Choice, ev: dict) -> None:
-        m, r, replica = self.gw.metrics, self.route, c.accepted["replica"]
-        now = time.perf_counter()
-        if ev["token_id"] is not None:
-            c.num_generated += 1
-            m.generation_tokens.labels(r.name, r.version, replica).inc()
+        """Metrics of one event. An event of k tokens that came ``gap`` after the previous one counts k
+        inter-token latencies of gap / k (the first token of a choice counts its time to first token
+        instead), so the histogram's mean stays the stream's mean token interval whether or not
+        tokens were coalesced."""
+        k = len(ev["token_ids"])
+        if k:
+            now = time.perf_counter()
+            generated, ttft, itl = c.series
+            c.num_generated += k
+            generated.inc(k)
             if c.first_at is None:
-                c.first_at = now
-                m.ttft.labels(r.name, r.version, replica).observe(now - self.t0)
+                c.first_at = c.last_at = now
+                ttft.observe(now - self.t0)
+                m, r = self.gw.metrics, self.route
                 m.waiting.labels(r.name, r.version).dec()
                 m.running.labels(r.name, r.version).inc()
                 self._counted_waiting -= 1
                 self._counted_running += 1
-            else:
-                m.itl.labels(r.name, r.version, replica).observe(now - c.last_at)
+                k -= 1
+            if k:
+                gap = (now - c.last_at) / k
+                for _ in range(k):
+                    itl.observe(gap)
             c.last_at = now
         if ev["finish_reason"]:
             c.finish_reason = ev["finish_reason"]
-            m.finished.labels(r.name, r.version, replica, ev["finish_reason"]).inc()
+            self.gw.metrics.finished.labels(self.route.name, self.route.version, c.accepted["replica"],
+                                            ev["finish_reason"]).inc()
 
     def usage(self) -> dict:
         return P.usage(self.prompt_tokens, sum(c.num_generated for c in self.choices))

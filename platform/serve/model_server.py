@@ -8,8 +8,12 @@ Ray Serve application wraps the same class as a deployment (``app.py``), one rep
 - ``{"kind": "error", "status", "message", "param", "code"}`` — the request is refused (bad prompt,
   too long for the context, queue full); nothing else follows;
 - ``{"kind": "accepted", "num_prompt_tokens", "prompt_ids", "prompt_text", "replica"}`` — queued;
-- ``{"kind": "token", "token_id", "text", "token", "logprob", "top", "finish_reason",
-  "num_generated", "prompt_logprobs"}`` — one per generated token; the last has ``finish_reason``.
+- ``{"kind": "token", "token_ids", "text", "tokens", "logprobs", "tops", "finish_reason",
+  "num_generated", "prompt_logprobs"}`` — the tokens generated since the previous such event (one
+  when the consumer keeps up, several when it fell behind: what is already queued goes out together
+  instead of one event per late token; never fewer than one unless it only finishes); ``text`` is
+  their text, ``tokens`` / ``logprobs`` / ``tops`` one entry per token (``None`` unless log-probs
+  were asked for); the last event has ``finish_reason``.
 
 Token strings (for log-probabilities) are single-token decodes, special markers included.
 Completions stop at ``<|eos|>`` by default; chat requests at the template's end-of-turn ids.
@@ -89,7 +93,7 @@ class ModelServer:
         e = self.spec.engine
         engine = Engine(self.model, max_batch=e.max_batch, context_len=e.context_len, prefill_chunk=e.prefill_chunk,
                         max_waiting=e.max_waiting, decode=self._decode, default_stop_token_ids=(self.tokenizer.eos_id,),
-                        decode_mode=e.decode_mode)
+                        decode_mode=e.decode_mode, compile=None if e.compile == "none" else e.compile)
         num_graphs = engine.warmup()
         if num_graphs:
             log.info("%s: %d decode graphs captured", self.spec.key, num_graphs)
@@ -121,10 +125,14 @@ class ModelServer:
                "replica": self.replica}
         want_strings = params.logprobs is not None or params.prompt_logprobs is not None
         try:
-            async for ev in events:
-                if ev.token_id is None and ev.finish_reason == "cancelled":
+            async for batch in events:
+                cancelled = batch[-1].token_id is None and batch[-1].finish_reason == "cancelled"
+                if cancelled:
+                    batch = batch[:-1]
+                if batch:
+                    yield self._token_event(batch, ids, want_strings)
+                if cancelled:
                     return
-                yield self._token_event(ev, ids, want_strings)
         except EngineFailed as err:
             yield _error(500, str(err), code="engine_failed", type_="server_error")
 
@@ -157,19 +165,25 @@ class ModelServer:
         params = SamplingParams(stop_token_ids=stop_ids, **{k: (tuple(v) if k == "stop" else v) for k, v in p.items()})
         return ids, prompt_text, params
 
-    def _token_event(self, ev, prompt: list[int], want_strings: bool) -> dict:
-        out = {"kind": "token", "token_id": ev.token_id, "text": ev.text, "finish_reason": ev.finish_reason,
-               "num_generated": ev.num_generated, "logprob": ev.logprob, "token": None, "top": None,
-               "prompt_logprobs": None}
-        if want_strings and ev.token_id is not None:
-            out["token"] = self._token_str(ev.token_id)
-            if ev.top_logprobs is not None:
-                out["top"] = [[self._token_str(t), lp] for t, lp in ev.top_logprobs]
-        if ev.prompt_logprobs is not None:
+    def _token_event(self, batch: list, prompt: list[int], want_strings: bool) -> dict:
+        """One protocol event for the engine events ``batch`` of one request (see the module docstring)."""
+        last = batch[-1]
+        made = [ev for ev in batch if ev.token_id is not None]
+        out = {"kind": "token", "token_ids": [ev.token_id for ev in made],
+               "text": last.text if len(batch) == 1 else "".join(ev.text for ev in batch),
+               "finish_reason": last.finish_reason, "num_generated": last.num_generated,
+               "tokens": None, "logprobs": None, "tops": None, "prompt_logprobs": None}
+        if want_strings:
+            out["tokens"] = [self._token_str(ev.token_id) for ev in made]
+            out["logprobs"] = [ev.logprob for ev in made]
+            out["tops"] = [None if ev.top_logprobs is None else [[self._token_str(t), lp] for t, lp in ev.top_logprobs]
+                           for ev in made]
+        prompt_lps = next((ev.prompt_logprobs for ev in batch if ev.prompt_logprobs is not None), None)
+        if prompt_lps is not None:
             out["prompt_logprobs"] = [
                 {"token": self._token_str(t), "logprob": None if e is None else e[0],
                  "top": None if e is None else [[self._token_str(a), lp] for a, lp in e[1]]}
-                for t, e in zip(prompt, ev.prompt_logprobs)]
+                for t, e in zip(prompt, prompt_lps)]
         return out
 
     def close(self) -> None:

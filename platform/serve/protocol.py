@@ -137,6 +137,21 @@ def sse(obj: dict | str) -> str:
 
 
 # ---------------------------------------------------------------------- completions logprobs
+class SSEChunks:
+    """``sse({**envelope, "choices": [choice]})`` for many chunks of one stream, serializing only the choice.
+
+    The envelope (id, object, created, model) is the same for every chunk of a stream; it is
+    serialized once, and each chunk is that text around ``json.dumps(choice)`` (the same bytes
+    ``sse`` writes).
+    """
+
+    def __init__(self, envelope: dict) -> None:
+        self.head, self.tail = sse({**envelope, "choices": ["\0"]}).split('"\\u0000"')
+
+    def __call__(self, choice: dict) -> str:
+        return self.head + json.dumps(choice, separators=(",", ":")) + self.tail
+
+
 class CompletionLogprobs:
     """Accumulates the legacy completions ``logprobs`` object (tokens, token_logprobs, top, offsets)."""
 
@@ -153,6 +168,10 @@ class CompletionLogprobs:
         self.top_logprobs.append(None if top is None else {t: lp for t, lp in top})
         self.text_offset.append(self._offset)
         self._offset += len(token)
+
+    def add_all(self, tokens: list[str], logprobs: list, tops: list) -> None:
+        for token, logprob, top in zip(tokens, logprobs, tops):
+            self.add(token, logprob, top)
 
     def add_prompt(self, entries: list[dict]) -> None:
         for e in entries:
