@@ -212,7 +212,7 @@ def _reward_beside_control(w, model_uri: str, tmp_path, cfg: R.RewardConfig, tag
         runs["plain"] = train(False, False)
     for name, (result, types) in runs.items():
         print(f"{name:10s} held-out {result.before['accuracy']:.3f} -> {result.after['accuracy']:.3f} "
-              f"(n={int(result.after['pairs'])}) " + " ".join(f"{k} {v['accuracy']:.2f}" for k, v in sorted(types.items())))
+              f"(n={int(result.after['pairs'])}) margin {result.before['margin']:.3f} -> {result.after['margin']:.3f} " + " ".join(f"{k} {v['accuracy']:.2f}" for k, v in sorted(types.items())))
     return runs
 
 
@@ -220,7 +220,10 @@ def test_reward_with_the_likelihood_input_beside_flipped_labels_fast(world, tmp_
     """Fast twin of the slow test below (which runs on every pair type): a briefly fine-tuned policy (250 SFT steps
     on the small world), 150 reward steps on the list and letter-count pairs. Measured 2026-12-07 (2 shared cores,
     load ~8, 72 s): held-out (51 pairs) 0.882 -> 0.941 (length 1.00, reverse 0.93, sort 0.92); the same run on
-    half-flipped training labels 0.882 -> 0.608."""
+    half-flipped training labels 0.882 -> 0.608. On another 2-core machine (same pins, 2026-12-07, 26 s) held-out accuracy
+    stayed 0.882 -> 0.882 (reverse 0.79, sort 0.88: float rounding differs by CPU) while the mean held-out margin went
+    0.447 -> 3.72, and the control fell to 0.647 with margin 0.028: the likelihood input already ranks these pairs at
+    0.88 before training, so what the labels teach shows in the margin, and accuracy must only not fall."""
     from moeflow.platform.posttrain.sft import SFTConfig, run_sft
 
     sft = run_sft(SFTConfig(max_steps=250, lr=3e-3, micro_batch_size=16, seq_len=64, warmup_steps=10, log_every=250,
@@ -233,7 +236,9 @@ def test_reward_with_the_likelihood_input_beside_flipped_labels_fast(world, tmp_
                heldout_pairs=256)
     runs = _reward_beside_control(world, sft.hf_uri, tmp_path, cfg, "fast", plain=False, tasks=LEARNABLE_TASKS)
     real, control = runs["likelihood"][0], runs["control"][0]
-    assert real.after["accuracy"] >= 0.85 and real.after["accuracy"] > real.before["accuracy"]
+    assert real.after["accuracy"] >= 0.85 and real.after["accuracy"] >= real.before["accuracy"]
+    assert real.after["margin"] >= 2 * real.before["margin"] > 0  # the labels widen the held-out gap ...
+    assert control.after["margin"] < real.before["margin"]        # ... and half-flipped labels close it
     assert control.after["accuracy"] <= 0.7 and real.after["accuracy"] >= control.after["accuracy"] + 0.2
 
 
