@@ -141,9 +141,10 @@ def retry_on_transient_store_error(task, task_run, state) -> bool:
 
     STYLE.md lets only I/O tasks retry; a stage may because its writes are manifest-last (a failed
     attempt leaves no visible partial artefact) and its outputs live under config-hashed prefixes, so a
-    re-run reuses what the failed attempt committed (curated parts, tokenizer, checkpoints) and does
-    the rest: it resumes rather than repeats. Without this an S3 outage longer than the store's retry
-    budget (``s3_retry_tries`` x ``s3_retry_max_delay_s``) fails the whole pipeline.
+    re-run reuses what the failed attempt committed (curation shards, the tokenizer, pretraining
+    checkpoints; a post-training stage redoes its run) and cannot duplicate an output. Without this an
+    S3 outage longer than the store's retry budget (``s3_retry_tries`` x ``s3_retry_max_delay_s``)
+    fails the whole pipeline.
     """
     try:
         state.result(raise_on_failure=True)

@@ -116,6 +116,17 @@ def test_without_stage_retries_the_same_outage_fails_the_stage(s3_home, moto, mo
         state.result()
 
 
+def test_prefects_cap_is_the_settings_bound():
+    from moeflow.platform.settings import Settings
+    from moeflow.tasks.common import STAGE_RETRY_LIMIT
+    from moeflow.tasks.tokenize import tokenize_task
+
+    assert tokenize_task.retries == STAGE_RETRY_LIMIT
+    Settings(stage_retries=STAGE_RETRY_LIMIT)
+    with pytest.raises(ValueError, match="stage_retries"):
+        Settings(stage_retries=STAGE_RETRY_LIMIT + 1)
+
+
 def test_a_user_error_is_not_retried(s3_home, monkeypatch):
     store, _ = s3_home
     monkeypatch.setenv("MOEFLOW_STAGE_RETRIES", "4")
