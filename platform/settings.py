@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         5.0, gt=0, le=300, description="cap of the exponential backoff between S3 attempts; with s3_retry_tries it "
         "sets how long a stage rides out an S3 restart (defaults: ~1.5 s; 10 tries, 5 s cap: ~25 s)")
 
+    stage_retries: int = Field(
+        2, ge=0, le=10, description="re-runs of a stage task after a store error that outlasted the S3 retries "
+        "(TransientError only; a re-run resumes: committed artefacts are reused)")
+    stage_retry_delay_s: float = Field(
+        30.0, ge=0, le=600, description="wait before each stage re-run of stage_retries (an S3 server restarting)")
+
     # databases: SQLite files under home by default, PostgreSQL URLs in a cluster
     catalog_url: str | None = Field(None, description="SQLAlchemy URL of the lineage catalog")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow server or backend URI")

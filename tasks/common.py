@@ -11,6 +11,8 @@ stage whose cache was wiped still does no work twice.
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
@@ -113,3 +115,56 @@ def retry_if_it_can_help(_task, _task_run, state) -> bool:
     except Exception as exc:  # the task's own exception
         return retry_can_help(exc)
     return True
+
+
+# Prefect's cap on stage re-runs; the setting ``stage_retries`` (<= this, its bound) decides below it
+# at run time, so a worker's environment (or a test's) is read when a stage fails, not at import.
+STAGE_RETRY_LIMIT = 10
+
+
+def _store_transient_error(exc: BaseException | None):
+    """``exc`` itself or an exception it was raised from, when a store ``TransientError``, else None."""
+    from moeflow.platform.store.errors import TransientError
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, TransientError):
+            return exc
+        exc, seen = exc.__cause__, seen + 1
+    return None
+
+
+def retry_on_transient_store_error(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn`` of the stage tasks: re-run a stage only after the store stayed
+    unreachable through its own per-request retries (``TransientError``), up to ``stage_retries``
+    times, ``stage_retry_delay_s`` apart; never after a user or configuration error.
+
+    STYLE.md lets only I/O tasks retry; a stage may because its writes are manifest-last (a failed
+    attempt leaves no visible partial artefact) and its outputs live under config-hashed prefixes, so a
+    re-run reuses what the failed attempt committed (curation shards, the tokenizer, pretraining
+    checkpoints; a post-training stage redoes its run) and cannot duplicate an output. Without this an
+    S3 outage longer than the store's retry budget (``s3_retry_tries`` x ``s3_retry_max_delay_s``)
+    fails the whole pipeline.
+    """
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as exc:  # the task's own exception
+        transient = _store_transient_error(exc)
+    else:
+        return False
+    if transient is None:
+        return False
+    settings = get_settings()
+    attempt = int(task_run.run_count)  # attempts so far, this failed one included
+    if attempt > settings.stage_retries:
+        return False
+    log = logging.getLogger("moeflow.tasks")
+    log.warning("%s: the store stayed unreachable (%s); re-running the stage (%d/%d) in %.0f s "
+                "(MOEFLOW_STAGE_RETRIES, MOEFLOW_STAGE_RETRY_DELAY_S)", task.name, transient, attempt,
+                settings.stage_retries, settings.stage_retry_delay_s)
+    # the wait is here, not in Prefect's retry_delay_seconds, which is fixed when the task is defined
+    time.sleep(settings.stage_retry_delay_s)
+    return True
+
+
+STAGE_RETRY = {"retries": STAGE_RETRY_LIMIT, "retry_condition_fn": retry_on_transient_store_error}

@@ -14,7 +14,7 @@ from moeflow.platform import artifacts as A
 from moeflow.platform.data.curate import CurateConfig, default_output_prefix, inputs_cache_key, run_curation
 from moeflow.platform.data.sources import STDLIB
 from moeflow.platform.stage import stage_run
-from moeflow.tasks.common import STAGE_CACHE
+from moeflow.tasks.common import STAGE_CACHE, STAGE_RETRY
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ def source_uri(uri: str) -> str:
 
 
 @task(name="curate", persist_result=True,  # + the inputs' fingerprint: edited files are not a cache hit
-      cache_policy=STAGE_CACHE + CacheKeyFnPolicy(cache_key_fn=lambda _ctx, inputs: inputs_cache_key(inputs["config"])))
+      cache_policy=STAGE_CACHE + CacheKeyFnPolicy(cache_key_fn=lambda _ctx, inputs: inputs_cache_key(inputs["config"])),
+      **STAGE_RETRY)
 def curate_task(config: CurateConfig, num_workers: int | None = None, pipeline: dict | None = None) -> dict:
     inputs = [source_uri(source.uri) for source in config.sources]
     with stage_run("curate", config.model_dump(mode="json"), inputs=inputs, pipeline=pipeline) as st:

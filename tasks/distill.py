@@ -6,10 +6,10 @@ from __future__ import annotations
 from prefect import task
 
 from moeflow.platform.posttrain.distill import DistillConfig, run_distill
-from moeflow.tasks.common import STAGE_CACHE, run_posttrain_stage
+from moeflow.tasks.common import STAGE_CACHE, STAGE_RETRY, run_posttrain_stage
 
 
-@task(name="distill", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="distill", cache_policy=STAGE_CACHE, persist_result=True, **STAGE_RETRY)
 def distill_task(config: DistillConfig, tokens_uri: str, model: str | None = None, run_name: str = "moe",
                  num_workers: int = 1, use_gpu: bool = False, pipeline: dict | None = None) -> dict:
     """``model`` (the teacher): any ``model_refs`` form; default the newest pretrained ``run_name``."""

@@ -9,12 +9,12 @@ from moeflow.platform.eval.config import EvaluateConfig
 from moeflow.platform.eval.decontaminate import training_data_uris
 from moeflow.platform.eval.engine import comparison_markdown, run_evaluate
 from moeflow.platform.stage import stage_run
-from moeflow.tasks.common import STAGE_CACHE
+from moeflow.tasks.common import STAGE_CACHE, STAGE_RETRY
 
 __all__ = ["EvaluateConfig", "evaluate_task"]
 
 
-@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, **STAGE_RETRY)
 def evaluate_task(config: EvaluateConfig, checkpoint_uri: str | None = None, tokens_uri: str | None = None,
                   pipeline: dict | None = None, models: list[str] | None = None) -> dict:
     """``models``: references (``name@alias``, ``catalog:<id>``, URIs); default: ``config.models``, else

@@ -6,10 +6,10 @@ from prefect import task
 
 from moeflow.platform.posttrain.generated import GeneratedDataConfig, write_generated_sets
 from moeflow.platform.stage import stage_run
-from moeflow.tasks.common import STAGE_CACHE
+from moeflow.tasks.common import STAGE_CACHE, STAGE_RETRY
 
 
-@task(name="posttrain_data", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="posttrain_data", cache_policy=STAGE_CACHE, persist_result=True, **STAGE_RETRY)
 def posttrain_data_task(config: GeneratedDataConfig, curated_uri: str | None = None, dataset: str = "tiny",
                         pipeline: dict | None = None) -> dict:
     with stage_run("posttrain_data", {**config.to_dict(), "curated_uri": curated_uri, "dataset": dataset},

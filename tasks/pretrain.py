@@ -8,10 +8,10 @@ from prefect.artifacts import create_table_artifact
 from moeflow.platform.train.config import PretrainConfig
 from moeflow.platform.stage import stage_run
 from moeflow.platform.train.launcher import run_pretrain
-from moeflow.tasks.common import STAGE_CACHE
+from moeflow.tasks.common import STAGE_CACHE, STAGE_RETRY
 
 
-@task(name="pretrain", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="pretrain", cache_policy=STAGE_CACHE, persist_result=True, **STAGE_RETRY)
 def pretrain_task(config: PretrainConfig, tokens_uri: str, run_name: str = "moe", num_workers: int = 1,
                   use_gpu: bool = False, pipeline: dict | None = None) -> dict:
     with stage_run("pretrain", {**config.to_dict(), "run_name": run_name, "num_workers": num_workers},

@@ -8,10 +8,10 @@ from prefect.artifacts import create_table_artifact
 from moeflow.platform import artifacts as A
 from moeflow.platform.data.tokenize import TokenizeConfig, run_tokenize
 from moeflow.platform.stage import stage_run
-from moeflow.tasks.common import STAGE_CACHE
+from moeflow.tasks.common import STAGE_CACHE, STAGE_RETRY
 
 
-@task(name="tokenize", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="tokenize", cache_policy=STAGE_CACHE, persist_result=True, **STAGE_RETRY)
 def tokenize_task(config: TokenizeConfig, curated_uri: str, dataset: str = "corpus",
                   num_workers: int | None = None, pipeline: dict | None = None) -> dict:
     with stage_run("tokenize", {**config.to_dict(), "dataset": dataset}, inputs=[curated_uri],

@@ -348,3 +348,27 @@ def test_dockerfile_installs_from_constraints():
     assert "constraints.txt" in text and "ARG BASE" in text and "ARG TORCH_INDEX" in text
     torch_pin = next(ln for ln in (ROOT / "constraints.txt").read_text().splitlines() if ln.startswith("torch=="))
     assert "grep '^torch=='" in text and torch_pin  # torch from the variant's index, at the pinned version
+
+
+# ---------------------------------------------------------------- the dashboard's start command
+def _dashboard_flags(command: list[str]) -> list[str]:
+    """The Streamlit flags after ``python -m moeflow.dashboard.server`` (the module ``moeflow up`` runs:
+    it imports the pages' heavy dependencies before Streamlit binds the port, so a passing health check
+    means a fast first visit)."""
+    assert command[:3] == ["python", "-m", "moeflow.dashboard.server"], command
+    assert "streamlit" not in " ".join(command[3:]).replace("--", ""), command  # no `streamlit run`
+    return command[3:]
+
+
+def test_infra_starts_the_dashboard_like_moeflow_up():
+    from moeflow.platform.services import services
+
+    local = services(Settings(dashboard_port=8501))["dashboard"].command
+    local_flags = dict(zip(local[3::2], local[4::2]))  # python -m moeflow.dashboard.server --flag value ...
+    assert local[1:3] == ["-m", "moeflow.dashboard.server"]
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]["dashboard"]
+    deployment = next(o for o in _base_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == "dashboard")
+    for command in (compose["command"], _containers(deployment)[0]["command"]):
+        flags = dict(zip(*[iter(_dashboard_flags(command))] * 2))
+        assert flags == {**local_flags, "--server.address": "0.0.0.0"}, flags  # the same flags, any interface
+        assert flags["--server.port"] == "8501"

@@ -232,16 +232,3 @@ def cluster_env(home: Path, s3_endpoint: str, dbs: dict) -> dict[str, str]:
 def ray_node_env() -> dict[str, str]:
     """The environment of `ray start` (raylets wait longer for their workers on a loaded machine)."""
     return {**os.environ, "RAY_raylet_start_wait_time_s": "120", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def token_content(store, uri: str) -> dict:
-    """A token artefact's content without its locations: every file's sha256, with ``meta.json`` minus
-    the URIs it names (``curated_uri``, ``tokenizer_uri``), which differ between stores while the
-    tokens are the same. (The artefact's ``content_hash`` covers meta.json, URIs included.)"""
-    import hashlib
-    import json
-
-    art = store.read_artifact(store.key_for_uri(uri))
-    files = {name: info["sha256"] for name, info in art.files.items() if name != "meta.json"}
-    meta = {k: v for k, v in json.loads(art.get_bytes("meta.json")).items() if not k.endswith("_uri")}
-    return {**files, "meta.json": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()}

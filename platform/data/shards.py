@@ -4,7 +4,8 @@ Layout of one token artefact (``datasets/<name>/tokens/<hash>/``, committed atom
 through ``store.write_artifact``)::
 
     tokenizer.json           the tokenizer that produced the ids
-    meta.json                dtype, vocab_size, bos/eos/pad ids, doc_format, per split:
+    meta.json                dtype, vocab_size, bos/eos/pad ids, doc_format, the inputs by
+                             content (curated_content_hash, tokenizer_key), per split:
                              num_tokens, num_docs, shards [{bin, idx, offset, num_tokens, num_docs}]
     train-00000.bin          raw little-endian uint16/uint32 token ids, no header
     train-00000.idx.npy      int64 start offsets (local to the shard) of the documents
@@ -46,6 +47,7 @@ import numpy as np
 
 DOC_FORMAT = "bos+text+eos"
 META_NAME = "meta.json"
+LINEAGE_KEYS = ("curated_uri", "tokenizer_uri")  # manifest metadata merged into TokenDataset.meta
 TOKENIZER_NAME = "tokenizer.json"
 SPLITS = ("train", "val")
 
@@ -274,6 +276,9 @@ class TokenDataset:
         store, key = store_for_uri(uri)
         art = store.read_artifact(key)
         meta = art.get_json(META_NAME)
+        # lineage by location (curated_uri, tokenizer_uri) lives in the manifest metadata, outside the
+        # hashed content; artefacts written before that keep it in meta.json, which then wins
+        meta = {**{k: art.metadata[k] for k in LINEAGE_KEYS if art.metadata.get(k)}, **meta}
         if split not in meta.get("splits", {}):
             raise ValueError(f"{uri} has no split {split!r}; it has {sorted(meta.get('splits', {}))}")
         info = meta["splits"][split]

@@ -207,6 +207,7 @@ def _doc_batches(paths: list[Path], config: TokenizeConfig) -> Iterator[tuple[li
 def _existing_result(store, prefix: str) -> TokenizeResult:
     art = store.read_artifact(prefix)
     md = art.metadata
+    # the manifest metadata names the tokenizer; artefacts written before it did name it in meta.json
     tokenizer_uri = md.get("tokenizer_uri") or art.get_json(META_NAME).get("tokenizer_uri", "")
     return TokenizeResult(uri=art.uri, tokenizer_uri=tokenizer_uri, content_hash=art.content_hash,
                           stats={**md.get("stats", {}), "content_hash": art.content_hash}, reused=True)
@@ -321,8 +322,11 @@ def run_tokenize(
                 "dtype": dtype.name,
                 "shard_tokens": config.shard_tokens,
                 **{k: v for k, v in tokenizer_info(tok).items() if k != "training"},
-                "tokenizer_uri": tokenizer_uri,
-                "curated_uri": curated.uri,
+                # inputs by content, never by location: meta.json is hashed into the artefact's
+                # content_hash, which must be the same whether the inputs live in s3:// or file://
+                # (the cluster and the embedded run of one recipe). The URIs are lineage: they go in
+                # the manifest metadata below, which TokenDataset.open merges back into ``meta``.
+                "tokenizer_key": store.key_for_uri(tokenizer_uri),  # tokenizers/<sha256[:16]>: by content
                 "curated_content_hash": curated.content_hash,
                 "config": config.output_dict(),
                 "splits": {s: {**info, "num_text_bytes": text_bytes[s]} for s, info in splits.items()},
