@@ -3,14 +3,15 @@ two worker nodes (`ray start` on loopback, one CPU each, bounded object stores),
 databases for the catalog, Prefect and MLflow, an S3 server (moto) for every artefact (MLflow's
 included, proxied by the MLflow server), the Prefect server on PostgreSQL with the platform's `flows`
 service (deployments on the process work pool + a Prefect worker). A deployment run of the shortened
-tiny `pipeline` is submitted through Prefect's API; it curates and tokenizes with 2 Ray workers, trains
+tiny `pipeline` (every stage) is submitted through Prefect's API; it curates and tokenizes with 2 Ray workers, trains
 with 2 Ray Train workers (one per worker node: the head has no CPUs) and evaluates. Checked: artefacts
 in S3, runs in MLflow, lineage in the Postgres catalog, tasks on both worker nodes, and the curated and
 token content hashes equal to an embedded (local store, one process) run of the same recipe.
 
-The recipe's skip list leaves out posttrain_data, sft, reward, align and deploy: they run on the same
-machinery this test already exercises (stage_run, the S3 store, Ray Train through ``launch_ray``, the
-MLflow registry) and would add several minutes on 2 shared cores without touching another service.
+Every stage of the pipeline runs (curate, tokenize, pretrain, posttrain_data, sft, reward, align (DPO),
+evaluate, deploy), each shortened to a few steps: the post-training stages read the pretrained model's version
+from the MLflow registry on PostgreSQL, write their checkpoints and HF exports to S3 and register versions
+whose parents are their inputs; deploy gates the aligned version and moves its ``champion`` alias.
 The faults in this topology are in test_cluster_faults.py; both share ``tests/topology.py``."""
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(1500)]
 
 
 def _recipe():
-    recipe = tiny_recipe()
-    # curate, tokenize, pretrain, evaluate (why not the rest: the module docstring)
-    recipe["skip"] = ["posttrain_data", "sft", "reward", "align", "deploy"]
-    return recipe
+    short = {"max_steps": 4, "log_every": 2, "checkpoint_every": 4, "warmup_steps": 1}
+    sets = {f"{stage}.{k}": v for stage in ("sft", "reward", "align") for k, v in short.items()}
+    sets.update({"sft.heldout_max_examples": 16, "sft.exact_match_max_prompts": 8, "reward.heldout_pairs": 16,
+                 "reward.max_pairs": 64, "align.heldout_pairs": 16, "align.max_pairs": 64, "align.kl_pairs": 8,
+                 "posttrain_data.max_functions": 60, "posttrain_data.num_arithmetic": 200, "evaluate.limit": 4,
+                 "evaluate.specialisation_texts": 4})
+    return tiny_recipe(**sets)
 
 
 def test_pipeline_deployment_on_a_multi_node_cluster(tmp_path, monkeypatch):
@@ -111,6 +115,11 @@ def _check_cluster_result(result: dict, store, settings, ray_address: str, dbs: 
     result["curated_hash"] = store.read_artifact(store.key_for_uri(result["curated_uri"])).content_hash
     result["tokens_hash"] = store.read_artifact(store.key_for_uri(result["tokens_uri"])).content_hash
     assert result["eval"], result  # evaluate ran on the pretrained checkpoint
+    # post-training on the cluster: each stage's checkpoint in S3, a registered version whose parent is its input
+    for stage in ("sft", "reward", "align"):
+        assert result[stage]["hf_uri"].startswith(f"s3://{BUCKET}/"), (stage, result[stage])
+    assert len(result["eval_models"]) == 3, result["eval_models"]  # pretrained, sft and aligned versions scored
+    assert "promoted" in result["deploy"], result["deploy"]  # the gate decided (and recorded why)
     keys = store.list("")
     assert any(k.startswith("mlflow-artifacts/") for k in keys), "no MLflow artefact reached S3"
     # MLflow on PostgreSQL: the pipeline's run and one per stage
@@ -119,7 +128,7 @@ def _check_cluster_result(result: dict, store, settings, ray_address: str, dbs: 
     client = MlflowClient(tracking_uri=settings.mlflow_server_url)
     experiment = client.get_experiment_by_name(settings.project)
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) >= 5, [r.info.run_name for r in runs]
+    assert len(runs) >= 10, [r.info.run_name for r in runs]  # the pipeline + every stage
     # the catalog on PostgreSQL holds the lineage
     from sqlalchemy import create_engine, text
 
