@@ -103,6 +103,19 @@ def moto_s3_server() -> Iterator[MotoS3]:
         server.stop()
 
 
+def settings_s3_store(server: MotoS3, home, monkeypatch, bucket: str):
+    """The store a user's settings open against ``server``: MOEFLOW_* variables set (home, endpoint,
+    credentials, bucket) with ``monkeypatch``, the bucket created."""
+    from moeflow.platform.settings import get_settings
+    from moeflow.platform.store import open_store
+
+    monkeypatch.setenv("MOEFLOW_HOME", str(home))
+    for key, value in {"S3_ENDPOINT": server.endpoint, "S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s",
+                       "S3_REGION": "us-east-1", "S3_BUCKET": bucket}.items():
+        monkeypatch.setenv(f"MOEFLOW_{key}", value)
+    return open_store(get_settings(), create_bucket=True)
+
+
 _SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from s3server import moto_s3_server  # noqa: E402
+from s3server import moto_s3_server, settings_s3_store  # noqa: E402
 
-from moeflow.platform.settings import get_settings  # noqa: E402
-from moeflow.platform.store import LocalStore, open_store  # noqa: E402
+from moeflow.platform.store import LocalStore  # noqa: E402
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(300)]
 
@@ -30,11 +29,7 @@ def moto():
 
 @pytest.fixture
 def s3_env(moto, tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEFLOW_HOME", str(tmp_path / "home"))
-    for key, value in {"S3_ENDPOINT": moto.endpoint, "S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s",
-                       "S3_REGION": "us-east-1", "S3_BUCKET": "cluster-pickle"}.items():
-        monkeypatch.setenv(f"MOEFLOW_{key}", value)
-    return open_store(get_settings(), create_bucket=True)
+    return settings_s3_store(moto, tmp_path / "home", monkeypatch, "cluster-pickle")
 
 
 def test_s3_store_pickles_by_its_settings_and_works_after(s3_env):

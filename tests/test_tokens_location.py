@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from s3server import moto_s3_server  # noqa: E402
+from s3server import moto_s3_server, settings_s3_store  # noqa: E402
 from test_data_tokens import CFG, make_docs, write_curated  # noqa: E402
 
 from moeflow.platform.data.shards import META_NAME, TokenDataset  # noqa: E402
 from moeflow.platform.data.tokenize import run_tokenize  # noqa: E402
-from moeflow.platform.settings import get_settings  # noqa: E402
-from moeflow.platform.store import LocalStore, open_store  # noqa: E402
+from moeflow.platform.store import LocalStore  # noqa: E402
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(180)]
 
@@ -31,11 +30,7 @@ def moto():
 
 @pytest.fixture
 def s3_store(moto, tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEFLOW_HOME", str(tmp_path / "home"))
-    for key, value in {"S3_ENDPOINT": moto.endpoint, "S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s",
-                       "S3_REGION": "us-east-1", "S3_BUCKET": "tokens-location"}.items():
-        monkeypatch.setenv(f"MOEFLOW_{key}", value)
-    return open_store(get_settings(), create_bucket=True)
+    return settings_s3_store(moto, tmp_path / "home", monkeypatch, "tokens-location")
 
 
 def test_same_curated_data_gives_the_same_token_hash_in_s3_and_locally(s3_store, tmp_path):
