@@ -555,9 +555,13 @@ class Trainer:
         if _distributed():
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         module.train(was_training)
-        if sums[1] == 0:
+        return self._val_metrics(sums)
+
+    def _val_metrics(self, sums_2: torch.Tensor) -> dict[str, float]:
+        """``val_loss`` (and ``val_bpb``) from the global (Σ loss × targets, Σ targets); {} when no target."""
+        if sums_2[1] == 0:
             return {}
-        val_loss = float(sums[0] / sums[1])
+        val_loss = float(sums_2[0] / sums_2[1])
         metrics = {"val_loss": val_loss}
         if self.bytes_per_token:
             metrics["val_bpb"] = bits_per_byte(val_loss, self.bytes_per_token)

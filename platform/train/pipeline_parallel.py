@@ -53,7 +53,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from moeflow.models import MoETransformer
 from moeflow.models.attention import document_attention
 from moeflow.models.mtp import IGNORE_INDEX, mtp_targets
-from moeflow.models.train.loop import Trainer, bits_per_byte, router_biases
+from moeflow.models.train.loop import Trainer, router_biases
 from moeflow.models.train.optim import build_adamw, set_lr
 
 
@@ -523,13 +523,7 @@ class PipelineTrainer(Trainer):
             st.train()
         if _world() > 1:
             dist.all_reduce(sums)  # only the last stages hold non-zero sums: the replicas' total
-        if sums[1] == 0:
-            return {}
-        val_loss = float(sums[0] / sums[1])
-        metrics = {"val_loss": val_loss}
-        if self.bytes_per_token:
-            metrics["val_bpb"] = bits_per_byte(val_loss, self.bytes_per_token)
-        return metrics
+        return self._val_metrics(sums)
 
 
 def _world() -> int:
