@@ -118,16 +118,18 @@ def test_mtp_routers_count_only_positions_with_a_target():
     torch.testing.assert_close(counts_LE[num_main + 1], by_hand)
 
 
-@pytest.mark.parametrize("attention", ["documents", "causal"])
-def test_mtp_router_losses_and_entropy_ignore_positions_without_a_target(attention):
+@pytest.mark.parametrize("attention,checkpointing", [("documents", "none"), ("causal", "none"), ("documents", "full")])
+def test_mtp_router_losses_and_entropy_ignore_positions_without_a_target(attention, checkpointing):
     """Perturbing an MTP block's input where its depth has no target changes none of its router terms.
 
     With document attention every such position (padded tail, chains across a BOS) only reaches itself
     and later positions of its own document, which have no target either; with plain causal attention
     only the tail (no target at or after it) is perturbed. The noise must change the routing there.
+    With activation checkpointing the mask must also pass through ``checkpoint``.
     """
     from moeflow.models import ModelConfig
     from moeflow.models.mtp import mtp_targets
+    from moeflow.models.transformer import set_activation_checkpointing
 
     overrides = {**tiny_model_overrides(), "mtp_depth": 2, "seq_aux_alpha": 1.0, "z_loss_weight": 1.0,
                  "lb_loss_weight": 1.0}
@@ -136,6 +138,7 @@ def test_mtp_router_losses_and_entropy_ignore_positions_without_a_target(attenti
     with torch.no_grad():  # sharp routers: at init the scores are near uniform and hide a leak in the entropy
         for module in model.mtp:
             module.block.mlp.gate.weight.mul_(20.0)
+    set_activation_checkpointing(model, checkpointing)
     rows = _packed_rows()
     inputs, targets = rows[:, :-1], rows[:, 1:]
     extra = {"mtp_boundary_BT": targets == BOS}
@@ -153,13 +156,13 @@ def test_mtp_router_losses_and_entropy_ignore_positions_without_a_target(attenti
                                               generator=torch.Generator().manual_seed(j)) * fake[..., None]
             hooks.append(module.block.register_forward_pre_hook(lambda m, args, n=noise: (args[0] + n, *args[1:])))
             hooks.append(module.block.mlp.register_forward_hook(lambda m, args, out: seen.append(out[1])))
-        with torch.no_grad():
-            out = model(inputs, targets=targets, **extra)
+        out = model(inputs, targets=targets, **extra)  # with grad: the checkpointed path runs only then
         for h in hooks:
             h.remove()
         return out, seen
 
     (ref, ref_stats), (noisy, noisy_stats) = run(0.0), run(10.0)
+    assert len(ref_stats) == len(noisy_stats) == len(model.mtp)
     for a, b in zip(ref_stats, noisy_stats):
         assert not torch.equal(a.topk_idx_BTK, b.topk_idx_BTK)  # the perturbation reroutes tokens
         torch.testing.assert_close(b.seq_aux_loss, a.seq_aux_loss)
