@@ -268,8 +268,12 @@ class DeepSeekMoE(nn.Module):
                                if cfg.num_shared_experts > 0 else None)
 
     def forward(self, x_BTD: torch.Tensor, forced_idx_BTK: torch.Tensor | None = None,
-                with_losses: bool = True) -> tuple[torch.Tensor, MoEStats]:
-        """with_losses=False skips the balancing losses (zeros), e.g. when no loss is computed."""
+                with_losses: bool = True, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """with_losses=False skips the balancing losses (zeros), e.g. when no loss is computed.
+
+        valid_BT (bool, optional): the positions that count in the stats and losses (an MTP depth's
+        positions with a target); every token is still routed and computed.
+        """
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         forced = forced_idx_BTK.reshape(B * T, -1) if forced_idx_BTK is not None else None
@@ -277,17 +281,18 @@ class DeepSeekMoE(nn.Module):
         y_TD = self.experts(x_TD, r.topk_idx_TK, r.topk_weight_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        return y_TD.view(B, T, D), self._stats(r, B, T, with_losses)
+        return y_TD.view(B, T, D), self._stats(r, B, T, with_losses, valid_BT)
 
-    def _stats(self, r: RouterOutput, B: int, T: int, with_losses: bool) -> MoEStats:
+    def _stats(self, r: RouterOutput, B: int, T: int, with_losses: bool, valid_BT: torch.Tensor | None) -> MoEStats:
         cfg, zero = self.cfg, r.scores_TE.new_zeros(())
         with torch.no_grad():
-            counts_E = balancing.tokens_per_expert(r.topk_idx_TK, cfg.num_routed_experts)
-            stats = (counts_E, balancing.maxvio(counts_E), balancing.router_entropy(r.scores_TE))
+            counts_E = balancing.tokens_per_expert(r.topk_idx_TK, cfg.num_routed_experts, valid_BT)
+            stats = (counts_E, balancing.maxvio(counts_E), balancing.router_entropy(r.scores_TE, valid_BT))
         idx_BTK = r.topk_idx_TK.view(B, T, -1)
-        seq_aux = (balancing.seq_aux_loss(r.scores_TE.view(B, T, -1), idx_BTK, cfg.seq_aux_alpha)
+        seq_aux = (balancing.seq_aux_loss(r.scores_TE.view(B, T, -1), idx_BTK, cfg.seq_aux_alpha, valid_BT)
                    if with_losses and cfg.seq_aux_alpha > 0 else zero)
-        z = balancing.z_loss(r.logits_TE, cfg.z_loss_weight) if with_losses and cfg.z_loss_weight > 0 else zero
-        lb = (balancing.load_balancing_loss(r.scores_TE, r.topk_idx_TK, cfg.lb_loss_weight)
+        z = (balancing.z_loss(r.logits_TE, cfg.z_loss_weight, valid_BT)
+             if with_losses and cfg.z_loss_weight > 0 else zero)
+        lb = (balancing.load_balancing_loss(r.scores_TE, r.topk_idx_TK, cfg.lb_loss_weight, valid_BT)
               if with_losses and cfg.lb_loss_weight > 0 else zero)
         return MoEStats(*stats, seq_aux, z, lb, idx_BTK)

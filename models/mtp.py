@@ -58,8 +58,13 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, cos, sin, mask_B1TS=None):
-        """Returns (h_BTD before the final norm — the next depth's input, normed_BTD for the head, MoE stats)."""
+    def forward(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, cos, sin, mask_B1TS=None,
+                valid_BT: torch.Tensor | None = None):
+        """Returns (h_BTD before the final norm — the next depth's input, normed_BTD for the head, MoE stats).
+
+        valid_BT: the positions this depth has a target for; only they count in the block's router
+        statistics and balancing losses (the padded tail and cross-document chains do not).
+        """
         x_BTD = self.eh_proj(torch.cat([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], dim=-1))
-        h_BTD, stats = self.block(x_BTD, cos, sin, mask_B1TS)
+        h_BTD, stats = self.block(x_BTD, cos, sin, mask_B1TS, valid_BT=valid_BT)
         return h_BTD, self.norm(h_BTD), stats

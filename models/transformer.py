@@ -13,9 +13,9 @@ They are computed only when targets are given (0 otherwise); router statistics a
 lm_loss is the mean token cross-entropy over targets != -100 (0 if there are none).
 
 Router statistics (rows: the main MoE layers in order, then MTP blocks' MoE layers):
-    aux["tokens_per_expert"] (L, E) fp32 counts of this forward (an MTP block counts only the
-    positions its depth has a target for); aux["maxvio"] (L,);
-    aux["router_entropy"] (L,). All computed on the device, no host sync.
+    aux["tokens_per_expert"] (L, E) fp32 counts of this forward; aux["maxvio"] (L,);
+    aux["router_entropy"] (L,). An MTP block counts only the positions its depth has a target for,
+    in these statistics and in its seq_aux/z/lb losses. All computed on the device, no host sync.
 A training loop sums tokens_per_expert over micro-batches and ranks and calls
 ``model.apply_router_bias_update(counts_LE)`` once per optimiser step.
 
@@ -97,27 +97,28 @@ class DecoderLayer(nn.Module):
         self.mlp = DeepSeekMoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.dense_width(layer_idx))
 
     def forward(self, x_BTD, cos, sin, mask_B1TS=None, step: CacheStep | None = None, forced_idx_BTK=None,
-                with_losses: bool = True):
+                with_losses: bool = True, valid_BT=None):
+        """valid_BT (bool, optional): the positions that count in the MoE stats and losses (MTP blocks)."""
         if self.checkpoint_policy == "none" or step is not None or not torch.is_grad_enabled():
-            return self._block(x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses)
+            return self._block(x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses, valid_BT)
         # Non-reentrant checkpoint (traceable by torch.compile). The router choices are recomputed
         # from the same inputs, so the replay routes identically; the stats leave as a plain tuple
         # of tensors (what checkpoint and its compiled form carry), rebuilt into MoEStats here.
         context = _selective_context if self.checkpoint_policy == "selective" else None
         kw = {"context_fn": context} if context else {}
         y_BTD, flat = checkpoint(partial(self._flat_block, with_losses=with_losses), x_BTD, cos, sin,
-                                 mask_B1TS, forced_idx_BTK, use_reentrant=False, **kw)
+                                 mask_B1TS, forced_idx_BTK, valid_BT, use_reentrant=False, **kw)
         return y_BTD, (MoEStats(*flat) if flat else None)
 
-    def _flat_block(self, x_BTD, cos, sin, mask_B1TS, forced_idx_BTK, with_losses: bool):
-        y_BTD, stats = self._block(x_BTD, cos, sin, mask_B1TS, None, forced_idx_BTK, with_losses)
+    def _flat_block(self, x_BTD, cos, sin, mask_B1TS, forced_idx_BTK, valid_BT, with_losses: bool):
+        y_BTD, stats = self._block(x_BTD, cos, sin, mask_B1TS, None, forced_idx_BTK, with_losses, valid_BT)
         return y_BTD, (tuple(getattr(stats, name) for name in _STATS_FIELDS) if stats is not None else ())
 
-    def _block(self, x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses: bool):
+    def _block(self, x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses: bool, valid_BT):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, step)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
-            y_BTD, stats = self.mlp(h_BTD, forced_idx_BTK, with_losses)
+            y_BTD, stats = self.mlp(h_BTD, forced_idx_BTK, with_losses, valid_BT)
             return x_BTD + y_BTD, stats
         return x_BTD + self.mlp(h_BTD), None
 
@@ -308,25 +309,15 @@ class MoETransformer(nn.Module):
         for j, module in enumerate(self.mtp):
             depth = j + 1
             emb_BTD = self._embed(shift_left(input_ids_BT, depth, 0))
-            h_BTD, normed_BTD, stats = module(h_BTD, emb_BTD, cos, sin, mask)
             depth_targets_BT = mtp_targets(targets_BT, depth)
+            # at depth d the last d positions see a padded input token and chains across a document
+            # boundary have no target: they must not feed the MTP router's balancing-bias update,
+            # MaxVio, entropy or balancing losses
+            h_BTD, normed_BTD, stats = module(h_BTD, emb_BTD, cos, sin, mask, depth_targets_BT != IGNORE_INDEX)
             if stats is not None:
-                all_stats.append(self._count_real_positions(stats, depth_targets_BT != IGNORE_INDEX))
+                all_stats.append(stats)
             losses.append(self._loss_fn(self.lm_head(normed_BTD), depth_targets_BT))
         return losses
-
-    def _count_real_positions(self, stats: MoEStats, real_BT: torch.Tensor) -> MoEStats:
-        """An MTP block's router counts over the positions its depth trains on only.
-
-        At depth d the last d positions see a padded input token, and positions whose chain crosses a
-        document boundary or padding have no target; counting them would feed fake load into the
-        balancing-bias update and MaxVio of the MTP routers.
-        """
-        counts_E = balancing.tokens_per_expert(stats.topk_idx_BTK, self.cfg.num_routed_experts, real_BT)
-        # built field by field: dataclasses.replace calls fields(), which torch.compile cannot trace
-        return MoEStats(tokens_per_expert_E=counts_E, maxvio=balancing.maxvio(counts_E),
-                        router_entropy=stats.router_entropy, seq_aux_loss=stats.seq_aux_loss,
-                        z_loss=stats.z_loss, lb_loss=stats.lb_loss, topk_idx_BTK=stats.topk_idx_BTK)
 
     def _router_stats(self, all_stats: list[MoEStats]) -> dict:
         if not all_stats:

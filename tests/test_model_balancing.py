@@ -81,6 +81,66 @@ def test_router_entropy():
     assert bal.router_entropy(peaked).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def _routed_batch(B=4, T=9, E=6, K=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(B, T, E, generator=gen, dtype=torch.float64)
+    idx = torch.rand(B, T, E, generator=gen).argsort(dim=-1)[..., :K]
+    valid = torch.rand(B, T, generator=gen) < 0.6
+    valid[0] = True                    # a full row
+    valid[1] = False                   # an empty row: contributes 0, no NaN
+    valid[2, 0] = valid[2, -1] = True  # not only a prefix or a suffix
+    return scores, idx, valid
+
+
+def test_seq_aux_loss_with_mask_equals_the_loss_of_each_rows_valid_positions():
+    """Reference: each row sliced to its valid positions, unmasked loss, 0 for an empty row, mean over B."""
+    scores, idx, valid = _routed_batch()
+    got = bal.seq_aux_loss(scores, idx, alpha=0.3, valid_BT=valid)
+    per_row = [bal.seq_aux_loss(scores[b, valid[b]][None], idx[b, valid[b]][None], alpha=0.3)
+               if valid[b].any() else torch.zeros((), dtype=torch.float32) for b in range(scores.shape[0])]
+    want = torch.stack(per_row).mean()
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want.to(got.dtype))
+    # all-valid mask = no mask; a fully masked batch gives 0 (and a finite, zero gradient)
+    all_valid = torch.ones_like(valid)
+    torch.testing.assert_close(bal.seq_aux_loss(scores, idx, 0.3, all_valid), bal.seq_aux_loss(scores, idx, 0.3))
+    s = scores.clone().requires_grad_()
+    none = bal.seq_aux_loss(s, idx, 0.3, torch.zeros_like(valid))
+    none.backward()
+    assert none.item() == 0.0 and torch.isfinite(s.grad).all() and s.grad.abs().sum() == 0
+
+
+def test_seq_aux_loss_with_mask_hand_computed():
+    # the hand table above (L = α·1.25) plus two masked positions that would otherwise change it
+    scores = torch.tensor([[[0.6, 0.2], [0.1, 0.9], [0.4, 0.4], [0.0, 1.0]]])
+    idx = torch.tensor([[[0], [1], [0], [1]]])
+    valid = torch.tensor([[True, False, True, False]])
+    assert bal.seq_aux_loss(scores, idx, alpha=0.1, valid_BT=valid).item() == pytest.approx(0.1 * 1.25)
+
+
+def test_router_entropy_with_mask_is_the_entropy_of_the_valid_tokens():
+    scores, _, valid = _routed_batch()
+    scores_TE, valid_T = scores.reshape(-1, scores.shape[-1]), valid.reshape(-1)
+    torch.testing.assert_close(bal.router_entropy(scores_TE, valid_T), bal.router_entropy(scores_TE[valid_T]))
+    torch.testing.assert_close(bal.router_entropy(scores_TE, valid), bal.router_entropy(scores_TE[valid_T]))  # (B, T)
+    assert bal.router_entropy(scores_TE, torch.zeros_like(valid_T)).item() == 0.0
+    # hand: a uniform token (log 4) kept, a peaked one dropped
+    two = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
+    assert bal.router_entropy(two, torch.tensor([True, False])).item() == pytest.approx(math.log(4))
+
+
+def test_z_loss_and_lb_loss_with_mask_equal_the_losses_of_the_valid_tokens():
+    scores, idx, valid = _routed_batch()
+    E, K = scores.shape[-1], idx.shape[-1]
+    scores_TE, idx_TK, valid_T = scores.reshape(-1, E), idx.reshape(-1, K), valid.reshape(-1)
+    torch.testing.assert_close(bal.z_loss(scores_TE, 0.2, valid_T), bal.z_loss(scores_TE[valid_T], 0.2))
+    torch.testing.assert_close(bal.load_balancing_loss(scores_TE, idx_TK, 0.2, valid_T),
+                               bal.load_balancing_loss(scores_TE[valid_T], idx_TK[valid_T], 0.2))
+    nothing = torch.zeros_like(valid_T)
+    assert bal.z_loss(scores_TE, 0.2, nothing).item() == 0.0
+    assert bal.load_balancing_loss(scores_TE, idx_TK, 0.2, nothing).item() == 0.0
+
+
 def test_aux_free_updates_drive_maxvio_down_on_skewed_router():
     torch.manual_seed(0)
     E, K, T = 16, 2, 2048

@@ -93,6 +93,31 @@ def test_checkpointed_block_traces_as_one_graph():
     torch._dynamo.reset()
 
 
+def test_mtp_module_with_a_validity_mask_traces_as_one_graph():
+    """The MTP block's validity mask (masked seq-aux, entropy, counts) adds no graph break or host sync."""
+    from torch._dynamo.utils import counters
+
+    for policy in ("none", "full"):
+        torch._dynamo.reset()
+        counters.clear()
+        m = set_activation_checkpointing(_model(mtp_depth=1), policy)
+        module = m.mtp[0]
+        experts = module.block.mlp.experts
+        experts.use_grouped_mm = False
+        experts._looped = lambda x, counts, e=experts: _static_loop(e, x)  # no .tolist()
+        module.compile(backend="eager")
+        h, emb = torch.randn(2, 8, 64, requires_grad=True), torch.randn(2, 8, 64)
+        cos, sin = m.rotary(torch.arange(8).expand(2, 8))
+        valid = torch.ones(2, 8, dtype=torch.bool)
+        valid[:, -1] = False
+        _, normed, stats = module(h, emb, cos, sin, None, valid)
+        (normed.sum() + stats.seq_aux_loss).backward()
+        assert dict(counters["graph_break"]) == {}, policy
+        assert counters["stats"]["unique_graphs"] == 1, policy
+        assert stats.tokens_per_expert_E.sum().item() == 2 * 7 * m.cfg.num_experts_per_tok
+    torch._dynamo.reset()
+
+
 def _static_loop(experts, x_sorted_ND):
     # stand-in for the CUDA grouped path with static shapes: every slot through expert 0
     h = x_sorted_ND @ experts.gate_up_proj[0].t()

@@ -116,3 +116,61 @@ def test_mtp_routers_count_only_positions_with_a_target():
     real = mtp_targets(chain, 2) != IGNORE_INDEX
     by_hand = torch.bincount(seen[0][real].reshape(-1), minlength=trainer.model.cfg.num_routed_experts).float()
     torch.testing.assert_close(counts_LE[num_main + 1], by_hand)
+
+
+@pytest.mark.parametrize("attention,checkpointing", [("documents", "none"), ("causal", "none"), ("documents", "full")])
+def test_mtp_router_losses_and_entropy_ignore_positions_without_a_target(attention, checkpointing):
+    """Perturbing an MTP block's input where its depth has no target changes none of its router terms.
+
+    With document attention every such position (padded tail, chains across a BOS) only reaches itself
+    and later positions of its own document, which have no target either; with plain causal attention
+    only the tail (no target at or after it) is perturbed. The noise must change the routing there.
+    With activation checkpointing the mask must also pass through ``checkpoint``.
+    """
+    from moeflow.models import ModelConfig
+    from moeflow.models.mtp import mtp_targets
+    from moeflow.models.transformer import set_activation_checkpointing
+
+    overrides = {**tiny_model_overrides(), "mtp_depth": 2, "seq_aux_alpha": 1.0, "z_loss_weight": 1.0,
+                 "lb_loss_weight": 1.0}
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig.preset("tiny").replace(**overrides))
+    with torch.no_grad():  # sharp routers: at init the scores are near uniform and hide a leak in the entropy
+        for module in model.mtp:
+            module.block.mlp.gate.weight.mul_(20.0)
+    set_activation_checkpointing(model, checkpointing)
+    rows = _packed_rows()
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    extra = {"mtp_boundary_BT": targets == BOS}
+    if attention == "documents":
+        extra["document_ids_BT"] = (inputs == BOS).long().cumsum(dim=1)
+    chain = targets.masked_fill(extra["mtp_boundary_BT"], IGNORE_INDEX)
+
+    def run(noise_scale: float):
+        seen, hooks = [], []
+        for j, module in enumerate(model.mtp):
+            real = mtp_targets(chain, j + 1) != IGNORE_INDEX
+            fake = ~real if attention == "documents" else (real.long().flip(1).cumsum(1).flip(1) == 0)
+            assert fake.any() and real.any()
+            noise = noise_scale * torch.randn(*real.shape, overrides["hidden_size"],
+                                              generator=torch.Generator().manual_seed(j)) * fake[..., None]
+            hooks.append(module.block.register_forward_pre_hook(lambda m, args, n=noise: (args[0] + n, *args[1:])))
+            hooks.append(module.block.mlp.register_forward_hook(lambda m, args, out: seen.append(out[1])))
+        out = model(inputs, targets=targets, **extra)  # with grad: the checkpointed path runs only then
+        for h in hooks:
+            h.remove()
+        return out, seen
+
+    (ref, ref_stats), (noisy, noisy_stats) = run(0.0), run(10.0)
+    assert len(ref_stats) == len(noisy_stats) == len(model.mtp)
+    for a, b in zip(ref_stats, noisy_stats):
+        assert not torch.equal(a.topk_idx_BTK, b.topk_idx_BTK)  # the perturbation reroutes tokens
+        torch.testing.assert_close(b.seq_aux_loss, a.seq_aux_loss)
+        torch.testing.assert_close(b.router_entropy, a.router_entropy)
+        torch.testing.assert_close(b.z_loss, a.z_loss)
+        torch.testing.assert_close(b.lb_loss, a.lb_loss)
+        torch.testing.assert_close(b.tokens_per_expert_E, a.tokens_per_expert_E)
+        torch.testing.assert_close(b.maxvio, a.maxvio)
+    for key in ("seq_aux_loss", "z_loss", "lb_loss", "mtp_loss", "router_entropy", "tokens_per_expert", "maxvio"):
+        torch.testing.assert_close(noisy.aux[key], ref.aux[key], msg=key)
+    torch.testing.assert_close(noisy.loss, ref.loss)

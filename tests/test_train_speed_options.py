@@ -144,11 +144,16 @@ def test_graphed_step_plumbing_on_cpu_equals_the_eager_loop(monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-def test_loop_cuda_graph_on_cuda_matches_the_eager_loop():
+@pytest.mark.parametrize("model_kw,compiled", [({}, False), ({"mtp_depth": 2, "seq_aux_alpha": 1e-2}, True)],
+                         ids=["plain", "mtp-compiled"])
+def test_loop_cuda_graph_on_cuda_matches_the_eager_loop(model_kw, compiled):
+    """mtp-compiled: the MTP blocks' validity masks (masked seq-aux, entropy, counts) inside compiled
+    blocks and the captured graph."""
     steps = 7  # 3 eager warm-up steps, the capture, then replays; the lr changes every step
     # bf16 weights: the routed experts take the grouped-GEMM path (the fp32 loop syncs the host)
-    ref, ref_hist = _run(steps=steps, device="cuda", param_dtype="bf16")
-    tr, hist = _run(steps=steps, device="cuda", param_dtype="bf16", cuda_graph=True)
+    kw = dict(steps=steps, device="cuda", param_dtype="bf16", model_kw=model_kw, compile=compiled)
+    ref, ref_hist = _run(**kw)
+    tr, hist = _run(**kw, cuda_graph=True)
     assert tr._graphed is not None and tr._graphed.captured and tr._graphed.calls == steps
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-3)
     ref_p, p = _params(ref), _params(tr)
