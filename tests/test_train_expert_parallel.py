@@ -124,14 +124,15 @@ def _assert_matches_reference(dp: int, ep: int, parallelism: str = "ddp", grad_a
     ref, ref_state = _reference(dp * ep, grad_accum)
     # each rank holds E/ep experts (FSDP2 shards those rows over dp too)
     assert got["local_expert_shape"][0] == 4 // ep // (dp if parallelism == "fsdp" else 1)
-    for step, (g, r) in enumerate(zip(got["history"], ref["history"])):
-        for name in r:
-            assert g[name] == pytest.approx(r[name], rel=1e-4, abs=1e-6), (step, name, g[name], r[name])
+    # the gradients first: a wrong one is named here, where the history would only show the norm
     assert len(got["grads"]) == len(ref["grads"]) == STEPS
     for step, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
         assert g.keys() == r.keys()
         for name in r:
             torch.testing.assert_close(g[name], r[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
+    for step, (g, r) in enumerate(zip(got["history"], ref["history"])):
+        for name in r:
+            assert g[name] == pytest.approx(r[name], rel=1e-4, abs=1e-6), (step, name, g[name], r[name])
     for g, r in zip(got["counts"], ref["counts"]):
         assert torch.equal(g, r)  # every rank's tokens, all MoE layers (MTP's too)
     for g, r in zip(got["biases"], ref["biases"]):
@@ -150,6 +151,31 @@ def _assert_matches_reference(dp: int, ep: int, parallelism: str = "ddp", grad_a
 def test_expert_parallel_two_ranks_matches_one_process():
     """Fast default: dp 1 x ep 2 with DDP, two micro-batches per step, MTP on."""
     _assert_matches_reference(dp=1, ep=2)
+
+
+def test_fsdp2_expert_gradient_divided_by_the_world_once_at_dp_one():
+    """The experts' FSDP2 group over dp 1 reduces nothing, yet divides by the world size once (gloo, one process).
+
+    Forcing SUM reductions (what gloo needs for dp > 1) on a one-rank group made torch 2.13 divide twice:
+    at dp 1 x ep 2 every expert gradient came out halved.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from moeflow.platform.train import expert_parallel as EP
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        try:
+            torch.manual_seed(0)
+            experts, x_TD = torch.nn.Linear(4, 4, bias=False), torch.randn(3, 4)
+            grad = torch.autograd.grad(experts(x_TD).sum(), experts.weight)[0]
+            EP._shard_experts(experts, init_device_mesh("cpu", (1,), mesh_dim_names=("dp",)), 2, MixedPrecisionPolicy())
+            experts(x_TD).sum().backward()
+            torch.testing.assert_close(experts.weight.grad.full_tensor(), grad / 2)
+        finally:
+            dist.destroy_process_group()
 
 
 @pytest.mark.slow  # four spawned processes

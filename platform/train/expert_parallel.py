@@ -203,16 +203,26 @@ def _fully_shard(model: nn.Module, mesh: DeviceMesh, dtype: str, device: torch.d
     blocks = list(model.model.layers) + [m.block for m in model.mtp]
     for block in blocks:
         if block.is_moe:
-            fully_shard(block.mlp.experts, mesh=mesh["dp"], mp_policy=mp)
-            block.mlp.experts.set_gradient_divide_factor(float(mesh.size()))  # sum over dp ÷ world
-            if device.type == "cpu":  # the factor is NCCL's PREMUL_SUM, which gloo lacks: SUM, then scale
-                block.mlp.experts.set_force_sum_reduction_for_comms(True)
+            _shard_experts(block.mlp.experts, mesh["dp"], mesh.size(), mp)
     for layer in model.model.layers:
         fully_shard(layer, mesh=world_mesh, mp_policy=mp)
     for module in model.mtp:
         fully_shard(module, mesh=world_mesh, mp_policy=mp)
     fully_shard(model, mesh=world_mesh, mp_policy=mp)
     return model
+
+
+def _shard_experts(experts: nn.Module, dp_mesh: DeviceMesh, world: int, mp) -> None:
+    """FSDP2 over ``dp`` for one layer's experts: the gradient summed over dp, divided by the world size."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(experts, mesh=dp_mesh, mp_policy=mp)
+    experts.set_gradient_divide_factor(float(world))
+    # The factor is NCCL's PREMUL_SUM, which gloo lacks: SUM, then scale. Not at dp 1, where nothing is
+    # reduced: torch 2.13's one-rank path divides by the factor as it copies, and forced SUM divides again
+    # (at dp 1 x ep 2 the expert gradients came out halved).
+    if dp_mesh.device_type == "cpu" and dp_mesh.size() > 1:
+        experts.set_force_sum_reduction_for_comms(True)
 
 
 # ------------------------------------------------------------------ the plain (one-process) layout
