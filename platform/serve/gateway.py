@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as P
 from .config import GatewayConfig
+from .heap import freeze_startup_objects
 from .metrics import GatewayMetrics
 from .routing import Route, UnknownModel
 from .sse import DONE, SSEResponse
@@ -604,4 +605,5 @@ def create_app(gw: Gateway) -> FastAPI:
         gw.metrics.http.labels(request.url.path, "200").inc()
         return out
 
+    freeze_startup_objects()  # this is the gateway process's start-up (see heap.py)
     return app
