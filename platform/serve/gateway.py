@@ -134,7 +134,7 @@ class Gateway:
         if self.inflight >= self.config.max_inflight:
             raise P.APIError(429, f"the gateway is at its limit of {self.config.max_inflight} concurrent requests; "
                                   "retry later", code="overloaded")
-        self.metrics.routed.labels(route.name, route.version, route.via).inc()
+        self.metrics.child(self.metrics.routed, route.name, route.version, route.via).inc()
         run = _Run(self, route, payloads)
         self.inflight += 1
         try:
@@ -298,12 +298,15 @@ class _Run:
             except Exception as err:  # noqa: BLE001 - a backend that cannot be reached is a 503
                 raise P.APIError(503, f"{r.key} is unavailable: {type(err).__name__}", code="version_unavailable")
             self.choices.append(_Choice(stream))
-            m.waiting.labels(r.name, r.version).inc()
+            m.child(m.waiting, r.name, r.version).inc()
             self._counted_waiting += 1
-        firsts = await asyncio.gather(*(self._first(c) for c in self.choices), return_exceptions=True)
-        for first in firsts:
-            if isinstance(first, BaseException):
-                raise first
+        if len(self.choices) == 1:  # the common request: no task per choice
+            firsts = [await self._first(self.choices[0])]
+        else:
+            firsts = await asyncio.gather(*(self._first(c) for c in self.choices), return_exceptions=True)
+            for first in firsts:
+                if isinstance(first, BaseException):
+                    raise first
         for c, first in zip(self.choices, firsts):
             if first["kind"] == "error":
                 raise P.APIError(first["status"], first["message"], param=first.get("param"), code=first.get("code"),
@@ -315,16 +318,16 @@ class _Run:
         self.prompt_tokens = sum(prompt_tokens.values())
         for c in self.choices:
             replica = c.accepted["replica"]
-            m.prompt_tokens.labels(r.name, r.version, replica).inc(c.accepted["num_prompt_tokens"])
-            # the labelled children once per choice: ``.labels(...)`` per token (a lock and a dict lookup of the
-            # label tuple, each time) was a measurable share of the per-token cost
-            c.series = (m.generation_tokens.labels(r.name, r.version, replica),
-                        m.ttft.labels(r.name, r.version, replica), m.itl.labels(r.name, r.version, replica))
+            m.child(m.prompt_tokens, r.name, r.version, replica).inc(c.accepted["num_prompt_tokens"])
+            # the labelled children once per choice, not per token
+            c.series = (m.child(m.generation_tokens, r.name, r.version, replica),
+                        m.child(m.ttft, r.name, r.version, replica), m.child(m.itl, r.name, r.version, replica))
 
     async def _first(self, c: _Choice) -> dict:
         try:
-            return await asyncio.wait_for(c.stream.__anext__(), self.gw.config.first_token_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.gw.config.first_token_timeout_s):  # wait_for made a task
+                return await c.stream.__anext__()
+        except TimeoutError:
             raise P.APIError(503, f"{self.route.key} did not accept the request within "
                                   f"{self.gw.config.first_token_timeout_s:g} s; retry later", code="queue_timeout")
         except StopAsyncIteration:
@@ -398,8 +401,8 @@ class _Run:
     def count_error(self, err: BaseException) -> None:
         """Count an error answered for this run's version (``version_errors``); a cancellation is none."""
         if isinstance(err, P.APIError):
-            self.gw.metrics.version_errors.labels(self.route.name, self.route.version, str(err.status),
-                                                  err.code or "").inc()
+            m, r = self.gw.metrics, self.route
+            m.child(m.version_errors, r.name, r.version, str(err.status), err.code or "").inc()
 
     async def _pump(self, i: int, c: _Choice, queue: asyncio.Queue) -> None:
         ended = False
@@ -432,8 +435,8 @@ class _Run:
                 c.first_at = c.last_at = now
                 ttft.observe(now - self.t0)
                 m, r = self.gw.metrics, self.route
-                m.waiting.labels(r.name, r.version).dec()
-                m.running.labels(r.name, r.version).inc()
+                m.child(m.waiting, r.name, r.version).dec()
+                m.child(m.running, r.name, r.version).inc()
                 self._counted_waiting -= 1
                 self._counted_running += 1
                 k -= 1
@@ -444,8 +447,8 @@ class _Run:
             c.last_at = now
         if ev["finish_reason"]:
             c.finish_reason = ev["finish_reason"]
-            self.gw.metrics.finished.labels(self.route.name, self.route.version, c.accepted["replica"],
-                                            ev["finish_reason"]).inc()
+            m, r = self.gw.metrics, self.route
+            m.child(m.finished, r.name, r.version, c.accepted["replica"], ev["finish_reason"]).inc()
 
     def all_finished(self) -> bool:
         return all(c.finish_reason for c in self.choices)
@@ -471,11 +474,11 @@ class _Run:
             except BaseException:  # noqa: BLE001
                 pass
         m, r = self.gw.metrics, self.route
-        m.waiting.labels(r.name, r.version).dec(self._counted_waiting)
-        m.running.labels(r.name, r.version).dec(self._counted_running)
+        m.child(m.waiting, r.name, r.version).dec(self._counted_waiting)
+        m.child(m.running, r.name, r.version).dec(self._counted_running)
         self._counted_waiting = self._counted_running = 0
         if self.all_finished():
-            m.e2e.labels(r.name, r.version).observe(time.perf_counter() - self.t0)
+            m.child(m.e2e, r.name, r.version).observe(time.perf_counter() - self.t0)
 
 
 class _WaitBound:
@@ -559,7 +562,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.exception_handler(P.APIError)
     async def _api_error(request: Request, err: P.APIError):
-        gw.metrics.http.labels(request.url.path, str(err.status)).inc()
+        gw.metrics.child(gw.metrics.http, request.url.path, str(err.status)).inc()
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(RequestValidationError)
@@ -602,7 +605,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return _respond(request, await gw.chat(req))
 
     def _respond(request: Request, out):
-        gw.metrics.http.labels(request.url.path, "200").inc()
+        gw.metrics.child(gw.metrics.http, request.url.path, "200").inc()
         return out
 
     freeze_startup_objects()  # this is the gateway process's start-up (see heap.py)
