@@ -138,9 +138,11 @@ class FakeReplica:
 
     async def generate(self, payload: dict):
         yield {"kind": "accepted", "num_prompt_tokens": 3, "prompt_ids": [1, 2, 3], "prompt_text": "", "replica": "r0"}
-        for k, text in enumerate(self.texts):
+        seed = payload["params"]["seed"]
+        texts = self.texts if seed is None else self.texts[:2 + seed % 3]  # choices of different lengths
+        for k, text in enumerate(texts):
             await asyncio.sleep(self.gaps_s)
-            last = k == len(self.texts) - 1
+            last = k == len(texts) - 1
             yield {"kind": "token", "token_ids": [k], "text": text, "finish_reason": "length" if last else None,
                    "num_generated": k + 1, "tokens": None, "logprobs": None, "tops": None, "prompt_logprobs": None}
 
@@ -193,6 +195,26 @@ def test_a_stream_of_tricky_text_round_trips_and_ends_in_one_write(path):
     # the finishing chunk, the usage chunk and [DONE] leave as the last body message, with the end of the body
     last, more = conn.bodies()[-1]
     assert not more and b'"finish_reason":"length"' in last and b'"usage"' in last and last.endswith(DONE.encode())
+    assert gw.inflight == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_several_choices_stream_merged_and_the_last_finish_ends_the_stream(path):
+    texts = ["a", "b", "c", "d"]
+    gw, app = _app(FakeReplica(texts, gaps_s=0.001))
+    body = {"model": "m", "n": 3, "seed": 10, "stream": True, "stream_options": {"include_usage": True}}
+    body.update({"prompt": "x"} if "chat" not in path else {"messages": [{"role": "user", "content": "x"}]})
+    conn = _post(app, path, body)
+    events = _events(conn)
+    key = (lambda c: c["text"]) if "chat" not in path else (lambda c: c["delta"].get("content", ""))
+    got = {i: "".join(key(e["choices"][0]) for e in events if e["choices"] and e["choices"][0]["index"] == i)
+           for i in range(3)}
+    assert got == {i: "".join(texts[:2 + (10 + i) % 3]) for i in range(3)}
+    finishes = [e["choices"][0]["index"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert sorted(finishes) == [0, 1, 2]
+    assert events[-1]["usage"]["completion_tokens"] == sum(len(t) for t in got.values())
+    last, more = conn.bodies()[-1]
+    assert not more and last.count(b'"finish_reason":"length"') == 1 and last.endswith(DONE.encode())
     assert gw.inflight == 0
 
 
