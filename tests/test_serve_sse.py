@@ -14,7 +14,7 @@ from moeflow.platform.serve import protocol as P
 from moeflow.platform.serve.config import GatewayConfig
 from moeflow.platform.serve.gateway import Gateway, LocalBackend, create_app
 from moeflow.platform.serve.routing import LocalRouteStore, RouteTable
-from moeflow.platform.serve.sse import DONE, SSEResponse
+from moeflow.platform.serve.sse import SSE_DONE, SSEResponse
 
 TRICKY = ["", " t", 'say "hi"', "back\\slash\\", "line\nbreak\r\ttab", "\x00\x1f\x7f", "héllo wörld", "✓ 中文",
           "🚀 rocket 👩‍💻", "\u2028\u2029", "</script>", "'single'", "{\"json\": [1, 2]}"]
@@ -75,14 +75,14 @@ def _chunks(parts: list[str], log: list[str], wait: asyncio.Event | None = None)
 def test_sse_response_ends_with_the_done_chunk_in_one_message():
     async def run():
         conn, log = FakeConnection(None), []
-        await SSEResponse(_chunks(["data: a\n\n", "data: b\n\n" + DONE], log), {"x-h": "1"})(
+        await SSEResponse(_chunks(["data: a\n\n", "data: b\n\n" + SSE_DONE], log), {"x-h": "1"})(
             {"type": "http"}, conn.receive, conn.send)
         return conn, log
 
     conn, log = asyncio.run(run())
     assert conn.sent[0]["type"] == "http.response.start" and conn.sent[0]["status"] == 200
     assert (b"content-type", b"text/event-stream; charset=utf-8") in conn.sent[0]["headers"]
-    assert conn.bodies() == [(b"data: a\n\n", True), (b"data: b\n\n" + DONE.encode(), False)]
+    assert conn.bodies() == [(b"data: a\n\n", True), (b"data: b\n\n" + SSE_DONE.encode(), False)]
     assert log == ["closed"]
 
 
@@ -173,7 +173,7 @@ def _post(app, path: str, body: dict, *, read_gap_s: float = 0.0) -> FakeConnect
 
 def _events(conn: FakeConnection) -> list:
     text = b"".join(b for b, _ in conn.bodies()).decode()
-    assert text.endswith(DONE)
+    assert text.endswith(SSE_DONE)
     return [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
 
 
@@ -194,7 +194,7 @@ def test_a_stream_of_tricky_text_round_trips_and_ends_in_one_write(path):
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == len(texts)
     # the finishing chunk, the usage chunk and [DONE] leave as the last body message, with the end of the body
     last, more = conn.bodies()[-1]
-    assert not more and b'"finish_reason":"length"' in last and b'"usage"' in last and last.endswith(DONE.encode())
+    assert not more and b'"finish_reason":"length"' in last and b'"usage"' in last and last.endswith(SSE_DONE.encode())
     assert gw.inflight == 0
 
 
@@ -214,7 +214,7 @@ def test_several_choices_stream_merged_and_the_last_finish_ends_the_stream(path)
     assert sorted(finishes) == [0, 1, 2]
     assert events[-1]["usage"]["completion_tokens"] == sum(len(t) for t in got.values())
     last, more = conn.bodies()[-1]
-    assert not more and last.count(b'"finish_reason":"length"') == 1 and last.endswith(DONE.encode())
+    assert not more and last.count(b'"finish_reason":"length"') == 1 and last.endswith(SSE_DONE.encode())
     assert gw.inflight == 0
 
 

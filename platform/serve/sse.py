@@ -19,7 +19,7 @@ from typing import AsyncIterator
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-DONE = "data: [DONE]\n\n"
+SSE_DONE = "data: [DONE]\n\n"
 
 
 class SSEResponse(Response):
@@ -49,7 +49,7 @@ class SSEResponse(Response):
     async def _stream(self, send: Send) -> None:
         try:
             async for chunk in self.chunks:
-                last = chunk.endswith(DONE)
+                last = chunk.endswith(SSE_DONE)
                 await send({"type": "http.response.body", "body": chunk.encode(), "more_body": not last})
                 if last:
                     return
