@@ -193,7 +193,7 @@ def test_int8_graph_engine_peak_memory_stays_bounded_with_many_buckets():
     layer = next(m for m in model.modules() if isinstance(m, Int8RoutedExperts))
     one_layer_bf16 = 2 * (layer.gate_up_int8.numel() + layer.down_int8.numel())
     torch.cuda.reset_peak_memory_stats()
-    engine = Engine(model, max_batch=32, cache_len=512, decode_mode="graph")
+    engine = Engine(model, max_batch=32, context_len=256, cache_len=512, decode_mode="graph")
     num_graphs = engine.warmup()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
