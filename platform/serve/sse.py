@@ -14,7 +14,7 @@ encoding's terminator leave in one write instead of four.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -25,7 +25,7 @@ SSE_DONE = "data: [DONE]\n\n"
 class SSEResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[str], headers: dict[str, str]) -> None:
+    def __init__(self, chunks: AsyncGenerator[str, None], headers: dict[str, str]) -> None:
         self.chunks = chunks
         self.status_code = 200
         self.background = None
