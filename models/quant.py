@@ -12,7 +12,12 @@ int8, and y = (x @ qᵀ) · s. Activations stay in the model's dtype (fp32 or bf
   ``kv_b_proj.weight`` to split it into W_uk / W_uv, and callers read ``lm_head.weight.device``.
 - ``Int8RoutedExperts`` subclasses ``moe.RoutedExperts`` and dequantizes one expert at a time in the
   looped (CPU) path, or one layer's stack per call on the grouped (GPU) path, so the transient
-  full-precision copy is one expert / one layer, never the model.
+  full-precision copy is one expert / one layer, never the model. Without autograd the grouped path
+  writes that copy into ONE scratch tensor per stack shape shared by every layer of the model
+  (``quantize_int8`` hands them one dict): the layers run one after another, and a captured CUDA graph
+  then holds no dequantized stack of its own, however many decode buckets are captured. (Fresh copies
+  per layer and per captured bucket are the suspected cause of the INT8 graph engine's 63 GiB peak
+  against 4.5 GiB in bf16, RESULTS.md; a ``gpu`` test in tests/test_quant.py bounds the peak.)
 - Kept in full precision on purpose: routers (their fp32 top-k decides which experts run, and a
   flipped choice costs more than it saves), norms, embeddings (a lookup, not a matmul) and an
   ``lm_head`` tied to the embeddings.
@@ -80,8 +85,10 @@ class Int8Linear(nn.Module):
 class Int8RoutedExperts(RoutedExperts):
     """Stacked experts with int8 weights and per-(expert, output row) scales."""
 
-    def __init__(self, experts: RoutedExperts) -> None:
+    def __init__(self, experts: RoutedExperts, scratch: dict | None = None) -> None:
+        """scratch: where the grouped path's dequantized stacks go, shared with the model's other layers."""
         nn.Module.__init__(self)
+        self.scratch = {} if scratch is None else scratch
         self.num_experts, self.width = experts.num_experts, experts.width
         self.use_grouped_mm = experts.use_grouped_mm
         dtype, dev = experts.gate_up_proj.dtype, experts.gate_up_proj.device
@@ -105,12 +112,24 @@ class Int8RoutedExperts(RoutedExperts):
 
     def _grouped(self, x_sorted_ND, expert_sorted_N, counts_E) -> torch.Tensor:
         dtype = self.compute_dtype(x_sorted_ND)
-        self.gate_up_proj = dequantize_rows(self.gate_up_int8, self.gate_up_scale, dtype)  # one layer, transient
-        self.down_proj = dequantize_rows(self.down_int8, self.down_scale, dtype)
+        self.gate_up_proj = self._dequantized(self.gate_up_int8, self.gate_up_scale, dtype)  # one layer
+        self.down_proj = self._dequantized(self.down_int8, self.down_scale, dtype)
         try:
             return super()._grouped(x_sorted_ND, expert_sorted_N, counts_E)
         finally:
             del self.gate_up_proj, self.down_proj
+
+    def _dequantized(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``dequantize_rows`` (the same values), into the shared scratch unless autograd could keep it."""
+        # under autograd a backward would read the copy after the next layer overwrote it; a compiled step
+        # (torch.compile) keeps its own buffers and would only trace the dict
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return dequantize_rows(q, scale, dtype)
+        key = (tuple(q.shape), dtype, q.device)
+        out = self.scratch.get(key)
+        if out is None:
+            out = self.scratch[key] = torch.empty(q.shape, dtype=dtype, device=q.device)
+        return torch.mul(q, scale[..., None].to(dtype), out=out)
 
 
 @dataclass
@@ -142,12 +161,13 @@ def quantize_int8(model: nn.Module) -> QuantReport:
     before = model_bytes(model)
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
     num_linears = num_stacks = 0
+    scratch: dict = {}  # one dequantized copy per expert-stack shape for the whole model (Int8RoutedExperts)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and not (tied and name == "lm_head" and parent is model):
                 setattr(parent, name, Int8Linear(child))
                 num_linears += 1
             elif type(child) is RoutedExperts:
-                setattr(parent, name, Int8RoutedExperts(child))
+                setattr(parent, name, Int8RoutedExperts(child, scratch))
                 num_stacks += 1
     return QuantReport(num_linears, num_stacks, before, model_bytes(model))

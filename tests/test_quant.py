@@ -150,3 +150,52 @@ def test_int8_experts_equal_experts_with_dequantized_weights():
     torch.testing.assert_close(q(x, idx, w), ref(x, idx, w), rtol=1e-5, atol=1e-6)
     assert q.gate_up_scale.shape == (cfg.num_routed_experts, 2 * cfg.moe_intermediate_size)
     assert q.down_scale.shape == (cfg.num_routed_experts, cfg.hidden_size)
+
+
+def _int8_grouped_model(cfg: ModelConfig, device: str = "cpu") -> MoETransformer:
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).to(device, torch.bfloat16).eval()
+    quantize_int8(model)
+    for m in model.modules():
+        if isinstance(m, Int8RoutedExperts):
+            m.use_grouped_mm = True  # the GPU path (torch._grouped_mm also runs on the CPU in bf16)
+    return model
+
+
+def test_grouped_int8_experts_share_one_dequantized_copy_per_shape_and_compute_the_same():
+    """Without autograd every layer dequantizes into the SAME scratch tensors (one per stack shape); the
+    logits equal those of fresh per-layer copies (the autograd path) bit for bit."""
+    model = _int8_grouped_model(ModelConfig.preset("tiny"))
+    layers = [m for m in model.modules() if isinstance(m, Int8RoutedExperts)]
+    assert len(layers) >= 2 and all(m.scratch is layers[0].scratch for m in layers)
+    x = torch.randint(0, model.cfg.vocab_size, (3, 9))
+    fresh = model(x).logits  # grad enabled: fresh copies, the scratch stays unused
+    assert layers[0].scratch == {}
+    with torch.inference_mode():
+        shared = model(x).logits
+    assert torch.equal(shared, fresh.detach())
+    stacks = {(tuple(m.gate_up_int8.shape), torch.bfloat16, x.device) for m in layers} \
+        | {(tuple(m.down_int8.shape), torch.bfloat16, x.device) for m in layers}
+    assert set(layers[0].scratch) == stacks  # one copy per shape for the whole model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_graph_engine_peak_memory_stays_bounded_with_many_buckets():
+    """The INT8 engine with CUDA graphs at many (batch, width) buckets: the peak GPU memory past the weights
+    is about one layer's dequantized stacks plus the slot cache and activations, not a copy per bucket."""
+    from moeflow.models.serving import Engine
+
+    cfg = ModelConfig.preset("bench_ref").replace(num_layers=4, max_seq_len=512)
+    model = _int8_grouped_model(cfg, "cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    layer = next(m for m in model.modules() if isinstance(m, Int8RoutedExperts))
+    one_layer_bf16 = 2 * (layer.gate_up_int8.numel() + layer.down_int8.numel())
+    torch.cuda.reset_peak_memory_stats()
+    engine = Engine(model, max_batch=32, context_len=256, cache_len=512, decode_mode="graph")
+    num_graphs = engine.warmup()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert num_graphs >= 12
+    assert peak < 2 * one_layer_bf16 + 2 * 2**30, f"{peak / 2**30:.2f} GiB over the weights, {num_graphs} graphs"

@@ -8,5 +8,7 @@
 - ``protocol``: the OpenAI request models, response/chunk builders and error bodies;
 - ``metrics``: Prometheus series of the gateway;
 - ``gateway``: the FastAPI app (auth, validation, routing, SSE, metrics);
+- ``sse``: the lean ASGI response that streams the gateway's SSE chunks;
+- ``heap``: ``gc.freeze()`` once a serving process has started (full collections skip what it loaded);
 - ``app``: the Ray Serve application (one app per model version + the gateway ingress).
 """

@@ -9,6 +9,8 @@ first token yet. Names follow vLLM's (``…_time_to_first_token_seconds`` etc.) 
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
@@ -41,6 +43,9 @@ class GatewayMetrics:
                                       VERSION + ("status", "code"), registry=r)
         self.routed = Counter(p + "routed_requests", "requests per resolved version and how it was chosen",
                               VERSION + ("via",), registry=r)
+
+        # ``metric.labels(...)`` takes a lock and checks the labels each time; a request asked it a dozen times
+        self.child = functools.cache(lambda metric, *labels: metric.labels(*labels))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -33,6 +33,7 @@ from ...models.serving import Engine, EngineOverloaded, RequestError, SamplingPa
 from ...models.tokenizer import Tokenizer
 from .config import ServedModel
 from .engine_loop import AsyncEngine, EngineFailed
+from .heap import freeze_startup_objects
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"
@@ -87,6 +88,7 @@ class ModelServer:
         self.context_len = self.loop.engine.context_len
         self.replica = _replica_id()
         self.started = time.time()
+        freeze_startup_objects()
 
     def _make_engine(self) -> Engine:
         """A fresh engine; in graph mode every decode bucket is captured here, before any request waits on it."""

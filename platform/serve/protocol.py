@@ -136,13 +136,17 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-# ---------------------------------------------------------------------- completions logprobs
+_encode_str = json.encoder.encode_basestring_ascii  # what json.dumps (ensure_ascii) writes for a str
+
+
 class SSEChunks:
     """``sse({**envelope, "choices": [choice]})`` for many chunks of one stream, serializing only the choice.
 
     The envelope (id, object, created, model) is the same for every chunk of a stream; it is
     serialized once, and each chunk is that text around ``json.dumps(choice)`` (the same bytes
-    ``sse`` writes).
+    ``sse`` writes). ``text`` and ``content`` build the common chunk of each kind, a text delta, from a
+    template that only encodes the text (``json.dumps`` escapes a string with ``encode_basestring_ascii``:
+    the same function, so the same bytes; a test compares them).
     """
 
     def __init__(self, envelope: dict) -> None:
@@ -151,7 +155,19 @@ class SSEChunks:
     def __call__(self, choice: dict) -> str:
         return self.head + json.dumps(choice, separators=(",", ":")) + self.tail
 
+    def text(self, index: int, text: str, finish_reason: str | None = None) -> str:
+        """A completions chunk without logprobs."""
+        reason = "null" if finish_reason is None else _encode_str(finish_reason)
+        return (f'{self.head}{{"index":{index:d},"text":{_encode_str(text)},"logprobs":null,'
+                f'"finish_reason":{reason}}}{self.tail}')
 
+    def content(self, index: int, text: str) -> str:
+        """A chat chunk whose delta is ``{"content": text}``, without logprobs or finish."""
+        return (f'{self.head}{{"index":{index:d},"delta":{{"content":{_encode_str(text)}}},"logprobs":null,'
+                f'"finish_reason":null}}{self.tail}')
+
+
+# ---------------------------------------------------------------------- completions logprobs
 class CompletionLogprobs:
     """Accumulates the legacy completions ``logprobs`` object (tokens, token_logprobs, top, offsets)."""
 
