@@ -24,7 +24,7 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor TRITON_CACHE_DIR=/tmp/triton
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/device.txt
 python3 -c "import torch, transformers, sys; print('torch', torch.__version__, 'transformers', transformers.__version__, 'python', sys.version.split()[0])" | tee -a $OUT/device.txt
 T=$(date +%s)
-timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_serve_engine.py 2>&1 | tail -15 | tee $OUT/gpu_tests.log
+timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_serve_engine.py tests/test_quant.py 2>&1 | tail -15 | tee $OUT/gpu_tests.log
 echo "tests: $(( $(date +%s) - T )) s" | tee -a $OUT/device.txt
 timeout ${T_DECODE:-180} python3 benchmarks/bench_decode.py --engine --engine-only --engine-compile ${INT8:+--int8} --impls "moeflow cached" \
   --repeats 1 --ppl-seqs ${PPL_SEQS:-8} --ppl-len ${PPL_LEN:-128} --out $OUT/decode.jsonl 2>&1 | grep -v Warning | tee $OUT/decode.log | tail -22
