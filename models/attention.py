@@ -182,13 +182,29 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+FLEX_MIN_HEAD_DIM = 16  # flex's Triton kernel refuses head dims below this ("NYI: ... at least 16")
+
+
 def _flex_attention(q_BHTC, k_BHTC, v_BHTV, block_mask, scale: float) -> torch.Tensor:
-    """flex_attention: compiled on CUDA; eager elsewhere (a slow but exact reference, used by the CPU tests)."""
+    """flex_attention: compiled on CUDA; eager elsewhere (a slow but exact reference, used by the CPU tests).
+
+    Head dims under 16 (small test and toy configs) are zero-padded to 16, which is exact: zero
+    columns add nothing to q·k (the scale is passed explicitly) and give zero output columns of v,
+    which are cut off again.
+    """
+    V = v_BHTV.shape[-1]
+    if q_BHTC.shape[-1] < FLEX_MIN_HEAD_DIM:
+        pad = FLEX_MIN_HEAD_DIM - q_BHTC.shape[-1]
+        q_BHTC, k_BHTC = F.pad(q_BHTC, (0, pad)), F.pad(k_BHTC, (0, pad))
+    if V < FLEX_MIN_HEAD_DIM:
+        v_BHTV = F.pad(v_BHTV, (0, FLEX_MIN_HEAD_DIM - V))
     if q_BHTC.device.type != "cuda":
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q_BHTC, k_BHTC, v_BHTV, block_mask=block_mask, scale=scale)
-    return _compiled_flex()(q_BHTC, k_BHTC, v_BHTV, block_mask=block_mask, scale=scale)
+        out_BHTV = flex_attention(q_BHTC, k_BHTC, v_BHTV, block_mask=block_mask, scale=scale)
+    else:
+        out_BHTV = _compiled_flex()(q_BHTC, k_BHTC, v_BHTV, block_mask=block_mask, scale=scale)
+    return out_BHTV[..., :V]
 
 
 def _attention_mask(q_slots_T, k_slots_S, key_real_BS) -> torch.Tensor:

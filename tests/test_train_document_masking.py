@@ -120,3 +120,26 @@ def test_flex_attention_forward_and_backward_on_cuda(monkeypatch):
     trainer.model.cuda()
     trainer.device = torch.device("cuda")
     _compare_kernels(trainer, monkeypatch, backward=True)
+
+
+def test_flex_pads_head_dims_under_16_exactly():
+    """flex's GPU kernel refuses head dims < 16: they are zero-padded, and the result is still exact
+    (against SDPA with the same block-diagonal causal mask as a dense boolean tensor)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from moeflow.models.attention import _flex_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 20, 12, generator=g), torch.randn(2, 3, 20, 12, generator=g)
+    v = torch.randn(2, 3, 20, 8, generator=g)
+    doc_T = torch.tensor([0] * 7 + [1] * 9 + [2] * 4)
+
+    def same_doc_causal(b, h, qi, ki):
+        return (doc_T[qi] == doc_T[ki]) & (ki <= qi)
+
+    block_mask = create_block_mask(same_doc_causal, None, None, 20, 20, device="cpu")
+    dense_11TT = ((doc_T[:, None] == doc_T[None, :]) & torch.ones(20, 20, dtype=torch.bool).tril())[None, None]
+    out = _flex_attention(q, k, v, block_mask, scale=0.3)
+    assert out.shape == v.shape
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_11TT, scale=0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
