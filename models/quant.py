@@ -127,8 +127,9 @@ class Int8RoutedExperts(RoutedExperts):
             return dequantize_rows(q, scale, dtype)
         key = (tuple(q.shape), dtype, q.device)
         out = self.scratch.get(key)
-        if out is None:
-            out = self.scratch[key] = torch.empty(q.shape, dtype=dtype, device=q.device)
+        if out is None:  # a normal tensor even when first made under inference_mode: both modes may write it
+            with torch.inference_mode(False):
+                out = self.scratch[key] = torch.empty(q.shape, dtype=dtype, device=q.device)
         return torch.mul(q, scale[..., None].to(dtype), out=out)
 
 

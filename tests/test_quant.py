@@ -177,6 +177,8 @@ def test_grouped_int8_experts_share_one_dequantized_copy_per_shape_and_compute_t
     stacks = {(tuple(m.gate_up_int8.shape), torch.bfloat16, x.device) for m in layers} \
         | {(tuple(m.down_int8.shape), torch.bfloat16, x.device) for m in layers}
     assert set(layers[0].scratch) == stacks  # one copy per shape for the whole model
+    with torch.no_grad():  # scratch first made under inference_mode, then written outside it (engine warm-up, then serving)
+        assert torch.equal(model(x).logits, fresh.detach())
 
 
 @pytest.mark.gpu
