@@ -240,8 +240,18 @@ def test_compiled_cuda_graph_engine_equals_generate_on_the_gpu(model):
         engine.add(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
     events = _drain(engine)
     assert engine.static.num_replays > 30 and engine.slots.num_compactions >= 1
+    # inductor fuses the step's bf16 arithmetic differently from the eager model, so greedy decoding may
+    # part ways where two logits tie within bf16 rounding; anywhere else the tokens must be equal
     for i, p in enumerate(prompts):
-        assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
+        got, want = _tokens(events[f"r{i}"]), generate(gpu, [p], 30).tokens[0]
+        j = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if j is None:
+            assert len(got) == len(want), f"request {i}"
+            continue
+        with torch.no_grad():
+            logits_V = gpu(torch.tensor([list(p) + want[:j]], device="cuda")).logits[0, -1].float()
+        gap = float(logits_V[want[j]] - logits_V[got[j]])
+        assert gap <= 0.03 * float(logits_V.abs().max()), f"request {i} parts at token {j} without a near-tie ({gap:.3f})"
 
 
 def test_long_prompt_prefills_in_chunks_without_stalling_a_running_stream(model):
