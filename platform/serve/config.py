@@ -27,7 +27,8 @@ class EngineConfig(StageConfig):
                             "'eager', 'static' = the bucketed steps uncaptured; 'auto' = graph on CUDA, else eager")
     compile: Literal["none", "inductor"] = Field(
         "none", description="'inductor' = torch.compile the static/graph decode step (compiled at start; needs "
-                            "decode_mode graph, static, or auto on CUDA)")
+                            "decode_mode graph, static, or auto on CUDA). Experimental: 2.2x faster decode on an "
+                            "H100, but its GPU test saw greedy output leave generate() at a non-tie (2026-12-07)")
 
 
 class ServedModel(StageConfig):
