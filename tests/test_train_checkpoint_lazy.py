@@ -174,9 +174,18 @@ def _worker(rank: int, world: int, init_file: str, out: str, store_uri: str) -> 
                                "skipped": list(manager.skipped_corrupted)}
             resumed.fit()
             result[attempt]["final"] = _local_shards(resumed)
+        try:  # an error other than a corruption on rank 1 alone: raised on rank 0 too (no hang, no skip)
+            manager.resume_newest_intact(out / f"odd{rank}", lambda ref, c: _fail_on_rank_1(rank))
+        except (RuntimeError, ValueError) as exc:
+            result["odd"] = f"{type(exc).__name__}: {exc}"
         torch.save(result, out / f"result{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _fail_on_rank_1(rank: int) -> None:
+    if rank == 1:
+        raise ValueError("rank 1 cannot load")
 
 
 def _whole_entries_only(metadata, name: str) -> bool:
@@ -231,3 +240,5 @@ def test_fsdp2_ranks_fetch_only_their_own_shards_and_a_corrupted_shard_falls_bac
             assert corrupted["step"] == 2 and len(corrupted["skipped"]) == 1
             assert corrupted["skipped"][0].startswith("step 3 at ")
             assert "step-00000003/model/__1_1.distcp" in corrupted["skipped"][0]
+        assert results[1]["odd"] == "ValueError: rank 1 cannot load"
+        assert results[0]["odd"] == "RuntimeError: resume failed on another rank: rank 1: ValueError: rank 1 cannot load"
