@@ -61,7 +61,10 @@ def _run(rank: int, world: int, init: str, overrides: dict, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     out = Path(out)
-    ctx = lambda name: WorkerContext(rank, world, rank, torch.device("cpu"), None, out / f"{name}{rank}")  # noqa: E731
+
+    def ctx(name: str) -> WorkerContext:
+        return WorkerContext(rank, world, rank, torch.device("cpu"), None, out / f"{name}{rank}")
+
     manager = CheckpointManager(LocalStore(out / "store"), "runs/bench")
     save_checkpoint(_trainer(overrides, world), None, manager, ctx("save"))
     rows = []

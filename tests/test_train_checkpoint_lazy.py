@@ -102,8 +102,11 @@ def test_resume_skips_a_checkpoint_whose_load_meets_a_corrupted_shard(store, tmp
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["resume-4"]  # no half-verified copies left
     assert "model/__0_1.distcp" in checkpoint.fetched and "model/__1_1.distcp" not in checkpoint.fetched
 
+    def fail(ref, checkpoint):
+        raise ValueError("not a corruption")
+
     with pytest.raises(ValueError, match="not a corruption"):  # any other error is not skipped over
-        manager.resume_newest_intact(tmp_path / "dl2", lambda ref, c: (_ for _ in ()).throw(ValueError("not a corruption")))
+        manager.resume_newest_intact(tmp_path / "dl2", fail)
     _corrupt(store, manager, 4, "model/__0_1.distcp")
     with pytest.raises(ChecksumError, match="every checkpoint .* is corrupted: step 12 .*; step 8 .*; step 4 "):
         manager.resume_newest_intact(tmp_path / "dl3", load)
@@ -153,7 +156,10 @@ def _worker(rank: int, world: int, init_file: str, out: str, store_uri: str) -> 
     try:
         out = Path(out)
         manager = CheckpointManager(open_store(store_uri), "runs/fsdp", keep_last=3)
-        ctx = lambda name: WorkerContext(rank, world, rank, torch.device("cpu"), None, out / f"{name}{rank}")  # noqa: E731
+
+        def ctx(name: str) -> WorkerContext:
+            return WorkerContext(rank, world, rank, torch.device("cpu"), None, out / f"{name}{rank}")
+
         straight, _ = _build(rank, world)
         straight.fit()
         broken, loader = _build(rank, world)
@@ -241,4 +247,5 @@ def test_fsdp2_ranks_fetch_only_their_own_shards_and_a_corrupted_shard_falls_bac
             assert corrupted["skipped"][0].startswith("step 3 at ")
             assert "step-00000003/model/__1_1.distcp" in corrupted["skipped"][0]
         assert results[1]["odd"] == "ValueError: rank 1 cannot load"
-        assert results[0]["odd"] == "RuntimeError: resume failed on another rank: rank 1: ValueError: rank 1 cannot load"
+        assert results[0]["odd"] == ("RuntimeError: resume failed on another rank: "
+                                     "rank 1: ValueError: rank 1 cannot load")

@@ -56,7 +56,8 @@ def test_manager_skips_corrupted_newest_and_refuses_when_all_are_corrupted(tmp_p
         _corrupt(store, manager, step)
     with pytest.raises(ChecksumError, match="every checkpoint .* is corrupted: step 12 .*; step 8 .*; step 4 "):
         manager.resume_newest_intact(tmp_path / "dl2", lambda r, c: None)
-    assert CheckpointManager(store, "runs/empty").resume_newest_intact(tmp_path / "dl3", lambda r, c: None) is None
+    empty = CheckpointManager(store, "runs/empty")
+    assert empty.resume_newest_intact(tmp_path / "dl3", lambda r, c: None) is None
 
 
 def test_training_resumes_from_the_newest_intact_checkpoint_and_rewrites_the_corrupted_step(tmp_path, caplog):

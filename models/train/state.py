@@ -293,7 +293,8 @@ def restore(trainer, directory: str | Path, loader=None,
         options = StateDictOptions(flatten_optimizer_state_dict=_flat_optimizer_state(directory / OPTIM_DIR))
         model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=options)  # allocates AdamW state
         for folder, sd in ((MODEL_DIR, model_sd), (OPTIM_DIR, optim_sd)):
-            reader = dcp.FileSystemReader(directory / folder) if fetch is None else _FetchingReader(directory, folder, fetch)
+            reader = (dcp.FileSystemReader(directory / folder) if fetch is None
+                      else _FetchingReader(directory, folder, fetch))
             _dcp(dcp.load, sd, storage_reader=reader)
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=options)

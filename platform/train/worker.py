@@ -128,7 +128,8 @@ def resume_from_latest(manager: CheckpointManager, trainer, loader, ctx: WorkerC
     pp = int(getattr(trainer.cfg, "pipeline_parallel", 1))
 
     def load(ref: CheckpointRef, checkpoint) -> None:
-        saved_pp = int((train_state.read_meta(checkpoint.path).get("pretrain_config") or {}).get("pipeline_parallel", 1))
+        saved = train_state.read_meta(checkpoint.path).get("pretrain_config") or {}
+        saved_pp = int(saved.get("pipeline_parallel", 1))
         if saved_pp != pp:  # the stages of a replica share one data position: a loader cannot re-split that
             raise ValueError(f"checkpoint {ref.uri} was written with pipeline_parallel={saved_pp}; this run has "
                              f"{pp}: resume with the same pipeline_parallel (its weights load anywhere for evaluation)")
