@@ -6,7 +6,8 @@
 * two FSDP2 ranks (gloo) through the worker's ``save_checkpoint``/``resume_from_latest``: bit-identical
   resume, each rank's local folder holds its own shards and the small files only (never the other
   rank's shards), and a shard that only rank 1 reads, corrupted in the store, makes BOTH ranks fall
-  back to the previous checkpoint (and still resume exactly).
+  back to the previous checkpoint (and still resume exactly); then the same checkpoints resumed by one
+  process (2 -> 1), which fetches every shard.
 """
 
 from __future__ import annotations
@@ -246,6 +247,20 @@ def test_fsdp2_ranks_fetch_only_their_own_shards_and_a_corrupted_shard_falls_bac
             assert corrupted["step"] == 2 and len(corrupted["skipped"]) == 1
             assert corrupted["skipped"][0].startswith("step 3 at ")
             assert "step-00000003/model/__1_1.distcp" in corrupted["skipped"][0]
+        # 2 -> 1 through the store, lazily: one process needs (and fetches) every shard; step 3 is still corrupted
+        from moeflow.models.train.state import load_model_weights
+        from moeflow.platform.train.distributed import WorkerContext
+        from moeflow.platform.train.worker import resume_from_latest
+
+        one, loader = _build(0, 1, perturb=True)
+        ref, local = resume_from_latest(manager, one, loader, WorkerContext(0, 1, 0, torch.device("cpu"), None,
+                                                                            out / "one"))
+        assert ref.step == 2 and "step-00000003/model/__1_1.distcp" in manager.skipped_corrupted[0]
+        step2 = store.read_artifact(ref.prefix)
+        assert _local_files(local) == step2.names()
+        expected = load_model_weights(manager.download(ref, out / "full-2"))
+        for name, tensor in one.model.state_dict().items():
+            assert torch.equal(tensor, expected[name]), name
         assert results[1]["odd"] == "ValueError: rank 1 cannot load"
         assert results[0]["odd"] == ("RuntimeError: resume failed on another rank: "
                                      "rank 1: ValueError: rank 1 cannot load")
