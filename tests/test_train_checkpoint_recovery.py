@@ -46,16 +46,18 @@ def test_manager_skips_corrupted_newest_and_refuses_when_all_are_corrupted(tmp_p
         manager.save(step, d)
     _corrupt(store, manager, 12)
     caplog.set_level(logging.WARNING, logger="moeflow")
-    ref, local, skipped = manager.download_newest_intact(tmp_path / "dl")
-    assert ref.step == 8 and (local / "model.pt").read_bytes() == bytes([8]) * 64
+    loaded = []
+    ref, checkpoint, skipped = manager.resume_newest_intact(tmp_path / "dl", lambda r, c: loaded.append(r.step))
+    assert ref.step == 8 and loaded == [8] and (checkpoint.path / "model.pt").read_bytes() == bytes([8]) * 64
     assert len(skipped) == 1 and skipped[0].startswith("step 12 at ") and "corrupted" in skipped[0]
     assert any("checkpoint step 12 is corrupted" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "dl" / "resume-12").exists()  # no half-verified copy left behind
     for step in (4, 8):
         _corrupt(store, manager, step)
     with pytest.raises(ChecksumError, match="every checkpoint .* is corrupted: step 12 .*; step 8 .*; step 4 "):
-        manager.download_newest_intact(tmp_path / "dl2")
-    assert CheckpointManager(store, "runs/empty").download_newest_intact(tmp_path / "dl3") is None
+        manager.resume_newest_intact(tmp_path / "dl2", lambda r, c: None)
+    empty = CheckpointManager(store, "runs/empty")
+    assert empty.resume_newest_intact(tmp_path / "dl3", lambda r, c: None) is None
 
 
 def test_training_resumes_from_the_newest_intact_checkpoint_and_rewrites_the_corrupted_step(tmp_path, caplog):

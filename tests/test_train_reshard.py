@@ -140,7 +140,8 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         broken.fit(until_step=BREAK)
         torch.save(_snapshot(broken, loader), out / f"broken{rank}.pt")
         # as the worker does it: each rank writes its shards into its own folder and uploads them into
-        # the one artefact (rank 0 commits); every rank downloads the whole checkpoint to resume
+        # the one artefact (rank 0 commits); here every rank downloads the whole checkpoint to resume
+        # (the worker's per-rank fetch of only what its load reads: test_train_checkpoint_lazy.py)
         train_state.save(train_state.capture(broken, loader), out / f"local{rank}")  # collective
         manager = CheckpointManager(LocalStore(out / "store"), "runs/r")
         ref = manager.save_sharded(BREAK, out / f"local{rank}", metadata={"world_size": world})

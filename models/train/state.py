@@ -3,9 +3,12 @@
 A checkpoint directory (format 2, sharded) holds
 
     model/         the model state dict as a ``torch.distributed.checkpoint`` (DCP) folder:
-                   ``.metadata`` (written by rank 0) and one ``__<rank>_0.distcp`` per rank
-                   (each rank writes only the tensors it holds: its FSDP2 shards; under DDP the
-                   replicated tensors are de-duplicated by DCP's planner, each written once)
+                   ``.metadata`` (written by rank 0) and per rank ``__<rank>_0.distcp`` (whole
+                   tensors and objects: everything under DDP or in one process; replicated buffers,
+                   optimiser step counts and ``param_groups`` under FSDP2) and ``__<rank>_1.distcp``
+                   (the chunks of tensors sharded over ranks: FSDP2/EP shards), each only when not
+                   empty. Each rank writes only what it holds; replicated entries are de-duplicated by
+                   DCP's planner, each written once, by any rank (``_RankFilesWriter``)
     optim/         the optimiser state dict (keyed by parameter names), the same way; a folder of
                    its own so inference and evaluation copy only ``model/`` (``model_refs``)
     trainer.pt     loop state (step, tokens seen, balancing statistics, log history unless captured
@@ -17,6 +20,12 @@ A checkpoint directory (format 2, sharded) holds
 
 Nothing is gathered to one rank: each rank writes its own files (into its own local folder; the
 worker commits the union of every rank's folder as one artefact, ``CheckpointManager.save_sharded``).
+Nor does a resuming rank need every file: ``restore(..., fetch=...)`` asks for the shard files its
+DCP load plan reads just before it reads them (the worker fetches them from the store, verified), so
+under FSDP2 on the same world size a rank fetches its own shards and the small ``_0`` files only.
+Shards and replicated entries sit in separate files for that reason: DCP puts a de-duplicated
+replicated entry (a router bias) into any rank's file, and one file holding both would make every
+rank fetch every other rank's shards for a few bytes.
 
 Format 1 (before sharding) held ``model.pt`` / ``optimizer.pt``: full state dicts that rank 0
 gathered to its CPU. ``restore`` and ``load_model_weights`` read both formats.
@@ -46,15 +55,17 @@ next to the upload (benchmarks/RESULTS.md, "checkpoint save"), so it is not wort
 from __future__ import annotations
 
 import json
+import queue
 import random
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict, set_state_dict)
 
@@ -87,6 +98,42 @@ def _dcp(call, state: dict, **kwargs) -> Any:
         if no_dist:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
         return call(state, no_dist=no_dist, **kwargs)
+
+
+class _RankFilesWriter(dcp.FileSystemWriter):
+    """DCP's file writer with a rank's items in two files (see the module docstring): ``__<rank>_0``
+    whole tensors and objects, ``__<rank>_1`` chunks of sharded tensors; a file only when not empty."""
+
+    def write_data(self, plan, planner):
+        whole = [item for item in plan.items if not _is_shard_chunk(item)]
+        chunks = [item for item in plan.items if _is_shard_chunk(item)]
+        files: queue.Queue = queue.Queue()
+        for index, items in enumerate((whole, chunks)):
+            if items:
+                name = f"{plan.storage_data.prefix}{index}{DEFAULT_SUFFIX}"
+                files.put((self.fs.concat_path(self.path, name), name, items))
+        return self._write_data(planner, files)  # torch's own writing loop, fed our file split
+
+
+def _is_shard_chunk(item) -> bool:
+    """A part of a tensor sharded over ranks (not the whole tensor, not an object)."""
+    data = item.tensor_data
+    return data is not None and tuple(data.chunk.sizes) != tuple(data.size)
+
+
+class _FetchingReader(dcp.FileSystemReader):
+    """DCP's file reader over a checkpoint folder that holds only the files fetched so far: before it
+    reads, it hands ``fetch`` the names (relative to the checkpoint directory) of the files its load
+    plan reads."""
+
+    def __init__(self, directory: Path, folder: str, fetch: Callable[[list[str]], None]) -> None:
+        super().__init__(directory / folder)
+        self.folder, self.fetch = folder, fetch
+
+    def read_data(self, plan, planner):
+        files = {self.storage_data[item.storage_index].relative_path for item in plan.items}
+        self.fetch([f"{self.folder}/{name}" for name in sorted(files)])
+        return super().read_data(plan, planner)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -179,8 +226,8 @@ def save(state: dict[str, Any], directory: str | Path) -> Path:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _dcp(dcp.save, state["model"], checkpoint_id=directory / MODEL_DIR)
-    _dcp(dcp.save, state["optimizer"], checkpoint_id=directory / OPTIM_DIR)
+    _dcp(dcp.save, state["model"], storage_writer=_RankFilesWriter(directory / MODEL_DIR))
+    _dcp(dcp.save, state["optimizer"], storage_writer=_RankFilesWriter(directory / OPTIM_DIR))
     if state.get("trainer") is not None:
         torch.save(state["trainer"], directory / TRAINER_FILE)
         (directory / META_FILE).write_text(json.dumps(state["meta"], indent=2, sort_keys=True))
@@ -216,11 +263,15 @@ def load_model_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
 
 
-def restore(trainer, directory: str | Path, loader=None) -> dict[str, Any]:
+def restore(trainer, directory: str | Path, loader=None,
+            fetch: Callable[[list[str]], None] | None = None) -> dict[str, Any]:
     """Load a checkpoint directory into a built trainer (every rank calls it); returns ``extra``.
 
     Any world size: a checkpoint written by W workers resumes on W' (see the module docstring for
-    what is resharded and what is exact). Every rank needs the whole checkpoint folder.
+    what is resharded and what is exact). Without ``fetch`` every rank needs the whole checkpoint
+    folder; with it, the folder needs every file but the DCP shard files (``*.distcp``), and
+    ``fetch(names)`` is called with the ones this rank's load reads (``model/__1_1.distcp``, ...)
+    before they are read.
     """
     directory = Path(directory)
     fmt = checkpoint_format(directory)
@@ -241,8 +292,10 @@ def restore(trainer, directory: str | Path, loader=None) -> dict[str, Any]:
     if fmt == 2:  # DCP: each rank reads the parts of the saved shards it holds now (resharding)
         options = StateDictOptions(flatten_optimizer_state_dict=_flat_optimizer_state(directory / OPTIM_DIR))
         model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=options)  # allocates AdamW state
-        _dcp(dcp.load, model_sd, checkpoint_id=directory / MODEL_DIR)
-        _dcp(dcp.load, optim_sd, checkpoint_id=directory / OPTIM_DIR)
+        for folder, sd in ((MODEL_DIR, model_sd), (OPTIM_DIR, optim_sd)):
+            reader = (dcp.FileSystemReader(directory / folder) if fetch is None
+                      else _FetchingReader(directory, folder, fetch))
+            _dcp(dcp.load, sd, storage_reader=reader)
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=options)
     else:  # format 1: full state dicts, on every rank

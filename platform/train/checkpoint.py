@@ -17,7 +17,13 @@ latest. Step numbers are zero-padded so lexicographic order is numeric order.
 When a ``Catalog`` is given, every committed checkpoint is registered as a model version
 (``register_model``; metrics carry the step and ``"checkpoint": 1``), so the lineage of a
 final model can be walked back to the checkpoints it came from; pruned ones are marked
-``"pruned": 1``. A corrupted newest checkpoint does not block resume (``download_newest_intact``).
+``"pruned": 1``.
+
+Resume (``resume_newest_intact``) downloads no whole checkpoint: every rank gets the small files
+(``meta.json``, ``trainer.pt``, the DCP ``.metadata``, a stage's extra files) and then only the shard
+files its own DCP load reads (``LazyCheckpoint``), each verified against the manifest. A corrupted
+newest checkpoint does not block resume: the rank that reads the bad file says so, and every rank
+falls back to the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from moeflow.platform.config import config_hash
 
@@ -197,30 +203,116 @@ class CheckpointManager:
             return None
         return ref, self.download(ref, local_dir)
 
-    def download_newest_intact(self, local_root: str | Path) -> tuple[CheckpointRef, Path, list[str]] | None:
-        """The newest checkpoint whose files match their manifest, downloaded under ``local_root``.
+    def open_for_resume(self, ref: CheckpointRef, local_dir: str | Path) -> "LazyCheckpoint":
+        """A checkpoint in ``local_dir`` with every file but its DCP shard files (verified); the shard
+        files come when a load asks for them (``LazyCheckpoint.fetch``)."""
+        return LazyCheckpoint(self.store.read_artifact(ref.prefix), Path(local_dir))
 
-        A corrupted newest checkpoint (a checksum mismatch: a bad disk, a truncated object) must not
-        block resume while an older one is intact: each corrupted one is skipped with a warning, and
-        the returned list says which (one line each). None when there are no checkpoints; when every
-        one is corrupted, a ``ChecksumError`` naming them (starting over silently would lose the run).
+    def resume_newest_intact(self, local_root: str | Path, load: Callable[[CheckpointRef, "LazyCheckpoint"], Any]
+                             ) -> tuple[CheckpointRef, "LazyCheckpoint", list[str]] | None:
+        """Collective (every rank calls it): ``load(ref, checkpoint)`` the newest intact checkpoint on every
+        rank, each rank fetching only the files its load reads. Returns (ref, checkpoint, skipped).
+
+        Rank 0 lists the checkpoints and broadcasts the list, so every rank tries the same steps. A
+        corrupted file (a checksum mismatch: a bad disk, a truncated object), found by whichever rank
+        reads it, makes every rank skip that checkpoint with a warning and try the previous one (its
+        load overwrites what the failed one loaded); ``skipped`` says which, one line each, naming the
+        file. None when there are no checkpoints; when every one is corrupted, a ``ChecksumError``
+        naming them (starting over silently would lose the run). Any other error on any rank is raised
+        on every rank.
         """
+        import torch.distributed as dist
+
         from moeflow.platform.store import ChecksumError
 
+        from .distributed import broadcast
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         skipped: list[str] = []
         self.skipped_corrupted = skipped  # what the last resume skipped, for the run's result
-        for ref in reversed(self.list()):
+        for ref in broadcast(list(reversed(self.list())) if rank == 0 else None):
             local = Path(local_root) / f"resume-{ref.step}"
-            try:
-                return ref, self.download(ref, local), skipped
-            except ChecksumError as exc:
-                shutil.rmtree(local, ignore_errors=True)
-                skipped.append(f"step {ref.step} at {ref.uri}: {exc}")
-                log.warning("checkpoint step %d is corrupted (%s); trying the previous one", ref.step, exc)
+            opened: list[LazyCheckpoint] = []
+            corrupted = _on_every_rank(lambda: opened.append(self.open_for_resume(ref, local)))
+            if not corrupted:
+                corrupted = _on_every_rank(lambda: load(ref, opened[0]))
+            if not corrupted:
+                return ref, opened[0], skipped
+            shutil.rmtree(local, ignore_errors=True)
+            skipped.append(f"step {ref.step} at {ref.uri}: {'; '.join(corrupted)}")
+            if rank == 0:
+                log.warning("checkpoint step %d is corrupted (%s); trying the previous one", ref.step,
+                            "; ".join(corrupted))
         if skipped:
             raise ChecksumError(f"every checkpoint under {self.store.uri(self.prefix)} is corrupted: "
                                 + "; ".join(skipped), self.store.uri(self.prefix))
         return None
+
+
+class LazyCheckpoint:
+    """A committed checkpoint opened for resume in a local folder: the small files are there, the DCP
+    shard files (``*.distcp``) are fetched on request, each verified against the manifest (size and
+    sha256) before it is used: a corrupted one raises ``ChecksumError`` naming it."""
+
+    def __init__(self, artifact, path: Path) -> None:
+        from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX  # the shard files' ".distcp"
+
+        self.artifact, self.path = artifact, path
+        self.fetched: dict[str, int] = {}  # name -> bytes, every file fetched so far
+        self.fetch([name for name in artifact.names() if not name.endswith(DEFAULT_SUFFIX)])
+
+    def fetch(self, names: list[str]) -> None:
+        """Download (verified) the files of ``names`` not fetched yet; the ``fetch`` of ``state.restore``."""
+        new = [name for name in names if name not in self.fetched]
+        self.artifact.download(self.path, names=new)
+        self.fetched.update((name, self.artifact.files[name]["size"]) for name in new)
+
+    @property
+    def fetched_bytes(self) -> int:
+        return sum(self.fetched.values())
+
+
+def _on_every_rank(step: Callable[[], Any]) -> list[str]:
+    """Run ``step`` on every rank (collective): the corruptions any rank met (the ``ChecksumError``
+    messages, each naming its file); an error other than a corruption on any rank is raised on every
+    rank (its own on the rank that had it)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    error: BaseException | None = None
+    outcome: tuple[str | None, str | None] = (None, None)
+    try:
+        step()
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        corrupted = _corruption(exc)
+        outcome = (corrupted, None) if corrupted else (None, f"{type(exc).__name__}: {exc}")
+        error = None if corrupted else exc
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, outcome)
+    else:
+        everyone = [outcome]
+    if error is not None:
+        raise error
+    others = [f"rank {r}: {e}" for r, (_, e) in enumerate(everyone) if e]
+    if others:
+        raise RuntimeError("resume failed on another rank: " + "; ".join(others))
+    return sorted({c for c, _ in everyone if c})
+
+
+def _corruption(exc: BaseException) -> str | None:
+    """The message of the ``ChecksumError`` behind ``exc`` (raised by a fetch, or by a fetch inside a DCP
+    load, on this rank or another: DCP gathers every rank's failure into one ``CheckpointException``)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from moeflow.platform.store import ChecksumError
+
+    if isinstance(exc, ChecksumError):
+        return str(exc)
+    if isinstance(exc, CheckpointException):
+        found = [str(failure) for failure, _ in exc.failures.values() if isinstance(failure, ChecksumError)]
+        return "; ".join(sorted(set(found))) or None
+    return None
 
 
 def _files(local_dir: Path) -> list[tuple[str, Path]]:

@@ -45,7 +45,7 @@ from moeflow.platform import artifacts as A
 
 from .checkpoint import CheckpointManager, CheckpointRef
 from .config import PretrainConfig
-from .distributed import WorkerContext, barrier, broadcast, open_store, worker_context, wrap_model
+from .distributed import WorkerContext, barrier, open_store, worker_context, wrap_model
 from .expert_load import NPZ_NAME, ExpertLoadRecorder, expert_metrics
 from .loader import PackedLoader, eval_batches
 from .train_log import TrainLog, checkpoint_log
@@ -120,29 +120,32 @@ def rank0_tracker(cfg: LaunchConfig, tracker=None, stage: str = "pretrain"):
 def resume_from_latest(manager: CheckpointManager, trainer, loader, ctx: WorkerContext) -> tuple[CheckpointRef | None, Path | None]:
     """Restore the newest committed checkpoint into ``trainer``/``loader`` on every rank.
 
-    Rank 0 lists the store, takes the newest checkpoint that passes its checksums (skipping, with a
-    warning, corrupted newer ones) and broadcasts the choice, so all ranks load the same step.
-    Returns (ref, local directory) or (None, None) when there is nothing to resume.
+    Rank 0 lists the store and every rank tries the same checkpoints, newest first, skipping (with a
+    warning) corrupted ones, so all ranks load the same step (``CheckpointManager.resume_newest_intact``).
+    No rank downloads the whole checkpoint: each fetches the small files and the shard files its own
+    load reads. Returns (ref, local directory) or (None, None) when there is nothing to resume.
     """
-    found = manager.download_newest_intact(ctx.tmp) if ctx.rank == 0 else None
-    latest = broadcast(found[0] if found else None)
-    if latest is None:
-        return None, None
-    if found:
-        local, skipped = found[1], found[2]
-        if skipped:
-            log.warning("resuming from step %d, the newest intact checkpoint; skipped %d corrupted: %s",
-                        latest.step, len(skipped), "; ".join(skipped))
-    else:
-        local = manager.download(latest, ctx.tmp / f"resume-{latest.step}")
-    saved_pp = int((train_state.read_meta(local).get("pretrain_config") or {}).get("pipeline_parallel", 1))
     pp = int(getattr(trainer.cfg, "pipeline_parallel", 1))
-    if saved_pp != pp:  # the stages of a replica share one data position: a loader cannot re-split that
-        raise ValueError(f"checkpoint {latest.uri} was written with pipeline_parallel={saved_pp}; this run has "
-                         f"{pp}: resume with the same pipeline_parallel (its weights load anywhere for evaluation)")
-    train_state.restore(trainer, local, loader)
-    log.info("rank %d resumed from %s at step %d", ctx.rank, latest.uri, trainer.step)
-    return latest, local
+
+    def load(ref: CheckpointRef, checkpoint) -> None:
+        saved = train_state.read_meta(checkpoint.path).get("pretrain_config") or {}
+        saved_pp = int(saved.get("pipeline_parallel", 1))
+        if saved_pp != pp:  # the stages of a replica share one data position: a loader cannot re-split that
+            raise ValueError(f"checkpoint {ref.uri} was written with pipeline_parallel={saved_pp}; this run has "
+                             f"{pp}: resume with the same pipeline_parallel (its weights load anywhere for evaluation)")
+        train_state.restore(trainer, checkpoint.path, loader, fetch=checkpoint.fetch)
+
+    found = manager.resume_newest_intact(ctx.tmp, load)
+    if found is None:
+        return None, None
+    latest, checkpoint, skipped = found
+    if skipped and ctx.rank == 0:
+        log.warning("resuming from step %d, the newest intact checkpoint; skipped %d corrupted: %s",
+                    latest.step, len(skipped), "; ".join(skipped))
+    log.info("rank %d resumed from %s at step %d, fetching %d of its %d files (%d of %d bytes)", ctx.rank,
+             latest.uri, trainer.step, len(checkpoint.fetched), len(checkpoint.artifact.files),
+             checkpoint.fetched_bytes, checkpoint.artifact.total_size)
+    return latest, checkpoint.path
 
 
 def save_checkpoint(trainer, loader, manager: CheckpointManager, ctx: WorkerContext,
