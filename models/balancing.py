@@ -87,19 +87,17 @@ def seq_aux_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha: fl
     B, T, E = scores_BTE.shape
     K = topk_idx_BTK.shape[-1]
     p_BTE = _normalised(scores_BTE.to(torch.float32))
-    if valid_BT is None:
-        slot_w_BN = torch.ones(B, T * K, dtype=torch.float32, device=scores_BTE.device)
-        num_valid_B1 = T
-        p_sum_BE = p_BTE.sum(dim=1)
+    counts_BE = torch.zeros(B, E, dtype=torch.float32, device=scores_BTE.device)
+    if valid_BT is None:  # the unmasked formula exactly as it always was (same rounding, same training runs)
+        counts_BE.scatter_add_(1, topk_idx_BTK.reshape(B, T * K),
+                               torch.ones(B, T * K, dtype=torch.float32, device=scores_BTE.device))
+        f_BE, p_BE = counts_BE * (E / (K * T)), p_BTE.mean(dim=1)
     else:
         w_BT = valid_BT.reshape(B, T).to(torch.float32)
-        slot_w_BN = w_BT[:, :, None].expand(B, T, K).reshape(B, T * K)
+        counts_BE.scatter_add_(1, topk_idx_BTK.reshape(B, T * K), w_BT[:, :, None].expand(B, T, K).reshape(B, T * K))
         num_valid_B1 = w_BT.sum(dim=1, keepdim=True).clamp_min(1)
-        p_sum_BE = (p_BTE * w_BT[:, :, None]).sum(dim=1)
-    counts_BE = torch.zeros(B, E, dtype=torch.float32, device=scores_BTE.device)
-    counts_BE.scatter_add_(1, topk_idx_BTK.reshape(B, T * K), slot_w_BN)
-    f_BE = counts_BE * (E / K) / num_valid_B1
-    p_BE = p_sum_BE / num_valid_B1
+        f_BE = counts_BE * (E / K) / num_valid_B1
+        p_BE = (p_BTE * w_BT[:, :, None]).sum(dim=1) / num_valid_B1
     return alpha * (f_BE * p_BE).sum(dim=-1).mean()
 
 
@@ -118,12 +116,10 @@ def load_balancing_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, weig
     T, E = scores_TE.shape
     K = topk_idx_TK.numel() // T
     p_TE = _normalised(scores_TE.to(torch.float32))
-    if valid_T is None:
-        num_valid = T
-        p_sum_E = p_TE.sum(dim=0)
-    else:
-        w_T = valid_T.reshape(T).to(torch.float32)
-        num_valid = w_T.sum().clamp_min(1)
-        p_sum_E = (p_TE * w_T[:, None]).sum(dim=0)
+    if valid_T is None:  # the unmasked formula exactly as it always was
+        f_E = tokens_per_expert(topk_idx_TK, E) / topk_idx_TK.numel()
+        return weight * E * (f_E * p_TE.mean(dim=0)).sum()
+    w_T = valid_T.reshape(T).to(torch.float32)
+    num_valid = w_T.sum().clamp_min(1)
     f_E = tokens_per_expert(topk_idx_TK, E, valid_T) / (num_valid * K)
-    return weight * E * (f_E * (p_sum_E / num_valid)).sum()
+    return weight * E * (f_E * ((p_TE * w_T[:, None]).sum(dim=0) / num_valid)).sum()

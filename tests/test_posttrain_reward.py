@@ -223,7 +223,9 @@ def test_reward_with_the_likelihood_input_beside_flipped_labels_fast(world, tmp_
     half-flipped training labels 0.882 -> 0.608. On another 2-core machine (same pins, 2026-12-07, 26 s) held-out accuracy
     stayed 0.882 -> 0.882 (reverse 0.79, sort 0.88: float rounding differs by CPU) while the mean held-out margin went
     0.447 -> 3.72, and the control fell to 0.647 with margin 0.028: the likelihood input already ranks these pairs at
-    0.88 before training, so what the labels teach shows in the margin, and accuracy must only not fall."""
+    0.88 before training, so what the labels teach shows in the margin, and accuracy must only not fall (beyond
+    two of the 51 pairs: on an AMD EPYC 2-core machine, 2026-12-07 afternoon, 0.882 -> 0.863 = one pair, margin
+    0.447 -> 3.86, control 0.627 with margin 0.048)."""
     from moeflow.platform.posttrain.sft import SFTConfig, run_sft
 
     sft = run_sft(SFTConfig(max_steps=250, lr=3e-3, micro_batch_size=16, seq_len=64, warmup_steps=10, log_every=250,
@@ -236,7 +238,8 @@ def test_reward_with_the_likelihood_input_beside_flipped_labels_fast(world, tmp_
                heldout_pairs=256)
     runs = _reward_beside_control(world, sft.hf_uri, tmp_path, cfg, "fast", plain=False, tasks=LEARNABLE_TASKS)
     real, control = runs["likelihood"][0], runs["control"][0]
-    assert real.after["accuracy"] >= 0.85 and real.after["accuracy"] >= real.before["accuracy"]
+    n = real.after["pairs"]
+    assert real.after["accuracy"] >= 0.85 and real.after["accuracy"] >= real.before["accuracy"] - 2 / n
     assert real.after["margin"] >= 2 * real.before["margin"] > 0  # the labels widen the held-out gap ...
     assert control.after["margin"] < real.before["margin"]        # ... and half-flipped labels close it
     assert control.after["accuracy"] <= 0.7 and real.after["accuracy"] >= control.after["accuracy"] + 0.2

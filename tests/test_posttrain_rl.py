@@ -353,21 +353,14 @@ def _check_learns(w, method: str, steps: int, gain: float, greedy_gain: float | 
 
 
 def test_grpo_raises_heldout_accuracy_and_reward_beside_a_shuffled_reward_control(sft_world):
-    """Fast twin of the slow tests below: 60 GRPO steps (8 prompts × 8 replies each, T = 0.7) on the letter-count
-    task. Measured 2026-12-07 on the shared 2-core machine (90 held-out prompts, 8 sampled replies each): sampled
-    exact match = mean reward 0.294 -> 0.357 (greedy 0.467 -> 0.456, flat); the same run with rewards shuffled
-    across the rollout's samples: 0.294 -> 0.068 (greedy 0.056), KL to the reference 0.68 vs 0.13. ~65 s with
-    the SFT fixture."""
-    _check_learns(sft_world, "grpo", steps=60, gain=0.04, greedy_gain=None)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_grpo_long_raises_greedy_heldout_exact_match(sft_world):
-    """100 GRPO steps. Measured 2026-12-07 (90 held-out prompts): greedy exact match 0.467 -> 0.544, sampled exact
-    match = mean reward 0.294 -> 0.432, KL to the reference 0.22; shuffled-reward control: greedy 0.056, sampled
-    0.064, KL 0.78 (its random advantages walk the policy away). ~3.5 min for both runs under load."""
-    _check_learns(sft_world, "grpo", steps=100, gain=0.08, greedy_gain=0.04)
+    """100 GRPO steps (8 prompts × 8 replies each, T = 0.7) on the letter-count task, beside the same run with
+    rewards shuffled across the rollout's samples. Measured 2026-12-07 (90 held-out prompts, 8 sampled replies
+    each): on one 2-core machine sampled exact match = mean reward 0.294 -> 0.432, greedy 0.467 -> 0.544, KL 0.22
+    (control: greedy 0.056, sampled 0.064, KL 0.78); on another (AMD EPYC, quiet, ~25 s for both runs) 0.296 ->
+    0.410, greedy 0.478 -> 0.567, KL 0.15 (control collapses to 0.0, KL 5.8). 60 steps, the earlier length of this
+    test, gained +0.06 on the first machine but only +0.015 on the second (float rounding differs by CPU), so the
+    fast default now runs the 100 steps of the former slow twin."""
+    _check_learns(sft_world, "grpo", steps=100, gain=0.04, greedy_gain=0.04)
 
 
 @pytest.mark.slow
