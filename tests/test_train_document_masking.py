@@ -114,6 +114,7 @@ def test_flex_attention_path_equals_the_dense_mask_path(monkeypatch):
         _trainer().model(inputs, **extra)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flex_attention_forward_and_backward_on_cuda(monkeypatch):
     trainer = _trainer(mtp_depth=1)
