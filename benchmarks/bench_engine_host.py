@@ -17,7 +17,7 @@ with a real byte-level BPE tokenizer's ``decode`` (as ``ModelServer`` passes it)
 Load: ``--waves`` × B requests added at once into B slots (so B streams run and finished ones are
 replaced), ``--prompt`` random prompt tokens, ``--new`` max tokens, a fixed mix of sampling
 settings (``MIX``: greedy; seeded temperature with top-p / top-k; unseeded sampling; stop strings;
-log-probs). Reported: host CPU µs per generated token = process time of the drain ÷ tokens
+log-probs), or with ``--mix greedy`` greedy requests only (the HTTP benchmark's load). Reported: host CPU µs per generated token = process time of the drain ÷ tokens
 generated (prefill included), and steps. Each package runs in its own subprocess, one after the
 other, several repeats interleaved; the best repeat per package is reported.
 
@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+GREEDY = [dict(temperature=0.0)]  # what bench_serve.py's HTTP load sends
 MIX = [  # SamplingParams keyword sets, cycled over requests
     dict(temperature=0.0),
     dict(temperature=0.0, stop=("\n\n", "def ")),
@@ -117,8 +118,10 @@ def worker(args) -> None:
         for rep in range(num_reps):
             engine = Engine(model, max_batch=batch, prefill_chunk=args.prompt * batch, max_waiting=len(prompts),
                             decode=decode, default_stop_token_ids=(tok.eos_id,), decode_mode="static")
+            torch.manual_seed(0)
+            mix = MIX if args.mix == "mixed" else GREEDY
             for i, p in enumerate(prompts):
-                kw = dict(MIX[i % len(MIX)])
+                kw = dict(mix[i % len(mix)])
                 if "seed" in kw:
                     kw["seed"] += 10 * i
                 engine.add(str(i), p, SamplingParams(max_tokens=args.new - (i % 5) * 4, **kw))
@@ -151,6 +154,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--mix", choices=["mixed", "greedy"], default="mixed", help="MIX, or greedy requests only")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="old/new alternations")
     ap.add_argument("--profile", action="store_true", help="print a cProfile top list per package and batch")
