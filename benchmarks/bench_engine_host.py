@@ -18,7 +18,8 @@ Load: ``--waves`` × B requests added at once into B slots (so B streams run and
 replaced), ``--prompt`` random prompt tokens, ``--new`` max tokens, a fixed mix of sampling
 settings (``MIX``: greedy; seeded temperature with top-p / top-k; unseeded sampling; stop strings;
 log-probs), or with ``--mix greedy`` greedy requests only (the HTTP benchmark's load). Reported: host CPU µs per generated token = process time of the drain ÷ tokens
-generated (prefill included), and steps. Each package runs in its own subprocess, one after the
+generated (prefill included), steps, and ATen ops dispatched per token (``TorchDispatchMode``, one
+extra drain): on a GPU each is a kernel launch or a host read, so it tells what a CPU run cannot. Each package runs in its own subprocess, one after the
 other, several repeats interleaved; the best repeat per package is reported.
 
 The vocabulary is small (``--vocab``) on purpose: on a GPU the tensor work is device time, here it
@@ -114,8 +115,8 @@ def worker(args) -> None:
         prompts = [torch.randint(1, args.vocab, (args.prompt,), generator=g).tolist()
                    for _ in range(args.waves * batch)]
         best = None
-        num_reps = args.repeats + 1 + args.profile  # the first one warms up, the last one is profiled
-        for rep in range(num_reps):
+
+        def engine_for(prompts):
             engine = Engine(model, max_batch=batch, prefill_chunk=args.prompt * batch, max_waiting=len(prompts),
                             decode=decode, default_stop_token_ids=(tok.eos_id,), decode_mode="static")
             torch.manual_seed(0)
@@ -125,6 +126,11 @@ def worker(args) -> None:
                 if "seed" in kw:
                     kw["seed"] += 10 * i
                 engine.add(str(i), p, SamplingParams(max_tokens=args.new - (i % 5) * 4, **kw))
+            return engine
+
+        num_reps = args.repeats + 1 + args.profile  # the first one warms up, the last one is profiled
+        for rep in range(num_reps):
+            engine = engine_for(prompts)
             prof = cProfile.Profile() if (args.profile and rep == num_reps - 1) else None
             made = steps = 0
             t0 = time.process_time()
@@ -142,8 +148,27 @@ def worker(args) -> None:
                 print(f"--- cProfile, {moeflow.__file__}, batch {batch} (tottime) ---", file=sys.stderr)
                 pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(args.top)
         rows.append({"batch": batch, "tokens": made, "steps": steps, "cpu_s": round(best, 4),
-                     "us_per_token": round(1e6 * best / made, 2)})
+                     "us_per_token": round(1e6 * best / made, 2),
+                     "aten_ops_per_token": round(_count_ops(engine_for, prompts, args) / made, 2)})
     print(json.dumps({"package": os.path.dirname(os.path.dirname(moeflow.__file__)), "rows": rows}))
+
+
+def _count_ops(engine_for, prompts, args) -> int:
+    """ATen ops the engine dispatches over one drain: on a GPU each is a kernel launch (or a host read)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        num = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.num += 1
+            return func(*args, **(kwargs or {}))
+
+    engine = engine_for(prompts)
+    with Count():
+        while engine.has_work():
+            engine.step()
+    return Count.num
 
 
 def main(argv=None) -> None:

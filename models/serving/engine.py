@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..generation import left_pad
-from .detok import TextStream
+from .detok import OneTokenMemo, TextStream
 from .graphs import StaticDecoder
 from .sampling import sample_rows
 from .slots import SlotCache
@@ -128,6 +128,7 @@ class Engine:
         self.vocab_size = model.cfg.vocab_size
         self.context_len = context_len or model.cfg.max_seq_len
         self.prefill_chunk, self.max_waiting, self.decode = prefill_chunk, max_waiting, decode
+        self._stream_decode = OneTokenMemo(decode) if decode is not None else None
         self.default_stop_token_ids = tuple(default_stop_token_ids)
         self.slots = SlotCache(model, max_batch, self.context_len, cache_len, device=self.device)
         if decode_mode == "auto":
@@ -162,7 +163,7 @@ class Engine:
                                f"{len(prompt) + params.max_tokens} were requested ({len(prompt)} in the prompt, "
                                f"{params.max_tokens} for the completion)")
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
-        stream = TextStream(self.decode, params.stop) if self.decode is not None else None
+        stream = TextStream(self._stream_decode, params.stop) if self.decode is not None else None
         if params.stop and stream is None:
             raise RequestError("stop strings need an engine built with a decode function")
         with self._lock:
