@@ -425,7 +425,7 @@ def test_one_token_memo_decodes_once_per_token_and_changes_no_text():
     calls.clear()
     ascii_stream = TextStream(OneTokenMemo(counting))
     out = "".join(ascii_stream.push(b) for b in b"abcabcabc") + ascii_stream.finish()
-    assert out == "abcabcabc"
+    assert out == "abcabcabc" and ascii_stream.text == out
     # one real decode per token after the first (the window "previous token + new one"); the single-token
     # windows before them are decoded once per distinct id ([], a, b, c) and then remembered
     assert len([c for c in calls if len(c) > 1]) == 8 and len([c for c in calls if len(c) <= 1]) == 4

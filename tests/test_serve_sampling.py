@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moeflow.models.generation import sample_next
-from moeflow.models.serving.sampling import sample_rows
+from moeflow.models.generation import sample_next, top_k_filter, top_p_filter
+from moeflow.models.serving.sampling import filter_rows, sample_rows
 
 V = 64
 ROWS = [  # (temperature, top_k, top_p, seed)
@@ -42,6 +42,16 @@ def test_sample_rows_equals_sample_next_per_row_over_many_steps(ties):
         if ties:  # many equal logits: the k-th value and the nucleus edge fall inside ties
             logits_BV = logits_BV.round()
         assert _batched(logits_BV, ROWS, new_gens) == _reference(logits_BV, ROWS, ref_gens), step
+
+
+def test_filter_rows_equals_the_per_row_filters_bit_for_bit():
+    rows = [r for r in ROWS if r[0] > 0] + [(1.0, None, None, None), (0.3, 2, None, None)]
+    logits_BV = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(3)) * 3
+    logits_BV[-2, 5] = 80.0  # no top-p and a tail without probability mass: nothing may be dropped
+    got_BV = filter_rows(logits_BV, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    for b, (t, k, p, _) in enumerate(rows):
+        ref_V = top_p_filter(top_k_filter(logits_BV[b:b + 1].float() / t, k), p)[0]
+        assert torch.equal(got_BV[b], ref_V), b
 
 
 @pytest.mark.parametrize("pick", [[0, 7], [1, 3, 6], [2], list(range(len(ROWS)))])

@@ -39,24 +39,33 @@ def sample_rows(logits_BV: torch.Tensor, temperature: Sequence[float], top_k: Se
     rows = [b for b in range(B) if temperature[b] != 0.0]
     if not rows:
         return logits_BV.argmax(dim=-1)
-    dev = logits_BV.device
     all_sampled = len(rows) == B
-    rows_S = None if all_sampled else torch.tensor(rows, dtype=torch.long, device=dev)
-    x_SV = (logits_BV if all_sampled else logits_BV.index_select(0, rows_S)).float()
-    temp_S1 = torch.tensor([[float(temperature[b])] for b in rows], dtype=torch.float32).to(dev, non_blocking=True)
-    x_SV = x_SV * (1.0 / temp_S1) if dev.type == "cuda" else x_SV / temp_S1
-    ks = [top_k[b] if top_k[b] is not None and top_k[b] < V else None for b in rows]
-    if any(k is not None for k in ks):
-        x_SV = _top_k_rows(x_SV, ks)
-    ps = [top_p[b] if top_p[b] is not None and top_p[b] < 1.0 else None for b in rows]
-    if any(p is not None for p in ps):
-        x_SV = _top_p_rows(x_SV, ps)
+    rows_S = None if all_sampled else torch.tensor(rows, dtype=torch.long).to(logits_BV.device)
+    x_SV = filter_rows(logits_BV if all_sampled else logits_BV.index_select(0, rows_S),
+                       [temperature[b] for b in rows], [top_k[b] for b in rows], [top_p[b] for b in rows])
     probs_SV = torch.softmax(x_SV, dim=-1)
     q_SV = _exponential_rows(probs_SV, [generators[b] for b in rows])
     picked_S = (probs_SV / q_SV).argmax(dim=-1)
     if all_sampled:
         return picked_S
     return logits_BV.argmax(dim=-1).index_copy_(0, rows_S, picked_S)
+
+
+def filter_rows(logits_SV: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int | None],
+                top_p: Sequence[float | None]) -> torch.Tensor:
+    """Row s: ``top_p_filter(top_k_filter(logits.float() / temperature[s], top_k[s]), top_p[s])`` (temperature > 0)."""
+    V = logits_SV.shape[-1]
+    dev = logits_SV.device
+    temp_S1 = torch.tensor([[float(t)] for t in temperature], dtype=torch.float32).to(dev, non_blocking=True)
+    x_SV = logits_SV.float()
+    x_SV = x_SV * (1.0 / temp_S1) if dev.type == "cuda" else x_SV / temp_S1
+    ks = [k if k is not None and k < V else None for k in top_k]
+    if any(k is not None for k in ks):
+        x_SV = _top_k_rows(x_SV, ks)
+    ps = [p if p is not None and p < 1.0 else None for p in top_p]
+    if any(p is not None for p in ps):
+        x_SV = _top_p_rows(x_SV, ps)
+    return x_SV
 
 
 def _top_k_rows(x_SV: torch.Tensor, ks: list[int | None]) -> torch.Tensor:
