@@ -45,9 +45,9 @@ def test_sample_rows_equals_sample_next_per_row_over_many_steps(ties):
 
 
 def test_filter_rows_equals_the_per_row_filters_bit_for_bit():
-    rows = [r for r in ROWS if r[0] > 0] + [(1.0, None, None, None), (0.3, 2, None, None)]
+    rows = [r for r in ROWS if r[0] > 0] + [(0.7, None, None, None), (0.3, 2, None, None), (1.3, None, 1.0, None)]
     logits_BV = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(3)) * 3
-    logits_BV[-2, 5] = 80.0  # no top-p and a tail without probability mass: nothing may be dropped
+    logits_BV[-1, 5] = 80.0  # p = 1 and a tail without probability mass: nothing may be dropped
     got_BV = filter_rows(logits_BV, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
     for b, (t, k, p, _) in enumerate(rows):
         ref_V = top_p_filter(top_k_filter(logits_BV[b:b + 1].float() / t, k), p)[0]

@@ -12,9 +12,8 @@ How each step stays equal to the per-row one:
   multiplication by its float32 reciprocal (PyTorch's ``div_true_kernel_cuda``), so on CUDA the
   rows multiply by ``1 / t`` too;
 - top-k: the k-th largest value of a row is the same whichever k' >= k asks ``topk``, so one
-  ``topk`` at the largest k serves every row (rows without a filter compare with -inf);
-- top-p: the nucleus filter of ``generation.top_p_filter`` with p per row (rows without one get
-  p = inf, which drops nothing);
+  ``topk`` at the largest k serves every row that has a filter;
+- top-p: the nucleus filter of ``generation.top_p_filter`` with p per row, on the rows that have one;
 - the draw: ``torch.multinomial(probs, 1)`` is ``argmax(probs / q)`` with q ~ Exp(1) drawn by
   ``exponential_`` on a tensor shaped like ``probs`` (PyTorch's single-sample fast path). Here q of a
   seeded row is drawn by that row's generator over its own contiguous row: the same numbers.
@@ -60,34 +59,35 @@ def filter_rows(logits_SV: torch.Tensor, temperature: Sequence[float], top_k: Se
     x_SV = logits_SV.float()
     x_SV = x_SV * (1.0 / temp_S1) if dev.type == "cuda" else x_SV / temp_S1
     ks = [k if k is not None and k < V else None for k in top_k]
-    if any(k is not None for k in ks):
-        x_SV = _top_k_rows(x_SV, ks)
+    x_SV = _on_rows(x_SV, [s for s, k in enumerate(ks) if k is not None], _top_k_rows, ks)
     ps = [p if p is not None and p < 1.0 else None for p in top_p]
-    if any(p is not None for p in ps):
-        x_SV = _top_p_rows(x_SV, ps)
-    return x_SV
+    return _on_rows(x_SV, [s for s, p in enumerate(ps) if p is not None], _top_p_rows, ps)
 
 
-def _top_k_rows(x_SV: torch.Tensor, ks: list[int | None]) -> torch.Tensor:
-    """``top_k_filter`` with k per row (None = no filter)."""
-    for k in ks:
-        if k is not None and k <= 0:
-            raise ValueError(f"top_k must be >= 1, got {k}")
-    k_max = max(k for k in ks if k is not None)
-    col_S1 = torch.tensor([[(k or 1) - 1] for k in ks], dtype=torch.long).to(x_SV.device, non_blocking=True)
-    kth_S1 = torch.topk(x_SV, k_max, dim=-1).values.gather(1, col_S1)
-    if any(k is None for k in ks):
-        off_S1 = torch.tensor([[k is None] for k in ks], dtype=torch.bool).to(x_SV.device, non_blocking=True)
-        kth_S1 = kth_S1.masked_fill(off_S1, float("-inf"))
+def _on_rows(x_SV: torch.Tensor, rows: list[int], fn, values: list) -> torch.Tensor:
+    """``fn(x of rows, their values)`` written back into those rows (a sort or top-k only where asked)."""
+    if not rows:
+        return x_SV
+    if len(rows) == x_SV.shape[0]:
+        return fn(x_SV, values)
+    idx_R = torch.tensor(rows, dtype=torch.long).to(x_SV.device, non_blocking=True)
+    return x_SV.index_copy(0, idx_R, fn(x_SV.index_select(0, idx_R), [values[r] for r in rows]))
+
+
+def _top_k_rows(x_SV: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """``top_k_filter`` with k per row."""
+    if min(ks) <= 0:
+        raise ValueError(f"top_k must be >= 1, got {min(ks)}")
+    col_S1 = torch.tensor([[k - 1] for k in ks], dtype=torch.long).to(x_SV.device, non_blocking=True)
+    kth_S1 = torch.topk(x_SV, max(ks), dim=-1).values.gather(1, col_S1)
     return x_SV.masked_fill(x_SV < kth_S1, float("-inf"))
 
 
-def _top_p_rows(x_SV: torch.Tensor, ps: list[float | None]) -> torch.Tensor:
-    """``top_p_filter`` with p per row (None = no filter)."""
-    for p in ps:
-        if p is not None and not 0.0 < p:
-            raise ValueError(f"top_p must be in (0, 1], got {p}")
-    p_S1 = torch.tensor([[float("inf") if p is None else p] for p in ps], dtype=torch.float32)
+def _top_p_rows(x_SV: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """``top_p_filter`` with p per row."""
+    if min(ps) <= 0.0:
+        raise ValueError(f"top_p must be in (0, 1], got {min(ps)}")
+    p_S1 = torch.tensor([[p] for p in ps], dtype=torch.float32)
     sorted_SV, order_SV = torch.sort(x_SV, dim=-1, descending=True)
     probs_SV = torch.softmax(sorted_SV, dim=-1)
     mass_before_SV = torch.cumsum(probs_SV, dim=-1) - probs_SV
