@@ -84,3 +84,19 @@ def test_sample_rows_refuses_bad_filters_like_sample_next():
         sample_rows(logits_BV, [1.0, 1.0], [0, None], [1.0, 1.0], [None, None])
     with pytest.raises(ValueError, match="top_p"):
         sample_rows(logits_BV, [1.0, 1.0], [None, None], [0.0, 1.0], [None, None])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sample_rows_equals_sample_next_per_row_on_the_gpu():
+    """CUDA divides by a scalar temperature as a product with its reciprocal and draws with Philox: still equal."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ref_gens, new_gens = ([torch.Generator(device="cuda").manual_seed(s) if s is not None else None for *_, s in ROWS]
+                          for _ in range(2))
+    for step in range(40):
+        logits_BV = torch.randn(len(ROWS), 32768, generator=g, device="cuda") * 3
+        assert _batched(logits_BV, ROWS, new_gens) == _reference(logits_BV, ROWS, ref_gens), step
+        x_BV = filter_rows(logits_BV[1:3], [0.7, 1.3], [None, 5], [0.9, None])
+        ref_BV = torch.cat([top_p_filter(top_k_filter(logits_BV[b:b + 1].float() / t, k), p)
+                            for b, t, k, p in ((1, 0.7, None, 0.9), (2, 1.3, 5, None))])
+        assert torch.equal(x_BV, ref_BV), step
