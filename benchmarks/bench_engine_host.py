@@ -119,8 +119,10 @@ def worker(args) -> None:
         model = TableModel(args.vocab, args.prompt + args.new + 8)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    def decode(ids):  # a random model's ids beyond the tokenizer's are left out
-        return tok.decode([i for i in ids if i < tok.vocab_size], skip_special=True)
+    num_ids = tok.vocab_size
+
+    def decode(ids):  # what ModelServer passes; a random real model's ids beyond the tokenizer's are left out
+        return tok.decode([i for i in ids if i < num_ids] if args.preset else ids, skip_special=True)
 
     rows = []
     for batch in args.batch:
