@@ -17,10 +17,12 @@ with a real byte-level BPE tokenizer's ``decode`` (as ``ModelServer`` passes it)
 Load: ``--waves`` × B requests added at once into B slots (so B streams run and finished ones are
 replaced), ``--prompt`` random prompt tokens, ``--new`` max tokens, a fixed mix of sampling
 settings (``MIX``: greedy; seeded temperature with top-p / top-k; unseeded sampling; stop strings;
-log-probs), or with ``--mix greedy`` greedy requests only (the HTTP benchmark's load). Reported: host CPU µs per generated token = process time of the drain ÷ tokens
-generated (prefill included), steps, and ATen ops dispatched per token (``TorchDispatchMode``, one
-extra drain): on a GPU each is a kernel launch or a host read, so it tells what a CPU run cannot. Each package runs in its own subprocess, one after the
-other, several repeats interleaved; the best repeat per package is reported.
+log-probs), or with ``--mix greedy`` greedy requests only (the HTTP benchmark's load).
+
+Reported: host CPU µs per generated token = process time of the drain ÷ tokens generated (prefill
+included), steps, and ATen ops dispatched per token (``TorchDispatchMode``, one extra drain): on a GPU
+each is a kernel launch or a host read, so it tells what a CPU run cannot. Each package runs in its
+own subprocess, old and new alternating for ``--rounds``; the best repeat per package is reported.
 
 ``--preset bench_ref --device cuda`` runs a real random model in graph mode instead (for the GPU
 machine): there, process time per token beside wall time per token shows how much of the server's CPU
@@ -167,7 +169,8 @@ def worker(args) -> None:
                 print(f"--- cProfile, {moeflow.__file__}, batch {batch} (tottime) ---", file=sys.stderr)
                 pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(args.top)
         rows.append({"batch": batch, "tokens": made, "steps": steps, "cpu_s": round(best[0], 4),
-                     "us_per_token": round(1e6 * best[0] / made, 2), "wall_us_per_token": round(1e6 * best[1] / made, 2),
+                     "us_per_token": round(1e6 * best[0] / made, 2),
+                     "wall_us_per_token": round(1e6 * best[1] / made, 2),
                      "aten_ops_per_token": round(_count_ops(engine_for, prompts, args) / made, 2)})
     print(json.dumps({"package": os.path.dirname(os.path.dirname(moeflow.__file__)), "rows": rows}))
 
