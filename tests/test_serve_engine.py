@@ -14,6 +14,7 @@ import torch
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.generation import generate
 from moeflow.models.serving import Engine, EngineOverloaded, RequestError, SamplingParams, TextStream
+from moeflow.models.serving.detok import OneTokenMemo
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -374,3 +375,57 @@ def test_text_stream_stop_string_across_tokens_and_flush():
     ts2 = TextStream(_byte_decode, stop=("STOP",))
     got = "".join(ts2.push(b) for b in b"a ST") + ts2.finish()
     assert got == "a ST"  # never completed: released at the end
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_mixed_batch_each_request_equals_generate_alone_and_its_logprobs_a_full_forward(model, mode):
+    # one decode batch mixing greedy, seeded samplers with different filters, log-probs of different n and a
+    # stop token; "b" and "d" end early, so later steps sample rows with free slots between them
+    prompts = _prompts((4, 9, 2, 6, 13, 3), seed=21)
+    reqs = {
+        "a": dict(max_tokens=12, **GREEDY),
+        "b": dict(max_tokens=3, temperature=0.8, top_p=0.9, seed=7),
+        "c": dict(max_tokens=12, temperature=1.2, top_k=5, seed=8, logprobs=2),
+        "d": dict(max_tokens=2, temperature=0.6, seed=9, logprobs=0),
+        "e": dict(max_tokens=12, logprobs=4, **GREEDY),
+        "f": dict(max_tokens=8, temperature=1.0),  # unseeded
+    }
+    engine = Engine(model, max_batch=8, prefill_chunk=64, decode_mode=mode)
+    for (rid, kw), p in zip(reqs.items(), prompts):
+        engine.add(rid, p, SamplingParams(**kw))
+    events = _drain(engine)
+    for (rid, kw), p in zip(reqs.items(), prompts):
+        if rid == "f":
+            continue
+        gen_kw = {k: v for k, v in kw.items() if k in ("temperature", "top_k", "top_p", "seed")}
+        assert _tokens(events[rid]) == generate(model, [p], kw["max_tokens"], **gen_kw).tokens[0], rid
+        if "logprobs" not in kw:
+            continue
+        toks = _tokens(events[rid])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([p + toks])).logits[0].float(), -1)
+        for j, ev in enumerate(events[rid]):
+            row = lp[len(p) - 1 + j]
+            assert ev.logprob == pytest.approx(float(row[toks[j]]), abs=1e-4)
+            assert [t for t, _ in ev.top_logprobs] == row.topk(kw["logprobs"]).indices.tolist()
+
+
+def test_one_token_memo_decodes_once_per_token_and_changes_no_text():
+    calls = []
+
+    def counting(ids):
+        calls.append(list(ids))
+        return _byte_decode(ids)
+
+    data = "héllo STOP wörld".encode()
+    plain = TextStream(_byte_decode, stop=("STOP",))
+    memo = TextStream(OneTokenMemo(counting), stop=("STOP",))
+    assert [memo.push(b) for b in data] == [plain.push(b) for b in data]
+    assert memo.text == plain.text == "héllo " and memo.stopped
+    calls.clear()
+    ascii_stream = TextStream(OneTokenMemo(counting))
+    out = "".join(ascii_stream.push(b) for b in b"abcabcabc") + ascii_stream.finish()
+    assert out == "abcabcabc" and ascii_stream.text == out
+    # one real decode per token after the first (the window "previous token + new one"); the single-token
+    # windows before them are decoded once per distinct id ([], a, b, c) and then remembered
+    assert len([c for c in calls if len(c) > 1]) == 8 and len([c for c in calls if len(c) <= 1]) == 4

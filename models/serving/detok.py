@@ -11,6 +11,9 @@
   released, the stop string itself never is (OpenAI semantics), and ``stopped`` is set.
 
 ``finish()`` releases what is held back when generation ends for another reason.
+
+The window before the new token is usually the single previous token, so ``OneTokenMemo`` (one per
+engine, shared by its streams) remembers single-token decodes: one real decode per token, not two.
 """
 
 from __future__ import annotations
@@ -18,6 +21,23 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 REPLACEMENT = "\ufffd"
+
+
+class OneTokenMemo:
+    """``decode``, with the text of each single token (and of no token) remembered after its first decode."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.memo: dict[int, str] = {}
+
+    def __call__(self, ids: list[int]) -> str:
+        if len(ids) > 1:
+            return self.decode(ids)
+        key = ids[0] if ids else -1
+        text = self.memo.get(key)
+        if text is None:
+            text = self.memo[key] = self.decode(ids)
+        return text
 
 
 class TextStream:
@@ -60,6 +80,10 @@ class TextStream:
         return out
 
     def _release(self, final: bool = False) -> str:
+        if not self.stop:
+            out, self.pending = self.pending, ""
+            self.text += out
+            return out
         # No stop string can straddle released and pending text: any tail that could start one is
         # held back (``_held_back``), so searching the pending text is enough. Earliest match wins.
         hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]

@@ -8,7 +8,9 @@ One ``Engine.step()`` is one scheduling iteration:
    ``SlotCache`` (rows = slots, right-aligned at a shared cursor, see slots.py). ``decode_mode``
    "graph" (the default on CUDA) replays a CUDA graph captured per (rows, cache columns) bucket
    (graphs.py); "static" runs those bucketed steps uncaptured; "eager" (the default on CPU) calls the
-   model on the dynamic cache. Greedy rows take one batched argmax (one device sync per step);
+   model on the dynamic cache. Every row's next token comes from ONE batched sampling call
+   (``sampling.sample_rows``: per-row temperature, top-k, top-p and seeded generator) and ONE
+   device-to-host copy per step; so do the log-probabilities of the rows that ask for them;
 3. **prefill**: waiting requests take free slots and their prompts are prefilled, at most
    ``prefill_chunk`` prompt tokens per step in total. Prompts that fit whole are prefilled together
    in one left-padded call (as ``generate`` pads a batch); a longer one is prefilled a chunk per step
@@ -17,7 +19,7 @@ One ``Engine.step()`` is one scheduling iteration:
    into its slot, so it joins the decode batch on the next step.
 
 Each request samples with its own parameters (temperature, top-k, top-p, its own seeded
-``torch.Generator``; the filters and the draw are ``generation.sample_next``), stops on its own stop
+``torch.Generator``; per row what ``generation.sample_next`` does, see sampling.py), stops on its own stop
 token ids, stop strings (``TextStream``, when a ``decode`` function is given), ``max_tokens`` or the
 context length, and reports log-probabilities (of the model's distribution before temperature)
 for generated and, when asked, prompt tokens. Per request the computation is the one ``generate``
@@ -38,9 +40,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..generation import left_pad, sample_next
-from .detok import TextStream
+from ..generation import left_pad
+from .detok import OneTokenMemo, TextStream
 from .graphs import StaticDecoder
+from .sampling import sample_rows
 from .slots import SlotCache
 
 MAX_LOGPROBS = 20
@@ -101,6 +104,8 @@ class _Seq:
     params: SamplingParams
     generator: torch.Generator | None
     stream: TextStream | None
+    stops: frozenset[int]              # stop token ids
+    limit: int                         # tokens to generate at most (max_tokens, the context)
     generated: list[int] = field(default_factory=list)
     slot: int | None = None
     stage: object | None = None        # staging MLACache while prefilling
@@ -123,6 +128,7 @@ class Engine:
         self.vocab_size = model.cfg.vocab_size
         self.context_len = context_len or model.cfg.max_seq_len
         self.prefill_chunk, self.max_waiting, self.decode = prefill_chunk, max_waiting, decode
+        self._stream_decode = OneTokenMemo(decode) if decode is not None else None
         self.default_stop_token_ids = tuple(default_stop_token_ids)
         self.slots = SlotCache(model, max_batch, self.context_len, cache_len, device=self.device)
         if decode_mode == "auto":
@@ -157,13 +163,15 @@ class Engine:
                                f"{len(prompt) + params.max_tokens} were requested ({len(prompt)} in the prompt, "
                                f"{params.max_tokens} for the completion)")
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
-        stream = TextStream(self.decode, params.stop) if self.decode is not None else None
+        stream = TextStream(self._stream_decode, params.stop) if self.decode is not None else None
         if params.stop and stream is None:
             raise RequestError("stop strings need an engine built with a decode function")
         with self._lock:
             if len(self._inbox) + len(self._waiting) >= self.max_waiting:
                 raise EngineOverloaded(f"{self.max_waiting} requests are already waiting")
-            self._inbox.append(_Seq(request_id, prompt, params, gen, stream))
+            stops = frozenset(params.stop_token_ids or self.default_stop_token_ids)
+            limit = min(params.max_tokens, self.context_len - len(prompt))
+            self._inbox.append(_Seq(request_id, prompt, params, gen, stream, stops, limit))
 
     def cancel(self, request_id: str) -> None:
         """The request leaves at the next step (its slot is freed then); unknown ids are ignored."""
@@ -221,10 +229,11 @@ class Engine:
 
     def _decode(self, out: list[TokenOutput]) -> None:
         rows = sorted(self._running)
+        seqs = [self._running[b] for b in rows]
         num_rows = rows[-1] + 1
         tokens, real = [0] * num_rows, [False] * num_rows
-        for b in rows:
-            tokens[b], real[b] = self._running[b].next_token, True
+        for b, seq in zip(rows, seqs):
+            tokens[b], real[b] = seq.next_token, True
         self.slots.prepare_step()
         if self.static is not None:
             logits_BV = self.static.run(tokens, real, self.slots.cursor)
@@ -234,9 +243,7 @@ class Engine:
             view = self.slots.rows_view(num_rows)
             logits_BV = self.model(tok_B1, cache=view, attention_mask_BS=real_B1, last_logits_only=True).logits[:, -1]
         self.slots.advance(rows)
-        greedy = self._greedy_tokens(logits_BV[:num_rows], [self._running[b] for b in rows])
-        for b in rows:
-            out.append(self._accept(self._running[b], logits_BV[b], greedy[b]))
+        self._accept(seqs, _take_rows(logits_BV, rows), out)  # free slots below the last live one are left out
 
     def _prefill(self, out: list[TokenOutput]) -> None:
         while self._waiting and self._free_slots() > 0:
@@ -272,7 +279,8 @@ class Engine:
         seq.num_prefilled += len(chunk)
         if seq.num_prefilled < len(seq.prompt):
             return
-        self._start_decoding(seq, seq.stage, 0, 0, logits_TV[-1], out)
+        if self._start_decoding(seq, seq.stage, 0, 0, out):
+            self._accept([seq], logits_TV[-1:], out)
 
     def _prefill_whole(self, seqs: list[_Seq], out: list[TokenOutput]) -> None:
         """Prefill whole prompts in one call, left-padded like ``generate`` (each row computes what it would alone)."""
@@ -280,26 +288,29 @@ class Engine:
         k, P = ids_kP.shape
         stage = self.model.new_cache(k, P)
         logits_kV = self.model(ids_kP, cache=stage, attention_mask_BS=mask_kP, last_logits_only=True).logits[:, -1]
-        greedy = self._greedy_tokens(logits_kV, seqs)
+        started = []
         for r, seq in enumerate(seqs):
             seq.num_prefilled = len(seq.prompt)
-            self._start_decoding(seq, stage, r, P - len(seq.prompt), logits_kV[r], out, greedy[r])
+            if self._start_decoding(seq, stage, r, P - len(seq.prompt), out):
+                started.append(r)
+        if started:
+            self._accept([seqs[r] for r in started], _take_rows(logits_kV, started), out)
 
-    def _start_decoding(self, seq: _Seq, stage, row: int, start: int, logits_V: torch.Tensor,
-                        out: list[TokenOutput], greedy_token: int | None = None) -> None:
-        """Prefill done: copy its latents into a free slot and take the first token."""
+    def _start_decoding(self, seq: _Seq, stage, row: int, start: int, out: list[TokenOutput]) -> bool:
+        """Prefill done: copy its latents into a free slot (True; its first token is for the caller to take),
+        or finish it now if it asks for no token."""
         self._prefilling.remove(seq)
         if seq.params.max_tokens == 0:
             self._free(seq)
             out.append(self._finished(seq, "length"))
-            return
+            return False
         seq.slot = self.slots.free_slot()
         self.slots.insert(seq.slot, stage, len(seq.prompt), row, start)
         if seq.stage is not None:
             self._stages.append(seq.stage)
             seq.stage = None
         self._running[seq.slot] = seq
-        out.append(self._accept(seq, logits_V, greedy_token))
+        return True
 
     # ------------------------------------------------------------------ per-request bookkeeping
     def _free_slots(self) -> int:
@@ -314,45 +325,56 @@ class Engine:
             self.slots.release(seq.slot)
         seq.slot = None
 
-    def _sample(self, seq: _Seq, logits_V: torch.Tensor) -> int:
-        p = seq.params
-        top_k = p.top_k if p.top_k and p.top_k > 0 else None
-        return int(sample_next(logits_V[None], p.temperature, top_k, p.top_p, seq.generator)[0])
+    def _accept(self, seqs: list[_Seq], logits_RV: torch.Tensor, out: list[TokenOutput]) -> None:
+        """Sample the next token of every ``seqs[r]`` from row r of the logits (one batched call, one copy to
+        the host), check every stop rule, emit the events."""
+        tok_R = sample_rows(logits_RV, [s.params.temperature for s in seqs],
+                            [s.params.top_k if s.params.top_k and s.params.top_k > 0 else None for s in seqs],
+                            [s.params.top_p for s in seqs], [s.generator for s in seqs])
+        logprobs = self._token_logprobs(seqs, logits_RV, tok_R)
+        for seq, tok, lp in zip(seqs, tok_R.tolist(), logprobs):
+            out.append(self._emit(seq, tok, lp))
 
     @staticmethod
-    def _greedy_tokens(logits_BV: torch.Tensor, seqs: list[_Seq]) -> list[int | None]:
-        """Every row's argmax in one call and one device sync (what ``sample_next`` does at temperature 0,
-        row by row), when any of ``seqs`` is greedy; None per row otherwise."""
-        if not any(s.params.temperature == 0.0 for s in seqs):
-            return [None] * logits_BV.shape[0]
-        return logits_BV.argmax(dim=-1).tolist()
+    def _token_logprobs(seqs: list[_Seq], logits_RV: torch.Tensor, tok_R: torch.Tensor) -> list:
+        """Per row, None or (log-prob of its token, its top-n list) under the model's distribution before
+        temperature: one log-softmax over the rows that ask, one ``topk`` per distinct n."""
+        want = [r for r, s in enumerate(seqs) if s.params.logprobs is not None]
+        out: list = [None] * len(seqs)
+        if not want:
+            return out
+        idx_L = torch.tensor(want, dtype=torch.long).to(logits_RV.device)
+        lp_LV = torch.log_softmax(logits_RV.index_select(0, idx_L).float(), dim=-1)
+        chosen = lp_LV.gather(1, tok_R.index_select(0, idx_L)[:, None])[:, 0].tolist()
+        tops: dict[int, list] = {}
+        for n in {seqs[r].params.logprobs for r in want}:
+            group = [i for i, r in enumerate(want) if seqs[r].params.logprobs == n]
+            tops.update(zip(group, _top_rows(lp_LV[group], n)))
+        for i, r in enumerate(want):
+            out[r] = (chosen[i], tops[i])
+        return out
 
-    def _accept(self, seq: _Seq, logits_V: torch.Tensor, greedy_token: int | None = None) -> TokenOutput:
-        """Sample the next token of ``seq`` from its logits, check every stop rule, emit the event."""
-        greedy = seq.params.temperature == 0.0 and greedy_token is not None
-        tok = greedy_token if greedy else self._sample(seq, logits_V)
+    def _emit(self, seq: _Seq, tok: int, logprob: tuple[float, list] | None) -> TokenOutput:
+        """Take ``tok`` as the next token of ``seq``: the event, and the end of the request on a stop rule."""
         seq.generated.append(tok)
-        ev = TokenOutput(seq.request_id, tok, num_prompt_tokens=len(seq.prompt), num_generated=len(seq.generated))
-        if seq.params.logprobs is not None:
-            lp_V = torch.log_softmax(logits_V.float(), dim=-1)
-            ev.logprob, ev.top_logprobs = float(lp_V[tok]), _top(lp_V, seq.params.logprobs)
-        if len(seq.generated) == 1 and seq.prompt_lp is not None:
+        num = len(seq.generated)
+        ev = TokenOutput(seq.request_id, tok, num_prompt_tokens=len(seq.prompt), num_generated=num)
+        if logprob is not None:
+            ev.logprob, ev.top_logprobs = logprob
+        if num == 1 and seq.prompt_lp is not None:
             ev.prompt_logprobs = seq.prompt_lp
-        if seq.stream is not None:
-            ev.text = seq.stream.push(tok)
-        stops = seq.params.stop_token_ids or self.default_stop_token_ids
-        reason = None
-        if tok in stops:
+        stream = seq.stream
+        if stream is not None:
+            ev.text = stream.push(tok)
+        if tok in seq.stops or (stream is not None and stream.stopped):
             reason = "stop"
-        elif seq.stream is not None and seq.stream.stopped:
-            reason = "stop"
-        elif len(seq.generated) >= seq.params.max_tokens or len(seq.prompt) + len(seq.generated) >= self.context_len:
+        elif num >= seq.limit:
             reason = "length"
-        if reason is None:
+        else:
             seq.next_token = tok
             return ev
-        if seq.stream is not None:
-            ev.text += seq.stream.finish()
+        if stream is not None:
+            ev.text += stream.finish()
         ev.finish_reason = reason
         self._free(seq)
         return ev
@@ -367,15 +389,25 @@ class Engine:
         n = seq.params.prompt_logprobs
         if seq.prompt_lp is None:
             seq.prompt_lp = [None]
-        lp_TV = torch.log_softmax(logits_TV.float(), dim=-1)
-        for j in range(lp_TV.shape[0]):
-            i = seq.num_prefilled + j + 1
-            if i < len(seq.prompt):
-                seq.prompt_lp.append((float(lp_TV[j, seq.prompt[i]]), _top(lp_TV[j], n)))
+        # row j predicts prompt token i = num_prefilled + j + 1; the last row of the prompt predicts none
+        num = min(logits_TV.shape[0], len(seq.prompt) - seq.num_prefilled - 1)
+        if num <= 0:
+            return
+        lp_TV = torch.log_softmax(logits_TV[:num].float(), dim=-1)
+        ids_T1 = torch.tensor(seq.prompt[seq.num_prefilled + 1: seq.num_prefilled + 1 + num]).to(lp_TV.device)[:, None]
+        seq.prompt_lp.extend(zip(lp_TV.gather(1, ids_T1)[:, 0].tolist(), _top_rows(lp_TV, n)))
 
 
-def _top(lp_V: torch.Tensor, n: int) -> list[tuple[int, float]]:
+def _take_rows(x_NV: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` (ascending) of ``x_NV``: a view when they are 0, 1, ..., else one gather."""
+    if rows[-1] == len(rows) - 1:
+        return x_NV[: len(rows)]
+    return x_NV.index_select(0, torch.tensor(rows, dtype=torch.long).to(x_NV.device))
+
+
+def _top_rows(lp_RV: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
+    """Per row, its n largest log-probs as (token id, log-prob), largest first."""
     if n <= 0:
-        return []
-    vals, idx = lp_V.topk(n)
-    return list(zip(idx.tolist(), vals.tolist()))
+        return [[] for _ in range(lp_RV.shape[0])]
+    vals_Rn, idx_Rn = lp_RV.topk(n, dim=-1)
+    return [list(zip(i, v)) for i, v in zip(idx_Rn.tolist(), vals_Rn.tolist())]
