@@ -231,9 +231,15 @@ def test_compile_option_wires_the_compiled_step_into_the_static_decoder(model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_cuda_graph_engine_equals_generate_on_the_gpu(model):
-    """The compiled step captured in CUDA graphs (the fast serving path) against generate(), token for token."""
-    gpu = MoETransformer(model.cfg).to("cuda", torch.bfloat16).eval()
-    gpu.load_state_dict(model.state_dict())
+    """The compiled step captured in CUDA graphs (the fast serving path) against generate(), token for token.
+
+    Every expert is routed to every token (k = E): inductor's bf16 rounding differs from the eager model's, and
+    with k < E a router near-tie can then pick another expert (seen on an H100: the outputs parted at a logit gap
+    of 0.445 with the fixture's k = 2 of 8), which says nothing about the engine. With k = E the routing cannot
+    flip, so only output near-ties may part the two."""
+    torch.manual_seed(0)
+    cfg = model.cfg.replace(num_experts_per_tok=model.cfg.num_routed_experts)
+    gpu = MoETransformer(cfg).to("cuda", torch.bfloat16).eval()
     prompts = _prompts((3, 17, 1, 30, 9, 24))
     engine = Engine(gpu, max_batch=3, prefill_chunk=8, cache_len=65, compile="inductor")
     assert engine.decode_mode == "graph" and engine.warmup() == engine.static.num_graphs >= 4
