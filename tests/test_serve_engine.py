@@ -51,8 +51,8 @@ def _tokens(evs) -> list[int]:
     return [e.token_id for e in evs if e.token_id is not None]
 
 
-@pytest.mark.parametrize("mode", ["eager", "static"])
-def test_greedy_equals_generate_with_joins_chunks_and_compaction(model, mode):
+@pytest.mark.parametrize("mode,overlap", [("eager", False), ("static", False), ("eager", True), ("static", True)])
+def test_greedy_equals_generate_with_joins_chunks_and_compaction(model, mode, overlap):
     lengths = (3, 17, 1, 30, 9, 24)
     prompts = _prompts(lengths)
     n_new = 30
@@ -60,7 +60,7 @@ def test_greedy_equals_generate_with_joins_chunks_and_compaction(model, mode):
     # requests wait, join mid-way, and the cursor is rebased several times. "static" runs the
     # bucketed steps that CUDA graphs capture (graphs.py), eagerly: 3 rows -> bucket 4 > 3 slots is
     # not allowed, so buckets 1, 2, 3; widths 8, 16, 32, 64, 65.
-    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode=mode)
+    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode=mode, overlap=overlap)
     if mode == "static":
         engine.static.width_buckets = [8, 16, 32, 64, 65]
     events: dict[str, list] = {}
@@ -82,11 +82,11 @@ def test_greedy_equals_generate_with_joins_chunks_and_compaction(model, mode):
     assert engine.slots.num_live() == 0
 
 
-@pytest.mark.parametrize("mode", ["eager", "static"])
-def test_seeded_sampling_equals_generate_alone_whatever_the_neighbours(model, mode):
+@pytest.mark.parametrize("mode,overlap", [("eager", False), ("static", False), ("static", True)])
+def test_seeded_sampling_equals_generate_alone_whatever_the_neighbours(model, mode, overlap):
     prompts = _prompts((5, 11, 2))
     params = dict(temperature=0.9, top_k=20, top_p=0.9)
-    engine = Engine(model, max_batch=4, prefill_chunk=4, decode_mode=mode)
+    engine = Engine(model, max_batch=4, prefill_chunk=4, decode_mode=mode, overlap=overlap)
     for i, p in enumerate(prompts):
         engine.add(f"s{i}", p, SamplingParams(max_tokens=10, seed=100 + i, **params))
     engine.add("noise", prompts[0], SamplingParams(max_tokens=10, temperature=1.5))
@@ -168,18 +168,18 @@ def _compiled_vs_eager_static(model, backend: str) -> None:
             m.use_grouped_mm = True
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode="static")
     engine.static.width_buckets = [16, 32, 65]
-    compiled = StaticDecoder(model, engine.slots, capture=False, compile=backend,
+    compiled = StaticDecoder(model, engine.slots, capture=False, compile=backend, tokens_B=engine.next_tok_B,
                              batch_buckets=engine.static.batch_buckets, width_buckets=engine.static.width_buckets)
     eager_run, cache = engine.static.run, engine.slots.cache
     diffs, same, rows, buckets = [], 0, 0, set()
 
-    def both(tokens, real, cursor):
+    def both(real, cursor):
         before = cache.num_real_B.clone()
-        logits_c = compiled.run(tokens, real, cursor)[: len(tokens)].float()
+        logits_c = compiled.run(real, cursor)[: len(real)].float()
         cache.num_real_B.copy_(before)
-        logits_e = eager_run(tokens, real, cursor)
+        logits_e = eager_run(real, cursor)
         live = torch.tensor(real)
-        e = logits_e[: len(tokens)].float()[live]
+        e = logits_e[: len(real)].float()[live]
         scale = e.abs().amax(-1)
         diff = (logits_c[live] - e).abs().amax(-1) / scale
         diffs.extend(diff.tolist())  # per row
@@ -188,7 +188,7 @@ def _compiled_vs_eager_static(model, backend: str) -> None:
         nonlocal same, rows
         same += int((logits_c[live].argmax(-1) == e.argmax(-1))[clear].sum())
         rows += int(clear.sum())
-        buckets.add(engine.static.bucket(len(tokens), cursor))
+        buckets.add(engine.static.bucket(len(real), cursor))
         return logits_e
 
     engine.static.run = both
@@ -274,11 +274,12 @@ def test_long_prompt_prefills_in_chunks_without_stalling_a_running_stream(model)
     assert first_long == 4, "40 prompt tokens at 8 per step: the first token comes with the 5th chunk"
 
 
-def test_stop_token_and_max_tokens_free_the_slot(model):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_token_and_max_tokens_free_the_slot(model, overlap):
     prompt = _prompts((6,))[0]
     ref = generate(model, [prompt], 8).tokens[0]
     stop = ref[3]
-    engine = Engine(model, max_batch=1)
+    engine = Engine(model, max_batch=1, overlap=overlap)
     engine.add("a", prompt, SamplingParams(max_tokens=8, stop_token_ids=(stop,), **GREEDY))
     engine.add("b", prompt, SamplingParams(max_tokens=2, **GREEDY))
     events = _drain(engine)
@@ -304,9 +305,10 @@ def test_cancel_frees_the_slot_at_the_next_step(model):
     assert len(_tokens([by_id["b"]] + rest["b"])) == 3
 
 
-def test_logprobs_match_a_full_forward(model):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_logprobs_match_a_full_forward(model, overlap):
     prompt = _prompts((7,))[0]
-    engine = Engine(model, max_batch=2, prefill_chunk=3)
+    engine = Engine(model, max_batch=2, prefill_chunk=3, overlap=overlap)
     engine.add("x", prompt, SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=2, **GREEDY))
     evs = _drain(engine)["x"]
     toks = _tokens(evs)
@@ -383,8 +385,8 @@ def test_text_stream_stop_string_across_tokens_and_flush():
     assert got == "a ST"  # never completed: released at the end
 
 
-@pytest.mark.parametrize("mode", ["eager", "static"])
-def test_mixed_batch_each_request_equals_generate_alone_and_its_logprobs_a_full_forward(model, mode):
+@pytest.mark.parametrize("mode,overlap", [("eager", False), ("static", False), ("eager", True)])
+def test_mixed_batch_each_request_equals_generate_alone_and_its_logprobs_a_full_forward(model, mode, overlap):
     # one decode batch mixing greedy, seeded samplers with different filters, log-probs of different n and a
     # stop token; "b" and "d" end early, so later steps sample rows with free slots between them
     prompts = _prompts((4, 9, 2, 6, 13, 3), seed=21)
@@ -396,7 +398,7 @@ def test_mixed_batch_each_request_equals_generate_alone_and_its_logprobs_a_full_
         "e": dict(max_tokens=12, logprobs=4, **GREEDY),
         "f": dict(max_tokens=8, temperature=1.0),  # unseeded
     }
-    engine = Engine(model, max_batch=8, prefill_chunk=64, decode_mode=mode)
+    engine = Engine(model, max_batch=8, prefill_chunk=64, decode_mode=mode, overlap=overlap)
     for (rid, kw), p in zip(reqs.items(), prompts):
         engine.add(rid, p, SamplingParams(**kw))
     events = _drain(engine)
@@ -435,3 +437,80 @@ def test_one_token_memo_decodes_once_per_token_and_changes_no_text():
     # one real decode per token after the first (the window "previous token + new one"); the single-token
     # windows before them are decoded once per distinct id ([], a, b, c) and then remembered
     assert len([c for c in calls if len(c) > 1]) == 8 and len([c for c in calls if len(c) <= 1]) == 4
+
+
+# ------------------------------------------------------------------ overlap (launch step t+1 before reading step t)
+def _count_reads(engine: Engine, monkeypatch) -> tuple[list, list]:
+    """Record, at every read-back, how many decode steps had been launched; and the rows of every decode step."""
+    from moeflow.models.serving import engine as engine_mod
+
+    launched, reads, rows = [0], [], []
+    original_decode, original_lists = engine._decode, engine_mod._Readback.lists
+
+    def decode():
+        before = len(engine._pending)
+        original_decode()
+        if len(engine._pending) > before:
+            launched[0] += 1
+            rows.append([s.request_id for s in engine._pending[-1].seqs])
+
+    def lists(self):
+        reads.append(launched[0])
+        return original_lists(self)
+
+    monkeypatch.setattr(engine, "_decode", decode)
+    monkeypatch.setattr(engine_mod._Readback, "lists", lists)
+    return reads, rows
+
+
+def test_overlap_launches_the_next_decode_step_before_reading_the_last_one(model, monkeypatch):
+    prompt = _prompts((5,))[0]
+    engine = Engine(model, max_batch=2, decode_mode="static", overlap=True)
+    reads, rows = _count_reads(engine, monkeypatch)
+    engine.add("a", prompt, SamplingParams(max_tokens=6, **GREEDY))
+    events = _drain(engine)
+    assert _tokens(events["a"]) == generate(model, [prompt], 6).tokens[0]
+    # read 0: the prefill's first token, after decode step 1 was launched; read k: decode step k, after step k+1
+    # was launched; the 5th decode step's token is the 6th and last: nothing is launched after it
+    assert reads == [1, 2, 3, 4, 5, 5], reads
+    assert rows == [["a"]] * 5, "max_tokens is known ahead: no decode row past it"
+
+
+def test_without_overlap_every_token_is_read_in_the_step_that_made_it(model, monkeypatch):
+    engine = Engine(model, max_batch=2, decode_mode="static", overlap=False)
+    reads, _ = _count_reads(engine, monkeypatch)
+    engine.add("a", _prompts((5,))[0], SamplingParams(max_tokens=6, **GREEDY))
+    _drain(engine)
+    assert reads == [0, 1, 2, 3, 4, 5], reads
+
+
+def test_overlap_wastes_at_most_one_row_after_a_stop_and_frees_the_slot(model, monkeypatch):
+    prompt = _prompts((6,))[0]
+    ref = generate(model, [prompt], 8).tokens[0]
+    stop = ref[2]
+    engine = Engine(model, max_batch=1, decode_mode="static", overlap=True)
+    _, rows = _count_reads(engine, monkeypatch)
+    engine.add("a", prompt, SamplingParams(max_tokens=8, stop_token_ids=(stop,), **GREEDY))
+    engine.add("b", prompt, SamplingParams(max_tokens=3, **GREEDY))
+    events = _drain(engine)
+    cut = ref.index(stop) + 1
+    assert _tokens(events["a"]) == ref[:cut] and events["a"][-1].finish_reason == "stop"
+    assert _tokens(events["b"]) == ref[:3] and events["b"][-1].finish_reason == "length"
+    # "a" gets cut - 1 decode rows for its tokens after the first, plus one launched before its stop was read
+    assert sum(r == ["a"] for r in rows) == cut, rows
+    assert engine.slots.num_live() == 0 and not engine.has_work()
+
+
+def test_overlap_cancel_drops_the_token_in_flight_and_frees_the_slot(model):
+    engine = Engine(model, max_batch=1, decode_mode="static", overlap=True)
+    prompt = _prompts((5,))[0]
+    engine.add("a", prompt, SamplingParams(max_tokens=30, **GREEDY))
+    engine.add("b", prompt, SamplingParams(max_tokens=3, **GREEDY))
+    first = [engine.step(), engine.step(), engine.step()]
+    assert [len(evs) for evs in first] == [0, 1, 1], "a's first token is read one step after its prefill"
+    engine.cancel("a")
+    events = engine.step()
+    assert [(e.request_id, e.finish_reason) for e in events] == [("a", "cancelled")], "a's token in flight is dropped"
+    rest = _drain(engine)
+    assert _tokens(rest["b"]) == generate(model, [prompt], 3).tokens[0]
+    assert engine.slots.num_live() == 0

@@ -18,6 +18,16 @@ One ``Engine.step()`` is one scheduling iteration:
    instead of a stall. When a prompt is done, its first token is sampled and its latents are copied
    into its slot, so it joins the decode batch on the next step.
 
+**Overlap** (``overlap``, on by default on CUDA): step t+1's decode is launched BEFORE step t's tokens
+are read back to the host, so the host's per-token work (the read-back wait, stop rules, text, events,
+and the serving side that runs while the engine thread waits) overlaps the GPU's next step instead of
+alternating with it (vLLM's "async scheduling"). The price is one step of lookahead: a request that
+stops on a token (a stop id or string, unknown until read back) has already been given one more
+decode row, whose token is thrown away; a request's first token is read, and emitted, one step after
+its prefill. ``max_tokens`` and the context are known ahead, so no row is launched past them.
+Outputs are unchanged (tested: the same tokens as without overlap and as ``generate``). On the CPU
+nothing runs asynchronously, so overlap only adds that step of latency: off by default there.
+
 Each request samples with its own parameters (temperature, top-k, top-p, its own seeded
 ``torch.Generator``; per row what ``generation.sample_next`` does, see sampling.py), stops on its own stop
 token ids, stop strings (``TextStream``, when a ``decode`` function is given), ``max_tokens`` or the
@@ -43,7 +53,7 @@ import torch
 from ..generation import left_pad
 from .detok import OneTokenMemo, TextStream
 from .graphs import StaticDecoder
-from .sampling import sample_rows
+from .sampling import host_to_device, sample_rows
 from .slots import SlotCache
 
 MAX_LOGPROBS = 20
@@ -111,18 +121,55 @@ class _Seq:
     stage: object | None = None        # staging MLACache while prefilling
     num_prefilled: int = 0
     prompt_lp: list | None = None
-    next_token: int | None = None
+    num_sampled: int = 0               # tokens sampled on the device, read back or not
+    finished: bool = False             # left the engine; tokens still in flight for it are dropped
+
+
+@dataclass
+class _Sampled:
+    """Tokens sampled for ``seqs`` (row r for seqs[r]) in one call, on their way to the host."""
+
+    seqs: list[_Seq]
+    readback: "_Readback"              # [tokens, then the log-prob tensors of ``logprob_layout``]
+    logprob_layout: tuple | None
+
+
+class _Readback:
+    """Device tensors copied to pinned host memory without waiting; ``lists`` waits for them.
+
+    On CUDA the copies are queued behind the work that produced the tensors and an event marks their end:
+    ``lists`` waits for that event only, not for anything queued after it (the next decode step). On the
+    CPU the tensors are already there."""
+
+    __slots__ = ("host", "event")
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        if tensors[0].device.type != "cuda":
+            self.host, self.event = tensors, None
+            return
+        self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for h, t in zip(self.host, tensors):
+            h.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def lists(self) -> list[list]:
+        if self.event is not None:
+            self.event.synchronize()  # releases the GIL while it waits
+        return [h.tolist() for h in self.host]
 
 
 class Engine:
     def __init__(self, model, *, max_batch: int = 8, context_len: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 256, decode: Callable[[list[int]], str] | None = None,
                  default_stop_token_ids: Sequence[int] = (), cache_len: int | None = None,
-                 decode_mode: str = "auto", compile: str | None = None) -> None:
+                 decode_mode: str = "auto", compile: str | None = None, overlap: bool | None = None) -> None:
         """cache_len: columns of the slot cache (default 2 x context; more = rarer compaction).
         decode_mode: "eager" (dynamic cache), "static" (bucketed static steps, run eagerly) or "graph"
         (the same steps captured as CUDA graphs, see graphs.py); "auto" = graph on CUDA, else eager.
-        compile: None, or a ``torch.compile`` backend ("inductor") for the static / graph steps (graphs.py)."""
+        compile: None, or a ``torch.compile`` backend ("inductor") for the static / graph steps (graphs.py).
+        overlap: launch each decode step before reading the previous one back (module docstring);
+        None = on CUDA only."""
         self.model = model.eval()
         self.device = model.lm_head.weight.device
         self.vocab_size = model.cfg.vocab_size
@@ -131,6 +178,9 @@ class Engine:
         self._stream_decode = OneTokenMemo(decode) if decode is not None else None
         self.default_stop_token_ids = tuple(default_stop_token_ids)
         self.slots = SlotCache(model, max_batch, self.context_len, cache_len, device=self.device)
+        self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
+        # the input token of every slot's next decode step, written on the device by the sampler
+        self.next_tok_B = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         if decode_mode == "auto":
             decode_mode = "graph" if self.device.type == "cuda" else "eager"
         if decode_mode not in ("eager", "static", "graph"):
@@ -138,8 +188,8 @@ class Engine:
         if compile is not None and decode_mode == "eager":
             raise ValueError("compile needs decode_mode static or graph (the eager step's shapes change every step)")
         self.decode_mode = decode_mode
-        self.static = (StaticDecoder(model, self.slots, capture=decode_mode == "graph", compile=compile)
-                       if decode_mode != "eager" else None)
+        self.static = (StaticDecoder(model, self.slots, capture=decode_mode == "graph", compile=compile,
+                                     tokens_B=self.next_tok_B) if decode_mode != "eager" else None)
         self._lock = threading.Lock()
         self._inbox: deque[_Seq] = deque()
         self._cancel: set[str] = set()
@@ -147,6 +197,7 @@ class Engine:
         self._prefilling: list[_Seq] = []      # slot reserved, prompt partly prefilled
         self._running: dict[int, _Seq] = {}    # slot -> sequence in the decode batch
         self._stages: list = []                # spare staging caches
+        self._pending: list[_Sampled] = []     # sampled on the device, not yet read back (overlap)
 
     # ------------------------------------------------------------------ thread-safe entry points
     def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -196,16 +247,26 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._inbox or self._cancel or self._waiting or self._prefilling or self._running)
+            return bool(self._inbox or self._cancel or self._waiting or self._prefilling or self._running
+                        or self._pending)
 
     # ------------------------------------------------------------------ one iteration
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
         out: list[TokenOutput] = []
         self._take_inbox(out)
+        ready, self._pending = self._pending, []
         if self._running:
-            self._decode(out)
+            self._decode()              # queued on the device; its tokens join self._pending
+        if not self.overlap:
+            ready, self._pending = ready + self._pending, []
+        for sampled in ready:           # with overlap: the previous step's, while this one runs
+            self._read(sampled, out)
         self._prefill(out)
+        if not self.overlap:
+            ready, self._pending = self._pending, []
+            for sampled in ready:
+                self._read(sampled, out)
         return out
 
     def _take_inbox(self, out: list[TokenOutput]) -> None:
@@ -227,23 +288,26 @@ class Engine:
                 self._free(seq)
                 out.append(self._finished(seq, "cancelled"))
 
-    def _decode(self, out: list[TokenOutput]) -> None:
-        rows = sorted(self._running)
+    def _decode(self) -> None:
+        # a request whose last allowed token is in flight gets no row: it ends when that token is read
+        rows = sorted(b for b, s in self._running.items() if s.num_sampled < s.limit)
+        if not rows:
+            return
         seqs = [self._running[b] for b in rows]
         num_rows = rows[-1] + 1
-        tokens, real = [0] * num_rows, [False] * num_rows
-        for b, seq in zip(rows, seqs):
-            tokens[b], real[b] = seq.next_token, True
+        real = [False] * num_rows
+        for b in rows:
+            real[b] = True
         self.slots.prepare_step()
         if self.static is not None:
-            logits_BV = self.static.run(tokens, real, self.slots.cursor)
+            logits_BV = self.static.run(real, self.slots.cursor)
         else:
-            tok_B1 = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-            real_B1 = torch.tensor(real, dtype=torch.bool, device=self.device)[:, None]
+            real_B1 = host_to_device(real, torch.bool, self.device)[:, None]
             view = self.slots.rows_view(num_rows)
-            logits_BV = self.model(tok_B1, cache=view, attention_mask_BS=real_B1, last_logits_only=True).logits[:, -1]
+            logits_BV = self.model(self.next_tok_B[:num_rows, None], cache=view, attention_mask_BS=real_B1,
+                                   last_logits_only=True).logits[:, -1]
         self.slots.advance(rows)
-        self._accept(seqs, _take_rows(logits_BV, rows), out)  # free slots below the last live one are left out
+        self._sample(seqs, _take_rows(logits_BV, rows))  # free slots below the last live one are left out
 
     def _prefill(self, out: list[TokenOutput]) -> None:
         while self._waiting and self._free_slots() > 0:
@@ -280,7 +344,7 @@ class Engine:
         if seq.num_prefilled < len(seq.prompt):
             return
         if self._start_decoding(seq, seq.stage, 0, 0, out):
-            self._accept([seq], logits_TV[-1:], out)
+            self._sample([seq], logits_TV[-1:])
 
     def _prefill_whole(self, seqs: list[_Seq], out: list[TokenOutput]) -> None:
         """Prefill whole prompts in one call, left-padded like ``generate`` (each row computes what it would alone)."""
@@ -294,10 +358,10 @@ class Engine:
             if self._start_decoding(seq, stage, r, P - len(seq.prompt), out):
                 started.append(r)
         if started:
-            self._accept([seqs[r] for r in started], _take_rows(logits_kV, started), out)
+            self._sample([seqs[r] for r in started], _take_rows(logits_kV, started))
 
     def _start_decoding(self, seq: _Seq, stage, row: int, start: int, out: list[TokenOutput]) -> bool:
-        """Prefill done: copy its latents into a free slot (True; its first token is for the caller to take),
+        """Prefill done: copy its latents into a free slot (True; its first token is for the caller to sample),
         or finish it now if it asks for no token."""
         self._prefilling.remove(seq)
         if seq.params.max_tokens == 0:
@@ -317,6 +381,8 @@ class Engine:
         return self.slots.num_slots - len(self._running) - len(self._prefilling)
 
     def _free(self, seq: _Seq) -> None:
+        """``seq`` leaves the engine (finished or cancelled): its slot and staging cache go back."""
+        seq.finished = True
         if seq.stage is not None:
             self._stages.append(seq.stage)
             seq.stage = None
@@ -325,34 +391,48 @@ class Engine:
             self.slots.release(seq.slot)
         seq.slot = None
 
-    def _accept(self, seqs: list[_Seq], logits_RV: torch.Tensor, out: list[TokenOutput]) -> None:
-        """Sample the next token of every ``seqs[r]`` from row r of the logits (one batched call, one copy to
-        the host), check every stop rule, emit the events."""
+    def _sample(self, seqs: list[_Seq], logits_RV: torch.Tensor) -> None:
+        """Sample the next token of every ``seqs[r]`` from row r of the logits (one batched call), write it into
+        the slot's next input token, and queue the tokens (and log-probs) for reading back, all on the device."""
         tok_R = sample_rows(logits_RV, [s.params.temperature for s in seqs],
                             [s.params.top_k if s.params.top_k and s.params.top_k > 0 else None for s in seqs],
                             [s.params.top_p for s in seqs], [s.generator for s in seqs])
-        logprobs = self._token_logprobs(seqs, logits_RV, tok_R)
-        for seq, tok, lp in zip(seqs, tok_R.tolist(), logprobs):
-            out.append(self._emit(seq, tok, lp))
+        slots = [s.slot for s in seqs]
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            self.next_tok_B[slots[0]: slots[0] + len(slots)].copy_(tok_R)
+        else:
+            self.next_tok_B.index_copy_(0, host_to_device(slots, torch.long, self.device), tok_R)
+        layout, lp_tensors = self._logprob_tensors(seqs, logits_RV, tok_R)
+        for seq in seqs:
+            seq.num_sampled += 1
+        self._pending.append(_Sampled(seqs, _Readback([tok_R] + lp_tensors), layout))
 
-    @staticmethod
-    def _token_logprobs(seqs: list[_Seq], logits_RV: torch.Tensor, tok_R: torch.Tensor) -> list:
-        """Per row, None or (log-prob of its token, its top-n list) under the model's distribution before
-        temperature: one log-softmax over the rows that ask, one ``topk`` per distinct n."""
+    def _read(self, sampled: _Sampled, out: list[TokenOutput]) -> None:
+        """Take sampled tokens on the host (waiting for them if need be): stop rules, text, events."""
+        values = sampled.readback.lists()
+        logprobs = _logprob_lists(len(sampled.seqs), sampled.logprob_layout, values[1:])
+        for seq, tok, lp in zip(sampled.seqs, values[0], logprobs):
+            if not seq.finished:  # else stopped or cancelled while this token was in flight
+                out.append(self._emit(seq, tok, lp))
+
+    def _logprob_tensors(self, seqs: list[_Seq], logits_RV: torch.Tensor,
+                         tok_R: torch.Tensor) -> tuple[tuple | None, list[torch.Tensor]]:
+        """The log-probs the rows ask for, under the model's distribution before temperature, as device tensors:
+        one log-softmax over the rows that ask, one ``topk`` per distinct n. Layout for ``_logprob_lists``."""
         want = [r for r, s in enumerate(seqs) if s.params.logprobs is not None]
-        out: list = [None] * len(seqs)
         if not want:
-            return out
-        idx_L = torch.tensor(want, dtype=torch.long).to(logits_RV.device)
+            return None, []
+        idx_L = host_to_device(want, torch.long, self.device)
         lp_LV = torch.log_softmax(logits_RV.index_select(0, idx_L).float(), dim=-1)
-        chosen = lp_LV.gather(1, tok_R.index_select(0, idx_L)[:, None])[:, 0].tolist()
-        tops: dict[int, list] = {}
-        for n in {seqs[r].params.logprobs for r in want}:
+        tensors = [lp_LV.gather(1, tok_R.index_select(0, idx_L)[:, None])[:, 0]]
+        groups = []
+        for n in sorted({seqs[r].params.logprobs for r in want}):
             group = [i for i, r in enumerate(want) if seqs[r].params.logprobs == n]
-            tops.update(zip(group, _top_rows(lp_LV[group], n)))
-        for i, r in enumerate(want):
-            out[r] = (chosen[i], tops[i])
-        return out
+            if n > 0:
+                vals_Gn, idx_Gn = lp_LV.index_select(0, host_to_device(group, torch.long, self.device)).topk(n, dim=-1)
+                tensors += [idx_Gn, vals_Gn]
+            groups.append((n, group))
+        return (want, groups), tensors
 
     def _emit(self, seq: _Seq, tok: int, logprob: tuple[float, list] | None) -> TokenOutput:
         """Take ``tok`` as the next token of ``seq``: the event, and the end of the request on a stop rule."""
@@ -371,7 +451,6 @@ class Engine:
         elif num >= seq.limit:
             reason = "length"
         else:
-            seq.next_token = tok
             return ev
         if stream is not None:
             ev.text += stream.finish()
@@ -402,7 +481,27 @@ def _take_rows(x_NV: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """Rows ``rows`` (ascending) of ``x_NV``: a view when they are 0, 1, ..., else one gather."""
     if rows[-1] == len(rows) - 1:
         return x_NV[: len(rows)]
-    return x_NV.index_select(0, torch.tensor(rows, dtype=torch.long).to(x_NV.device))
+    return x_NV.index_select(0, host_to_device(rows, torch.long, x_NV.device))
+
+
+def _logprob_lists(num_rows: int, layout: tuple | None, values: list[list]) -> list:
+    """Per row, None or (log-prob of its token, its top-n list as (token id, log-prob), largest first), from the
+    host lists of ``Engine._logprob_tensors``."""
+    out: list = [None] * num_rows
+    if layout is None:
+        return out
+    want, groups = layout
+    chosen, k, tops = values[0], 1, {}
+    for n, group in groups:
+        if n > 0:
+            idx_Gn, vals_Gn = values[k], values[k + 1]
+            k += 2
+            tops.update(zip(group, (list(zip(i, v)) for i, v in zip(idx_Gn, vals_Gn))))
+        else:
+            tops.update((i, []) for i in group)
+    for i, r in enumerate(want):
+        out[r] = (chosen[i], tops[i])
+    return out
 
 
 def _top_rows(lp_RV: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:

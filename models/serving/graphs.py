@@ -12,8 +12,9 @@ The step runs in the cache's STATIC mode (``MLACache``: ``cache_position`` on th
 over all ``w`` columns of the view under the key mask), over views of the slot cache's storage
 (``SlotCache.static_view``). Those views are fixed addresses because the slot cache is allocated
 once and ``insert`` / ``release`` / ``_rebase`` write it in place. Inputs go through fixed buffers
-(token, real-token flag per row, the cursor); the logits come back in a fixed buffer, valid until the
-next replay.
+(the input token per row, which the engine's sampler writes on the device (``tokens_B``), the
+real-token flag per row, the cursor); the logits come back in a fixed buffer, valid until the next
+replay.
 
 ``StaticDecoder(..., capture=False)`` runs the same bucketed static step eagerly: that is the CPU
 path of this code (tests check it equals ``generate`` token for token) and the GPU fallback.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..generation import compile_decode_step
+from .sampling import host_to_device
 
 
 def buckets_up_to(limit: int, smallest: int = 1) -> list[int]:
@@ -53,7 +55,10 @@ class StaticDecoder:
     """Bucketed static decode steps over a ``SlotCache``, captured as CUDA graphs when ``capture``."""
 
     def __init__(self, model, slots, *, capture: bool, batch_buckets: list[int] | None = None,
-                 width_buckets: list[int] | None = None, min_width: int = 64, compile: str | None = None) -> None:
+                 width_buckets: list[int] | None = None, min_width: int = 64, compile: str | None = None,
+                 tokens_B: torch.Tensor | None = None) -> None:
+        """tokens_B: the (num_slots,) int64 device buffer the steps read their input tokens from (the engine's
+        ``next_tok_B``); a fresh one (``tokens_B``, write it before ``run``) when None."""
         if capture and slots.cache.key_mask_BS.device.type != "cuda":
             raise ValueError("StaticDecoder: capture=True needs the model and slot cache on CUDA")
         self.model, self.slots, self.capture = model, slots, capture
@@ -66,9 +71,13 @@ class StaticDecoder:
                              f"{slots.max_len} columns)")
         dev = slots.cache.key_mask_BS.device
         n = self.batch_buckets[-1]
-        self.tok_B1 = torch.zeros(n, 1, dtype=torch.long, device=dev)
+        if tokens_B is None:
+            tokens_B = torch.zeros(slots.num_slots, dtype=torch.long, device=dev)
+        self.tokens_B = tokens_B
+        self.tok_B1 = tokens_B[:, None]
         self.real_B1 = torch.zeros(n, 1, dtype=torch.bool, device=dev)
         self.slot_1 = torch.zeros(1, dtype=torch.long, device=dev)
+        self._real: list[bool] | None = None  # what real_B1 holds (its rows past len(real) are False)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.num_replays = 0
@@ -86,12 +95,13 @@ class StaticDecoder:
                        attention_mask_BS=self.real_B1[:b], last_logits_only=True)
         return out.logits[:, -1]
 
-    def run(self, tokens: list[int], real: list[bool], cursor: int) -> torch.Tensor:
-        """One decode step for rows [0, len(tokens)) writing column ``cursor``; logits (>= len(tokens), V)."""
-        b, w = self.bucket(len(tokens), cursor)
-        pad = b - len(tokens)
-        self.tok_B1[:b, 0].copy_(torch.tensor(tokens + [0] * pad, dtype=torch.long), non_blocking=True)
-        self.real_B1[:b, 0].copy_(torch.tensor(real + [False] * pad, dtype=torch.bool), non_blocking=True)
+    def run(self, real: list[bool], cursor: int) -> torch.Tensor:
+        """One decode step for rows [0, len(real)) (their tokens: ``tokens_B``) writing column ``cursor``;
+        logits (>= len(real), V). Rows up to the bucket past ``len(real)`` are computed as not real."""
+        b, w = self.bucket(len(real), cursor)
+        if real != self._real:  # the running set changed: one small copy (none on most steps)
+            self.real_B1[:b, 0].copy_(host_to_device(real + [False] * (b - len(real)), torch.bool, self.real_B1.device))
+            self._real = list(real)
         self.slot_1.fill_(cursor)
         if not self.capture:
             return self._step(b, w)
@@ -126,6 +136,5 @@ class StaticDecoder:
             raise RuntimeError("StaticDecoder.capture_all: the slot cache holds live requests")
         for b in self.batch_buckets:
             for w in self.width_buckets:
-                tokens, real = [0] * b, [False] * b
-                self.run(tokens, real, w - 1)  # all rows free: writes only masked columns
+                self.run([False] * b, w - 1)  # all rows free: writes only masked columns
         return self.num_graphs if self.capture else len(self.batch_buckets) * len(self.width_buckets)

@@ -31,6 +31,17 @@ from typing import Sequence
 import torch
 
 
+def host_to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without waiting for the device: on CUDA the list goes through pinned memory
+    (a copy from pageable memory may wait for the work already queued on the stream, which would undo the
+    engine's overlap of host and device work); pinned blocks come from PyTorch's caching host allocator, which
+    reuses one only after the copy that read it has run."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def sample_rows(logits_BV: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int | None],
                 top_p: Sequence[float | None], generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Next token ids (B,) on the logits' device; temperature 0 = greedy (argmax), as ``sample_next``."""
@@ -39,7 +50,7 @@ def sample_rows(logits_BV: torch.Tensor, temperature: Sequence[float], top_k: Se
     if not rows:
         return logits_BV.argmax(dim=-1)
     all_sampled = len(rows) == B
-    rows_S = None if all_sampled else torch.tensor(rows, dtype=torch.long).to(logits_BV.device)
+    rows_S = None if all_sampled else host_to_device(rows, torch.long, logits_BV.device)
     x_SV = filter_rows(logits_BV if all_sampled else logits_BV.index_select(0, rows_S),
                        [temperature[b] for b in rows], [top_k[b] for b in rows], [top_p[b] for b in rows])
     probs_SV = torch.softmax(x_SV, dim=-1)
@@ -55,7 +66,7 @@ def filter_rows(logits_SV: torch.Tensor, temperature: Sequence[float], top_k: Se
     """Row s: ``top_p_filter(top_k_filter(logits.float() / temperature[s], top_k[s]), top_p[s])`` (temperature > 0)."""
     V = logits_SV.shape[-1]
     dev = logits_SV.device
-    temp_S1 = torch.tensor([[float(t)] for t in temperature], dtype=torch.float32).to(dev, non_blocking=True)
+    temp_S1 = host_to_device([[float(t)] for t in temperature], torch.float32, dev)
     x_SV = logits_SV.float()
     x_SV = x_SV * (1.0 / temp_S1) if dev.type == "cuda" else x_SV / temp_S1
     ks = [k if k is not None and k < V else None for k in top_k]
@@ -70,7 +81,7 @@ def _on_rows(x_SV: torch.Tensor, rows: list[int], fn, values: list) -> torch.Ten
         return x_SV
     if len(rows) == x_SV.shape[0]:
         return fn(x_SV, values)
-    idx_R = torch.tensor(rows, dtype=torch.long).to(x_SV.device, non_blocking=True)
+    idx_R = host_to_device(rows, torch.long, x_SV.device)
     return x_SV.index_copy(0, idx_R, fn(x_SV.index_select(0, idx_R), [values[r] for r in rows]))
 
 
@@ -78,7 +89,7 @@ def _top_k_rows(x_SV: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """``top_k_filter`` with k per row."""
     if min(ks) <= 0:
         raise ValueError(f"top_k must be >= 1, got {min(ks)}")
-    col_S1 = torch.tensor([[k - 1] for k in ks], dtype=torch.long).to(x_SV.device, non_blocking=True)
+    col_S1 = host_to_device([[k - 1] for k in ks], torch.long, x_SV.device)
     kth_S1 = torch.topk(x_SV, max(ks), dim=-1).values.gather(1, col_S1)
     return x_SV.masked_fill(x_SV < kth_S1, float("-inf"))
 
@@ -87,11 +98,11 @@ def _top_p_rows(x_SV: torch.Tensor, ps: list[float]) -> torch.Tensor:
     """``top_p_filter`` with p per row."""
     if min(ps) <= 0.0:
         raise ValueError(f"top_p must be in (0, 1], got {min(ps)}")
-    p_S1 = torch.tensor([[p] for p in ps], dtype=torch.float32)
+    p_S1 = host_to_device([[p] for p in ps], torch.float32, x_SV.device)
     sorted_SV, order_SV = torch.sort(x_SV, dim=-1, descending=True)
     probs_SV = torch.softmax(sorted_SV, dim=-1)
     mass_before_SV = torch.cumsum(probs_SV, dim=-1) - probs_SV
-    drop_sorted_SV = mass_before_SV >= p_S1.to(x_SV.device, non_blocking=True)
+    drop_sorted_SV = mass_before_SV >= p_S1
     drop_SV = torch.zeros_like(drop_sorted_SV).scatter(-1, order_SV, drop_sorted_SV)
     return x_SV.masked_fill(drop_SV, float("-inf"))
 
@@ -103,7 +114,7 @@ def _exponential_rows(probs_SV: torch.Tensor, generators: list[torch.Generator |
     if len(unseeded) == len(generators):
         return q_SV.exponential_(1)
     if unseeded:
-        idx_U = torch.tensor(unseeded, dtype=torch.long).to(probs_SV.device, non_blocking=True)
+        idx_U = host_to_device(unseeded, torch.long, probs_SV.device)
         q_SV.index_copy_(0, idx_U, torch.empty_like(q_SV[: len(unseeded)]).exponential_(1))
     for s, g in enumerate(generators):
         if g is not None:
