@@ -161,11 +161,13 @@ def decode_bytes_per_step(model, batch: int, live_tokens_per_row: float) -> floa
 def engine_decode(model, prompts: list[list[int]], new: int, mode: str) -> dict:
     """B requests at once through the serving engine; decode-only and whole-call tokens/s.
     ``mode``: a ``decode_mode``, with "+compile" for the inductor-compiled step (capture_s then includes
-    compilation, which the warm-up call of the same model has mostly done)."""
+    compilation, which the warm-up call of the same model has mostly done) and "+sync" for the engine's
+    overlap off (each step's tokens read back before the next step is launched)."""
     B = len(prompts)
-    decode_mode, _, compiled = mode.partition("+")
+    decode_mode, *flags = mode.split("+")
     engine = Engine(model, max_batch=B, context_len=len(prompts[0]) + new + 8, prefill_chunk=1 << 16,
-                    decode_mode=decode_mode, compile="inductor" if compiled else None)
+                    decode_mode=decode_mode, compile="inductor" if "compile" in flags else None,
+                    overlap=False if "sync" in flags else None)
     warm = time.perf_counter()
     engine.warmup()
     warm = time.perf_counter() - warm
@@ -211,6 +213,8 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
     modes = ["graph", "eager"] if cuda else ["static", "eager"]
     if args.engine_compile:
         modes.insert(1, modes[0] + "+compile")
+    if args.engine_modes:
+        modes = args.engine_modes.split(",")
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(3, model.cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
         ref = None
@@ -266,6 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-only", action="store_true", help="only the engine rows (and int8)")
     p.add_argument("--int8", action="store_true", help="engine rows on the INT8 model too, and perplexity")
     p.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
+    p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
+                   "(+compile: inductor step; +sync: overlap off); the first also runs on the INT8 model")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)

@@ -344,11 +344,12 @@ def server_main(args) -> None:
                            engine={"max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
                                    "context_len": args.context, "dtype": args.dtype, "device": args.device,
                                    "quantize": args.quantize, "max_waiting": 4096,
-                                   **({"compile": "inductor"} if args.compile else {})})
+                                   "overlap": args.overlap, **({"compile": "inductor"} if args.compile else {})})
         server = ModelServer(spec)
         if args.stub_step_ms:
             server.loop.engine = StubEngine(args.max_batch, args.stub_step_ms)
         info = {"stub_step_ms": args.stub_step_ms, "decode_mode": server.loop.engine.decode_mode,
+                "overlap": getattr(server.loop.engine, "overlap", None),
                 "graphs": server.loop.engine.static.num_graphs if server.loop.engine.static else 0}
     else:
         server = HFGenerateServer(args.model_dir, args.device, dtype, args.max_batch)
@@ -497,24 +498,27 @@ def http_main(args) -> None:
     vocab = ModelConfig.preset(args.preset).vocab_size
     levels = [int(x) for x in args.levels.split(",")]
     compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
-    servers = [(b, q, None, c) for b in args.backends.split(",") if b
+    servers = [(b, q, None, c, "auto") for b in args.backends.split(",") if b
                for q in (["none", "int8"] if (b == "moeflow" and args.int8) else ["none"])
                for c in (compiled if (b == "moeflow" and q == "none") else [False])]
+    if args.overlap_peer:  # the same bf16 servers with the overlap off, in the same run
+        servers += [(b, q, p, c, "off") for b, q, p, c, _ in servers if b == "moeflow" and q == "none"]
     if args.old_pythonpath:
-        servers.append(("moeflow", "none", args.old_pythonpath, False))
+        servers.append(("moeflow", "none", args.old_pythonpath, False, "auto"))
     procs = {}
     rows = []
     try:
         # every server loads at once (one GPU holds them all); the load then runs on one at a time,
         # level by level, so each level's rows of every server come from the same minutes of the run
-        for backend, quantize, pythonpath, compile_ in servers:
+        for backend, quantize, pythonpath, compile_, overlap in servers:
             port = _free_port()
             cmd = [sys.executable, __file__, "server", "--backend", backend, "--model-dir", str(model_dir),
                    "--port", str(port), "--device", args.device, "--dtype", args.dtype, "--max-batch",
                    str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk), "--context", str(args.context),
                    "--quantize", quantize, "--stub-step-ms", str(args.stub_step_ms)] + (["--compile"] if compile_ else [])
+            cmd += ["--overlap", overlap] if not pythonpath else []
             label = (backend + ("" if quantize == "none" else f" {quantize}") + (" compiled" if compile_ else "")
-                     + (" (old)" if pythonpath else ""))
+                     + (" no-overlap" if overlap == "off" else "") + (" (old)" if pythonpath else ""))
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
             procs[label] = (subprocess.Popen(cmd, env=env), f"http://127.0.0.1:{port}")
         for label, (proc, base) in procs.items():
@@ -598,6 +602,7 @@ def main(argv=None) -> None:
         h.add_argument("--quantize", default="none", choices=["none", "int8"])
         if name == "server":
             h.add_argument("--compile", action="store_true", help="the engine's decode step compiled (inductor)")
+            h.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="EngineConfig.overlap")
             h.add_argument("--stub-step-ms", type=float, default=0.0)
             h.add_argument("--backend", required=True, choices=["moeflow", "transformers"])
             h.add_argument("--model-dir", required=True)
@@ -611,6 +616,8 @@ def main(argv=None) -> None:
                            help="seconds per level (transformers; 0 = one request per stream)")
             h.add_argument("--backends", default="moeflow,transformers")
             h.add_argument("--int8", action="store_true", help="also serve the INT8 model (ours)")
+            h.add_argument("--overlap-peer", action="store_true",
+                           help="also each bf16 moeflow server with EngineConfig.overlap off (same run)")
             h.add_argument("--tokenizer", default=None, help="tokenizer.json of the model's vocabulary")
             h.add_argument("--start-timeout", type=float, default=300)
             h.add_argument("--smoke", action="store_true")

@@ -33,8 +33,9 @@ def stack(tmp_path_factory, one_cpu_thread):
     servers = {}
     for version, seed in (("1", 0), ("2", 1)):
         d = make_model_dir(root / f"v{version}", seed=seed)
+        # version 2 runs the engine's overlap (CUDA's default) on the CPU: the same answers, one step later
         spec = ServedModel(name="tiny", version=version, model_dir=str(d),
-                           engine={"max_batch": 4, "prefill_chunk": 16})
+                           engine={"max_batch": 4, "prefill_chunk": 16, "overlap": "on" if version == "2" else "auto"})
         servers[spec.key] = ModelServer(spec)
     table = RouteTable(versions={"tiny": ["1", "2"]}, aliases={"tiny": {"champion": "1", "candidate": "2"}})
     store = LocalRouteStore(table)
@@ -85,6 +86,23 @@ def test_greedy_completion_equals_generate_streamed_and_not(stack, client):
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == ref_text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref)
+
+
+def test_overlapped_engine_serves_generate_greedy_output_streamed_and_not(stack, client):
+    srv = _server(stack, "2")
+    assert srv.loop.engine.overlap and not _server(stack, "1").loop.engine.overlap
+    tok = srv.tokenizer
+    ids = tok.encode("for i in range(", add_bos=True)
+    ref = _reference(srv, ids, 20, [tok.eos_id])
+    other = threading.Thread(target=lambda: client.completions.create(model="tiny@2", prompt="x = ", max_tokens=9,
+                                                                      temperature=0))
+    other.start()
+    out = client.completions.create(model="tiny@2", prompt=ids, max_tokens=20, temperature=0)
+    other.join()
+    assert out.model == "tiny@2" and out.choices[0].text == tok.decode(ref)
+    assert out.usage.completion_tokens == len(ref)
+    chunks = list(client.completions.create(model="tiny@2", prompt=ids, max_tokens=20, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == tok.decode(ref)
 
 
 def test_chat_completion_uses_the_chat_template_streamed_and_not(stack, client):

@@ -28,7 +28,12 @@ class EngineConfig(StageConfig):
     compile: Literal["none", "inductor"] = Field(
         "none", description="'inductor' = torch.compile the static/graph decode step (compiled at start; needs "
                             "decode_mode graph, static, or auto on CUDA). Experimental: 2.2x faster decode on an "
-                            "H100, but its GPU test saw greedy output leave generate() at a non-tie (2026-12-07)")
+                            "H100; its rounding differs from the eager step's, so a router near-tie can pick another "
+                            "expert and greedy output can part from generate() (its GPU test routes every expert)")
+    overlap: Literal["auto", "on", "off"] = Field(
+        "auto", description="launch each decode step before reading the previous one's tokens back, so the host's "
+                            "per-token work overlaps the GPU's next step (one wasted row after a stop); "
+                            "'auto' = on for CUDA, off on the CPU (nothing runs asynchronously there)")
 
 
 class ServedModel(StageConfig):

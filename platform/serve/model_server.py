@@ -95,7 +95,8 @@ class ModelServer:
         e = self.spec.engine
         engine = Engine(self.model, max_batch=e.max_batch, context_len=e.context_len, prefill_chunk=e.prefill_chunk,
                         max_waiting=e.max_waiting, decode=self._decode, default_stop_token_ids=(self.tokenizer.eos_id,),
-                        decode_mode=e.decode_mode, compile=None if e.compile == "none" else e.compile)
+                        decode_mode=e.decode_mode, compile=None if e.compile == "none" else e.compile,
+                        overlap={"auto": None, "on": True, "off": False}[e.overlap])
         num_graphs = engine.warmup()
         if num_graphs:
             log.info("%s: %d decode graphs captured", self.spec.key, num_graphs)
