@@ -149,22 +149,48 @@ def test_graphed_step_plumbing_on_cpu_equals_the_eager_loop(monkeypatch):
     ({"num_experts_per_tok": 4}, False), ({"mtp_depth": 2, "seq_aux_alpha": 1e-2, "num_experts_per_tok": 4}, True),
 ], ids=["plain", "mtp-compiled", "plain-all-experts", "mtp-compiled-all-experts"])
 def test_loop_cuda_graph_on_cuda_matches_the_eager_loop(model_kw, compiled):
-    """mtp-compiled: the MTP blocks' validity masks (masked seq-aux, entropy, counts) inside compiled
-    blocks and the captured graph. On an H100 (2026-12-07) "plain" and "mtp-compiled" failed: expert counts
-    differing by 2 of ~830 slots, a router weight outside the tolerance. The "all-experts" twins route every
-    token to all 4 experts (k = E), so a router near-tie flipped by another rounding cannot move them: if they
-    pass where their k = 2 twins fail, routing flips (not the graph) part the two loops."""
+    """The graphed loop against the eager loop, measured against a CONTROL: a second eager run of the same
+    steps. On an H100 (2026-12-07) an element-wise comparison failed for every case, the all-experts twins
+    (k = E, no routing flip possible) too: the CUDA step is not bit-reproducible (atomic adds in the expert
+    combine and the embedding backward), and AdamW's normalised update turns a last-bit change of a
+    near-zero gradient into a full lr-sized step of that weight. So the graphed run must be as close to the
+    eager run as two eager runs are to each other (or within 2 % of how far the weights moved), and its
+    losses within 1e-3: a graph that replays stale inputs, a learning rate not written before a replay or a
+    skipped optimiser step moves the weights by a large fraction of a step, far outside both bounds.
+    mtp-compiled: the MTP blocks' validity masks inside compiled blocks and the captured graph."""
     steps = 7  # 3 eager warm-up steps, the capture, then replays; the lr changes every step
     # bf16 weights: the routed experts take the grouped-GEMM path (the fp32 loop syncs the host)
     kw = dict(steps=steps, device="cuda", param_dtype="bf16", model_kw=model_kw, compile=compiled)
     ref, ref_hist = _run(**kw)
+    control, control_hist = _run(**kw)
     tr, hist = _run(**kw, cuda_graph=True)
     assert tr._graphed is not None and tr._graphed.captured and tr._graphed.calls == steps
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-3)
-    ref_p, p = _params(ref), _params(tr)
-    for name in ref_p:
-        torch.testing.assert_close(p[name].float(), ref_p[name].float(), rtol=2e-2, atol=2e-3, msg=name)
-    torch.testing.assert_close(tr.cumulative_counts_LE, ref.cumulative_counts_LE)
+    init, ref_p = _initial_params(**kw), _params(ref)
+    moved, noise = _distance(ref_p, init), _distance(_params(control), ref_p)
+    graph = _distance(_params(tr), ref_p)
+    print(f"\nweights moved {moved:.4g}; eager vs eager {noise:.4g}; graph vs eager {graph:.4g}")
+    assert graph <= max(0.02 * moved, 3 * noise), (graph, noise, moved)
+    counts = lambda t: t.cumulative_counts_LE.float()  # noqa: E731
+    d_graph = float((counts(tr) - counts(ref)).abs().sum())
+    d_noise = float((counts(control) - counts(ref)).abs().sum())
+    print(f"expert counts: total {float(counts(ref).sum()):.0f}; eager vs eager {d_noise:.0f}; graph vs eager {d_graph:.0f}")
+    assert d_graph <= max(0.01 * float(counts(ref).sum()), 3 * d_noise), (d_graph, d_noise)
+
+
+def _initial_params(steps, device, param_dtype, model_kw, compile):
+    """The weights ``_run`` starts from (the same seed and model)."""
+    cfg = PretrainConfig(model_overrides={**tiny_model_overrides(), **(model_kw or {})}, seed=0)
+    torch.manual_seed(cfg.seed)
+    model = MoETransformer(cfg.build_model_config()).to(device)
+    if param_dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _distance(a: dict, b: dict) -> float:
+    """Euclidean distance between two sets of weights, in fp32."""
+    return sum(float((a[n].float() - b[n].float()).pow(2).sum()) for n in a) ** 0.5
 
 
 # ------------------------------------------------------------------ FP8 grouped GEMM (routed experts)
