@@ -148,34 +148,45 @@ def test_graphed_step_plumbing_on_cpu_equals_the_eager_loop(monkeypatch):
     ({}, False), ({"mtp_depth": 2, "seq_aux_alpha": 1e-2}, True),
     ({"num_experts_per_tok": 4}, False), ({"mtp_depth": 2, "seq_aux_alpha": 1e-2, "num_experts_per_tok": 4}, True),
 ], ids=["plain", "mtp-compiled", "plain-all-experts", "mtp-compiled-all-experts"])
-def test_loop_cuda_graph_on_cuda_matches_the_eager_loop(model_kw, compiled):
-    """The graphed loop against the eager loop, measured against a CONTROL: a second eager run of the same
-    steps. On an H100 (2026-12-07) an element-wise comparison failed for every case, the all-experts twins
-    (k = E, no routing flip possible) too: the CUDA step is not bit-reproducible (atomic adds in the expert
-    combine and the embedding backward), and AdamW's normalised update turns a last-bit change of a
-    near-zero gradient into a full lr-sized step of that weight. So the graphed run must be as close to the
-    eager run as two eager runs are to each other (or within 2 % of how far the weights moved), and its
-    losses within 1e-3: a graph that replays stale inputs, a learning rate not written before a replay or a
-    skipped optimiser step moves the weights by a large fraction of a step, far outside both bounds.
+def test_loop_cuda_graph_on_cuda_matches_the_eager_loop(model_kw, compiled, monkeypatch):
+    """The captured step against THE SAME step run uncaptured: the graphed configuration (capturable AdamW with a
+    device-tensor lr, the sync-free embedding backward) with the capture put off past the last step, run twice
+    (the second run says how reproducible it is). On an H100 (2026-12-07) two plain eager runs were
+    bit-identical, while the graphed run parted from the plain eager loop by 0.5-4 % of the distance the
+    weights moved in 7 steps (element-wise checks failed for every case, k = E too): a different optimiser
+    arithmetic and embedding backward, whose last-bit differences AdamW's normalised update amplifies. So the
+    capture must reproduce its own uncaptured body (to 0.1 % of the movement, or 3 x the body's own
+    run-to-run spread), and stay close to the plain loop (losses within 1e-3, weights within 5 % of the
+    movement): a graph that replays stale inputs, a learning rate not written before a replay or a skipped
+    optimiser step moves the weights by a large fraction of a step, far outside both bounds.
     mtp-compiled: the MTP blocks' validity masks inside compiled blocks and the captured graph."""
+    from moeflow.models.train import loop as loop_mod
+
     steps = 7  # 3 eager warm-up steps, the capture, then replays; the lr changes every step
     # bf16 weights: the routed experts take the grouped-GEMM path (the fp32 loop syncs the host)
     kw = dict(steps=steps, device="cuda", param_dtype="bf16", model_kw=model_kw, compile=compiled)
     ref, ref_hist = _run(**kw)
-    control, control_hist = _run(**kw)
     tr, hist = _run(**kw, cuda_graph=True)
     assert tr._graphed is not None and tr._graphed.captured and tr._graphed.calls == steps
+    monkeypatch.setattr(loop_mod, "GRAPH_WARMUP_STEPS", steps + 1)  # the graphed body, never captured
+    body, _ = _run(**kw, cuda_graph=True)
+    body2, _ = _run(**kw, cuda_graph=True)
+    assert not body._graphed.captured and body._graphed.calls == steps
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-3)
-    init, ref_p = _initial_params(**kw), _params(ref)
-    moved, noise = _distance(ref_p, init), _distance(_params(control), ref_p)
-    graph = _distance(_params(tr), ref_p)
-    print(f"\nweights moved {moved:.4g}; eager vs eager {noise:.4g}; graph vs eager {graph:.4g}")
-    assert graph <= max(0.02 * moved, 3 * noise), (graph, noise, moved)
+    moved = _distance(_params(ref), _initial_params(**kw))
+    spread = _distance(_params(body2), _params(body))
+    graph = _distance(_params(tr), _params(body))
+    plain = _distance(_params(tr), _params(ref))
+    print(f"\nweights moved {moved:.4g}; graph vs its uncaptured body {graph:.4g} (body run to run {spread:.4g}); "
+          f"graph vs the plain loop {plain:.4g}")
+    assert graph <= max(1e-3 * moved, 3 * spread), (graph, spread, moved)
+    assert plain <= 0.05 * moved, (plain, moved)
     counts = lambda t: t.cumulative_counts_LE.float()  # noqa: E731
-    d_graph = float((counts(tr) - counts(ref)).abs().sum())
-    d_noise = float((counts(control) - counts(ref)).abs().sum())
-    print(f"expert counts: total {float(counts(ref).sum()):.0f}; eager vs eager {d_noise:.0f}; graph vs eager {d_graph:.0f}")
-    assert d_graph <= max(0.01 * float(counts(ref).sum()), 3 * d_noise), (d_graph, d_noise)
+    d_graph = float((counts(tr) - counts(body)).abs().sum())
+    d_spread = float((counts(body2) - counts(body)).abs().sum())
+    print(f"expert counts: total {float(counts(ref).sum()):.0f}; graph vs body {d_graph:.0f} (run to run {d_spread:.0f}); "
+          f"graph vs plain {float((counts(tr) - counts(ref)).abs().sum()):.0f}")
+    assert d_graph <= 3 * d_spread, (d_graph, d_spread)
 
 
 def _initial_params(steps, device, param_dtype, model_kw, compile):
