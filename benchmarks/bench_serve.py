@@ -344,7 +344,8 @@ def server_main(args) -> None:
                            engine={"max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
                                    "context_len": args.context, "dtype": args.dtype, "device": args.device,
                                    "quantize": args.quantize, "max_waiting": 4096,
-                                   "overlap": args.overlap, **({"compile": "inductor"} if args.compile else {})})
+                                   "overlap": args.overlap, "gil_switch_ms": args.gil_switch_ms,
+                                   **({"compile": "inductor"} if args.compile else {})})
         server = ModelServer(spec)
         if args.stub_step_ms:
             server.loop.engine = StubEngine(args.max_batch, args.stub_step_ms)
@@ -498,27 +499,32 @@ def http_main(args) -> None:
     vocab = ModelConfig.preset(args.preset).vocab_size
     levels = [int(x) for x in args.levels.split(",")]
     compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
-    servers = [(b, q, None, c, "auto") for b in args.backends.split(",") if b
+    servers = [(b, q, None, c, "auto", None) for b in args.backends.split(",") if b
                for q in (["none", "int8"] if (b == "moeflow" and args.int8) else ["none"])
                for c in (compiled if (b == "moeflow" and q == "none") else [False])]
+    bf16_ours = [s for s in servers if s[0] == "moeflow" and s[1] == "none"]
     if args.overlap_peer:  # the same bf16 servers with the overlap off, in the same run
-        servers += [(b, q, p, c, "off") for b, q, p, c, _ in servers if b == "moeflow" and q == "none"]
+        servers += [(b, q, p, c, "off", None) for b, q, p, c, _, _ in bf16_ours]
+    if args.gil_switch_peer:  # ... and with a shorter GIL switch interval
+        servers += [(b, q, p, c, o, args.gil_switch_peer) for b, q, p, c, o, _ in bf16_ours]
     if args.old_pythonpath:
-        servers.append(("moeflow", "none", args.old_pythonpath, False, "auto"))
+        servers.append(("moeflow", "none", args.old_pythonpath, False, "auto", None))
     procs = {}
     rows = []
     try:
         # every server loads at once (one GPU holds them all); the load then runs on one at a time,
         # level by level, so each level's rows of every server come from the same minutes of the run
-        for backend, quantize, pythonpath, compile_, overlap in servers:
+        for backend, quantize, pythonpath, compile_, overlap, switch_ms in servers:
             port = _free_port()
             cmd = [sys.executable, __file__, "server", "--backend", backend, "--model-dir", str(model_dir),
                    "--port", str(port), "--device", args.device, "--dtype", args.dtype, "--max-batch",
                    str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk), "--context", str(args.context),
                    "--quantize", quantize, "--stub-step-ms", str(args.stub_step_ms)] + (["--compile"] if compile_ else [])
             cmd += ["--overlap", overlap] if not pythonpath else []
+            cmd += ["--gil-switch-ms", str(switch_ms)] if switch_ms else []
             label = (backend + ("" if quantize == "none" else f" {quantize}") + (" compiled" if compile_ else "")
-                     + (" no-overlap" if overlap == "off" else "") + (" (old)" if pythonpath else ""))
+                     + (" no-overlap" if overlap == "off" else "") + (f" switch {switch_ms} ms" if switch_ms else "")
+                     + (" (old)" if pythonpath else ""))
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
             procs[label] = (subprocess.Popen(cmd, env=env), f"http://127.0.0.1:{port}")
         for label, (proc, base) in procs.items():
@@ -603,6 +609,7 @@ def main(argv=None) -> None:
         if name == "server":
             h.add_argument("--compile", action="store_true", help="the engine's decode step compiled (inductor)")
             h.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="EngineConfig.overlap")
+            h.add_argument("--gil-switch-ms", type=float, default=None, help="EngineConfig.gil_switch_ms")
             h.add_argument("--stub-step-ms", type=float, default=0.0)
             h.add_argument("--backend", required=True, choices=["moeflow", "transformers"])
             h.add_argument("--model-dir", required=True)
@@ -616,6 +623,8 @@ def main(argv=None) -> None:
                            help="seconds per level (transformers; 0 = one request per stream)")
             h.add_argument("--backends", default="moeflow,transformers")
             h.add_argument("--int8", action="store_true", help="also serve the INT8 model (ours)")
+            h.add_argument("--gil-switch-peer", type=float, default=None, metavar="MS",
+                           help="also each bf16 moeflow server with EngineConfig.gil_switch_ms = MS (same run)")
             h.add_argument("--overlap-peer", action="store_true",
                            help="also each bf16 moeflow server with EngineConfig.overlap off (same run)")
             h.add_argument("--tokenizer", default=None, help="tokenizer.json of the model's vocabulary")

@@ -525,3 +525,23 @@ def test_a_consumer_that_falls_behind_gets_coalesced_chunks_with_every_token_and
     assert [e.logprob for e in content] == pytest.approx([e.logprob for e in chat_plain.logprobs.content], abs=1e-5)
     assert "".join(c.choices[0].delta.content or "" for c in chat_chunks if c.choices) == chat_plain.message.content
     assert sum(1 for c in chat_chunks if c.choices and c.choices[0].delta.content) < len(content)
+
+
+def test_gil_switch_interval_is_set_by_the_engine_config(tmp_path):
+    """EngineConfig.gil_switch_ms: the engine thread, back from a GPU wait, gets the GIL within this interval
+    instead of Python's 5 ms (the CPU stub benchmark in RESULTS.md shows what that costs at 128 streams)."""
+    import sys
+
+    from pydantic import ValidationError
+
+    before = sys.getswitchinterval()
+    d = make_model_dir(tmp_path / "m")
+    try:
+        server = ModelServer(ServedModel(name="tiny", version="9", model_dir=str(d),
+                                         engine={"max_batch": 2, "gil_switch_ms": 0.5}))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        server.close()
+    finally:
+        sys.setswitchinterval(before)
+    with pytest.raises(ValidationError, match="gil_switch_ms"):
+        ServedModel(name="tiny", version="9", model_dir=str(d), engine={"gil_switch_ms": 0.0})

@@ -34,6 +34,11 @@ class EngineConfig(StageConfig):
         "auto", description="launch each decode step before reading the previous one's tokens back, so the host's "
                             "per-token work overlaps the GPU's next step (one wasted row after a stop); "
                             "'auto' = on for CUDA, off on the CPU (nothing runs asynchronously there)")
+    gil_switch_ms: float | None = Field(
+        None, ge=0.05, le=100.0,
+        description="the process's GIL switch interval in ms (sys.setswitchinterval; Python's default is 5): the "
+                    "engine thread, back from waiting on the GPU, waits up to this long for the GIL while the "
+                    "HTTP event loop runs Python, and the GPU idles meanwhile; None = leave it")
 
 
 class ServedModel(StageConfig):

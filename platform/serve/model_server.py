@@ -22,6 +22,7 @@ Completions stop at ``<|eos|>`` by default; chat requests at the template's end-
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -84,6 +85,9 @@ class ModelServer:
                              f"the model {self.model.cfg.vocab_size}")
         self.chat_stops = tuple(chat_stop_ids(self.tokenizer))
         e = self.spec.engine
+        if e.gil_switch_ms is not None:  # process-wide: the last server built in a process sets it
+            sys.setswitchinterval(e.gil_switch_ms / 1000)
+            log.info("%s: GIL switch interval %.2f ms", self.spec.key, e.gil_switch_ms)
         self.loop = AsyncEngine(self._make_engine)
         self.context_len = self.loop.engine.context_len
         self.replica = _replica_id()
