@@ -10,20 +10,31 @@ int8, and y = (x @ qᵀ) · s. Activations stay in the model's dtype (fp32 or bf
   int8-weight kernel on CPU and CUDA) or, where that is unavailable, a dequantize-then-matmul.
   ``weight`` is still readable (dequantized on access): MLA's absorbed path reads
   ``kv_b_proj.weight`` to split it into W_uk / W_uv, and callers read ``lm_head.weight.device``.
-- ``Int8RoutedExperts`` subclasses ``moe.RoutedExperts`` and dequantizes one expert at a time in the
-  looped (CPU) path, or one layer's stack per call on the grouped (GPU) path, so the transient
-  full-precision copy is one expert / one layer, never the model. Without autograd the grouped path
-  writes that copy into ONE scratch tensor per stack shape shared by every layer of the model
-  (``quantize_int8`` hands them one dict): the layers run one after another, and a captured CUDA graph
-  then holds no dequantized stack of its own, however many decode buckets are captured. (Fresh copies
-  per layer and per captured bucket are the suspected cause of the INT8 graph engine's 63 GiB peak
-  against 4.5 GiB in bf16, RESULTS.md; a ``gpu`` test in tests/test_quant.py bounds the peak.)
+- ``Int8RoutedExperts`` subclasses ``moe.RoutedExperts``. A call takes one of two paths, chosen from
+  SHAPES alone (no host sync, so one captured CUDA graph or compiled step keeps one branch per bucket):
+  * per-slot gather (``use_slot_gather``; auto when the T·K routed slots are fewer than the E experts,
+    i.e. decode at small batch: bench_ref's 64 experts, top-6, up to 10 tokens): each slot gathers its
+    own expert's int8 rows and scales (``index_select`` by expert id), dequantizes just those and runs
+    two ``bmm``s, one row per slot. A batch-1 decode step reads 6 experts' int8, not 64, and needs
+    no argsort/permutation. Slots that share an expert each dequantize a copy (at most T·K < E copies,
+    so never more than the whole stack).
+  * whole stack (``RoutedExperts.forward``): it dequantizes one expert at a time in the looped (CPU)
+    path, or one layer's stack per call on the grouped (GPU) path, so the transient full-precision
+    copy is one expert / one layer, never the model. Without autograd the grouped path writes that
+    copy into ONE scratch tensor per stack shape shared by every layer of the model (``quantize_int8``
+    hands them one dict): the layers run one after another, and a captured CUDA graph then holds no
+    dequantized stack of its own, however many decode buckets are captured. (Fresh copies per layer
+    and per captured bucket are the suspected cause of the INT8 graph engine's 63 GiB peak against
+    4.5 GiB in bf16, RESULTS.md; a ``gpu`` test in tests/test_quant.py bounds the peak.)
+  ``Int8Linear`` needs no such split: ``_weight_int8pack_mm`` reads the int8 weight directly and
+  every row of a linear is used by every token.
 - Kept in full precision on purpose: routers (their fp32 top-k decides which experts run, and a
   flipped choice costs more than it saves), norms, embeddings (a lookup, not a matmul) and an
   ``lm_head`` tied to the embeddings.
 
 ``quantize_int8(model)`` converts in place and returns a report (bytes before/after).
-Shape suffixes: O out features, I in features, E experts, F expert width, D hidden, N rows.
+Shape suffixes: O out features, I in features, E experts, F expert width, D hidden, N rows
+(in ``Int8RoutedExperts``: the N = T·K routed slots), T tokens, K experts per token.
 """
 
 from __future__ import annotations
@@ -83,7 +94,15 @@ class Int8Linear(nn.Module):
 
 
 class Int8RoutedExperts(RoutedExperts):
-    """Stacked experts with int8 weights and per-(expert, output row) scales."""
+    """Stacked experts with int8 weights and per-(expert, output row) scales.
+
+    Path per call (module docstring): per-slot gather when ``_slot_path`` says so (T·K < E by default),
+    else the whole-stack ``RoutedExperts.forward`` (grouped on the GPU, looped on the CPU).
+    """
+
+    # None: auto, the per-slot gather when the T·K routed slots are fewer than the E experts (a decision
+    # on shapes only: it holds for a whole captured graph / compiled bucket); True/False forces a path
+    use_slot_gather: bool | None = None
 
     def __init__(self, experts: RoutedExperts, scratch: dict | None = None) -> None:
         """scratch: where the grouped path's dequantized stacks go, shared with the model's other layers."""
@@ -98,6 +117,41 @@ class Int8RoutedExperts(RoutedExperts):
         self.register_buffer("gate_up_scale", gu_s.to(dev, dtype))
         self.register_buffer("down_int8", dn_q.to(dev))
         self.register_buffer("down_scale", dn_s.to(dev, dtype))
+
+    def _slot_path(self, idx_TK: torch.Tensor) -> bool:
+        if self.use_slot_gather is not None:
+            return self.use_slot_gather
+        return idx_TK.numel() < self.num_experts  # shapes only: never a host sync
+
+    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]), by the per-slot gather or the whole stack."""
+        if self._slot_path(idx_TK):
+            return self._per_slot(x_TD, idx_TK, weight_TK)
+        return super().forward(x_TD, idx_TK, weight_TK)
+
+    def slot_weights(self, expert_N: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized (gate_up (N, 2F, D), down (N, D, F)) of expert ``expert_N[n]`` for each slot n.
+
+        Gathers the int8 rows and their scale rows first, then dequantizes: the same values as
+        ``dequantize_rows`` of the whole stack indexed by ``expert_N`` (an elementwise op), at N/E of the cost.
+        """
+        gate_up_N2FD = dequantize_rows(self.gate_up_int8.index_select(0, expert_N),
+                                       self.gate_up_scale.index_select(0, expert_N), dtype)
+        down_NDF = dequantize_rows(self.down_int8.index_select(0, expert_N),
+                                   self.down_scale.index_select(0, expert_N), dtype)
+        return gate_up_N2FD, down_NDF
+
+    def _per_slot(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        T, K = idx_TK.shape
+        dtype = self.compute_dtype(x_TD)  # as _grouped: the autocast dtype under CUDA autocast
+        gate_up_N2FD, down_NDF = self.slot_weights(idx_TK.reshape(-1), dtype)
+        # slot n = t·K + j reads token t (idx_TK's row-major order); expand + reshape copies x K times, tiny
+        x_N1D = x_TD.to(dtype)[:, None, :].expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
+        h_N12F = torch.bmm(x_N1D, gate_up_N2FD.transpose(1, 2))
+        y_N1D = torch.bmm(self._swiglu_rows(h_N12F), down_NDF.transpose(1, 2))
+        # the same combine as RoutedExperts.forward (elementwise multiply + sum over the K slots)
+        w_TK1 = weight_TK.to(y_N1D.dtype)[:, :, None]
+        return (y_N1D.view(T, K, -1) * w_TK1).sum(dim=1)
 
     # RoutedExperts.forward permutes tokens and calls one of these two on the sorted rows.
     def _looped(self, x_sorted_ND, counts_E) -> torch.Tensor:
