@@ -52,6 +52,36 @@ def _tokens(evs) -> list[int]:
 
 
 @pytest.mark.parametrize("mode", ["eager", "static"])
+def test_int8_engine_decodes_per_slot_and_equals_whole_stack_generate(model, mode):
+    """INT8 weights: the engine's decode steps (≤ 3 rows × K = 2 < E = 8 slots) take the per-slot expert
+    gather, its prefill chunks (8 tokens) the whole stack; the tokens equal generate() forced onto the
+    whole stack (the path before the per-slot gather existed)."""
+    import copy
+
+    from moeflow.models.quant import Int8RoutedExperts, quantize_int8
+
+    q = copy.deepcopy(model)
+    quantize_int8(q)
+    prompts = _prompts((3, 17, 1, 9))
+    engine = Engine(q, max_batch=3, prefill_chunk=8, decode_mode=mode)
+    for i, prompt in enumerate(prompts):
+        engine.add(f"r{i}", prompt, SamplingParams(max_tokens=16, **GREEDY))
+    calls = []
+    layer = next(m for m in q.modules() if isinstance(m, Int8RoutedExperts))
+    slot_path = layer._slot_path
+    layer._slot_path = lambda idx: calls.append(slot_path(idx)) or calls[-1]
+    with torch.inference_mode():
+        events = _drain(engine)
+    assert True in calls and False in calls  # both paths ran
+    Int8RoutedExperts.use_slot_gather = False
+    try:
+        for i, prompt in enumerate(prompts):
+            assert _tokens(events[f"r{i}"]) == generate(q, [prompt], 16).tokens[0], f"request {i}"
+    finally:
+        Int8RoutedExperts.use_slot_gather = None
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
 def test_greedy_equals_generate_with_joins_chunks_and_compaction(model, mode):
     lengths = (3, 17, 1, 30, 9, 24)
     prompts = _prompts(lengths)
