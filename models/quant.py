@@ -11,13 +11,15 @@ int8, and y = (x @ qᵀ) · s. Activations stay in the model's dtype (fp32 or bf
   ``weight`` is still readable (dequantized on access): MLA's absorbed path reads
   ``kv_b_proj.weight`` to split it into W_uk / W_uv, and callers read ``lm_head.weight.device``.
 - ``Int8RoutedExperts`` subclasses ``moe.RoutedExperts``. A call takes one of two paths, chosen from
-  SHAPES alone (no host sync, so one captured CUDA graph or compiled step keeps one branch per bucket):
+  shapes and the device alone (no host sync: a captured CUDA graph or compiled step keeps one branch
+  per bucket):
   * per-slot gather (``use_slot_gather``; auto when the T·K routed slots are fewer than the E experts,
-    i.e. decode at small batch: bench_ref's 64 experts, top-6, up to 10 tokens): each slot gathers its
+    i.e. decode at small batch: bench_ref's 64 experts, top-6, up to 10 tokens, on CUDA or wherever
+    the grouped path would run; the CPU keeps its per-expert loop, measured faster): each slot gathers its
     own expert's int8 rows and scales (``index_select`` by expert id), dequantizes just those and runs
     two ``bmm``s, one row per slot. A batch-1 decode step reads 6 experts' int8, not 64, and needs
     no argsort/permutation. Slots that share an expert each dequantize a copy (at most T·K < E copies,
-    so never more than the whole stack).
+    written into the first rows of the shared scratch below, so never more than the whole stack).
   * whole stack (``RoutedExperts.forward``): it dequantizes one expert at a time in the looped (CPU)
     path, or one layer's stack per call on the grouped (GPU) path, so the transient full-precision
     copy is one expert / one layer, never the model. Without autograd the grouped path writes that
@@ -63,6 +65,15 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return q.to(dtype) * scale[..., None].to(dtype)
 
 
+def _dequantize_into(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``dequantize_rows`` written into ``out`` (bit for bit the same values: int8 -> dtype is exact)."""
+    if out.is_cuda:  # one kernel: reads the int8, writes the result
+        return torch.mul(q, scale[..., None].to(out.dtype), out=out)
+    # on the CPU a mixed int8 x float mul is ~6x slower than a vectorised convert + in-place mul
+    # (measured at bench_ref size: 183 vs 30 ms for 48 experts' gate_up rows, fp32)
+    return out.copy_(q).mul_(scale[..., None].to(out.dtype))
+
+
 class Int8Linear(nn.Module):
     use_int8pack_mm = True  # False: dequantize + F.linear (the reference the tests compare with)
 
@@ -100,8 +111,9 @@ class Int8RoutedExperts(RoutedExperts):
     else the whole-stack ``RoutedExperts.forward`` (grouped on the GPU, looped on the CPU).
     """
 
-    # None: auto, the per-slot gather when the T·K routed slots are fewer than the E experts (a decision
-    # on shapes only: it holds for a whole captured graph / compiled bucket); True/False forces a path
+    # None: auto, the per-slot gather when the T·K routed slots are fewer than the E experts, on CUDA or where
+    # the whole stack would take the grouped path (a decision on shapes and devices only: it holds for a whole
+    # captured graph / compiled bucket); True/False forces a path
     use_slot_gather: bool | None = None
 
     def __init__(self, experts: RoutedExperts, scratch: dict | None = None) -> None:
@@ -118,14 +130,17 @@ class Int8RoutedExperts(RoutedExperts):
         self.register_buffer("down_int8", dn_q.to(dev))
         self.register_buffer("down_scale", dn_s.to(dev, dtype))
 
-    def _slot_path(self, idx_TK: torch.Tensor) -> bool:
+    def _slot_path(self, x_TD: torch.Tensor, idx_TK: torch.Tensor) -> bool:
         if self.use_slot_gather is not None:
             return self.use_slot_gather
-        return idx_TK.numel() < self.num_experts  # shapes only: never a host sync
+        # shapes and devices only: never a host sync. The CPU's looped whole-stack path stays the CPU default:
+        # it already dequantizes only the experts that got tokens, each once, and measured as fast at 1 token
+        # and 2x faster at 8 (benchmarks/RESULTS.md, "INT8 routed experts at decode sizes")
+        return idx_TK.numel() < self.num_experts and (x_TD.is_cuda or self._grouped_path(x_TD))
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]), by the per-slot gather or the whole stack."""
-        if self._slot_path(idx_TK):
+        if self._slot_path(x_TD, idx_TK):
             return self._per_slot(x_TD, idx_TK, weight_TK)
         return super().forward(x_TD, idx_TK, weight_TK)
 
@@ -135,11 +150,18 @@ class Int8RoutedExperts(RoutedExperts):
         Gathers the int8 rows and their scale rows first, then dequantizes: the same values as
         ``dequantize_rows`` of the whole stack indexed by ``expert_N`` (an elementwise op), at N/E of the cost.
         """
-        gate_up_N2FD = dequantize_rows(self.gate_up_int8.index_select(0, expert_N),
-                                       self.gate_up_scale.index_select(0, expert_N), dtype)
-        down_NDF = dequantize_rows(self.down_int8.index_select(0, expert_N),
-                                   self.down_scale.index_select(0, expert_N), dtype)
-        return gate_up_N2FD, down_NDF
+        return (self._gathered(self.gate_up_int8, self.gate_up_scale, expert_N, dtype),
+                self._gathered(self.down_int8, self.down_scale, expert_N, dtype))
+
+    def _gathered(self, q: torch.Tensor, scale: torch.Tensor, expert_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        q_N, scale_N = q.index_select(0, expert_N), scale.index_select(0, expert_N)
+        # into the first N rows of the whole stack's scratch where that is safe (``_scratch``): on the CPU a fresh
+        # multi-MB tensor per call costs more in page faults than the dequantization itself (measured: 29 vs
+        # 6.5 ms for 6 slots at bench_ref size), and a captured CUDA graph then keeps no copy of its own
+        out = self._scratch(q, dtype) if expert_N.shape[0] <= q.shape[0] else None
+        if out is None:
+            return dequantize_rows(q_N, scale_N, dtype)
+        return _dequantize_into(q_N, scale_N, out[:expert_N.shape[0]])
 
     def _per_slot(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         T, K = idx_TK.shape
@@ -175,16 +197,23 @@ class Int8RoutedExperts(RoutedExperts):
 
     def _dequantized(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``dequantize_rows`` (the same values), into the shared scratch unless autograd could keep it."""
+        out = self._scratch(q, dtype)
+        if out is None:
+            return dequantize_rows(q, scale, dtype)
+        return _dequantize_into(q, scale, out)
+
+    def _scratch(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The model-wide tensor of q's shape in ``dtype`` to dequantize into, or None where a fresh one is needed."""
         # under autograd a backward would read the copy after the next layer overwrote it; a compiled step
         # (torch.compile) keeps its own buffers and would only trace the dict
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return dequantize_rows(q, scale, dtype)
+            return None
         key = (tuple(q.shape), dtype, q.device)
         out = self.scratch.get(key)
         if out is None:  # a normal tensor even when first made under inference_mode: both modes may write it
             with torch.inference_mode(False):
                 out = self.scratch[key] = torch.empty(q.shape, dtype=dtype, device=q.device)
-        return torch.mul(q, scale[..., None].to(dtype), out=out)
+        return out
 
 
 @dataclass

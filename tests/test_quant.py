@@ -186,30 +186,37 @@ def _both_paths(q: Int8RoutedExperts, x, idx, w, whole: str) -> tuple[torch.Tens
     return slot, stack
 
 
-def test_slot_weights_are_the_whole_stack_rows_dequantized_bit_for_bit():
+@pytest.mark.parametrize("mode", ["grad", "inference"])  # fresh tensors / the first rows of the shared scratch
+def test_slot_weights_are_the_whole_stack_rows_dequantized_bit_for_bit(mode):
     cfg = ModelConfig.preset("tiny")
     for dtype in (torch.float32, torch.bfloat16):
         q = _int8_experts(cfg, dtype)
         expert_N = torch.tensor([5, 0, 5, 7, 3, 5])  # repeats: slots that share an expert
-        gu, dn = q.slot_weights(expert_N, dtype)
+        with torch.inference_mode(mode == "inference"):
+            gu, dn = q.slot_weights(expert_N, dtype)
         assert gu.shape == (6, 2 * cfg.moe_intermediate_size, cfg.hidden_size) and gu.dtype == dtype
         assert dn.shape == (6, cfg.hidden_size, cfg.moe_intermediate_size)
         assert torch.equal(gu, dequantize_rows(q.gate_up_int8, q.gate_up_scale, dtype)[expert_N])
         assert torch.equal(dn, dequantize_rows(q.down_int8, q.down_scale, dtype)[expert_N])
+        in_scratch = {t.data_ptr() for t in q.scratch.values()}
+        assert (gu.data_ptr() in in_scratch and dn.data_ptr() in in_scratch) == (mode == "inference")
 
 
 def test_the_path_is_chosen_from_shapes_per_slot_below_e_slots():
-    """tiny: E = 8 experts, K = 2: 1..3 tokens (2..6 slots) gather per slot; 4 tokens = 8 slots = E do not."""
+    """tiny: E = 8 experts, K = 2: 1..3 tokens (2..6 slots) gather per slot where the whole stack would run
+    grouped; 4 tokens = 8 slots = E do not; the CPU's looped path stays the CPU default at every size."""
     cfg = ModelConfig.preset("tiny")
     q = _int8_experts(cfg)
     assert Int8RoutedExperts.use_slot_gather is None  # auto by default
     taken = []
     q._per_slot = lambda *a: taken.append("slot") or torch.zeros(a[0].shape)
-    for T in (1, 3, 4, 9):
-        x, idx, w = _routing(T, cfg)
-        q(x, idx, w)
-        taken.append(f"T={T}")
-    assert taken == ["slot", "T=1", "slot", "T=3", "T=4", "T=9"]
+    for grouped in (True, False):
+        q.use_grouped_mm = grouped
+        for T in (1, 3, 4, 9):
+            x, idx, w = _routing(T, cfg)
+            q(x, idx, w)
+            taken.append(f"T={T}")
+    assert taken == ["slot", "T=1", "slot", "T=3", "T=4", "T=9", "T=1", "T=3", "T=4", "T=9"]
 
 
 @pytest.mark.parametrize("T", [1, 3, 4])  # 4 tokens: T·K == E, the boundary (forced here)
@@ -282,7 +289,8 @@ def test_per_slot_path_has_no_host_sync_and_compiles_whole():
     x, idx, w = _routing(2, cfg, seed=3)
     torch._dynamo.reset()
     compiled = torch.compile(q, fullgraph=True, backend="eager")
-    assert q._slot_path(idx)
+    q.use_grouped_mm = True
+    assert q._slot_path(x, idx)
     torch.testing.assert_close(compiled(x, idx, w), q(x, idx, w), rtol=0, atol=0)
     q.use_slot_gather, q.use_grouped_mm = False, False
     torch._dynamo.reset()
@@ -293,9 +301,12 @@ def test_per_slot_path_has_no_host_sync_and_compiles_whole():
 
 def test_int8_model_decodes_the_same_with_and_without_the_slot_path(trained):
     """A whole model: prefill (4 tokens × K = E slots: whole stack) then batch-1 decode (per slot, auto) gives
-    the tokens and log-probs of the same model forced onto the whole stack, in fp32 under inference_mode."""
+    the tokens and log-probs of the same model forced onto the whole (grouped) stack, fp32, inference_mode."""
     q = copy.deepcopy(trained)
     quantize_int8(q)
+    for m in q.modules():
+        if isinstance(m, Int8RoutedExperts):
+            m.use_grouped_mm = True  # the GPU's whole-stack path (auto takes the per-slot gather only beside it)
     runs = []
     for flag in (None, False):
         Int8RoutedExperts.use_slot_gather = flag
@@ -370,7 +381,7 @@ def test_per_slot_path_on_the_gpu_syncs_never_captures_and_equals_grouped():
     x, idx, w = _routing(8, cfg, seed=1, device="cuda")
     x = x.bfloat16()
     with torch.inference_mode():
-        assert q._slot_path(idx)
+        assert q._slot_path(x, idx)
         torch.cuda.set_sync_debug_mode("error")
         try:
             slot = q(x, idx, w)

@@ -54,14 +54,17 @@ def _tokens(evs) -> list[int]:
 @pytest.mark.parametrize("mode", ["eager", "static"])
 def test_int8_engine_decodes_per_slot_and_equals_whole_stack_generate(model, mode):
     """INT8 weights: the engine's decode steps (≤ 3 rows × K = 2 < E = 8 slots) take the per-slot expert
-    gather, its prefill chunks (8 tokens) the whole stack; the tokens equal generate() forced onto the
-    whole stack (the path before the per-slot gather existed)."""
+    gather, its prefill chunks (8 tokens) the whole (grouped, as on the GPU) stack; the tokens equal
+    generate() forced onto the whole stack (the path before the per-slot gather existed)."""
     import copy
 
     from moeflow.models.quant import Int8RoutedExperts, quantize_int8
 
     q = copy.deepcopy(model)
     quantize_int8(q)
+    for m in q.modules():
+        if isinstance(m, Int8RoutedExperts):
+            m.use_grouped_mm = True  # the GPU's whole-stack path, beside which auto takes the per-slot gather
     prompts = _prompts((3, 17, 1, 9))
     engine = Engine(q, max_batch=3, prefill_chunk=8, decode_mode=mode)
     for i, prompt in enumerate(prompts):
@@ -69,7 +72,7 @@ def test_int8_engine_decodes_per_slot_and_equals_whole_stack_generate(model, mod
     calls = []
     layer = next(m for m in q.modules() if isinstance(m, Int8RoutedExperts))
     slot_path = layer._slot_path
-    layer._slot_path = lambda idx: calls.append(slot_path(idx)) or calls[-1]
+    layer._slot_path = lambda x, idx: calls.append(slot_path(x, idx)) or calls[-1]
     with torch.inference_mode():
         events = _drain(engine)
     assert True in calls and False in calls  # both paths ran
