@@ -14,8 +14,9 @@ each, all built from the same float weights:
   path before the per-slot gather: every call dequantizes all E experts' (2F, D) and (D, F) rows);
 - ``int8 whole stack, looped``: the whole-stack per-expert loop (the CPU default before; it dequantizes
   only the experts that got tokens, but syncs the host with ``tolist``: not with ``--cuda-graph``);
-- ``int8 per-slot``: the per-slot gather, forced on for every N (auto takes it only where N·K < E; the
-  ``auto`` column says which path auto picks, so the rows show the crossover).
+- ``int8 per-slot``: the per-slot gather, forced on for every N (auto takes it only where N·K < E, on
+  CUDA or beside the grouped path; the ``auto`` column says which path an unpinned layer takes on this
+  device and dtype, so the rows show the crossover).
 
 Rounds alternate the rows (``--rounds`` × ``--reps`` calls each, after ``--warmup``); ms = median over all
 calls. ``--cuda-graph`` captures each row's call in a CUDA graph and times replays (as the serving
@@ -66,6 +67,20 @@ def build_layers(cfg: ModelConfig, device: str, dtype: torch.dtype) -> dict[str,
     return layers
 
 
+def default_path(experts: Int8RoutedExperts, x_BTD: torch.Tensor, k: int) -> str:
+    """The path an unpinned ``Int8RoutedExperts`` (both choices auto) takes for x's tokens on this device and dtype."""
+    pinned = experts.use_grouped_mm, experts.use_slot_gather
+    experts.use_grouped_mm = experts.use_slot_gather = None
+    try:
+        x_TD = x_BTD.view(-1, x_BTD.shape[-1])
+        idx_TK = torch.zeros(x_TD.shape[0], k, dtype=torch.long, device=x_TD.device)
+        if experts._slot_path(x_TD, idx_TK):
+            return "per-slot"
+        return "whole stack, " + ("grouped" if experts._grouped_path(x_TD) else "looped")
+    finally:
+        experts.use_grouped_mm, experts.use_slot_gather = pinned
+
+
 def make_call(layer: DeepSeekMoE, x_BTD: torch.Tensor, cuda_graph: bool):
     """A no-argument call of the layer's forward on x; with cuda_graph, the replay of its captured graph."""
     def call():
@@ -112,7 +127,7 @@ def bench_tokens(layers: dict, n: int, args, dtype: torch.dtype) -> list[dict]:
     g = torch.Generator().manual_seed(n)
     x_BTD = torch.randn(1, n, cfg.hidden_size, generator=g).to(args.device, dtype)
     names = [k for k in layers if not (args.cuda_graph and "looped" in k)]
-    auto = n * cfg.num_experts_per_tok < cfg.num_routed_experts
+    auto = default_path(layers["int8 per-slot"].experts, x_BTD, cfg.num_experts_per_tok)
     calls, outs, peaks = {}, {}, {}
     with torch.inference_mode():
         for name in names:
@@ -131,7 +146,7 @@ def bench_tokens(layers: dict, n: int, args, dtype: torch.dtype) -> list[dict]:
     for name in names:
         med = statistics.median(times[name])
         row = {"bench": "int8_experts", "row": name, "tokens": n, "slots": n * cfg.num_experts_per_tok,
-               "experts": cfg.num_routed_experts, "auto": "per-slot" if auto else "whole stack",
+               "experts": cfg.num_routed_experts, "auto": auto,
                "device": args.device, "dtype": str(dtype).removeprefix("torch."), "cuda_graph": args.cuda_graph,
                "ms_median": med * 1e3, "ms_min": min(times[name]) * 1e3, "calls": len(times[name]),
                "max_rel_diff": float((outs[name] - ref).abs().max() / ref.abs().max())}

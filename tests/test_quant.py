@@ -398,3 +398,24 @@ def test_per_slot_path_on_the_gpu_syncs_never_captures_and_equals_grouped():
     scale = stack.float().abs().max()
     assert (slot.float() - stack.float()).abs().max() <= 0.02 * scale
     assert torch.equal(slot_g, slot)
+
+
+def test_bench_int8_experts_runs_and_its_int8_rows_agree(tmp_path):
+    """benchmarks/bench_int8_experts.py on the tiny preset (its GPU run is for the lead): every row runs, the
+    int8 rows compute the same function, and the auto column follows the rule (CPU fp32: the looped path)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_int8_experts.py"
+    spec = importlib.util.spec_from_file_location("bench_int8_experts", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.jsonl"
+    assert bench.main(["--preset", "tiny", "--tokens", "1", "4", "--rounds", "1", "--reps", "1", "--warmup", "0",
+                       "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and {r["auto"] for r in rows} == {"whole stack, looped"}
+    assert all(r["max_rel_diff"] < 1e-5 for r in rows if r["row"].startswith("int8"))
+    assert all(0 < r["max_rel_diff"] < 0.1 for r in rows if r["row"] == "float")  # quantization shows, and is small
+    assert Int8RoutedExperts.use_slot_gather is None and Int8RoutedExperts.use_grouped_mm is None
