@@ -182,9 +182,17 @@ class Int8RoutedExperts(RoutedExperts):
             if rows_XD.shape[0] == 0:
                 outs.append(rows_XD)
                 continue
-            h = F.linear(rows_XD, dequantize_rows(self.gate_up_int8[e], self.gate_up_scale[e], dt))
-            outs.append(F.linear(self._swiglu_rows(h), dequantize_rows(self.down_int8[e], self.down_scale[e], dt)))
+            h = F.linear(rows_XD, self._expert_rows(self.gate_up_int8, self.gate_up_scale, e, dt))
+            outs.append(F.linear(self._swiglu_rows(h), self._expert_rows(self.down_int8, self.down_scale, e, dt)))
         return torch.cat(outs, dim=0)
+
+    def _expert_rows(self, q: torch.Tensor, scale: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's dequantized rows, into row e of the shared scratch where that is safe (fresh per-call
+        tensors made the CPU loop's time swing 8-25 ms a layer with the allocator's page faults)."""
+        out = self._scratch(q, dtype)
+        if out is None:
+            return dequantize_rows(q[e], scale[e], dtype)
+        return _dequantize_into(q[e], scale[e], out[e])
 
     def _grouped(self, x_sorted_ND, expert_sorted_N, counts_E) -> torch.Tensor:
         dtype = self.compute_dtype(x_sorted_ND)

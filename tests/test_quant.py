@@ -148,6 +148,9 @@ def test_int8_experts_equal_experts_with_dequantized_weights():
     idx = torch.randint(0, cfg.num_routed_experts, (20, cfg.num_experts_per_tok))
     w = torch.rand(20, cfg.num_experts_per_tok)
     torch.testing.assert_close(q(x, idx, w), ref(x, idx, w), rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():  # the looped path dequantizes into rows of the shared scratch here
+        torch.testing.assert_close(q(x, idx, w), ref(x, idx, w), rtol=1e-5, atol=1e-6)
+    assert q.scratch
     assert q.gate_up_scale.shape == (cfg.num_routed_experts, 2 * cfg.moe_intermediate_size)
     assert q.down_scale.shape == (cfg.num_routed_experts, cfg.hidden_size)
 
