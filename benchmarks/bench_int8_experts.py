@@ -22,7 +22,9 @@ Rounds alternate the rows (``--rounds`` × ``--reps`` calls each, after ``--warm
 calls. ``--cuda-graph`` captures each row's call in a CUDA graph and times replays (as the serving
 engine's decode runs). ``max_rel_diff`` = max |row − int8 whole stack grouped| ÷ max |int8 whole stack
 grouped| on the same input (the int8 rows must agree to rounding; the float row shows the quantization).
-On cuda each row also reports its peak memory over the weights.
+On cuda each row also reports its peak memory over the weights. The script also runs with an older
+``moeflow`` on PYTHONPATH (one without the per-slot gather: its rows are the whole-stack ones), so old and
+new trees can be timed one after the other on the same machine.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def build_layers(cfg: ModelConfig, device: str, dtype: torch.dtype) -> dict[str,
     layers = {"float": layer}
     for name, grouped, slot in (("int8 whole stack, grouped", True, False), ("int8 whole stack, looped", False, False),
                                 ("int8 per-slot", None, True)):
+        if slot and not hasattr(Int8RoutedExperts, "_per_slot"):
+            continue  # the code under PYTHONPATH predates the per-slot gather: its whole-stack rows only
         q = copy.deepcopy(layer)
         quantize_int8(q)
         q.experts.use_grouped_mm = grouped if grouped is not None else q.experts.use_grouped_mm
@@ -69,6 +73,8 @@ def build_layers(cfg: ModelConfig, device: str, dtype: torch.dtype) -> dict[str,
 
 def default_path(experts: Int8RoutedExperts, x_BTD: torch.Tensor, k: int) -> str:
     """The path an unpinned ``Int8RoutedExperts`` (both choices auto) takes for x's tokens on this device and dtype."""
+    if not hasattr(experts, "_slot_path"):  # a tree from before the per-slot gather (--old runs)
+        return "whole stack (no per-slot path)"
     pinned = experts.use_grouped_mm, experts.use_slot_gather
     experts.use_grouped_mm = experts.use_slot_gather = None
     try:
@@ -127,7 +133,7 @@ def bench_tokens(layers: dict, n: int, args, dtype: torch.dtype) -> list[dict]:
     g = torch.Generator().manual_seed(n)
     x_BTD = torch.randn(1, n, cfg.hidden_size, generator=g).to(args.device, dtype)
     names = [k for k in layers if not (args.cuda_graph and "looped" in k)]
-    auto = default_path(layers["int8 per-slot"].experts, x_BTD, cfg.num_experts_per_tok)
+    auto = default_path(layers["int8 whole stack, grouped"].experts, x_BTD, cfg.num_experts_per_tok)
     calls, outs, peaks = {}, {}, {}
     with torch.inference_mode():
         for name in names:
