@@ -22,6 +22,8 @@ Rounds alternate the rows (``--rounds`` × ``--reps`` calls each, after ``--warm
 calls. ``--cuda-graph`` captures each row's call in a CUDA graph and times replays (as the serving
 engine's decode runs). ``max_rel_diff`` = max |row − int8 whole stack grouped| ÷ max |int8 whole stack
 grouped| on the same input (the int8 rows must agree to rounding; the float row shows the quantization).
+Two more rows time the layer's shared expert alone (a SwiGLU of ``nn.Linear``s, and its ``Int8Linear``
+twin: ``torch._weight_int8pack_mm``), so the INT8 cost outside the routed experts shows too.
 On cuda each row also reports its peak memory over the weights. The script also runs with an older
 ``moeflow`` on PYTHONPATH (one without the per-slot gather: its rows are the whole-stack ones), so old and
 new trees can be timed one after the other on the same machine.
@@ -87,9 +89,12 @@ def default_path(experts: Int8RoutedExperts, x_BTD: torch.Tensor, k: int) -> str
         experts.use_grouped_mm, experts.use_slot_gather = pinned
 
 
-def make_call(layer: DeepSeekMoE, x_BTD: torch.Tensor, cuda_graph: bool):
-    """A no-argument call of the layer's forward on x; with cuda_graph, the replay of its captured graph."""
+def make_call(name: str, layer: DeepSeekMoE, x_BTD: torch.Tensor, cuda_graph: bool):
+    """A no-argument call of the layer's forward on x (of its shared expert alone for a "shared" row); with
+    cuda_graph, the replay of its captured graph."""
     def call():
+        if name.startswith("shared"):
+            return layer.shared_experts(x_BTD)
         return layer(x_BTD, with_losses=False)[0]
 
     if not cuda_graph:
@@ -133,6 +138,11 @@ def bench_tokens(layers: dict, n: int, args, dtype: torch.dtype) -> list[dict]:
     g = torch.Generator().manual_seed(n)
     x_BTD = torch.randn(1, n, cfg.hidden_size, generator=g).to(args.device, dtype)
     names = [k for k in layers if not (args.cuda_graph and "looped" in k)]
+    shared = {"shared expert, float": layers["float"], "shared expert, int8": layers["int8 whole stack, grouped"]}
+    if layers["float"].shared_experts is None:
+        shared = {}
+    layers = {**layers, **shared}
+    names += list(shared)
     auto = default_path(layers["int8 whole stack, grouped"].experts, x_BTD, cfg.num_experts_per_tok)
     calls, outs, peaks = {}, {}, {}
     with torch.inference_mode():
@@ -141,15 +151,15 @@ def bench_tokens(layers: dict, n: int, args, dtype: torch.dtype) -> list[dict]:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            calls[name] = make_call(layers[name], x_BTD, args.cuda_graph)
+            calls[name] = make_call(name, layers[name], x_BTD, args.cuda_graph)
             outs[name] = calls[name]().float().clone()
             if args.device == "cuda":
                 torch.cuda.synchronize()
                 peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
         times = time_rows(calls, args.device, args.rounds, args.reps, args.warmup)
-    ref = outs["int8 whole stack, grouped"]
     rows = []
     for name in names:
+        ref = outs["shared expert, float" if name.startswith("shared") else "int8 whole stack, grouped"]
         med = statistics.median(times[name])
         row = {"bench": "int8_experts", "row": name, "tokens": n, "slots": n * cfg.num_experts_per_tok,
                "experts": cfg.num_routed_experts, "auto": auto,
@@ -193,7 +203,7 @@ def main(argv=None) -> int:
         for row in bench_tokens(layers, n, args, dtype):
             log(json.dumps(row))
             rows.append(row)
-    names = [k for k in layers if any(r["row"] == k for r in rows)]
+    names = list(dict.fromkeys(r["row"] for r in rows))
     log("\n| tokens | slots (auto) | " + " | ".join(f"{k} ms" for k in names) + " |")
     log("| ---: | --- | " + " | ".join("---:" for _ in names) + " |")
     for n in args.tokens:
