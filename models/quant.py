@@ -134,8 +134,9 @@ class Int8RoutedExperts(RoutedExperts):
         if self.use_slot_gather is not None:
             return self.use_slot_gather
         # shapes and devices only: never a host sync. The CPU's looped whole-stack path stays the CPU default:
-        # it already dequantizes only the experts that got tokens, each once, and measured as fast at 1 token
-        # and 2x faster at 8 (benchmarks/RESULTS.md, "INT8 routed experts at decode sizes")
+        # it dequantizes only the experts that got tokens, each once, and measured faster than the per-slot
+        # gather on the 2-core CPU (bench_ref layer, fp32: 9 vs 14 ms at 1 token, 56 vs 132 ms at 8;
+        # benchmarks/RESULTS.md, "INT8 routed experts at decode sizes")
         return idx_TK.numel() < self.num_experts and (x_TD.is_cuda or self._grouped_path(x_TD))
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
