@@ -286,15 +286,18 @@ def test_per_slot_path_matches_a_naive_fp32_loop():
 
 def test_per_slot_path_has_no_host_sync_and_compiles_whole():
     """fullgraph=True fails on a graph break, which a ``.item()``/``.tolist()``/``nonzero`` would cause (the
-    whole-stack looped path's ``tolist`` does); the compiled per-slot path computes the same."""
+    whole-stack looped path's ``tolist`` does); the per-slot path compiles whole (aot_eager: traced through
+    autograd's functionalization, dynamic token count) under inference_mode and computes the same."""
     cfg = ModelConfig.preset("tiny")
     q = _int8_experts(cfg)
-    x, idx, w = _routing(2, cfg, seed=3)
-    torch._dynamo.reset()
-    compiled = torch.compile(q, fullgraph=True, backend="eager")
     q.use_grouped_mm = True
-    assert q._slot_path(x, idx)
-    torch.testing.assert_close(compiled(x, idx, w), q(x, idx, w), rtol=0, atol=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager", dynamic=True)
+    for T in (1, 2, 3):
+        x, idx, w = _routing(T, cfg, seed=T)
+        assert q._slot_path(x, idx)
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(x, idx, w), q(x, idx, w), rtol=0, atol=0)
     q.use_slot_gather, q.use_grouped_mm = False, False
     torch._dynamo.reset()
     with pytest.raises(Exception):  # the detector detects: the looped path syncs
