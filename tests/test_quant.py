@@ -285,12 +285,21 @@ def test_per_slot_path_matches_a_naive_fp32_loop():
 
 
 def test_per_slot_path_has_no_host_sync_and_compiles_whole():
-    """fullgraph=True fails on a graph break, which a ``.item()``/``.tolist()``/``nonzero`` would cause (the
-    whole-stack looped path's ``tolist`` does); the per-slot path compiles whole (aot_eager: traced through
-    autograd's functionalization, dynamic token count) under inference_mode and computes the same."""
+    """On the meta device (shapes, no data) any host read (``.item()``, ``.tolist()``, ``nonzero``, ``bool()``)
+    raises, as the looped path's ``tolist`` does; the per-slot path runs there. And it compiles whole
+    (fullgraph, aot_eager: traced through functionalization, dynamic token count) under inference_mode,
+    computing the same."""
     cfg = ModelConfig.preset("tiny")
     q = _int8_experts(cfg)
     q.use_grouped_mm = True
+    meta = copy.deepcopy(q).to("meta")
+    x, idx, w = (t.to("meta") for t in _routing(3, cfg))
+    for mode in (False, True):
+        with torch.inference_mode(mode):
+            assert meta(x, idx, w).shape == (3, cfg.hidden_size)
+    meta.use_slot_gather, meta.use_grouped_mm = False, False
+    with pytest.raises(NotImplementedError, match="meta"):  # the detector detects
+        meta(x, idx, w)
     torch._dynamo.reset()
     compiled = torch.compile(q, fullgraph=True, backend="aot_eager", dynamic=True)
     for T in (1, 2, 3):
@@ -298,10 +307,6 @@ def test_per_slot_path_has_no_host_sync_and_compiles_whole():
         assert q._slot_path(x, idx)
         with torch.inference_mode():
             torch.testing.assert_close(compiled(x, idx, w), q(x, idx, w), rtol=0, atol=0)
-    q.use_slot_gather, q.use_grouped_mm = False, False
-    torch._dynamo.reset()
-    with pytest.raises(Exception):  # the detector detects: the looped path syncs
-        torch.compile(q, fullgraph=True, backend="eager")(x, idx, w)
     torch._dynamo.reset()
 
 
