@@ -182,6 +182,30 @@ def test_cuda_graph_engine_equals_generate_on_the_gpu(model):
         assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_cuda_graph_engine_equals_generate_on_the_gpu(model):
+    """The INT8 model (bf16 activations) on the GPU: the captured decode steps (≤ 3 rows × K = 2 < E = 8 slots:
+    the per-slot expert gather inside the graphs) against generate() on the same model, token for token."""
+    from moeflow.models.quant import Int8RoutedExperts, quantize_int8
+
+    gpu = MoETransformer(model.cfg).to("cuda", torch.bfloat16).eval()
+    gpu.load_state_dict(model.state_dict())
+    quantize_int8(gpu)
+    layer = next(m for m in gpu.modules() if isinstance(m, Int8RoutedExperts))
+    prompts = _prompts((3, 17, 1, 30, 9, 24))
+    engine = Engine(gpu, max_batch=3, prefill_chunk=8, cache_len=65)
+    assert engine.decode_mode == "graph"
+    x = torch.zeros(3, model.cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    assert layer._slot_path(x, torch.zeros(3, model.cfg.num_experts_per_tok, dtype=torch.long, device="cuda"))
+    for i, p in enumerate(prompts):
+        engine.add(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
+    events = _drain(engine)
+    assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
+    for i, p in enumerate(prompts):
+        assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
+
+
 def _compiled_vs_eager_static(model, backend: str) -> None:
     """The engine's static step compiled by ``backend`` against the eager static step ON THE SAME INPUTS at
     every decode step of a run with joins, several (rows, columns) buckets and compaction: each step runs
