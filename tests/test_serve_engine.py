@@ -51,6 +51,39 @@ def _tokens(evs) -> list[int]:
     return [e.token_id for e in evs if e.token_id is not None]
 
 
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_int8_engine_decodes_per_slot_and_equals_whole_stack_generate(model, mode):
+    """INT8 weights: the engine's decode steps (≤ 3 rows × K = 2 < E = 8 slots) take the per-slot expert
+    gather, its prefill chunks (8 tokens) the whole (grouped, as on the GPU) stack; the tokens equal
+    generate() forced onto the whole stack (the path before the per-slot gather existed)."""
+    import copy
+
+    from moeflow.models.quant import Int8RoutedExperts, quantize_int8
+
+    q = copy.deepcopy(model)
+    quantize_int8(q)
+    for m in q.modules():
+        if isinstance(m, Int8RoutedExperts):
+            m.use_grouped_mm = True  # the GPU's whole-stack path, beside which auto takes the per-slot gather
+    prompts = _prompts((3, 17, 1, 9))
+    engine = Engine(q, max_batch=3, prefill_chunk=8, decode_mode=mode)
+    for i, prompt in enumerate(prompts):
+        engine.add(f"r{i}", prompt, SamplingParams(max_tokens=16, **GREEDY))
+    calls = []
+    layer = next(m for m in q.modules() if isinstance(m, Int8RoutedExperts))
+    slot_path = layer._slot_path
+    layer._slot_path = lambda x, idx: calls.append(slot_path(x, idx)) or calls[-1]
+    with torch.inference_mode():
+        events = _drain(engine)
+    assert True in calls and False in calls  # both paths ran
+    Int8RoutedExperts.use_slot_gather = False
+    try:
+        for i, prompt in enumerate(prompts):
+            assert _tokens(events[f"r{i}"]) == generate(q, [prompt], 16).tokens[0], f"request {i}"
+    finally:
+        Int8RoutedExperts.use_slot_gather = None
+
+
 @pytest.mark.parametrize("mode,overlap", [("eager", False), ("static", False), ("eager", True), ("static", True)])
 def test_greedy_equals_generate_with_joins_chunks_and_compaction(model, mode, overlap):
     lengths = (3, 17, 1, 30, 9, 24)
@@ -145,6 +178,30 @@ def test_cuda_graph_engine_equals_generate_on_the_gpu(model):
         engine.add(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
     events = _drain(engine)
     assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30 and engine.slots.num_compactions >= 1
+    for i, p in enumerate(prompts):
+        assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_cuda_graph_engine_equals_generate_on_the_gpu(model):
+    """The INT8 model (bf16 activations) on the GPU: the captured decode steps (≤ 3 rows × K = 2 < E = 8 slots:
+    the per-slot expert gather inside the graphs) against generate() on the same model, token for token."""
+    from moeflow.models.quant import Int8RoutedExperts, quantize_int8
+
+    gpu = MoETransformer(model.cfg).to("cuda", torch.bfloat16).eval()
+    gpu.load_state_dict(model.state_dict())
+    quantize_int8(gpu)
+    layer = next(m for m in gpu.modules() if isinstance(m, Int8RoutedExperts))
+    prompts = _prompts((3, 17, 1, 30, 9, 24))
+    engine = Engine(gpu, max_batch=3, prefill_chunk=8, cache_len=65)
+    assert engine.decode_mode == "graph"
+    x = torch.zeros(3, model.cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    assert layer._slot_path(x, torch.zeros(3, model.cfg.num_experts_per_tok, dtype=torch.long, device="cuda"))
+    for i, p in enumerate(prompts):
+        engine.add(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
+    events = _drain(engine)
+    assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
     for i, p in enumerate(prompts):
         assert _tokens(events[f"r{i}"]) == generate(gpu, [p], 30).tokens[0], f"request {i}"
 
