@@ -34,6 +34,11 @@ class EngineConfig(StageConfig):
         "auto", description="launch each decode step before reading the previous one's tokens back, so the host's "
                             "per-token work overlaps the GPU's next step (one wasted row after a stop); "
                             "'auto' = on for CUDA, off on the CPU (nothing runs asynchronously there)")
+    process: bool = Field(
+        False, description="step the engine in a child process that loads the model (vLLM's engine core), so the "
+                           "engine's Python and the HTTP side do not share one GIL; the server process then holds "
+                           "no model. Requests in flight are bounded at max_batch + max_waiting; a dead child fails "
+                           "its requests and is restarted (platform/serve/engine_proc.py)")
 
 
 class ServedModel(StageConfig):

@@ -15,6 +15,9 @@ cancels its request in the engine, which frees the slot at the next step.
 
 If a step raises (a bug, an out-of-memory), every request in flight gets an ``EngineFailed``
 instead of hanging, and the engine is rebuilt from its factory so later requests are served.
+
+``EventStreams`` (the consumer half: streams, hand-over, failure) is shared with ``engine_proc.ProcessEngine``,
+which steps the engine in a child process instead of a thread.
 """
 
 from __future__ import annotations
@@ -55,37 +58,28 @@ def _push_all(items: list[tuple[_Stream, object]]) -> None:
         stream.push(item)
 
 
-class AsyncEngine:
-    def __init__(self, make_engine: Callable[[], Engine]) -> None:
-        self._make_engine = make_engine
-        self.engine = make_engine()
+class EventStreams:
+    """The consumer half that the thread engine and the process engine (engine_proc.py) share: the streams of
+    the requests in flight, keyed by request id, and the hand-over of a step's events to their loops.
+
+    A subclass queues a request in its engine inside ``_open``'s ``submit`` and forgets one in ``_abandon`` (the
+    consumer stopped iterating before the request finished)."""
+
+    def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = False
-        self.num_steps = 0
-        self._thread = threading.Thread(target=self._run, name="moeflow-engine", daemon=True)
-        self._thread.start()
 
-    # ------------------------------------------------------------------ consumer side
-    def open(self, prompt_ids: Sequence[int], params: SamplingParams,
-             request_id: str | None = None) -> AsyncIterator[list[TokenOutput]]:
-        """Queue a request now (RequestError / EngineOverloaded raise here) and return its stream of event lists.
-
-        Call from a coroutine and iterate the result: leaving the iteration early (break, an
-        exception, ``aclose``, task cancellation) cancels the request in the engine.
-        """
-        rid = request_id or uuid.uuid4().hex
+    def _open(self, rid: str, submit: Callable[[], None]) -> AsyncIterator[list[TokenOutput]]:
+        """Register ``rid``'s stream, then ``submit()`` it (whatever that raises propagates, the stream dropped)."""
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             self._streams[rid] = stream
         try:
-            self.engine.add(rid, prompt_ids, params)
+            submit()
         except BaseException:
             with self._lock:
                 self._streams.pop(rid, None)
             raise
-        self._wake.set()
         return self._events(rid, stream)
 
     async def _events(self, rid: str, stream: _Stream) -> AsyncIterator[list[TokenOutput]]:
@@ -110,8 +104,63 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(rid, None)
             if not finished:
-                self.engine.cancel(rid)
-                self._wake.set()
+                self._abandon(rid)
+
+    def _abandon(self, rid: str) -> None:
+        raise NotImplementedError
+
+    def _deliver_events(self, events: Sequence[TokenOutput]) -> None:
+        with self._lock:
+            deliver([(self._streams.get(ev.request_id), ev) for ev in events])
+
+    def _fail(self, err: BaseException, rids=None) -> None:
+        """``err`` to the streams of ``rids`` (default: every stream)."""
+        with self._lock:
+            deliver([(s, err) for rid, s in self._streams.items() if rids is None or rid in rids])
+
+
+def deliver(items: list[tuple[_Stream | None, object]]) -> None:
+    """One hand-over per event loop for all of ``items`` (a stream gone already is skipped)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, item in items:
+        if stream is not None:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_push_all, batch)
+        except RuntimeError:  # the consumer's loop is closed
+            pass
+
+
+class AsyncEngine(EventStreams):
+    """The engine stepped by a daemon thread of this process (the default; ``ProcessEngine`` is the opt-in)."""
+
+    def __init__(self, make_engine: Callable[[], Engine]) -> None:
+        super().__init__()
+        self._make_engine = make_engine
+        self.engine = make_engine()
+        self._wake = threading.Event()
+        self._stop = False
+        self.num_steps = 0
+        self._thread = threading.Thread(target=self._run, name="moeflow-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ consumer side
+    def open(self, prompt_ids: Sequence[int], params: SamplingParams,
+             request_id: str | None = None) -> AsyncIterator[list[TokenOutput]]:
+        """Queue a request now (RequestError / EngineOverloaded raise here) and return its stream of event lists.
+
+        Call from a coroutine and iterate the result: leaving the iteration early (break, an
+        exception, ``aclose``, task cancellation) cancels the request in the engine.
+        """
+        rid = request_id or uuid.uuid4().hex
+        events = self._open(rid, lambda: self.engine.add(rid, prompt_ids, params))
+        self._wake.set()
+        return events
+
+    def _abandon(self, rid: str) -> None:
+        self.engine.cancel(rid)
+        self._wake.set()
 
     def stats(self) -> dict:
         return {"running": self.engine.num_running(), "waiting": self.engine.num_waiting(), "steps": self.num_steps}
@@ -133,26 +182,8 @@ class AsyncEngine:
                 self.num_steps += 1
             except Exception as err:  # noqa: BLE001 - every request must hear about it
                 log.exception("engine step failed; failing the requests in flight and rebuilding the engine")
-                self._fail_all(EngineFailed(f"engine step failed: {type(err).__name__}: {err}"))
+                self._fail(EngineFailed(f"engine step failed: {type(err).__name__}: {err}"))
                 self.engine = self._make_engine()
                 continue
             if events:
-                with self._lock:
-                    self._deliver([(self._streams.get(ev.request_id), ev) for ev in events])
-
-    @staticmethod
-    def _deliver(items: list[tuple[_Stream | None, object]]) -> None:
-        """One hand-over per event loop for all of ``items`` (a stream gone already is skipped)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, item in items:
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_push_all, batch)
-            except RuntimeError:  # the consumer's loop is closed
-                pass
-
-    def _fail_all(self, err: BaseException) -> None:
-        with self._lock:
-            self._deliver([(s, err) for s in self._streams.values()])
+                self._deliver_events(events)
