@@ -16,6 +16,7 @@
 # INT8 rows: INT8=1 (adds ~1 min: engine INT8 rows, perplexity, INT8 HTTP server).
 # MODES=graph,graph+sync,... picks the engine rows (+compile: inductor step, +sync: the engine's overlap off);
 # OVERLAP_PEER=1 adds each bf16 HTTP server with the overlap off, same run; LEVELS=1,8,32,128 the stream counts.
+# PROCESS_PEER=1 adds each bf16 HTTP server with the engine in its own process (EngineConfig.process), same run.
 set -u
 WHL=${WHL:-.whl}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHL/*.whl || exit 1
@@ -33,6 +34,6 @@ timeout ${T_DECODE:-180} python3 benchmarks/bench_decode.py --engine --engine-on
   --repeats 1 --ppl-seqs ${PPL_SEQS:-8} --ppl-len ${PPL_LEN:-128} --out $OUT/decode.jsonl 2>&1 | grep -v Warning | tee $OUT/decode.log | tail -22
 echo "decode: $(( $(date +%s) - T )) s" | tee -a $OUT/device.txt
 timeout ${T_HTTP:-180} python3 benchmarks/bench_serve.py http ${INT8:+--int8} --compile ${COMPILE:-both} --tokenizer "$TOKENIZER" \
-  ${OVERLAP_PEER:+--overlap-peer} ${LEVELS:+--levels $LEVELS} \
+  ${OVERLAP_PEER:+--overlap-peer} ${PROCESS_PEER:+--process-peer} ${LEVELS:+--levels $LEVELS} \
   --duration ${DURATION:-3} --new ${NEW:-64} --out $OUT/serve.jsonl 2>&1 | grep -v -e Warning -e "Loading weights" | tee $OUT/serve.log | tail -20
 echo "http: $(( $(date +%s) - T )) s" | tee -a $OUT/device.txt
