@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's GPU run, ONE call on the lent GPU (about 7 minutes), from the repo root (logs and JSONL under $OUT,
 # 7 files):
-#   1. the GPU tests of the serving engine: CUDA-graph decode == generate, and the COMPILED step in CUDA
+#   1. the GPU tests of the serving engine: CUDA-graph decode == generate (also with the engine in its own
+#      process, tests/test_serve_engine_proc.py), and the COMPILED step in CUDA
 #      graphs == generate, token for token (tests/test_serve_engine.py -m gpu);
 #   2. bench_decode.py --engine --engine-compile: the serving engine alone at batch 1 and 32 with MBU,
 #      rows "engine graph" (eager step captured), "engine graph+compile" (inductor step captured) and
@@ -27,7 +28,7 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor TRITON_CACHE_DIR=/tmp/triton
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/device.txt
 python3 -c "import torch, transformers, sys; print('torch', torch.__version__, 'transformers', transformers.__version__, 'python', sys.version.split()[0])" | tee -a $OUT/device.txt
 T=$(date +%s)
-timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_serve_engine.py tests/test_quant.py 2>&1 | tail -15 | tee $OUT/gpu_tests.log
+timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_serve_engine.py tests/test_serve_engine_proc.py tests/test_quant.py 2>&1 | tail -15 | tee $OUT/gpu_tests.log
 echo "tests: $(( $(date +%s) - T )) s" | tee -a $OUT/device.txt
 timeout ${T_DECODE:-180} python3 benchmarks/bench_decode.py --engine --engine-only --engine-compile ${INT8:+--int8} --impls "moeflow cached" \
   ${MODES:+--engine-modes $MODES} \

@@ -11,10 +11,10 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 import torch
 
@@ -34,8 +34,15 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _children() -> set[int]:
-    """Pids of this process's children, zombies included (a child not reaped yet is still listed)."""
-    return {p.pid for p in psutil.Process().children()}
+    """Pids of this process's children, zombies included (a child not reaped yet is still listed); /proc, as the
+    GPU image may lack psutil."""
+    out = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            out.update(int(k) for k in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +266,34 @@ def test_close_fails_what_is_in_flight_and_leaves_no_child():
 
     asyncio.run(run())
     assert pid not in _children() and not engine._reader.is_alive()
+
+
+# ---------------------------------------------------------------- GPU: CUDA in the spawned child
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_process_engine_serves_generate_greedy_output_on_the_gpu(tmp_path):
+    """bf16 on CUDA, graph decode with overlap (CUDA's defaults), the model in the child: greedy == generate."""
+    d = make_model_dir(tmp_path / "m")
+    spec = ServedModel(name="tiny", version="1", model_dir=str(d),
+                       engine={"max_batch": 4, "prefill_chunk": 16, "process": True, "dtype": "bfloat16",
+                               "device": "cuda"})
+    server = ModelServer(spec)
+    try:
+        assert server.model is None and server.loop.info["decode_mode"] == "graph" and server.loop.info["overlap"]
+        model = load_model(spec)
+        tok = server.tokenizer
+        prompts = [tok.encode(t, add_bos=True) for t in ("def add(a, b):", "for i in", "the quick", "x")]
+
+        async def one(ids):
+            return [t async for ev in server.generate({"prompt": ids, "params": {"max_tokens": 40, "temperature": 0}})
+                    if ev["kind"] == "token" for t in ev["token_ids"]]
+
+        async def run():
+            return await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), 120)
+
+        for ids, got in zip(prompts, asyncio.run(run())):
+            assert got == generate(model, [ids], 40, stop_token_ids=[tok.eos_id]).tokens[0]
+    finally:
+        pid = server.loop.pid
+        server.close()
+    assert pid not in _children()
