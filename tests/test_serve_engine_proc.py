@@ -135,6 +135,27 @@ def test_a_client_that_disconnects_frees_its_slot(stack):
     assert stack["gw"].inflight == 0
 
 
+def test_a_generate_closed_at_accepted_leaves_the_engine(stack):
+    """The gateway closes a replica stream right after "accepted" when the client left (or a sibling choice
+    failed): the request must leave the engine then, not run to max_tokens in a slot nobody reads."""
+    server = stack["server"]
+
+    async def run():
+        agen = server.generate({"prompt": "def", "params": {"max_tokens": 100, "temperature": 1.0, "seed": 2}})
+        assert (await agen.__anext__())["kind"] == "accepted"
+        await asyncio.sleep(0.2)  # it runs in the child meanwhile
+        assert server.loop.stats()["running"] + server.loop.stats()["waiting"] == 1
+        steps = server.loop.stats()["steps"]
+        await agen.aclose()
+        deadline = time.time() + 10
+        while server.loop.stats()["running"] and time.time() < deadline:
+            await asyncio.sleep(0.02)
+        return steps
+
+    steps = asyncio.run(run())
+    assert server.loop.stats()["running"] == 0 and server.loop.stats()["steps"] - steps < 60
+
+
 def test_a_killed_child_fails_its_streams_then_a_new_one_serves(stack):
     server = stack["server"]
     old = server.loop.pid
@@ -234,6 +255,32 @@ def test_a_cancelled_request_leaves_the_child_engine(scripted):
 
     asyncio.run(run())
     assert scripted.stats()["running"] == 0
+
+
+@pytest.mark.parametrize("engine", ["thread", "process"])
+def test_a_request_left_before_its_first_event_is_cancelled(scripted, engine):
+    """Closed or dropped before its first ``__anext__`` (an async generator would never run its cleanup then)."""
+    from moeflow.platform.serve.engine_loop import AsyncEngine
+
+    loop = scripted if engine == "process" else AsyncEngine(lambda: ScriptedEngine(0.02, 2))
+
+    async def run():
+        closed = loop.open([30], SamplingParams(max_tokens=10_000))
+        dropped = loop.open([40], SamplingParams(max_tokens=10_000))
+        await asyncio.sleep(0.1)  # both running now: 2 slots
+        closed.close()
+        del dropped
+        deadline = time.time() + 10
+        while loop.stats()["running"] and time.time() < deadline:
+            await asyncio.sleep(0.02)
+        assert loop.stats()["running"] == 0
+        return await asyncio.wait_for(_collect(loop.open([1], SamplingParams(max_tokens=2))), 10)
+
+    try:
+        assert [ev.token_id for ev in asyncio.run(run())] == [2, 3]
+    finally:
+        if engine == "thread":
+            loop.close()
 
 
 def test_a_failing_step_fails_its_requests_and_the_child_rebuilds_its_engine(scripted):

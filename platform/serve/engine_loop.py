@@ -69,7 +69,7 @@ class EventStreams:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
 
-    def _open(self, rid: str, submit: Callable[[], None]) -> AsyncIterator[list[TokenOutput]]:
+    def _open(self, rid: str, submit: Callable[[], None]) -> "RequestEvents":
         """Register ``rid``'s stream, then ``submit()`` it (whatever that raises propagates, the stream dropped)."""
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
@@ -77,34 +77,18 @@ class EventStreams:
         try:
             submit()
         except BaseException:
-            with self._lock:
-                self._streams.pop(rid, None)
+            self._forget(rid)
             raise
-        return self._events(rid, stream)
+        return RequestEvents(self, rid, stream)
 
-    async def _events(self, rid: str, stream: _Stream) -> AsyncIterator[list[TokenOutput]]:
-        finished = False
-        try:
-            while True:
-                if not stream.items:
-                    stream.waiter = stream.loop.create_future()
-                    await stream.waiter
-                    stream.waiter = None
-                batch, stream.items = stream.items, []
-                failed = next((i for i, ev in enumerate(batch) if isinstance(ev, BaseException)), None)
-                if failed is not None:
-                    if failed:
-                        yield batch[:failed]
-                    raise batch[failed]
-                finished = batch[-1].finish_reason is not None  # a request's finishing event is its last
-                yield batch
-                if finished:
-                    return
-        finally:
-            with self._lock:
-                self._streams.pop(rid, None)
-            if not finished:
-                self._abandon(rid)
+    def _forget(self, rid: str) -> None:
+        with self._lock:
+            self._streams.pop(rid, None)
+
+    def _leave(self, rid: str) -> None:
+        """The consumer left before ``rid`` finished: drop its stream, cancel it in the engine."""
+        self._forget(rid)
+        self._abandon(rid)
 
     def _abandon(self, rid: str) -> None:
         raise NotImplementedError
@@ -117,6 +101,67 @@ class EventStreams:
         """``err`` to the streams of ``rids`` (default: every stream)."""
         with self._lock:
             deliver([(s, err) for rid, s in self._streams.items() if rids is None or rid in rids])
+
+
+class RequestEvents:
+    """What ``open`` returns: the async iterator of one request's event lists (see the module docstring).
+
+    Leaving before the request finished cancels it in the engine: ``close()`` / ``aclose()``, an exception or
+    a cancellation while waiting, or dropping the iterator. A class, not an async generator: a generator closed
+    before its first ``__anext__`` never runs its ``finally``, so a request whose consumer left at once (its
+    ``ModelServer.generate`` closed at the "accepted" event) kept its slot until ``max_tokens``."""
+
+    __slots__ = ("_owner", "_rid", "_stream", "_done")
+
+    def __init__(self, owner: EventStreams, rid: str, stream: _Stream) -> None:
+        self._owner, self._rid, self._stream, self._done = owner, rid, stream, False
+
+    def __aiter__(self) -> "RequestEvents":
+        return self
+
+    async def __anext__(self) -> list[TokenOutput]:
+        if self._done:
+            raise StopAsyncIteration
+        stream = self._stream
+        if not stream.items:
+            stream.waiter = stream.loop.create_future()
+            try:
+                await stream.waiter
+            except BaseException:  # cancelled while waiting: the consumer is gone
+                self.close()
+                raise
+            finally:
+                stream.waiter = None
+        batch, stream.items = stream.items, []
+        failed = next((i for i, ev in enumerate(batch) if isinstance(ev, BaseException)), None)
+        if failed is not None:
+            if failed:  # the events before the error first, the error on the next call
+                stream.items = batch[failed:]
+                return batch[:failed]
+            self.close()
+            raise batch[0]
+        if batch[-1].finish_reason is not None:  # a request's finishing event is its last
+            self._done = True
+            self._owner._forget(self._rid)
+        return batch
+
+    def close(self) -> None:
+        """Leave: the request is cancelled in the engine unless it has finished (idempotent)."""
+        if not self._done:
+            self._done = True
+            self._owner._leave(self._rid)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._done:
+            return
+        # on the loop, not here: a garbage collection may run this in any thread, inside a lock it would take
+        try:
+            self._stream.loop.call_soon_threadsafe(self._owner._leave, self._rid)
+        except RuntimeError:  # the loop is closed: nothing runs on it any more
+            self._owner._leave(self._rid)
 
 
 def deliver(items: list[tuple[_Stream | None, object]]) -> None:
@@ -147,11 +192,11 @@ class AsyncEngine(EventStreams):
 
     # ------------------------------------------------------------------ consumer side
     def open(self, prompt_ids: Sequence[int], params: SamplingParams,
-             request_id: str | None = None) -> AsyncIterator[list[TokenOutput]]:
+             request_id: str | None = None) -> RequestEvents:
         """Queue a request now (RequestError / EngineOverloaded raise here) and return its stream of event lists.
 
-        Call from a coroutine and iterate the result: leaving the iteration early (break, an
-        exception, ``aclose``, task cancellation) cancels the request in the engine.
+        Call from a coroutine and iterate the result: leaving it before the request finished (``close``,
+        ``aclose``, dropping it, a cancellation while it waits) cancels the request in the engine.
         """
         rid = request_id or uuid.uuid4().hex
         events = self._open(rid, lambda: self.engine.add(rid, prompt_ids, params))

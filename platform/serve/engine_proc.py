@@ -45,10 +45,10 @@ import os
 import threading
 import traceback
 import uuid
-from typing import AsyncIterator, Callable, Sequence
+from typing import Callable, Sequence
 
 from ...models.serving import EngineOverloaded, SamplingParams, TokenOutput, check_request
-from .engine_loop import EngineFailed, EventStreams
+from .engine_loop import EngineFailed, EventStreams, RequestEvents
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ProcessEngine(EventStreams):
 
     # ------------------------------------------------------------------ consumer side
     def open(self, prompt_ids: Sequence[int], params: SamplingParams,
-             request_id: str | None = None) -> AsyncIterator[list[TokenOutput]]:
+             request_id: str | None = None) -> RequestEvents:
         """Queue a request now (RequestError / EngineOverloaded / EngineFailed raise here) and return its stream
         of event lists; leaving the iteration early cancels the request in the child (see ``AsyncEngine.open``)."""
         rid = request_id or uuid.uuid4().hex

@@ -152,10 +152,10 @@ class ModelServer:
         except EngineFailed as err:  # the process engine has no child to queue it in
             yield _error(500, str(err), code="engine_failed", type_="server_error")
             return
-        yield {"kind": "accepted", "num_prompt_tokens": len(ids), "prompt_ids": ids, "prompt_text": prompt_text,
-               "replica": self.replica}
         want_strings = params.logprobs is not None or params.prompt_logprobs is not None
         try:
+            yield {"kind": "accepted", "num_prompt_tokens": len(ids), "prompt_ids": ids, "prompt_text": prompt_text,
+                   "replica": self.replica}
             async for batch in events:
                 cancelled = batch[-1].token_id is None and batch[-1].finish_reason == "cancelled"
                 if cancelled:
@@ -166,6 +166,8 @@ class ModelServer:
                     return
         except EngineFailed as err:
             yield _error(500, str(err), code="engine_failed", type_="server_error")
+        finally:  # closed early (the client left, even at "accepted"): the request leaves the engine now
+            events.close()
 
     def _prepare(self, payload: dict) -> tuple[list[int], str, SamplingParams]:
         p = dict(payload.get("params") or {})
