@@ -583,8 +583,8 @@ def http_main(args) -> None:
                 duration = args.duration if label.startswith("moeflow") else args.baseline_duration
                 cpu0, main0 = _tree_cpu_s(proc.pid)
                 row = {"bench": "http", "server": label, "preset": args.preset, "prompt_len": args.prompt,
-                       "max_tokens": args.new, "stub_step_ms": args.stub_step_ms, **asyncio.run(run_level(base, c, duration, args.prompt, args.new,
-                                                                       vocab, c))}
+                       "max_tokens": args.new, "stub_step_ms": args.stub_step_ms,
+                       **asyncio.run(run_level(base, c, duration, args.prompt, args.new, vocab, c))}
                 cpu1, main1 = _tree_cpu_s(proc.pid)
                 row["server_cpu_ms_per_token"] = round(1000 * (cpu1 - cpu0) / max(1, row["completion_tokens"]), 3)
                 row["main_cpu_ms_per_token"] = round(1000 * (main1 - main0) / max(1, row["completion_tokens"]), 3)
