@@ -13,8 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
 import torch
 
@@ -64,6 +62,8 @@ def stack(tmp_path_factory, one_cpu_thread):
 
 @pytest.fixture
 def client(stack):
+    import openai  # here, not at the top: the GPU image runs this file's gpu test and may lack the client
+
     return openai.OpenAI(base_url=stack["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
@@ -121,6 +121,8 @@ def test_a_client_that_disconnects_frees_its_slot(stack):
     loop = stack["server"].loop
     body = {"model": "tiny", "prompt": "def", "max_tokens": 100, "stream": True, "temperature": 1.0, "seed": 1,
             "stop": []}
+    import httpx
+
     with httpx.stream("POST", stack["url"] + "/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
         it = r.iter_lines()
