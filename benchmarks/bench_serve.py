@@ -33,6 +33,11 @@ servers run the gateway's ASGI app in one uvicorn process with the backend in pr
 released, as while the GPU runs) and gives every running request one token, so the server's CPU is the
 serving side alone (gateway, SSE, metrics, the engine thread's hand-over) and its ideal rate is slots / S.
 
+``--process-peer`` adds the process-engine twin (``EngineConfig.process``: the engine stepped in a child
+process, platform/serve/engine_proc.py) of each bf16 ``moeflow`` server, stub engine included (the stub then
+steps in the child), rows labelled ``process``, same run. Server CPU ms / token counts the server process and
+its children (the engine's process); ``main_cpu_ms_per_token`` the server process alone (the HTTP side's core).
+
 ``--engine-peer`` adds, per level C, the engine alone (no HTTP, no asyncio: ``Engine.step`` in a loop) on
 the same export and settings, C requests at once, each ``--new`` tokens: the gap between it and the API
 row is what the serving side costs. ``--old-pythonpath P`` serves a second ``moeflow`` server from the
@@ -283,7 +288,7 @@ class StubEngine:
         self.inbox: deque = deque()
         self.cancelled: set[str] = set()
         self.running: dict[str, list] = {}  # id -> [max_tokens, made]
-        self.context_len = 1 << 20
+        self.context_len, self.vocab_size, self.decode = 1 << 20, 1 << 30, None
         self.decode_mode, self.static = "stub", None
 
     def add(self, request_id, prompt_ids, params) -> None:
@@ -327,6 +332,13 @@ class StubEngine:
         return out
 
 
+def stub_engine_setup(max_batch: int, step_ms: float):
+    """``ProcessEngine``'s setup of a ``StubEngine`` in the child (module level: it is pickled into the child)."""
+    import functools
+
+    return functools.partial(StubEngine, max_batch, step_ms)
+
+
 # ============================================================================ one server process
 def server_main(args) -> None:
     import uvicorn
@@ -344,14 +356,27 @@ def server_main(args) -> None:
                            engine={"max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
                                    "context_len": args.context, "dtype": args.dtype, "device": args.device,
                                    "quantize": args.quantize, "max_waiting": 4096,
-                                   "overlap": args.overlap, "gil_switch_ms": args.gil_switch_ms,
+                                   "overlap": args.overlap, "gil_switch_ms": args.gil_switch_ms, "process": args.process,
                                    **({"compile": "inductor"} if args.compile else {})})
         server = ModelServer(spec)
-        if args.stub_step_ms:
+        if args.stub_step_ms and args.process:
+            import functools
+
+            from moeflow.platform.serve.engine_proc import ProcessEngine
+
+            server.loop.close()
+            server.loop = ProcessEngine(functools.partial(stub_engine_setup, args.max_batch, args.stub_step_ms),
+                                        max_batch=args.max_batch, max_waiting=4096)
+        elif args.stub_step_ms:
             server.loop.engine = StubEngine(args.max_batch, args.stub_step_ms)
-        info = {"stub_step_ms": args.stub_step_ms, "decode_mode": server.loop.engine.decode_mode,
-                "overlap": getattr(server.loop.engine, "overlap", None),
-                "graphs": server.loop.engine.static.num_graphs if server.loop.engine.static else 0}
+        if args.process:
+            i = server.loop.info
+            info = {"stub_step_ms": args.stub_step_ms, "decode_mode": i["decode_mode"], "overlap": i["overlap"],
+                    "graphs": i["num_graphs"], "engine_pid": i["pid"]}
+        else:
+            info = {"stub_step_ms": args.stub_step_ms, "decode_mode": server.loop.engine.decode_mode,
+                    "overlap": getattr(server.loop.engine, "overlap", None),
+                    "graphs": server.loop.engine.static.num_graphs if server.loop.engine.static else 0}
     else:
         server = HFGenerateServer(args.model_dir, args.device, dtype, args.max_batch)
         info = {}
@@ -466,8 +491,32 @@ def engine_peer(model_dir: Path, args, concurrency: int, vocab: int) -> dict:
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``): what the server spent, whatever
     else the machine runs, so the API's cost per token can be compared with the engine's on a loaded machine."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone meanwhile
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s children, grandchildren, ... (``/proc/<pid>/task/<tid>/children``)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _tree_cpu_s(pid: int) -> tuple[float, float]:
+    """(CPU seconds of ``pid`` and its descendants — a process engine's child too —, of ``pid`` alone)."""
+    own = _cpu_s(pid)
+    return own + sum(_cpu_s(k) for k in _descendants(pid)), own
 
 
 def wait_healthy(base: str, proc, timeout: float) -> None:
@@ -499,22 +548,24 @@ def http_main(args) -> None:
     vocab = ModelConfig.preset(args.preset).vocab_size
     levels = [int(x) for x in args.levels.split(",")]
     compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
-    servers = [(b, q, None, c, "auto", None) for b in args.backends.split(",") if b
+    servers = [(b, q, None, c, "auto", None, False) for b in args.backends.split(",") if b
                for q in (["none", "int8"] if (b == "moeflow" and args.int8) else ["none"])
                for c in (compiled if (b == "moeflow" and q == "none") else [False])]
     bf16_ours = [s for s in servers if s[0] == "moeflow" and s[1] == "none"]
     if args.overlap_peer:  # the same bf16 servers with the overlap off, in the same run
-        servers += [(b, q, p, c, "off", None) for b, q, p, c, _, _ in bf16_ours]
+        servers += [(b, q, p, c, "off", None, False) for b, q, p, c, _, _, _ in bf16_ours]
     if args.gil_switch_peer:  # ... and with a shorter GIL switch interval
-        servers += [(b, q, p, c, o, args.gil_switch_peer) for b, q, p, c, o, _ in bf16_ours]
+        servers += [(b, q, p, c, o, args.gil_switch_peer, False) for b, q, p, c, o, _, _ in bf16_ours]
+    if args.process_peer:  # ... and with the engine in its own process
+        servers += [(b, q, p, c, o, None, True) for b, q, p, c, o, _, _ in bf16_ours]
     if args.old_pythonpath:
-        servers.append(("moeflow", "none", args.old_pythonpath, False, "auto", None))
+        servers.append(("moeflow", "none", args.old_pythonpath, False, "auto", None, False))
     procs = {}
     rows = []
     try:
         # every server loads at once (one GPU holds them all); the load then runs on one at a time,
         # level by level, so each level's rows of every server come from the same minutes of the run
-        for backend, quantize, pythonpath, compile_, overlap, switch_ms in servers:
+        for backend, quantize, pythonpath, compile_, overlap, switch_ms, process in servers:
             port = _free_port()
             cmd = [sys.executable, __file__, "server", "--backend", backend, "--model-dir", str(model_dir),
                    "--port", str(port), "--device", args.device, "--dtype", args.dtype, "--max-batch",
@@ -522,8 +573,10 @@ def http_main(args) -> None:
                    "--quantize", quantize, "--stub-step-ms", str(args.stub_step_ms)] + (["--compile"] if compile_ else [])
             cmd += ["--overlap", overlap] if not pythonpath else []
             cmd += ["--gil-switch-ms", str(switch_ms)] if switch_ms else []
+            cmd += ["--process"] if process else []
             label = (backend + ("" if quantize == "none" else f" {quantize}") + (" compiled" if compile_ else "")
                      + (" no-overlap" if overlap == "off" else "") + (f" switch {switch_ms} ms" if switch_ms else "")
+                     + (" process" if process else "")
                      + (" (old)" if pythonpath else ""))
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
             procs[label] = (subprocess.Popen(cmd, env=env), f"http://127.0.0.1:{port}")
@@ -533,12 +586,13 @@ def http_main(args) -> None:
         for c in levels:
             for label, (proc, base) in procs.items():
                 duration = args.duration if label.startswith("moeflow") else args.baseline_duration
-                cpu0 = _cpu_s(proc.pid)
+                cpu0, main0 = _tree_cpu_s(proc.pid)
                 row = {"bench": "http", "server": label, "preset": args.preset, "prompt_len": args.prompt,
-                       "max_tokens": args.new, **asyncio.run(run_level(base, c, duration, args.prompt, args.new,
-                                                                       vocab, c))}
-                row["server_cpu_ms_per_token"] = round(1000 * (_cpu_s(proc.pid) - cpu0)
-                                                       / max(1, row["completion_tokens"]), 3)
+                       "max_tokens": args.new, "stub_step_ms": args.stub_step_ms,
+                       **asyncio.run(run_level(base, c, duration, args.prompt, args.new, vocab, c))}
+                cpu1, main1 = _tree_cpu_s(proc.pid)
+                row["server_cpu_ms_per_token"] = round(1000 * (cpu1 - cpu0) / max(1, row["completion_tokens"]), 3)
+                row["main_cpu_ms_per_token"] = round(1000 * (main1 - main0) / max(1, row["completion_tokens"]), 3)
                 log(json.dumps(row))
                 _write(args.out, [row])
                 rows.append(row)
@@ -556,11 +610,12 @@ def http_main(args) -> None:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    log("\n| server | streams | tok/s | server CPU ms / token | TTFT p50 / p99 ms | ITL p50 / p99 ms | tokens per chunk "
-        "| requests | errors |")
+    log("\n| server | streams | tok/s | server CPU ms / token (all / main process) | TTFT p50 / p99 ms "
+        "| ITL p50 / p99 ms | tokens per chunk | requests | errors |")
     log("| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        log(f"| {r['server']} | {r['concurrency']} | {r['tok_s']:,.0f} | {r.get('server_cpu_ms_per_token')} | "
+        log(f"| {r['server']} | {r['concurrency']} | {r['tok_s']:,.0f} | {r.get('server_cpu_ms_per_token')} / "
+            f"{r.get('main_cpu_ms_per_token')} | "
             f"{r.get('ttft_p50_ms')} / {r.get('ttft_p99_ms')} | "
             f"{r.get('itl_p50_ms')} / {r.get('itl_p99_ms')} | {r.get('tokens_per_chunk')} | {r['requests']} | "
             f"{r['errors']} |")
@@ -610,6 +665,7 @@ def main(argv=None) -> None:
             h.add_argument("--compile", action="store_true", help="the engine's decode step compiled (inductor)")
             h.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="EngineConfig.overlap")
             h.add_argument("--gil-switch-ms", type=float, default=None, help="EngineConfig.gil_switch_ms")
+            h.add_argument("--process", action="store_true", help="EngineConfig.process: the engine in a child process")
             h.add_argument("--stub-step-ms", type=float, default=0.0)
             h.add_argument("--backend", required=True, choices=["moeflow", "transformers"])
             h.add_argument("--model-dir", required=True)
@@ -627,6 +683,8 @@ def main(argv=None) -> None:
                            help="also each bf16 moeflow server with EngineConfig.gil_switch_ms = MS (same run)")
             h.add_argument("--overlap-peer", action="store_true",
                            help="also each bf16 moeflow server with EngineConfig.overlap off (same run)")
+            h.add_argument("--process-peer", action="store_true",
+                           help="also each bf16 moeflow server with the engine in its own process (same run)")
             h.add_argument("--tokenizer", default=None, help="tokenizer.json of the model's vocabulary")
             h.add_argument("--start-timeout", type=float, default=300)
             h.add_argument("--smoke", action="store_true")

@@ -63,3 +63,74 @@ class LoopbackServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class ScriptedEngine:
+    """The ``Engine`` API that the serving loops use, without a model, for the process engine's tests: every
+    ``step_s`` each running request gets its next token (prompt[0] + 1, + 2, ...), up to ``max_batch`` run at
+    once, the rest wait; ``max_tokens`` ends one. A step while a request whose prompt starts with ``POISON``
+    runs raises, as a failing model step would."""
+
+    POISON = 13
+
+    def __init__(self, step_s: float, max_batch: int) -> None:
+        from collections import deque
+
+        self.step_s, self.max_batch = step_s, max_batch
+        self.context_len, self.vocab_size, self.decode = 1 << 20, 1000, None
+        self.lock = threading.Lock()
+        self.inbox: deque = deque()
+        self.cancelled: set[str] = set()
+        self.running: dict[str, list] = {}  # id -> [first token, max_tokens, made]
+
+    def add(self, request_id, prompt_ids, params) -> None:
+        with self.lock:
+            self.inbox.append((request_id, prompt_ids[0], params.max_tokens))
+
+    def cancel(self, request_id) -> None:
+        with self.lock:
+            self.cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        with self.lock:
+            return bool(self.inbox or self.running or self.cancelled)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def num_waiting(self) -> int:
+        return len(self.inbox)
+
+    def step(self):
+        from moeflow.models.serving import TokenOutput
+
+        out = []
+        with self.lock:
+            cancelled, self.cancelled = self.cancelled, set()
+            for rid in [r for r in self.inbox if r[0] in cancelled]:
+                self.inbox.remove(rid)
+                out.append(TokenOutput(rid[0], None, finish_reason="cancelled"))
+            while self.inbox and len(self.running) < self.max_batch:
+                rid, first, n = self.inbox.popleft()
+                self.running[rid] = [first, n, 0]
+        for rid in cancelled & set(self.running):
+            del self.running[rid]
+            out.append(TokenOutput(rid, None, finish_reason="cancelled"))
+        if any(st[0] == self.POISON for st in self.running.values()):
+            raise RuntimeError("poisoned request")
+        time.sleep(self.step_s)
+        for rid, st in list(self.running.items()):
+            st[2] += 1
+            done = st[2] >= st[1]
+            out.append(TokenOutput(rid, st[0] + st[2], text="", finish_reason="length" if done else None,
+                                   num_generated=st[2]))
+            if done:
+                del self.running[rid]
+        return out
+
+
+def scripted_engine_setup(step_s: float, max_batch: int):
+    """``ProcessEngine``'s setup of a ``ScriptedEngine`` (module level: it is pickled into the child)."""
+    import functools
+
+    return functools.partial(ScriptedEngine, step_s, max_batch)

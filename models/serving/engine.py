@@ -92,6 +92,28 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
 
 
+def check_request(prompt_ids: Sequence[int], params: SamplingParams, *, vocab_size: int, context_len: int,
+                  can_decode: bool) -> list[int]:
+    """The prompt as a list of ints if an engine of these limits takes the request, else RequestError.
+
+    ``Engine.add`` runs it; so does the process engine's parent (platform/serve/engine_proc.py), so a bad
+    request is refused at once there without a round trip to the engine's process."""
+    prompt = [int(t) for t in prompt_ids]
+    params.check()
+    if not prompt:
+        raise RequestError("the prompt is empty")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"prompt token ids outside [0, {vocab_size}): {bad[:5]}")
+    if len(prompt) + params.max_tokens > context_len:
+        raise RequestError(f"this model's maximum context length is {context_len} tokens, but "
+                           f"{len(prompt) + params.max_tokens} were requested ({len(prompt)} in the prompt, "
+                           f"{params.max_tokens} for the completion)")
+    if params.stop and not can_decode:
+        raise RequestError("stop strings need an engine built with a decode function")
+    return prompt
+
+
 @dataclass
 class TokenOutput:
     """What one step produced for one request (one per request per step it took part in)."""
@@ -202,21 +224,10 @@ class Engine:
     # ------------------------------------------------------------------ thread-safe entry points
     def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Queue a request; raises RequestError / EngineOverloaded at once instead of failing later."""
-        prompt = [int(t) for t in prompt_ids]
-        params.check()
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(f"prompt token ids outside [0, {self.vocab_size}): {bad[:5]}")
-        if len(prompt) + params.max_tokens > self.context_len:
-            raise RequestError(f"this model's maximum context length is {self.context_len} tokens, but "
-                               f"{len(prompt) + params.max_tokens} were requested ({len(prompt)} in the prompt, "
-                               f"{params.max_tokens} for the completion)")
+        prompt = check_request(prompt_ids, params, vocab_size=self.vocab_size, context_len=self.context_len,
+                               can_decode=self.decode is not None)
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
         stream = TextStream(self._stream_decode, params.stop) if self.decode is not None else None
-        if params.stop and stream is None:
-            raise RequestError("stop strings need an engine built with a decode function")
         with self._lock:
             if len(self._inbox) + len(self._waiting) >= self.max_waiting:
                 raise EngineOverloaded(f"{self.max_waiting} requests are already waiting")

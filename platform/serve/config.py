@@ -39,6 +39,11 @@ class EngineConfig(StageConfig):
         description="the process's GIL switch interval in ms (sys.setswitchinterval; Python's default is 5): the "
                     "engine thread, back from waiting on the GPU, waits up to this long for the GIL while the "
                     "HTTP event loop runs Python, and the GPU idles meanwhile; None = leave it")
+    process: bool = Field(
+        False, description="step the engine in a child process that loads the model (vLLM's engine core), so the "
+                           "engine's Python and the HTTP side do not share one GIL; the server process then holds "
+                           "no model. Requests in flight are bounded at max_batch + max_waiting; a dead child fails "
+                           "its requests and is restarted (platform/serve/engine_proc.py)")
 
 
 class ServedModel(StageConfig):

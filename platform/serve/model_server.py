@@ -17,10 +17,14 @@ Ray Serve application wraps the same class as a deployment (``app.py``), one rep
 
 Token strings (for log-probabilities) are single-token decodes, special markers included.
 Completions stop at ``<|eos|>`` by default; chat requests at the template's end-of-turn ids.
+
+With ``EngineConfig.process`` the engine is stepped in a child process that loads the model itself
+(``ProcessEngine``); this process then holds the tokenizer only, and ``model`` is None.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -34,6 +38,7 @@ from ...models.serving import Engine, EngineOverloaded, RequestError, SamplingPa
 from ...models.tokenizer import Tokenizer
 from .config import ServedModel
 from .engine_loop import AsyncEngine, EngineFailed
+from .engine_proc import ProcessEngine
 from .heap import freeze_startup_objects
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,31 @@ def load_tokenizer(model_dir: str) -> Tokenizer:
     return Tokenizer.from_file(path)
 
 
+def make_engine(spec: ServedModel, model, tokenizer: Tokenizer, *, max_waiting: int | None = None) -> Engine:
+    """A fresh engine; in graph mode every decode bucket is captured here, before any request waits on it."""
+    e = spec.engine
+    engine = Engine(model, max_batch=e.max_batch, context_len=e.context_len, prefill_chunk=e.prefill_chunk,
+                    max_waiting=max_waiting or e.max_waiting, decode=functools.partial(tokenizer.decode,
+                                                                                      skip_special=True),
+                    default_stop_token_ids=(tokenizer.eos_id,), decode_mode=e.decode_mode,
+                    compile=None if e.compile == "none" else e.compile,
+                    overlap={"auto": None, "on": True, "off": False}[e.overlap])
+    num_graphs = engine.warmup()
+    if num_graphs:
+        log.info("%s: %d decode graphs captured", spec.key, num_graphs)
+    return engine
+
+
+def process_engine_setup(spec: ServedModel):
+    """In the engine's child process: load the model and tokenizer once, return the factory of its engines.
+
+    The child's engine queues up to max_batch + max_waiting requests: the parent bounds what is in flight at
+    that, so the child never refuses what the parent admitted (engine_proc.py)."""
+    model, tokenizer = load_model(spec), load_tokenizer(spec.model_dir)
+    room = spec.engine.max_batch + spec.engine.max_waiting
+    return functools.partial(make_engine, spec, model, tokenizer, max_waiting=room)
+
+
 def _replica_id() -> str:
     try:
         from ray import serve
@@ -78,33 +108,28 @@ class ModelServer:
             from .resolve import resolve_served
 
             self.spec = self.spec.model_copy(update={"model_dir": resolve_served(self.spec.model_dir).model_dir})
-        self.model = load_model(self.spec)
         self.tokenizer = load_tokenizer(self.spec.model_dir)
-        if self.tokenizer.vocab_size > self.model.cfg.vocab_size:
-            raise ValueError(f"{self.spec.model_dir}: tokenizer has {self.tokenizer.vocab_size} ids, "
-                             f"the model {self.model.cfg.vocab_size}")
-        self.chat_stops = tuple(chat_stop_ids(self.tokenizer))
         e = self.spec.engine
         if e.gil_switch_ms is not None:  # process-wide: the last server built in a process sets it
             sys.setswitchinterval(e.gil_switch_ms / 1000)
             log.info("%s: GIL switch interval %.2f ms", self.spec.key, e.gil_switch_ms)
-        self.loop = AsyncEngine(self._make_engine)
-        self.context_len = self.loop.engine.context_len
+        if e.process:  # the child loads the model; this process keeps none
+            self.model = None
+            self.loop = ProcessEngine(functools.partial(process_engine_setup, self.spec), max_batch=e.max_batch,
+                                      max_waiting=e.max_waiting, name=f"moeflow-engine-{self.spec.key}")
+            self.vocab_size, self.context_len = self.loop.info["vocab_size"], self.loop.info["context_len"]
+        else:
+            self.model = load_model(self.spec)
+            self.loop = AsyncEngine(functools.partial(make_engine, self.spec, self.model, self.tokenizer))
+            self.vocab_size, self.context_len = self.model.cfg.vocab_size, self.loop.engine.context_len
+        if self.tokenizer.vocab_size > self.vocab_size:
+            self.loop.close()
+            raise ValueError(f"{self.spec.model_dir}: tokenizer has {self.tokenizer.vocab_size} ids, "
+                             f"the model {self.vocab_size}")
+        self.chat_stops = tuple(chat_stop_ids(self.tokenizer))
         self.replica = _replica_id()
         self.started = time.time()
         freeze_startup_objects()
-
-    def _make_engine(self) -> Engine:
-        """A fresh engine; in graph mode every decode bucket is captured here, before any request waits on it."""
-        e = self.spec.engine
-        engine = Engine(self.model, max_batch=e.max_batch, context_len=e.context_len, prefill_chunk=e.prefill_chunk,
-                        max_waiting=e.max_waiting, decode=self._decode, default_stop_token_ids=(self.tokenizer.eos_id,),
-                        decode_mode=e.decode_mode, compile=None if e.compile == "none" else e.compile,
-                        overlap={"auto": None, "on": True, "off": False}[e.overlap])
-        num_graphs = engine.warmup()
-        if num_graphs:
-            log.info("%s: %d decode graphs captured", self.spec.key, num_graphs)
-        return engine
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special=True)
@@ -128,10 +153,13 @@ class ModelServer:
         except EngineOverloaded as err:
             yield _error(429, f"the model is overloaded: {err}; retry later", code="overloaded")
             return
-        yield {"kind": "accepted", "num_prompt_tokens": len(ids), "prompt_ids": ids, "prompt_text": prompt_text,
-               "replica": self.replica}
+        except EngineFailed as err:  # the process engine has no child to queue it in
+            yield _error(500, str(err), code="engine_failed", type_="server_error")
+            return
         want_strings = params.logprobs is not None or params.prompt_logprobs is not None
         try:
+            yield {"kind": "accepted", "num_prompt_tokens": len(ids), "prompt_ids": ids, "prompt_text": prompt_text,
+                   "replica": self.replica}
             async for batch in events:
                 cancelled = batch[-1].token_id is None and batch[-1].finish_reason == "cancelled"
                 if cancelled:
@@ -142,6 +170,8 @@ class ModelServer:
                     return
         except EngineFailed as err:
             yield _error(500, str(err), code="engine_failed", type_="server_error")
+        finally:  # closed early (the client left, even at "accepted"): the request leaves the engine now
+            events.close()
 
     def _prepare(self, payload: dict) -> tuple[list[int], str, SamplingParams]:
         p = dict(payload.get("params") or {})
@@ -157,9 +187,9 @@ class ModelServer:
                 prompt_text = prompt
             elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 ids = list(prompt)
-                bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
+                bad = [t for t in ids if not 0 <= t < self.vocab_size]
                 if bad:
-                    raise RequestError(f"prompt token ids outside [0, {self.model.cfg.vocab_size}): {bad[:5]}")
+                    raise RequestError(f"prompt token ids outside [0, {self.vocab_size}): {bad[:5]}")
                 prompt_text = self._decode(ids) if payload.get("echo") else ""
             else:
                 raise RequestError("prompt must be a string or a list of token ids")
