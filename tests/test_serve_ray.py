@@ -32,8 +32,9 @@ def serving(tmp_path_factory):
     models = []
     for version, seed in (("1", 0), ("2", 1)):
         d = make_model_dir(root / f"v{version}", seed=seed)
+        # version 2's replica steps its engine in a child process (EngineConfig.process): spawned from a Ray actor
         models.append(ServedModel(name="tiny", version=version, model_dir=str(d), num_cpus=0.5,
-                                  engine={"max_batch": 8, "prefill_chunk": 32}))
+                                  engine={"max_batch": 8, "prefill_chunk": 32, "process": version == "2"}))
     config = ServeConfig(models=models, aliases={"tiny": {"champion": "1", "candidate": "2"}},
                          gateway=GatewayConfig(port=free_port(), max_tokens_cap=128, first_token_timeout_s=60,
                                                stall_timeout_s=10))
@@ -67,6 +68,13 @@ def test_ray_serve_gateway_end_to_end(serving, client):
     chat = list(client.chat.completions.create(model="tiny@2", messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=8, stream=True))
     assert chat[0].choices[0].delta.role == "assistant" and chat[0].model == "tiny@2"
+    # version 2's replica serves from its engine's child process (its stats name the child), version 1 from a thread
+    from ray import serve
+
+    from moeflow.platform.serve.app import app_name
+
+    info = {v: serve.get_app_handle(app_name("tiny", v)).info.remote().result(timeout_s=60) for v in ("1", "2")}
+    assert info["2"]["pid"] > 0 and info["2"]["restarts"] == 0 and "pid" not in info["1"]
     # routing, auth, errors through the Ray proxy
     assert {"tiny", "tiny@champion", "tiny@1", "tiny@2"} <= {m.id for m in client.models.list().data}
     with pytest.raises(openai.AuthenticationError):
