@@ -134,3 +134,14 @@ def scripted_engine_setup(step_s: float, max_batch: int):
     import functools
 
     return functools.partial(ScriptedEngine, step_s, max_batch)
+
+
+def scripted_engine_setup_once(step_s: float, max_batch: int, marker: str):
+    """As ``scripted_engine_setup``, but a child started after ``marker`` exists fails to start (a restart that
+    cannot load the model, say for lack of memory)."""
+    import os
+
+    if os.path.exists(marker):
+        raise RuntimeError("cannot load the model (test)")
+    open(marker, "w").close()
+    return scripted_engine_setup(step_s, max_batch)

@@ -317,6 +317,73 @@ def test_close_fails_what_is_in_flight_and_leaves_no_child():
     assert pid not in _children() and not engine._reader.is_alive()
 
 
+# ---------------------------------------------------------------- an engine that cannot come back
+def _check_health(loop) -> None:
+    from types import SimpleNamespace
+
+    ModelServer.check_health(SimpleNamespace(loop=loop, spec=SimpleNamespace(key="tiny@1")))
+
+
+def test_a_thread_engine_that_cannot_be_rebuilt_refuses_and_fails_its_health_check():
+    """A failed step whose rebuild fails too: the requests in flight fail, later ones are refused at once (not
+    left to hang on a thread that is gone), and the replica's health check raises so Ray Serve replaces it."""
+    from moeflow.platform.serve.engine_loop import AsyncEngine
+
+    made = []
+
+    def make():
+        if made:
+            raise RuntimeError("cannot load the model (test)")
+        made.append(ScriptedEngine(0.02, 2))
+        return made[-1]
+
+    loop = AsyncEngine(make)
+    try:
+        _check_health(loop)  # healthy
+
+        async def run():
+            good = loop.open([60], SamplingParams(max_tokens=10_000))
+            await asyncio.wait_for(good.__anext__(), 10)
+            bad = loop.open([ScriptedEngine.POISON], SamplingParams(max_tokens=5))
+            for events in (good, bad):
+                with pytest.raises(EngineFailed, match="poisoned"):
+                    await asyncio.wait_for(_collect(events), 10)
+            deadline = time.time() + 10
+            while loop.problem() is None and time.time() < deadline:
+                await asyncio.sleep(0.02)
+            with pytest.raises(EngineFailed, match="cannot be rebuilt"):
+                loop.open([1], SamplingParams(max_tokens=2))
+
+        asyncio.run(run())
+        with pytest.raises(RuntimeError, match="tiny@1: the engine cannot be rebuilt"):
+            _check_health(loop)
+    finally:
+        loop.close()
+
+
+def test_a_process_engine_whose_child_cannot_restart_fails_its_health_check(tmp_path):
+    from serve_helpers import scripted_engine_setup_once
+
+    engine = ProcessEngine(functools.partial(scripted_engine_setup_once, 0.02, 2, str(tmp_path / "started")),
+                           max_batch=2, max_waiting=2)
+    try:
+        _check_health(engine)
+        os.kill(engine.pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while engine.problem() is None and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="cannot start"):
+            _check_health(engine)
+
+        async def refused():
+            return engine.open([1], SamplingParams(max_tokens=2))
+
+        with pytest.raises(EngineFailed, match="cannot start"):
+            asyncio.run(refused())
+    finally:
+        engine.close()
+
+
 # ---------------------------------------------------------------- GPU: CUDA in the spawned child
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -187,6 +187,7 @@ class AsyncEngine(EventStreams):
         self._wake = threading.Event()
         self._stop = False
         self.num_steps = 0
+        self.broken: str | None = None  # why the engine could not be rebuilt after a failed step
         self._thread = threading.Thread(target=self._run, name="moeflow-engine", daemon=True)
         self._thread.start()
 
@@ -198,6 +199,8 @@ class AsyncEngine(EventStreams):
         Call from a coroutine and iterate the result: leaving it before the request finished (``close``,
         ``aclose``, dropping it, a cancellation while it waits) cancels the request in the engine.
         """
+        if self.broken is not None:
+            raise EngineFailed(f"the engine cannot be rebuilt: {self.broken}")
         rid = request_id or uuid.uuid4().hex
         events = self._open(rid, lambda: self.engine.add(rid, prompt_ids, params))
         self._wake.set()
@@ -209,6 +212,15 @@ class AsyncEngine(EventStreams):
 
     def stats(self) -> dict:
         return {"running": self.engine.num_running(), "waiting": self.engine.num_waiting(), "steps": self.num_steps}
+
+    def problem(self) -> str | None:
+        """Why this engine cannot serve (it could not be rebuilt, or its thread is gone), or None: the replica's
+        health check, so that Ray Serve replaces a replica that would otherwise fail every request."""
+        if self.broken is not None:
+            return f"the engine cannot be rebuilt: {self.broken}"
+        if not self._thread.is_alive() and not self._stop:
+            return "the engine thread has stopped"
+        return None
 
     def close(self) -> None:
         self._stop = True
@@ -228,7 +240,13 @@ class AsyncEngine(EventStreams):
             except Exception as err:  # noqa: BLE001 - every request must hear about it
                 log.exception("engine step failed; failing the requests in flight and rebuilding the engine")
                 self._fail(EngineFailed(f"engine step failed: {type(err).__name__}: {err}"))
-                self.engine = self._make_engine()
+                try:
+                    self.engine = self._make_engine()
+                except Exception as rebuild_err:  # noqa: BLE001 - refuse from now on, and say so to the health check
+                    log.exception("the engine cannot be rebuilt; this replica now refuses requests")
+                    self.broken = f"{type(rebuild_err).__name__}: {rebuild_err}"
+                    self._fail(EngineFailed(f"the engine cannot be rebuilt: {self.broken}"))
+                    return
                 continue
             if events:
                 self._deliver_events(events)

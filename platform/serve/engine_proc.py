@@ -133,6 +133,12 @@ class ProcessEngine(EventStreams):
     def stats(self) -> dict:
         return {**self._stats, "pid": self.pid, "restarts": self.num_restarts}
 
+    def problem(self) -> str | None:
+        """Why this engine cannot serve (no child could be restarted), or None; the replica's health check."""
+        if self._broken is not None:
+            return f"the engine process cannot start: {self._broken}"
+        return None
+
     def close(self) -> None:
         """Stop the child (it finishes its step and exits), reap it, end the reader; the requests in flight fail."""
         self._closing = True

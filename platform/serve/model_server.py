@@ -137,6 +137,13 @@ class ModelServer:
     def _token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special=False)
 
+    def check_health(self) -> None:
+        """Ray Serve calls this every ``health_check_period_s``; raising marks the replica unhealthy and Serve replaces
+        it (an engine that could not be rebuilt after a failure would otherwise answer every request with 500)."""
+        problem = self.loop.problem()
+        if problem is not None:
+            raise RuntimeError(f"{self.spec.key}: {problem}")
+
     def info(self) -> dict:
         return {"name": self.spec.name, "version": self.spec.version, "replica": self.replica,
                 "context_len": self.context_len, "quantize": self.spec.engine.quantize,
