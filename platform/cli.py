@@ -426,6 +426,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="bind address"),
     replicas: int = typer.Option(1, "--replicas", min=1, help="model replicas (Ray Serve balances over them)"),
     quantize: str = typer.Option("none", "--quantize", help="none | int8 (weight-only INT8)"),
+    engine: Optional[list[str]] = typer.Option(None, "--engine", "-e",
+                                               help="engine setting of --model, e.g. max_batch=64, compile=inductor, "
+                                                    "process=true (EngineConfig; repeatable)"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API on Ray Serve (keys: MOEFLOW_SERVE_API_KEYS)."""
     from pydantic import ValidationError
@@ -440,16 +443,26 @@ def serve(
     if quantize not in ("none", "int8"):
         typer.echo(f"error: --quantize {quantize!r}: choose none or int8", err=True)
         raise typer.Exit(2)
+    if engine and config:
+        typer.echo("error: --engine applies to --model; put engine settings in the --config file instead", err=True)
+        raise typer.Exit(2)
     settings = _settings()
     try:
+        overrides = recipes.apply_overrides({}, engine or [])
         cfg = (load_config_file(config) if config else
-               config_for(model, host=host, port=port, replicas=replicas, quantize=quantize, settings=settings))
-    except (ModelRefError, RegistryError, FileNotFoundError) as err:
+               config_for(model, host=host, port=port, replicas=replicas, quantize=quantize, engine=overrides,
+                          settings=settings))
+    except (ModelRefError, RegistryError, FileNotFoundError, recipes.RecipeError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     except ValidationError as err:
         first = err.errors()[0]
-        typer.echo(f"error: {config}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", err=True)
+        where = config if config else "--engine"
+        loc = [str(p) for p in first["loc"]]
+        if not config and "engine" in loc:  # models.0.engine.<key>: the user typed <key>
+            loc = loc[loc.index("engine") + 1:]
+        msg = first["msg"].removeprefix("Value error, ")
+        typer.echo(f"error: {where}: " + (f"{'.'.join(loc)}: " if loc else "") + msg, err=True)
         raise typer.Exit(2)
     serve_forever(cfg, settings=settings, echo=typer.echo)
 

@@ -106,3 +106,15 @@ gateway: {{port: 8123}}
     (tmp_path / "bad.yaml").write_text(f"models:\n  - {{name: moe, version: '1', model_dir: {d1}, replica: 2}}\n")
     r = runner.invoke(app, ["serve", "--config", str(tmp_path / "bad.yaml")])
     assert r.exit_code == 2 and "num_replicas" in r.output
+    # --engine key=value: EngineConfig settings of --model, checked before anything is resolved or started
+    tuned = config_for(str(d1), engine={"max_batch": 64, "process": True, "compile": "inductor"})
+    e = tuned.models[0].engine
+    assert (e.max_batch, e.process, e.compile, e.quantize) == (64, True, "inductor", "none")
+    r = runner.invoke(app, ["serve", "--model", str(d1), "--engine", "proces=true"])
+    assert r.exit_code == 2 and "--engine: unknown field 'proces'" in r.output and "did you mean 'process'" in r.output
+    r = runner.invoke(app, ["serve", "--model", str(d1), "--engine", "max_batch=0"])
+    assert r.exit_code == 2 and "max_batch" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["serve", "--model", str(d1), "--engine", "max_batch"])
+    assert r.exit_code == 2 and "key=value" in r.output
+    r = runner.invoke(app, ["serve", "--config", str(tmp_path / "serve.yaml"), "--engine", "max_batch=4"])
+    assert r.exit_code == 2 and "--config file" in r.output

@@ -17,13 +17,15 @@ from .resolve import ResolvedModel, resolve_served  # noqa: F401  (re-exported: 
 
 
 def config_for(ref: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, quantize: str = "none",
-               max_batch: int = 8, settings=None):
-    """The ServeConfig of one model reference (what ``moeflow serve --model`` serves)."""
-    from .config import GatewayConfig, ServeConfig, ServedModel
+               max_batch: int = 8, engine: dict | None = None, settings=None):
+    """The ServeConfig of one model reference (what ``moeflow serve --model`` serves); ``engine``: more
+    ``EngineConfig`` settings (``--engine key=value``), over ``quantize`` and ``max_batch``."""
+    from .config import EngineConfig, GatewayConfig, ServeConfig, ServedModel
 
+    EngineConfig.model_validate({"quantize": quantize, "max_batch": max_batch, **(engine or {})})  # before resolving
     resolved = resolve_served(ref, settings=settings)
     spec = ServedModel(name=resolved.name, version=resolved.version, model_dir=resolved.model_dir,
-                       num_replicas=replicas, engine={"quantize": quantize, "max_batch": max_batch})
+                       num_replicas=replicas, engine={"quantize": quantize, "max_batch": max_batch, **(engine or {})})
     return ServeConfig(models=[spec], aliases={resolved.name: resolved.aliases} if resolved.aliases else {},
                        gateway=GatewayConfig(host=host, port=port))
 
