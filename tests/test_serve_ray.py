@@ -207,3 +207,46 @@ def test_promotion_hot_swaps_a_new_version_into_the_running_gateway(serving, cli
         assert out.choices[0].text == _reference(v3, "x", 3)
     finally:
         serving["handle"].move_alias("tiny", "champion", "1")
+
+
+@pytest.mark.slow
+def test_a_replica_whose_engine_cannot_restart_is_replaced_by_serve(serving, client):
+    """Version 2 steps its engine in a child process. Kill the child while its model cannot be loaded (the export
+    folder moved away): the replica cannot restart it, answers ``engine_failed`` at once, and fails its health check;
+    Ray Serve replaces the replica, which, with the folder back, serves again."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from ray import serve
+
+    from moeflow.platform.serve.app import app_name
+
+    handle = serve.get_app_handle(app_name("tiny", "2"))
+    pid = handle.info.remote().result(timeout_s=60)["pid"]
+    model_dir = Path(serving["models"][1].model_dir)
+    hidden = model_dir.with_name(model_dir.name + ".hidden")
+    model_dir.rename(hidden)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 60
+        while True:  # the replica gives up restarting its child: requests fail at once, not after a timeout
+            try:
+                client.completions.create(model="tiny@2", prompt="x", max_tokens=2)
+            except openai.APIError as err:
+                if "cannot start" in str(err):
+                    break
+            assert time.time() < deadline, "the replica should report that its engine cannot start"
+            time.sleep(0.5)
+    finally:
+        hidden.rename(model_dir)
+    deadline = time.time() + 120
+    while True:  # the health check fails, Serve starts a new replica, which loads the model again
+        try:
+            out = client.completions.create(model="tiny@2", prompt="x", max_tokens=2, temperature=0)
+            break
+        except openai.APIError:
+            assert time.time() < deadline, "Serve should have replaced the unhealthy replica"
+            time.sleep(1)
+    assert out.choices[0].text == _reference(serving["models"][1], "x", 2)
+    assert handle.info.remote().result(timeout_s=60)["pid"] != pid
