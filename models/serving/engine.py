@@ -266,19 +266,21 @@ class Engine:
     def step(self) -> list[TokenOutput]:
         out: list[TokenOutput] = []
         self._take_inbox(out)
-        ready, self._pending = self._pending, []
+        previous, self._pending = self._pending, []
         if self._running:
             self._decode()              # queued on the device; its tokens join self._pending
-        if not self.overlap:
-            ready, self._pending = ready + self._pending, []
-        for sampled in ready:           # with overlap: the previous step's, while this one runs
-            self._read(sampled, out)
+        if self.overlap:
+            self._read(previous, out)   # the previous step's tokens, while this step runs
+        else:
+            self._read(self._take_pending(), out)
         self._prefill(out)
         if not self.overlap:
-            ready, self._pending = self._pending, []
-            for sampled in ready:
-                self._read(sampled, out)
+            self._read(self._take_pending(), out)
         return out
+
+    def _take_pending(self) -> list[_Sampled]:
+        taken, self._pending = self._pending, []
+        return taken
 
     def _take_inbox(self, out: list[TokenOutput]) -> None:
         with self._lock:
@@ -418,13 +420,14 @@ class Engine:
             seq.num_sampled += 1
         self._pending.append(_Sampled(seqs, _Readback([tok_R] + lp_tensors), layout))
 
-    def _read(self, sampled: _Sampled, out: list[TokenOutput]) -> None:
+    def _read(self, sampled_calls: list[_Sampled], out: list[TokenOutput]) -> None:
         """Take sampled tokens on the host (waiting for them if need be): stop rules, text, events."""
-        values = sampled.readback.lists()
-        logprobs = _logprob_lists(len(sampled.seqs), sampled.logprob_layout, values[1:])
-        for seq, tok, lp in zip(sampled.seqs, values[0], logprobs):
-            if not seq.finished:  # else stopped or cancelled while this token was in flight
-                out.append(self._emit(seq, tok, lp))
+        for sampled in sampled_calls:
+            values = sampled.readback.lists()
+            logprobs = _logprob_lists(len(sampled.seqs), sampled.logprob_layout, values[1:])
+            for seq, tok, lp in zip(sampled.seqs, values[0], logprobs):
+                if not seq.finished:  # else stopped or cancelled while this token was in flight
+                    out.append(self._emit(seq, tok, lp))
 
     def _logprob_tensors(self, seqs: list[_Seq], logits_RV: torch.Tensor,
                          tok_R: torch.Tensor) -> tuple[tuple | None, list[torch.Tensor]]:

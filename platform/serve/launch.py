@@ -22,10 +22,10 @@ def config_for(ref: str, *, host: str = "127.0.0.1", port: int = 8000, replicas:
     ``EngineConfig`` settings (``--engine key=value``), over ``quantize`` and ``max_batch``."""
     from .config import EngineConfig, GatewayConfig, ServeConfig, ServedModel
 
-    EngineConfig.model_validate({"quantize": quantize, "max_batch": max_batch, **(engine or {})})  # before resolving
-    resolved = resolve_served(ref, settings=settings)
+    engine_cfg = EngineConfig.model_validate({"quantize": quantize, "max_batch": max_batch, **(engine or {})})
+    resolved = resolve_served(ref, settings=settings)  # after the check: a typo is told before any lookup
     spec = ServedModel(name=resolved.name, version=resolved.version, model_dir=resolved.model_dir,
-                       num_replicas=replicas, engine={"quantize": quantize, "max_batch": max_batch, **(engine or {})})
+                       num_replicas=replicas, engine=engine_cfg)
     return ServeConfig(models=[spec], aliases={resolved.name: resolved.aliases} if resolved.aliases else {},
                        gateway=GatewayConfig(host=host, port=port))
 
