@@ -1,0 +1,99 @@
+"""Where a serving decode step's GPU time goes: the kernels of the engine's step, per step.
+
+    mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/moeflow
+    PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+compile
+
+``bench_ref`` in bf16 with random weights, B requests of a 64-token random prompt decoding greedily
+through the serving ``Engine`` (CUDA-graph step, optionally the inductor-compiled step). After every
+request has its first token, ``--steps`` steps run under ``torch.profiler``; the table lists each kernel's
+count and GPU time per step (CUPTI reports the kernels a CUDA graph replays), the step's wall time, the
+sum of kernel time (GPU busy) and the number of kernels a step launches. A kernel-bound step (many
+kernels of a few µs) and a bandwidth-bound one (few kernels near the copy bandwidth) need different work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models.serving import Engine, SamplingParams
+
+
+def build_model(preset: str) -> MoETransformer:
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig.preset(preset)).to(device="cuda", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "e_score_correction_bias"):
+                mod.e_score_correction_bias.normal_(0.0, 0.01)  # a realistic, non-uniform routing
+    return model
+
+
+def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
+    decode_mode, *flags = mode.split("+")
+    engine = Engine(model, max_batch=batch, context_len=prompt_len + steps + 64, prefill_chunk=1 << 16,
+                    decode_mode=decode_mode, compile="inductor" if "compile" in flags else None)
+    engine.warmup()
+    g = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        prompt = torch.randint(3, model.cfg.vocab_size, (prompt_len,), generator=g).tolist()
+        engine.add(str(i), prompt, SamplingParams(max_tokens=steps + 40, temperature=0.0))
+    for _ in range(8):  # prefill, first tokens, a few steady decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:  # kernels, copies and memsets on the GPU
+            rec = per_kernel[evt.name]
+            rec[0] += 1
+            rec[1] += evt.time_range.elapsed_us()
+    busy_us = sum(v[1] for v in per_kernel.values()) / steps
+    rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])
+    table = [{"kernel": name[:110], "per_step": round(cnt / steps, 2), "us_per_step": round(us / steps, 2),
+              "pct": round(100 * us / steps / busy_us, 1)} for name, (cnt, us) in rows[:top]]
+    return {"bench": "profile_decode", "batch": batch, "mode": mode, "steps": steps,
+            "wall_ms_per_step": 1e3 * wall / steps, "gpu_busy_ms_per_step": busy_us / 1e3,
+            "kernels_per_step": sum(v[0] for v in per_kernel.values()) / steps, "top": table}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="bench_ref")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--modes", nargs="+", default=["graph", "graph+compile"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    model = build_model(args.preset)
+    rows = []
+    for batch in args.batches:
+        for mode in args.modes:
+            r = profile_mode(model, batch, mode, args.steps, args.prompt_len, args.top)
+            rows.append(r)
+            print(f"## batch {batch} {mode}: wall {r['wall_ms_per_step']:.3f} ms/step, GPU busy "
+                  f"{r['gpu_busy_ms_per_step']:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step", flush=True)
+            for t in r["top"]:
+                print(f"  {t['us_per_step']:8.1f} us {t['pct']:5.1f}% x{t['per_step']:<5} {t['kernel']}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
