@@ -112,7 +112,7 @@ def bench_tokens(ex: RoutedExperts, cfg: ModelConfig, T: int, args) -> list[dict
     x, idx, w = routing(T, cfg, seed=T, device=args.device)
     D, F_ = cfg.hidden_size, cfg.moe_intermediate_size
     ex.fused_decode = None
-    auto = "fused" if moe_decode.fused_decode_applies(ex, x, idx) else "grouped"
+    auto = "fused" if moe_decode.fused_decode_applies(ex, x, idx, ex.gate_up_proj, ex.down_proj) else "grouped"
 
     def path(fused: bool):
         def call():

@@ -192,8 +192,9 @@ class RoutedExperts(nn.Module):
         if self.fused_decode or (self.fused_decode is None and x_TD.is_cuda and idx_TK.numel() < self.num_experts):
             from .kernels import moe_decode  # imports triton (optional), so only where the fused path may run
 
-            if moe_decode.fused_decode_applies(self, x_TD, idx_TK):
-                return moe_decode.fused_routed_experts(self, x_TD, idx_TK, weight_TK)
+            stacks = (self.gate_up_proj, self.down_proj)  # read once: LoRA's parametrization computes them per read
+            if moe_decode.fused_decode_applies(self, x_TD, idx_TK, *stacks):
+                return moe_decode.fused_routed_experts(self, x_TD, idx_TK, weight_TK, *stacks)
         T, K = idx_TK.shape
         flat_N = idx_TK.reshape(-1)
         order_N = torch.argsort(flat_N, stable=True)

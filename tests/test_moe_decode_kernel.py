@@ -94,11 +94,12 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _run(ex, x, idx, w, fused):
+def _run(ex, x, idx, w, fused, takes_fused_op=None):
+    """ex(x, idx, w) with ``fused_decode = fused``, checking which path ran (``fused`` unless told)."""
     ex.fused_decode = fused
     with torch.no_grad(), _Ops() as ops:
         y = ex(x, idx, w)
-    assert (OP in ops.names) == bool(fused), ops.names[:5]
+    assert (OP in ops.names) == (bool(fused) if takes_fused_op is None else takes_fused_op), ops.names[:5]
     return y
 
 
@@ -199,20 +200,39 @@ def test_the_rule_reads_the_call(md):
     """The per-call inputs of the rule (autograd counts only while it is on) and the forcing settings."""
     ex = _experts(8, 16, 8, 2, torch.float32, "cpu")
     x, idx, _ = _routing(1, 2, 8, 16, "cpu")
-    inputs = md.fused_decode_inputs(ex, x, idx)
-    assert inputs == dict(is_cuda=False, compute_dtype=torch.float32, weight_dtypes=(torch.float32,) * 2,
-                          num_slots=2, num_experts=8, needs_grad=False, fp8=False, has_triton=True)
-    assert not md.fused_decode_applies(ex, x, idx)
+    stacks = (ex.gate_up_proj, ex.down_proj)
+    assert md.fused_decode_inputs(ex, x, idx, *stacks) == dict(
+        is_cuda=False, compute_dtype=torch.float32, weight_dtypes=(torch.float32,) * 2, num_slots=2,
+        num_experts=8, needs_grad=False, fp8=False, has_triton=True)
+    assert not md.fused_decode_applies(ex, x, idx, *stacks)
     ex.fused_decode = True
-    assert md.fused_decode_applies(ex, x, idx)
+    assert md.fused_decode_applies(ex, x, idx, *stacks)
     ex.fused_decode = False
-    assert not md.fused_decode_applies(ex, x, idx)
+    assert not md.fused_decode_applies(ex, x, idx, *stacks)
     ex.down_proj.requires_grad_(True)
-    assert md.fused_decode_inputs(ex, x, idx)["needs_grad"]
+    assert md.fused_decode_inputs(ex, x, idx, *stacks)["needs_grad"]
     with torch.no_grad():
-        assert not md.fused_decode_inputs(ex, x, idx)["needs_grad"]
+        assert not md.fused_decode_inputs(ex, x, idx, *stacks)["needs_grad"]
     ex.down_proj.requires_grad_(False)
-    assert md.fused_decode_inputs(ex, x.requires_grad_(True), idx)["needs_grad"]  # e.g. LoRA: frozen experts
+    assert md.fused_decode_inputs(ex, x.requires_grad_(True), idx, *stacks)["needs_grad"]  # frozen experts
+
+
+def test_parametrized_stacks_are_read_as_the_other_paths_read_them(md, device):
+    """LoRA adapts the stacks through torch.nn.utils.parametrize: the fused path computes with W + ΔW."""
+    from torch.nn.utils import parametrize
+
+    class AddDelta(torch.nn.Module):
+        def forward(self, w):
+            return w + 0.05 * torch.ones_like(w).cumsum(-1) / w.shape[-1]
+
+    ex = _experts(8, 24, 20, 2, torch.float32, device)
+    x, idx, w = _routing(3, 2, 8, 24, device)
+    plain = _run(ex, x, idx, w, fused=True)
+    parametrize.register_parametrization(ex, "gate_up_proj", AddDelta())
+    parametrize.register_parametrization(ex, "down_proj", AddDelta())
+    got, want = _run(ex, x, idx, w, fused=True), _run(ex, x, idx, w, fused=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got - plain).abs().max() > 0.01
 
 
 def test_dispatch_traces_without_graph_breaks(md, device):
@@ -240,9 +260,10 @@ def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md):
         x, idx, w = _routing(T, K, E, D, "cuda", seed=T)
         x = x.bfloat16()
         with torch.inference_mode():
-            assert md.fused_decode_applies(ex, x, idx)
-            fused = _run(ex, x, idx, w, fused=None)
+            assert md.fused_decode_applies(ex, x, idx, ex.gate_up_proj, ex.down_proj)
+            fused = _run(ex, x, idx, w, fused=None, takes_fused_op=True)  # auto
             grouped = _run(ex, x, idx, w, fused=False)
+            ex.fused_decode = None  # auto again, for the calls below
             compiled(x, idx, w)  # compiles (may sync) before the sync check
             torch.cuda.set_sync_debug_mode("error")
             try:
@@ -258,7 +279,7 @@ def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md):
             graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(again, fused) and torch.equal(static_y, fused)
-        torch.testing.assert_close(from_compiled, fused, rtol=0, atol=0)
+        assert torch.equal(from_compiled, fused), "inductor runs the same kernels: bit-equal expected"
         want64 = _float64(ex, x, idx, w)
         assert (fused.double() - grouped.double()).abs().max() <= 0.02 * want64.abs().max()
         err_fused = (fused.double() - want64).norm() / want64.norm()

@@ -60,30 +60,33 @@ def decide_fused_decode(*, is_cuda: bool, compute_dtype: torch.dtype, weight_dty
             and num_slots < num_experts and not needs_grad and not fp8 and has_triton)
 
 
-def fused_decode_inputs(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor) -> dict:
-    """The arguments of ``decide_fused_decode`` for a call of ``experts`` (a ``RoutedExperts``)."""
-    tensors = (x_TD, experts.gate_up_proj, experts.down_proj)
+def fused_decode_inputs(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, gate_up_E2FD: torch.Tensor,
+                        down_EDF: torch.Tensor) -> dict:
+    """The arguments of ``decide_fused_decode`` for a call of ``experts`` (a ``RoutedExperts``) on stacks its
+    caller read once (LoRA's parametrization computes ``experts.gate_up_proj`` anew on every read)."""
+    tensors = (x_TD, gate_up_E2FD, down_EDF)
     return dict(is_cuda=x_TD.is_cuda, compute_dtype=experts.compute_dtype(x_TD),
-                weight_dtypes=(experts.gate_up_proj.dtype, experts.down_proj.dtype),
+                weight_dtypes=(gate_up_E2FD.dtype, down_EDF.dtype),
                 num_slots=idx_TK.numel(), num_experts=experts.num_experts,
                 needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
                 fp8=experts.fp8_grad_dtype is not None, has_triton=HAS_TRITON)
 
 
-def fused_decode_applies(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor) -> bool:
+def fused_decode_applies(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, gate_up_E2FD: torch.Tensor,
+                         down_EDF: torch.Tensor) -> bool:
     """``experts.fused_decode`` if set, else ``decide_fused_decode`` on this call's tensors."""
     if experts.fused_decode is not None:
         return experts.fused_decode
-    return decide_fused_decode(**fused_decode_inputs(experts, x_TD, idx_TK))
+    return decide_fused_decode(**fused_decode_inputs(experts, x_TD, idx_TK, gate_up_E2FD, down_EDF))
 
 
-def fused_routed_experts(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+def fused_routed_experts(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
+                         gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor) -> torch.Tensor:
     """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) by the two kernels, in ``experts``' compute dtype."""
     if not HAS_TRITON:
         raise RuntimeError("RoutedExperts.fused_decode=True needs triton, which is not importable here")
     dtype = experts.compute_dtype(x_TD)
-    return routed_experts_decode(x_TD.to(dtype), idx_TK, weight_TK, experts.gate_up_proj.to(dtype),
-                                 experts.down_proj.to(dtype))
+    return routed_experts_decode(x_TD.to(dtype), idx_TK, weight_TK, gate_up_E2FD.to(dtype), down_EDF.to(dtype))
 
 
 if HAS_TRITON:
