@@ -38,9 +38,9 @@ import torch
 from moeflow.models import ModelConfig
 from moeflow.models.moe import RoutedExperts
 
-SWEEP = [  # gate_up_block_f, gate_up_block_d, down_block_d, down_block_f, num_warps
-    (8, 256, 8, 512, 4), (16, 256, 4, 512, 4), (16, 512, 8, 512, 4), (32, 256, 16, 512, 4),
-    (16, 256, 8, 256, 2), (16, 256, 8, 512, 8),
+SWEEP = [  # gate_up_block_f, gate_up_block_d, down_block_d, down_block_f, num_warps (the default: 16, 1024, 8, 512, 4)
+    (8, 1024, 8, 512, 4), (32, 1024, 8, 512, 4), (16, 256, 8, 512, 4), (16, 1024, 4, 512, 4),
+    (16, 1024, 16, 512, 4), (16, 1024, 8, 256, 4), (16, 1024, 8, 512, 8), (16, 1024, 8, 512, 2),
 ]
 
 
