@@ -288,7 +288,8 @@ def test_parametrized_stacks_are_read_as_the_other_paths_read_them(md, device):
 
 def test_dispatch_traces_without_graph_breaks(md, device):
     """torch.compile(fullgraph=True) through RoutedExperts.forward's dispatch (the lazy import, the rule)
-    and the op's fake kernel. The eager backend: interpreted kernels cannot run inside a compiled graph."""
+    and the op's fake kernel (whose shapes are checked too). The eager backend: interpreted kernels cannot
+    run inside a compiled graph."""
     ex = _experts(8, 24, 20, 3, torch.float32, device)
     x, idx, w = _routing(2, 3, 8, 24, device)
     want = _run(ex, x, idx, w, fused=True)
@@ -296,6 +297,11 @@ def test_dispatch_traces_without_graph_breaks(md, device):
     with torch.no_grad():
         got = torch.compile(ex, backend="eager", fullgraph=True)(x, idx, w)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:  # the shapes compile traces with
+        fake = md.routed_experts_decode(*(mode.from_tensor(t) for t in (x, idx, w, ex.gate_up_proj, ex.down_proj)))
+    assert fake.shape == (2, 24) and fake.dtype == x.dtype and fake.device == x.device
 
 
 @pytest.mark.gpu
