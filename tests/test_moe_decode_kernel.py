@@ -247,6 +247,28 @@ def test_bench_moe_decode_runs_in_the_interpreter(md, device, tmp_path):
     assert all(r["ms"] > 0 and r["max_rel_diff"] < 0.02 for r in rows)
 
 
+def test_generate_with_the_fused_path_forced_equals_the_default(md, device):
+    """The tiny model end to end (prefill and cached decode through DeepSeekMoE), every routed-experts call
+    forced through the kernels: the same greedy tokens and log-probs as the default path, in fp32."""
+    from moeflow.models import MoETransformer
+    from moeflow.models.generation import generate
+
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08)).eval().to(device)
+    layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    prompts = [[5, 17, 3, 99, 42], [7, 8]]
+    runs = {}
+    for fused in (False, True):
+        for m in layers:
+            m.fused_decode = fused
+        with _Ops() as ops:
+            runs[fused] = generate(model, prompts, 4, return_logprobs=True)
+        assert (ops.names.count(OP) == len(layers) * 4) == fused  # 1 prefill + 3 decode steps a layer
+    assert runs[True].tokens == runs[False].tokens
+    torch.testing.assert_close(torch.tensor(runs[True].logprobs), torch.tensor(runs[False].logprobs),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_the_rule_reads_the_call(md):
     """The per-call inputs of the rule (autograd counts only while it is on) and the forcing settings."""
     ex = _experts(8, 16, 8, 2, torch.float32, "cpu")
