@@ -13,17 +13,27 @@ each slot reads its own expert's rows directly:
 (b) ``_down_combine_kernel``, grid (tokens T, D blocks): y[t, d] = Σ_k w[t, k] · (down[e_k, d] · h[t·K+k]),
     the K slots summed inside the program in a fixed order (deterministic, no atomics), fp32 accumulation.
 
-Rounding, against ``RoutedExperts``' grouped path (same value everywhere except the order of the fp32
-sums inside a dot product): gate and up are rounded to the compute dtype (the grouped GEMM's output),
-silu(gate)·up is taken in fp32 and rounded once (as inductor's fused pointwise kernel does; eager rounds
-silu(gate) to bf16 first), each slot's down output is rounded to the compute dtype (the GEMM output) and
-the gate weight to the compute dtype (``weight_TK.to(bf16)``); the weighted sum over K is taken in fp32
-and rounded once (inductor's reduction; eager rounds each product to bf16 before its fp32 sum).
+Rounding: where ``RoutedExperts``' grouped path rounds, as the compiled decode step runs it. Gate and up
+are rounded to the compute dtype (the grouped GEMM's output); silu(gate)·up is taken in fp32 and rounded
+once (inductor's fused pointwise kernel; eager rounds silu(gate) to bf16 first); each slot's down output
+is rounded (the GEMM's output), and so is the gate weight (``weight_TK.to(bf16)``); the weighted sum over
+K is taken in fp32 and rounded once (inductor's reduction; eager rounds each product to bf16 before its
+fp32 sum). What differs from the compiled grouped path is only the order of the fp32 sums inside each dot
+product (cuBLAS's vs these tiles'); from eager, the two extra roundings named above. The rounding is
+round-to-nearest-even done on the bits (``_rounded``), so Triton's CPU interpreter, which truncates,
+gives the GPU's values and the tests can check them. tests/test_moe_decode_kernel.py measures the error
+against float64: the same as the reference path's, or lower.
 
 Registered with ``torch.library.triton_op`` so ``torch.compile`` sees (and inlines) the kernels and a
-CUDA graph captures them; the op body is make_fx-traceable, so it is also the fake kernel compile uses to
-trace shapes. No host synchronisation: every size comes from tensor shapes. No autograd formula: the
-dispatch (``decide_fused_decode``) takes this path only when no gradient is needed.
+CUDA graph captures them; an explicit fake kernel gives compile the output's shape. No host
+synchronisation: every size comes from tensor shapes. No autograd formula: the dispatch
+(``decide_fused_decode``) takes this path only when no gradient is needed.
+
+Read volume: a slot reads its expert's rows, so experts shared by several tokens of one call are read
+once per slot (from L2 when the programs overlap), where the grouped path reads each used expert once.
+At one token the two read the same 6 experts; at bench_ref's 10 tokens the 60 slots hit ~40 distinct
+experts on random routing (1.5x the grouped path's bytes): benchmarks/bench_moe_decode.py shows where
+the crossover lies, which the auto rule's ``num_slots < num_experts`` bound should follow.
 
 Triton is an optional accelerator: ``moeflow`` imports and runs without it (``HAS_TRITON`` is False and
 the dispatch never picks this path); ``models/moe.py`` imports this module only on CUDA or when forced.
