@@ -1,7 +1,7 @@
 """Fused decode routed experts (models/kernels/moe_decode.py) against RoutedExperts' own paths and float64.
 
-The kernels run on CUDA where there is one, else in Triton's interpreter on the CPU (the ``md`` fixture
-sets TRITON_INTERPRET=1 on a machine without a GPU). Everything here skips when triton is not importable:
+The kernels run on CUDA where there is one, else in Triton's interpreter on the CPU (this module sets
+TRITON_INTERPRET=1 at collection on a machine without a GPU). Everything here skips when triton is not importable:
 it is an optional accelerator, and moeflow must work without it.
 """
 
@@ -21,19 +21,25 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 OP = "moeflow.routed_experts_decode.default"
 
 
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    # Without a GPU the kernels run in Triton's interpreter. It must be on before triton.language is first
+    # imported (its own jit'd helpers, tl.sum & co., are made then): here, at collection, that is before any
+    # test's torch.compile imports triton. It stays on for the session; off a GPU nothing else runs triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="module")
 def md():
     """moe_decode with runnable kernels: compiled on CUDA, interpreted on the CPU (else skip)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not importable (optional accelerator)")
-    if not torch.cuda.is_available():
-        # read when @triton.jit decorates (at moe_decode's import) and again by triton's lazy imports, so it
-        # stays set for the session; without a GPU nothing else here can run triton anyway
-        os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language as tl
+
     from moeflow.models.kernels import moe_decode
 
-    if not torch.cuda.is_available() and "Interpreted" not in type(moe_decode._gate_up_swiglu_kernel).__name__:
-        pytest.skip("moe_decode was imported without TRITON_INTERPRET=1 and there is no GPU")
+    interpreted = all("Interpreted" in type(f).__name__ for f in (tl.sum, moe_decode._gate_up_swiglu_kernel))
+    if not torch.cuda.is_available() and not interpreted:
+        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 could be set")
     return moe_decode
 
 
