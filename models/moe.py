@@ -63,12 +63,22 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int,
         keep_TG.scatter_(1, group_score_TG.topk(topk_group, dim=-1).indices, True)
         keep_TE = keep_TG[:, :, None].expand_as(grouped_TGe).reshape(T, E)
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
-    if choice_TE.numel() * choice_TE.shape[-1] <= RANK_TOPK_MAX_PAIRS:
+    if rank_form_pays(choice_TE.numel() * choice_TE.shape[-1], RANK_TOPK_MAX_PAIRS):
         return topk_by_rank(choice_TE, k)
     return choice_TE.topk(k, dim=-1).indices
 
 
 RANK_TOPK_MAX_PAIRS = 1 << 20  # up to T·E² comparisons topk_by_rank replaces torch.topk (decode sizes)
+
+
+def rank_form_pays(num_pairs: int, limit: int) -> bool:
+    """Whether a counting form (``topk_by_rank``, ``stable_expert_order``'s rank) should replace the sort.
+
+    Only inside torch.compile, where its comparisons and count fuse into one kernel (a compiled decode step);
+    run eagerly they are about eight kernels against the sort's two, a loss where launches bound the step
+    (the uncompiled CUDA-graph step at small batch). And only up to ``limit`` comparisons (decode sizes).
+    """
+    return 0 < num_pairs <= limit and torch.compiler.is_compiling()
 
 
 def topk_by_rank(choice_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -177,18 +187,18 @@ class _PermuteRows(torch.autograd.Function):
 RANK_ORDER_MAX_SLOTS = 2048  # up to here stable_expert_order ranks by comparison (N² work), above it sorts
 
 
-def stable_expert_order(flat_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def stable_expert_order(flat_N: torch.Tensor, force_rank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(order_N, inv_order_N): the stable sort of slots by expert id and its inverse (slot n goes to inv_order_N[n]).
 
     Few slots (decode: batch × K): each slot's destination is the number of slots that come before it,
     ``#{m : (e_m, m) < (e_n, n)}``, one fused comparison-and-count (N² booleans) instead of a sort. On an
     H100 the sort of 192 int64 ids (batch 32 × top-6) ran a radix sort of 27 µs a layer, 12 % of the
-    compiled decode step (benchmarks/profile_decode.py). Many slots (training): ``argsort(stable=True)``.
-    Both give the same permutation.
+    compiled decode step (benchmarks/profile_decode.py). Many slots (training), or not compiled (see
+    ``rank_form_pays``): ``argsort(stable=True)``. Both give the same permutation (``force_rank``: tests).
     """
     N = flat_N.numel()
     slot_N = torch.arange(N, device=flat_N.device)
-    if 0 < N <= RANK_ORDER_MAX_SLOTS:
+    if rank_form_pays(N * N, RANK_ORDER_MAX_SLOTS ** 2) or (force_rank and N > 0):
         e_m, e_n = flat_N[None, :], flat_N[:, None]
         before_NM = (e_m < e_n) | ((e_m == e_n) & (slot_N[None, :] < slot_N[:, None]))
         inv_order_N = before_NM.sum(dim=1)
