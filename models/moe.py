@@ -219,6 +219,9 @@ class RoutedExperts(nn.Module):
     # fp8.enable_fp8(model, ["experts"]) sets this to the fp8 gradient dtype: the grouped path's two
     # GEMMs then run through fp8.fp8_grouped_mm (groups padded to 16 rows); None = bf16 grouped_mm
     fp8_grad_dtype: torch.dtype | None = None
+    # decode-sized calls (T·K < E) through two fused Triton kernels, kernels/moe_decode.py; None: auto
+    # (CUDA, bf16, no autograd, triton importable: moe_decode.decide_fused_decode); True/False forces
+    fused_decode: bool | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -242,6 +245,12 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) for every token t."""
+        if self.fused_decode or (self.fused_decode is None and x_TD.is_cuda and idx_TK.numel() < self.num_experts):
+            from .kernels import moe_decode  # imports triton (optional), so only where the fused path may run
+
+            stacks = (self.gate_up_proj, self.down_proj)  # read once: LoRA's parametrization computes them per read
+            if moe_decode.fused_decode_applies(self, x_TD, idx_TK, *stacks):
+                return moe_decode.fused_routed_experts(self, x_TD, idx_TK, weight_TK, *stacks)
         T, K = idx_TK.shape
         flat_N = idx_TK.reshape(-1)
         order_N, inv_order_N = stable_expert_order(flat_N)

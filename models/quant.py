@@ -115,6 +115,7 @@ class Int8RoutedExperts(RoutedExperts):
     # the whole stack would take the grouped path (a decision on shapes and devices only: it holds for a whole
     # captured graph / compiled bucket); True/False forces a path
     use_slot_gather: bool | None = None
+    fused_decode = False  # the fused kernels read bf16 stacks (kernels/moe_decode.py); int8 has the per-slot path
 
     def __init__(self, experts: RoutedExperts, scratch: dict | None = None) -> None:
         """scratch: where the grouped path's dequantized stacks go, shared with the model's other layers."""

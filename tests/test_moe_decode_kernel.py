@@ -1,0 +1,346 @@
+"""Fused decode routed experts (models/kernels/moe_decode.py) against RoutedExperts' own paths and float64.
+
+The kernels run on CUDA where there is one, else in Triton's interpreter on the CPU (the ``md`` fixture
+sets TRITON_INTERPRET=1 on a machine without a GPU). Everything here skips when triton is not importable:
+it is an optional accelerator, and moeflow must work without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moeflow.models import ModelConfig
+from moeflow.models.moe import RoutedExperts
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+OP = "moeflow.routed_experts_decode.default"
+
+
+@pytest.fixture(scope="module")
+def md():
+    """moe_decode with runnable kernels: compiled on CUDA, interpreted on the CPU (else skip)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not importable (optional accelerator)")
+    if not torch.cuda.is_available():
+        # read when @triton.jit decorates (at moe_decode's import) and again by triton's lazy imports, so it
+        # stays set for the session; without a GPU nothing else here can run triton anyway
+        os.environ["TRITON_INTERPRET"] = "1"
+    from moeflow.models.kernels import moe_decode
+
+    if not torch.cuda.is_available() and "Interpreted" not in type(moe_decode._gate_up_swiglu_kernel).__name__:
+        pytest.skip("moe_decode was imported without TRITON_INTERPRET=1 and there is no GPU")
+    return moe_decode
+
+
+@pytest.fixture(scope="module")
+def device(md):
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _experts(E, D, F_, K, dtype, device, std=0.1):
+    cfg = ModelConfig.preset("tiny").replace(hidden_size=D, num_routed_experts=E, moe_intermediate_size=F_,
+                                             num_experts_per_tok=K)
+    ex, g = RoutedExperts(cfg), torch.Generator().manual_seed(E * D + F_)
+    torch.nn.init.normal_(ex.gate_up_proj, std=std, generator=g)
+    torch.nn.init.normal_(ex.down_proj, std=std, generator=g)
+    return ex.requires_grad_(False).to(device=device, dtype=dtype)
+
+
+def _routing(T, K, E, D, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])  # distinct experts per token
+    w = torch.rand(T, K, generator=g) + 0.1
+    return x.to(device), idx.to(device), w.to(device)
+
+
+def _float64(ex, x, idx, w):
+    """The reference function, per slot in float64 (no routing machinery at all)."""
+    g, d = ex.gate_up_proj.double(), ex.down_proj.double()
+    F_ = d.shape[-1]
+    h_TK2F = torch.einsum("td,tkfd->tkf", x.double(), g[idx])
+    a_TKF = torch.nn.functional.silu(h_TK2F[..., :F_]) * h_TK2F[..., F_:]
+    return torch.einsum("tkf,tkdf,tk->td", a_TKF, d[idx], w.double())
+
+
+def _emulated(ex, x, idx, w):
+    """The fused path's documented rounding points, in torch: gate, up, h, each slot's down output and the
+    gate weight rounded to the compute dtype; silu·up, the weighted K sum and every dot product in fp32."""
+    dt, F_ = x.dtype, ex.width
+
+    def r(t):
+        return t.to(dt).float()
+
+    h_TK2F = r(torch.einsum("td,tkfd->tkf", x.float(), ex.gate_up_proj.float()[idx]))
+    a_TKF = r(torch.nn.functional.silu(h_TK2F[..., :F_]) * h_TK2F[..., F_:])
+    y_TKD = r(torch.einsum("tkf,tkdf->tkd", a_TKF, ex.down_proj.float()[idx]))
+    return (y_TKD * r(w)[..., None]).sum(dim=1).to(dt)
+
+
+class _Ops(TorchDispatchMode):
+    """Records the ops a call dispatches (which path ran, without patching anything)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _run(ex, x, idx, w, fused, takes_fused_op=None):
+    """ex(x, idx, w) with ``fused_decode = fused``, checking which path ran (``fused`` unless told)."""
+    ex.fused_decode = fused
+    with torch.no_grad(), _Ops() as ops:
+        y = ex(x, idx, w)
+    assert (OP in ops.names) == (bool(fused) if takes_fused_op is None else takes_fused_op), ops.names[:5]
+    return y
+
+
+BIG_BLOCKS = dict(gate_up_block_f=128, gate_up_block_d=1024, down_block_d=128, down_block_f=512)
+SMALL_BLOCKS = dict(gate_up_block_f=16, gate_up_block_d=32, down_block_d=16, down_block_f=16)
+
+# (T, K, E, D, F, blocks): T·K < E throughout; D and F mostly not multiples of the blocks
+SHAPES = [
+    (1, 1, 2, 8, 8, SMALL_BLOCKS),
+    (1, 6, 64, 1024, 512, {}),        # bench_ref, one token, the default blocks
+    (3, 3, 10, 40, 24, SMALL_BLOCKS),  # T·K = 9 just under E = 10
+    (2, 4, 16, 72, 40, SMALL_BLOCKS),
+    (5, 2, 11, 33, 17, dict(gate_up_block_f=8, gate_up_block_d=16, down_block_d=4, down_block_f=8)),
+]
+
+
+@pytest.mark.parametrize("T,K,E,D,F_,blocks", SHAPES)
+def test_kernels_equal_the_reference_paths_in_fp32(md, device, T, K, E, D, F_, blocks):
+    ex = _experts(E, D, F_, K, torch.float32, device)
+    x, idx, w = _routing(T, K, E, D, device, seed=T * 100 + D)
+    got = md.routed_experts_decode(x, idx, w, ex.gate_up_proj, ex.down_proj, **blocks)
+    want = _run(ex, x, idx, w, fused=False)  # the looped path on the CPU, grouped on CUDA
+    assert got.shape == (T, D) and got.dtype == torch.float32
+    scale = want.abs().max()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(got.double(), _float64(ex, x, idx, w), rtol=1e-5, atol=2e-6 * scale)
+
+
+def test_repeated_experts_within_a_token_and_the_dispatch(md, device):
+    """Forced routing may pick one expert twice for a token: both slots count, each with its own weight."""
+    E, D, F_, K = 8, 24, 20, 3
+    ex = _experts(E, D, F_, K, torch.float32, device)
+    x, _, w = _routing(2, K, E, D, device)
+    idx = torch.tensor([[5, 5, 1], [2, 2, 2]], device=device)
+    got = _run(ex, x, idx, w, fused=True)  # forced on through RoutedExperts.forward
+    want = _run(ex, x, idx, w, fused=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), _float64(ex, x, idx, w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_bf16_rounds_where_documented_and_is_as_close_to_float64_as_the_reference(md, device, T):
+    """bf16 at bench_ref sizes: (1) the kernels equal a torch emulation of their rounding points up to the
+    order of fp32 sums (nearly all outputs bit-equal, the rest one bf16 step); (2) they stay within bf16
+    noise of RoutedExperts' own path; (3) they are no farther from float64 than that path."""
+    E, D, F_, K = 64, 1024, 512, 6
+    ex = _experts(E, D, F_, K, torch.bfloat16, device, std=0.05)
+    x, idx, w = _routing(T, K, E, D, device, seed=T)
+    x = x.bfloat16()
+    # large blocks: the interpreter's cost is per program; the rounding points do not depend on them
+    got = md.routed_experts_decode(x, idx, w, ex.gate_up_proj, ex.down_proj, **BIG_BLOCKS)
+    assert got.dtype == torch.bfloat16
+    emulated = _emulated(ex, x, idx, w)
+    # one bf16 step at the output's scale (a flipped rounding of one slot's output before the K sum cancels)
+    assert (got.float() - emulated.float()).abs().max() <= torch.finfo(torch.bfloat16).eps * emulated.abs().max()
+    assert (got == emulated).float().mean() > 0.97, (got == emulated).float().mean()
+    want64 = _float64(ex, x, idx, w)
+    reference = _run(ex, x, idx, w, fused=False)  # looped (eager rounding) on CPU, grouped on CUDA
+    scale = want64.abs().max()
+    assert (got.double() - reference.double()).abs().max() <= 0.02 * scale
+    err_fused = (got.double() - want64).norm() / want64.norm()
+    err_reference = (reference.double() - want64).norm() / want64.norm()
+    assert err_fused <= 1.05 * err_reference, (err_fused, err_reference)
+
+
+_COMPILE_FOR_SM90 = """
+import json, os, re, subprocess, tempfile
+import triton.backends.nvidia
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from moeflow.models.kernels import moe_decode as md
+
+aligned = [["tt.divisibility", 16]]  # what the launcher specialises 16-byte-aligned pointers to
+shapes = {"K": 6, "D": 1024, "F": 512}
+kernels = {
+    "gate_up": (md._gate_up_swiglu_kernel, ["*bf16", "*i64", "*bf16", "*bf16"], dict(BLOCK_F=16, BLOCK_D=1024)),
+    "down": (md._down_combine_kernel, ["*bf16", "*i64", "*fp32", "*bf16", "*bf16"], dict(BLOCK_D=8, BLOCK_F=512)),
+}
+cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+report = {}
+for name, (fn, pointers, blocks) in kernels.items():
+    names = fn.arg_names
+    signature = {n: (pointers[i] if i < len(pointers) else "constexpr") for i, n in enumerate(names)}
+    src = ASTSource(fn=fn, signature=signature, constexprs={**shapes, **blocks},
+                    attrs={(i,): aligned for i in range(len(pointers))})
+    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
+    report[name] = {"v4_loads": kernel.asm["ptx"].count("ld.global.v4"), **{k: int(v) for k, v in fields.items()}}
+print(json.dumps(report))
+"""
+
+
+def test_kernels_compile_for_sm90_with_vector_loads(md):
+    """The interpreter is lenient: compile both kernels for real (Triton's own ptxas, no GPU needed) with
+    the default blocks at bench_ref sizes. They must compile, load weights with 16-byte vector loads, and
+    neither spill to local memory nor use more than 128 registers a thread (ptxas, via cuobjdump)."""
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    # gate_up: 16 rows × 1024 of gate and of up = 64 KB over 128 threads = 32 16-byte loads per thread
+    assert report["gate_up"]["v4_loads"] >= 32 and report["down"]["v4_loads"] >= 24, report
+    assert all(r["LOCAL"] == 0 and r["REG"] <= 128 for r in report.values()), report
+
+
+def test_auto_dispatch_table(md):
+    bf16, fp32 = torch.bfloat16, torch.float32
+    base = dict(is_cuda=True, compute_dtype=bf16, weight_dtypes=(bf16, bf16), num_slots=6, num_experts=64,
+                needs_grad=False, fp8=False, has_triton=True)
+    assert md.decide_fused_decode(**base)
+    assert md.decide_fused_decode(**{**base, "num_slots": 63})  # 10 tokens × top-6 < 64
+    for change in [dict(is_cuda=False), dict(compute_dtype=fp32), dict(weight_dtypes=(fp32, bf16)),
+                   dict(weight_dtypes=(bf16, fp32)), dict(num_slots=64), dict(num_slots=66),
+                   dict(needs_grad=True), dict(fp8=True), dict(has_triton=False)]:
+        assert not md.decide_fused_decode(**{**base, **change}), change
+
+
+def test_bench_moe_decode_runs_in_the_interpreter(md, device, tmp_path):
+    """benchmarks/bench_moe_decode.py (its GPU run is for the lead) on the tiny preset: both rows run, agree,
+    and land in the JSONL."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_moe_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_moe_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.jsonl"
+    assert bench.main(["--device", device, "--preset", "tiny", "--tokens", "1", "--rounds", "1", "--reps", "1",
+                       "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["path"], r["cuda_graph"]) for r in rows} >= {("grouped", False), ("fused", False)}
+    assert all(r["ms"] > 0 and r["max_rel_diff"] < 0.02 for r in rows)
+
+
+def test_the_rule_reads_the_call(md):
+    """The per-call inputs of the rule (autograd counts only while it is on) and the forcing settings."""
+    ex = _experts(8, 16, 8, 2, torch.float32, "cpu")
+    x, idx, _ = _routing(1, 2, 8, 16, "cpu")
+    stacks = (ex.gate_up_proj, ex.down_proj)
+    assert md.fused_decode_inputs(ex, x, idx, *stacks) == dict(
+        is_cuda=False, compute_dtype=torch.float32, weight_dtypes=(torch.float32,) * 2, num_slots=2,
+        num_experts=8, needs_grad=False, fp8=False, has_triton=True)
+    assert not md.fused_decode_applies(ex, x, idx, *stacks)
+    ex.fused_decode = True
+    assert md.fused_decode_applies(ex, x, idx, *stacks)
+    ex.fused_decode = False
+    assert not md.fused_decode_applies(ex, x, idx, *stacks)
+    ex.down_proj.requires_grad_(True)
+    assert md.fused_decode_inputs(ex, x, idx, *stacks)["needs_grad"]
+    with torch.no_grad():
+        assert not md.fused_decode_inputs(ex, x, idx, *stacks)["needs_grad"]
+    ex.down_proj.requires_grad_(False)
+    assert md.fused_decode_inputs(ex, x.requires_grad_(True), idx, *stacks)["needs_grad"]  # frozen experts
+
+
+def test_parametrized_stacks_are_read_as_the_other_paths_read_them(md, device):
+    """LoRA adapts the stacks through torch.nn.utils.parametrize: the fused path computes with W + ΔW."""
+    from torch.nn.utils import parametrize
+
+    class AddDelta(torch.nn.Module):
+        def forward(self, w):
+            return w + 0.05 * torch.ones_like(w).cumsum(-1) / w.shape[-1]
+
+    ex = _experts(8, 24, 20, 2, torch.float32, device)
+    x, idx, w = _routing(3, 2, 8, 24, device)
+    plain = _run(ex, x, idx, w, fused=True)
+    parametrize.register_parametrization(ex, "gate_up_proj", AddDelta())
+    parametrize.register_parametrization(ex, "down_proj", AddDelta())
+    got, want = _run(ex, x, idx, w, fused=True), _run(ex, x, idx, w, fused=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got - plain).abs().max() > 0.01
+
+
+def test_dispatch_traces_without_graph_breaks(md, device):
+    """torch.compile(fullgraph=True) through RoutedExperts.forward's dispatch (the lazy import, the rule)
+    and the op's fake kernel. The eager backend: interpreted kernels cannot run inside a compiled graph."""
+    ex = _experts(8, 24, 20, 3, torch.float32, device)
+    x, idx, w = _routing(2, 3, 8, 24, device)
+    want = _run(ex, x, idx, w, fused=True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(ex, backend="eager", fullgraph=True)(x, idx, w)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md):
+    """bench_ref sizes in bf16 on CUDA, 1..10 tokens: auto takes the fused path, which equals the grouped
+    path to bf16 rounding and is no farther from float64; compiled (inductor) it gives the eager kernels'
+    output; inside a CUDA graph the replay equals it too; with sync debug mode "error" nothing syncs."""
+    E, D, F_, K = 64, 1024, 512, 6
+    ex = _experts(E, D, F_, K, torch.bfloat16, "cuda", std=0.05)
+    compiled = torch.compile(ex, fullgraph=True)
+    for T in (1, 2, 4, 8, 10):
+        x, idx, w = _routing(T, K, E, D, "cuda", seed=T)
+        x = x.bfloat16()
+        with torch.inference_mode():
+            assert md.fused_decode_applies(ex, x, idx, ex.gate_up_proj, ex.down_proj)
+            fused = _run(ex, x, idx, w, fused=None, takes_fused_op=True)  # auto
+            grouped = _run(ex, x, idx, w, fused=False)
+            ex.fused_decode = None  # auto again, for the calls below
+            compiled(x, idx, w)  # compiles (may sync) before the sync check
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                again = ex(x, idx, w)
+                from_compiled = compiled(x, idx, w)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            static_x, static_idx, static_w = x.clone(), idx.clone(), w.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = ex(static_x, static_idx, static_w)
+            static_x.copy_(x)
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(again, fused) and torch.equal(static_y, fused)
+        assert torch.equal(from_compiled, fused), "inductor runs the same kernels: bit-equal expected"
+        want64 = _float64(ex, x, idx, w)
+        assert (fused.double() - grouped.double()).abs().max() <= 0.02 * want64.abs().max()
+        err_fused = (fused.double() - want64).norm() / want64.norm()
+        err_grouped = (grouped.double() - want64).norm() / want64.norm()
+        assert err_fused <= 1.05 * err_grouped, (T, err_fused, err_grouped)
+    # INT8 keeps its own per-slot path; forced onto its whole stack it must not take the fused one
+    from moeflow.models.quant import Int8RoutedExperts
+
+    q = Int8RoutedExperts(ex)
+    q.use_slot_gather = False
+    with torch.inference_mode(), _Ops() as ops:
+        q(x, idx, w)
+    assert OP not in ops.names
