@@ -272,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off); the first also runs on the INT8 model")
+    p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
+                   help="RoutedExperts.fused_decode (the fused routed-experts kernels at T·K < E), where the tree has it")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)
@@ -279,6 +281,10 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     cfg = ModelConfig.preset("tiny" if args.smoke else args.preset)
+    from moeflow.models.moe import RoutedExperts
+
+    if hasattr(RoutedExperts, "fused_decode"):  # older trees have no fused path: the flag is then a no-op
+        RoutedExperts.fused_decode = {"auto": None, "on": True, "off": False}[args.moe_fused]
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,3", 8, 6, 1
         args.ppl_seqs, args.ppl_len = 2, 16

@@ -34,9 +34,10 @@ released, as while the GPU runs) and gives every running request one token, so t
 serving side alone (gateway, SSE, metrics, the engine thread's hand-over) and its ideal rate is slots / S.
 
 ``--process-peer`` adds the process-engine twin (``EngineConfig.process``: the engine stepped in a child
-process, platform/serve/engine_proc.py) of each bf16 ``moeflow`` server, stub engine included (the stub then
-steps in the child), rows labelled ``process``, same run. Server CPU ms / token counts the server process and
-its children (the engine's process); ``main_cpu_ms_per_token`` the server process alone (the HTTP side's core).
+process, platform/serve/engine_proc.py; the plain rows force it off: a thread) of each bf16 ``moeflow`` server,
+stub engine included (the stub then steps in the child), rows labelled ``process``, same run. Server CPU ms /
+token counts the server process and its children (the engine's process); ``main_cpu_ms_per_token`` the server
+process alone (the HTTP side's core).
 
 ``--engine-peer`` adds, per level C, the engine alone (no HTTP, no asyncio: ``Engine.step`` in a loop) on
 the same export and settings, C requests at once, each ``--new`` tokens: the gap between it and the API
@@ -356,7 +357,8 @@ def server_main(args) -> None:
                            engine={"max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
                                    "context_len": args.context, "dtype": args.dtype, "device": args.device,
                                    "quantize": args.quantize, "max_waiting": 4096,
-                                   "overlap": args.overlap, "gil_switch_ms": args.gil_switch_ms, "process": args.process,
+                                   "overlap": args.overlap, "gil_switch_ms": args.gil_switch_ms,
+                                   "process": "on" if args.process else "off",
                                    **({"compile": "inductor"} if args.compile else {})})
         server = ModelServer(spec)
         if args.stub_step_ms and args.process:
@@ -665,7 +667,8 @@ def main(argv=None) -> None:
             h.add_argument("--compile", action="store_true", help="the engine's decode step compiled (inductor)")
             h.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="EngineConfig.overlap")
             h.add_argument("--gil-switch-ms", type=float, default=None, help="EngineConfig.gil_switch_ms")
-            h.add_argument("--process", action="store_true", help="EngineConfig.process: the engine in a child process")
+            h.add_argument("--process", action="store_true",
+                           help="EngineConfig.process=on: the engine in a child process (without it: off, a thread)")
             h.add_argument("--stub-step-ms", type=float, default=0.0)
             h.add_argument("--backend", required=True, choices=["moeflow", "transformers"])
             h.add_argument("--model-dir", required=True)

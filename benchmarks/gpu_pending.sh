@@ -7,7 +7,8 @@
 #      whole stack vs INT8 per-slot (where the per-slot path pays, and the threshold T*K < E);
 #   3. bench_decode.py --engine --int8: the INT8 engine at batch 1 and 32 beside bf16, perplexity;
 #   4. bench_serve.py http --process-peer: the OpenAI API at 32 and 128 streams, the compiled-step server with its
-#      engine in a thread (default) and in its own process (EngineConfig.process), same run.
+#      engine in a thread (process=off) and in its own process (process=on; CUDA's default since), same run.
+#    Measured 2026-12-07 on an H100: RESULTS.md, "The engine in its own process", GPU.
 # Carry .whl (the pydantic / fastapi / uvicorn / pytest wheels of gpu_serve.sh) and bench_tokenizer.json.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

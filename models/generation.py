@@ -196,7 +196,7 @@ class _CachedDecoder:
         self.routes: list[torch.Tensor] = []  # each (L, B, T, K)
 
     def _call(self, ids_BT: torch.Tensor, **kw) -> torch.Tensor:
-        out = self.model(ids_BT, last_logits_only=True, return_router_choices=self.record, **kw)
+        out = self.model(ids_BT, last_logits_only=True, return_router_choices=self.record, router_stats=False, **kw)
         if self.record:
             self.routes.append(out.aux["router_choices"])
         return out.logits[:, -1]
@@ -239,7 +239,7 @@ class _FullDecoder(_CachedDecoder):
 
     def _full(self) -> torch.Tensor:
         out = self.model(self.seq_BS[:, : self.len], attention_mask_BS=self.mask_BS[:, : self.len],
-                         last_logits_only=True, return_router_choices=self.record)
+                         last_logits_only=True, return_router_choices=self.record, router_stats=False)
         if self.record:
             self.routes = [out.aux["router_choices"]]  # the last full pass covers every token
         return out.logits[:, -1]
@@ -326,7 +326,7 @@ class _GraphDecoder(_CachedDecoder):
     def _static_step(self, fn) -> torch.Tensor:
         e = self.e
         out = fn(e["tok_B1"], cache=self.cache, cache_position=e["slot_1"], attention_mask_BS=e["real_B1"],
-                 last_logits_only=True, return_router_choices=self.record)
+                 last_logits_only=True, return_router_choices=self.record, router_stats=False)
         if self.record:
             e["route_LB1K"] = out.aux["router_choices"]
         return out.logits[:, -1]

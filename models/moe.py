@@ -9,7 +9,8 @@ Parameter layout (Hugging Face DeepseekV3 names, so export is a key copy):
 The expert weights are stored (out, in) like nn.Linear; ``torch._grouped_mm`` consumes them as
 the transposed view (E, D, 2F) / (E, F, D) — a column-major operand the kernel takes without a copy.
 
-Expert compute: token slots are permuted by a stable argsort of expert ids. On CUDA in bf16 each
+Expert compute: token slots are permuted by a stable sort of expert ids (``stable_expert_order``: a
+comparison count at decode sizes, argsort above). On CUDA in bf16 each
 projection is one ``torch._grouped_mm`` with int32 cumulative end offsets. Groups can be padded to
 multiples of ``RoutedExperts.group_align`` rows; on the lent H100 with torch 2.11 unpadded groups
 (align 1) gave identical outputs and gradients and were faster, so 1 is the default. The
@@ -62,7 +63,39 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int,
         keep_TG.scatter_(1, group_score_TG.topk(topk_group, dim=-1).indices, True)
         keep_TE = keep_TG[:, :, None].expand_as(grouped_TGe).reshape(T, E)
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    if rank_form_pays(choice_TE.numel() * choice_TE.shape[-1], RANK_TOPK_MAX_PAIRS):
+        return topk_by_rank(choice_TE, k)
     return choice_TE.topk(k, dim=-1).indices
+
+
+RANK_TOPK_MAX_PAIRS = 1 << 20  # up to T·E² comparisons topk_by_rank replaces torch.topk (decode sizes)
+
+
+def rank_form_pays(num_pairs: int, limit: int) -> bool:
+    """Whether a counting form (``topk_by_rank``, ``stable_expert_order``'s rank) should replace the sort.
+
+    Only inside torch.compile, where its comparisons and count fuse into one kernel (a compiled decode step);
+    run eagerly they are about eight kernels against the sort's two, a loss where launches bound the step
+    (the uncompiled CUDA-graph step at small batch). And only up to ``limit`` comparisons (decode sizes).
+    """
+    return 0 < num_pairs <= limit and torch.compiler.is_compiling()
+
+
+def topk_by_rank(choice_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids of each row's k largest values, largest first (torch.topk's indices), by counting.
+
+    An expert's rank is the number of experts that beat it (a larger value, or an equal one with a lower
+    id); the ids sorted by rank are one scatter of that permutation. One fused comparison-and-count over
+    (T, E, E) instead of torch.topk's select-then-sort pair of kernels (9 µs a layer at batch 1 on an
+    H100, benchmarks/profile_decode.py). Equal values: the lower id first (torch.topk leaves ties unordered).
+    """
+    T, E = choice_TE.shape
+    id_E = torch.arange(E, device=choice_TE.device)
+    other_TE1E, this_TEE1 = choice_TE[:, None, :], choice_TE[:, :, None]
+    beats_TEE = (other_TE1E > this_TEE1) | ((other_TE1E == this_TEE1) & (id_E[None, None, :] < id_E[None, :, None]))
+    rank_TE = beats_TEE.sum(dim=-1)
+    by_rank_TE = torch.empty_like(rank_TE).scatter_(1, rank_TE, id_E.expand(T, E))
+    return by_rank_TE[:, :k]
 
 
 def balanced_assignment(num_tokens: int, k: int, num_experts: int, device) -> torch.Tensor:
@@ -151,6 +184,29 @@ class _PermuteRows(torch.autograd.Function):
         return grad_ND.index_select(0, inv_perm_N), None, None
 
 
+RANK_ORDER_MAX_SLOTS = 2048  # up to here stable_expert_order ranks by comparison (N² work), above it sorts
+
+
+def stable_expert_order(flat_N: torch.Tensor, force_rank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order_N, inv_order_N): the stable sort of slots by expert id and its inverse (slot n goes to inv_order_N[n]).
+
+    Few slots (decode: batch × K): each slot's destination is the number of slots that come before it,
+    ``#{m : (e_m, m) < (e_n, n)}``, one fused comparison-and-count (N² booleans) instead of a sort. On an
+    H100 the sort of 192 int64 ids (batch 32 × top-6) ran a radix sort of 27 µs a layer, 12 % of the
+    compiled decode step (benchmarks/profile_decode.py). Many slots (training), or not compiled (see
+    ``rank_form_pays``): ``argsort(stable=True)``. Both give the same permutation (``force_rank``: tests).
+    """
+    N = flat_N.numel()
+    slot_N = torch.arange(N, device=flat_N.device)
+    if rank_form_pays(N * N, RANK_ORDER_MAX_SLOTS ** 2) or (force_rank and N > 0):
+        e_m, e_n = flat_N[None, :], flat_N[:, None]
+        before_NM = (e_m < e_n) | ((e_m == e_n) & (slot_N[None, :] < slot_N[:, None]))
+        inv_order_N = before_NM.sum(dim=1)
+        return torch.empty_like(inv_order_N).scatter_(0, inv_order_N, slot_N), inv_order_N
+    order_N = torch.argsort(flat_N, stable=True)
+    return order_N, torch.empty_like(order_N).scatter_(0, order_N, slot_N)
+
+
 def _grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(x_MD, w_EDF, offs=offs_E)
 
@@ -197,8 +253,7 @@ class RoutedExperts(nn.Module):
                 return moe_decode.fused_routed_experts(self, x_TD, idx_TK, weight_TK, *stacks)
         T, K = idx_TK.shape
         flat_N = idx_TK.reshape(-1)
-        order_N = torch.argsort(flat_N, stable=True)
-        inv_order_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
+        order_N, inv_order_N = stable_expert_order(flat_N)
         counts_E = balancing.tokens_per_expert(idx_TK, self.num_experts).to(torch.int32)
         x_sorted_ND = _GatherTokenSlots.apply(x_TD, order_N, inv_order_N, K)
         if self._grouped_path(x_TD):
@@ -256,9 +311,10 @@ class RoutedExperts(nn.Module):
 
 @dataclass
 class MoEStats:
-    tokens_per_expert_E: torch.Tensor  # fp32 counts (detached)
-    maxvio: torch.Tensor
-    router_entropy: torch.Tensor
+    # None when the forward was asked for no router statistics (``with_stats=False``: decode steps)
+    tokens_per_expert_E: torch.Tensor | None  # fp32 counts (detached)
+    maxvio: torch.Tensor | None
+    router_entropy: torch.Tensor | None
     seq_aux_loss: torch.Tensor         # already × α
     z_loss: torch.Tensor               # already × weight
     lb_loss: torch.Tensor              # already × weight
@@ -277,8 +333,10 @@ class DeepSeekMoE(nn.Module):
                                if cfg.num_shared_experts > 0 else None)
 
     def forward(self, x_BTD: torch.Tensor, forced_idx_BTK: torch.Tensor | None = None,
-                with_losses: bool = True, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
-        """with_losses=False skips the balancing losses (zeros), e.g. when no loss is computed.
+                with_losses: bool = True, valid_BT: torch.Tensor | None = None,
+                with_stats: bool = True) -> tuple[torch.Tensor, MoEStats]:
+        """with_losses=False skips the balancing losses (zeros), e.g. when no loss is computed;
+        with_stats=False skips the router statistics (None): a decode step reads only the choices.
 
         valid_BT (bool, optional): the positions that count in the stats and losses (an MTP depth's
         positions with a target); every token is still routed and computed.
@@ -290,13 +348,16 @@ class DeepSeekMoE(nn.Module):
         y_TD = self.experts(x_TD, r.topk_idx_TK, r.topk_weight_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        return y_TD.view(B, T, D), self._stats(r, B, T, with_losses, valid_BT)
+        return y_TD.view(B, T, D), self._stats(r, B, T, with_losses, valid_BT, with_stats)
 
-    def _stats(self, r: RouterOutput, B: int, T: int, with_losses: bool, valid_BT: torch.Tensor | None) -> MoEStats:
+    def _stats(self, r: RouterOutput, B: int, T: int, with_losses: bool, valid_BT: torch.Tensor | None,
+               with_stats: bool = True) -> MoEStats:
         cfg, zero = self.cfg, r.scores_TE.new_zeros(())
-        with torch.no_grad():
-            counts_E = balancing.tokens_per_expert(r.topk_idx_TK, cfg.num_routed_experts, valid_BT)
-            stats = (counts_E, balancing.maxvio(counts_E), balancing.router_entropy(r.scores_TE, valid_BT))
+        stats = (None, None, None)
+        if with_stats:
+            with torch.no_grad():
+                counts_E = balancing.tokens_per_expert(r.topk_idx_TK, cfg.num_routed_experts, valid_BT)
+                stats = (counts_E, balancing.maxvio(counts_E), balancing.router_entropy(r.scores_TE, valid_BT))
         idx_BTK = r.topk_idx_TK.view(B, T, -1)
         seq_aux = (balancing.seq_aux_loss(r.scores_TE.view(B, T, -1), idx_BTK, cfg.seq_aux_alpha, valid_BT)
                    if with_losses and cfg.seq_aux_alpha > 0 else zero)

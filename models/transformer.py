@@ -97,10 +97,11 @@ class DecoderLayer(nn.Module):
         self.mlp = DeepSeekMoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.dense_width(layer_idx))
 
     def forward(self, x_BTD, cos, sin, mask_B1TS=None, step: CacheStep | None = None, forced_idx_BTK=None,
-                with_losses: bool = True, valid_BT=None):
-        """valid_BT (bool, optional): the positions that count in the MoE stats and losses (MTP blocks)."""
+                with_losses: bool = True, valid_BT=None, with_stats: bool = True):
+        """valid_BT (bool, optional): the positions that count in the MoE stats and losses (MTP blocks);
+        with_stats=False: no router statistics (MoEStats' counts/maxvio/entropy None), only the choices."""
         if self.checkpoint_policy == "none" or step is not None or not torch.is_grad_enabled():
-            return self._block(x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses, valid_BT)
+            return self._block(x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses, valid_BT, with_stats)
         # Non-reentrant checkpoint (traceable by torch.compile). The router choices are recomputed
         # from the same inputs, so the replay routes identically; the stats leave as a plain tuple
         # of tensors (what checkpoint and its compiled form carry), rebuilt into MoEStats here.
@@ -114,11 +115,12 @@ class DecoderLayer(nn.Module):
         y_BTD, stats = self._block(x_BTD, cos, sin, mask_B1TS, None, forced_idx_BTK, with_losses, valid_BT)
         return y_BTD, (tuple(getattr(stats, name) for name in _STATS_FIELDS) if stats is not None else ())
 
-    def _block(self, x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses: bool, valid_BT):
+    def _block(self, x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses: bool, valid_BT,
+               with_stats: bool = True):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, step)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
-            y_BTD, stats = self.mlp(h_BTD, forced_idx_BTK, with_losses, valid_BT)
+            y_BTD, stats = self.mlp(h_BTD, forced_idx_BTK, with_losses, valid_BT, with_stats)
             return x_BTD + y_BTD, stats
         return x_BTD + self.mlp(h_BTD), None
 
@@ -160,6 +162,8 @@ class MoETransformer(nn.Module):
       non-MTP runs measure the same thing.
     - forced_routing: list (one per MoE layer, MTP excluded) of (B, T, K) expert ids to replay.
     - return_router_choices: aux["router_choices"] = (L_main, B, T, K) chosen expert ids.
+    - router_stats=False leaves the router statistics (tokens_per_expert, maxvio, router_entropy) out of aux
+      and does not compute them: a decode step's dozen small kernels a layer that no one reads.
     - MTP runs only when targets are given and no cache is used.
     """
 
@@ -250,7 +254,7 @@ class MoETransformer(nn.Module):
                 forced_routing: list[torch.Tensor] | None = None, last_logits_only: bool = False,
                 return_hidden: bool = False, return_router_choices: bool = False,
                 document_ids_BT: torch.Tensor | None = None, with_losses: bool | None = None,
-                mtp_boundary_BT: torch.Tensor | None = None) -> ModelOutput:
+                mtp_boundary_BT: torch.Tensor | None = None, router_stats: bool = True) -> ModelOutput:
         cfg = self.cfg
         with_losses = targets is not None if with_losses is None else with_losses
         positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position,
@@ -263,7 +267,7 @@ class MoETransformer(nn.Module):
             forced = None
             if forced_routing is not None and layer.is_moe:
                 forced, moe_i = forced_routing[moe_i], moe_i + 1
-            x_BTD, stats = layer(x_BTD, cos, sin, mask, step, forced, with_losses)
+            x_BTD, stats = layer(x_BTD, cos, sin, mask, step, forced, with_losses, with_stats=router_stats)
             if stats is not None:
                 all_stats.append(stats)
         num_main_stats = len(all_stats)
@@ -290,7 +294,9 @@ class MoETransformer(nn.Module):
         elif with_losses:  # e.g. a reward model or DPO: no LM targets, balancing losses still wanted
             terms = {"balance_loss": seq_aux + z + lb}
         aux = {"lm_loss": lm_loss.detach(), "mtp_loss": mtp_loss.detach(), "seq_aux_loss": seq_aux.detach(),
-               "z_loss": z.detach(), "lb_loss": lb.detach(), **self._router_stats(all_stats)}
+               "z_loss": z.detach(), "lb_loss": lb.detach()}
+        if router_stats:
+            aux.update(self._router_stats(all_stats))
         if return_router_choices:
             aux["router_choices"] = (torch.stack([s.topk_idx_BTK for s in all_stats[:num_main_stats]])
                                      if num_main_stats else None)

@@ -428,7 +428,7 @@ def serve(
     quantize: str = typer.Option("none", "--quantize", help="none | int8 (weight-only INT8)"),
     engine: Optional[list[str]] = typer.Option(None, "--engine", "-e",
                                                help="engine setting of --model, e.g. max_batch=64, compile=inductor, "
-                                                    "process=true (EngineConfig; repeatable)"),
+                                                    "process=off (EngineConfig; repeatable)"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API on Ray Serve (keys: MOEFLOW_SERVE_API_KEYS)."""
     from pydantic import ValidationError

@@ -155,3 +155,15 @@ def test_cuda_graph_decode_matches_eager_cached(model, prompts):
     first = generate(gpu, prompts, 8, cuda_graph=pool)
     again = generate(gpu, prompts, 8, cuda_graph=pool)  # replays the graph captured by the first call
     assert first.tokens == again.tokens and len(pool._entries) == 1
+
+
+@torch.no_grad()
+def test_router_stats_off_gives_the_same_logits_and_choices_without_the_statistics(model, prompts):
+    """Decode steps pass router_stats=False: same logits and router choices, no counts / MaxVio / entropy."""
+    ids = torch.tensor([prompts[1]])
+    full = model(ids, return_router_choices=True)
+    lean = model(ids, return_router_choices=True, router_stats=False)
+    assert torch.equal(full.logits, lean.logits)
+    assert torch.equal(full.aux["router_choices"], lean.aux["router_choices"])
+    assert {"tokens_per_expert", "maxvio", "router_entropy"} <= set(full.aux)
+    assert not {"tokens_per_expert", "maxvio", "router_entropy"} & set(lean.aux)

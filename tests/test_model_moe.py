@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeflow.models import ModelConfig
-from moeflow.models.moe import DeepSeekMoE, RoutedExperts, Router, balanced_assignment, select_experts
+from moeflow.models import moe as moe_mod
+from moeflow.models.moe import (DeepSeekMoE, RoutedExperts, Router, balanced_assignment, select_experts,
+                                 stable_expert_order, topk_by_rank)
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -159,3 +162,77 @@ def test_fp32_weights_under_autocast_take_the_grouped_path(monkeypatch):
     assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
     got.float().sum().backward()
     assert ex.gate_up_proj.grad is not None and ex.gate_up_proj.grad.dtype == torch.float32
+
+
+class _op_names(TorchDispatchMode):
+    """Records the name of every ATen op run inside it (``.names``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _compiled_ops(fn, *args):
+    """fn compiled by torch.compile (a backend that records the traced graph): (output, the graph's op names)."""
+    names = []
+
+    def record(gm, example_inputs):
+        names.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=record, fullgraph=True)(*args), " ".join(names)
+
+
+@pytest.mark.parametrize("num_slots,num_experts", [(1, 64), (6, 64), (7, 3), (192, 64), (2048, 64), (5000, 8)])
+@pytest.mark.parametrize("force_rank", [False, True])
+def test_stable_expert_order_is_the_stable_argsort_and_its_inverse(num_slots, num_experts, force_rank):
+    """The comparison rank and the sort must both be exactly the stable argsort."""
+    g = torch.Generator().manual_seed(num_slots)
+    flat_N = torch.randint(0, num_experts, (num_slots,), generator=g)
+    order_N, inv_order_N = stable_expert_order(flat_N, force_rank=force_rank)
+    assert torch.equal(order_N, torch.argsort(flat_N, stable=True))
+    assert torch.equal(inv_order_N[order_N], torch.arange(num_slots))
+    assert torch.equal(flat_N[order_N], flat_N.sort().values)
+
+
+def test_compiled_decode_sized_routing_neither_sorts_nor_topks_and_eager_does():
+    """Inside torch.compile the counting forms replace sort and topk at decode sizes (fused: a radix sort
+    was 12 % of a batch-32 decode step); eagerly (~8 kernels against 2) and at training sizes they do not."""
+    small = torch.randint(0, 64, (192,))
+    (order_N, _), ops = _compiled_ops(stable_expert_order, small)
+    assert "sort" not in ops and torch.equal(order_N, torch.argsort(small, stable=True))
+    big = torch.randint(0, 64, (moe_mod.RANK_ORDER_MAX_SLOTS + 1,))
+    (order_N, _), ops = _compiled_ops(stable_expert_order, big)
+    assert "argsort" in ops and torch.equal(order_N, torch.argsort(big, stable=True))
+
+    scores = torch.rand(300, 64)  # 300 · 64² comparisons > RANK_TOPK_MAX_PAIRS: torch.topk
+    for rows, uses_topk in [(4, False), (300, True)]:
+        idx_TK, ops = _compiled_ops(lambda s: select_experts(s, None, 6, 1, 1), scores[:rows])
+        assert ("topk" in ops) == uses_topk
+        assert torch.equal(idx_TK, scores[:rows].topk(6, dim=-1).indices)
+    with _op_names() as eager:
+        select_experts(scores[:4], None, 6, 1, 1)
+        stable_expert_order(small)
+    assert "topk" in " ".join(eager.names) and "sort" in " ".join(eager.names)
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 64, 6), (32, 64, 6), (5, 8, 8), (3, 4, 1)])
+def test_topk_by_rank_equals_torch_topk(T, E, k):
+    g = torch.Generator().manual_seed(T * E + k)
+    choice_TE = torch.randn(T, E, generator=g)
+    choice_TE[0, : E // 2] = float("-inf")  # dropped groups are -inf: they rank last, lower id first
+    want = choice_TE.topk(k, dim=-1)
+    got = topk_by_rank(choice_TE, k)
+    assert torch.equal(choice_TE.gather(1, got), want.values)
+    finite = want.values.isfinite().all(dim=-1)
+    assert torch.equal(got[finite], want.indices[finite])
+
+
+def test_topk_by_rank_breaks_ties_by_lower_id():
+    tied = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1]])
+    assert topk_by_rank(tied, 4).tolist() == [[1, 3, 0, 2]]

@@ -109,7 +109,9 @@ gateway: {{port: 8123}}
     # --engine key=value: EngineConfig settings of --model, checked before anything is resolved or started
     tuned = config_for(str(d1), engine={"max_batch": 64, "process": True, "compile": "inductor"})
     e = tuned.models[0].engine
-    assert (e.max_batch, e.process, e.compile, e.quantize) == (64, True, "inductor", "none")
+    assert (e.max_batch, e.process, e.compile, e.quantize) == (64, "on", "inductor", "none")
+    r = runner.invoke(app, ["serve", "--model", str(d1), "--engine", "process=of"])
+    assert r.exit_code == 2 and "--engine: process: Input should be 'auto', 'on' or 'off'" in r.output
     r = runner.invoke(app, ["serve", "--model", str(d1), "--engine", "proces=true"])
     assert r.exit_code == 2 and "--engine: unknown field 'proces'" in r.output and "did you mean 'process'" in r.output
     r = runner.invoke(app, ["serve", "--model", str(d1), "--engine", "max_batch=0"])

@@ -318,7 +318,7 @@ class Engine:
             real_B1 = host_to_device(real, torch.bool, self.device)[:, None]
             view = self.slots.rows_view(num_rows)
             logits_BV = self.model(self.next_tok_B[:num_rows, None], cache=view, attention_mask_BS=real_B1,
-                                   last_logits_only=True).logits[:, -1]
+                                   last_logits_only=True, router_stats=False).logits[:, -1]
         self.slots.advance(rows)
         self._sample(seqs, _take_rows(logits_BV, rows))  # free slots below the last live one are left out
 
@@ -350,7 +350,8 @@ class Engine:
         chunk = seq.prompt[seq.num_prefilled: seq.num_prefilled + n]
         want_lp = seq.params.prompt_logprobs is not None
         ids_1T = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        logits_TV = self.model(ids_1T, cache=seq.stage, last_logits_only=not want_lp).logits[0]
+        logits_TV = self.model(ids_1T, cache=seq.stage, last_logits_only=not want_lp,
+                               router_stats=False).logits[0]
         if want_lp:
             self._collect_prompt_logprobs(seq, logits_TV)
         seq.num_prefilled += len(chunk)
@@ -364,7 +365,8 @@ class Engine:
         ids_kP, mask_kP = left_pad([s.prompt for s in seqs], 0, self.device)
         k, P = ids_kP.shape
         stage = self.model.new_cache(k, P)
-        logits_kV = self.model(ids_kP, cache=stage, attention_mask_BS=mask_kP, last_logits_only=True).logits[:, -1]
+        logits_kV = self.model(ids_kP, cache=stage, attention_mask_BS=mask_kP, last_logits_only=True,
+                               router_stats=False).logits[:, -1]
         started = []
         for r, seq in enumerate(seqs):
             seq.num_prefilled = len(seq.prompt)

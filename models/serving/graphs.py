@@ -92,7 +92,8 @@ class StaticDecoder:
     def _step(self, b: int, w: int) -> torch.Tensor:
         view = self.slots.static_view(b, w)
         out = self._fn(self.tok_B1[:b], cache=view, cache_position=self.slot_1,
-                       attention_mask_BS=self.real_B1[:b], last_logits_only=True)
+                       attention_mask_BS=self.real_B1[:b], last_logits_only=True,
+                       router_stats=False)
         return out.logits[:, -1]
 
     def run(self, real: list[bool], cursor: int) -> torch.Tensor:

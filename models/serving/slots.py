@@ -72,7 +72,7 @@ class SlotCache:
         if self.cursor < num_tokens or self.cursor + 1 > self.max_len:
             self._rebase(max([num_tokens] + [n for n, up in zip(self.lengths, self.live) if up]))
         c, n = self.cursor, num_tokens
-        for dst, src in zip(self.cache.kv_latent + self.cache.k_rope, staging.kv_latent + staging.k_rope):
+        for dst, src in zip(self.cache.kv, staging.kv):
             dst[b, c - n: c] = src[row, start: start + n].to(dst.dtype)
         self.cache.key_mask_BS[b].zero_()
         self.cache.key_mask_BS[b, c - n: c] = True
@@ -95,8 +95,8 @@ class SlotCache:
         c = self.cache
         view = MLACache.__new__(MLACache)
         view.batch_size, view.max_len = num_rows, c.max_len
-        view.kv_latent = [t[:num_rows] for t in c.kv_latent]
-        view.k_rope = [t[:num_rows] for t in c.k_rope]
+        view.kv = [t[:num_rows] for t in c.kv]
+        view.split_views(c.kv_latent[0].shape[-1])
         view.key_mask_BS = c.key_mask_BS[:num_rows]
         view.num_real_B = c.num_real_B[:num_rows]
         view.length = self.cursor
@@ -109,8 +109,8 @@ class SlotCache:
             raise ValueError(f"SlotCache.static_view: {num_rows} x {num_cols} exceeds {self.num_slots} x {self.max_len}")
         view = self.rows_view(num_rows)
         view.max_len = num_cols
-        view.kv_latent = [t[:, :num_cols] for t in view.kv_latent]
-        view.k_rope = [t[:, :num_cols] for t in view.k_rope]
+        view.kv = [t[:, :num_cols] for t in view.kv]
+        view.split_views(self.cache.kv_latent[0].shape[-1])
         view.key_mask_BS = view.key_mask_BS[:, :num_cols]
         return view
 
@@ -122,7 +122,7 @@ class SlotCache:
             raise ValueError(f"SlotCache._rebase: cursor {new_cursor} cannot hold {width} tokens in {self.max_len}")
         old = self.cursor
         c = self.cache
-        for t in c.kv_latent + c.k_rope:
+        for t in c.kv:
             block = t[:, old - width: old].clone()
             t[:, new_cursor - width: new_cursor] = block
         mask = c.key_mask_BS[:, old - width: old].clone()

@@ -4,7 +4,7 @@
 - ``routing``: which version answers a request (``name``, ``name@alias``, ``name@3``, A/B splits
   with sticky per-user assignment) and the route store that moving an alias updates;
 - ``engine_loop``: the engine's step loop in a thread, one asyncio stream per request;
-- ``engine_proc``: the same in a child process that loads the model (``EngineConfig.process``, opt-in);
+- ``engine_proc``: the same in a child process that loads the model (``EngineConfig.process``: the default on CUDA);
 - ``model_server``: one model version: load, tokenize, stream protocol-neutral events;
 - ``protocol``: the OpenAI request models, response/chunk builders and error bodies;
 - ``metrics``: Prometheus series of the gateway;

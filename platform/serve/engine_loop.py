@@ -178,7 +178,8 @@ def deliver(items: list[tuple[_Stream | None, object]]) -> None:
 
 
 class AsyncEngine(EventStreams):
-    """The engine stepped by a daemon thread of this process (the default; ``ProcessEngine`` is the opt-in)."""
+    """The engine stepped by a daemon thread of this process (the default on the CPU; on CUDA it is
+    ``ProcessEngine``, see ``EngineConfig.process``)."""
 
     def __init__(self, make_engine: Callable[[], Engine]) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""The engine's step loop in a child process (vLLM's "engine core" split), opt-in: ``EngineConfig.process``.
+"""The engine's step loop in a child process (vLLM's "engine core" split), ``EngineConfig.process`` (default on CUDA).
 
 Why: with the thread engine (engine_loop.py) the HTTP side (event loop, per-token SSE chunks) and the
 engine's Python (scheduling, stop rules, text, events) share one GIL, and at 128 streams on an H100 that

@@ -18,8 +18,9 @@ Ray Serve application wraps the same class as a deployment (``app.py``), one rep
 Token strings (for log-probabilities) are single-token decodes, special markers included.
 Completions stop at ``<|eos|>`` by default; chat requests at the template's end-of-turn ids.
 
-With ``EngineConfig.process`` the engine is stepped in a child process that loads the model itself
-(``ProcessEngine``); this process then holds the tokenizer only, and ``model`` is None.
+With ``EngineConfig.process`` (default: on CUDA, ``EngineConfig.runs_in_child``) the engine is stepped in a child
+process that loads the model itself (``ProcessEngine``); this process then holds the tokenizer only, and ``model``
+is None.
 """
 
 from __future__ import annotations
@@ -51,9 +52,8 @@ def load_model(spec: ServedModel):
     from ...models.quant import quantize_int8
 
     e = spec.engine
-    device = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[e.dtype]
-    model = import_hf(spec.model_dir, dtype=dtype, device=device, include_mtp=False).eval()
+    model = import_hf(spec.model_dir, dtype=dtype, device=e.resolved_device(), include_mtp=False).eval()
     if e.quantize == "int8":
         report = quantize_int8(model)
         log.info("%s: int8 weights, %d -> %d bytes", spec.key, report.bytes_before, report.bytes_after)
@@ -113,7 +113,7 @@ class ModelServer:
         if e.gil_switch_ms is not None:  # process-wide: the last server built in a process sets it
             sys.setswitchinterval(e.gil_switch_ms / 1000)
             log.info("%s: GIL switch interval %.2f ms", self.spec.key, e.gil_switch_ms)
-        if e.process:  # the child loads the model; this process keeps none
+        if e.runs_in_child():  # the child loads the model; this process keeps none
             self.model = None
             self.loop = ProcessEngine(functools.partial(process_engine_setup, self.spec), max_batch=e.max_batch,
                                       max_waiting=e.max_waiting, name=f"moeflow-engine-{self.spec.key}")
