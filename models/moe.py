@@ -220,8 +220,11 @@ class RoutedExperts(nn.Module):
     # GEMMs then run through fp8.fp8_grouped_mm (groups padded to 16 rows); None = bf16 grouped_mm
     fp8_grad_dtype: torch.dtype | None = None
     # decode-sized calls (T·K < E) through two fused Triton kernels, kernels/moe_decode.py; None: auto
-    # (CUDA, bf16, no autograd, triton importable: moe_decode.decide_fused_decode); True/False forces
-    fused_decode: bool | None = None
+    # (CUDA, bf16, no autograd, triton importable: moe_decode.decide_fused_decode); True forces. Off (False)
+    # by default until the kernels have run on a GPU (they are tested in Triton's CPU interpreter and compiled
+    # for sm_90 by ptxas; the GPU test and benchmark: benchmarks/gpu_decode.sh); serving turns it on per model
+    # with EngineConfig.fused_moe
+    fused_decode: bool | None = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

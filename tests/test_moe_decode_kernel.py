@@ -340,6 +340,7 @@ def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md):
     output; inside a CUDA graph the replay equals it too; with sync debug mode "error" nothing syncs."""
     E, D, F_, K = 64, 1024, 512, 6
     ex = _experts(E, D, F_, K, torch.bfloat16, "cuda", std=0.05)
+    ex.fused_decode = None  # auto (the class default is off until measured: EngineConfig.fused_moe turns it on)
     compiled = torch.compile(ex, fullgraph=True)
     for T in (1, 2, 4, 8, 10):
         x, idx, w = _routing(T, K, E, D, "cuda", seed=T)

@@ -45,6 +45,11 @@ class EngineConfig(StageConfig):
         "auto", description="launch each decode step before reading the previous one's tokens back, so the host's "
                             "per-token work overlaps the GPU's next step (one wasted row after a stop); "
                             "'auto' = on for CUDA, off on the CPU (nothing runs asynchronously there)")
+    fused_moe: Literal["off", "auto", "on"] = Field(
+        "off", description="the routed experts of decode steps with fewer routed slots than experts (batch <= 10 for "
+                           "bench_ref) as two fused Triton kernels a layer (models/kernels/moe_decode.py) instead of "
+                           "a sort and two grouped GEMMs; 'auto' = where it applies (CUDA, bf16, Triton importable); "
+                           "'off' by default until measured on a GPU (benchmarks/gpu_decode.sh); INT8 keeps its own path")
     gil_switch_ms: float | None = Field(
         None, ge=0.05, le=100.0,
         description="the process's GIL switch interval in ms (sys.setswitchinterval; Python's default is 5): the "

@@ -57,7 +57,21 @@ def load_model(spec: ServedModel):
     if e.quantize == "int8":
         report = quantize_int8(model)
         log.info("%s: int8 weights, %d -> %d bytes", spec.key, report.bytes_before, report.bytes_after)
+    set_fused_moe(model, e.fused_moe)
     return model
+
+
+def set_fused_moe(model, setting: str) -> int:
+    """``EngineConfig.fused_moe`` onto the model's bf16/fp32 routed experts (INT8 stacks keep their own path);
+    returns how many layers it set."""
+    from ...models.moe import RoutedExperts
+    from ...models.quant import Int8RoutedExperts
+
+    value = {"off": False, "auto": None, "on": True}[setting]
+    layers = [m for m in model.modules() if isinstance(m, RoutedExperts) and not isinstance(m, Int8RoutedExperts)]
+    for m in layers:
+        m.fused_decode = value
+    return len(layers)
 
 
 def load_tokenizer(model_dir: str) -> Tokenizer:
