@@ -221,9 +221,9 @@ class RoutedExperts(nn.Module):
     fp8_grad_dtype: torch.dtype | None = None
     # decode-sized calls (T·K < E) through two fused Triton kernels, kernels/moe_decode.py; None: auto
     # (CUDA, bf16, no autograd, triton importable: moe_decode.decide_fused_decode); True forces. Off (False)
-    # by default until the kernels have run on a GPU (they are tested in Triton's CPU interpreter and compiled
-    # for sm_90 by ptxas; the GPU test and benchmark: benchmarks/gpu_decode.sh); serving turns it on per model
-    # with EngineConfig.fused_moe
+    # by default: the kernels round where inductor does, not where the eager grouped path does, so greedy
+    # output could part from generate()'s at near-tied routers (as the compiled step's can). 5.5x the grouped
+    # path at 1 token on an H100 (RESULTS.md); serving turns it on per model with EngineConfig.fused_moe
     fused_decode: bool | None = False
 
     def __init__(self, cfg: ModelConfig) -> None:
