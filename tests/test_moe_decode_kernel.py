@@ -240,10 +240,10 @@ def test_expert_major_routing_groups_the_slots_by_expert(md):
 @pytest.mark.parametrize("T,E", [(3, 16)] + [pytest.param(T, 64, marks=pytest.mark.slow) for T in (11, 32)])
 def test_expert_major_bf16_rounds_as_the_slot_major_kernels(md, device, T, E):
     """bf16 at bench_ref's D, F and top-6 (E = 16 for the quick case: the interpreter's time goes with the
-    weights read, ~20 s at 11 tokens of bench_ref), T·K ≥ E: (1) equal to the torch emulation of the documented rounding points up to the
-    order of fp32 sums (nearly all outputs bit-equal, the rest one bf16 step); (2) equal to the slot-major
-    kernels in the same way (the same rounding points); (3) within bf16 noise of RoutedExperts' own path and
-    no farther from float64."""
+    weights read, ~20 s at 11 tokens of bench_ref), T·K ≥ E: (1) equal to the torch emulation of the
+    documented rounding points up to the order of fp32 sums (nearly all outputs bit-equal, the rest one bf16
+    step); (2) equal to the slot-major kernels in the same way (the same rounding points); (3) within bf16
+    noise of RoutedExperts' own path and no farther from float64."""
     D, F_, K = 1024, 512, 6
     ex = _experts(E, D, F_, K, torch.bfloat16, device, std=0.05)
     x, idx, w = _routing(T, K, E, D, device, seed=T)
@@ -315,7 +315,8 @@ report = {}
 for name, (fn, pointers, blocks) in kernels.items():
     names = fn.arg_names
     signature = {n: (pointers[i] if i < len(pointers) else "constexpr") for i, n in enumerate(names)}
-    src = ASTSource(fn=fn, signature=signature, constexprs={**{k: v for k, v in shapes.items() if k in names}, **blocks},
+    sizes = {k: v for k, v in shapes.items() if k in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={**sizes, **blocks},
                     attrs={(i,): aligned for i in range(len(pointers))})
     kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -324,8 +325,9 @@ for name, (fn, pointers, blocks) in kernels.items():
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
     ptx = kernel.asm["ptx"]
-    report[name] = {"v4_loads": ptx.count("ld.global.v4"), "bf16_mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
-                    "cp_async": ptx.count("cp.async.cg"), **{k: int(v) for k, v in fields.items()}}
+    report[name] = {"v4_loads": ptx.count("ld.global.v4"), "cp_async": ptx.count("cp.async.cg"),
+                    "bf16_mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
+                    **{k: int(v) for k, v in fields.items()}}
 print(json.dumps(report))
 """
 
