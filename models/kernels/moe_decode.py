@@ -130,7 +130,8 @@ def fused_decode_applies(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, gate
 
 def fused_routed_experts(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
                          gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor) -> torch.Tensor:
-    """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) by the two kernels, in ``experts``' compute dtype."""
+    """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) by the fused kernels (slot- or expert-major:
+    ``uses_expert_major``), in ``experts``' compute dtype."""
     if not HAS_TRITON:
         raise RuntimeError("RoutedExperts.fused_decode=True needs triton, which is not importable here")
     dtype = experts.compute_dtype(x_TD)
