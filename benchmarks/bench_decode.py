@@ -273,7 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off); the first also runs on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
-                   help="RoutedExperts.fused_decode (the fused routed-experts kernels at T·K < E), where the tree has it")
+                   help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
+                   "expert-major up to 8·E), where the tree has it")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)

@@ -10,17 +10,23 @@ to K distinct random experts (seeded), weights uniform. Rows, per T:
 
 - ``grouped``: ``RoutedExperts.fused_decode = False``: argsort, permutations, two ``torch._grouped_mm``,
   SwiGLU, the combine (the path a decode step took before);
-- ``fused``: ``fused_decode = True``: the two kernels of ``models/kernels/moe_decode.py`` (auto takes them
-  here: CUDA, bf16, T·K < E, no autograd; the ``auto`` column says what auto picks).
+- ``fused``: ``fused_decode = True`` at T·K < E: the two slot-major kernels of ``models/kernels/moe_decode.py``
+  (auto takes them here: CUDA, bf16, T·K < E, no autograd; the ``auto`` column says what auto picks);
+- ``expert_major``: ``fused_decode = True`` at T·K ≥ E (bench_ref: T ≥ 11): the expert-major kernels (each
+  expert's rows read once; auto takes them up to T·K = 8·E), the routing bookkeeping included;
+- ``slot_major``: at T·K ≥ E also the slot-major op called directly (each slot reads its expert's rows), to
+  see where the switch between the two should lie.
 
 Each row is timed eagerly (``graph = no``: one call after another, the host launching every kernel) and as
 replays of one captured CUDA graph holding ``--calls-per-graph`` consecutive calls (``graph = yes``: what a
 graph-captured decode step pays per layer: kernel time plus the gaps between kernels). ms per call = median
 over ``--rounds`` rounds of ``--reps`` timed calls (CUDA events), rows interleaved per round.
-``GB/s`` = bytes of the distinct experts' weights a call needs (3·D·F·2 bytes each) ÷ time: the fused path
-reads an expert once per slot routed to it, so with repeats it reads more than this. ``max_rel_diff`` =
+``GB/s`` = bytes of the distinct experts' weights a call needs (3·D·F·2 bytes each) ÷ time: the slot-major
+path reads an expert once per slot routed to it, so with repeats it reads more than this (H100 copy bandwidth
+is ~3.0 TB/s: the expert-major rows at 32 and 64 tokens should come near it). ``max_rel_diff`` =
 max |row − grouped| ÷ max |grouped| on the same input. ``--sweep`` adds graph rows of the fused op with other
-block sizes (``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/num_warps``), to choose defaults.
+block sizes (``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/num_warps``; expert-major:
+``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/block_s/num_warps``), to choose defaults.
 The whole run takes well under a minute on an H100 (most of it Triton compiling the kernels). ``--device cpu
 --preset tiny`` runs the same rows in Triton's interpreter (a smoke test, not a timing).
 """
@@ -41,6 +47,13 @@ from moeflow.models.moe import RoutedExperts
 SWEEP = [  # gate_up_block_f, gate_up_block_d, down_block_d, down_block_f, num_warps (the default: 16, 1024, 8, 512, 4)
     (8, 1024, 8, 512, 4), (32, 1024, 8, 512, 4), (16, 256, 8, 512, 4), (16, 1024, 4, 512, 4),
     (16, 1024, 16, 512, 4), (16, 1024, 8, 256, 4), (16, 1024, 8, 512, 8), (16, 1024, 8, 512, 2),
+]
+# expert-major: gate_up_block_f, gate_up_block_d, down_block_d, down_block_f, block_s, num_warps
+# (the default: 32, 128, 32, 128, 16, 4)
+EM_SWEEP = [
+    (16, 128, 32, 128, 16, 4), (64, 128, 32, 128, 16, 4), (32, 256, 32, 128, 16, 4), (32, 64, 32, 128, 16, 4),
+    (32, 128, 16, 128, 16, 4), (32, 128, 64, 128, 16, 4), (32, 128, 32, 256, 16, 4), (32, 128, 32, 128, 32, 4),
+    (32, 128, 32, 128, 16, 8),
 ]
 
 
@@ -111,8 +124,10 @@ def bench_tokens(ex: RoutedExperts, cfg: ModelConfig, T: int, args) -> list[dict
 
     x, idx, w = routing(T, cfg, seed=T, device=args.device)
     D, F_ = cfg.hidden_size, cfg.moe_intermediate_size
+    expert_major = moe_decode.uses_expert_major(idx.numel(), cfg.num_routed_experts)
+    fused_name = "expert_major" if expert_major else "fused"
     ex.fused_decode = None
-    auto = "fused" if moe_decode.fused_decode_applies(ex, x, idx, ex.gate_up_proj, ex.down_proj) else "grouped"
+    auto = fused_name if moe_decode.fused_decode_applies(ex, x, idx, ex.gate_up_proj, ex.down_proj) else "grouped"
 
     def path(fused: bool):
         def call():
@@ -120,12 +135,18 @@ def bench_tokens(ex: RoutedExperts, cfg: ModelConfig, T: int, args) -> list[dict
             return ex(x, idx, w)
         return call
 
-    fns = {("grouped", None): path(False), ("fused", None): path(True)}
+    stacks = (ex.gate_up_proj, ex.down_proj)
+    fns = {("grouped", None): path(False), (fused_name, None): path(True)}
+    if expert_major:
+        fns[("slot_major", None)] = lambda: moe_decode.routed_experts_decode(x, idx, w, *stacks)
     if args.sweep:
-        for blocks in SWEEP:
-            kw = dict(zip(("gate_up_block_f", "gate_up_block_d", "down_block_d", "down_block_f", "num_warps"), blocks))
-            fns[("fused", blocks)] = (lambda kw=kw: moe_decode.routed_experts_decode(
-                x, idx, w, ex.gate_up_proj, ex.down_proj, **kw))
+        names = ("gate_up_block_f", "gate_up_block_d", "down_block_d", "down_block_f", "num_warps")
+        op = moe_decode.routed_experts_decode
+        if expert_major:
+            names, op = names[:4] + ("block_s", "num_warps"), moe_decode.expert_major_decode
+        for blocks in EM_SWEEP if expert_major else SWEEP:
+            kw = dict(zip(names, blocks))
+            fns[(fused_name, blocks)] = lambda kw=kw, op=op: op(x, idx, w, *stacks, **kw)
     with torch.inference_mode():
         reference = path(False)()
         diffs = {key: ((fn().float() - reference.float()).abs().max() / reference.float().abs().max()).item()
@@ -157,7 +178,7 @@ def machine(device: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="bench_ref")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 10])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 10, 16, 32, 64])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--calls-per-graph", type=int, default=10)

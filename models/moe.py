@@ -219,8 +219,9 @@ class RoutedExperts(nn.Module):
     # fp8.enable_fp8(model, ["experts"]) sets this to the fp8 gradient dtype: the grouped path's two
     # GEMMs then run through fp8.fp8_grouped_mm (groups padded to 16 rows); None = bf16 grouped_mm
     fp8_grad_dtype: torch.dtype | None = None
-    # decode-sized calls (T·K < E) through two fused Triton kernels, kernels/moe_decode.py; None: auto
-    # (CUDA, bf16, no autograd, triton importable: moe_decode.decide_fused_decode); True forces. Off (False)
+    # decode-sized calls through fused Triton kernels, kernels/moe_decode.py (slot-major below T·K = E,
+    # expert-major from there); None: auto (CUDA, bf16, no autograd, T·K ≤ 8·E, triton importable:
+    # moe_decode.decide_fused_decode); True forces. Off (False)
     # by default: the kernels round where inductor does, not where the eager grouped path does, so greedy
     # output could part from generate()'s at near-tied routers (as the compiled step's can). 5.5x the grouped
     # path at 1 token on an H100 (RESULTS.md); serving turns it on per model with EngineConfig.fused_moe
@@ -248,7 +249,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) for every token t."""
-        if self.fused_decode or (self.fused_decode is None and x_TD.is_cuda and idx_TK.numel() < self.num_experts):
+        if self.fused_decode or (self.fused_decode is None and x_TD.is_cuda):
             from .kernels import moe_decode  # imports triton (optional), so only where the fused path may run
 
             stacks = (self.gate_up_proj, self.down_proj)  # read once: LoRA's parametrization computes them per read

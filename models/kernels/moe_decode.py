@@ -1,4 +1,4 @@
-"""Fused routed experts for decode-sized calls: two Triton kernels per MoE layer, no sort, no grouped GEMM.
+"""Fused routed experts for decode-sized calls: Triton kernels per MoE layer, no sort kernel, no grouped GEMM.
 
 Why: at batch 1 a ``bench_ref`` decode step is kernel-bound. Profiled on an H100 (compiled + CUDA graph,
 issue 13) the routed experts' two ``torch._grouped_mm`` per layer took 11 us each for 6 used experts out
@@ -33,7 +33,24 @@ Read volume: a slot reads its expert's rows, so experts shared by several tokens
 once per slot (from L2 when the programs overlap), where the grouped path reads each used expert once.
 At one token the two read the same 6 experts; at bench_ref's 10 tokens the 60 slots hit ~40 distinct
 experts on random routing (1.5x the grouped path's bytes): benchmarks/bench_moe_decode.py shows where
-the crossover lies, which the auto rule's ``num_slots < num_experts`` bound should follow.
+the crossover lies, which ``uses_expert_major``'s ``num_slots >= num_experts`` switch should follow.
+
+Expert-major (``routed_experts_decode_by_expert``), for T·K ≥ E (bench_ref from 11 tokens; the slot-major
+kernels would read an expert once per slot routed to it, ~6x the bytes at 64 tokens). At batch 32 the grouped
+path read the 64 experts' weights at 2.24 TB/s (629 us of a 1.41 ms compiled step on an H100, issue 13), with
+the sort, the permutations and ``prepare_grouped_gemm_data`` around it. Here the slots are grouped by expert
+(``expert_major_routing``: ``stable_expert_order``'s order and each expert's end in it, no sort kernel under
+compile, no host sync) and
+(a) ``_expert_gate_up_swiglu_kernel``, grid (E, F blocks): a program loads its expert's gate AND up rows of
+    its F block once and multiplies them with the gathered rows x[t] of up to ``block_s`` of the expert's
+    slots at a time (tl.dot: tensor cores, fp32 accumulation); an expert without slots loads nothing; h of
+    the expert's slots goes to their rows of the expert-sorted list;
+(b) ``_expert_down_kernel``, grid (E, D blocks): likewise with the down rows, writing each slot's rounded
+    output y[n] at its own row n = t·K + k;
+(c) ``_combine_kernel``, grid (T, D blocks): Σ_k rounded(w[t, k]) · y[t·K + k] in fp32, k in order, rounded
+    once: the slot-major down kernel's sum term for term.
+The rounding points are the slot-major kernels' (the same ``_rounded`` calls), so the two differ only in the
+order of the fp32 sums inside each dot product.
 
 Triton is an optional accelerator: ``moeflow`` imports and runs without it (``HAS_TRITON`` is False and
 the dispatch never picks this path); ``models/moe.py`` imports this module only on CUDA or when forced.
@@ -44,7 +61,11 @@ Shape suffixes (as in models/moe.py): T tokens, D hidden, E experts, K experts p
 slots, F expert width.
 """
 
+import os
+
 import torch
+
+from ..moe import stable_expert_order
 
 try:
     import triton
@@ -55,19 +76,36 @@ except ImportError:  # optional dependency: the dispatch below then never picks 
 HAS_TRITON = triton is not None
 
 
+# Up to this many routed slots per expert on average (T·K ≤ 8·E: 85 tokens at bench_ref's top-6 of 64) auto
+# takes the expert-major kernels. Their tiles hold ``block_s`` = 16 slots of one expert: at 8 a expert on
+# average the busiest expert of random routing rarely passes 16, so each expert's rows are read once; past
+# 16 a program reads its expert's rows again per tile (from L2), and with many rows per expert the grouped
+# GEMM's larger tiles pay. A bound from that reasoning, not yet from a measured crossover:
+# benchmarks/bench_moe_decode.py times both up to 64 tokens.
+FUSED_DECODE_MAX_SLOTS_PER_EXPERT = 8
+
+
 def decide_fused_decode(*, is_cuda: bool, compute_dtype: torch.dtype, weight_dtypes: tuple[torch.dtype, ...],
                         num_slots: int, num_experts: int, needs_grad: bool, fp8: bool, has_triton: bool) -> bool:
     """The auto rule of ``RoutedExperts.fused_decode``: shapes, dtypes and devices only (never a host sync,
     so it holds for a whole compiled bucket / captured graph).
 
     CUDA; bf16 compute with bf16 weights (the kernels read the stored stacks: fp32 master weights under
-    autocast stay on the grouped path, which casts them); fewer routed slots than experts (decode at small
-    batch: bench_ref's 64 experts, top-6, 1..10 tokens; beyond that grouping rows per expert reads each
-    expert once); no gradient needed (the op has no backward); not the fp8 path (its GEMMs round the
-    operands to fp8: keep what was asked for); Triton importable.
+    autocast stay on the grouped path, which casts them); at most ``FUSED_DECODE_MAX_SLOTS_PER_EXPERT``
+    routed slots per expert (decode: bench_ref's 64 experts, top-6, up to 85 tokens; fewer slots than
+    experts take the slot-major kernels, more the expert-major ones: ``uses_expert_major``); no gradient
+    needed (the ops have no backward); not the fp8 path (its GEMMs round the operands to fp8: keep what was
+    asked for); Triton importable.
     """
     return (is_cuda and compute_dtype == torch.bfloat16 and all(d == torch.bfloat16 for d in weight_dtypes)
-            and num_slots < num_experts and not needs_grad and not fp8 and has_triton)
+            and num_slots <= FUSED_DECODE_MAX_SLOTS_PER_EXPERT * num_experts and not needs_grad and not fp8
+            and has_triton)
+
+
+def uses_expert_major(num_slots: int, num_experts: int) -> bool:
+    """Which fused kernels a call takes: slot-major (each slot reads its expert's rows) while the slots are
+    fewer than the experts, expert-major (each expert's rows read once for all its slots) from there on."""
+    return num_slots >= num_experts
 
 
 def fused_decode_inputs(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, gate_up_E2FD: torch.Tensor,
@@ -92,11 +130,33 @@ def fused_decode_applies(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, gate
 
 def fused_routed_experts(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
                          gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor) -> torch.Tensor:
-    """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) by the two kernels, in ``experts``' compute dtype."""
+    """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) by the fused kernels (slot- or expert-major:
+    ``uses_expert_major``), in ``experts``' compute dtype."""
     if not HAS_TRITON:
         raise RuntimeError("RoutedExperts.fused_decode=True needs triton, which is not importable here")
     dtype = experts.compute_dtype(x_TD)
-    return routed_experts_decode(x_TD.to(dtype), idx_TK, weight_TK, gate_up_E2FD.to(dtype), down_EDF.to(dtype))
+    args = (x_TD.to(dtype), idx_TK, weight_TK, gate_up_E2FD.to(dtype), down_EDF.to(dtype))
+    if uses_expert_major(idx_TK.numel(), experts.num_experts):
+        return expert_major_decode(*args)
+    return routed_experts_decode(*args)
+
+
+def expert_major_routing(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order_N, ends_E): the slots n = t·K + k grouped by expert (stably), and the end of each expert's run
+    in that list (int32; expert e's slots are order_N[ends_E[e-1] : ends_E[e]]). No sort kernel under
+    torch.compile (``stable_expert_order``'s comparison count; argsort eagerly) and no bincount (data-dependent
+    size): the ends are one comparison-and-count over (E, N), which inductor fuses into one kernel."""
+    flat_N = idx_TK.reshape(-1)
+    order_N, _ = stable_expert_order(flat_N)
+    expert_E1 = torch.arange(num_experts, device=flat_N.device)[:, None]
+    return order_N, (flat_N[None, :] <= expert_E1).sum(dim=1, dtype=torch.int32)
+
+
+def expert_major_decode(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
+                        gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, **blocks) -> torch.Tensor:
+    """The expert-major kernels on (T, K) routing: ``expert_major_routing``, then the op."""
+    order_N, ends_E = expert_major_routing(idx_TK, down_EDF.shape[0])
+    return routed_experts_decode_by_expert(x_TD, order_N, ends_E, weight_TK, gate_up_E2FD, down_EDF, **blocks)
 
 
 if HAS_TRITON:
@@ -192,3 +252,141 @@ if HAS_TRITON:
         # Shapes only. triton_op would use the body itself (make_fx-traceable on a GPU); this one also traces
         # where the kernels are Triton-interpreted (TRITON_INTERPRET=1, CPU tests), which fake tensors cannot run.
         return x_TD.new_empty(idx_TK.shape[0], down_EDF.shape[1])
+
+    # Expert-major: T·K ≥ E (decode at batch ≥ 11 for bench_ref). One program per (expert, block of rows)
+    # loads its rows once for all the slots routed to that expert (up to ``block_s`` a tile) and multiplies
+    # them with tl.dot (tensor cores in bf16, fp32 accumulation): the weights of all E experts are read once a
+    # call, the activations (T·K rows of D or F) come again per row block, from L2.
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        """acc + a @ b in fp32. IEEE: in fp32 with fp32 products (fp32 operands, where the default would be
+        tf32; and in Triton's interpreter, whose dot misreads bf16). bf16 products are exact in fp32 either way."""
+        if IEEE:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _expert_run(ends_ptr, e):
+        """[start, end) of expert e's slots in the expert-sorted slot list."""
+        start = tl.where(e > 0, tl.load(ends_ptr + tl.maximum(e - 1, 0)), 0)
+        return start, tl.load(ends_ptr + e)
+
+    @triton.jit
+    def _expert_gate_up_swiglu_kernel(x_ptr, order_ptr, ends_ptr, w_ptr, h_ptr, K: tl.constexpr, D: tl.constexpr,
+                                      F: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                                      BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+        """h[s, f] for the slots s of expert e = program_id(0) (rows s of the expert-sorted list, so the down
+        kernel reads them contiguously), f in program_id(1)'s block; an expert without slots loads nothing."""
+        e = tl.program_id(0)
+        start, end = _expert_run(ends_ptr, e)
+        f_F = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask_F = f_F < F
+        gate_FD = w_ptr + e.to(tl.int64) * (2 * F * D) + f_F[:, None] * D  # rows f of expert e's gate half
+        up_FD = gate_FD + F * D                                             # rows F + f: their up twins
+        out_ty = h_ptr.dtype.element_ty
+        s0 = start
+        # one tile unless the expert has more than BLOCK_S slots. A while loop: Triton's interpreter (the CPU
+        # tests) cannot take a for loop's bounds from loaded values (its scalars are 1-element arrays)
+        while s0 < end:
+            s_S = s0 + tl.arange(0, BLOCK_S)
+            mask_S = s_S < end
+            t_S = tl.load(order_ptr + s_S, mask=mask_S, other=0) // K  # slot n = t·K + k reads token t
+            acc_gate_FS = tl.zeros((BLOCK_F, BLOCK_S), dtype=tl.float32)
+            acc_up_FS = tl.zeros((BLOCK_F, BLOCK_S), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d_D = d0 + tl.arange(0, BLOCK_D)
+                mask_D = d_D < D
+                mask_FD = mask_F[:, None] & mask_D[None, :]
+                wg_FD = tl.load(gate_FD + d_D[None, :], mask=mask_FD, other=0.0)
+                wu_FD = tl.load(up_FD + d_D[None, :], mask=mask_FD, other=0.0)
+                x_DS = tl.load(x_ptr + t_S[None, :] * D + d_D[:, None], mask=mask_D[:, None] & mask_S[None, :],
+                               other=0.0)
+                acc_gate_FS = _dot(wg_FD, x_DS, acc_gate_FS, IEEE)
+                acc_up_FS = _dot(wu_FD, x_DS, acc_up_FS, IEEE)
+            gate_FS = _rounded(acc_gate_FS, out_ty)  # the grouped GEMM's rounded output, as slot-major
+            up_FS = _rounded(acc_up_FS, out_ty)
+            h_FS = gate_FS * tl.sigmoid(gate_FS) * up_FS
+            tl.store(h_ptr + s_S[None, :] * F + f_F[:, None], _rounded(h_FS, out_ty).to(out_ty),
+                     mask=mask_F[:, None] & mask_S[None, :])
+            s0 += BLOCK_S
+
+    @triton.jit
+    def _expert_down_kernel(h_ptr, order_ptr, ends_ptr, w_ptr, y_ptr, D: tl.constexpr, F: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr,
+                            IEEE: tl.constexpr):
+        """y[n, d] = down[e, d] · h[s], rounded, for the slots of expert e = program_id(0), written at the
+        slot's own row n = t·K + k (the combine then reads a token's K rows together)."""
+        e = tl.program_id(0)
+        start, end = _expert_run(ends_ptr, e)
+        d_D = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_D = d_D < D
+        rows_DF = w_ptr + e.to(tl.int64) * (D * F) + d_D[:, None] * F
+        out_ty = y_ptr.dtype.element_ty
+        s0 = start
+        while s0 < end:  # a while loop, as in the gate_up kernel
+            s_S = s0 + tl.arange(0, BLOCK_S)
+            mask_S = s_S < end
+            n_S = tl.load(order_ptr + s_S, mask=mask_S, other=0)
+            acc_DS = tl.zeros((BLOCK_D, BLOCK_S), dtype=tl.float32)
+            for f0 in range(0, F, BLOCK_F):
+                f_F = f0 + tl.arange(0, BLOCK_F)
+                mask_F = f_F < F
+                w_DF = tl.load(rows_DF + f_F[None, :], mask=mask_D[:, None] & mask_F[None, :], other=0.0)
+                h_FS = tl.load(h_ptr + s_S[None, :] * F + f_F[:, None], mask=mask_F[:, None] & mask_S[None, :],
+                               other=0.0)
+                acc_DS = _dot(w_DF, h_FS, acc_DS, IEEE)
+            tl.store(y_ptr + n_S[None, :] * D + d_D[:, None], _rounded(acc_DS, out_ty).to(out_ty),
+                     mask=mask_D[:, None] & mask_S[None, :])
+            s0 += BLOCK_S
+
+    @triton.jit
+    def _combine_kernel(y_ptr, gw_ptr, out_ptr, K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[t] = Σ_k rounded(w[t, k]) · y[t·K + k] in fp32, k in order, rounded once: the slot-major
+        down kernel's sum, term for term."""
+        t = tl.program_id(0)
+        d_D = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_D = d_D < D
+        out_ty = out_ptr.dtype.element_ty
+        y_D = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            n = t * K + k
+            gw = _rounded(tl.load(gw_ptr + n).to(tl.float32), out_ty)
+            y_D += tl.load(y_ptr + n * D + d_D, mask=mask_D, other=0.0).to(tl.float32) * gw
+        tl.store(out_ptr + t * D + d_D, _rounded(y_D, out_ty).to(out_ty), mask=mask_D)
+
+    @torch.library.triton_op("moeflow::routed_experts_decode_by_expert", mutates_args=())
+    def routed_experts_decode_by_expert(x_TD: torch.Tensor, order_N: torch.Tensor, ends_E: torch.Tensor,
+                                        weight_TK: torch.Tensor, gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor,
+                                        gate_up_block_f: int = 32, gate_up_block_d: int = 128,
+                                        down_block_d: int = 32, down_block_f: int = 128, block_s: int = 16,
+                                        combine_block_d: int = 256, num_warps: int = 4) -> torch.Tensor:
+        """(T, D) in x's dtype, from ``expert_major_routing``'s (order_N, ends_E). Three kernels: gate_up +
+        SwiGLU, grid (E, F blocks), into h (N, F) in expert order; down, grid (E, D blocks), into each slot's
+        rounded output (N, D); the combine over K, grid (T, D blocks). Blocks are powers of two, the dot's
+        ones ≥ 16 (tl.dot's least). The defaults are a first guess for bench_ref on sm_90, not yet timed
+        (benchmarks/bench_moe_decode.py --sweep times others): 1,024 gate_up programs of 2 × 32 rows × D, 2,048
+        down programs of 32 rows × F, at most 16 slots a tile."""
+        T, K = weight_TK.shape
+        E, D, F = down_EDF.shape
+        x_TD, order_N, ends_E, weight_TK = (t.contiguous() for t in (x_TD, order_N, ends_E, weight_TK))
+        gate_up_E2FD, down_EDF = gate_up_E2FD.contiguous(), down_EDF.contiguous()
+        ieee = x_TD.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+        h_NF = x_TD.new_empty(T * K, F)
+        y_ND = x_TD.new_empty(T * K, D)
+        out_TD = x_TD.new_empty(T, D)
+        torch.library.wrap_triton(_expert_gate_up_swiglu_kernel)[(E, triton.cdiv(F, gate_up_block_f))](
+            x_TD, order_N, ends_E, gate_up_E2FD, h_NF, K, D, F, BLOCK_F=gate_up_block_f,
+            BLOCK_D=gate_up_block_d, BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps)
+        torch.library.wrap_triton(_expert_down_kernel)[(E, triton.cdiv(D, down_block_d))](
+            h_NF, order_N, ends_E, down_EDF, y_ND, D, F, BLOCK_D=down_block_d, BLOCK_F=down_block_f,
+            BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps)
+        torch.library.wrap_triton(_combine_kernel)[(T, triton.cdiv(D, combine_block_d))](
+            y_ND, weight_TK, out_TD, K, D, BLOCK_D=combine_block_d, num_warps=num_warps)
+        return out_TD
+
+    @routed_experts_decode_by_expert.register_fake
+    def _routed_experts_decode_by_expert_fake(x_TD, order_N, ends_E, weight_TK, gate_up_E2FD, down_EDF, *blocks,
+                                              **named_blocks):
+        return x_TD.new_empty(weight_TK.shape[0], down_EDF.shape[1])
