@@ -291,7 +291,7 @@ def test_expert_major_dispatch_traces_without_graph_breaks(md, device):
     assert fake.shape == (5, 24) and fake.dtype == x.dtype and fake.device == x.device
 
 
-_COMPILE_FOR_SM90 = """
+_COMPILE_FOR_SM90 = r"""
 import json, os, re, subprocess, tempfile
 import triton.backends.nvidia
 from triton.backends.compiler import GPUTarget
@@ -356,12 +356,15 @@ def test_kernels_compile_for_sm90_with_vector_loads(md):
     assert all(r["LOCAL"] == 0 and r["REG"] <= 128 for r in report.values()), report
 
 
-def test_auto_dispatch_table(md):
+def test_auto_dispatch_table(md, monkeypatch):
     bf16, fp32 = torch.bfloat16, torch.float32
     base = dict(is_cuda=True, compute_dtype=bf16, weight_dtypes=(bf16, bf16), num_slots=6, num_experts=64,
                 needs_grad=False, fp8=False, has_triton=True)
     assert md.decide_fused_decode(**base)
     assert md.decide_fused_decode(**{**base, "num_slots": 63})  # 10 tokens × top-6 < 64
+    # the expert-major kernels only once measured on a GPU (AUTO_EXPERT_MAJOR, off)
+    assert md.AUTO_EXPERT_MAJOR is False and not md.decide_fused_decode(**{**base, "num_slots": 64})
+    monkeypatch.setattr(md, "AUTO_EXPERT_MAJOR", True)
     for num_slots in (64, 66, 192, 384, 510, 512):  # 11 .. 85 tokens × top-6: the expert-major kernels
         assert md.decide_fused_decode(**{**base, "num_slots": num_slots}), num_slots
     assert md.FUSED_DECODE_MAX_SLOTS_PER_EXPERT == 8
@@ -479,14 +482,15 @@ def test_dispatch_traces_without_graph_breaks(md, device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md):
+def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md, monkeypatch):
     """bench_ref sizes in bf16 on CUDA, 1..10 tokens (slot-major) and 11..64 (expert-major): auto takes the
     fused path, which equals the grouped path to bf16 rounding and is no farther from float64; compiled
     (inductor) it gives the eager kernels' output; inside a CUDA graph the replay equals it too; with sync
     debug mode "error" nothing syncs."""
     E, D, F_, K = 64, 1024, 512, 6
     ex = _experts(E, D, F_, K, torch.bfloat16, "cuda", std=0.05)
-    ex.fused_decode = None  # auto (the class default is off until measured: EngineConfig.fused_moe turns it on)
+    ex.fused_decode = None  # auto (the class default is off: EngineConfig.fused_moe turns it on)
+    monkeypatch.setattr(md, "AUTO_EXPERT_MAJOR", True)  # this test is what measuring them starts with
     compiled = torch.compile(ex, fullgraph=True)
     for T in (1, 2, 4, 8, 10, 11, 16, 32, 64):
         x, idx, w = _routing(T, K, E, D, "cuda", seed=T)

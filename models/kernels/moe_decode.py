@@ -83,6 +83,10 @@ HAS_TRITON = triton is not None
 # GEMM's larger tiles pay. A bound from that reasoning, not yet from a measured crossover:
 # benchmarks/bench_moe_decode.py times both up to 64 tokens.
 FUSED_DECODE_MAX_SLOTS_PER_EXPERT = 8
+# auto takes the expert-major kernels (T·K >= E) only once they have run on a GPU: the slot-major ones were
+# measured on an H100 (RESULTS.md: 5.5x the grouped path at 1 token, 2x at 10); the expert-major ones are tested
+# in Triton's interpreter and compiled for sm_90 only. fused_decode=True (EngineConfig.fused_moe "on") takes them.
+AUTO_EXPERT_MAJOR = False
 
 
 def decide_fused_decode(*, is_cuda: bool, compute_dtype: torch.dtype, weight_dtypes: tuple[torch.dtype, ...],
@@ -91,15 +95,16 @@ def decide_fused_decode(*, is_cuda: bool, compute_dtype: torch.dtype, weight_dty
     so it holds for a whole compiled bucket / captured graph).
 
     CUDA; bf16 compute with bf16 weights (the kernels read the stored stacks: fp32 master weights under
-    autocast stay on the grouped path, which casts them); at most ``FUSED_DECODE_MAX_SLOTS_PER_EXPERT``
-    routed slots per expert (decode: bench_ref's 64 experts, top-6, up to 85 tokens; fewer slots than
-    experts take the slot-major kernels, more the expert-major ones: ``uses_expert_major``); no gradient
+    autocast stay on the grouped path, which casts them); fewer routed slots than experts (the slot-major
+    kernels), or, with ``AUTO_EXPERT_MAJOR``, at most ``FUSED_DECODE_MAX_SLOTS_PER_EXPERT`` slots per expert
+    (decode: bench_ref's 64 experts, top-6, up to 85 tokens; the expert-major kernels: ``uses_expert_major``); no gradient
     needed (the ops have no backward); not the fp8 path (its GEMMs round the operands to fp8: keep what was
     asked for); Triton importable.
     """
     return (is_cuda and compute_dtype == torch.bfloat16 and all(d == torch.bfloat16 for d in weight_dtypes)
-            and num_slots <= FUSED_DECODE_MAX_SLOTS_PER_EXPERT * num_experts and not needs_grad and not fp8
-            and has_triton)
+            and (num_slots < num_experts
+                 or (AUTO_EXPERT_MAJOR and num_slots <= FUSED_DECODE_MAX_SLOTS_PER_EXPERT * num_experts))
+            and not needs_grad and not fp8 and has_triton)
 
 
 def uses_expert_major(num_slots: int, num_experts: int) -> bool:

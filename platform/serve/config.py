@@ -50,8 +50,10 @@ class EngineConfig(StageConfig):
                            "bench_ref) as two fused Triton kernels a layer (models/kernels/moe_decode.py) instead of "
                            "a sort and two grouped GEMMs (5.5x that path at batch 1 on an H100; with compile=inductor "
                            "the engine's batch-1 decode went 1,081 -> 1,321 tok/s); 'auto' = where it applies (CUDA, "
-                           "bf16, Triton importable). Off by default: it rounds as inductor does, so greedy output can "
-                           "part from generate() at near-tied routers (as with compile); INT8 keeps its own path")
+                           "bf16, Triton importable); 'on' forces fused kernels for every inference call, from T·K >= E "
+                           "the expert-major ones (tested on CPU, not yet run on a GPU). Off by default: it rounds as "
+                           "inductor does, so greedy output can part from generate() at near-tied routers (as with "
+                           "compile); INT8 keeps its own path")
     gil_switch_ms: float | None = Field(
         None, ge=0.05, le=100.0,
         description="the process's GIL switch interval in ms (sys.setswitchinterval; Python's default is 5): the "
