@@ -384,6 +384,30 @@ def test_a_process_engine_whose_child_cannot_restart_fails_its_health_check(tmp_
         engine.close()
 
 
+def test_a_child_in_a_crash_loop_is_not_restarted_again_and_the_health_check_fails():
+    """More deaths than max_restarts within the window: no new child (each would reload the model and fail
+    what it held); the engine refuses requests and fails its health check, so Ray Serve replaces the replica."""
+    engine = ProcessEngine(functools.partial(scripted_engine_setup, 0.02, 2), max_batch=2, max_waiting=2,
+                           max_restarts=1, restart_window_s=120.0)
+    try:
+        first = engine.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.time() + 30
+        while (engine.pid == first or engine.num_restarts < 1) and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.num_restarts == 1 and engine.problem() is None  # one restart is within the budget
+        _check_health(engine)
+        os.kill(engine.pid, signal.SIGKILL)
+        while engine.problem() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert "died 2 times within 120 s" in engine.problem() and engine.num_restarts == 1
+        with pytest.raises(RuntimeError, match="not restarting"):
+            _check_health(engine)
+    finally:
+        engine.close()
+    assert first not in _children()
+
+
 # ---------------------------------------------------------------- GPU: CUDA in the spawned child
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

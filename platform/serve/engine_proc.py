@@ -43,6 +43,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 import traceback
 import uuid
 from typing import Callable, Sequence
@@ -73,9 +74,14 @@ class ProcessEngine(EventStreams):
     """``AsyncEngine``'s consumer API (``open``, ``stats``, ``close``) over an engine stepped in a child process."""
 
     def __init__(self, setup: EngineSetup, *, max_batch: int, max_waiting: int, start_timeout_s: float = 1800.0,
-                 name: str = "moeflow-engine") -> None:
+                 name: str = "moeflow-engine", max_restarts: int = 3, restart_window_s: float = 300.0) -> None:
+        """A child that dies more than ``max_restarts`` times within ``restart_window_s`` is not started again (a
+        crash loop: each restart reloads the model and fails what the child held); the engine then refuses
+        requests and fails the replica's health check, so Ray Serve replaces the replica."""
         super().__init__()
         self._setup, self._name, self._start_timeout_s = setup, name, start_timeout_s
+        self._max_restarts, self._restart_window_s = max_restarts, restart_window_s
+        self._deaths: list[float] = []       # monotonic times of the child's deaths within the window
         self._limit = max_batch + max_waiting
         self._ctx = mp.get_context("spawn")
         self._live: set[str] = set()         # added, not finished (guarded by self._lock)
@@ -223,7 +229,12 @@ class ProcessEngine(EventStreams):
                   code, len(lost))
         self._fail(EngineFailed(f"the engine process died (exit code {code})"), lost)
         self._stats = {"running": 0, "waiting": 0, "steps": 0}
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < self._restart_window_s] + [now]
         try:
+            if len(self._deaths) > self._max_restarts:
+                raise RuntimeError(f"it died {len(self._deaths)} times within {self._restart_window_s:g} s "
+                                   f"(last exit code {code}); not restarting it again")
             proc, conn, info = self._spawn()
         except Exception as err:  # noqa: BLE001 - the backlog must hear about it
             log.exception("the engine process cannot be restarted")
