@@ -220,11 +220,11 @@ class RoutedExperts(nn.Module):
     # GEMMs then run through fp8.fp8_grouped_mm (groups padded to 16 rows); None = bf16 grouped_mm
     fp8_grad_dtype: torch.dtype | None = None
     # decode-sized calls through fused Triton kernels, kernels/moe_decode.py (slot-major below T·K = E,
-    # expert-major from there); None: auto (CUDA, bf16, no autograd, T·K ≤ 8·E, triton importable:
-    # moe_decode.decide_fused_decode); True forces. Off (False)
-    # by default: the kernels round where inductor does, not where the eager grouped path does, so greedy
-    # output could part from generate()'s at near-tied routers (as the compiled step's can). 5.5x the grouped
-    # path at 1 token on an H100 (RESULTS.md); serving turns it on per model with EngineConfig.fused_moe
+    # expert-major from there); None: auto (CUDA, bf16, no autograd, triton importable, T·K < E, or ≤ 8·E once
+    # moe_decode.AUTO_EXPERT_MAJOR is set: moe_decode.decide_fused_decode); True forces. Off (False) by
+    # default: the kernels round where inductor does, not where the eager grouped path does, so greedy output
+    # could part from generate()'s at near-tied routers (as the compiled step's can). 5.5x the grouped path at
+    # 1 token on an H100 (RESULTS.md); serving turns it on per model with EngineConfig.fused_moe
     fused_decode: bool | None = False
 
     def __init__(self, cfg: ModelConfig) -> None:
