@@ -47,10 +47,25 @@ def service_unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+# Ports handed to servers a test starts later: below Linux's ephemeral range (32768-60999), where the OS puts
+# every port-0 bind (Ray's agents of other tests' clusters among them: one took a port between free_port() and
+# the dashboard's start in a CI run), and above Ray's worker ports (10002-19999).
+_TEST_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now on 127.0.0.1, picked at random outside the ranges other processes draw from."""
+    import random
+
+    for _ in range(200):
+        port = random.choice(_TEST_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_TEST_PORTS}")
 
 
 @pytest.fixture
