@@ -20,7 +20,9 @@ on the same random tokens for every implementation:
 An implementation may carry options after ``+``: ``compiled+ac=selective`` (activation checkpointing
 policy, every block), ``compiled+b=16`` (micro-batch), ``compiled+fp8=attn.dense.shared`` (FP8 linear
 groups, models/fp8.py; ``+e5m2`` for e5m2 gradients), ``compiled+mode=max-autotune-no-cudagraphs``
-(torch.compile mode), ``+graph`` (the whole step replayed as one CUDA graph, models/kernels/graph_step.py);
+(torch.compile mode), ``+graph`` (the whole step replayed as one CUDA graph, models/kernels/graph_step.py),
+``+ind.<key>=<value>`` (a ``torch._inductor.config`` setting while that row builds and runs, e.g.
+``+ind.coordinate_descent_tuning=1``);
 ``torchtitan+b=16`` takes ``b`` too.
 Reported: median step time over ``--steps`` timed steps (CUDA events) after ``--warmup`` steps,
 tokens/s, MFU and peak memory.
@@ -37,6 +39,7 @@ the whole DeepSeekMoE layer (router + shared expert + routed experts) eager and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -44,6 +47,7 @@ import sys
 import time
 
 import torch
+import torch._inductor.config  # noqa: F401  (the ind.* options patch it)
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.moe import DeepSeekMoE, RoutedExperts
@@ -103,6 +107,20 @@ def parse_impl(spec: str) -> tuple[str, dict]:
     """'compiled+ac=full+b=16' -> ('compiled', {'ac': 'full', 'b': '16'}); a bare flag maps to '1'."""
     kind, *opts = spec.split("+")
     return kind, dict((o.split("=", 1) + ["1"])[:2] for o in opts)
+
+
+def inductor_settings(opts: dict) -> dict:
+    """``{'ind.coordinate_descent_tuning': '1'}`` -> ``{'coordinate_descent_tuning': True}`` (typed like the default)."""
+    import torch._inductor.config as ind
+
+    out = {}
+    for key, raw in opts.items():
+        if not key.startswith("ind."):
+            continue
+        name = key[4:]
+        default = getattr(ind, name)  # an unknown key fails here, with its name
+        out[name] = raw.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(raw)
+    return out
 
 
 def build_ours(cfg: ModelConfig, device, dtype, compiled: bool, opts: dict | None = None):
@@ -252,6 +270,8 @@ def bench_train(cfg: ModelConfig, args, device, dtype) -> list[dict]:
         B = int(opts.get("b", args.batch))
         ids_BT, targets_BT = make_tokens(cfg, B, S, device)
         try:
+            settings = contextlib.ExitStack()
+            settings.enter_context(torch._inductor.config.patch(inductor_settings(opts)))
             if kind == "hf":
                 model = build_hf(cfg, device, dtype)
                 note = f"transformers SDPA, experts={model.config._experts_implementation}"
@@ -270,10 +290,12 @@ def bench_train(cfg: ModelConfig, args, device, dtype) -> list[dict]:
             sync()
             first = time.perf_counter() - first
             times = timed_steps(step, args.steps, args.warmup)
+            settings.close()
         except Exception as exc:  # record and go on: one broken implementation must not hide the others
             log(f"!! {spec} failed: {type(exc).__name__}: {exc}")
             rows.append({"bench": "train_step", "impl": spec, "error": f"{type(exc).__name__}: {exc}"})
             model = step = None
+            settings.close()
             continue
         med = statistics.median(times)
         tok_s = B * S / med
