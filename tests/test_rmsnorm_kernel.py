@@ -379,7 +379,7 @@ for name, D, add in [("hidden", 1024, False), ("hidden_add", 1024, True), ("late
     aligned_args = [i for i, n in enumerate(fn.arg_names) if n.endswith(("_ptr", "_stride"))]
     src = ASTSource(fn=fn, signature=signature, constexprs={"D": D, "BLOCK_D": block, "ADD": add},
                     attrs={(i,): aligned for i in aligned_args})
-    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})
+    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **rk.COMPILE_OPTIONS})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()

@@ -50,6 +50,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # one program holds a whole row in registers: up to 16 K values over 16 warps (32 a thread). bench_ref's rows
 # are 1,024 (hidden) and 256 (kv_lora_rank); DeepSeek-V3's widest is 7,168.
 MAX_D = 16384
+# compile options of every launch: no floating-point contraction, so ``ms + eps`` rounds after the product
+# (as eager's two kernels do) instead of once in an FMA
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> bool:
@@ -113,7 +116,7 @@ def _launch(x, delta, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor | 
     block, warps = launch_config(D)
     _rms_norm_kernel[(N,)](x_ND, x_ND.stride(0), delta_ND, delta_ND.stride(0), weight.contiguous(), out_ND,
                            sum_ND, _inv(D), float(eps), D=D, BLOCK_D=block, ADD=delta is not None,
-                           num_warps=warps, enable_fp_fusion=False)
+                           num_warps=warps, **COMPILE_OPTIONS)
     return out_ND.view(x.shape), (sum_ND.view(x.shape) if delta is not None else None)
 
 
