@@ -231,11 +231,11 @@ def test_cpu_tensors_take_the_formula_by_default(rk, monkeypatch):
         assert torch.equal(total, x + x) and torch.equal(normed, rms_norm(x + x, norm.weight, 1e-6))
 
 
-def test_the_kernel_only_without_autograd_and_with_the_switch_on(rk, monkeypatch):
+def test_the_kernel_only_without_autograd_and_with_the_switch_on(rk, device, monkeypatch):
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
     counted = _Counted(rk, monkeypatch)
-    norm = _norm()
-    x = torch.randn(3, 16)
+    norm = _norm(device=device)
+    x = torch.randn(3, 16, device=device)
     with torch.no_grad():
         norm(x)
         norm.add_forward(x, x)
@@ -258,13 +258,13 @@ def test_the_kernel_only_without_autograd_and_with_the_switch_on(rk, monkeypatch
     assert counted.calls == {"rms_norm": 3, "add_rms_norm": 1}
 
 
-def test_torch_compile_traces_the_formula(rk, monkeypatch):
+def test_torch_compile_traces_the_formula(rk, device, monkeypatch):
     """Under torch.compile the formula is traced (inductor fuses it), never the kernel, even where eager would
     take it: the FX graph holds rsqrt and mean, the kernel entries are not called."""
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
     _Counted(rk, monkeypatch, raise_on_call=True)
-    norm = _norm()
-    x = torch.randn(3, 16)
+    norm = _norm(device=device)
+    x = torch.randn(3, 16, device=device)
     graphs = []
 
     def keep_graph(gm, example_inputs):
