@@ -69,7 +69,8 @@ class RMSNorm(nn.Module):
     def _kernels(self, x: torch.Tensor):
         """kernels.rmsnorm when the cheap checks pass (imported here: it imports triton, an optional dependency
         that CPU training need not load), else None."""
-        if not self.fused_inference or x.device.type not in self.kernel_devices or torch.compiler.is_compiling():
+        # is_compiling first: under torch.compile nothing else is read, so no guard on the switch
+        if torch.compiler.is_compiling() or not self.fused_inference or x.device.type not in self.kernel_devices:
             return None
         from .kernels import rmsnorm
 
