@@ -3,7 +3,7 @@
 Why: a serving decode step at batch 1 is launch-bound (issue 13: ~1,000 kernels a ``bench_ref`` step on an
 H100, replayed as a CUDA graph but not compiled). Eager ``RMSNorm.forward`` is 8 kernels (cast, pow, mean,
 add, rsqrt, mul, cast, mul) and a decoder layer runs three norms, one of them right after a residual add:
-~26 kernels a layer become 3 here (``rms_norm`` for the attention input and the MLA latent,
+the 25 kernels of a layer's three norms and that add become 3 here (``rms_norm`` for the attention input and the MLA latent,
 ``add_rms_norm`` for ``x + attention`` and the FFN input's norm).
 
 The function is ``models.layers.rms_norm``'s, with its rounding points, for x and weight in bf16, fp16 or
@@ -16,8 +16,9 @@ fp32 (shape suffixes: N rows = every leading dim of x flattened, D the normalise
 Only the order of the fp32 sum differs from eager (one program sums its row as a tree; no atomics, so a row's
 result does not depend on how many rows the call has, nor on the batch the engine runs). Floating-point
 contraction is off (``enable_fp_fusion=False``): ``ms + eps`` after the product must round twice, as eager
-does, not once in an FMA. The CPU interpreter's mean divides like CUDA's, not like CPU eager's (``sum / D``):
-the tests against the CPU formula allow for that (1 ulp of the fp32 mean, now and then).
+does, not once in an FMA. The kernel's mean multiplies as CUDA's does, also in the CPU interpreter, where CPU
+eager divides (``sum / D``): the tests against the CPU formula allow for that (1 ulp of the fp32 mean, now and
+then).
 
 rsqrt: ``tl.math.rsqrt`` is libdevice's ``__nv_rsqrtf`` (as inductor's), eager CUDA's is ``rsqrtf``; both the
 MUFU approximation. The GPU test (tests/test_rmsnorm_kernel.py, ``gpu``) measures how often the two agree.
