@@ -2,9 +2,9 @@
 
 Why: a serving decode step at batch 1 is launch-bound (issue 13: ~1,000 kernels a ``bench_ref`` step on an
 H100, replayed as a CUDA graph but not compiled). Eager ``RMSNorm.forward`` is 8 kernels (cast, pow, mean,
-add, rsqrt, mul, cast, mul) and a decoder layer runs three norms, one of them right after a residual add:
-the 25 kernels of a layer's three norms and that add become 3 here (``rms_norm`` for the attention input and the MLA latent,
-``add_rms_norm`` for ``x + attention`` and the FFN input's norm).
+add, rsqrt, mul, cast, mul) and a decoder layer runs three norms, one of them right after a residual add: the
+25 kernels of a layer's three norms and that add become 3 here (``rms_norm`` for the attention input and the
+MLA latent, ``add_rms_norm`` for ``x + attention`` and the FFN input's norm).
 
 The function is ``models.layers.rms_norm``'s, with its rounding points, for x and weight in bf16, fp16 or
 fp32 (shape suffixes: N rows = every leading dim of x flattened, D the normalised dim):
