@@ -21,8 +21,8 @@ K is taken in fp32 and rounded once (inductor's reduction; eager rounds each pro
 fp32 sum). What differs from the compiled grouped path is only the order of the fp32 sums inside each dot
 product (cuBLAS's vs these tiles'); from eager, the two extra roundings named above. The rounding is
 round-to-nearest-even done on the bits (``_rounded``, from triton_rounding.py), so Triton's CPU interpreter,
-which truncates, gives the GPU's values and the tests can check them. tests/test_moe_decode_kernel.py measures the error
-against float64: the same as the reference path's, or lower.
+which truncates, gives the GPU's values and the tests can check them. tests/test_moe_decode_kernel.py measures
+the error against float64: the same as the reference path's, or lower.
 
 Registered with ``torch.library.triton_op`` so ``torch.compile`` sees (and inlines) the kernels and a
 CUDA graph captures them; an explicit fake kernel gives compile the output's shape. No host
