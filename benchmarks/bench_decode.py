@@ -28,6 +28,8 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
   ``decode tok/s`` = B × (new − 1) ÷ the time after the step that produced every first token (prefill
   excluded); ``tokens_per_s`` = B × new ÷ the whole time (prefill included).
 - ``engine graph int8``: the same on the INT8 weight-only copy (``models/quant.py``), with ``--int8``.
+- ``engine graph+nonorm``: a mode flag for a peer row: the engine with ``RMSNorm.fused_inference`` off (the
+  eager 8-kernel norm) where the other rows take the fused Triton norm (``--fused-norm``, on by default).
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
@@ -41,6 +43,7 @@ the perplexity is the model's own, what matters is the INT8 − bf16 delta on th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -53,10 +56,31 @@ import torch
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.generation import CudaGraphPool, generate
 from moeflow.models.hf import export_hf
+from moeflow.models.layers import RMSNorm
 from moeflow.models.quant import model_bytes, quantize_int8
 from moeflow.models.serving import Engine, SamplingParams
 
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
+
+
+def fused_norm() -> bool | None:
+    """RMSNorm.fused_inference now (None in trees without the fused norm)."""
+    return getattr(RMSNorm, "fused_inference", None)
+
+
+@contextlib.contextmanager
+def fused_norm_setting(mode: str):
+    """RMSNorm.fused_inference for one engine row: off with the mode flag "+nonorm", on with "+norm", else as
+    ``--fused-norm`` set it. A no-op in trees without the fused norm."""
+    flags = mode.split("+")[1:]
+    old = fused_norm()
+    if old is not None and ("nonorm" in flags or "norm" in flags):
+        RMSNorm.fused_inference = "norm" in flags
+    try:
+        yield
+    finally:
+        if old is not None:
+            RMSNorm.fused_inference = old
 
 
 def log(msg: str) -> None:
@@ -220,27 +244,28 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
         ref = None
         for label, m in models.items():
             for mode in (modes if label != "int8" else modes[:1]):
-                if cuda:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                engine_decode(m, prompts, 4, mode)  # warm-up (kernels, allocator)
-                r = engine_decode(m, prompts, args.new_tokens, mode)
-                step_bytes = decode_bytes_per_step(m, B, args.prompt_len + args.new_tokens / 2)
-                row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
-                       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                       **{k: v for k, v in r.items() if k != "tokens"},
-                       "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
-                       "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
-                       "mbu_measured_bw": step_bytes / (r["step_ms"] / 1e3) / bw if bw else None,
-                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
-                row["teacher_forced"] = teacher_forced_check(m, prompts, r["tokens"])
-                if ref is None:
-                    ref = r["tokens"]
-                    row["equals_generate"] = r["tokens"] == generate(m, prompts, args.new_tokens).tokens
-                else:
-                    row["prefix_agreement_with_first_row"] = prefix_agreement(ref, r["tokens"])
-                log(json.dumps(row))
-                rows.append(row)
+                with fused_norm_setting(mode):  # "+nonorm" / "+norm": this row's RMSNorm path
+                    if cuda:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    engine_decode(m, prompts, 4, mode)  # warm-up (kernels, allocator)
+                    r = engine_decode(m, prompts, args.new_tokens, mode)
+                    step_bytes = decode_bytes_per_step(m, B, args.prompt_len + args.new_tokens / 2)
+                    row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
+                           "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "fused_norm": fused_norm(),
+                           **{k: v for k, v in r.items() if k != "tokens"},
+                           "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
+                           "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
+                           "mbu_measured_bw": step_bytes / (r["step_ms"] / 1e3) / bw if bw else None,
+                           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+                    row["teacher_forced"] = teacher_forced_check(m, prompts, r["tokens"])
+                    if ref is None:
+                        ref = r["tokens"]
+                        row["equals_generate"] = r["tokens"] == generate(m, prompts, args.new_tokens).tokens
+                    else:
+                        row["prefix_agreement_with_first_row"] = prefix_agreement(ref, r["tokens"])
+                    log(json.dumps(row))
+                    rows.append(row)
     if args.int8:
         torch.manual_seed(3)
         starts = torch.randint(3, model.cfg.vocab_size, (args.ppl_seqs, 16)).tolist()
@@ -271,10 +296,14 @@ def main(argv=None) -> int:
     p.add_argument("--int8", action="store_true", help="engine rows on the INT8 model too, and perplexity")
     p.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
-                   "(+compile: inductor step; +sync: overlap off); the first also runs on the INT8 model")
+                   "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
+                   "row); the first also runs on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")
+    p.add_argument("--fused-norm", default="on", choices=["on", "off"],
+                   help="RMSNorm.fused_inference (one Triton launch per norm and per residual add + norm at inference "
+                   "on CUDA) for every row; an engine mode's +nonorm / +norm flag overrides it for that row")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)
@@ -286,6 +315,8 @@ def main(argv=None) -> int:
 
     if hasattr(RoutedExperts, "fused_decode"):  # older trees have no fused path: the flag is then a no-op
         RoutedExperts.fused_decode = {"auto": None, "on": True, "off": False}[args.moe_fused]
+    if fused_norm() is not None:  # older trees have no fused norm: the flag is then a no-op
+        RMSNorm.fused_inference = args.fused_norm == "on"
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,3", 8, 6, 1
         args.ppl_seqs, args.ppl_len = 2, 16
@@ -352,7 +383,7 @@ def main(argv=None) -> int:
                    "tokens_per_s": B * args.new_tokens / t_full,
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                   "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
+                   "fused_norm": fused_norm(), "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)
         if hf_model is not None:

@@ -2,6 +2,7 @@
 
     mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/moeflow
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+compile
+    PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 --modes graph graph+nonorm
 
 ``bench_ref`` in bf16 with random weights, B requests of a 64-token random prompt decoding greedily
 through the serving ``Engine`` (CUDA-graph step, optionally the inductor-compiled step). After every
@@ -9,6 +10,8 @@ request has its first token, ``--steps`` steps run under ``torch.profiler``; the
 count and GPU time per step (CUPTI reports the kernels a CUDA graph replays), the step's wall time, the
 sum of kernel time (GPU busy) and the number of kernels a step launches. A kernel-bound step (many
 kernels of a few µs) and a bandwidth-bound one (few kernels near the copy bandwidth) need different work.
+Mode flags: ``+compile`` (the inductor step), ``+nonorm`` / ``+norm`` (``RMSNorm.fused_inference`` off / on for
+that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` counts the fused norm's launches.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models.layers import RMSNorm
 from moeflow.models.serving import Engine, SamplingParams
 
 
@@ -36,6 +40,17 @@ def build_model(preset: str) -> MoETransformer:
 
 
 def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
+    decode_mode, *flags = mode.split("+")
+    default_norm = RMSNorm.fused_inference
+    if "nonorm" in flags or "norm" in flags:
+        RMSNorm.fused_inference = "norm" in flags
+    try:
+        return _profile(model, batch, mode, steps, prompt_len, top)
+    finally:
+        RMSNorm.fused_inference = default_norm
+
+
+def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
     decode_mode, *flags = mode.split("+")
     engine = Engine(model, max_batch=batch, context_len=prompt_len + steps + 64, prefill_chunk=1 << 16,
                     decode_mode=decode_mode, compile="inductor" if "compile" in flags else None)
@@ -65,7 +80,8 @@ def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top:
               "pct": round(100 * us / steps / busy_us, 1)} for name, (cnt, us) in rows[:top]]
     return {"bench": "profile_decode", "batch": batch, "mode": mode, "steps": steps,
             "wall_ms_per_step": 1e3 * wall / steps, "gpu_busy_ms_per_step": busy_us / 1e3,
-            "kernels_per_step": sum(v[0] for v in per_kernel.values()) / steps, "top": table}
+            "kernels_per_step": sum(v[0] for v in per_kernel.values()) / steps, "fused_norm": RMSNorm.fused_inference,
+            "norm_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "rms_norm" in k) / steps, "top": table}
 
 
 def main(argv=None) -> int:
@@ -76,8 +92,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--fused-norm", default="on", choices=["on", "off"], help="RMSNorm.fused_inference for modes "
+                   "without +norm / +nonorm")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
+    RMSNorm.fused_inference = args.fused_norm == "on"
     model = build_model(args.preset)
     rows = []
     for batch in args.batches:
@@ -85,7 +104,8 @@ def main(argv=None) -> int:
             r = profile_mode(model, batch, mode, args.steps, args.prompt_len, args.top)
             rows.append(r)
             print(f"## batch {batch} {mode}: wall {r['wall_ms_per_step']:.3f} ms/step, GPU busy "
-                  f"{r['gpu_busy_ms_per_step']:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step", flush=True)
+                  f"{r['gpu_busy_ms_per_step']:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step "
+                  f"({r['norm_kernels_per_step']:.0f} fused norm launches; fused_norm={r['fused_norm']})", flush=True)
             for t in r["top"]:
                 print(f"  {t['us_per_step']:8.1f} us {t['pct']:5.1f}% x{t['per_step']:<5} {t['kernel']}", flush=True)
     if args.out:

@@ -2,7 +2,9 @@
 
 Each computes exactly the function of its Hugging Face DeepseekV3 counterpart (the HF parity test
 depends on it):
-- RMSNorm normalises in fp32, casts back to the input dtype, then multiplies by the weight.
+- RMSNorm normalises in fp32, casts back to the input dtype, then multiplies by the weight (``rms_norm``).
+  Inference calls on CUDA take one Triton launch computing the same function (``RMSNorm.fused_inference``,
+  kernels/rmsnorm.py); training, CPU and ``torch.compile`` keep the formula, so the parity tests see it.
 - RoPE uses DeepSeek's interleaved pair layout (HF ``rope_interleave=True``): dims (2i, 2i+1) form
   one pair rotated by frequency i; the rotated output is laid out as [all even-slot results,
   all odd-slot results]. That output permutation is applied to queries and keys alike, so q·k
@@ -25,16 +27,54 @@ from torch import nn
 from .config import ModelConfig, yarn_mscale
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF DeepseekV3RMSNorm: x·rsqrt(mean(x²) + eps) in fp32, rounded to x.dtype, times the weight (promoted)."""
+    x_f32 = x.float()
+    x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x_f32.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
+    # One Triton launch instead of 8 kernels (``add_forward``: 9) where it is safe: no gradient needed, a device
+    # in ``kernel_devices``, not while torch.compile traces (inductor fuses the formula; the kernel is no op it
+    # could trace), Triton importable (``kernels.rmsnorm.kernel_applies`` has the rest). Same function, only the
+    # fp32 sum's order differs, and generate() and the serving engine both take it, so greedy engine output
+    # still equals generate()'s. On by default: the decode step at batch 1 is launch-bound (issue 13) and the
+    # kernel is checked against the formula in Triton's interpreter and compiled for sm_90 in the tests;
+    # benchmarks/bench_decode.py --fused-norm off (or engine mode "+nonorm") gives the peer row.
+    fused_inference: bool = True
+    # where the kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
+    kernel_devices: tuple[str, ...] = ("cuda",)
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_f32 = x.float()
-        x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_f32.to(x.dtype)
+        kernels = self._kernels(x)
+        if kernels is not None and kernels.kernel_applies(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + delta, self(residual + delta)): the decoder block's residual add and the norm after it,
+        one launch where ``forward`` would take the kernel."""
+        kernels = self._kernels(residual)
+        if kernels is not None and kernels.kernel_applies(residual, self.weight, delta):
+            return kernels.add_rms_norm(residual, delta, self.weight, self.eps)
+        total = residual + delta
+        return total, rms_norm(total, self.weight, self.eps)
+
+    def _kernels(self, x: torch.Tensor):
+        """kernels.rmsnorm when the cheap checks pass (imported here: it imports triton, an optional dependency
+        that CPU training need not load), else None."""
+        # is_compiling first: under torch.compile nothing else is read, so no guard on the switch
+        if torch.compiler.is_compiling() or not self.fused_inference or x.device.type not in self.kernel_devices:
+            return None
+        from .kernels import rmsnorm
+
+        return rmsnorm
 
 
 class SwiGLU(nn.Module):

@@ -117,8 +117,9 @@ class DecoderLayer(nn.Module):
 
     def _block(self, x_BTD, cos, sin, mask_B1TS, step, forced_idx_BTK, with_losses: bool, valid_BT,
                with_stats: bool = True):
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, step)
-        h_BTD = self.post_attention_layernorm(x_BTD)
+        attn_BTD = self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, step)
+        # the residual add and the FFN input's norm: one kernel at inference on CUDA (RMSNorm.add_forward)
+        x_BTD, h_BTD = self.post_attention_layernorm.add_forward(x_BTD, attn_BTD)
         if self.is_moe:
             y_BTD, stats = self.mlp(h_BTD, forced_idx_BTK, with_losses, valid_BT, with_stats)
             return x_BTD + y_BTD, stats

@@ -20,9 +20,9 @@ is rounded (the GEMM's output), and so is the gate weight (``weight_TK.to(bf16)`
 K is taken in fp32 and rounded once (inductor's reduction; eager rounds each product to bf16 before its
 fp32 sum). What differs from the compiled grouped path is only the order of the fp32 sums inside each dot
 product (cuBLAS's vs these tiles'); from eager, the two extra roundings named above. The rounding is
-round-to-nearest-even done on the bits (``_rounded``), so Triton's CPU interpreter, which truncates,
-gives the GPU's values and the tests can check them. tests/test_moe_decode_kernel.py measures the error
-against float64: the same as the reference path's, or lower.
+round-to-nearest-even done on the bits (``_rounded``, from triton_rounding.py), so Triton's CPU interpreter,
+which truncates, gives the GPU's values and the tests can check them. tests/test_moe_decode_kernel.py measures
+the error against float64: the same as the reference path's, or lower.
 
 Registered with ``torch.library.triton_op`` so ``torch.compile`` sees (and inlines) the kernels and a
 CUDA graph captures them; an explicit fake kernel gives compile the output's shape. No host
@@ -166,17 +166,8 @@ def expert_major_decode(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: tor
 
 if HAS_TRITON:
 
-    @triton.jit
-    def _rounded(v, ty: tl.constexpr):
-        """fp32 ``v`` rounded to ``ty`` (to nearest, ties to even), kept in fp32. bf16 by bit arithmetic, which
-        for finite values is what the GPU's cvt.rn does: Triton's interpreter truncates a plain
-        ``.to(tl.bfloat16)``, and the CPU tests check these rounding points bit for bit."""
-        if ty == tl.bfloat16:
-            u = v.to(tl.uint32, bitcast=True)
-            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-            return u.to(tl.float32, bitcast=True)
-        else:
-            return v.to(ty).to(tl.float32)
+    # bf16 rounding by bits: Triton's interpreter (the CPU tests) truncates a plain ``.to(tl.bfloat16)``
+    from .triton_rounding import rounded as _rounded
 
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, K: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
