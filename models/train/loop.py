@@ -38,7 +38,8 @@ the worker calls it before wrapping the model for DDP/FSDP (FSDP must see the fi
 Trainer again (a no-op then). ``cuda_graph`` replays the device part of ``train_step`` (forward,
 backward, clipping, AdamW, router-bias update) as one CUDA graph (``kernels/graph_step.py``) after
 3 eager steps; the optimiser then runs capturable with a device-tensor learning rate, written
-before each replay. One CUDA rank only; on CPU it is ignored with a log line.
+before each replay. One CUDA rank only; on CPU it is ignored with a log line. ``adamw_impl`` ("torch" /
+"triton") picks the optimiser's implementation (``optim.build_adamw``; the Triton one is capturable too).
 
 A batch is a ``(B, T + 1)`` token tensor (inputs and next-token targets are its two shifts) or a
 dict with ``input_ids`` (B, T), ``targets`` (B, T) (-100 = no loss) and optionally
@@ -108,7 +109,7 @@ class LoopConfig(Protocol):
     bytes_per_token: float | None
     peak_flops: float
     # optional: document_masking (bool, default off when absent), see Trainer._documents;
-    # activation_checkpointing, fp8, fp8_grad_dtype, cuda_graph (speed options, see the module docstring)
+    # activation_checkpointing, fp8, fp8_grad_dtype, cuda_graph, adamw_impl (speed options, see the module docstring)
 
     def tokens_per_step(self, world_size: int = 1) -> int: ...
 
@@ -228,7 +229,8 @@ class Trainer:
         self.world_size = dist.get_world_size() if _distributed() else 1
         self.data_parallel_size = self.world_size  # model replicas (a pipeline's stages share one batch)
         self.optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                     eps=cfg.eps, decay_embeddings=cfg.decay_embeddings)
+                                     eps=cfg.eps, decay_embeddings=cfg.decay_embeddings,
+                                     impl=getattr(cfg, "adamw_impl", "torch"))
         self.mtp_depth = int(getattr(model.cfg, "mtp_depth", 0))
         self.mtp_loss_weight = float(getattr(model.cfg, "mtp_loss_weight", 0.0)) if self.mtp_depth else 0.0
         self.last_target_counts: torch.Tensor | None = None  # (1 + mtp_depth,) of the last step, global

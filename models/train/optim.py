@@ -15,6 +15,10 @@ Decay policy (decided here, one place):
 
 Fused AdamW is used when every parameter lives on CUDA (``fused="auto"``); on CPU the
 default for-each implementation keeps CPU runs bit-reproducible across torch builds.
+
+``impl="triton"`` builds ``models/kernels/adamw.TritonAdamW`` instead: torch's AdamW (same groups, same state
+dict) whose CUDA step is one Triton launch over all tensors (issue 16); off CUDA it is torch's step, unless
+Triton's interpreter is on (tests).
 """
 
 from __future__ import annotations
@@ -46,9 +50,18 @@ def split_decay_groups(model: nn.Module, decay_embeddings: bool = True) -> tuple
     return decay, no_decay
 
 
+ADAMW_IMPLS = ("torch", "triton")
+
+
 def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas: Iterable[float] = (0.9, 0.95),
-                eps: float = 1e-8, fused: str | bool = "auto", decay_embeddings: bool = True) -> torch.optim.AdamW:
-    """AdamW over two groups; each group carries ``initial_lr`` so schedules can scale it."""
+                eps: float = 1e-8, fused: str | bool = "auto", decay_embeddings: bool = True,
+                impl: str = "torch") -> torch.optim.AdamW:
+    """AdamW over two groups; each group carries ``initial_lr`` so schedules can scale it.
+
+    ``impl``: "torch" (torch.optim.AdamW, fused on CUDA per ``fused``) or "triton" (``TritonAdamW``; ``fused``
+    is then ignored)."""
+    if impl not in ADAMW_IMPLS:
+        raise ValueError(f"build_adamw: impl must be one of {ADAMW_IMPLS}, got {impl!r}")
     decay_names, no_decay_names = split_decay_groups(model, decay_embeddings)
     params = dict(model.named_parameters())
     groups = [
@@ -58,9 +71,14 @@ def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("build_adamw: the model has no trainable parameters")
-    if fused == "auto":
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None)
+    if impl == "triton":
+        from ..kernels.adamw import TritonAdamW
+
+        opt = TritonAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    else:
+        if fused == "auto":
+            fused = all(p.is_cuda for g in groups for p in g["params"])
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None)
     for group in opt.param_groups:
         group["initial_lr"] = lr
     return opt
