@@ -72,6 +72,7 @@ HYPER = 5  # float64 fields of a group's row: lr, beta1, beta2, weight_decay, ep
 PACK = 16  # gradient addresses written per _pack_addresses_kernel launch (its pointer arguments)
 BLOCK_SIZE = 2048  # elements per program (16 per thread at 4 warps: two 16-byte bf16 vectors per tensor)
 NUM_WARPS = 4
+IMPL_FLAGS = ("foreach", "fused", "capturable", "differentiable")  # param-group keys that pick an implementation
 ALIGN = 16  # bytes: the tables' addresses are hinted multiples of this (vector loads); checked on the host
 
 
@@ -253,7 +254,12 @@ class TritonAdamW(torch.optim.AdamW):
 
     # ------------------------------------------------------------------ torch.optim.Optimizer interface
     def load_state_dict(self, state_dict) -> None:
+        """torch's, except that the groups keep this optimiser's implementation flags: torch's load takes the
+        whole saved group, flags included (a torch.optim.AdamW loading any checkpoint does that too)."""
+        flags = [{k: g[k] for k in IMPL_FLAGS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, kept in zip(self.param_groups, flags):
+            group.update(kept)
         self._plan = None  # new state tensors: the tables must point at them
 
     def add_param_group(self, param_group) -> None:
