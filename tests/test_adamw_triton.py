@@ -240,7 +240,9 @@ def test_cpu_without_interpreter_is_torch_adamw(monkeypatch, kadamw):
 
 
 # ------------------------------------------------------------------ the training loop
-def test_training_run_with_triton_adamw_matches_torch(kadamw):
+@pytest.mark.parametrize("grad_clip", [1.0, 0.05, 0.0])
+def test_training_run_with_triton_adamw_matches_torch(kadamw, grad_clip):
+    """The loop with adamw_impl=triton (clipping folded into the kernel's grad_scale) against torch's AdamW."""
     from moeflow.models import MoETransformer
     from moeflow.models.kernels.adamw import TritonAdamW
     from moeflow.models.train.loop import Trainer
@@ -250,19 +252,25 @@ def test_training_run_with_triton_adamw_matches_torch(kadamw):
 
     def run(impl):
         cfg = PretrainConfig(model_overrides=tiny_model_overrides(), seq_len=32, micro_batch_size=4, max_steps=8,
-                             lr=1e-2, warmup_steps=2, log_every=1, val_every=0, seed=0, adamw_impl=impl)
+                             lr=1e-2, warmup_steps=2, log_every=1, val_every=0, seed=0, adamw_impl=impl,
+                             grad_clip=grad_clip)
         ds = ArrayTokens(pattern_docs(200, seed=0), vocab_size=64)
         torch.manual_seed(0)
         model = MoETransformer(cfg.build_model_config())
         loader = PackedLoader(ds, seq_len=cfg.seq_len, batch_size=cfg.micro_batch_size, seed=0)
         trainer = Trainer(cfg, model, iter(loader), device="cpu", bos_id=ds.meta["bos_id"])
+        step, scales = trainer.optimizer.step, []
+        trainer.optimizer.step = lambda closure=None, **kw: (scales.append(kw.get("grad_scale")), step(**kw))[1]
         trainer.fit(until_step=3)
-        return trainer
+        return trainer, scales
 
     if torch.cuda.is_available():
         pytest.skip("CPU run (the interpreter); test_gpu_matches_torch_fused covers CUDA")
-    ref, tri = run("torch"), run("triton")
+    (ref, _), (tri, scales) = run("torch"), run("triton")
     assert isinstance(tri.optimizer, TritonAdamW) and tri.optimizer._plan is not None  # the kernels ran
+    assert all((s is not None) == (grad_clip > 0) for s in scales) and len(scales) == 3
+    if grad_clip == 0.05:
+        assert all(float(s) < 1 for s in scales)  # really clipping
     assert [h["loss"] for h in tri.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-5)
     for (name, a), b in zip(tri.model.named_parameters(), ref.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -64,7 +64,7 @@ from torch import nn
 
 from ..mtp import IGNORE_INDEX, mtp_targets
 from .metrics import ThroughputMeter, mfu
-from .optim import build_adamw, clip_grad_norm, set_lr
+from .optim import build_adamw, clip_coefficient, clip_grad_norm, set_lr
 from .schedules import lr_at
 
 LOSS_PARTS = ("lm_loss", "mtp_loss", "seq_aux_loss", "z_loss", "lb_loss")
@@ -383,8 +383,11 @@ class Trainer:
         # global expert counts: summed over micro-batches (above) and ranks (here)
         if counts_LE is not None and _distributed():
             dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM)
-        grad_norm = self._clip_gradients()
-        self.optimizer.step()
+        grad_norm, clip_coef = self._clip_gradients()
+        if clip_coef is None:
+            self.optimizer.step()
+        else:  # the optimiser scales the gradients in its kernel (TritonAdamW): no separate clipping pass
+            self.optimizer.step(grad_scale=clip_coef)
         if counts_LE is not None and hasattr(self.model, "apply_router_bias_update") and self.update_router_bias:
             self.model.apply_router_bias_update(counts_LE.to(torch.float32))
         return parts, counts_LE, entropy_L, grad_norm
@@ -472,9 +475,15 @@ class Trainer:
         self.last_target_counts = global_counts
         return parts, counts_LE, entropy_L
 
-    def _clip_gradients(self) -> torch.Tensor:
+    def _clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(gradient norm, None) after clipping the gradients in place; or (norm, clip coefficient) when the
+        optimiser folds the coefficient into its step (TritonAdamW on its kernel path: ``grad_scale``). Either
+        way the update is AdamW of the clipped gradients; folded, ``.grad`` itself stays unclipped."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        return clip_grad_norm(self.model.parameters(), max_norm).detach().float()
+        runs_kernel = getattr(self.optimizer, "_runs_triton", None)
+        fold = max_norm != float("inf") and runs_kernel is not None and runs_kernel()
+        norm = clip_grad_norm(self.model.parameters(), max_norm, apply=not fold)
+        return norm.detach().float(), (clip_coefficient(norm, max_norm) if fold else None)
 
     def _accumulate_interval(self, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor,
                              entropy_L: torch.Tensor | None) -> None:

@@ -84,8 +84,10 @@ def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas
     return opt
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, *, apply: bool = True) -> torch.Tensor:
     """Clip to the global gradient norm; returns the norm before clipping (a plain scalar tensor).
+    ``apply=False`` only measures: the caller scales the gradients by ``clip_coefficient`` itself (TritonAdamW
+    does it inside its kernel, saving a read and a write of every gradient).
 
     Gradients may be plain tensors (one process, DDP) or DTensors on different meshes (FSDP2 over
     the world, expert shards on the ``ep`` or ``(dp, ep)`` mesh). torch's ``clip_grad_norm_`` refuses
@@ -109,10 +111,16 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
         return torch.zeros(())
     # one mesh (one process, DDP, FSDP2 alone): that norm as is, bit for bit what clip_grad_norm_ gave
     total = norms[0] if len(norms) == 1 else torch.stack([n.float().to(norms[0].device) for n in norms]).pow(2).sum().sqrt()
-    if max_norm != float("inf"):
+    if max_norm != float("inf") and apply:
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.device), foreach=True)
     return total
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor ``clip_grads_with_norm_`` multiplies the gradients by: min(1, max_norm / (norm + 1e-6)), in
+    the norm's dtype as there."""
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
