@@ -36,7 +36,15 @@ results equal torch's bit for bit, up to the rare double-rounding of a fused mul
 default) evaluates everything in fp32 (fewer fp64 conversions, which run at 1/4 of the fp32 rate on an H100):
 within 1 fp32 ulp of torch in the states, which in bf16 storage is the same value except for rare 1-ulp
 flips. Both modes round to the storage dtype to nearest-even. Which is faster is for the GPU to say
-(benchmarks/bench_adamw.py times both).
+(benchmarks/bench_adamw.py times both). One difference from torch's kernel remains in both: Triton links
+libdevice with flush-to-zero, so the IEEE sqrt and divisions (``sqrt.rn.ftz``/``div.rn.ftz``) flush subnormal
+fp32 operands (|x| < 1.2e-38, e.g. v from gradients below ~1e-19) to zero; the update then differs by less than
+1e-30 in absolute terms.
+
+Registers (ptxas for sm_90, tests/test_adamw_triton.py): ~170 a thread at the default 2048-element blocks of 4
+warps (16 elements a thread), ~85 at 1024; either way ~48 KB of loads in flight per SM. Each program first
+loads its table entries (two dependent loads), issues its block's loads, and computes the bias corrections
+(two fp64 pows) while they are in flight.
 
 Optional ``grad_scale`` (a device fp32 scalar, e.g. the gradient-clipping coefficient): gradients are multiplied
 by it inside the kernel (torch's fused kernel divides by its AMP scale; this is the clip use), so a separate
@@ -144,15 +152,25 @@ if HAS_TRITON:
         return p, m, v
 
     @triton.jit
-    def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, scale, lr_wd, beta1, beta2, eps, step_size, bc2_sqrt,
-                     P_TY: tl.constexpr, S_TY: tl.constexpr, HAS_SCALE: tl.constexpr, EXACT: tl.constexpr,
-                     INTERPRET: tl.constexpr):
+    def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, step_ptr, hyper, scale_ptr, P_TY: tl.constexpr,
+                     S_TY: tl.constexpr, HAS_SCALE: tl.constexpr, EXACT: tl.constexpr, INTERPRET: tl.constexpr):
+        # the block's loads first: the scalar maths below (two fp64 pows) runs while they are in flight
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+        lr = tl.load(hyper + 0)
+        beta1 = tl.load(hyper + 1)
+        beta2 = tl.load(hyper + 2)
+        lr_wd = lr * tl.load(hyper + 3)
+        eps = tl.load(hyper + 4)
+        # bias corrections as torch computes them: in double, then rounded to fp32 (its opmath_t)
+        step = tl.load(step_ptr).to(tl.float64)
+        bc1 = (1.0 - _pow(beta1, step, INTERPRET)).to(tl.float32)
+        bc2_sqrt = tl.sqrt(1.0 - _pow(beta2, step, INTERPRET)).to(tl.float32)
+        step_size = (lr / bc1.to(tl.float64)).to(tl.float32)
         if HAS_SCALE:
-            g = g * scale
+            g = g * tl.load(scale_ptr).to(tl.float32)
         p, m, v = _adamw_math(p, g, m, v, lr_wd, beta1, beta2, eps, step_size, bc2_sqrt, EXACT)
         tl.store(p_ptr + offs, _to_storage(p, P_TY, INTERPRET), mask=mask)
         tl.store(m_ptr + offs, _to_storage(m, S_TY, INTERPRET), mask=mask)
@@ -173,26 +191,13 @@ if HAS_TRITON:
         block = pid - tl.load(row + 5)  # this program's block within its tensor
         hyper = hyper_ptr + tl.load(row + 6) * 5  # HYPER
         g_ptr = tl.multiple_of(tl.load(grad_addrs_ptr + t).to(tl.pointer_type(P_TY)), 16)
-        lr = tl.load(hyper + 0)
-        beta1 = tl.load(hyper + 1)
-        beta2 = tl.load(hyper + 2)
-        lr_wd = lr * tl.load(hyper + 3)
-        eps = tl.load(hyper + 4)
-        # bias corrections as torch computes them: in double, then rounded to fp32 (its opmath_t)
-        step = tl.load(step_ptr).to(tl.float64)
-        bc1 = (1.0 - _pow(beta1, step, INTERPRET)).to(tl.float32)
-        bc2_sqrt = tl.sqrt(1.0 - _pow(beta2, step, INTERPRET)).to(tl.float32)
-        step_size = (lr / bc1.to(tl.float64)).to(tl.float32)
-        scale = 1.0
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr).to(tl.float32)
         offs = block * BLOCK + tl.arange(0, BLOCK)
         if (block + 1) * BLOCK <= numel:  # a full block: unmasked, so the loads vectorise
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, lr_wd, beta1, beta2, eps, step_size,
-                         bc2_sqrt, P_TY, S_TY, HAS_SCALE, EXACT, INTERPRET)
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, step_ptr, hyper, scale_ptr,
+                         P_TY, S_TY, HAS_SCALE, EXACT, INTERPRET)
         else:
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, scale, lr_wd, beta1, beta2, eps,
-                         step_size, bc2_sqrt, P_TY, S_TY, HAS_SCALE, EXACT, INTERPRET)
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, step_ptr, hyper, scale_ptr,
+                         P_TY, S_TY, HAS_SCALE, EXACT, INTERPRET)
 
 
 def _triton_dtype(dtype: torch.dtype):
