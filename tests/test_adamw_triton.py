@@ -399,3 +399,31 @@ def test_kernels_compile_for_sm90_with_vector_loads_and_ieee_division(kadamw):
         assert r["v4_loads"] >= 4 * per_tensor and r["v4_stores"] >= 3 * per_tensor, (name, r)
         assert r["div_rn"] > 0 and r["sqrt_rn"] > 0 and r["approx"] == 0, (name, r)
         assert r["LOCAL"] == 0 and r["REG"] <= 255, (name, r)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_graphed_training_loop_with_triton_adamw(kadamw, monkeypatch):
+    """bench_ref's configuration in small: bf16 weights, the whole step one CUDA graph (cuda_graph=True), clipping
+    folded into the kernel. Against torch's fused AdamW in the same graphed loop (they differ in the last bits:
+    clip multiply rounding, fp32 arithmetic, which AdamW's normalised update amplifies; bounds as in
+    test_train_speed_options) and against its own uncaptured body (the capture replays what it captured)."""
+    from moeflow.models.train import loop as loop_mod
+    from test_train_speed_options import _distance, _initial_params, _params as weights, _run
+
+    steps = 7
+    kw = dict(steps=steps, device="cuda", param_dtype="bf16", model_kw={}, compile=False)
+    ref, ref_hist = _run(**kw, cuda_graph=True)
+    tri, tri_hist = _run(**kw, cuda_graph=True, adamw_impl="triton")
+    assert isinstance(tri.optimizer, kadamw.TritonAdamW) and tri._graphed.captured
+    monkeypatch.setattr(loop_mod, "GRAPH_WARMUP_STEPS", steps + 1)  # the graphed body, never captured
+    body, _ = _run(**kw, cuda_graph=True, adamw_impl="triton")
+    body2, _ = _run(**kw, cuda_graph=True, adamw_impl="triton")
+    moved = _distance(weights(ref), _initial_params(**kw))
+    spread = _distance(weights(body2), weights(body))
+    graph = _distance(weights(tri), weights(body))
+    vs_torch = _distance(weights(tri), weights(ref))
+    print(f"\nmoved {moved:.4g}; triton graph vs its body {graph:.4g} (run to run {spread:.4g}); vs torch {vs_torch:.4g}")
+    assert [h["loss"] for h in tri_hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-3)
+    assert graph <= max(1e-3 * moved, 3 * spread), (graph, spread, moved)
+    assert vs_torch <= 0.05 * moved, (vs_torch, moved)

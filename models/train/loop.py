@@ -16,7 +16,9 @@ One optimiser step (``Trainer.train_step``):
    (``set_requires_gradient_sync``).
 2. Router tokens-per-expert counts summed over the micro-batches, then all-reduced (SUM) over
    data-parallel ranks: the GLOBAL batch's counts.
-3. Gradient clipping (global norm), LR from the pure schedule, ``optimizer.step()``.
+3. Gradient clipping (global norm), LR from the pure schedule, ``optimizer.step()``. With the Triton AdamW
+   (``adamw_impl="triton"``) on its kernel path the clip coefficient is passed to the step (``grad_scale``)
+   instead of multiplying every gradient in a pass of its own.
 4. ``model.apply_router_bias_update(global_counts)`` — once per optimiser step, after the
    step (the bias is a buffer, no gradient), identical on every rank because the counts are.
 
