@@ -33,13 +33,15 @@ loads widened to fp32, then ``p -= lr·wd·p``; ``m = β1·m + (1-β1)·g``; ``v
 as C++ ``double``, so the decay, both moments and ``+ eps`` are evaluated in double there and rounded to fp32
 once. ``exact=True`` does the same (fp64 for those sub-expressions, fp32 IEEE sqrt/div for the rest): the
 results equal torch's bit for bit, up to the rare double-rounding of a fused multiply-add. ``exact=False`` (the
-default) evaluates everything in fp32 (fewer fp64 conversions, which run at 1/4 of the fp32 rate on an H100):
+default) evaluates everything in fp32 (on an H100 fp64 arithmetic runs at half the fp32 rate and conversions
+to and from fp64 at 16 a clock per SM, which the exact mode needs ~9 of per element):
 within 1 fp32 ulp of torch in the states, which in bf16 storage is the same value except for rare 1-ulp
 flips. Both modes round to the storage dtype to nearest-even. Which is faster is for the GPU to say
 (benchmarks/bench_adamw.py times both). One difference from torch's kernel remains in both: Triton links
 libdevice with flush-to-zero, so the IEEE sqrt and divisions (``sqrt.rn.ftz``/``div.rn.ftz``) flush subnormal
-fp32 operands (|x| < 1.2e-38, e.g. v from gradients below ~1e-19) to zero; the update then differs by less than
-1e-30 in absolute terms.
+fp32 operands (|x| < 1.2e-38, e.g. v from gradients below ~1e-19) to zero: a subnormal v moves the
+denominator by under 1e-9 relative (it is eps-dominated), a subnormal m's update (at most lr·1.2e-38 / eps)
+becomes 0.
 
 Registers (ptxas for sm_90, tests/test_adamw_triton.py): ~170 a thread at the default 2048-element blocks of 4
 warps (16 elements a thread), ~85 at 1024; either way ~48 KB of loads in flight per SM. Each program first
@@ -56,7 +58,9 @@ truncates float-to-bf16 casts and has no libdevice, so under it the bf16 roundin
 ``β^step`` is ``exp(step·log β)`` (the ``INTERPRET`` constexpr).
 
 Checkpoints: ``state_dict`` has torch.optim.AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``; the param groups
-carry AdamW's options), so a checkpoint loads into either optimiser.
+carry AdamW's options), so a checkpoint loads into either optimiser. torch's ``load_state_dict`` takes the saved
+groups whole, implementation flags (``fused``, ``foreach``, ``capturable``) included: a torch.optim.AdamW loading
+a TritonAdamW checkpoint gets ``fused=None`` (any AdamW checkpoint does that to it); ``TritonAdamW`` keeps its own.
 """
 
 from __future__ import annotations
