@@ -13,9 +13,13 @@ Implementations (``--impls``, each optionally with ``+key=value`` options):
   - ``compiled``      the for-each AdamW with its ``step`` under ``torch.compile`` (inductor's compiled optimiser);
   - ``triton``        TritonAdamW (fp32 arithmetic); ``triton_exact``: its ``exact=True`` (torch's double
                       sub-expressions, bit for bit); options ``+block=4096+warps=8`` set its block size and warps.
+``+clip`` on any of them adds gradient clipping's scaling by a device coefficient (1.0 here): a
+``torch._foreach_mul_`` pass over the gradients before the step (as ``clip_grads_with_norm_``), or for the
+Triton ones the step's ``grad_scale`` (folded into the kernel, as the training loop does).
 Reported: median and min ms per step over ``--steps`` (CUDA events, after ``--warmup``) and the bandwidth
 GB/s = bytes per step / median time, bytes = Σ numel × (2·|p| + |g| + 2·|m| + 2·|v|) (read p, g, m, v; write
-p, m, v; |x| = bytes per element): 11.5 GB for bench_ref in bf16. H100 HBM3 peak ≈ 3.35 TB/s.
+p, m, v; |x| = bytes per element): 11.5 GB for bench_ref in bf16 (the ``+clip`` pass's 2·|g| is not counted:
+compare those rows by time). H100 HBM3 peak ≈ 3.35 TB/s.
 
 ``--smoke`` runs the tiny preset on the CPU (the Triton kernels in Triton's interpreter) to check the script.
 """
@@ -89,17 +93,17 @@ def time_steps(step, steps: int, warmup: int, device) -> list[float]:
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
-def graphed(opt, device):
-    """``opt.step`` captured once in a CUDA graph (after the warm-up steps), returned as a replay call."""
+def graphed(body, device):
+    """``body()`` (one optimiser step) captured once in a CUDA graph after 3 warm-up calls; returns the replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            opt.step()
+            body()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        opt.step()
+        body()
     return graph.replay
 
 
@@ -137,7 +141,12 @@ def main(argv=None) -> int:
         opt = None
         try:
             opt = make_adamw(params, impl, capturable=args.graph, opts=opts)
-            step = graphed(opt, device) if args.graph and device.type == "cuda" else opt.step
+            body = opt.step
+            if "clip" in opts:
+                coef, grads = torch.ones((), device=device), [q.grad for q in params]
+                body = (lambda: opt.step(grad_scale=coef)) if impl.startswith("triton") else \
+                    (lambda: (torch._foreach_mul_(grads, coef), opt.step()))
+            step = graphed(body, device) if args.graph and device.type == "cuda" else body
             times = time_steps(step, args.steps, args.warmup, device)
         except Exception as exc:  # one failing implementation must not hide the others
             print(f"!! {spec} failed: {type(exc).__name__}: {exc}", flush=True)
@@ -151,7 +160,7 @@ def main(argv=None) -> int:
                "gb_per_s": gb / med}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del opt, step
+        del opt, step, body
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.out:
