@@ -350,8 +350,9 @@ from moeflow.models.kernels import adamw as ka
 aligned = [["tt.divisibility", 16]]  # what the launcher specialises 16-byte-aligned pointers to
 cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
 report = {}
-for name, p_ty, s_ty, exact in (("bf16", tl.bfloat16, tl.bfloat16, False), ("bf16_exact", tl.bfloat16, tl.bfloat16, True),
-                                ("fp32", tl.float32, tl.float32, False)):
+variants = (("bf16", tl.bfloat16, tl.bfloat16, False), ("bf16_exact", tl.bfloat16, tl.bfloat16, True),
+            ("fp32", tl.float32, tl.float32, False))
+for name, p_ty, s_ty, exact in variants:
     fn = ka._adamw_kernel
     pointers = ["*i32", "*i64", "*i64", "*fp64", "*fp32"]
     signature = {n: (pointers[i] if i < len(pointers) else "constexpr") for i, n in enumerate(fn.arg_names)}
@@ -368,8 +369,9 @@ for name, p_ty, s_ty, exact in (("bf16", tl.bfloat16, tl.bfloat16, False), ("bf1
                     "approx": len(re.findall(r"(div|sqrt)\.(approx|full)", ptx)),
                     **{k: int(v) for k, v in re.findall(r"(REG|LOCAL):(\d+)", usage)}}
 names = ka._pack_addresses_kernel.arg_names
-pack = compile(ASTSource(fn=ka._pack_addresses_kernel, signature={n: "*i64" if i == 0 else "*bf16" for i, n in enumerate(names)},
-                         constexprs={}, attrs={(i,): aligned for i in range(len(names))}),
+pack_signature = {n: "*i64" if i == 0 else "*bf16" for i, n in enumerate(names)}
+pack = compile(ASTSource(fn=ka._pack_addresses_kernel, signature=pack_signature, constexprs={},
+                         attrs={(i,): aligned for i in range(len(names))}),
                target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 report["pack_stores"] = pack.asm["ptx"].count("st.global")
 print(json.dumps(report))
@@ -423,7 +425,8 @@ def test_gpu_graphed_training_loop_with_triton_adamw(kadamw, monkeypatch):
     spread = _distance(weights(body2), weights(body))
     graph = _distance(weights(tri), weights(body))
     vs_torch = _distance(weights(tri), weights(ref))
-    print(f"\nmoved {moved:.4g}; triton graph vs its body {graph:.4g} (run to run {spread:.4g}); vs torch {vs_torch:.4g}")
+    print(f"\nmoved {moved:.4g}; triton graph vs its body {graph:.4g} (run to run {spread:.4g}); "
+          f"vs torch {vs_torch:.4g}")
     assert [h["loss"] for h in tri_hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-3)
     assert graph <= max(1e-3 * moved, 3 * spread), (graph, spread, moved)
     assert vs_torch <= 0.05 * moved, (vs_torch, moved)

@@ -389,8 +389,8 @@ class TritonAdamW(torch.optim.AdamW):
                              for p in params])
         for i, p in enumerate(params):
             self.state[p]["step"] = steps[i]
-        hyper = torch.tensor([[0.0, g["betas"][0], g["betas"][1], g["weight_decay"], g["eps"]] for g in self.param_groups],
-                             dtype=torch.float64, device=device)
+        rows = [[0.0, g["betas"][0], g["betas"][1], g["weight_decay"], g["eps"]] for g in self.param_groups]
+        hyper = torch.tensor(rows, dtype=torch.float64, device=device)  # lr (column 0) is written every step
         plan = _Plan(params=params, signature=self._signature(params), group_of=group_of, steps=steps, hyper=hyper)
         by_key: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
