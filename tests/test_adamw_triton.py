@@ -107,14 +107,18 @@ def assert_within_rounding(a: torch.Tensor, b: torch.Tensor, msg="") -> None:
 
 
 # ------------------------------------------------------------------ the formula, bit for bit
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                               (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32-states"])
 @pytest.mark.parametrize("exact", [True, False])
-def test_steps_match_torch_fused_formula(kadamw, device, dtype, exact):
+def test_steps_match_torch_fused_formula(kadamw, device, dtype, state_dtype, exact):
+    """bf16-fp32-states: fp32 moments for bf16 weights (a launch of its own dtype pair; torch's fused kernel has no
+    such mode, the formula is the same)."""
     params = _params(dtype, device)
-    opt = kadamw.TritonAdamW(_groups(params), betas=BETAS, eps=EPS, exact=exact, block_size=1024)
+    opt = kadamw.TritonAdamW(_groups(params), betas=BETAS, eps=EPS, exact=exact, block_size=1024,
+                             state_dtype=state_dtype)
     ref = [p.detach().cpu().clone() for p in params]
-    m = [torch.zeros_like(r) for r in ref]
-    v = [torch.zeros_like(r) for r in ref]
+    m = [torch.zeros_like(r, dtype=state_dtype or dtype) for r in ref]
+    v = [torch.zeros_like(r, dtype=state_dtype or dtype) for r in ref]
     for step in range(1, 5):
         _set_grads([params], step)
         opt.step()
