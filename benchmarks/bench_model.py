@@ -22,8 +22,9 @@ policy, every block), ``compiled+b=16`` (micro-batch), ``compiled+fp8=attn.dense
 groups, models/fp8.py; ``+e5m2`` for e5m2 gradients), ``compiled+mode=max-autotune-no-cudagraphs``
 (torch.compile mode), ``+graph`` (the whole step replayed as one CUDA graph, models/kernels/graph_step.py),
 ``+ind.<key>=<value>`` (a ``torch._inductor.config`` setting while that row builds and runs, e.g.
-``+ind.coordinate_descent_tuning=1``);
-``torchtitan+b=16`` takes ``b`` too.
+``+ind.coordinate_descent_tuning=1``),
+``+opt=triton`` (the AdamW: ``fused`` default, ``triton``/``triton_exact`` = models/kernels/adamw.py, ``compiled``
+= torch's for-each AdamW under torch.compile; see ``train_step_fn``); ``torchtitan+b=16`` takes ``b`` too.
 Reported: median step time over ``--steps`` timed steps (CUDA events) after ``--warmup`` steps,
 tokens/s, MFU and peak memory.
 MFU = (6 × active non-embedding params + causal attention FLOPs) × tokens/s ÷ 790 TFLOP/s (H200), i.e.
@@ -214,11 +215,18 @@ def build_hf(cfg: ModelConfig, device, dtype):
     return model.to(device).train()
 
 
-def train_step_fn(model, kind: str, ids_BT, targets_BT, graph: bool = False):
+def train_step_fn(model, kind: str, ids_BT, targets_BT, graph: bool = False, opt_impl: str = "fused"):
     """One optimiser step per call; ``graph=True`` replays it as one CUDA graph after 3 eager calls
-    (models/kernels/graph_step.py; AdamW then runs with capturable=True)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=ids_BT.is_cuda,
-                            capturable=graph and ids_BT.is_cuda)
+    (models/kernels/graph_step.py; AdamW then runs with capturable=True). ``opt_impl`` (``+opt=``) picks the
+    AdamW: ``fused`` (torch's, the default), ``triton`` / ``triton_exact`` (models/kernels/adamw.py),
+    ``compiled`` (torch's for-each under torch.compile), ``foreach`` (benchmarks/bench_adamw.make_adamw)."""
+    if opt_impl == "fused":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=ids_BT.is_cuda,
+                                capturable=graph and ids_BT.is_cuda)
+    else:
+        from bench_adamw import make_adamw  # this script's folder is on sys.path
+
+        opt = make_adamw(list(model.parameters()), opt_impl, lr=1e-4, weight_decay=0.1, capturable=graph)
 
     def body(ids, targets):
         if kind == "hf":
@@ -284,7 +292,8 @@ def bench_train(cfg: ModelConfig, args, device, dtype) -> list[dict]:
                 model = build_ours(cfg, device, dtype, compiled=(kind == "compiled"), opts=opts)
                 note = ("compile_blocks" if kind == "compiled" else "eager") + "".join(
                     f" {k}={v}" for k, v in opts.items() if k != "b")
-                step = train_step_fn(model, kind, ids_BT, targets_BT, graph="graph" in opts)
+                step = train_step_fn(model, kind, ids_BT, targets_BT, graph="graph" in opts,
+                                     opt_impl=opts.get("opt", "fused"))
             first = time.perf_counter()
             step()
             sync()

@@ -11,7 +11,8 @@ those of the training loop (loader, loss assembly, bias update, logging), not of
     python3 benchmarks/bench_train.py compare --tokens-uri URI --variants bf16,fp8 --steps 1000   # FP8 convergence
 
 Speed-option variants (``PretrainConfig`` fields, issue 16): ``bf16`` (none), ``graph`` (cuda_graph),
-``fp8`` (fp8 = ``--fp8-groups``), ``graph_fp8``, ``ac_selective`` / ``ac_full`` (activation_checkpointing).
+``fp8`` (fp8 = ``--fp8-groups``), ``graph_fp8``, ``ac_selective`` / ``ac_full`` (activation_checkpointing),
+``triton_adamw`` / ``graph_triton_adamw`` (adamw_impl="triton": models/kernels/adamw.py, clipping folded in).
 
 Results are JSON lines (``--out``) and a table on stdout. MFU = (6 × active non-embedding params +
 causal attention FLOPs) × tokens/s ÷ 798 TFLOP/s (BENCHMARKS.md), per GPU.
@@ -113,6 +114,7 @@ def main(argv=None) -> None:
         "bf16": {}, "graph": {"cuda_graph": True}, "fp8": {"fp8": fp8_groups},
         "graph_fp8": {"cuda_graph": True, "fp8": fp8_groups},
         "ac_selective": {"activation_checkpointing": "selective"}, "ac_full": {"activation_checkpointing": "full"},
+        "triton_adamw": {"adamw_impl": "triton"}, "graph_triton_adamw": {"cuda_graph": True, "adamw_impl": "triton"},
     }
     doc = {"document_masking": False} if args.no_doc_mask else {}
     if args.mode == "speed":

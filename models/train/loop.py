@@ -16,7 +16,9 @@ One optimiser step (``Trainer.train_step``):
    (``set_requires_gradient_sync``).
 2. Router tokens-per-expert counts summed over the micro-batches, then all-reduced (SUM) over
    data-parallel ranks: the GLOBAL batch's counts.
-3. Gradient clipping (global norm), LR from the pure schedule, ``optimizer.step()``.
+3. Gradient clipping (global norm), LR from the pure schedule, ``optimizer.step()``. With the Triton AdamW
+   (``adamw_impl="triton"``) on its kernel path the clip coefficient is passed to the step (``grad_scale``)
+   instead of multiplying every gradient in a pass of its own.
 4. ``model.apply_router_bias_update(global_counts)`` — once per optimiser step, after the
    step (the bias is a buffer, no gradient), identical on every rank because the counts are.
 
@@ -38,7 +40,8 @@ the worker calls it before wrapping the model for DDP/FSDP (FSDP must see the fi
 Trainer again (a no-op then). ``cuda_graph`` replays the device part of ``train_step`` (forward,
 backward, clipping, AdamW, router-bias update) as one CUDA graph (``kernels/graph_step.py``) after
 3 eager steps; the optimiser then runs capturable with a device-tensor learning rate, written
-before each replay. One CUDA rank only; on CPU it is ignored with a log line.
+before each replay. One CUDA rank only; on CPU it is ignored with a log line. ``adamw_impl`` ("torch" /
+"triton") picks the optimiser's implementation (``optim.build_adamw``; the Triton one is capturable too).
 
 A batch is a ``(B, T + 1)`` token tensor (inputs and next-token targets are its two shifts) or a
 dict with ``input_ids`` (B, T), ``targets`` (B, T) (-100 = no loss) and optionally
@@ -63,7 +66,7 @@ from torch import nn
 
 from ..mtp import IGNORE_INDEX, mtp_targets
 from .metrics import ThroughputMeter, mfu
-from .optim import build_adamw, clip_grad_norm, set_lr
+from .optim import build_adamw, clip_coefficient, clip_grad_norm, set_lr
 from .schedules import lr_at
 
 LOSS_PARTS = ("lm_loss", "mtp_loss", "seq_aux_loss", "z_loss", "lb_loss")
@@ -108,7 +111,7 @@ class LoopConfig(Protocol):
     bytes_per_token: float | None
     peak_flops: float
     # optional: document_masking (bool, default off when absent), see Trainer._documents;
-    # activation_checkpointing, fp8, fp8_grad_dtype, cuda_graph (speed options, see the module docstring)
+    # activation_checkpointing, fp8, fp8_grad_dtype, cuda_graph, adamw_impl (speed options, see the module docstring)
 
     def tokens_per_step(self, world_size: int = 1) -> int: ...
 
@@ -228,7 +231,8 @@ class Trainer:
         self.world_size = dist.get_world_size() if _distributed() else 1
         self.data_parallel_size = self.world_size  # model replicas (a pipeline's stages share one batch)
         self.optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                     eps=cfg.eps, decay_embeddings=cfg.decay_embeddings)
+                                     eps=cfg.eps, decay_embeddings=cfg.decay_embeddings,
+                                     impl=getattr(cfg, "adamw_impl", "torch"))
         self.mtp_depth = int(getattr(model.cfg, "mtp_depth", 0))
         self.mtp_loss_weight = float(getattr(model.cfg, "mtp_loss_weight", 0.0)) if self.mtp_depth else 0.0
         self.last_target_counts: torch.Tensor | None = None  # (1 + mtp_depth,) of the last step, global
@@ -381,8 +385,11 @@ class Trainer:
         # global expert counts: summed over micro-batches (above) and ranks (here)
         if counts_LE is not None and _distributed():
             dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM)
-        grad_norm = self._clip_gradients()
-        self.optimizer.step()
+        grad_norm, clip_coef = self._clip_gradients()
+        if clip_coef is None:
+            self.optimizer.step()
+        else:  # the optimiser scales the gradients in its kernel (TritonAdamW): no separate clipping pass
+            self.optimizer.step(grad_scale=clip_coef)
         if counts_LE is not None and hasattr(self.model, "apply_router_bias_update") and self.update_router_bias:
             self.model.apply_router_bias_update(counts_LE.to(torch.float32))
         return parts, counts_LE, entropy_L, grad_norm
@@ -470,9 +477,15 @@ class Trainer:
         self.last_target_counts = global_counts
         return parts, counts_LE, entropy_L
 
-    def _clip_gradients(self) -> torch.Tensor:
+    def _clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(gradient norm, None) after clipping the gradients in place; or (norm, clip coefficient) when the
+        optimiser folds the coefficient into its step (TritonAdamW on its kernel path: ``grad_scale``). Either
+        way the update is AdamW of the clipped gradients; folded, ``.grad`` itself stays unclipped."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        return clip_grad_norm(self.model.parameters(), max_norm).detach().float()
+        runs_kernel = getattr(self.optimizer, "_runs_triton", None)
+        fold = max_norm != float("inf") and runs_kernel is not None and runs_kernel()
+        norm = clip_grad_norm(self.model.parameters(), max_norm, apply=not fold)
+        return norm.detach().float(), (clip_coefficient(norm, max_norm) if fold else None)
 
     def _accumulate_interval(self, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor,
                              entropy_L: torch.Tensor | None) -> None:

@@ -15,6 +15,10 @@ Decay policy (decided here, one place):
 
 Fused AdamW is used when every parameter lives on CUDA (``fused="auto"``); on CPU the
 default for-each implementation keeps CPU runs bit-reproducible across torch builds.
+
+``impl="triton"`` builds ``models/kernels/adamw.TritonAdamW`` instead: torch's AdamW (same groups, same state
+dict) whose CUDA step is one Triton launch over all tensors (issue 16); off CUDA it is torch's step, unless
+Triton's interpreter is on (tests).
 """
 
 from __future__ import annotations
@@ -46,9 +50,18 @@ def split_decay_groups(model: nn.Module, decay_embeddings: bool = True) -> tuple
     return decay, no_decay
 
 
+ADAMW_IMPLS = ("torch", "triton")
+
+
 def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas: Iterable[float] = (0.9, 0.95),
-                eps: float = 1e-8, fused: str | bool = "auto", decay_embeddings: bool = True) -> torch.optim.AdamW:
-    """AdamW over two groups; each group carries ``initial_lr`` so schedules can scale it."""
+                eps: float = 1e-8, fused: str | bool = "auto", decay_embeddings: bool = True,
+                impl: str = "torch") -> torch.optim.AdamW:
+    """AdamW over two groups; each group carries ``initial_lr`` so schedules can scale it.
+
+    ``impl``: "torch" (torch.optim.AdamW, fused on CUDA per ``fused``) or "triton" (``TritonAdamW``; ``fused``
+    is then ignored)."""
+    if impl not in ADAMW_IMPLS:
+        raise ValueError(f"build_adamw: impl must be one of {ADAMW_IMPLS}, got {impl!r}")
     decay_names, no_decay_names = split_decay_groups(model, decay_embeddings)
     params = dict(model.named_parameters())
     groups = [
@@ -58,16 +71,23 @@ def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("build_adamw: the model has no trainable parameters")
-    if fused == "auto":
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None)
+    if impl == "triton":
+        from ..kernels.adamw import TritonAdamW
+
+        opt = TritonAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    else:
+        if fused == "auto":
+            fused = all(p.is_cuda for g in groups for p in g["params"])
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None)
     for group in opt.param_groups:
         group["initial_lr"] = lr
     return opt
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, *, apply: bool = True) -> torch.Tensor:
     """Clip to the global gradient norm; returns the norm before clipping (a plain scalar tensor).
+    ``apply=False`` only measures: the caller scales the gradients by ``clip_coefficient`` itself (TritonAdamW
+    does it inside its kernel, saving a read and a write of every gradient).
 
     Gradients may be plain tensors (one process, DDP) or DTensors on different meshes (FSDP2 over
     the world, expert shards on the ``ep`` or ``(dp, ep)`` mesh). torch's ``clip_grad_norm_`` refuses
@@ -91,10 +111,16 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
         return torch.zeros(())
     # one mesh (one process, DDP, FSDP2 alone): that norm as is, bit for bit what clip_grad_norm_ gave
     total = norms[0] if len(norms) == 1 else torch.stack([n.float().to(norms[0].device) for n in norms]).pow(2).sum().sqrt()
-    if max_norm != float("inf"):
+    if max_norm != float("inf") and apply:
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.device), foreach=True)
     return total
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor ``clip_grads_with_norm_`` multiplies the gradients by: min(1, max_norm / (norm + 1e-6)), in
+    the norm's dtype as there."""
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -61,7 +61,7 @@ ModelOverrides = _overrides_model()
 # prefix instead of reusing or resuming a run that trained something else).
 _LATER_FIELDS: dict[str, object] = {"expert_parallel": 1, "pipeline_parallel": 1, "pipeline_schedule": "1f1b",
                                     "activation_checkpointing": "none", "fp8": [], "fp8_grad_dtype": "e4m3",
-                                    "cuda_graph": False}
+                                    "cuda_graph": False, "adamw_impl": "torch"}
 
 
 class PretrainConfig(StageConfig):
@@ -117,6 +117,9 @@ class PretrainConfig(StageConfig):
     fp8_grad_dtype: Literal["e4m3", "e5m2"] = Field("e4m3", description="FP8 format of the output gradients")
     cuda_graph: bool = Field(False, description="replay each optimiser step as one CUDA graph after 3 eager "
                                                 "steps (one CUDA worker only; ignored with a log line on CPU)")
+    adamw_impl: Literal["torch", "triton"] = Field(
+        "torch", description="AdamW implementation: torch = torch.optim.AdamW (fused on CUDA); triton = one "
+                             "Triton launch over all tensors (models/kernels/adamw.py; torch's step off CUDA)")
     # --- cadence
     log_every: int = Field(10, ge=1, le=1_000_000, description="steps between logged metrics")
     val_every: int = Field(50, ge=0, le=10_000_000, description="steps between validations (0: none; the last step always)")

@@ -263,7 +263,8 @@ class PipelineRunner:
             self.schedule = ScheduleInterleaved1F1B(pipe, self.num_micro, loss_fn=loss_fn, scale_grads=False)
         self.container = nn.ModuleList(self.stages)
         self.optimizer = build_adamw(self.container, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                     eps=cfg.eps, decay_embeddings=cfg.decay_embeddings)
+                                     eps=cfg.eps, decay_embeddings=cfg.decay_embeddings,
+                                     impl=getattr(cfg, "adamw_impl", "torch"))
         self.embed_group = self._embedding_group(model, num_stages)
         self.step = 0
 
