@@ -137,8 +137,10 @@ def bench_tokens(ex: RoutedExperts, cfg: ModelConfig, T: int, args) -> list[dict
 
     stacks = (ex.gate_up_proj, ex.down_proj)
     fns = {("grouped", None): path(False), (fused_name, None): path(True)}
-    if expert_major:
+    if expert_major:  # the other kernels beside auto's choice wherever both apply (T·K ≥ E): the crossover
         fns[("slot_major", None)] = lambda: moe_decode.routed_experts_decode(x, idx, w, *stacks)
+    elif idx.numel() >= cfg.num_routed_experts:
+        fns[("expert_major", None)] = lambda: moe_decode.expert_major_decode(x, idx, w, *stacks)
     if args.sweep:
         names = ("gate_up_block_f", "gate_up_block_d", "down_block_d", "down_block_f", "num_warps")
         op = moe_decode.routed_experts_decode

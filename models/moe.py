@@ -219,9 +219,9 @@ class RoutedExperts(nn.Module):
     # fp8.enable_fp8(model, ["experts"]) sets this to the fp8 gradient dtype: the grouped path's two
     # GEMMs then run through fp8.fp8_grouped_mm (groups padded to 16 rows); None = bf16 grouped_mm
     fp8_grad_dtype: torch.dtype | None = None
-    # decode-sized calls through fused Triton kernels, kernels/moe_decode.py (slot-major below T·K = E,
-    # expert-major from there); None: auto (CUDA, bf16, no autograd, triton importable, T·K < E, or ≤ 8·E once
-    # moe_decode.AUTO_EXPERT_MAJOR is set: moe_decode.decide_fused_decode); True forces. Off (False) by
+    # decode-sized calls through fused Triton kernels, kernels/moe_decode.py (slot-major up to T·K = 3·E,
+    # expert-major above); None: auto (CUDA, bf16, no autograd, triton importable, T·K ≤ 6·E:
+    # moe_decode.decide_fused_decode); True forces. Off (False) by
     # default: the kernels round where inductor does, not where the eager grouped path does, so greedy output
     # could part from generate()'s at near-tied routers (as the compiled step's can). 5.5x the grouped path at
     # 1 token on an H100 (RESULTS.md); serving turns it on per model with EngineConfig.fused_moe

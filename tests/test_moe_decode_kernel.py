@@ -104,12 +104,14 @@ class _Ops(TorchDispatchMode):
 
 def _run(ex, x, idx, w, fused, takes_fused_op=None):
     """ex(x, idx, w) with ``fused_decode = fused``, checking which path ran (``fused`` unless told): the grouped
-    or looped one, or the fused op of the call's size (slot-major below T·K = E, expert-major from there)."""
+    or looped one, or the fused op of the call's size (``uses_expert_major``: slot-major up to T·K = 3·E)."""
     ex.fused_decode = fused
     with torch.no_grad(), _Ops() as ops:
         y = ex(x, idx, w)
     took_fused = bool(fused) if takes_fused_op is None else takes_fused_op
-    expert_major = idx.numel() >= ex.num_experts
+    from moeflow.models.kernels.moe_decode import uses_expert_major
+
+    expert_major = uses_expert_major(idx.numel(), ex.num_experts)
     assert (OP in ops.names) == (took_fused and not expert_major), ops.names[:5]
     assert (EM_OP in ops.names) == (took_fused and expert_major), ops.names[:5]
     return y
@@ -267,7 +269,7 @@ def test_expert_major_dispatch_traces_without_graph_breaks(md, device):
     """torch.compile(fullgraph=True, eager backend) through the expert-major dispatch: the routing in its
     counting form (no argsort under compile), the op's fake kernel; bit-equal to the eager call (argsort)."""
     ex = _experts(8, 24, 20, 3, torch.float32, device)
-    x, idx, w = _em_routing(5, 3, 8, 24, "repeats", device)
+    x, idx, w = _em_routing(9, 3, 8, 24, "repeats", device)  # 27 slots > 3 an expert: expert-major
     want = _run(ex, x, idx, w, fused=True)
     graphs = []
 
@@ -288,7 +290,7 @@ def test_expert_major_dispatch_traces_without_graph_breaks(md, device):
     with FakeTensorMode() as mode:
         fake = md.routed_experts_decode_by_expert(
             *(mode.from_tensor(t) for t in (x, order, ends, w, ex.gate_up_proj, ex.down_proj)))
-    assert fake.shape == (5, 24) and fake.dtype == x.dtype and fake.device == x.device
+    assert fake.shape == (9, 24) and fake.dtype == x.dtype and fake.device == x.device
 
 
 _COMPILE_FOR_SM90 = r"""
@@ -361,26 +363,24 @@ def test_auto_dispatch_table(md, monkeypatch):
     base = dict(is_cuda=True, compute_dtype=bf16, weight_dtypes=(bf16, bf16), num_slots=6, num_experts=64,
                 needs_grad=False, fp8=False, has_triton=True)
     assert md.decide_fused_decode(**base)
-    assert md.decide_fused_decode(**{**base, "num_slots": 63})  # 10 tokens × top-6 < 64
-    # the expert-major kernels only once measured on a GPU (AUTO_EXPERT_MAJOR, off)
-    assert md.AUTO_EXPERT_MAJOR is False and not md.decide_fused_decode(**{**base, "num_slots": 64})
-    monkeypatch.setattr(md, "AUTO_EXPERT_MAJOR", True)
-    for num_slots in (64, 66, 192, 384, 510, 512):  # 11 .. 85 tokens × top-6: the expert-major kernels
+    # up to 6 slots an expert on average (64 tokens × top-6 of 64), the range measured on an H100
+    for num_slots in (63, 64, 66, 192, 193, 383, 384):
         assert md.decide_fused_decode(**{**base, "num_slots": num_slots}), num_slots
-    assert md.FUSED_DECODE_MAX_SLOTS_PER_EXPERT == 8
+    assert md.FUSED_DECODE_MAX_SLOTS_PER_EXPERT == 6
     for change in [dict(is_cuda=False), dict(compute_dtype=fp32), dict(weight_dtypes=(fp32, bf16)),
-                   dict(weight_dtypes=(bf16, fp32)), dict(num_slots=513), dict(num_slots=6 * 2048),
+                   dict(weight_dtypes=(bf16, fp32)), dict(num_slots=385), dict(num_slots=6 * 2048),
                    dict(needs_grad=True), dict(fp8=True), dict(has_triton=False)]:
         assert not md.decide_fused_decode(**{**base, **change}), change
-    # which kernels: slot-major below one slot per expert, expert-major from there on
-    assert [md.uses_expert_major(n, 64) for n in (1, 6, 63, 64, 65, 384, 512, 10_000)] == [
-        False, False, False, True, True, True, True, True]
-    assert md.uses_expert_major(8, 8) and not md.uses_expert_major(7, 8)
+    # which kernels: slot-major up to 3 slots an expert (32 tokens: it still won there), expert-major above
+    assert [md.uses_expert_major(n, 64) for n in (1, 6, 63, 64, 65, 192, 193, 384, 10_000)] == [
+        False, False, False, False, False, False, True, True, True]
+    assert md.uses_expert_major(25, 8) and not md.uses_expert_major(24, 8)
 
 
 def test_bench_moe_decode_runs_in_the_interpreter(md, device, tmp_path):
     """benchmarks/bench_moe_decode.py (its GPU run is for the lead) on the tiny preset (8 experts, top-2): the
-    rows of 1 token (slot-major) and 4 tokens (expert-major) run, agree, and land in the JSONL."""
+    rows of 1 token (slot-major), 4 tokens (slot-major by auto, expert-major beside it) and 16 tokens
+    (expert-major by auto, slot-major beside it) run, agree, and land in the JSONL."""
     import importlib.util
     import json
     import pathlib
@@ -390,12 +390,12 @@ def test_bench_moe_decode_runs_in_the_interpreter(md, device, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "rows.jsonl"
-    assert bench.main(["--device", device, "--preset", "tiny", "--tokens", "1", "4", "--rounds", "1", "--reps", "1",
+    assert bench.main(["--device", device, "--preset", "tiny", "--tokens", "1", "4", "16", "--rounds", "1", "--reps", "1",
                        "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["tokens"], r["path"], r["cuda_graph"]) for r in rows} >= {
-        (1, "grouped", False), (1, "fused", False), (4, "grouped", False), (4, "expert_major", False),
-        (4, "slot_major", False)}
+        (1, "grouped", False), (1, "fused", False), (4, "grouped", False), (4, "fused", False),
+        (4, "expert_major", False), (16, "expert_major", False), (16, "slot_major", False)}
     assert all(r["ms"] > 0 and r["max_rel_diff"] < 0.02 for r in rows)
 
 
@@ -408,14 +408,14 @@ def test_generate_with_the_fused_path_forced_equals_the_default(md, device):
     torch.manual_seed(0)
     model = MoETransformer(ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08)).eval().to(device)
     layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    prompts = [[5, 17, 3, 99, 42], [7, 8]]
+    prompts = [[5, 17, 3, 99, 42, 11, 12, 13], [7, 8]]
     runs = {}
     for fused in (False, True):
         for m in layers:
             m.fused_decode = fused
         with _Ops() as ops:
             runs[fused] = generate(model, prompts, 4, return_logprobs=True)
-        # 1 prefill (10 tokens × top-2 ≥ 8 experts: expert-major) + 3 decode steps (2 × 2 < 8: slot-major) a layer
+        # 1 prefill (2 × 8 tokens × top-2 > 3 slots an expert: expert-major) + 3 decode steps (slot-major) a layer
         assert ops.names.count(EM_OP) == (len(layers) if fused else 0)
         assert ops.names.count(OP) == (len(layers) * 3 if fused else 0)
     assert runs[True].tokens == runs[False].tokens
@@ -483,16 +483,15 @@ def test_dispatch_traces_without_graph_breaks(md, device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md, monkeypatch):
-    """bench_ref sizes in bf16 on CUDA, 1..10 tokens (slot-major) and 11..64 (expert-major): auto takes the
+    """bench_ref sizes in bf16 on CUDA, 1..32 tokens (slot-major) and 33..64 (expert-major): auto takes the
     fused path, which equals the grouped path to bf16 rounding and is no farther from float64; compiled
     (inductor) it gives the eager kernels' output; inside a CUDA graph the replay equals it too; with sync
     debug mode "error" nothing syncs."""
     E, D, F_, K = 64, 1024, 512, 6
     ex = _experts(E, D, F_, K, torch.bfloat16, "cuda", std=0.05)
     ex.fused_decode = None  # auto (the class default is off: EngineConfig.fused_moe turns it on)
-    monkeypatch.setattr(md, "AUTO_EXPERT_MAJOR", True)  # this test is what measuring them starts with
     compiled = torch.compile(ex, fullgraph=True)
-    for T in (1, 2, 4, 8, 10, 11, 16, 32, 64):
+    for T in (1, 2, 4, 8, 10, 11, 16, 32, 33, 64):
         x, idx, w = _routing(T, K, E, D, "cuda", seed=T)
         x = x.bfloat16()
         with torch.inference_mode():

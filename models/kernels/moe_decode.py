@@ -33,9 +33,9 @@ Read volume: a slot reads its expert's rows, so experts shared by several tokens
 once per slot (from L2 when the programs overlap), where the grouped path reads each used expert once.
 At one token the two read the same 6 experts; at bench_ref's 10 tokens the 60 slots hit ~40 distinct
 experts on random routing (1.5x the grouped path's bytes): benchmarks/bench_moe_decode.py shows where
-the crossover lies, which ``uses_expert_major``'s ``num_slots >= num_experts`` switch should follow.
+the crossover lies (measured: ``uses_expert_major``).
 
-Expert-major (``routed_experts_decode_by_expert``), for T·K ≥ E (bench_ref from 11 tokens; the slot-major
+Expert-major (``routed_experts_decode_by_expert``), for T·K > 3·E (bench_ref from 33 tokens; the slot-major
 kernels would read an expert once per slot routed to it, ~6x the bytes at 64 tokens). At batch 32 the grouped
 path read the 64 experts' weights at 2.24 TB/s (629 us of a 1.41 ms compiled step on an H100, issue 13), with
 the sort, the permutations and ``prepare_grouped_gemm_data`` around it. Here the slots are grouped by expert
@@ -76,17 +76,18 @@ except ImportError:  # optional dependency: the dispatch below then never picks 
 HAS_TRITON = triton is not None
 
 
-# Up to this many routed slots per expert on average (T·K ≤ 8·E: 85 tokens at bench_ref's top-6 of 64) auto
-# takes the expert-major kernels. Their tiles hold ``block_s`` = 16 slots of one expert: at 8 a expert on
-# average the busiest expert of random routing rarely passes 16, so each expert's rows are read once; past
-# 16 a program reads its expert's rows again per tile (from L2), and with many rows per expert the grouped
-# GEMM's larger tiles pay. A bound from that reasoning, not yet from a measured crossover:
-# benchmarks/bench_moe_decode.py times both up to 64 tokens.
-FUSED_DECODE_MAX_SLOTS_PER_EXPERT = 8
-# auto takes the expert-major kernels (T·K >= E) only once they have run on a GPU: the slot-major ones were
-# measured on an H100 (RESULTS.md: 5.5x the grouped path at 1 token, 2x at 10); the expert-major ones are tested
-# in Triton's interpreter and compiled for sm_90 only. fused_decode=True (EngineConfig.fused_moe "on") takes them.
-AUTO_EXPERT_MAJOR = False
+# Where auto takes which kernels, from the crossovers measured on an H100 (bench_ref: E = 64, top-6, D 1024, F 512;
+# benchmarks/bench_moe_decode.py, CUDA-graph rows, RESULTS.md "Fused routed experts: where each kernel pays"):
+#   tokens           8      16      32      64
+#   grouped, ms    0.115   0.138   0.169   0.171
+#   slot-major     0.051   0.078   0.117   0.198
+#   expert-major     -     0.092   0.120   0.123
+# Slot-major reads an expert once per slot routed to it, so it loses once experts take several slots each; it
+# still wins at 32 tokens (3 slots an expert on average), expert-major from there on. Past 64 tokens (6 slots an
+# expert) nothing was measured, and with many rows per expert the grouped GEMM's larger tiles should pay: auto
+# leaves those calls to it (prefill chunks are far larger).
+SLOT_MAJOR_MAX_SLOTS_PER_EXPERT = 3
+FUSED_DECODE_MAX_SLOTS_PER_EXPERT = 6
 
 
 def decide_fused_decode(*, is_cuda: bool, compute_dtype: torch.dtype, weight_dtypes: tuple[torch.dtype, ...],
@@ -96,21 +97,22 @@ def decide_fused_decode(*, is_cuda: bool, compute_dtype: torch.dtype, weight_dty
 
     CUDA; bf16 compute with bf16 weights (the kernels read the stored stacks: fp32 master weights under
     autocast stay on the grouped path, which casts them); fewer routed slots than experts (the slot-major
-    kernels), or, with ``AUTO_EXPERT_MAJOR``, at most ``FUSED_DECODE_MAX_SLOTS_PER_EXPERT`` slots per expert
-    (decode: bench_ref's 64 experts, top-6, up to 85 tokens; the expert-major kernels: ``uses_expert_major``); no gradient
+    kernels up to ``SLOT_MAJOR_MAX_SLOTS_PER_EXPERT`` slots an expert, the expert-major ones above, see
+    ``uses_expert_major``) up to ``FUSED_DECODE_MAX_SLOTS_PER_EXPERT`` slots an expert on average (bench_ref's
+    64 experts, top-6: up to 64 tokens); no gradient
     needed (the ops have no backward); not the fp8 path (its GEMMs round the operands to fp8: keep what was
     asked for); Triton importable.
     """
     return (is_cuda and compute_dtype == torch.bfloat16 and all(d == torch.bfloat16 for d in weight_dtypes)
-            and (num_slots < num_experts
-                 or (AUTO_EXPERT_MAJOR and num_slots <= FUSED_DECODE_MAX_SLOTS_PER_EXPERT * num_experts))
+            and num_slots <= FUSED_DECODE_MAX_SLOTS_PER_EXPERT * num_experts
             and not needs_grad and not fp8 and has_triton)
 
 
 def uses_expert_major(num_slots: int, num_experts: int) -> bool:
-    """Which fused kernels a call takes: slot-major (each slot reads its expert's rows) while the slots are
-    fewer than the experts, expert-major (each expert's rows read once for all its slots) from there on."""
-    return num_slots >= num_experts
+    """Which fused kernels a call takes: slot-major (each slot reads its expert's rows) up to
+    ``SLOT_MAJOR_MAX_SLOTS_PER_EXPERT`` slots an expert on average, expert-major (each expert's rows read once
+    for all its slots) above (the measured crossover, see the table above)."""
+    return num_slots > SLOT_MAJOR_MAX_SLOTS_PER_EXPERT * num_experts
 
 
 def fused_decode_inputs(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, gate_up_E2FD: torch.Tensor,
@@ -249,7 +251,7 @@ if HAS_TRITON:
         # where the kernels are Triton-interpreted (TRITON_INTERPRET=1, CPU tests), which fake tensors cannot run.
         return x_TD.new_empty(idx_TK.shape[0], down_EDF.shape[1])
 
-    # Expert-major: T·K ≥ E (decode at batch ≥ 11 for bench_ref). One program per (expert, block of rows)
+    # Expert-major: T·K > 3·E (decode at batch ≥ 33 for bench_ref). One program per (expert, block of rows)
     # loads its rows once for all the slots routed to that expert (up to ``block_s`` a tile) and multiplies
     # them with tl.dot (tensor cores in bf16, fp32 accumulation): the weights of all E experts are read once a
     # call, the activations (T·K rows of D or F) come again per row block, from L2.
