@@ -90,6 +90,42 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def _interpret_triton_without_a_gpu() -> None:
+    """Without a GPU the project's Triton kernels (models/kernels/) run in Triton's interpreter. It must be on before
+    triton.language is first imported (its own jit'd helpers, tl.sum & co., are made then): here, as the session
+    starts, before any test module or torch.compile imports triton. Off a GPU nothing else runs triton."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_a_gpu()
+
+
+def triton_kernels(module: str, *kernels: str):
+    """``moeflow.models.kernels.<module>`` with runnable ``kernels`` (names of its @triton.jit functions): compiled
+    on CUDA, interpreted on the CPU; the test skips where neither can be."""
+    import importlib
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not importable (optional accelerator)")
+    import triton.language as tl
+
+    mod = importlib.import_module(f"moeflow.models.kernels.{module}")
+    interpreted = all("Interpreted" in type(f).__name__ for f in (tl.sum, *(getattr(mod, k) for k in kernels)))
+    if not torch.cuda.is_available() and not interpreted:
+        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 could be set")
+    return mod
+
+
 @pytest.fixture(scope="module")
 def one_cpu_thread():
     """One intra-op thread: on the 2 shared cores it is ~10x faster for tiny tensors."""

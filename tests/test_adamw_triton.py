@@ -17,12 +17,10 @@ import os
 import pytest
 import torch
 
+from conftest import triton_kernels
+
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    # before triton.language is first imported (see tests/test_moe_decode_kernel.py)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHAPES = [(3000,), (17, 33), (2, 5, 7), (0,), (4096,), (1,)]  # 1-D/2-D/3-D, not multiples of a block, empty
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -31,14 +29,7 @@ BETAS, EPS = (0.9, 0.95), 1e-8
 @pytest.fixture(scope="module")
 def kadamw():
     """models.kernels.adamw with runnable kernels: compiled on CUDA, interpreted on the CPU (else skip)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not importable (optional accelerator)")
-    from moeflow.models.kernels import adamw
-
-    interpreted = "Interpreted" in type(adamw._adamw_kernel).__name__
-    if not torch.cuda.is_available() and not interpreted:
-        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 could be set")
-    return adamw
+    return triton_kernels("adamw", "_adamw_kernel")
 
 
 @pytest.fixture(scope="module")

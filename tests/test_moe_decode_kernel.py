@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from conftest import triton_kernels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeflow.models import ModelConfig
@@ -23,26 +24,11 @@ OP = "moeflow.routed_experts_decode.default"  # slot-major (T·K < E)
 EM_OP = "moeflow.routed_experts_decode_by_expert.default"  # expert-major (T·K ≥ E)
 
 
-if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    # Without a GPU the kernels run in Triton's interpreter. It must be on before triton.language is first
-    # imported (its own jit'd helpers, tl.sum & co., are made then): here, at collection, that is before any
-    # test's torch.compile imports triton. It stays on for the session; off a GPU nothing else runs triton.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
 @pytest.fixture(scope="module")
 def md():
-    """moe_decode with runnable kernels: compiled on CUDA, interpreted on the CPU (else skip)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not importable (optional accelerator)")
-    import triton.language as tl
-
-    from moeflow.models.kernels import moe_decode
-
-    interpreted = all("Interpreted" in type(f).__name__ for f in (tl.sum, moe_decode._gate_up_swiglu_kernel))
-    if not torch.cuda.is_available() and not interpreted:
-        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 could be set")
-    return moe_decode
+    """moe_decode with runnable kernels: compiled on CUDA, interpreted on the CPU (else skip; conftest turns the
+    interpreter on without a GPU)."""
+    return triton_kernels("moe_decode", "_gate_up_swiglu_kernel")
 
 
 @pytest.fixture(scope="module")

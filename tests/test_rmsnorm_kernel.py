@@ -20,14 +20,12 @@ import os
 import pytest
 import torch
 
+from conftest import triton_kernels
+
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.layers import RMSNorm, rms_norm
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    # before triton.language is first imported (see tests/test_moe_decode_kernel.py)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HALF = (torch.bfloat16, torch.float16)
 # (rows, D): one row, odd D, D not a power of two, bench_ref's kv_lora_rank (256) and hidden (1024), a wide one
@@ -40,16 +38,7 @@ BIG = {torch.bfloat16: 1e15, torch.float32: 1e15, torch.float16: 3e3}
 @pytest.fixture(scope="module")
 def rk():
     """kernels.rmsnorm with a runnable kernel: compiled on CUDA, interpreted on the CPU (else skip)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not importable (optional accelerator)")
-    import triton.language as tl
-
-    from moeflow.models.kernels import rmsnorm
-
-    interpreted = all("Interpreted" in type(f).__name__ for f in (tl.sum, rmsnorm._rms_norm_kernel))
-    if not torch.cuda.is_available() and not interpreted:
-        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 could be set")
-    return rmsnorm
+    return triton_kernels("rmsnorm", "_rms_norm_kernel")
 
 
 @pytest.fixture(scope="module")
