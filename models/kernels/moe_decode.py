@@ -65,7 +65,7 @@ import os
 
 import torch
 
-from ..moe import stable_expert_order
+from ..expert_order import stable_expert_order
 
 try:
     import triton
