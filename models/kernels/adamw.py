@@ -1,5 +1,12 @@
 """AdamW as one Triton kernel launch over all parameters: ``TritonAdamW``, a drop-in ``torch.optim.AdamW``.
 
+Measured (H100, 2026-12-07, benchmarks/RESULTS.md): NOT faster where it was meant to pay. The bench_ref training
+step replayed as a CUDA graph ran 218,743 tok/s with it against 223,385 with torch's fused AdamW (same call), so
+``PretrainConfig.adamw_impl`` stays ``torch`` by default and this is an opt-in kept for its clip folding (the real
+loop's gradient clipping, not in that benchmark; unmeasured). On the GPU ``exact=True`` was not bit-equal to
+torch's fused kernel (1 of 4,096 elements differed at step 3: an FMA contraction the two compilers make
+differently); both modes stay within rounding of it (GPU tests).
+
 Why: on an H100 the ``bench_ref`` step spends 5.05 ms in torch's fused AdamW (issue 16): 819 M bf16 parameters
 with bf16 gradients and states are 11.5 GB of traffic (read p, g, m, v; write p, m, v: 7 × 2 bytes an element),
 moved at ~2.3 TB/s in ~40 ``multi_tensor_apply`` launches, where a streaming kernel reaches ~3 TB/s (3.8 ms).
@@ -32,7 +39,8 @@ loads widened to fp32, then ``p -= lr·wd·p``; ``m = β1·m + (1-β1)·g``; ``v
 ``bc1 = 1 - β1^step`` and ``sqrt(bc2) = sqrt(1 - β2^step)`` rounded to fp32. torch passes lr, betas, wd and eps
 as C++ ``double``, so the decay, both moments and ``+ eps`` are evaluated in double there and rounded to fp32
 once. ``exact=True`` does the same (fp64 for those sub-expressions, fp32 IEEE sqrt/div for the rest): the
-results equal torch's bit for bit, up to the rare double-rounding of a fused multiply-add. ``exact=False`` (the
+results equal torch's bit for bit in the interpreter, up to the rare double-rounding of a fused multiply-add
+(on the H100, 1 element of 4,096 at step 3 differed). ``exact=False`` (the
 default) evaluates everything in fp32 (on an H100 fp64 arithmetic runs at half the fp32 rate and conversions
 to and from fp64 at 16 a clock per SM, which the exact mode needs ~9 of per element):
 within 1 fp32 ulp of torch in the states, which in bf16 storage is the same value except for rare 1-ulp
