@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rope
+from .layers import RMSNorm, RotaryEmbedding
 
 
 class MLACache:
@@ -260,11 +260,11 @@ class MLA(nn.Module):
             q = self.q_proj(x_BTD)
         q_BTHC = q.view(B, T, self.num_heads, self.qk_dim)
         q_nope_BTHN, q_rot_BTHP = q_BTHC.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope_BTHN, apply_rope(q_rot_BTHP, cos, sin)
+        return q_nope_BTHN, RotaryEmbedding.rotate(q_rot_BTHP, cos, sin)
 
     def _latent(self, x_BTD: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         kv_lat_BTR, k_rot_BTP = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(kv_lat_BTR), apply_rope(k_rot_BTP, cos, sin)
+        return self.kv_a_layernorm(kv_lat_BTR), RotaryEmbedding.rotate(k_rot_BTP, cos, sin)
 
     def forward(self, x_BTD: torch.Tensor, cos_BTp: torch.Tensor, sin_BTp: torch.Tensor,
                 mask_B1TS: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:

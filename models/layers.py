@@ -8,7 +8,9 @@ depends on it):
 - RoPE uses DeepSeek's interleaved pair layout (HF ``rope_interleave=True``): dims (2i, 2i+1) form
   one pair rotated by frequency i; the rotated output is laid out as [all even-slot results,
   all odd-slot results]. That output permutation is applied to queries and keys alike, so q·k
-  is the interleaved-rotation dot product.
+  is the interleaved-rotation dot product. ``apply_rope`` is the formula; ``RotaryEmbedding.rotate`` (what
+  attention calls) may take one Triton launch computing it bit for bit at inference (kernels/rope.py; off by
+  default, ``RotaryEmbedding.fused_inference``).
 - YaRN: blended inverse frequencies (HF ``_compute_yarn_parameters``), cos/sin multiplied by the
   attention factor mscale(f, mscale)/mscale(f, mscale_all_dim); the extra softmax-scale factor
   mscale(f, mscale_all_dim)^2 is applied in attention (``ModelConfig.softmax_scale``).
@@ -127,7 +129,19 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Turns integer positions (B, T) into cos/sin tables (B, T, P/2) in fp32."""
+    """Turns integer positions (B, T) into cos/sin tables (B, T, P/2) in fp32; ``rotate`` applies them."""
+
+    # ``rotate`` takes one Triton launch instead of ``apply_rope``'s 9 kernels where it is safe, the same rules as
+    # ``RMSNorm.fused_inference``: no gradient needed, a device in ``kernel_devices``, not while torch.compile
+    # traces (inductor fuses the formula; the kernel is no op it could trace), Triton importable
+    # (``kernels.rope.kernel_applies`` has the rest). Bit-equal to the formula (element-wise, every rounding point
+    # kept), and generate() and the serving engine both take it, so greedy engine output still equals
+    # generate()'s. Off by default until it has run on a GPU: written and tested in Triton's CPU interpreter only
+    # (2026-12-07); tests/test_rope_kernel.py's ``gpu`` tests and benchmarks/bench_decode.py --fused-rope on|off
+    # (engine modes "+rope" / "+norope") decide it (issue 13: 18 launches a layer become 2).
+    fused_inference: bool = False
+    # where the kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
+    kernel_devices: tuple[str, ...] = ("cuda",)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -148,6 +162,17 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles_BTp = positions_BT.float()[..., None] * self.inv_freq.float()
         return angles_BTp.cos() * self.attention_factor, angles_BTp.sin() * self.attention_factor
+
+    @classmethod
+    def rotate(cls, x: torch.Tensor, cos_BTp: torch.Tensor, sin_BTp: torch.Tensor) -> torch.Tensor:
+        """``apply_rope(x, cos_BTp, sin_BTp)``, in one launch where the kernel may run (see ``fused_inference``)."""
+        # is_compiling first: under torch.compile nothing else is read, so no guard on the switch
+        if not torch.compiler.is_compiling() and cls.fused_inference and x.device.type in cls.kernel_devices:
+            from .kernels import rope  # imports triton, an optional dependency CPU training need not load
+
+            if rope.kernel_applies(x, cos_BTp, sin_BTp):
+                return rope.apply_rope(x, cos_BTp, sin_BTp)
+        return apply_rope(x, cos_BTp, sin_BTp)
 
 
 def apply_rope(x: torch.Tensor, cos_BTp: torch.Tensor, sin_BTp: torch.Tensor) -> torch.Tensor:
