@@ -30,6 +30,9 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
 - ``engine graph int8``: the same on the INT8 weight-only copy (``models/quant.py``), with ``--int8``.
 - ``engine graph+nonorm``: a mode flag for a peer row: the engine with ``RMSNorm.fused_inference`` off (the
   eager 8-kernel norm) where the other rows take the fused Triton norm (``--fused-norm``, on by default).
+- ``engine graph+rope``: likewise the engine with ``RotaryEmbedding.fused_inference`` on (one Triton launch per
+  RoPE instead of 9 kernels) where the other rows take the eager formula (``--fused-rope``, off by default);
+  ``+norope`` turns it off for a row. Flags combine: ``graph+rope+nonorm``.
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
@@ -56,11 +59,15 @@ import torch
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.generation import CudaGraphPool, generate
 from moeflow.models.hf import export_hf
-from moeflow.models.layers import RMSNorm
+from moeflow.models.layers import RMSNorm, RotaryEmbedding
 from moeflow.models.quant import model_bytes, quantize_int8
 from moeflow.models.serving import Engine, SamplingParams
 
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
+
+
+# engine mode flag -> the class whose ``fused_inference`` it sets: "+norm" on, "+nonorm" off (likewise rope)
+FUSED_SWITCHES = {"norm": RMSNorm, "rope": RotaryEmbedding}
 
 
 def fused_norm() -> bool | None:
@@ -68,19 +75,25 @@ def fused_norm() -> bool | None:
     return getattr(RMSNorm, "fused_inference", None)
 
 
+def fused_rope() -> bool | None:
+    """RotaryEmbedding.fused_inference now (None in trees without the fused RoPE)."""
+    return getattr(RotaryEmbedding, "fused_inference", None)
+
+
 @contextlib.contextmanager
-def fused_norm_setting(mode: str):
-    """RMSNorm.fused_inference for one engine row: off with the mode flag "+nonorm", on with "+norm", else as
-    ``--fused-norm`` set it. A no-op in trees without the fused norm."""
+def fused_kernel_settings(mode: str):
+    """The fused norm / RoPE switches for one engine row: off with the mode flag "+nonorm" / "+norope", on with
+    "+norm" / "+rope", else as ``--fused-norm`` / ``--fused-rope`` set them. A no-op for a switch the tree lacks."""
     flags = mode.split("+")[1:]
-    old = fused_norm()
-    if old is not None and ("nonorm" in flags or "norm" in flags):
-        RMSNorm.fused_inference = "norm" in flags
+    saved = {cls: cls.fused_inference for cls in FUSED_SWITCHES.values() if hasattr(cls, "fused_inference")}
+    for name, cls in FUSED_SWITCHES.items():
+        if cls in saved and (name in flags or "no" + name in flags):
+            cls.fused_inference = name in flags
     try:
         yield
     finally:
-        if old is not None:
-            RMSNorm.fused_inference = old
+        for cls, old in saved.items():
+            cls.fused_inference = old
 
 
 def log(msg: str) -> None:
@@ -244,7 +257,7 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
         ref = None
         for label, m in models.items():
             for mode in (modes if label != "int8" else modes[:1]):
-                with fused_norm_setting(mode):  # "+nonorm" / "+norm": this row's RMSNorm path
+                with fused_kernel_settings(mode):  # "+nonorm" / "+norm", "+norope" / "+rope": this row's paths
                     if cuda:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
@@ -253,6 +266,7 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
                     step_bytes = decode_bytes_per_step(m, B, args.prompt_len + args.new_tokens / 2)
                     row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "fused_norm": fused_norm(),
+                           "fused_rope": fused_rope(),
                            **{k: v for k, v in r.items() if k != "tokens"},
                            "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
                            "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
@@ -297,13 +311,16 @@ def main(argv=None) -> int:
     p.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
-                   "row); the first also runs on the INT8 model")
+                   "row; +norope / +rope: the fused RoPE off / on); the first also runs on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")
     p.add_argument("--fused-norm", default="on", choices=["on", "off"],
                    help="RMSNorm.fused_inference (one Triton launch per norm and per residual add + norm at inference "
                    "on CUDA) for every row; an engine mode's +nonorm / +norm flag overrides it for that row")
+    p.add_argument("--fused-rope", default="off", choices=["on", "off"],
+                   help="RotaryEmbedding.fused_inference (one Triton launch per RoPE at inference on CUDA) for every "
+                   "row; an engine mode's +norope / +rope flag overrides it for that row")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)
@@ -317,6 +334,8 @@ def main(argv=None) -> int:
         RoutedExperts.fused_decode = {"auto": None, "on": True, "off": False}[args.moe_fused]
     if fused_norm() is not None:  # older trees have no fused norm: the flag is then a no-op
         RMSNorm.fused_inference = args.fused_norm == "on"
+    if fused_rope() is not None:  # likewise the fused RoPE
+        RotaryEmbedding.fused_inference = args.fused_rope == "on"
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,3", 8, 6, 1
         args.ppl_seqs, args.ppl_len = 2, 16
@@ -383,7 +402,8 @@ def main(argv=None) -> int:
                    "tokens_per_s": B * args.new_tokens / t_full,
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                   "fused_norm": fused_norm(), "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
+                   "fused_norm": fused_norm(), "fused_rope": fused_rope(),
+                   "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)
         if hf_model is not None:

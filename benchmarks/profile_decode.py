@@ -3,6 +3,7 @@
     mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/moeflow
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+compile
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 --modes graph graph+nonorm
+    PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+rope
 
 ``bench_ref`` in bf16 with random weights, B requests of a 64-token random prompt decoding greedily
 through the serving ``Engine`` (CUDA-graph step, optionally the inductor-compiled step). After every
@@ -11,7 +12,9 @@ count and GPU time per step (CUPTI reports the kernels a CUDA graph replays), th
 sum of kernel time (GPU busy) and the number of kernels a step launches. A kernel-bound step (many
 kernels of a few µs) and a bandwidth-bound one (few kernels near the copy bandwidth) need different work.
 Mode flags: ``+compile`` (the inductor step), ``+nonorm`` / ``+norm`` (``RMSNorm.fused_inference`` off / on for
-that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` counts the fused norm's launches.
+that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` counts the fused norm's launches;
+``+norope`` / ``+rope`` likewise ``RotaryEmbedding.fused_inference`` (``--fused-rope``, off by default), counted in
+``rope_kernels_per_step``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moeflow.models import ModelConfig, MoETransformer
-from moeflow.models.layers import RMSNorm
+from moeflow.models.layers import RMSNorm, RotaryEmbedding
 from moeflow.models.serving import Engine, SamplingParams
 
 
@@ -39,15 +42,21 @@ def build_model(preset: str) -> MoETransformer:
     return model
 
 
+# mode flag -> the class whose ``fused_inference`` it sets: "+norm" on, "+nonorm" off (likewise rope)
+FUSED_SWITCHES = {"norm": RMSNorm, "rope": RotaryEmbedding}
+
+
 def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
     decode_mode, *flags = mode.split("+")
-    default_norm = RMSNorm.fused_inference
-    if "nonorm" in flags or "norm" in flags:
-        RMSNorm.fused_inference = "norm" in flags
+    defaults = {cls: cls.fused_inference for cls in FUSED_SWITCHES.values()}
+    for name, cls in FUSED_SWITCHES.items():
+        if name in flags or "no" + name in flags:
+            cls.fused_inference = name in flags
     try:
         return _profile(model, batch, mode, steps, prompt_len, top)
     finally:
-        RMSNorm.fused_inference = default_norm
+        for cls, old in defaults.items():
+            cls.fused_inference = old
 
 
 def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
@@ -81,7 +90,10 @@ def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int
     return {"bench": "profile_decode", "batch": batch, "mode": mode, "steps": steps,
             "wall_ms_per_step": 1e3 * wall / steps, "gpu_busy_ms_per_step": busy_us / 1e3,
             "kernels_per_step": sum(v[0] for v in per_kernel.values()) / steps, "fused_norm": RMSNorm.fused_inference,
-            "norm_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "rms_norm" in k) / steps, "top": table}
+            "norm_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "rms_norm" in k) / steps,
+            "fused_rope": RotaryEmbedding.fused_inference,
+            "rope_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_rope_kernel" in k) / steps,
+            "top": table}
 
 
 def main(argv=None) -> int:
@@ -94,9 +106,12 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--fused-norm", default="on", choices=["on", "off"], help="RMSNorm.fused_inference for modes "
                    "without +norm / +nonorm")
+    p.add_argument("--fused-rope", default="off", choices=["on", "off"], help="RotaryEmbedding.fused_inference for "
+                   "modes without +rope / +norope")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     RMSNorm.fused_inference = args.fused_norm == "on"
+    RotaryEmbedding.fused_inference = args.fused_rope == "on"
     model = build_model(args.preset)
     rows = []
     for batch in args.batches:
@@ -105,7 +120,8 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"## batch {batch} {mode}: wall {r['wall_ms_per_step']:.3f} ms/step, GPU busy "
                   f"{r['gpu_busy_ms_per_step']:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step "
-                  f"({r['norm_kernels_per_step']:.0f} fused norm launches; fused_norm={r['fused_norm']})", flush=True)
+                  f"({r['norm_kernels_per_step']:.0f} fused norm launches; fused_norm={r['fused_norm']}; "
+                  f"{r['rope_kernels_per_step']:.0f} fused rope launches; fused_rope={r['fused_rope']})", flush=True)
             for t in r["top"]:
                 print(f"  {t['us_per_step']:8.1f} us {t['pct']:5.1f}% x{t['per_step']:<5} {t['kernel']}", flush=True)
     if args.out:
