@@ -93,16 +93,20 @@ def test_many_rounding_ties_and_wide_heads(rk, device):
 
 
 def test_strided_and_low_precision_tables(rk, device):
-    """cos/sin read through their strides (a slice of a wider table) and in bf16/fp16 (the formula casts them to
-    x's dtype; so does the kernel)."""
+    """cos/sin read through their strides (every stride of its own: batch and tokens that do not flatten, pairs
+    two apart; a batch broadcast by ``expand``, stride 0) and in bf16/fp16 (the formula casts them to x's dtype;
+    so does the kernel)."""
     g = torch.Generator().manual_seed(2)
     B, T, H, P = 2, 3, 4, 16
-    wide_cos, wide_sin = _tables(B, T, 2 * P, g, device)
-    cos, sin = wide_cos[..., 3:3 + P // 2], wide_sin[..., ::2]
-    assert not cos.is_contiguous() and not sin.is_contiguous()
-    for dtype in DTYPES:
+    wide_cos, wide_sin = _tables(T, B, 2 * P, g, device)  # (T, B, P) of (P/2)-pair tables, interleaved
+    strided = (wide_cos.transpose(0, 1)[..., ::2], wide_sin.transpose(0, 1)[..., 1::2])
+    one_cos, one_sin = _tables(1, T, P, g, device)
+    tables = [strided, (one_cos.expand(B, T, P // 2), one_sin.expand(B, T, P // 2))]
+    for (cos, sin), dtype in itertools.product(tables, DTYPES):
+        assert cos.shape == sin.shape == (B, T, P // 2)
         x = torch.randn(B, T, H, P, generator=g).to(device=device, dtype=dtype)
         assert torch.equal(rk.apply_rope(x, cos, sin), apply_rope(x, cos, sin))
+        assert torch.equal(rk.apply_rope(x[:, :, 1], cos, sin), apply_rope(x[:, :, 1], cos, sin))
         for table_dtype in (torch.bfloat16, torch.float16):
             c, s = cos.to(table_dtype), sin.to(table_dtype)
             assert torch.equal(rk.apply_rope(x, c, s), apply_rope(x, c, s))
