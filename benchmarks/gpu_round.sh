@@ -19,7 +19,8 @@ T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
 if [ -n "${TESTS-x}" ]; then
   timeout ${T_TESTS:-130} python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short ${TESTS:-tests/test_adamw_triton.py \
-    tests/test_rmsnorm_kernel.py tests/test_rope_kernel.py tests/test_moe_decode_kernel.py tests/test_serve_engine.py} 2>&1 | grep -v DEBUG | tail -30 \
+    tests/test_rmsnorm_kernel.py tests/test_rope_kernel.py tests/test_moe_decode_kernel.py \
+    tests/test_serve_engine.py} 2>&1 | grep -v DEBUG | tail -30 \
     > $OUT/gpu_tests.log; tail -4 $OUT/gpu_tests.log; el tests
 fi
 if [ -n "${ADAMW_IMPLS-x}" ]; then
