@@ -126,6 +126,23 @@ def triton_kernels(module: str, *kernels: str):
     return mod
 
 
+def engine_greedy_tokens(engine, prompts: list[list[int]], max_tokens: int, max_steps: int = 500) -> list[list[int]]:
+    """Each prompt added to ``engine`` (a models.serving.Engine) as a greedy request, the engine stepped until idle:
+    every request's generated token ids, in prompt order (to hold against ``generate()``'s)."""
+    from moeflow.models.serving import SamplingParams
+
+    for i, p in enumerate(prompts):
+        engine.add(f"r{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return [got[f"r{i}"] for i in range(len(prompts))]
+        for ev in engine.step():
+            if ev.token_id is not None:
+                got[ev.request_id].append(ev.token_id)
+    raise AssertionError("engine did not finish")
+
+
 @pytest.fixture(scope="module")
 def one_cpu_thread():
     """One intra-op thread: on the 2 shared cores it is ~10x faster for tiny tensors."""

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from conftest import triton_kernels
+from conftest import engine_greedy_tokens, triton_kernels
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.layers import RMSNorm, rms_norm
@@ -324,7 +324,7 @@ def test_engine_equals_generate_with_the_kernel(rk, device, monkeypatch):
     """The serving engine's bucketed static step (the captured step's code, uncaptured) with the kernel on,
     prompts joining mid-way: each request's greedy tokens equal generate()'s (which takes the kernel too)."""
     from moeflow.models.generation import generate
-    from moeflow.models.serving import Engine, SamplingParams
+    from moeflow.models.serving import Engine
 
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
     counted = _Counted(rk, monkeypatch)
@@ -332,18 +332,10 @@ def test_engine_equals_generate_with_the_kernel(rk, device, monkeypatch):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
-    for i, p in enumerate(prompts):
-        engine.add(f"r{i}", p, SamplingParams(max_tokens=5, temperature=0.0))
-    got: dict[str, list[int]] = {}
-    for _ in range(200):
-        if not engine.has_work():
-            break
-        for ev in engine.step():
-            if ev.token_id is not None:
-                got.setdefault(ev.request_id, []).append(ev.token_id)
+    got = engine_greedy_tokens(engine, prompts, 5)
     assert counted.calls["add_rms_norm"] > 0
     for i, p in enumerate(prompts):
-        assert got[f"r{i}"] == generate(model, [p], 5).tokens[0], f"request {i}"
+        assert got[i] == generate(model, [p], 5).tokens[0], f"request {i}"
 
 
 # --------------------------------------------------------------------------- compiled for the GPU
@@ -449,7 +441,7 @@ def test_cuda_graph_engine_equals_generate_with_the_fused_norm(rk, monkeypatch):
     """The serving engine's captured decode (bf16) with the fused norm on, against generate() (which takes it
     too), token for token; the kernels ran (counted at capture and in generate's eager steps)."""
     from moeflow.models.generation import generate
-    from moeflow.models.serving import Engine, SamplingParams
+    from moeflow.models.serving import Engine
 
     monkeypatch.setattr(RMSNorm, "fused_inference", True)
     counted = _Counted(rk, monkeypatch)
@@ -458,16 +450,8 @@ def test_cuda_graph_engine_equals_generate_with_the_fused_norm(rk, monkeypatch):
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
     assert engine.decode_mode == "graph"
-    for i, p in enumerate(prompts):
-        engine.add(f"r{i}", p, SamplingParams(max_tokens=30, temperature=0.0))
-    got: dict[str, list[int]] = {}
-    for _ in range(500):
-        if not engine.has_work():
-            break
-        for ev in engine.step():
-            if ev.token_id is not None:
-                got.setdefault(ev.request_id, []).append(ev.token_id)
+    got = engine_greedy_tokens(engine, prompts, 30)
     assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
     assert counted.calls["rms_norm"] > 0 and counted.calls["add_rms_norm"] > 0
     for i, p in enumerate(prompts):
-        assert got[f"r{i}"] == generate(model, [p], 30).tokens[0], f"request {i}"
+        assert got[i] == generate(model, [p], 30).tokens[0], f"request {i}"
