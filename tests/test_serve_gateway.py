@@ -33,9 +33,11 @@ def stack(tmp_path_factory, one_cpu_thread):
     servers = {}
     for version, seed in (("1", 0), ("2", 1)):
         d = make_model_dir(root / f"v{version}", seed=seed)
-        # version 2 runs the engine's overlap (CUDA's default) on the CPU: the same answers, one step later
+        # version 2 runs the engine's overlap (CUDA's default) on the CPU: the same answers, one step later. The CPU
+        # and the in-process engine also on a GPU machine: the tests read server.model and server.loop.engine
         spec = ServedModel(name="tiny", version=version, model_dir=str(d),
-                           engine={"max_batch": 4, "prefill_chunk": 16, "overlap": "on" if version == "2" else "auto"})
+                           engine={"max_batch": 4, "prefill_chunk": 16, "overlap": "on" if version == "2" else "auto",
+                                   "device": "cpu", "process": "off"})
         servers[spec.key] = ModelServer(spec)
     table = RouteTable(versions={"tiny": ["1", "2"]}, aliases={"tiny": {"champion": "1", "candidate": "2"}})
     store = LocalRouteStore(table)
