@@ -126,6 +126,23 @@ def triton_kernels(module: str, *kernels: str):
     return mod
 
 
+def sm90_compile_report(script: str) -> dict:
+    """Run ``script`` (it compiles kernels for sm_90 with Triton's own ptxas and prints a JSON report as its last
+    line) in a fresh interpreter without TRITON_INTERPRET, so the kernels compile for real without a GPU; the
+    report. Skips where triton has no NVIDIA backend."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def engine_greedy_tokens(engine, prompts: list[list[int]], max_tokens: int, max_steps: int = 500) -> list[list[int]]:
     """Each prompt added to ``engine`` (a models.serving.Engine) as a greedy request, the engine stepped until idle:
     every request's generated token ids, in prompt order (to hold against ``generate()``'s)."""

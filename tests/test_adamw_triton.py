@@ -10,14 +10,12 @@ Everything skips when triton is not importable. ``@pytest.mark.gpu`` tests need 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
-from conftest import triton_kernels
+from conftest import sm90_compile_report, triton_kernels
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -381,17 +379,7 @@ def test_kernels_compile_for_sm90_with_vector_loads_and_ieee_division(kadamw):
     must load and store 16 bytes at a time (the alignment hints on the table's addresses work: 2 vectors a
     thread per bf16 tensor at 16 elements a thread), the sqrt and divisions must be the IEEE ones (torch's
     kernel's; an approximate division would break the bit-for-bit match), and nothing may spill."""
-    import json
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("triton has no NVIDIA backend here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = sm90_compile_report(_COMPILE_FOR_SM90)
     assert report["pack_stores"] == 16, report
     for name in ("bf16", "bf16_exact", "fp32"):
         r = report[name]

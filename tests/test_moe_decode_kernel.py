@@ -9,11 +9,10 @@ it is an optional accelerator, and moeflow must work without it.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
-from conftest import triton_kernels
+from conftest import sm90_compile_report, triton_kernels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeflow.models import ModelConfig
@@ -326,17 +325,7 @@ def test_kernels_compile_for_sm90_with_vector_loads(md):
     vector loads, the expert-major ones multiply on the tensor cores (bf16 mma, not the interpreter's fp32
     dot) from 16-byte asynchronous copies (the pipelined weight stream), and none spill to local memory or
     use more than 128 registers a thread (ptxas, via cuobjdump)."""
-    import json
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("triton has no NVIDIA backend here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = sm90_compile_report(_COMPILE_FOR_SM90)
     # gate_up: 16 rows × 1024 of gate and of up = 64 KB over 128 threads = 32 16-byte loads per thread
     assert report["gate_up"]["v4_loads"] >= 32 and report["down"]["v4_loads"] >= 24, report
     assert report["em_gate_up"]["bf16_mma"] > 0 and report["em_down"]["bf16_mma"] > 0, report

@@ -14,13 +14,11 @@ elsewhere; the fused add's residual output equals ``residual + delta`` bit for b
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 import torch
 
-from conftest import engine_greedy_tokens, triton_kernels
+from conftest import engine_greedy_tokens, sm90_compile_report, triton_kernels
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.layers import RMSNorm, rms_norm
@@ -377,17 +375,7 @@ def test_kernel_compiles_for_sm90_without_contraction(rk):
     """The interpreter is lenient: compile the kernel for sm_90 (Triton's own ptxas, no GPU needed) at
     bench_ref's widths and DeepSeek-V3's 7,168. It must compile with 16-byte loads of bf16 rows, the MUFU
     rsqrt, no fp32 FMA (contraction off: ``ms + eps`` rounds after the product, as eager) and no spills."""
-    import json
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("triton has no NVIDIA backend here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = sm90_compile_report(_COMPILE_FOR_SM90)
     # x and the weight (and delta) in 16-byte loads; the wide row: two of each a thread
     loads = {"hidden": 2, "hidden_add": 3, "latent": 2, "wide": 6}
     assert all(report[k]["v4_loads"] >= n for k, n in loads.items()), report
