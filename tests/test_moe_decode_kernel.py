@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import sm90_compile_report, triton_kernels
+from conftest import engine_greedy_tokens, sm90_compile_report, triton_kernels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeflow.models import ModelConfig
@@ -503,3 +503,70 @@ def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md, mo
     with torch.inference_mode(), _Ops() as ops:
         q(x, idx, w)
     assert OP not in ops.names and EM_OP not in ops.names
+
+
+def _peaky_tiny_model(device):
+    """The tiny model with routing biases and norm weights that are not the init's, vocabulary 128 (as the
+    other kernel modules' engine tests build it)."""
+    from moeflow.models import MoETransformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08, max_seq_len=64)
+    model = MoETransformer(cfg).eval().to(device)
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.normal_(0.0, 0.05)
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "bias" not in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.slow  # ~25 s: the engine's steps through the interpreted kernels
+def test_engine_equals_generate_with_the_fused_experts(md, device):
+    """The serving engine's bucketed static step (the captured step's code, uncaptured) with every decode-sized
+    routed-experts call through the kernels, prompts joining mid-way: each request's greedy tokens equal
+    generate()'s (which takes the kernels too); the kernels ran in both."""
+    from moeflow.models.generation import generate
+    from moeflow.models.serving import Engine
+
+    model = _peaky_tiny_model(device)
+    layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    for m in layers:
+        m.fused_decode = True
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
+    engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
+    with _Ops() as ops:
+        got = engine_greedy_tokens(engine, prompts, 3)
+    assert ops.names.count(OP) >= len(layers) * 2
+    for i, p in enumerate(prompts):
+        with _Ops() as ops:
+            want = generate(model, [p], 3).tokens[0]
+        assert ops.names.count(OP) >= len(layers) * 2  # the 2 decode steps (and a short prompt's prefill)
+        assert got[i] == want, f"request {i}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_engine_equals_generate_with_the_fused_experts_on_auto(md):
+    """The serving engine's captured decode (bf16) with the routed experts on auto (the fused kernels for
+    decode-sized calls, the grouped GEMM for large prefill chunks), against generate() (which decides alike),
+    token for token; the fused kernels ran in the captured steps."""
+    from moeflow.models.generation import generate
+    from moeflow.models.serving import Engine
+
+    model = _peaky_tiny_model("cpu").to("cuda", torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    for m in layers:
+        m.fused_decode = None  # auto
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
+    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
+    assert engine.decode_mode == "graph"
+    with _Ops() as ops:
+        got = engine_greedy_tokens(engine, prompts, 30)
+    assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
+    assert ops.names.count(OP) > 0  # dispatched while the graphs were captured
+    for i, p in enumerate(prompts):
+        assert got[i] == generate(model, [p], 30).tokens[0], f"request {i}"
