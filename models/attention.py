@@ -13,7 +13,8 @@ Two ways to compute the same function:
   the query (q_lat = q_nope · W_uk) and W_uv into the output, so attention runs directly over the
   cached latent (R = kv_lora_rank values, post-RMSNorm) plus the shared RoPE key (P values):
   R + P values per token per layer. The latent acts as one key/value head shared by all heads:
-  decode-sized calls use two plain bmm's over it, long prefills a fused SDPA kernel.
+  decode-sized calls use two plain bmm's over it, long prefills a fused SDPA kernel. Writing a step's latent and
+  RoPE key into the cache (and rotating the queries) may take one Triton launch (``MLA.fused_cache_write``).
 
 Parameter names are Hugging Face DeepseekV3's (q_proj | q_a_proj, q_a_layernorm, q_b_proj;
 kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so export is a key copy.

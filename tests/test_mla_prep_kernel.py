@@ -145,7 +145,8 @@ def test_against_the_eager_norm_formula(mk, device):
         (got_cache, got_q), (want_cache, want_q) = step.fused(mk), step.unfused(rms_norm)
         assert torch.equal(got_q, want_q) and torch.equal(got_cache[..., R:], want_cache[..., R:])
         u = ulps(got_cache[..., :R], want_cache[..., :R])
-        assert int(u.max()) <= (1 if dtype == torch.bfloat16 else 8), (dtype, B, T, R)
+        # bf16: 1 ulp measured in the interpreter; on CUDA the fused RMSNorm's GPU test measured 2 (rsqrt's ulp)
+        assert int(u.max()) <= ((1 if device == "cpu" else 2) if dtype == torch.bfloat16 else 8), (dtype, B, T, R)
         if dtype == torch.bfloat16:
             equal, total = equal + int((u == 0).sum()), total + u.numel()
     assert equal / total >= 0.99, equal / total
@@ -419,9 +420,12 @@ def compiled(src, warps, options):
 
 
 report = {}
-# bench_ref (R 256, 16 heads, P 32) in bf16, with an fp32 cache, in fp32; DeepSeek-V3 (R 512, 128 heads, P 64)
+# bench_ref (R 256, 16 heads, P 32) in bf16, with an fp32 cache, in fp32; DeepSeek-V3 (R 512, 128 heads, P 64); the
+# tiny test model's (R 32, 4 heads, P 8: rows of 40, strides the launcher does not mark divisible by 16)
 for name, R, H, P, ty, cache_ty in [("bench_ref", 256, 16, 32, "bf16", "bf16"), ("v3", 512, 128, 64, "bf16", "bf16"),
-                                    ("fp32", 256, 16, 32, "fp32", "fp32"), ("fp32_cache", 256, 16, 32, "bf16", "fp32")]:
+                                    ("fp32", 256, 16, 32, "fp32", "fp32"), ("fp32_cache", 256, 16, 32, "bf16", "fp32"),
+                                    ("tiny", 32, 4, 8, "fp32", "fp32")]:
+    row_aligned = (R + P) % 16 == 0
     block_r, block_p, block_h, warps = mk.launch_config(R, H, P)
     fn = mk._mla_prep_kernel
     types = {"kv_ptr": f"*{ty}", "w_ptr": f"*{ty}", "q_ptr": f"*{ty}", "q_out_ptr": f"*{ty}", "cos_ptr": "*fp32",
@@ -429,7 +433,8 @@ for name, R, H, P, ty, cache_ty in [("bench_ref", 256, 16, 32, "bf16", "bf16"), 
     consts = {"R": R, "HALF": P // 2, "BLOCK_R": block_r, "BLOCK_P": block_p, "BLOCK_H": block_h,
               "ROUND_NORM_TO_X": ty != "fp32", **{u: 1 for u in UNIT}}
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    aligned_args = [i for i, n in enumerate(fn.arg_names) if n.endswith("_ptr") or n in ("kv_sb", "kv_st")]
+    aligned_args = [i for i, n in enumerate(fn.arg_names) if n.endswith("_ptr") or (row_aligned and n in (
+        "kv_sb", "kv_st"))]
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs={(i,): aligned for i in aligned_args})
     kernel, usage, sass = compiled(src, warps, mk.COMPILE_OPTIONS)
     # the fused RMSNorm's kernel on the same latent (rows of R + P values, as MLA's unfused path passes it)
@@ -437,7 +442,7 @@ for name, R, H, P, ty, cache_ty in [("bench_ref", 256, 16, 32, "bf16", "bf16"), 
     rfn = rk._rms_norm_kernel
     rtypes = {"x_ptr": f"*{ty}", "delta_ptr": f"*{ty}", "w_ptr": f"*{ty}", "out_ptr": f"*{ty}", "sum_ptr": f"*{ty}",
               "inv_d": "fp32", "eps": "fp32", "x_stride": "i32", "delta_stride": "i32"}
-    raligned = [i for i, n in enumerate(rfn.arg_names) if n.endswith(("_ptr", "_stride"))]
+    raligned = [i for i, n in enumerate(rfn.arg_names) if n.endswith("_ptr") or (row_aligned and n.endswith("_stride"))]
     rsrc = ASTSource(fn=rfn, signature={n: rtypes.get(n, "constexpr") for n in rfn.arg_names},
                      constexprs={"D": R, "BLOCK_D": block_d, "ADD": False}, attrs={(i,): aligned for i in raligned})
     norm_kernel, _, _ = compiled(rsrc, norm_warps, rk.COMPILE_OPTIONS)
@@ -446,7 +451,7 @@ for name, R, H, P, ty, cache_ty in [("bench_ref", 256, 16, 32, "bf16", "bf16"), 
     fmas = [line.split(";")[0] for line in sass.splitlines() if re.search(r"\b[HFD]FMA", line)]
     fused = [f for f in fmas if not (re.search(r"-?RZ\s*$", f) or ", 1, 1," in f or "-RZ, RZ," in f)]
     ops = re.findall(r"\b(?:mul|fma)\.rn\.(?:f32|f16x2|f16|bf16x2|bf16)\b", ptx)
-    report[name] = {"fma_ptx": sum(op.startswith("fma") for op in ops), "fused_sass": fused,
+    report[name] = {"row_aligned": row_aligned, "fma_ptx": sum(op.startswith("fma") for op in ops), "fused_sass": fused,
                     "mul_ptx": sum(op.startswith("mul") for op in ops), "rsqrt": ptx.count("rsqrt.approx"),
                     "v4_loads": ptx.count("ld.global.v4"), "warps": warps, "norm_warps": norm_warps,
                     "reduce_layout": reduce_layout(kernel.asm["ttgir"]),
@@ -458,15 +463,15 @@ print(json.dumps(report))
 def test_kernel_compiles_for_sm90_with_the_fused_norms_sum(mk):
     """The interpreter is lenient: compile the kernel for sm_90 (Triton's own ptxas, no GPU needed) at bench_ref's
     and DeepSeek-V3's shapes, bf16 (with a bf16 and an fp32 cache) and fp32. The latent's sum runs in the fused
-    RMSNorm kernel's layout with its warps (so in its order: the GPU bits of the two agree), with the MUFU rsqrt; no
-    FMA in the PTX nor the SASS (every product rounds before its sum, as eager's separate kernels); 16-byte loads of
-    the latent; no spills."""
+    RMSNorm kernel's layout with its warps (so in its order: the GPU bits of the two agree), also at the tiny test
+    model's unaligned rows, with the MUFU rsqrt; no FMA in the PTX nor the SASS (every product rounds before its sum,
+    as eager's separate kernels); 16-byte loads of aligned latent rows; no spills."""
     report = sm90_compile_report(_COMPILE_FOR_SM90)
-    assert set(report) == {"bench_ref", "v3", "fp32", "fp32_cache"}, report
+    assert set(report) == {"bench_ref", "v3", "fp32", "fp32_cache", "tiny"}, report
     for name, r in report.items():
         assert r["reduce_layout"] == r["norm_reduce_layout"] and r["warps"] == r["norm_warps"], (name, r)
         assert r["rsqrt"] >= 1 and r["fma_ptx"] == 0 and r["fused_sass"] == [] and r["mul_ptx"] >= 4, (name, r)
-        assert r["v4_loads"] >= 1 and r["LOCAL"] == 0 and r["REG"] <= 128, (name, r)
+        assert (r["v4_loads"] >= 1 or not r["row_aligned"]) and r["LOCAL"] == 0 and r["REG"] <= 128, (name, r)
 
 
 # --------------------------------------------------------------------------- on the GPU (the lead runs these)
