@@ -373,6 +373,82 @@ def test_torch_compile_traces_the_formula(mk, device, monkeypatch):
     assert "index_copy" in targets and "rsqrt" in targets, targets
 
 
+class _Launches:
+    """Counts what one forward launches: every aten op that is no view (and every ``.to`` that copies, a cast),
+    ``empty`` aside, plus one per call of the Triton kernels' entries (the ops those run inside, the interpreter's
+    copies, are not counted): on CUDA each is one kernel launch."""
+
+    def __init__(self, monkeypatch, *modules_entries):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.ops, self.triton, counter = {}, {}, self
+
+        class Mode(TorchDispatchMode):
+            paused = False
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                cast = func.is_view and torch.is_tensor(out) and torch.is_tensor(args[0]) and (
+                    out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr())
+                if not Mode.paused and (cast or not func.is_view) and name not in ("empty", "empty_strided"):
+                    counter.ops[name] = counter.ops.get(name, 0) + 1
+                return out
+
+        self.mode = Mode
+        for module, entry in modules_entries:
+            real = getattr(module, entry)
+
+            def wrapper(*args, _real=real, _name=entry, **kw):
+                counter.triton[_name] = counter.triton.get(_name, 0) + 1
+                Mode.paused = True
+                try:
+                    return _real(*args, **kw)
+                finally:
+                    Mode.paused = False
+
+            monkeypatch.setattr(module, entry, wrapper)
+
+    def total(self) -> int:
+        return sum(self.ops.values()) + sum(self.triton.values())
+
+
+def test_a_decode_step_launches_one_kernel_for_the_unfused_21(mk, rk, device, monkeypatch):
+    """One layer's decode step in bf16 (a bf16 cache; tiny's MLA shapes, bench_ref's ops), counted: with the fused
+    RMSNorm and eager RoPE the latent write and the queries' RoPE are 21 launches (the norm; 2 × 9 RoPE kernels: two
+    casts of cos/sin, four products, a difference, a sum, a cat; the cache row's cat; index_copy_), with the fused
+    RoPE 5; with the switch on 1, the kernel: exactly those ops are gone (what attention runs after the write is
+    whatever it is: only the differences are checked)."""
+    from moeflow.models.attention import MLACache, prepare_attention
+
+    _kernels_on_the_cpu_too(monkeypatch, fused=False)
+    monkeypatch.setattr(RotaryEmbedding, "kernel_devices", ("cuda", "cpu"))
+    rope = triton_kernels("rope", "_rope_kernel")
+    cfg = ModelConfig.preset("tiny")
+    attn = MLA(cfg, layer_idx=0).to(device=device, dtype=torch.bfloat16).eval()
+    x = torch.randn(1, 1, cfg.hidden_size, device=device, dtype=torch.bfloat16)
+    cos, sin = RotaryEmbedding(cfg).to(device)(torch.tensor([[300]], device=device))
+    totals, ops = {}, {}
+    for fused_rope, fused in [(False, False), (True, False), (False, True)]:
+        monkeypatch.setattr(RotaryEmbedding, "fused_inference", fused_rope)
+        monkeypatch.setattr(MLA, "fused_cache_write", fused)
+        cache = MLACache.for_config(cfg, 1, 8, device=device, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            _, _, step = prepare_attention(torch.zeros(1, 1, dtype=torch.long, device=device), None, None, cache,
+                                           None)
+            launches = _Launches(monkeypatch, (rk, "rms_norm"), (rope, "apply_rope"), (mk, "mla_prep"))
+            with launches.mode():
+                attn(x, cos, sin, step=step)
+        totals[fused_rope, fused], ops[fused_rope, fused] = launches.total(), launches.ops
+        assert launches.triton == ({"mla_prep": 1} if fused else {"rms_norm": 1, **({"apply_rope": 2} if fused_rope
+                                                                                    else {})}), launches.triton
+    gone = {name: n - ops[False, True].get(name, 0) for name, n in ops[False, False].items()}
+    assert {name: n for name, n in gone.items() if n} == {"to": 4, "mul": 8, "sub": 2, "add": 2, "cat": 3,
+                                                          "index_copy_": 1}, gone
+    assert totals[False, False] - totals[False, True] == 21 - 1, totals
+    assert totals[True, False] - totals[False, True] == 5 - 1, totals
+
+
 def test_engine_equals_generate_with_the_kernel(mk, device, monkeypatch):
     """The serving engine's bucketed static step (the captured step's code, uncaptured: cache_position slots) with
     the kernel on, prompts joining mid-way: each request's greedy tokens equal generate()'s (which takes it too)."""
