@@ -19,7 +19,7 @@ H heads, R kv_lora_rank, P rope dim, p = P/2 pairs, X = R + P; ``round_ty`` = to
     query:  ``apply_rope(q_rope, cos, sin)`` in q's dtype, a new contiguous (B, T, H, P) tensor
 So with the fused RMSNorm the cache and the query are bit-equal to the unfused path's, RoPE fused or not (RoPE is
 element-wise and rounds where the formula does); against the eager norm formula the latent differs as the fused
-RMSNorm's does (the fp32 sum's order: a bf16 ulp now and then). Floating-point contraction is off
+RMSNorm's does (the fp32 sum's order: a bf16 ulp or two now and then). Floating-point contraction is off
 (``enable_fp_fusion=False``), as in both kernels it merges.
 
 One program per (b, t) row and part: part 0 the latent and the key of that row (the norm needs the whole row), parts
@@ -51,7 +51,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPES = rmsnorm.DTYPES  # bf16, fp16, fp32 (rope's too)
 # no floating-point contraction: every product rounds before the sum/difference, and ``ms + eps`` after the mean's
 # product, as in eager's separate kernels (the same options as rmsnorm's and rope's launches)
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
