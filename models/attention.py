@@ -13,7 +13,8 @@ Two ways to compute the same function:
   the query (q_lat = q_nope · W_uk) and W_uv into the output, so attention runs directly over the
   cached latent (R = kv_lora_rank values, post-RMSNorm) plus the shared RoPE key (P values):
   R + P values per token per layer. The latent acts as one key/value head shared by all heads:
-  decode-sized calls use two plain bmm's over it, long prefills a fused SDPA kernel.
+  decode-sized calls use two plain bmm's over it, long prefills a fused SDPA kernel. Writing a step's latent and
+  RoPE key into the cache (and rotating the queries) may take one Triton launch (``MLA.fused_cache_write``).
 
 Parameter names are Hugging Face DeepseekV3's (q_proj | q_a_proj, q_a_layernorm, q_b_proj;
 kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so export is a key copy.
@@ -228,6 +229,19 @@ class MLA(nn.Module):
     # "flex" / "sdpa" force one (tests compare the two; the GPU benchmark measures both)
     document_kernel = "auto"
     absorbed_bmm_max_scores = 2**25  # absorbed path: explicit bmm attention up to this many scores
+    # A cache step's latent write (kv_a_layernorm, the shared key's RoPE, cat, cast, index_copy_) and the queries'
+    # RoPE in one Triton launch (kernels/mla_prep.py) instead of 21 (5 with the fused RoPE) where it is safe, the
+    # rules of ``RMSNorm.fused_inference``: a cache step (the training / expanded path never takes it), no gradient
+    # needed, a device in ``kernel_devices``, not while torch.compile traces (inductor fuses the formula; the kernel
+    # is no op it could trace), Triton importable (``kernels.mla_prep.kernel_applies`` has the rest). Bit-equal to
+    # the unfused path with the fused RMSNorm (the same norm arithmetic; RoPE, cat, cast and copy are exact), and
+    # generate() and the serving engine both take it, so greedy engine output still equals generate()'s. Off by
+    # default until it has run on a GPU: written and tested in Triton's CPU interpreter only (2026-12-07);
+    # tests/test_mla_prep_kernel.py's ``gpu`` tests and benchmarks/bench_decode.py (engine mode "graph+cachewrite")
+    # decide it.
+    fused_cache_write: bool = False
+    # where that kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
+    kernel_devices: tuple[str, ...] = ("cuda",)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -252,25 +266,46 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
 
     # ------------------------------------------------------------------ shared projections
-    def _queries(self, x_BTD: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def _queries(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries' no-RoPE and (not yet rotated) RoPE parts, views of one projection."""
         B, T, _ = x_BTD.shape
         if self.q_lora_rank:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
         else:
             q = self.q_proj(x_BTD)
         q_BTHC = q.view(B, T, self.num_heads, self.qk_dim)
-        q_nope_BTHN, q_rot_BTHP = q_BTHC.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope_BTHN, RotaryEmbedding.rotate(q_rot_BTHP, cos, sin)
+        q_nope_BTHN, q_rope_BTHP = q_BTHC.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope_BTHN, q_rope_BTHP
 
-    def _latent(self, x_BTD: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        kv_lat_BTR, k_rot_BTP = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+    def _latent(self, kv_a_BTX: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        kv_lat_BTR, k_rot_BTP = kv_a_BTX.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(kv_lat_BTR), RotaryEmbedding.rotate(k_rot_BTP, cos, sin)
+
+    def _fused_cache_write(self, kv_a_BTX, q_rope_BTHP, cos, sin, step: CacheStep | None) -> torch.Tensor | None:
+        """The rotated query RoPE part, the new tokens' latent and RoPE key written to the cache in the same launch;
+        None where the kernel does not apply (see ``fused_cache_write``): then nothing was written."""
+        # is_compiling first: under torch.compile nothing else is read, so no guard on the switch
+        if (torch.compiler.is_compiling() or step is None or not self.fused_cache_write
+                or kv_a_BTX.device.type not in self.kernel_devices):
+            return None
+        from .kernels import mla_prep  # imports triton, an optional dependency CPU training need not load
+
+        norm, cache_BSX = self.kv_a_layernorm, step.cache.kv[self.layer_idx]
+        if not mla_prep.kernel_applies(kv_a_BTX, q_rope_BTHP, norm.weight, cos, sin, cache_BSX, step.slots_T):
+            return None
+        return mla_prep.mla_prep(kv_a_BTX, q_rope_BTHP, norm.weight, norm.eps, cos, sin, cache_BSX, step.slots_T)
 
     def forward(self, x_BTD: torch.Tensor, cos_BTp: torch.Tensor, sin_BTp: torch.Tensor,
                 mask_B1TS: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:
         """mask_B1TS (bool, True = attend) replaces the causal mask when given; step selects the absorbed path."""
-        q_nope, q_rot = self._queries(x_BTD, cos_BTp, sin_BTp)
-        kv_lat, k_rot = self._latent(x_BTD, cos_BTp, sin_BTp)
+        q_nope, q_rope = self._queries(x_BTD)
+        kv_a_BTX = self.kv_a_proj_with_mqa(x_BTD)
+        q_rot = self._fused_cache_write(kv_a_BTX, q_rope, cos_BTp, sin_BTp, step)
+        if q_rot is not None:
+            kv_lat = k_rot = None  # in the cache already
+        else:
+            q_rot = RotaryEmbedding.rotate(q_rope, cos_BTp, sin_BTp)
+            kv_lat, k_rot = self._latent(kv_a_BTX, cos_BTp, sin_BTp)
         if step is not None:
             out_BTHV = self._absorbed(q_nope, q_rot, kv_lat, k_rot, step)
         else:
@@ -306,7 +341,8 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope_BTHN, q_rot_BTHP, kv_lat_BTR, k_rot_BTP, step: CacheStep) -> torch.Tensor:
         cache, i = step.cache, self.layer_idx
-        cache.kv[i].index_copy_(1, step.slots_T, torch.cat([kv_lat_BTR, k_rot_BTP], dim=-1).to(cache.kv[i].dtype))
+        if kv_lat_BTR is not None:  # else MLA._fused_cache_write wrote them
+            cache.kv[i].index_copy_(1, step.slots_T, torch.cat([kv_lat_BTR, k_rot_BTP], dim=-1).to(cache.kv[i].dtype))
         k_BSX = cache.kv[i][:, : step.num_keys].to(q_nope_BTHN.dtype)  # the key: latent ‖ RoPE key, one view
         kv_lat_BSR = k_BSX[..., : self.kv_lora_rank]                     # the value: the latent columns of it
         w_uk_HNR, w_uv_HVR = self.absorbed_weights()
