@@ -33,6 +33,8 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
 - ``engine graph+rope``: likewise the engine with ``RotaryEmbedding.fused_inference`` on (one Triton launch per
   RoPE instead of 9 kernels) where the other rows take the eager formula (``--fused-rope``, off by default);
   ``+norope`` turns it off for a row. Flags combine: ``graph+rope+nonorm``.
+- ``engine graph+router``: likewise ``Router.fused_inference`` (one Triton launch per router after its logits GEMV
+  instead of 9 kernels; ``--fused-router``, off by default; ``+norouter`` turns it off for a row).
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
@@ -60,14 +62,15 @@ from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.generation import CudaGraphPool, generate
 from moeflow.models.hf import export_hf
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
+from moeflow.models.moe import Router
 from moeflow.models.quant import model_bytes, quantize_int8
 from moeflow.models.serving import Engine, SamplingParams
 
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
-# engine mode flag -> the class whose ``fused_inference`` it sets: "+norm" on, "+nonorm" off (likewise rope)
-FUSED_SWITCHES = {"norm": RMSNorm, "rope": RotaryEmbedding}
+# engine mode flag -> the class whose ``fused_inference`` it sets: "+norm" on, "+nonorm" off (likewise rope, router)
+FUSED_SWITCHES = {"norm": RMSNorm, "rope": RotaryEmbedding, "router": Router}
 
 
 def fused_norm() -> bool | None:
@@ -78,6 +81,11 @@ def fused_norm() -> bool | None:
 def fused_rope() -> bool | None:
     """RotaryEmbedding.fused_inference now (None in trees without the fused RoPE)."""
     return getattr(RotaryEmbedding, "fused_inference", None)
+
+
+def fused_router() -> bool | None:
+    """Router.fused_inference now (None in trees without the fused router)."""
+    return getattr(Router, "fused_inference", None)
 
 
 @contextlib.contextmanager
@@ -266,7 +274,7 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
                     step_bytes = decode_bytes_per_step(m, B, args.prompt_len + args.new_tokens / 2)
                     row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "fused_norm": fused_norm(),
-                           "fused_rope": fused_rope(),
+                           "fused_rope": fused_rope(), "fused_router": fused_router(),
                            **{k: v for k, v in r.items() if k != "tokens"},
                            "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
                            "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
@@ -311,7 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
-                   "row; +norope / +rope: the fused RoPE off / on); the first also runs on the INT8 model")
+                   "row; +norope / +rope: the fused RoPE off / on; +norouter / +router: the fused router off / on); the first also "
+                   "runs on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")
@@ -321,6 +330,9 @@ def main(argv=None) -> int:
     p.add_argument("--fused-rope", default="off", choices=["on", "off"],
                    help="RotaryEmbedding.fused_inference (one Triton launch per RoPE at inference on CUDA) for every "
                    "row; an engine mode's +norope / +rope flag overrides it for that row")
+    p.add_argument("--fused-router", default="off", choices=["on", "off"],
+                   help="Router.fused_inference (one Triton launch per router after its logits at inference on CUDA) "
+                   "for every row; an engine mode's +norouter / +router flag overrides it for that row")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)
@@ -336,6 +348,8 @@ def main(argv=None) -> int:
         RMSNorm.fused_inference = args.fused_norm == "on"
     if fused_rope() is not None:  # likewise the fused RoPE
         RotaryEmbedding.fused_inference = args.fused_rope == "on"
+    if fused_router() is not None:  # likewise the fused router
+        Router.fused_inference = args.fused_router == "on"
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,3", 8, 6, 1
         args.ppl_seqs, args.ppl_len = 2, 16
@@ -402,7 +416,7 @@ def main(argv=None) -> int:
                    "tokens_per_s": B * args.new_tokens / t_full,
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                   "fused_norm": fused_norm(), "fused_rope": fused_rope(),
+                   "fused_norm": fused_norm(), "fused_rope": fused_rope(), "fused_router": fused_router(),
                    "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)

@@ -4,6 +4,7 @@
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+compile
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 --modes graph graph+nonorm
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+rope
+    PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+router
 
 ``bench_ref`` in bf16 with random weights, B requests of a 64-token random prompt decoding greedily
 through the serving ``Engine`` (CUDA-graph step, optionally the inductor-compiled step). After every
@@ -14,7 +15,8 @@ kernels of a few µs) and a bandwidth-bound one (few kernels near the copy bandw
 Mode flags: ``+compile`` (the inductor step), ``+nonorm`` / ``+norm`` (``RMSNorm.fused_inference`` off / on for
 that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` counts the fused norm's launches;
 ``+norope`` / ``+rope`` likewise ``RotaryEmbedding.fused_inference`` (``--fused-rope``, off by default), counted in
-``rope_kernels_per_step``.
+``rope_kernels_per_step``; ``+norouter`` / ``+router`` ``Router.fused_inference`` (``--fused-router``, off by
+default), counted in ``router_kernels_per_step``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
+from moeflow.models.moe import Router
 from moeflow.models.serving import Engine, SamplingParams
 
 
@@ -42,8 +45,8 @@ def build_model(preset: str) -> MoETransformer:
     return model
 
 
-# mode flag -> the class whose ``fused_inference`` it sets: "+norm" on, "+nonorm" off (likewise rope)
-FUSED_SWITCHES = {"norm": RMSNorm, "rope": RotaryEmbedding}
+# mode flag -> the class whose ``fused_inference`` it sets: "+norm" on, "+nonorm" off (likewise rope, router)
+FUSED_SWITCHES = {"norm": RMSNorm, "rope": RotaryEmbedding, "router": Router}
 
 
 def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
@@ -93,6 +96,8 @@ def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int
             "norm_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "rms_norm" in k) / steps,
             "fused_rope": RotaryEmbedding.fused_inference,
             "rope_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_rope_kernel" in k) / steps,
+            "fused_router": Router.fused_inference,
+            "router_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_router_kernel" in k) / steps,
             "top": table}
 
 
@@ -108,10 +113,13 @@ def main(argv=None) -> int:
                    "without +norm / +nonorm")
     p.add_argument("--fused-rope", default="off", choices=["on", "off"], help="RotaryEmbedding.fused_inference for "
                    "modes without +rope / +norope")
+    p.add_argument("--fused-router", default="off", choices=["on", "off"], help="Router.fused_inference for modes "
+                   "without +router / +norouter")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     RMSNorm.fused_inference = args.fused_norm == "on"
     RotaryEmbedding.fused_inference = args.fused_rope == "on"
+    Router.fused_inference = args.fused_router == "on"
     model = build_model(args.preset)
     rows = []
     for batch in args.batches:
@@ -121,7 +129,9 @@ def main(argv=None) -> int:
             print(f"## batch {batch} {mode}: wall {r['wall_ms_per_step']:.3f} ms/step, GPU busy "
                   f"{r['gpu_busy_ms_per_step']:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step "
                   f"({r['norm_kernels_per_step']:.0f} fused norm launches; fused_norm={r['fused_norm']}; "
-                  f"{r['rope_kernels_per_step']:.0f} fused rope launches; fused_rope={r['fused_rope']})", flush=True)
+                  f"{r['rope_kernels_per_step']:.0f} fused rope launches; fused_rope={r['fused_rope']}; "
+                  f"{r['router_kernels_per_step']:.0f} fused router launches; fused_router={r['fused_router']})",
+                  flush=True)
             for t in r["top"]:
                 print(f"  {t['us_per_step']:8.1f} us {t['pct']:5.1f}% x{t['per_step']:<5} {t['kernel']}", flush=True)
     if args.out:

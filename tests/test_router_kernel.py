@@ -330,7 +330,7 @@ def test_torch_compile_traces_the_formula(rk, device, monkeypatch):
         assert torch.equal(got.topk_idx_TK, router(x).topk_idx_TK)
 
 
-def test_eager_router_op_count(rk, monkeypatch):
+def test_eager_router_op_count(rk, device, monkeypatch):
     """What the kernel replaces, counted: the top-level aten ops of an eager bench_ref router call after its logits
     (torch.profiler on the CPU; each but detach is one CUDA kernel, topk two: select and sort) and, with the kernel
     on, nothing but the kernel's entry (marked with ``record_function``: in the interpreter the launch runs torch ops
@@ -354,9 +354,9 @@ def test_eager_router_op_count(rk, monkeypatch):
         return names[names.index("aten::linear") + 1:]
 
     cfg = ModelConfig.preset("bench_ref")
-    router = Router(cfg)
+    router = Router(cfg).to(device)
     torch.nn.init.normal_(router.weight, std=0.02)
-    x = torch.randn(1, cfg.hidden_size)
+    x = torch.randn(1, cfg.hidden_size, device=device)
     eager = top_level_ops_after_linear(router, x)
     assert eager == ["aten::sigmoid", "aten::detach", "aten::add", "aten::topk", "aten::gather", "aten::sum",
                      "aten::add", "aten::div", "aten::mul"], eager
