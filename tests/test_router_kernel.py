@@ -159,6 +159,17 @@ def test_wide_rows_and_extreme_logits(rk, device):
             assert int(idx.max()) < E
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy
+def test_all_zero_scores_renormalise_to_zero(rk, device):
+    """A token whose every sigmoid score is 0 (logits of −1e4): its weights are 0, as the formula's ``+ 1e-20`` makes
+    them (not 0/0); the choices are the bias's."""
+    x = torch.full((2, 8), -1e4, device=device)
+    bias = torch.arange(8, device=device, dtype=torch.float32) * 0.01
+    idx, w, s = rk.route(x, bias, 3, "sigmoid", True, 2.0)
+    assert torch.equal(s, torch.zeros_like(s)) and torch.equal(w, torch.zeros_like(w))
+    assert idx.tolist() == [[7, 6, 5]] * 2
+
+
 def test_nan_logits_never_pick_a_masked_lane(rk, device):
     """A NaN choice counts as +inf: chosen first, the ids stay within [0, E) and distinct (the experts index with
     them: an id out of range would read past the expert weights)."""
@@ -168,6 +179,12 @@ def test_nan_logits_never_pick_a_masked_lane(rk, device):
     idx, w, _ = rk.route(x, None, 3, "sigmoid", True, 1.0)
     assert idx[0, 0] == 4 and idx[1].tolist() == [0, 1, 2]
     assert all(len(set(row)) == 3 and max(row) < 6 for row in idx.tolist())
+    # a NaN of either sign (the sign bit would order a negative NaN below every number): first all the same
+    bias = torch.zeros(6)
+    bias[2], bias[4] = float("nan"), -float("nan")
+    assert bias[4].view(torch.int32) < 0  # the sign bit is set
+    idx, _, _ = rk.route(torch.zeros(1, 6, device=device), bias.to(device), 3, "sigmoid", True, 1.0)
+    assert idx[0, :2].tolist() == [2, 4]
 
 
 def test_sum_order_reference_is_not_vacuous(rk, device):
