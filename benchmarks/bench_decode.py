@@ -319,8 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
-                   "row; +norope / +rope: the fused RoPE off / on; +norouter / +router: the fused router off / on); the first also "
-                   "runs on the INT8 model")
+                   "row; +norope / +rope: the fused RoPE off / on; +norouter / +router: the fused router off / on); the "
+                   "first also runs on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")

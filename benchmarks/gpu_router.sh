@@ -23,7 +23,8 @@ timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -rf --tb=short 
   | grep -v DEBUG | tail -25 > $OUT/router_tests.log
 tail -6 $OUT/router_tests.log; echo "tests $(( $(date +%s) - T0 )) s"
 timeout ${T_DECODE:-200} python3 benchmarks/bench_decode.py --engine --engine-only \
-  --engine-modes ${MODES:-graph,graph+router} --batches ${BATCHES:-1,32} --repeats 1 --out $OUT/decode_router.jsonl 2>&1 \
+  --engine-modes ${MODES:-graph,graph+router} --batches ${BATCHES:-1,32} --repeats 1 \
+  --out $OUT/decode_router.jsonl 2>&1 \
   | grep -v -i warn > $OUT/decode_router.log
 grep "^| engine" $OUT/decode_router.log; echo "decode $(( $(date +%s) - T0 )) s"
 timeout ${T_PROFILE:-120} python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+router \

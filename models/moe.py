@@ -22,6 +22,9 @@ over the same permuted rows computes the same function. The combine un-permutes 
 takes the gate-weighted sum over the k slots of each token (deterministic, unlike an atomic
 scatter-add).
 
+Router at inference: after the logits GEMV, one Triton launch may compute the scores, the biased top-k and the
+gate weights (kernels/router.py; off by default, ``Router.fused_inference``), the formula's values and choices.
+
 Shape suffixes: T tokens (flattened batch), D hidden, E experts, K experts per token,
 N = T·K routed slots, M padded slots, F expert width, G groups.
 """
@@ -139,10 +142,10 @@ class Router(nn.Module):
         return RouterOutput(idx_TK, weight_TK * self.route_scale, scores_TE, logits_TE)
 
     def _fused(self, logits_TE: torch.Tensor, forced_idx_TK: torch.Tensor | None):
-        """(idx_TK, weight_TK, scores_TE) from the fused kernel where it may run (see ``fused_inference``), else None."""
+        """(idx_TK, weight_TK, scores_TE) from the fused kernel where it may run (``fused_inference``), else None."""
         # is_compiling first: under torch.compile nothing else is read, so no guard on the switch
-        if (torch.compiler.is_compiling() or not self.fused_inference or logits_TE.device.type not in self.kernel_devices
-                or forced_idx_TK is not None or self.force_balanced
+        if (torch.compiler.is_compiling() or not self.fused_inference
+                or logits_TE.device.type not in self.kernel_devices or forced_idx_TK is not None or self.force_balanced
                 or (self.n_group > 1 and self.topk_group < self.n_group)):
             return None
         from .kernels import router  # imports triton, an optional dependency CPU training need not load

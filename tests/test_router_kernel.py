@@ -469,7 +469,7 @@ for name, E, K, softmax, bias, norm in [("bench_ref", 64, 6, False, True, True),
     fields = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
     ptx = kernel.asm["ptx"]
     report[name] = {"div_rn": len(re.findall(r"\bdiv\.rn(?:\.ftz)?\.f32", ptx)),
-                    "div_approx": len(re.findall(r"\bdiv\.(?:full|approx)", ptx)) + len(re.findall(r"\brcp\.approx", ptx)),
+                    "div_approx": len(re.findall(r"\b(?:div\.full|div\.approx|rcp\.approx)", ptx)),
                     "ex2": len(re.findall(r"\bex2\.approx", ptx)), "shfl": len(re.findall(r"\bshfl\.sync", ptx)),
                     "global_stores": len(re.findall(r"\bst\.global", ptx)), **{k: int(v) for k, v in fields.items()}}
 print(json.dumps(report))

@@ -1,14 +1,15 @@
 """The MoE router after its logits GEMV (scores, biased top-k, gate weights) as one Triton launch (inference only).
 
 Why: a serving decode step at batch 1 is launch-bound (issue 13: ~1.7 µs a kernel, replayed as a CUDA graph but not
-compiled). After the router's fp32 logits (``Router.logits``: a cast and a cuBLAS GEMV, kept as they are, so the
+compiled). After the router's fp32 logits (``Router.logits``: casts and a cuBLAS GEMV, kept as they are, so the
 logits are the formula's bit for bit), eager ``Router.forward`` launches 9 kernels a MoE layer with sigmoid scores
-and the balancing bias, 8 without the bias: sigmoid, add bias, topk (two: gatherTopK's select and a bitonic sort of
-the k), gather, sum, add 1e-20, div, mul by route_scale. Counted with ``torch.profiler`` on CUDA-less eager (one
-aten op per kernel: ``aten::sigmoid``, ``aten::add``, ``aten::topk``, ``aten::gather``, ``aten::sum``, ``aten::add``,
-``aten::div``, ``aten::mul``; CUDA's topk is two kernels at k ≤ 16), see tests/test_router_kernel.py
-``test_eager_router_op_count``. This kernel is 1: 9 launches a layer become 1 (bench_ref: 7 MoE layers, 63 → 7 a
-decode step); the cast and the GEMV stay (2 more, unchanged).
+and the balancing bias (8 without it): sigmoid, add bias, topk (two: gatherTopK's select and a bitonic sort of the
+k), gather, sum, add 1e-20, div, mul by route_scale. How counted: ``torch.profiler`` lists the top-level aten ops of
+an eager call after ``aten::linear`` as sigmoid, detach (a view, no kernel), add, topk, gather, sum, add, div, mul
+(tests/test_router_kernel.py ``test_eager_router_op_count`` pins that list, and that with the kernel on nothing but
+its entry is left); on CUDA each is one kernel except topk, two. Fused: 1 launch a layer, so 9 → 1 (bench_ref's 7
+MoE layers: 63 → 7 launches a decode step; benchmarks/profile_decode.py's ``graph`` vs ``graph+router`` rows should
+differ by 56 kernels a step).
 
 The function is ``Router.forward``'s after the logits, with its rounding points (shape suffixes: T tokens, E experts,
 K experts per token, L lanes of a summing warp):
