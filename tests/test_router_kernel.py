@@ -187,6 +187,16 @@ def test_nan_logits_never_pick_a_masked_lane(rk, device):
     assert idx[0, :2].tolist() == [2, 4]
 
 
+def test_strided_logits_are_read_in_place(rk, device):
+    """Rows of logits with a row stride past E (a column slice of a wider tensor): the contiguous copy's results."""
+    g = torch.Generator().manual_seed(4)
+    wide = _logits(5, 24, g, device)
+    bias = (torch.randn(16, generator=g) * 0.05).to(device)
+    got, want = rk.route(wide[:, 4:20], bias, 4, "sigmoid", True, 1.0), rk.route(wide[:, 4:20].contiguous(), bias, 4,
+                                                                               "sigmoid", True, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_sum_order_reference_is_not_vacuous(rk, device):
     """The CUDA-order reference differs from other orders on these values (so the exact weight checks above test the
     kernel's order): with the doubling tree, the weights differ in some row, and the kernel agrees with halving."""
@@ -489,11 +499,11 @@ def test_kernel_compiles_for_sm90(rk):
 
 # --------------------------------------------------------------------------- on the GPU (the lead runs these)
 def _probe_cuda_sum_order() -> str:
-    """Which shuffle order CUDA's ``sum`` of a (1, 6) fp32 row runs on this torch: values whose sum differs between
-    the two trees."""
-    w = torch.tensor([[1.0, 2.0 ** -24, 2.0 ** -24, 2.0 ** -24, 0.0, 2.0 ** -24]], device="cuda")
-    got = w.sum(dim=1).cpu()
-    halving, doubling = cuda_sum_order(w.cpu(), True), cuda_sum_order(w.cpu(), False)
+    """Which shuffle order CUDA's ``sum`` over the rows of a (T, 6) fp32 tensor runs on this torch: random rows, on
+    many of which the two trees round differently."""
+    w = torch.rand(4096, 6, generator=torch.Generator().manual_seed(9))
+    got = w.cuda().sum(dim=1).cpu()
+    halving, doubling = cuda_sum_order(w, True), cuda_sum_order(w, False)
     assert not torch.equal(halving, doubling)
     return "halving" if torch.equal(got, halving) else "doubling" if torch.equal(got, doubling) else "neither"
 
