@@ -20,8 +20,8 @@ K experts per token, L lanes of a summing warp):
     idx = the K largest choices, largest first, ties to the lower expert id (``expert_order.topk_by_rank``'s order;
           torch.topk picks the same set and order except among tied values, which it leaves unordered)
     w = s[idx]; if norm_topk_prob: w = w / (Σ_k w + 1e-20) with Σ in CUDA ``sum``'s order over the K columns
-    (L = last_pow2(K) threads, thread l adds w[l] + w[l + L], then a halving shuffle tree, torch ≥ 2.10's
-    ``block_x_reduce``; ``SUM_TREE`` = "doubling" is the older ascending shuffle order); weight = w · route_scale.
+    (L = last_pow2(K) threads, thread l adds w[l] + w[l + L], then a halving shuffle tree: ``block_x_reduce``
+    since pytorch#164790, Oct 2025; ``SUM_TREE`` = "doubling" is the older ascending order); weight = w · route_scale.
 The K columns come in the formula's order (largest choice first), which matters: RoutedExperts and the fused decode
 experts (kernels/moe_decode.py) sum the K slots' outputs in column order. exp is libdevice's ``__nv_expf``
 (CUDA's ``expf``) and the divisions ``div.rn`` (IEEE, as nvcc's default ``-prec-div``), so on the GPU the kernel
@@ -60,12 +60,12 @@ HAS_TRITON = triton is not None
 SCORE_FUNCS = ("sigmoid", "softmax")
 MAX_E = 256  # one program holds a row of E choices (a power-of-two block; bench_ref 64, DeepSeek-V3 256)
 MAX_K = 16  # CUDA's sum of K ≤ 32 is one warp's shuffle tree; DeepSeek-V3's K is 8
-# the order of CUDA ``sum``'s intra-warp shuffles: "halving" (offsets L/2 … 1, torch ≥ 2.10, pytorch#164790) or
-# "doubling" (1 … L/2, older torch). The GPU test measures which one the installed torch runs.
+# the order of CUDA ``sum``'s intra-warp shuffles: "halving" (offsets L/2 … 1, since pytorch#164790) or "doubling"
+# (1 … L/2, older torch). The GPU test measures which one the installed torch runs (the lead's: 2.11).
 SUM_TREE = "halving"
 SOFTMAX_WARP = 32  # lanes of CUDA's warp softmax
-# no floating-point contraction: nothing here multiplies then adds, but a contracted ``w · route_scale`` after the
-# division would still be one rounding where eager has two; kept off as in the other kernels
+# no floating-point contraction: nothing here multiplies then adds today (so it changes no value), kept off as in the
+# other kernels so that no later edit gets a product fused into a sum where eager rounds twice
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
