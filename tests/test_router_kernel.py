@@ -79,7 +79,7 @@ def _biases(kind: str, E: int, scores_TE: torch.Tensor, g: torch.Generator) -> t
     target = torch.tensor(0.5, dtype=torch.float32)
     steps = torch.randint(0, 4, (E,), generator=g).to(torch.int32)
     levels = (target.view(torch.int32) + steps).view(torch.float32)
-    return (levels - scores_TE[0]).to(scores_TE.device)
+    return levels - scores_TE[0].cpu()  # the caller moves it to the device
 
 
 def _logits(T, E, g, device, duplicate=False):
@@ -524,10 +524,11 @@ def test_on_the_gpu_equals_eager_cuda_never_syncs_and_captures(rk):
         with torch.inference_mode():
             want = router(x)  # the formula: the switch is off (asserted below)
             logits, bias = want.logits_TE, router.e_score_correction_bias
-            rk.route(logits, bias, 6, score_func, True, 1.0)  # JIT first
+            args = (bias, router.k, score_func, router.norm_topk_prob, router.route_scale)
+            rk.route(logits, *args)  # JIT first
             torch.cuda.set_sync_debug_mode("error")
             try:
-                idx, w, s = rk.route(logits, bias, 6, score_func, True, 1.0)
+                idx, w, s = rk.route(logits, *args)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             assert torch.equal(s, want.scores_TE), (T, score_func, (s != want.scores_TE).sum().item())
@@ -540,7 +541,7 @@ def test_on_the_gpu_equals_eager_cuda_never_syncs_and_captures(rk):
             static_logits = torch.zeros_like(logits)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = rk.route(static_logits, bias, 6, score_func, True, 1.0)
+                static_out = rk.route(static_logits, *args)
             static_logits.copy_(logits)
             graph.replay()
         torch.cuda.synchronize()
