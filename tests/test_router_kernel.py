@@ -510,42 +510,47 @@ def _probe_cuda_sum_order() -> str:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_the_gpu_equals_eager_cuda_never_syncs_and_captures(rk):
-    """bench_ref's router on CUDA (E 64, K 6, sigmoid + bias; 1, 32 and 2,048 tokens) and a softmax one: scores,
-    choices and weights bit-equal to the eager CUDA formula (Router.forward with the switch off); CUDA ``sum``'s
-    shuffle order is the one the kernel assumes (``SUM_TREE``); with sync debug mode "error" nothing syncs; a CUDA
-    graph's replay gives the eager kernel call's outputs."""
-    assert Router.fused_inference is False
+def test_cuda_sum_order_is_the_kernels(rk):
+    """CUDA ``sum``'s shuffle order on this torch is the one the kernel assumes (``SUM_TREE``): else flip it."""
     assert _probe_cuda_sum_order() == rk.SUM_TREE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("T,score_func", [(1, "sigmoid"), (32, "sigmoid"), (2048, "sigmoid"), (32, "softmax")])
+def test_on_the_gpu_equals_eager_cuda_never_syncs_and_captures(rk, T, score_func):
+    """bench_ref's router on CUDA (E 64, K 6, sigmoid + bias; 1, 32 and 2,048 tokens) and a softmax one: scores,
+    choices and weights bit-equal to the eager CUDA formula (Router.forward with the switch off); with sync debug
+    mode "error" nothing syncs; a CUDA graph's replay gives the eager kernel call's outputs."""
+    assert Router.fused_inference is False
     g = torch.Generator().manual_seed(5)
-    for T, score_func in [(1, "sigmoid"), (32, "sigmoid"), (2048, "sigmoid"), (32, "softmax")]:
-        router = _router("cpu", num_routed_experts=64, num_experts_per_tok=6, score_func=score_func).cuda()
-        x = torch.randn(T, router.weight.shape[1], generator=g).cuda()
-        with torch.inference_mode():
-            want = router(x)  # the formula: the switch is off (asserted below)
-            logits, bias = want.logits_TE, router.e_score_correction_bias
-            args = (bias, router.k, score_func, router.norm_topk_prob, router.route_scale)
-            rk.route(logits, *args)  # JIT first
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                idx, w, s = rk.route(logits, *args)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            assert torch.equal(s, want.scores_TE), (T, score_func, (s != want.scores_TE).sum().item())
-            # torch.topk orders tied values arbitrarily: compare as sets where the choices tie, else exactly
-            assert torch.equal(idx.sort(1).values, want.topk_idx_TK.sort(1).values), (T, score_func)
-            same_order = (idx == want.topk_idx_TK).all(dim=1)
-            assert same_order.float().mean() > 0.99, (T, score_func)
-            assert torch.equal(w[same_order], want.topk_weight_TK[same_order]), (
-                T, score_func, (w[same_order] != want.topk_weight_TK[same_order]).sum().item())
-            static_logits = torch.zeros_like(logits)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = rk.route(static_logits, *args)
-            static_logits.copy_(logits)
-            graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(a, b) for a, b in zip(static_out, (idx, w, s)))
+    router = _router("cpu", num_routed_experts=64, num_experts_per_tok=6, score_func=score_func).cuda()
+    x = torch.randn(T, router.weight.shape[1], generator=g).cuda()
+    with torch.inference_mode():
+        want = router(x)  # the formula: the switch is off (asserted above)
+        logits, bias = want.logits_TE, router.e_score_correction_bias
+        args = (bias, router.k, score_func, router.norm_topk_prob, router.route_scale)
+        rk.route(logits, *args)  # JIT first
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            idx, w, s = rk.route(logits, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(s, want.scores_TE), (T, score_func, (s != want.scores_TE).sum().item())
+        # torch.topk orders tied values arbitrarily: compare as sets where the choices tie, else exactly
+        assert torch.equal(idx.sort(1).values, want.topk_idx_TK.sort(1).values), (T, score_func)
+        same_order = (idx == want.topk_idx_TK).all(dim=1)
+        assert same_order.float().mean() > 0.99, (T, score_func)
+        assert torch.equal(w[same_order], want.topk_weight_TK[same_order]), (
+            T, score_func, (w[same_order] != want.topk_weight_TK[same_order]).sum().item())
+        static_logits = torch.zeros_like(logits)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = rk.route(static_logits, *args)
+        static_logits.copy_(logits)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(static_out, (idx, w, s)))
 
 
 @pytest.mark.gpu
