@@ -85,8 +85,8 @@ class Router(nn.Module):
     # After the logits GEMV, one Triton launch (kernels/router.py) instead of eager's 9 kernels a layer (sigmoid, bias
     # add, topk's two, gather, sum, add, div, mul) where it is safe, the rules of ``RMSNorm.fused_inference``: no
     # gradient needed, a device in ``kernel_devices``, not while torch.compile traces (inductor fuses the formula; the
-    # kernel is no op it could trace), Triton importable, plus: no forced or balanced routing, no group-limited
-    # routing, E ≤ 256, K ≤ 16, fp32 logits (``kernels.router.kernel_applies``). The formula's choices in its column
+    # kernel is no op it could trace), Triton importable, plus: no forced or balanced routing, E ≤ 256 (a power of two
+    # with group-limited routing), K ≤ 16, fp32 logits (``kernels.router.kernel_applies``). The formula's choices in its column
     # order (ties to the lower id) and, on the GPU, its scores and weights bit for bit (CUDA's expf, IEEE divisions,
     # CUDA ``sum``'s order); generate() and the serving engine both take it, so greedy engine output still equals
     # generate()'s. Off by default until it has run on a GPU: written and tested in Triton's CPU interpreter only
@@ -145,15 +145,15 @@ class Router(nn.Module):
         """(idx_TK, weight_TK, scores_TE) from the fused kernel where it may run (``fused_inference``), else None."""
         # is_compiling first: under torch.compile nothing else is read, so no guard on the switch
         if (torch.compiler.is_compiling() or not self.fused_inference
-                or logits_TE.device.type not in self.kernel_devices or forced_idx_TK is not None or self.force_balanced
-                or (self.n_group > 1 and self.topk_group < self.n_group)):
+                or logits_TE.device.type not in self.kernel_devices or forced_idx_TK is not None or self.force_balanced):
             return None
         from .kernels import router  # imports triton, an optional dependency CPU training need not load
 
         bias_E = self.e_score_correction_bias if self.use_bias else None
-        if not router.kernel_applies(logits_TE, bias_E, self.k, self.score_func):
+        groups = (self.n_group, self.topk_group)
+        if not router.kernel_applies(logits_TE, bias_E, self.k, self.score_func, *groups):
             return None
-        return router.route(logits_TE, bias_E, self.k, self.score_func, self.norm_topk_prob, self.route_scale)
+        return router.route(logits_TE, bias_E, self.k, self.score_func, self.norm_topk_prob, self.route_scale, *groups)
 
 
 class _GatherTokenSlots(torch.autograd.Function):

@@ -24,7 +24,7 @@ from conftest import engine_greedy_tokens, sm90_compile_report, triton_kernels
 
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.expert_order import topk_by_rank
-from moeflow.models.moe import Router
+from moeflow.models.moe import Router, select_experts
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -187,6 +187,40 @@ def test_nan_logits_never_pick_a_masked_lane(rk, device):
     assert idx[0, :2].tolist() == [2, 4]
 
 
+def test_group_limited_routing_matches_select_experts(rk, device):
+    """n_group > 1, topk_group < n_group: the choices are ``moe.select_experts``'s (the formula's group-limited top-k)
+    on the kernel's own scores, column for column, the weights the formula's; bench_ref-like (64 experts, 8 groups),
+    DeepSeek-V3's (256, 8 groups, 4 kept, top-8) and one-expert groups (the group score is the choice itself)."""
+    g = torch.Generator().manual_seed(6)
+    for T, E, G, kept, K in [(5, 64, 8, 3, 6), (4, 256, 8, 4, 8), (6, 16, 4, 2, 2), (3, 8, 8, 4, 3)]:
+        x = _logits(T, E, g, device)
+        bias = (torch.randn(E, generator=g) * 0.05).to(device)
+        for score_func in ("sigmoid", "softmax"):
+            assert rk.kernel_applies(x, bias, K, score_func, G, kept)
+            idx, w, s = rk.route(x, bias, K, score_func, True, 2.5, G, kept)
+            want_idx = select_experts(s, bias, K, G, kept)
+            assert torch.equal(idx, want_idx), (E, G, kept, K, score_func)
+            want_w = s.gather(1, want_idx)
+            assert torch.equal(w, want_w / (cuda_sum_order(want_w)[:, None] + 1e-20) * 2.5)
+            assert all(len(set((row // (E // G)).tolist())) <= kept for row in idx), (E, G, kept)
+
+
+def test_group_ties_keep_the_lower_group(rk, device):
+    """Equal group scores keep the lower group id; a group holding its largest choice twice scores it twice (torch's
+    top-2 values are then equal); the refused shapes (E not a power of two, too few kept experts) take the formula."""
+    x = torch.zeros(1, 8, device=device)  # every score 0.5
+    bias = torch.tensor([0.0, 0.0, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0], device=device)  # groups 1 and 2 tie
+    idx, _, _ = rk.route(x, bias, 2, "sigmoid", True, 1.0, 4, 1)
+    assert idx.tolist() == [[2, 3]]
+    bias = torch.tensor([0.0, 0.0, 0.2, 0.2, 0.3, 0.05, 0.0, 0.0], device=device)  # group 1: 0.7 + 0.7 > 0.8 + 0.55
+    idx, _, _ = rk.route(x, bias, 2, "sigmoid", True, 1.0, 4, 1)
+    assert idx.tolist() == [[2, 3]] and torch.equal(idx, select_experts(torch.full((1, 8), 0.5, device=device), bias,
+                                                                          2, 4, 1))
+    assert not rk.kernel_applies(torch.zeros(2, 12), None, 2, "sigmoid", 3, 1)  # E 12: not a power of two
+    assert not rk.kernel_applies(torch.zeros(2, 8), None, 3, "sigmoid", 4, 1)  # 1 kept group of 2 < k = 3
+    assert rk.kernel_applies(torch.zeros(2, 12), None, 2, "sigmoid", 3, 3)  # every group kept: plain top-k
+
+
 def test_strided_logits_are_read_in_place(rk, device):
     """Rows of logits with a row stride past E (a column slice of a wider tensor): the contiguous copy's results."""
     g = torch.Generator().manual_seed(4)
@@ -279,8 +313,9 @@ def test_cpu_tensors_take_the_formula_by_default(rk, monkeypatch):
 
 
 def test_the_kernel_only_where_it_applies(rk, device, monkeypatch):
-    """No grad / inference mode / a frozen router: the kernel, with the formula's routing. Training (grad through the
-    logits), forced or balanced routing, group-limited routing, fp64 logits, the switch off: the formula."""
+    """No grad / inference mode / a frozen router: the kernel, with the formula's routing, also group-limited. Training
+    (grad through the logits), forced or balanced routing, group-limited routing over 12 experts, fp64 logits, the
+    switch off: the formula."""
     router = _router(device)
     x = torch.randn(7, router.weight.shape[1], device=device)
     with torch.no_grad():
@@ -311,13 +346,17 @@ def test_the_kernel_only_where_it_applies(rk, device, monkeypatch):
         router(x)
     assert counted.calls == 3
     monkeypatch.setattr(Router, "fused_inference", True)
-    grouped = _router(device, n_group=2, topk_group=1)
+    uneven = _router(device, num_routed_experts=12, n_group=3, topk_group=1)  # group-limited over 12: the formula
     with torch.no_grad():
-        grouped(x)
+        uneven(x)
         assert counted.calls == 3
-        full = _router(device, n_group=2, topk_group=2)  # every group kept: plain top-k, the kernel
-        full(x)
-    assert counted.calls == 4
+        for kept in (1, 2):  # group-limited, and every group kept (plain top-k): the kernel, the formula's routing
+            grouped = _router(device, n_group=2, topk_group=kept)
+            monkeypatch.setattr(Router, "fused_inference", False)
+            want = grouped(x)
+            monkeypatch.setattr(Router, "fused_inference", True)
+            _same_routing(grouped(x), want, device)
+    assert counted.calls == 5
 
 
 def test_softmax_router_and_no_bias(rk, device, monkeypatch):
@@ -455,14 +494,16 @@ from moeflow.models.kernels import router as rk
 
 cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
 report = {}
-# bench_ref (E 64, K 6, sigmoid + bias, renormalised), DeepSeek-V3 (256, 8), a softmax router without bias, K 1
-for name, E, K, softmax, bias, norm in [("bench_ref", 64, 6, False, True, True), ("v3", 256, 8, False, True, True),
-                                        ("softmax", 64, 6, True, False, True), ("k1", 8, 1, False, True, False)]:
+# bench_ref (E 64, K 6, sigmoid + bias, renormalised), DeepSeek-V3 (256, top-8, 4 of 8 groups), a softmax router
+# without bias, K 1
+for name, E, K, softmax, bias, norm, G in [("bench_ref", 64, 6, False, True, True, 1),
+                                           ("v3", 256, 8, False, True, True, 8), ("softmax", 64, 6, True, False, True, 1),
+                                           ("k1", 8, 1, False, True, False, 1)]:
     fn = rk._router_kernel
     block_e, block_k = triton.next_power_of_2(E), triton.next_power_of_2(K)
     lanes, sum_lanes = min(block_e, rk.SOFTMAX_WARP), rk.last_pow2(K)
     constexprs = {"E": E, "K": K, "BLOCK_E": block_e, "BLOCK_K": block_k, "SOFTMAX": softmax, "HAS_BIAS": bias,
-                  "NORM": norm, "SOFTMAX_LANES": lanes, "SOFTMAX_LEVELS": lanes.bit_length() - 1,
+                  "NORM": norm, "GROUPS": G, "TOPK_GROUP": 4, "SOFTMAX_LANES": lanes, "SOFTMAX_LEVELS": lanes.bit_length() - 1,
                   "SUM_LANES": sum_lanes, "SUM_LEVELS": sum_lanes.bit_length() - 1, "HALVING": True,
                   "INTERPRET": False}
     types = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "idx_ptr": "*i64", "weight_ptr": "*fp32",
@@ -488,7 +529,7 @@ print(json.dumps(report))
 
 def test_kernel_compiles_for_sm90(rk):
     """The interpreter is lenient: compile the kernel for sm_90 (Triton's own ptxas, no GPU needed) at bench_ref's and
-    DeepSeek-V3's shapes, softmax and K 1. IEEE divisions only (``div.rn``, no ``div.full``/approximate reciprocal):
+    DeepSeek-V3's shapes (its group-limited routing too), softmax and K 1. IEEE divisions only (``div.rn``, no ``div.full``/approximate reciprocal):
     CUDA's ``1 / (1 + expf(−x))`` and eager's renormalising division; libdevice's expf inlined (its ``ex2``); no
     spills."""
     report = sm90_compile_report(_COMPILE_FOR_SM90)

@@ -17,6 +17,9 @@ K experts per token, L lanes of a summing warp):
       = exp(x − max) / Σ exp(x − max)        softmax: CUDA's warp softmax (dim ≤ 1024): lane l sums e[l], e[l + L],
                                              ... from 0 in that order, then a halving butterfly over the L lanes
     choice = s + bias (fp32; no bias: s)
+    group-limited routing (n_group G > 1, topk_group < G; ``moe.select_experts``): a group's score is the sum of its
+          two largest choices (one addition: either order), the topk_group best groups stay (ties to the lower group
+          id, as CUDA's topk collects equal values in index order), the others' choices become −inf
     idx = the K largest choices, largest first, ties to the lower expert id (``expert_order.topk_by_rank``'s order;
           torch.topk picks the same set and order except among tied values, which it leaves unordered)
     w = s[idx]; if norm_topk_prob: w = w / (Σ_k w + 1e-20) with Σ in CUDA ``sum``'s order over the K columns
@@ -33,8 +36,8 @@ tests check the scores to that tolerance and everything after them exactly (sele
 
 Not taken (``kernel_applies``, ``Router.forward``): while torch.compile traces (inductor fuses the formula; the
 compiled step's ``topk_by_rank`` is its own fused form), when a gradient is needed (no backward), forced or balanced
-routing, group-limited routing (``n_group > 1`` with ``topk_group < n_group``), E > ``MAX_E``, K > ``MAX_K``, logits
-not fp32 (the fp64 reference tests).
+routing, group-limited routing over an E that is not a power of two, E > ``MAX_E``, K > ``MAX_K``, logits not fp32
+(the fp64 reference tests).
 
 Capture-safe: no host synchronisation (every size comes from shapes), outputs allocated by the caller's allocator (a
 CUDA graph's pool), one launch. Not registered as a torch op (``Router.forward`` calls it only outside
@@ -74,11 +77,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernel_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int, score_func: str) -> bool:
+def kernel_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int, score_func: str, n_group: int = 1,
+                   topk_group: int = 1) -> bool:
     """Whether ``route`` computes this call: Triton importable; no gradient needed (autograd off, or the logits do not
     require grad: the kernel has no backward); logits (T, E) fp32 with T ≥ 1, 1 ≤ E ≤ ``MAX_E``, unit stride along E;
-    1 ≤ k ≤ min(E, ``MAX_K``); bias None or (E,) fp32 on the logits' device; score_func in ``SCORE_FUNCS``. Shapes,
-    dtypes and flags only: no host sync."""
+    1 ≤ k ≤ min(E, ``MAX_K``); bias None or (E,) fp32 on the logits' device; score_func in ``SCORE_FUNCS``;
+    group-limited routing (``limits_groups``) only over a power-of-two E split evenly into groups, keeping enough
+    experts for k. Shapes, dtypes and flags only: no host sync."""
     if not HAS_TRITON or logits_TE.dim() != 2 or logits_TE.dtype != torch.float32 or score_func not in SCORE_FUNCS:
         return False
     tensors = (logits_TE,) if bias_E is None else (logits_TE, bias_E)
@@ -87,12 +92,19 @@ def kernel_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int,
     T, E = logits_TE.shape
     if T == 0 or not 1 <= E <= MAX_E or not 1 <= k <= min(E, MAX_K) or logits_TE.stride(1) != 1:
         return False
+    if limits_groups(n_group, topk_group) and (E & (E - 1) or E % n_group or topk_group * (E // n_group) < k):
+        return False
     return bias_E is None or (tuple(bias_E.shape) == (E,) and bias_E.dtype == torch.float32
                               and bias_E.device == logits_TE.device)
 
 
+def limits_groups(n_group: int, topk_group: int) -> bool:
+    """Whether routing is group-limited (``moe.select_experts`` masks dropped groups only then)."""
+    return n_group > 1 and topk_group < n_group
+
+
 def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int, score_func: str, norm_topk_prob: bool,
-          route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          route_scale: float, n_group: int = 1, topk_group: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(idx_TK int64, weight_TK fp32, scores_TE fp32): ``Router.forward``'s choices, gate weights and scores from its
     logits, in one launch (see ``kernel_applies`` for the inputs)."""
     if not HAS_TRITON:
@@ -105,10 +117,11 @@ def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int, score_fu
     block_e, block_k = triton.next_power_of_2(E), triton.next_power_of_2(k)
     softmax_lanes = min(block_e, SOFTMAX_WARP)
     sum_lanes = last_pow2(k)
+    groups = n_group if limits_groups(n_group, topk_group) else 1
     _router_kernel[(T,)](
         logits_TE, logits_TE.stride(0), bias_E if bias_E is not None else logits_TE, idx_TK, weight_TK, scores_TE,
         float(route_scale), E=E, K=k, BLOCK_E=block_e, BLOCK_K=block_k, SOFTMAX=score_func == "softmax",
-        HAS_BIAS=bias_E is not None, NORM=bool(norm_topk_prob),
+        HAS_BIAS=bias_E is not None, NORM=bool(norm_topk_prob), GROUPS=groups, TOPK_GROUP=topk_group,
         SOFTMAX_LANES=softmax_lanes, SOFTMAX_LEVELS=softmax_lanes.bit_length() - 1,
         SUM_LANES=sum_lanes, SUM_LEVELS=sum_lanes.bit_length() - 1, HALVING=SUM_TREE == "halving",
         INTERPRET=interpreting(), num_warps=1, **COMPILE_OPTIONS)
@@ -149,10 +162,30 @@ if HAS_TRITON:
         return tl.sum(acc_L, axis=0)  # one lane left
 
     @triton.jit
+    def _limit_groups(choice_E, G: tl.constexpr, S: tl.constexpr, TOPK_GROUP: tl.constexpr):
+        """choice with the experts of all but the TOPK_GROUP best of G groups of S set to −inf; a group's score is
+        the sum of its two largest choices (its largest twice if it holds it twice), ties to the lower group id."""
+        c_GS = tl.reshape(choice_E, (G, S))
+        first_G = tl.max(c_GS, axis=1)
+        if S > 1:
+            ties_G = tl.sum((c_GS == first_G[:, None]).to(tl.int32), axis=1)
+            below_G = tl.max(tl.where(c_GS < first_G[:, None], c_GS, float("-inf")), axis=1)
+            score_G = first_G + tl.where(ties_G > 1, first_G, below_G)
+        else:
+            score_G = first_G
+        # a group's rank: the groups that beat it (a larger score, or an equal one and a lower id)
+        g_G = tl.arange(0, G)
+        other_GH, this_GH = score_G[None, :], score_G[:, None]
+        beats_GH = (other_GH > this_GH) | ((other_GH == this_GH) & (g_G[None, :] < g_G[:, None]))
+        keep_G = tl.sum(beats_GH.to(tl.int32), axis=1) < TOPK_GROUP
+        keep_E = tl.reshape(tl.broadcast_to(keep_G[:, None], (G, S)), (G * S,))
+        return tl.where(keep_E, choice_E, float("-inf"))
+
+    @triton.jit
     def _router_kernel(logits_ptr, logits_stride, bias_ptr, idx_ptr, weight_ptr, scores_ptr, route_scale,
                        E: tl.constexpr, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                       SOFTMAX_LANES: tl.constexpr, SOFTMAX_LEVELS: tl.constexpr, SUM_LANES: tl.constexpr,
+                       SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GROUPS: tl.constexpr,
+                       TOPK_GROUP: tl.constexpr, SOFTMAX_LANES: tl.constexpr, SOFTMAX_LEVELS: tl.constexpr, SUM_LANES: tl.constexpr,
                        SUM_LEVELS: tl.constexpr, HALVING: tl.constexpr, INTERPRET: tl.constexpr):
         """One program per token: scores, the K best biased choices (largest first, ties to the lower id), their
         unbiased scores renormalised in CUDA ``sum``'s order, times route_scale."""
@@ -174,6 +207,8 @@ if HAS_TRITON:
         # values' magnitude bits flipped) in the high word, BLOCK_E − 1 − id in the low; so one max picks the largest
         # choice and, among equal ones, the lowest id. NaN counts as +inf, −0 as +0 (they compare equal)
         choice_E = tl.where(choice_E != choice_E, float("inf"), tl.where(choice_E == 0.0, 0.0, choice_E))
+        if GROUPS > 1:  # E a power of two here: no padded lanes
+            choice_E = _limit_groups(choice_E, GROUPS, BLOCK_E // GROUPS, TOPK_GROUP)
         bits_E = choice_E.to(tl.int32, bitcast=True)
         ordered_E = bits_E ^ ((bits_E >> 31) & 0x7FFFFFFF)
         key_E = (ordered_E.to(tl.int64) << 32) | (BLOCK_E - 1 - e_E).to(tl.int64)
