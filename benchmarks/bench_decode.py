@@ -36,6 +36,8 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
 - ``engine graph+cachewrite``: likewise the engine with ``MLA.fused_cache_write`` on (a cache step's latent norm, key
   RoPE, cat and cache write and the queries' RoPE in one Triton launch instead of 21 a layer, 5 with the fused RoPE)
   (``--fused-cache-write``, off by default); ``+nocachewrite`` turns it off for a row.
+- ``engine graph+router``: likewise ``Router.fused_inference`` (one Triton launch per router after its logits GEMV
+  instead of 9 kernels; ``--fused-router``, off by default; ``+norouter`` turns it off for a row).
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
@@ -64,15 +66,16 @@ from moeflow.models.attention import MLA
 from moeflow.models.generation import CudaGraphPool, generate
 from moeflow.models.hf import export_hf
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
+from moeflow.models.moe import Router
 from moeflow.models.quant import model_bytes, quantize_int8
 from moeflow.models.serving import Engine, SamplingParams
 
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
-# engine mode flag -> the class switch it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite)
+# engine mode flag -> the class switch it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
-                  "cachewrite": (MLA, "fused_cache_write")}
+                  "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference")}
 
 
 def fused_norm() -> bool | None:
@@ -88,6 +91,9 @@ def fused_rope() -> bool | None:
 def fused_cache_write() -> bool | None:
     """MLA.fused_cache_write now (None in trees without the fused MLA cache step)."""
     return getattr(MLA, "fused_cache_write", None)
+def fused_router() -> bool | None:
+    """Router.fused_inference now (None in trees without the fused router)."""
+    return getattr(Router, "fused_inference", None)
 
 
 @contextlib.contextmanager
@@ -279,6 +285,7 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
                     row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "fused_norm": fused_norm(),
                            "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
+                           "fused_router": fused_router(),
                            **{k: v for k, v in r.items() if k != "tokens"},
                            "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
                            "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
@@ -324,7 +331,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
                    "row; +norope / +rope: the fused RoPE off / on; +nocachewrite / +cachewrite: the fused MLA cache "
-                   "step off / on); the first also runs on the INT8 model")
+                   "step off / on; +norouter / +router: the fused router off / on); the first also runs on the INT8 "
+                   "model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")
@@ -337,6 +345,9 @@ def main(argv=None) -> int:
     p.add_argument("--fused-cache-write", default="off", choices=["on", "off"],
                    help="MLA.fused_cache_write (a cache step's latent write and the queries' RoPE in one Triton launch "
                    "per layer on CUDA) for every row; an engine mode's +nocachewrite / +cachewrite overrides it")
+    p.add_argument("--fused-router", default="off", choices=["on", "off"],
+                   help="Router.fused_inference (one Triton launch per router after its logits at inference on CUDA) "
+                   "for every row; an engine mode's +norouter / +router flag overrides it for that row")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)
@@ -354,6 +365,8 @@ def main(argv=None) -> int:
         RotaryEmbedding.fused_inference = args.fused_rope == "on"
     if fused_cache_write() is not None:  # likewise the fused MLA cache step
         MLA.fused_cache_write = args.fused_cache_write == "on"
+    if fused_router() is not None:  # likewise the fused router
+        Router.fused_inference = args.fused_router == "on"
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,3", 8, 6, 1
         args.ppl_seqs, args.ppl_len = 2, 16
@@ -421,6 +434,7 @@ def main(argv=None) -> int:
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                    "fused_norm": fused_norm(), "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
+                   "fused_router": fused_router(),
                    "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)

@@ -5,6 +5,7 @@
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 --modes graph graph+nonorm
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+rope
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+cachewrite
+    PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+router
 
 ``bench_ref`` in bf16 with random weights, B requests of a 64-token random prompt decoding greedily
 through the serving ``Engine`` (CUDA-graph step, optionally the inductor-compiled step). After every
@@ -16,7 +17,8 @@ Mode flags: ``+compile`` (the inductor step), ``+nonorm`` / ``+norm`` (``RMSNorm
 that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` counts the fused norm's launches;
 ``+norope`` / ``+rope`` likewise ``RotaryEmbedding.fused_inference`` (``--fused-rope``, off by default), counted in
 ``rope_kernels_per_step``; ``+nocachewrite`` / ``+cachewrite`` likewise ``MLA.fused_cache_write``
-(``--fused-cache-write``, off by default), counted in ``cache_write_kernels_per_step``.
+(``--fused-cache-write``, off by default), counted in ``cache_write_kernels_per_step``; ``+norouter`` / ``+router``
+``Router.fused_inference`` (``--fused-router``, off by default), counted in ``router_kernels_per_step``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.attention import MLA
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
+from moeflow.models.moe import Router
 from moeflow.models.serving import Engine, SamplingParams
 
 
@@ -45,9 +48,9 @@ def build_model(preset: str) -> MoETransformer:
     return model
 
 
-# mode flag -> the class switch it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite)
+# mode flag -> the class switch it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
-                  "cachewrite": (MLA, "fused_cache_write")}
+                  "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference")}
 
 
 def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
@@ -100,6 +103,8 @@ def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int
             "rope_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_rope_kernel" in k) / steps,
             "fused_cache_write": MLA.fused_cache_write,
             "cache_write_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_mla_prep_kernel" in k) / steps,
+            "fused_router": Router.fused_inference,
+            "router_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_router_kernel" in k) / steps,
             "top": table}
 
 
@@ -117,11 +122,14 @@ def main(argv=None) -> int:
                    "modes without +rope / +norope")
     p.add_argument("--fused-cache-write", default="off", choices=["on", "off"], help="MLA.fused_cache_write for "
                    "modes without +cachewrite / +nocachewrite")
+    p.add_argument("--fused-router", default="off", choices=["on", "off"], help="Router.fused_inference for modes "
+                   "without +router / +norouter")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     RMSNorm.fused_inference = args.fused_norm == "on"
     RotaryEmbedding.fused_inference = args.fused_rope == "on"
     MLA.fused_cache_write = args.fused_cache_write == "on"
+    Router.fused_inference = args.fused_router == "on"
     model = build_model(args.preset)
     rows = []
     for batch in args.batches:
@@ -133,7 +141,9 @@ def main(argv=None) -> int:
                   f"({r['norm_kernels_per_step']:.0f} fused norm launches; fused_norm={r['fused_norm']}; "
                   f"{r['rope_kernels_per_step']:.0f} fused rope launches; fused_rope={r['fused_rope']}; "
                   f"{r['cache_write_kernels_per_step']:.0f} fused cache-write launches; "
-                  f"fused_cache_write={r['fused_cache_write']})", flush=True)
+                  f"fused_cache_write={r['fused_cache_write']}; "
+                  f"{r['router_kernels_per_step']:.0f} fused router launches; fused_router={r['fused_router']})",
+                  flush=True)
             for t in r["top"]:
                 print(f"  {t['us_per_step']:8.1f} us {t['pct']:5.1f}% x{t['per_step']:<5} {t['kernel']}", flush=True)
     if args.out:

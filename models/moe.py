@@ -22,6 +22,9 @@ over the same permuted rows computes the same function. The combine un-permutes 
 takes the gate-weighted sum over the k slots of each token (deterministic, unlike an atomic
 scatter-add).
 
+Router at inference: after the logits GEMV, one Triton launch may compute the scores, the biased top-k and the
+gate weights (kernels/router.py; off by default, ``Router.fused_inference``), the formula's values and choices.
+
 Shape suffixes: T tokens (flattened batch), D hidden, E experts, K experts per token,
 N = T·K routed slots, M padded slots, F expert width, G groups.
 """
@@ -79,6 +82,20 @@ def balanced_assignment(num_tokens: int, k: int, num_experts: int, device) -> to
 class Router(nn.Module):
     """HF ``mlp.gate``: logits and scores in fp32; the bias only chooses, never weighs."""
 
+    # After the logits GEMV, one Triton launch (kernels/router.py) instead of eager's 9 kernels a layer (sigmoid, bias
+    # add, topk's two, gather, sum, add, div, mul) where it is safe, the rules of ``RMSNorm.fused_inference``: no
+    # gradient needed, a device in ``kernel_devices``, not while torch.compile traces (inductor fuses the formula; the
+    # kernel is no op it could trace), Triton importable, plus: no forced or balanced routing, E ≤ 256 (a power of two
+    # with group-limited routing), K ≤ 16, fp32 logits (``kernels.router.kernel_applies``). The formula's choices in its column
+    # order (ties to the lower id) and, on the GPU, its scores and weights bit for bit (CUDA's expf, IEEE divisions,
+    # CUDA ``sum``'s order); generate() and the serving engine both take it, so greedy engine output still equals
+    # generate()'s. Off by default until it has run on a GPU: written and tested in Triton's CPU interpreter only
+    # (2026-12-07); tests/test_router_kernel.py's ``gpu`` tests and benchmarks/bench_decode.py --fused-router on|off
+    # (engine modes "+router" / "+norouter") decide it (issue 13: 63 launches a bench_ref decode step become 7).
+    fused_inference: bool = False
+    # where the kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
+    kernel_devices: tuple[str, ...] = ("cuda",)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_experts, self.k = cfg.num_routed_experts, cfg.num_experts_per_tok
@@ -107,6 +124,9 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, forced_idx_TK: torch.Tensor | None = None) -> RouterOutput:
         """forced_idx_TK (optional) replays given expert choices (e.g. routing replay in RL)."""
         logits_TE = self.logits(x_TD)
+        fused = self._fused(logits_TE, forced_idx_TK)
+        if fused is not None:
+            return RouterOutput(*fused, logits_TE)
         scores_TE = logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
         if forced_idx_TK is not None:
             idx_TK = forced_idx_TK
@@ -120,6 +140,20 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return RouterOutput(idx_TK, weight_TK * self.route_scale, scores_TE, logits_TE)
+
+    def _fused(self, logits_TE: torch.Tensor, forced_idx_TK: torch.Tensor | None):
+        """(idx_TK, weight_TK, scores_TE) from the fused kernel where it may run (``fused_inference``), else None."""
+        # is_compiling first: under torch.compile nothing else is read, so no guard on the switch
+        if (torch.compiler.is_compiling() or not self.fused_inference
+                or logits_TE.device.type not in self.kernel_devices or forced_idx_TK is not None or self.force_balanced):
+            return None
+        from .kernels import router  # imports triton, an optional dependency CPU training need not load
+
+        bias_E = self.e_score_correction_bias if self.use_bias else None
+        groups = (self.n_group, self.topk_group)
+        if not router.kernel_applies(logits_TE, bias_E, self.k, self.score_func, *groups):
+            return None
+        return router.route(logits_TE, bias_E, self.k, self.score_func, self.norm_topk_prob, self.route_scale, *groups)
 
 
 class _GatherTokenSlots(torch.autograd.Function):
