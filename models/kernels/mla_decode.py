@@ -107,18 +107,22 @@ def key_splits(S: int, keys_per_split: int | None = None) -> tuple[int, int]:
 
 def launch_config(num_rows: int, R: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M query rows, BLOCK_S keys, num_warps) of the attention kernel: all of a batch row's H·T rows up to
-    64 (32 for R > 256), at least 16 (a tensor-core tile); 64 keys a block (32 in fp32: twice the bytes); a warp
-    per 16 rows × 256 latent columns of fp32 accumulator (4 to 8 warps)."""
+    64 (32 for R > 256), at least 16 (a tensor-core tile); 64 keys a block (32 in fp32: twice the bytes); 4 warps,
+    8 from a 64 × 256 fp32 accumulator (64 registers a thread). ptxas (sm_90, bench_ref's decode): 255 registers
+    at 4 warps, no spills; 8 warps take 224, 8 warps of 32-key blocks 160 (first guesses, not yet timed)."""
     block_m = min(max(16, triton.next_power_of_2(num_rows)), 64 if R <= 256 else 32)
     block_r = max(16, triton.next_power_of_2(R))
-    return block_m, 32 if dtype == torch.float32 else 64, min(8, max(4, block_m * block_r // 4096))
+    return block_m, 32 if dtype == torch.float32 else 64, 8 if block_m * block_r >= 16384 else 4
 
 
 def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
                          mask_B1TS: torch.Tensor, num_keys: int, scale: float,
-                         keys_per_split: int | None = None) -> torch.Tensor:
+                         keys_per_split: int | None = None, block_s: int | None = None,
+                         num_warps: int | None = None) -> torch.Tensor:
     """o_lat (B, H, T, R), contiguous, in the queries' dtype: the formula of the module docstring over the cache
-    slots [0, num_keys) (see ``kernel_applies`` for the inputs; ``keys_per_split`` overrides ``key_splits``)."""
+    slots [0, num_keys) (see ``kernel_applies`` for the inputs). ``keys_per_split`` overrides ``key_splits``,
+    ``block_s`` (a power of two from 16 dividing the split) and ``num_warps`` ``launch_config``: the benchmark's
+    sweep (benchmarks/bench_mla_decode.py)."""
     if not HAS_TRITON:
         raise RuntimeError("the fused MLA decode attention needs triton, which is not importable here")
     B, H, T, R = q_lat_BHTR.shape
@@ -126,7 +130,10 @@ def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_
     M = H * T
     out_BHTR = torch.empty((B, H, T, R), dtype=q_lat_BHTR.dtype, device=q_lat_BHTR.device)
     split_len, num_splits = key_splits(num_keys, keys_per_split)
-    block_m, block_s, warps = launch_config(M, R, q_lat_BHTR.dtype)
+    block_m, default_block_s, warps = launch_config(M, R, q_lat_BHTR.dtype)
+    block_s, warps = block_s or default_block_s, num_warps or warps
+    if split_len % block_s or block_s < 16 or block_s & (block_s - 1):
+        raise ValueError(f"block_s={block_s}: a power of two from 16 dividing the split's {split_len} keys")
     block_r, block_p = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(P))
     ieee = q_lat_BHTR.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
     if num_splits > 1:
