@@ -33,6 +33,9 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
 - ``engine graph+rope``: likewise the engine with ``RotaryEmbedding.fused_inference`` on (one Triton launch per
   RoPE instead of 9 kernels) where the other rows take the eager formula (``--fused-rope``, off by default);
   ``+norope`` turns it off for a row. Flags combine: ``graph+rope+nonorm``.
+- ``engine graph+mla``: likewise the engine with ``MLA.fused_decode_attention`` on (the absorbed attention's cat,
+  bmm, masked fp32 softmax and second bmm as one Triton launch, two with a key split) where the other rows take
+  the formula (``--fused-mla``, off by default); ``+nomla`` turns it off for a row.
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
@@ -57,6 +60,7 @@ import time
 import torch
 
 from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models.attention import MLA
 from moeflow.models.generation import CudaGraphPool, generate
 from moeflow.models.hf import export_hf
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
@@ -66,8 +70,9 @@ from moeflow.models.serving import Engine, SamplingParams
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
-# engine mode flag -> the class whose ``fused_inference`` it sets: "+norm" on, "+nonorm" off (likewise rope)
-FUSED_SWITCHES = {"norm": RMSNorm, "rope": RotaryEmbedding}
+# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, mla)
+FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
+                  "mla": (MLA, "fused_decode_attention")}
 
 
 def fused_norm() -> bool | None:
@@ -80,20 +85,26 @@ def fused_rope() -> bool | None:
     return getattr(RotaryEmbedding, "fused_inference", None)
 
 
+def fused_mla() -> bool | None:
+    """MLA.fused_decode_attention now (None in trees without the fused decode attention)."""
+    return getattr(MLA, "fused_decode_attention", None)
+
+
 @contextlib.contextmanager
 def fused_kernel_settings(mode: str):
-    """The fused norm / RoPE switches for one engine row: off with the mode flag "+nonorm" / "+norope", on with
-    "+norm" / "+rope", else as ``--fused-norm`` / ``--fused-rope`` set them. A no-op for a switch the tree lacks."""
+    """The fused norm / RoPE / MLA-attention switches for one engine row: off with the mode flag "+nonorm" /
+    "+norope" / "+nomla", on with "+norm" / "+rope" / "+mla", else as ``--fused-norm`` / ``--fused-rope`` /
+    ``--fused-mla`` set them. A no-op for a switch the tree lacks."""
     flags = mode.split("+")[1:]
-    saved = {cls: cls.fused_inference for cls in FUSED_SWITCHES.values() if hasattr(cls, "fused_inference")}
-    for name, cls in FUSED_SWITCHES.items():
-        if cls in saved and (name in flags or "no" + name in flags):
-            cls.fused_inference = name in flags
+    saved = {(cls, attr): getattr(cls, attr) for cls, attr in FUSED_SWITCHES.values() if hasattr(cls, attr)}
+    for name, (cls, attr) in FUSED_SWITCHES.items():
+        if (cls, attr) in saved and (name in flags or "no" + name in flags):
+            setattr(cls, attr, name in flags)
     try:
         yield
     finally:
-        for cls, old in saved.items():
-            cls.fused_inference = old
+        for (cls, attr), old in saved.items():
+            setattr(cls, attr, old)
 
 
 def log(msg: str) -> None:
@@ -266,7 +277,7 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
                     step_bytes = decode_bytes_per_step(m, B, args.prompt_len + args.new_tokens / 2)
                     row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "fused_norm": fused_norm(),
-                           "fused_rope": fused_rope(),
+                           "fused_rope": fused_rope(), "fused_mla": fused_mla(),
                            **{k: v for k, v in r.items() if k != "tokens"},
                            "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
                            "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
@@ -311,7 +322,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
-                   "row; +norope / +rope: the fused RoPE off / on); the first also runs on the INT8 model")
+                   "row; +norope / +rope: the fused RoPE off / on; +nomla / +mla: the fused MLA decode attention off / "
+                   "on); the first also runs on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")
@@ -321,6 +333,9 @@ def main(argv=None) -> int:
     p.add_argument("--fused-rope", default="off", choices=["on", "off"],
                    help="RotaryEmbedding.fused_inference (one Triton launch per RoPE at inference on CUDA) for every "
                    "row; an engine mode's +norope / +rope flag overrides it for that row")
+    p.add_argument("--fused-mla", default="off", choices=["on", "off"],
+                   help="MLA.fused_decode_attention (the absorbed decode attention in one or two Triton launches on "
+                   "CUDA) for every row; an engine mode's +nomla / +mla flag overrides it for that row")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)
@@ -336,6 +351,8 @@ def main(argv=None) -> int:
         RMSNorm.fused_inference = args.fused_norm == "on"
     if fused_rope() is not None:  # likewise the fused RoPE
         RotaryEmbedding.fused_inference = args.fused_rope == "on"
+    if fused_mla() is not None:  # and the fused MLA decode attention
+        MLA.fused_decode_attention = args.fused_mla == "on"
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,3", 8, 6, 1
         args.ppl_seqs, args.ppl_len = 2, 16
@@ -402,7 +419,7 @@ def main(argv=None) -> int:
                    "tokens_per_s": B * args.new_tokens / t_full,
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                   "fused_norm": fused_norm(), "fused_rope": fused_rope(),
+                   "fused_norm": fused_norm(), "fused_rope": fused_rope(), "fused_mla": fused_mla(),
                    "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)

@@ -4,6 +4,7 @@
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+compile
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 --modes graph graph+nonorm
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+rope
+    PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+mla
 
 ``bench_ref`` in bf16 with random weights, B requests of a 64-token random prompt decoding greedily
 through the serving ``Engine`` (CUDA-graph step, optionally the inductor-compiled step). After every
@@ -14,7 +15,8 @@ kernels of a few µs) and a bandwidth-bound one (few kernels near the copy bandw
 Mode flags: ``+compile`` (the inductor step), ``+nonorm`` / ``+norm`` (``RMSNorm.fused_inference`` off / on for
 that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` counts the fused norm's launches;
 ``+norope`` / ``+rope`` likewise ``RotaryEmbedding.fused_inference`` (``--fused-rope``, off by default), counted in
-``rope_kernels_per_step``.
+``rope_kernels_per_step``; ``+nomla`` / ``+mla`` likewise ``MLA.fused_decode_attention`` (``--fused-mla``, off by
+default), its launches (attention and combine kernels) counted in ``mla_kernels_per_step``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models.attention import MLA
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
 from moeflow.models.serving import Engine, SamplingParams
 
@@ -42,21 +45,22 @@ def build_model(preset: str) -> MoETransformer:
     return model
 
 
-# mode flag -> the class whose ``fused_inference`` it sets: "+norm" on, "+nonorm" off (likewise rope)
-FUSED_SWITCHES = {"norm": RMSNorm, "rope": RotaryEmbedding}
+# mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, mla)
+FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
+                  "mla": (MLA, "fused_decode_attention")}
 
 
 def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
     decode_mode, *flags = mode.split("+")
-    defaults = {cls: cls.fused_inference for cls in FUSED_SWITCHES.values()}
-    for name, cls in FUSED_SWITCHES.items():
+    defaults = {(cls, attr): getattr(cls, attr) for cls, attr in FUSED_SWITCHES.values()}
+    for name, (cls, attr) in FUSED_SWITCHES.items():
         if name in flags or "no" + name in flags:
-            cls.fused_inference = name in flags
+            setattr(cls, attr, name in flags)
     try:
         return _profile(model, batch, mode, steps, prompt_len, top)
     finally:
-        for cls, old in defaults.items():
-            cls.fused_inference = old
+        for (cls, attr), old in defaults.items():
+            setattr(cls, attr, old)
 
 
 def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
@@ -93,6 +97,8 @@ def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int
             "norm_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "rms_norm" in k) / steps,
             "fused_rope": RotaryEmbedding.fused_inference,
             "rope_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_rope_kernel" in k) / steps,
+            "fused_mla": MLA.fused_decode_attention,
+            "mla_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_mla_" in k) / steps,
             "top": table}
 
 
@@ -108,10 +114,13 @@ def main(argv=None) -> int:
                    "without +norm / +nonorm")
     p.add_argument("--fused-rope", default="off", choices=["on", "off"], help="RotaryEmbedding.fused_inference for "
                    "modes without +rope / +norope")
+    p.add_argument("--fused-mla", default="off", choices=["on", "off"], help="MLA.fused_decode_attention for "
+                   "modes without +mla / +nomla")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     RMSNorm.fused_inference = args.fused_norm == "on"
     RotaryEmbedding.fused_inference = args.fused_rope == "on"
+    MLA.fused_decode_attention = args.fused_mla == "on"
     model = build_model(args.preset)
     rows = []
     for batch in args.batches:
@@ -121,7 +130,8 @@ def main(argv=None) -> int:
             print(f"## batch {batch} {mode}: wall {r['wall_ms_per_step']:.3f} ms/step, GPU busy "
                   f"{r['gpu_busy_ms_per_step']:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step "
                   f"({r['norm_kernels_per_step']:.0f} fused norm launches; fused_norm={r['fused_norm']}; "
-                  f"{r['rope_kernels_per_step']:.0f} fused rope launches; fused_rope={r['fused_rope']})", flush=True)
+                  f"{r['rope_kernels_per_step']:.0f} fused rope launches; fused_rope={r['fused_rope']}; "
+                  f"{r['mla_kernels_per_step']:.0f} fused mla launches; fused_mla={r['fused_mla']})", flush=True)
             for t in r["top"]:
                 print(f"  {t['us_per_step']:8.1f} us {t['pct']:5.1f}% x{t['per_step']:<5} {t['kernel']}", flush=True)
     if args.out:

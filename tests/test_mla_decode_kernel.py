@@ -38,7 +38,7 @@ ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-23
 @pytest.fixture(scope="module")
 def mk():
     """kernels.mla_decode with runnable kernels: compiled on CUDA, interpreted on the CPU (else skip)."""
-    return triton_kernels("mla_decode", "_attention_kernel", "_combine_kernel")
+    return triton_kernels("mla_decode", "_mla_decode_kernel", "_mla_combine_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -361,12 +361,12 @@ def build(fn, types, constexprs, warps):
 
 
 # (name, H, T, R, P, S, dtype): bench_ref decode (one split at S 128; split at 2,048), T = 2 and 4 (64 rows, 8
-# warps), fp32,
-# DeepSeek-V3 (128 heads, R 512, P 64: 32-row blocks), the tiny model (padded dots)
-for name, H, T, R, P, S, ty in [("bench_ref", 16, 1, 256, 32, 128, "bf16"), ("bench_ref_split", 16, 1, 256, 32, 2048, "bf16"),
-                                ("bench_ref_t2", 16, 2, 256, 32, 2048, "bf16"), ("bench_ref_t4", 16, 4, 256, 32, 128, "bf16"),
-                                ("fp32", 16, 1, 256, 32, 2048, "fp32"),
-                                ("v3", 128, 1, 512, 64, 4096, "bf16"), ("tiny", 4, 1, 32, 8, 300, "fp16")]:
+# warps), fp32, DeepSeek-V3 (128 heads, R 512, P 64: 32-row blocks), the tiny model (padded dots)
+CASES = [("bench_ref", 16, 1, 256, 32, 128, "bf16"), ("bench_ref_split", 16, 1, 256, 32, 2048, "bf16"),
+         ("bench_ref_t2", 16, 2, 256, 32, 2048, "bf16"), ("bench_ref_t4", 16, 4, 256, 32, 128, "bf16"),
+         ("fp32", 16, 1, 256, 32, 2048, "fp32"), ("v3", 128, 1, 512, 64, 4096, "bf16"),
+         ("tiny", 4, 1, 32, 8, 300, "fp16")]
+for name, H, T, R, P, S, ty in CASES:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ty]
     split_len, num_splits = mk.key_splits(S)
     block_m, block_s, warps = mk.launch_config(H * T, R, dtype)
@@ -375,20 +375,22 @@ for name, H, T, R, P, S, ty in [("bench_ref", 16, 1, 256, 32, 128, "bf16"), ("be
              "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
     constexprs = {"SPLIT_LEN": split_len, "R": R, "P": P, "BLOCK_M": block_m, "BLOCK_S": block_s,
                   "BLOCK_R": block_r, "BLOCK_P": block_p, "SPLIT": num_splits > 1, "IEEE": ty == "fp32"}
-    report[name] = build(mk._attention_kernel, types, constexprs, warps)
+    report[name] = build(mk._mla_decode_kernel, types, constexprs, warps)
     report[name]["warps"] = warps
     if num_splits > 1:
         comb = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{ty}"}
-        report[name + "_combine"] = build(mk._combine_kernel, comb, {"R": R, "BLOCK_N": triton.next_power_of_2(num_splits),
-                                          "BLOCK_R": block_r}, min(8, max(1, num_splits * block_r // 1024)))
+        block_n, combine_warps = mk.combine_config(num_splits, R)
+        report[name + "_combine"] = build(mk._mla_combine_kernel, comb, {"R": R, "BLOCK_N": block_n,
+                                          "BLOCK_R": block_r}, combine_warps)
 print(json.dumps(report))
 """
 
 
 def test_kernels_compile_for_sm90_on_tensor_cores_without_spills(mk):
     """The interpreter is lenient: compile both kernels for sm_90 (Triton's own ptxas, no GPU needed) at bench_ref's
-    decode shapes (one split; 16 splits and the combine; T = 2 and 4), fp32, DeepSeek-V3's and the tiny model's. No
-    spills; the bf16/fp16 dots on tensor cores (HMMA, or HGMMA for 64-row tiles), the fp32 one not (ieee: FFMA, never tf32); exp on MUFU."""
+    decode shapes (one split; 16 splits and the combine; T = 2 and 4), fp32, DeepSeek-V3's and the tiny model's.
+    No spills; the bf16/fp16 dots on tensor cores (HMMA, or HGMMA for 64-row tiles), the fp32 one not (ieee:
+    FFMA, never tf32); exp on MUFU."""
     report = sm90_compile_report(_COMPILE_FOR_SM90)
     assert set(report) == {"bench_ref", "bench_ref_split", "bench_ref_split_combine", "bench_ref_t2", "bench_ref_t4",
                            "bench_ref_t2_combine", "fp32", "fp32_combine", "v3", "v3_combine", "tiny",

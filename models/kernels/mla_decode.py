@@ -115,6 +115,13 @@ def launch_config(num_rows: int, R: int, dtype: torch.dtype) -> tuple[int, int, 
     return block_m, 32 if dtype == torch.float32 else 64, 8 if block_m * block_r >= 16384 else 4
 
 
+def combine_config(num_splits: int, R: int) -> tuple[int, int]:
+    """(BLOCK_N splits, num_warps) of the combine kernel: every split of a row in one tile, a warp per 1,024
+    accumulator values (bench_ref at 16 splits: 4 warps)."""
+    block_n = triton.next_power_of_2(num_splits)
+    return block_n, min(8, max(1, block_n * max(16, triton.next_power_of_2(R)) // 1024))
+
+
 def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
                          mask_B1TS: torch.Tensor, num_keys: int, scale: float,
                          keys_per_split: int | None = None, block_s: int | None = None,
@@ -144,15 +151,15 @@ def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_
         m_BNM = l_BNM = acc_BNMR = torch.empty(1, dtype=torch.float32, device=q_lat_BHTR.device)
     mask_B1TS = mask_B1TS.view(torch.uint8)  # the same bytes, a pointer type Triton loads on every backend
     grid = (B, num_splits, triton.cdiv(M, block_m))
-    _attention_kernel[grid](
+    _mla_decode_kernel[grid](
         q_lat_BHTR, *q_lat_BHTR.stride(), q_rot_BTHP, *q_rot_BTHP.stride(), kv_BSX, *kv_BSX.stride(),
         mask_B1TS, mask_B1TS.stride(0), mask_B1TS.stride(2), mask_B1TS.stride(3), out_BHTR, m_BNM, l_BNM, acc_BNMR,
         float(scale), num_keys, num_splits, T, M, SPLIT_LEN=split_len, R=R, P=P, BLOCK_M=block_m, BLOCK_S=block_s,
         BLOCK_R=block_r, BLOCK_P=block_p, SPLIT=num_splits > 1, IEEE=ieee, num_warps=warps)
     if num_splits > 1:
-        _combine_kernel[(B * M,)](m_BNM, l_BNM, acc_BNMR, out_BHTR, num_splits, M, R=R,
-                                  BLOCK_N=triton.next_power_of_2(num_splits), BLOCK_R=block_r,
-                                  num_warps=min(8, max(1, num_splits * block_r // 1024)))
+        block_n, combine_warps = combine_config(num_splits, R)
+        _mla_combine_kernel[(B * M,)](m_BNM, l_BNM, acc_BNMR, out_BHTR, num_splits, M, R=R, BLOCK_N=block_n,
+                                      BLOCK_R=block_r, num_warps=combine_warps)
     return out_BHTR
 
 
@@ -169,14 +176,14 @@ if HAS_TRITON:
             return tl.dot(a, b, acc)
 
     @triton.jit
-    def _attention_kernel(ql_ptr, ql_sb, ql_sh, ql_st, ql_sr, qr_ptr, qr_sb, qr_st, qr_sh, qr_sp,
+    def _mla_decode_kernel(ql_ptr, ql_sb, ql_sh, ql_st, ql_sr, qr_ptr, qr_sb, qr_st, qr_sh, qr_sp,
                           kv_ptr, kv_sb, kv_ss, kv_sx, mask_ptr, mask_sb, mask_st, mask_ss,
                           out_ptr, m_ptr, l_ptr, acc_ptr, scale, S, num_splits, T, M, SPLIT_LEN: tl.constexpr,
                           R: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
         """One program per (batch row b, key split, block of query rows): the online softmax over the split's keys
         [split · SPLIT_LEN, min(S, (split + 1) · SPLIT_LEN)); the normalised rows (rounded to the queries' dtype),
-        or with SPLIT the split's running max, sum and fp32 accumulator for ``_combine_kernel``."""
+        or with SPLIT the split's running max, sum and fp32 accumulator for ``_mla_combine_kernel``."""
         b = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         m_M = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # query row m = h·T + t
@@ -235,7 +242,7 @@ if HAS_TRITON:
                      mask=rows_M[:, None] & (r_R < R)[None, :])
 
     @triton.jit
-    def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, M, R: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _mla_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, M, R: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_R: tl.constexpr):
         """One program per row b·M + m of the (B·M, R) output: the splits' accumulators rescaled to their common
         max, summed in split order (a tree fixed by the shape), divided by the sums rescaled alike. A split without
