@@ -137,6 +137,33 @@ def test_bench_ref_shape_against_the_formula_and_float64(mk, device, dtype):
     _check(mk, q_lat, q_rot, kv, _ragged_mask(1, 2, 70, device, seed=10), 70, 96**-0.5)
 
 
+def _rounding_model(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale, round_numerators=True):
+    """The kernel's function in float64 for keys in ONE block (the running max is then the row's max): exact
+    scores, numerators exp(score − max) rounded to the value dtype (``round_numerators``), divided by the sum of
+    the unrounded ones, the output rounded once."""
+    R = q_lat_BHTR.shape[-1]
+    k_BSX = kv_BSX[:, :num_keys].double()
+    q_BHTX = torch.cat([q_lat_BHTR.double(), q_rot_BTHP.double().transpose(1, 2)], dim=-1)
+    score_BHTS = (torch.einsum("bhtx,bsx->bhts", q_BHTX, k_BSX) * scale).masked_fill(~mask_B1TS, float("-inf"))
+    p_BHTS = torch.exp(score_BHTS - score_BHTS.amax(-1, keepdim=True))
+    rounded_BHTS = p_BHTS.to(q_lat_BHTR.dtype).double() if round_numerators else p_BHTS
+    o_BHTR = torch.einsum("bhts,bsr->bhtr", rounded_BHTS, k_BSX[..., :R]) / p_BHTS.sum(-1, keepdim=True)
+    return o_BHTR.to(q_lat_BHTR.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_block_rounds_where_the_docstring_says(mk, device, dtype):
+    """Up to 64 keys (one block, one split) the kernel's function is known exactly: modelled in float64, it gives
+    the kernel's output bit for bit (all but a rare tie of the final rounding); the same model with unrounded
+    probabilities misses about a third of the outputs (so this sees the rounding point)."""
+    q_lat, q_rot, kv = _inputs(2, 16, 1, 64, 32, 60, dtype, device, seed=13)
+    mask = _ragged_mask(2, 1, 60, device, seed=14)
+    got = mk.mla_decode_attention(q_lat, q_rot, kv, mask, 60, 0.1)
+    model = _rounding_model(q_lat, q_rot, kv, mask, 60, 0.1)
+    assert (got == model).float().mean().item() >= 0.99
+    assert (got == _rounding_model(q_lat, q_rot, kv, mask, 60, 0.1, round_numerators=False)).float().mean() < 0.9
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on 0/0
 def test_fully_masked_rows_are_nan_as_in_the_formula(mk, device):
     """A query with no allowed key: NaN across R, as the formula's softmax of −inf everywhere (the model never
