@@ -187,9 +187,10 @@ def test_splits_agree_and_rows_are_batch_invariant(mk, device):
     outs = [_check(mk, q_lat, q_rot, kv, mask, 260, 0.1, keys_per_split=n) for n in (64, 128, 320)]
     assert mk.key_splits(260, 64)[1] == 5 and mk.key_splits(260, 320)[1] == 1
     assert not torch.equal(outs[0], outs[2])  # different sum orders: the splits really ran
+    batch = mk.mla_decode_attention(q_lat, q_rot, kv, mask, 260, 0.1)  # the default split
     for b in range(3):
         one = mk.mla_decode_attention(q_lat[b:b + 1], q_rot[b:b + 1], kv[b:b + 1], mask[b:b + 1], 260, 0.1)
-        assert torch.equal(one[0], outs[1][b]), b
+        assert torch.equal(one[0], batch[b]), b
 
 
 def test_key_splits_table(mk):
@@ -272,7 +273,8 @@ def test_cpu_takes_the_formula_by_default(mk, monkeypatch):
 def test_model_decodes_through_the_kernel_close_to_the_formula(mk, device, monkeypatch):
     """The tiny model end to end (prefill of up to 5 tokens + cached decode): every layer of every cached forward
     takes the kernel; greedy tokens equal the formula's, log-probs close (fp32: the sums' order only). A prefill
-    past ``MAX_T`` tokens keeps the formula, and so does a forward that needs a gradient."""
+    past ``MAX_T`` tokens keeps the formula, and so do calls past ``absorbed_bmm_max_scores`` and a forward that
+    needs a gradient."""
     from moeflow.models.generation import generate
 
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
@@ -293,7 +295,10 @@ def test_model_decodes_through_the_kernel_close_to_the_formula(mk, device, monke
     long_prompt = list(range(1, mk.MAX_T + 3))
     generate(model, [long_prompt], 2)
     assert counted.calls == L  # the 18-token prefill: the formula; the one decode step: the kernel
+    monkeypatch.setattr(MLA, "absorbed_bmm_max_scores", 2)  # every call past the bmm branch: the SDPA branch
     _Counted(mk, monkeypatch, raise_on_call=True)
+    generate(model, [[5, 6, 7]], 2)
+    monkeypatch.setattr(MLA, "absorbed_bmm_max_scores", 2**25)
     cache = model.new_cache(1, 16)
     with torch.enable_grad():
         ids = torch.tensor([[5, 6, 7]], device=device)
