@@ -10,7 +10,9 @@ The function (shape suffixes: B batch, H heads, T new tokens, S keys = ``num_key
 M = H·T query rows of one batch row, m = h·T + t as in the formula's ``(B, H·T, R + P)`` view; NS key splits):
     score[m, s] = (q_lat[b, h, t] · kv[b, s, :R] + q_rot[b, t, h] · kv[b, s, R:]) · scale   (fp32 sums)
     score[m, s] = −inf where not mask[b, 0, t, s]
-    o_lat[b, h, t] = Σ_s round(p[m, s]) · kv[b, s, :R] / Σ_s p[m, s]         (fp32 sums, rounded once at the end)
+    o_lat[b, h, t] = Σ_s round(p[m, s]) · kv[b, s, :R] / Σ_s p[m, s]   (fp32 sums, an IEEE division (``div_rn``,
+                                                                        not the GPU's approximate one), rounded
+                                                                        once at the end)
 with p the softmax's numerators exp(score − running max), taken in fp32 (online softmax). ``round`` is to the
 value dtype (the cache's = the queries'), as the formula rounds its probabilities before its second bmm.
 What differs from the formula, besides the order of the fp32 sums:
@@ -25,15 +27,19 @@ A NaN in a masked cache slot reaches the output in both (probability 0 times NaN
 
 Occupancy and the split (flash-decoding): the latent is ONE key/value head shared by all heads, so a program
 takes a batch row's H·T query rows together (the M side of tensor-core dots, ≥ 16 rows: bench_ref's 16 heads
-at T = 1 fill exactly one m16 tile) against a block of keys, reading each key once for all heads. At batch 1 that
-is one program per key split: with the keys in one program a batch-1 step of 2,048 keys is a single SM walking
-32 blocks while 131 idle. So the keys are split (``key_splits``: up to ``MAX_SPLITS`` splits of at least
-``MIN_KEYS_PER_SPLIT`` keys) and a second launch combines the splits' (max, sum, accumulator) rows; a call of one
-split (up to 128 keys: the engine's first two width buckets) writes its output directly, one launch. The split
-depends on S only, never on B: a row's result (its sum order) does not depend on how many rows the call has, so
-a batch of requests gets each request's batch-1 values bit for bit (tested). At batch 32 the splits cost a write
-and a read of NS · M · R fp32 partials per batch row (at S = 2,048: 16 × 16 × 256 × 4 B = 256 KB, against its
-1.2 MB of cache): benchmarks/bench_mla_decode.py times other splits (``--keys-per-split``).
+at T = 1 fill exactly one m16 tile) against a block of keys, reading each key once for all heads. So at batch 1
+there is one program per key split, and without a split a batch-1 call of 2,048 keys is one SM walking 32 key
+blocks one after the other while 131 SMs idle. The call reads little (2,048 × 576 B = 1.2 MB a layer, under a µs
+at the H100's bandwidth): it is bound by that serial walk, not by bandwidth, so what the split buys is a short
+walk per program rather than every SM busy. The keys are split (``key_splits``: up to ``MAX_SPLITS`` = 16 splits
+of at least ``MIN_KEYS_PER_SPLIT`` = 128 keys, i.e. two blocks of 64 a program up to 2,048 keys) and a second
+launch combines the splits' (max, sum, accumulator) rows; a call of one split (up to 128 keys: the engine's first
+two width buckets) writes its output directly, one launch. At batch 32 the B × NS programs (512 at 2,048 keys)
+fill the GPU anyway; there the splits cost a write and a read of NS · M · R fp32 partials per batch row (at
+S = 2,048: 16 × 16 × 256 × 4 B = 256 KB, against its 1.2 MB of cache). The split depends on S only, never on B:
+a row's result (its sum order) does not depend on how many rows the call has, so a batch of requests gets each
+request's batch-1 values bit for bit (tested). These are first guesses, not timed: benchmarks/bench_mla_decode.py
+--sweep times other splits, key blocks and warps.
 
 Capture-safe: no host synchronisation (every size comes from shapes and ``num_keys``, a Python int), outputs and
 partials allocated by the caller's allocator (a CUDA graph's pool). Not registered as a torch op: ``MLA`` calls it
@@ -237,7 +243,7 @@ if HAS_TRITON:
             tl.store(acc_ptr + part_M.to(tl.int64)[:, None] * R + r_R[None, :], acc_MR,
                      mask=rows_M[:, None] & (r_R < R)[None, :])
         else:  # a row without an allowed key: 0 / 0 = NaN, as the formula's softmax (padding rows divide by 1)
-            o_MR = rounded(acc_MR / tl.where(rows_M, sum_M, 1.0)[:, None], out_ty)
+            o_MR = rounded(tl.math.div_rn(acc_MR, tl.where(rows_M, sum_M, 1.0)[:, None]), out_ty)
             tl.store(out_ptr + (b * M + m_M)[:, None] * R + r_R[None, :], o_MR.to(out_ty),
                      mask=rows_M[:, None] & (r_R < R)[None, :])
 
@@ -259,5 +265,5 @@ if HAS_TRITON:
         acc_NR = tl.load(acc_ptr + part_N[:, None] * R + r_R[None, :], mask=splits_N[:, None] & (r_R < R)[None, :],
                          other=0.0)
         out_ty = out_ptr.dtype.element_ty
-        o_R = rounded(tl.sum(weight_N[:, None] * acc_NR, axis=0) / total, out_ty)
+        o_R = rounded(tl.math.div_rn(tl.sum(weight_N[:, None] * acc_NR, axis=0), total), out_ty)
         tl.store(out_ptr + row * R + r_R, o_R.to(out_ty), mask=r_R < R)
