@@ -19,6 +19,7 @@ Shape suffixes as in models/attention.py: B batch, H heads, T new tokens, S keys
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -234,16 +235,18 @@ def test_kernel_applies_table(mk):
 
 # --------------------------------------------------------------------------- where MLA takes it
 class _Counted:
-    """Replaces the kernel entry with a counting wrapper (``raise_on_call``: fail instead)."""
+    """Replaces the kernel entry with a counting wrapper (``raise_on_call``: fail instead); ``op_calls`` counts the
+    calls that came through the custom op (a compiled graph's)."""
 
     def __init__(self, mk, monkeypatch, raise_on_call=False):
-        self.calls = 0
+        self.calls = self.op_calls = 0
         real = mk.mla_decode_attention
 
         def wrapper(*args, **kw):
             if raise_on_call:
                 raise AssertionError("the MLA decode kernel was called where the formula was expected")
             self.calls += 1
+            self.op_calls += sys._getframe(1).f_code.co_name == "mla_decode_attention_op"
             return real(*args, **kw)
 
         monkeypatch.setattr(mk, "mla_decode_attention", wrapper)
@@ -340,26 +343,53 @@ def test_engine_equals_generate_with_the_kernel(mk, device, monkeypatch):
         assert got[i] == generate(model, [p], 5).tokens[0], f"request {i}"
 
 
-def test_torch_compile_traces_the_formula(mk, device, monkeypatch):
-    """Under torch.compile the formula is traced (inductor compiles it), never the kernel, even where eager would
-    take it: the FX graph holds the bmm's and the softmax, the kernel entry is not called."""
+def test_torch_compile_keeps_the_op_opaque(mk, device, monkeypatch):
+    """Under torch.compile the kernel is the custom op ``moeflow.mla_decode_attention`` in the FX graph (no bmm, no
+    softmax: opaque to the compiler, run by the launcher), with the eager kernel's logits; switched off, the graph
+    holds the formula."""
+    monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
+    model = _tiny_model(device)
+    ids = torch.tensor([[5, 6, 7]], device=device)
+    for fused in (True, False):
+        monkeypatch.setattr(MLA, "fused_decode_attention", fused)
+        counted = _Counted(mk, monkeypatch)
+        graphs = []
+
+        def keep_graph(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(model, backend=keep_graph)(ids, cache=model.new_cache(1, 8)).logits
+            want = model(ids, cache=model.new_cache(1, 8)).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert counted.op_calls == (model.cfg.num_layers if fused else 0)
+        targets = " ".join(str(node.target) for gm in graphs for node in gm.graph.nodes)
+        assert ("moeflow.mla_decode_attention" in targets) == fused, targets
+        assert ("softmax" in targets) != fused, targets
+
+
+@pytest.mark.slow  # ~30 s: dynamo + aot_eager compile the step for several buckets
+def test_compiled_engine_equals_generate_with_the_op(mk, device, monkeypatch):
+    """The serving engine's static step compiled (aot_eager: traced, functionalized, the op through its fake, the
+    engine's buckets recompiling with symbolic shapes) with the kernel on: each request's greedy tokens equal
+    generate()'s eager ones (which take the launcher directly)."""
+    from moeflow.models.generation import generate
+    from moeflow.models.serving import Engine
+
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
     monkeypatch.setattr(MLA, "fused_decode_attention", True)
-    _Counted(mk, monkeypatch, raise_on_call=True)
+    counted = _Counted(mk, monkeypatch)
     model = _tiny_model(device)
-    cache = model.new_cache(1, 8)
-    graphs = []
-
-    def keep_graph(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
     torch._dynamo.reset()
-    ids = torch.tensor([[5, 6, 7]], device=device)
-    with torch.no_grad():
-        torch.compile(model, backend=keep_graph)(ids, cache=cache)
-    targets = " ".join(str(node.target) for gm in graphs for node in gm.graph.nodes)
-    assert "bmm" in targets and "softmax" in targets, targets
+    engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static", compile="aot_eager")
+    got = engine_greedy_tokens(engine, prompts, 5)
+    assert counted.op_calls > 0  # the compiled decode steps' (the prefill runs eagerly)
+    for i, p in enumerate(prompts):
+        assert got[i] == generate(model, [p], 5).tokens[0], f"request {i}"
 
 
 # --------------------------------------------------------------------------- compiled for the GPU
@@ -409,7 +439,7 @@ for name, H, T, R, P, S, ty in CASES:
                   "BLOCK_R": block_r, "BLOCK_P": block_p, "SPLIT": num_splits > 1, "IEEE": ty == "fp32"}
     report[name] = build(mk._mla_decode_kernel, types, constexprs, warps)
     report[name]["warps"] = warps
-    if num_splits > 1:
+    if name in ("bench_ref_split", "v3"):  # the combine's shapes: bench_ref's 16 splits of R 256, V3's of R 512
         comb = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{ty}"}
         block_n, combine_warps = mk.combine_config(num_splits, R)
         report[name + "_combine"] = build(mk._mla_combine_kernel, comb, {"R": R, "BLOCK_N": block_n,
@@ -425,8 +455,7 @@ def test_kernels_compile_for_sm90_on_tensor_cores_without_spills(mk):
     FFMA, never tf32); exp on MUFU."""
     report = sm90_compile_report(_COMPILE_FOR_SM90)
     assert set(report) == {"bench_ref", "bench_ref_split", "bench_ref_split_combine", "bench_ref_t2", "bench_ref_t4",
-                           "bench_ref_t2_combine", "fp32", "fp32_combine", "v3", "v3_combine", "tiny",
-                           "tiny_combine"}, report
+                           "fp32", "v3", "v3_combine", "tiny"}, report
     assert all(r["LOCAL"] == 0 and r["REG"] <= 255 for r in report.values()), report
     attention = [k for k in report if not k.endswith("_combine")]
     assert all(report[k]["mma"] > 0 for k in attention if k != "fp32"), report

@@ -42,9 +42,11 @@ request's batch-1 values bit for bit (tested). These are first guesses, not time
 --sweep times other splits, key blocks and warps.
 
 Capture-safe: no host synchronisation (every size comes from shapes and ``num_keys``, a Python int), outputs and
-partials allocated by the caller's allocator (a CUDA graph's pool). Not registered as a torch op: ``MLA`` calls it
-only outside ``torch.compile`` (inductor then compiles the formula) and only when no gradient is needed (there is
-no backward).
+partials allocated by the caller's allocator (a CUDA graph's pool). Under ``torch.compile`` ``MLA`` calls it as the
+custom op ``torch.ops.moeflow.mla_decode_attention``, opaque to the compiler (its fake gives the output's shape;
+at run time it is this launcher, with concrete sizes, so symbolic shapes of the engine's buckets need nothing
+here): inductor has no fused kernel for the formula's two bmm's, and the compiled engine step then runs the same
+launches as the eager one. No autograd formula: ``MLA`` takes it only when no gradient is needed.
 
 Triton is optional: without it ``HAS_TRITON`` is False and ``MLA`` keeps the formula. On a CPU, set
 ``TRITON_INTERPRET=1`` before this module is imported to run the kernels in Triton's interpreter (the tests do;
@@ -171,6 +173,16 @@ def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_
 
 if HAS_TRITON:
     from .triton_rounding import rounded
+
+    @torch.library.custom_op("moeflow::mla_decode_attention", mutates_args=())
+    def mla_decode_attention_op(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
+                                mask_B1TS: torch.Tensor, num_keys: int, scale: float) -> torch.Tensor:
+        """``mla_decode_attention`` as an op ``torch.compile`` keeps opaque (the launcher, looked up at call time)."""
+        return mla_decode_attention(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale)
+
+    @mla_decode_attention_op.register_fake
+    def _mla_decode_attention_fake(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale):
+        return q_lat_BHTR.new_empty(q_lat_BHTR.shape)  # contiguous (B, H, T, R) in the queries' dtype
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
