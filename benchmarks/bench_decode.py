@@ -35,7 +35,8 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
   ``+norope`` turns it off for a row. Flags combine: ``graph+rope+nonorm``.
 - ``engine graph+mla``: likewise the engine with ``MLA.fused_decode_attention`` on (the absorbed attention's cat,
   bmm, masked fp32 softmax and second bmm as one Triton launch, two with a key split) where the other rows take
-  the formula (``--fused-mla``, off by default); ``+nomla`` turns it off for a row.
+  the formula (``--fused-mla``, off by default); ``+nomla`` turns it off for a row. Under ``+compile`` it runs as
+  a custom op the compiler keeps opaque: ``graph+compile+mla`` is the compiled step's peer row.
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live

@@ -8,7 +8,8 @@
 #      (SWEEP=1 adds other key splits, key blocks and warps);
 #   3. bench_decode.py --engine --engine-only: graph (the default: fused norm on, RoPE and MLA attention off) and
 #      graph+mla (the same engine with MLA.fused_decode_attention on: the peer row, same run), batch 1 and 32
-#      (MODES=graph,graph+rope,graph+rope+mla to stack it on the fused RoPE);
+#      (MODES=graph,graph+rope,graph+rope+mla to stack it on the fused RoPE; graph+compile,graph+compile+mla for the
+#      inductor step, where it runs as an opaque custom op: allow T_DECODE=400 for the compilations);
 #   4. profile_decode.py: kernels per step and fused-MLA launches, graph vs graph+mla, batch 1 and 32.
 # If the engine rows gain and the tests pass, turn MLA.fused_decode_attention on (models/attention.py) with the
 # numbers, as RMSNorm's was.
