@@ -38,6 +38,10 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
   (``--fused-cache-write``, off by default); ``+nocachewrite`` turns it off for a row.
 - ``engine graph+router``: likewise ``Router.fused_inference`` (one Triton launch per router after its logits GEMV
   instead of 9 kernels; ``--fused-router``, off by default; ``+norouter`` turns it off for a row).
+- ``engine graph+mla``: likewise the engine with ``MLA.fused_decode_attention`` on (the absorbed attention's cat,
+  bmm, masked fp32 softmax and second bmm as one Triton launch, two with a key split) where the other rows take
+  the formula (``--fused-mla``, off by default); ``+nomla`` turns it off for a row. Under ``+compile`` it runs as
+  a custom op the compiler keeps opaque: ``graph+compile+mla`` is the compiled step's peer row.
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
@@ -73,9 +77,10 @@ from moeflow.models.serving import Engine, SamplingParams
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
-# engine mode flag -> the class switch it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router)
+# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
-                  "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference")}
+                  "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
+                  "mla": (MLA, "fused_decode_attention")}
 
 
 def fused_norm() -> bool | None:
@@ -96,21 +101,25 @@ def fused_router() -> bool | None:
     return getattr(Router, "fused_inference", None)
 
 
+def fused_mla() -> bool | None:
+    """MLA.fused_decode_attention now (None in trees without the fused decode attention)."""
+    return getattr(MLA, "fused_decode_attention", None)
+
+
 @contextlib.contextmanager
 def fused_kernel_settings(mode: str):
-    """The fused norm / RoPE / MLA cache-step switches for one engine row: off with the mode flag "+nonorm" /
-    "+norope" / "+nocachewrite", on with "+norm" / "+rope" / "+cachewrite", else as ``--fused-norm`` /
-    ``--fused-rope`` / ``--fused-cache-write`` set them. A no-op for a switch the tree lacks."""
+    """The fused-kernel switches (``FUSED_SWITCHES``) for one engine row: off with the mode flag "+no<name>" (e.g.
+    "+nonorm", "+nomla"), on with "+<name>", else as the ``--fused-*`` flags set them. A no-op for a switch the
+    tree lacks."""
     flags = mode.split("+")[1:]
-    saved = {name: getattr(cls, attr) for name, (cls, attr) in FUSED_SWITCHES.items() if hasattr(cls, attr)}
+    saved = {(cls, attr): getattr(cls, attr) for cls, attr in FUSED_SWITCHES.values() if hasattr(cls, attr)}
     for name, (cls, attr) in FUSED_SWITCHES.items():
-        if name in saved and (name in flags or "no" + name in flags):
+        if (cls, attr) in saved and (name in flags or "no" + name in flags):
             setattr(cls, attr, name in flags)
     try:
         yield
     finally:
-        for name, old in saved.items():
-            cls, attr = FUSED_SWITCHES[name]
+        for (cls, attr), old in saved.items():
             setattr(cls, attr, old)
 
 
@@ -285,7 +294,7 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
                     row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "fused_norm": fused_norm(),
                            "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
-                           "fused_router": fused_router(),
+                           "fused_router": fused_router(), "fused_mla": fused_mla(),
                            **{k: v for k, v in r.items() if k != "tokens"},
                            "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
                            "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
@@ -331,8 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
                    "row; +norope / +rope: the fused RoPE off / on; +nocachewrite / +cachewrite: the fused MLA cache "
-                   "step off / on; +norouter / +router: the fused router off / on); the first also runs on the INT8 "
-                   "model")
+                   "step off / on; +norouter / +router: the fused router off / on; +nomla / +mla: the fused MLA decode "
+                   "attention off / on); the first also runs on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")
@@ -348,6 +357,9 @@ def main(argv=None) -> int:
     p.add_argument("--fused-router", default="off", choices=["on", "off"],
                    help="Router.fused_inference (one Triton launch per router after its logits at inference on CUDA) "
                    "for every row; an engine mode's +norouter / +router flag overrides it for that row")
+    p.add_argument("--fused-mla", default="off", choices=["on", "off"],
+                   help="MLA.fused_decode_attention (the absorbed decode attention in one or two Triton launches on "
+                   "CUDA) for every row; an engine mode's +nomla / +mla flag overrides it for that row")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)
@@ -367,6 +379,8 @@ def main(argv=None) -> int:
         MLA.fused_cache_write = args.fused_cache_write == "on"
     if fused_router() is not None:  # likewise the fused router
         Router.fused_inference = args.fused_router == "on"
+    if fused_mla() is not None:  # and the fused MLA decode attention
+        MLA.fused_decode_attention = args.fused_mla == "on"
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,3", 8, 6, 1
         args.ppl_seqs, args.ppl_len = 2, 16
@@ -434,7 +448,7 @@ def main(argv=None) -> int:
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                    "fused_norm": fused_norm(), "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
-                   "fused_router": fused_router(),
+                   "fused_router": fused_router(), "fused_mla": fused_mla(),
                    "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)

@@ -6,6 +6,7 @@
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+rope
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+cachewrite
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+router
+    PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+mla
 
 ``bench_ref`` in bf16 with random weights, B requests of a 64-token random prompt decoding greedily
 through the serving ``Engine`` (CUDA-graph step, optionally the inductor-compiled step). After every
@@ -18,7 +19,9 @@ that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` c
 ``+norope`` / ``+rope`` likewise ``RotaryEmbedding.fused_inference`` (``--fused-rope``, off by default), counted in
 ``rope_kernels_per_step``; ``+nocachewrite`` / ``+cachewrite`` likewise ``MLA.fused_cache_write``
 (``--fused-cache-write``, off by default), counted in ``cache_write_kernels_per_step``; ``+norouter`` / ``+router``
-``Router.fused_inference`` (``--fused-router``, off by default), counted in ``router_kernels_per_step``.
+``Router.fused_inference`` (``--fused-router``, off by default), counted in ``router_kernels_per_step``; ``+nomla``
+/ ``+mla`` ``MLA.fused_decode_attention`` (``--fused-mla``, off by default), its launches (attention and combine
+kernels) counted in ``mla_kernels_per_step``.
 """
 
 from __future__ import annotations
@@ -48,22 +51,22 @@ def build_model(preset: str) -> MoETransformer:
     return model
 
 
-# mode flag -> the class switch it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router)
+# mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
-                  "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference")}
+                  "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
+                  "mla": (MLA, "fused_decode_attention")}
 
 
 def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
     decode_mode, *flags = mode.split("+")
-    defaults = {name: getattr(cls, attr) for name, (cls, attr) in FUSED_SWITCHES.items()}
+    defaults = {(cls, attr): getattr(cls, attr) for cls, attr in FUSED_SWITCHES.values()}
     for name, (cls, attr) in FUSED_SWITCHES.items():
         if name in flags or "no" + name in flags:
             setattr(cls, attr, name in flags)
     try:
         return _profile(model, batch, mode, steps, prompt_len, top)
     finally:
-        for name, old in defaults.items():
-            cls, attr = FUSED_SWITCHES[name]
+        for (cls, attr), old in defaults.items():
             setattr(cls, attr, old)
 
 
@@ -105,6 +108,8 @@ def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int
             "cache_write_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_mla_prep_kernel" in k) / steps,
             "fused_router": Router.fused_inference,
             "router_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_router_kernel" in k) / steps,
+            "fused_mla": MLA.fused_decode_attention,
+            "mla_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_mla_" in k and "_mla_prep" not in k) / steps,
             "top": table}
 
 
@@ -124,12 +129,15 @@ def main(argv=None) -> int:
                    "modes without +cachewrite / +nocachewrite")
     p.add_argument("--fused-router", default="off", choices=["on", "off"], help="Router.fused_inference for modes "
                    "without +router / +norouter")
+    p.add_argument("--fused-mla", default="off", choices=["on", "off"], help="MLA.fused_decode_attention for "
+                   "modes without +mla / +nomla")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     RMSNorm.fused_inference = args.fused_norm == "on"
     RotaryEmbedding.fused_inference = args.fused_rope == "on"
     MLA.fused_cache_write = args.fused_cache_write == "on"
     Router.fused_inference = args.fused_router == "on"
+    MLA.fused_decode_attention = args.fused_mla == "on"
     model = build_model(args.preset)
     rows = []
     for batch in args.batches:
@@ -142,8 +150,8 @@ def main(argv=None) -> int:
                   f"{r['rope_kernels_per_step']:.0f} fused rope launches; fused_rope={r['fused_rope']}; "
                   f"{r['cache_write_kernels_per_step']:.0f} fused cache-write launches; "
                   f"fused_cache_write={r['fused_cache_write']}; "
-                  f"{r['router_kernels_per_step']:.0f} fused router launches; fused_router={r['fused_router']})",
-                  flush=True)
+                  f"{r['router_kernels_per_step']:.0f} fused router launches; fused_router={r['fused_router']}; "
+                  f"{r['mla_kernels_per_step']:.0f} fused mla launches; fused_mla={r['fused_mla']})", flush=True)
             for t in r["top"]:
                 print(f"  {t['us_per_step']:8.1f} us {t['pct']:5.1f}% x{t['per_step']:<5} {t['kernel']}", flush=True)
     if args.out:

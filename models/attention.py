@@ -240,7 +240,17 @@ class MLA(nn.Module):
     # tests/test_mla_prep_kernel.py's ``gpu`` tests and benchmarks/bench_decode.py (engine mode "graph+cachewrite")
     # decide it.
     fused_cache_write: bool = False
-    # where that kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
+    # Decode-sized absorbed attention (the bmm branch: cat, bmm, cast, masked_fill, scale, softmax, cast, bmm: 8
+    # kernels a layer) as one Triton launch, two with a key split (kernels/mla_decode.py), where it is safe, the
+    # rules of ``RMSNorm.fused_inference`` (no gradient needed, a device in ``kernel_devices``, Triton importable,
+    # up to ``mla_decode.MAX_T`` new tokens: ``kernel_applies`` has the rest), and under torch.compile too, as a
+    # custom op opaque to the compiler (inductor has no fused kernel for the two bmm's). The same function up to
+    # fp32 sum order, except that its scores stay fp32 where the formula rounds them to the queries' dtype (closer
+    # to float64, tested); generate() and the serving engine both take it. Off by default until it has run on a GPU:
+    # written and tested in Triton's CPU interpreter only (2026-12-07); tests/test_mla_decode_kernel.py's gpu
+    # tests, benchmarks/bench_mla_decode.py and bench_decode.py's engine mode "+mla" decide it (issue 13).
+    fused_decode_attention: bool = False
+    # where those two kernels may run; the CPU tests add "cpu" to run them in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -347,6 +357,10 @@ class MLA(nn.Module):
         kv_lat_BSR = k_BSX[..., : self.kv_lora_rank]                     # the value: the latent columns of it
         w_uk_HNR, w_uv_HVR = self.absorbed_weights()
         q_lat_BHTR = torch.einsum("bthn,hnr->bhtr", q_nope_BTHN, w_uk_HNR)
+        fused = self._fused_decode(q_lat_BHTR, q_rot_BTHP, cache.kv[i], step)
+        if fused is not None:  # the block below (cat → second bmm) in one or two launches
+            o_lat_BHTR = fused(q_lat_BHTR, q_rot_BTHP, cache.kv[i], step.mask_B1TS, step.num_keys, self.softmax_scale)
+            return torch.einsum("bhtr,hvr->bthv", o_lat_BHTR, w_uv_HVR)
         q_BHTX = torch.cat([q_lat_BHTR, q_rot_BTHP.transpose(1, 2)], dim=-1)
         B, H, T, X = q_BHTX.shape
         if B * H * T * step.num_keys <= self.absorbed_bmm_max_scores:
@@ -362,3 +376,16 @@ class MLA(nn.Module):
                 q_BHTX, k_BSX[:, None].expand(B, H, -1, X), kv_lat_BSR[:, None].expand(B, H, -1, self.kv_lora_rank),
                 attn_mask=step.mask_B1TS, scale=self.softmax_scale)
         return torch.einsum("bhtr,hvr->bthv", o_lat_BHTR, w_uv_HVR)
+
+    def _fused_decode(self, q_lat_BHTR, q_rot_BTHP, kv_BSX, step: CacheStep):
+        """The fused decode attention (kernels/mla_decode.py) where ``fused_decode_attention`` may take this call
+        (decode-sized: the bmm branch's bound, and ``kernel_applies``): its launcher, or under torch.compile its
+        custom op (opaque to the compiler); else None."""
+        if (not self.fused_decode_attention or q_lat_BHTR.device.type not in self.kernel_devices
+                or q_lat_BHTR.numel() // q_lat_BHTR.shape[-1] * step.num_keys > self.absorbed_bmm_max_scores):
+            return None
+        from .kernels import mla_decode  # imports triton, an optional dependency CPU training need not load
+
+        if not mla_decode.kernel_applies(q_lat_BHTR, q_rot_BTHP, kv_BSX, step.mask_B1TS, step.num_keys):
+            return None
+        return mla_decode.mla_decode_attention_op if torch.compiler.is_compiling() else mla_decode.mla_decode_attention

@@ -1,0 +1,281 @@
+"""Absorbed-MLA attention over the latent cache for decode-sized steps, flash-decoding style (inference only).
+
+Why: a serving decode step at batch 1 is launch-bound (issue 13). ``MLA._absorbed``'s decode-sized branch runs,
+between the absorbed query and the value up-projection, 8 kernels a layer: the cat of the latent query and its
+RoPE part, the bmm of the scores, a cast to fp32, masked_fill, the scale, softmax, a cast back and the bmm with
+the latent. Here they are one launch (two when the keys are split, see below), reading the queries' two parts and
+the cache buffer in place.
+
+The function (shape suffixes: B batch, H heads, T new tokens, S keys = ``num_keys``, R kv_lora_rank, P rope dim,
+M = H·T query rows of one batch row, m = h·T + t as in the formula's ``(B, H·T, R + P)`` view; NS key splits):
+    score[m, s] = (q_lat[b, h, t] · kv[b, s, :R] + q_rot[b, t, h] · kv[b, s, R:]) · scale   (fp32 sums)
+    score[m, s] = −inf where not mask[b, 0, t, s]
+    o_lat[b, h, t] = Σ_s round(p[m, s]) · kv[b, s, :R] / Σ_s p[m, s]   (fp32 sums, an IEEE division (``div_rn``,
+                                                                        not the GPU's approximate one), rounded
+                                                                        once at the end)
+with p the softmax's numerators exp(score − running max), taken in fp32 (online softmax). ``round`` is to the
+value dtype (the cache's = the queries'), as the formula rounds its probabilities before its second bmm.
+What differs from the formula, besides the order of the fp32 sums:
+- the scores are not rounded: the formula's first bmm returns them in the queries' dtype (bf16: 8 bits, an error
+  of ~|score|·2⁻⁹, the formula's largest) before casting them to fp32; here they stay fp32, so the kernel is
+  closer to float64 than the formula is (tests/test_mla_decode_kernel.py holds both against float64);
+- the rounded probability is the numerator exp(score − running max) (rounding error ≤ 2⁻⁹ relative, as the
+  formula's normalised one), divided by the fp32 sum after the product, as flash attention does.
+A row whose keys are all masked gives NaN, as the formula's softmax of −inf everywhere does (0/0 here). The
+model never builds one: ``attention._attention_mask`` lets every query see its own slot, free engine rows too.
+A NaN in a masked cache slot reaches the output in both (probability 0 times NaN); the cache starts zeroed.
+
+Occupancy and the split (flash-decoding): the latent is ONE key/value head shared by all heads, so a program
+takes a batch row's H·T query rows together (the M side of tensor-core dots, ≥ 16 rows: bench_ref's 16 heads
+at T = 1 fill exactly one m16 tile) against a block of keys, reading each key once for all heads. So at batch 1
+there is one program per key split, and without a split a batch-1 call of 2,048 keys is one SM walking 32 key
+blocks one after the other while 131 SMs idle. The call reads little (2,048 × 576 B = 1.2 MB a layer, under a µs
+at the H100's bandwidth): it is bound by that serial walk, not by bandwidth, so what the split buys is a short
+walk per program rather than every SM busy. The keys are split (``key_splits``: up to ``MAX_SPLITS`` = 16 splits
+of at least ``MIN_KEYS_PER_SPLIT`` = 128 keys, i.e. two blocks of 64 a program up to 2,048 keys) and a second
+launch combines the splits' (max, sum, accumulator) rows; a call of one split (up to 128 keys: the engine's first
+two width buckets) writes its output directly, one launch. At batch 32 the B × NS programs (512 at 2,048 keys)
+fill the GPU anyway; there the splits cost a write and a read of NS · M · R fp32 partials per batch row (at
+S = 2,048: 16 × 16 × 256 × 4 B = 256 KB, against its 1.2 MB of cache). The split depends on S only, never on B:
+a row's result (its sum order) does not depend on how many rows the call has, so a batch of requests gets each
+request's batch-1 values bit for bit (tested). These are first guesses, not timed: benchmarks/bench_mla_decode.py
+--sweep times other splits, key blocks and warps.
+
+Capture-safe: no host synchronisation (every size comes from shapes and ``num_keys``, a Python int), outputs and
+partials allocated by the caller's allocator (a CUDA graph's pool). Under ``torch.compile`` ``MLA`` calls it as the
+custom op ``torch.ops.moeflow.mla_decode_attention``, opaque to the compiler (its fake gives the output's shape;
+at run time it is this launcher, with concrete sizes, so symbolic shapes of the engine's buckets need nothing
+here): inductor has no fused kernel for the formula's two bmm's, and the compiled engine step then runs the same
+launches as the eager one. No autograd formula: ``MLA`` takes it only when no gradient is needed.
+
+Triton is optional: without it ``HAS_TRITON`` is False and ``MLA`` keeps the formula. On a CPU, set
+``TRITON_INTERPRET=1`` before this module is imported to run the kernels in Triton's interpreter (the tests do;
+its dot misreads bf16, so there the tiles go through the dot in fp32: bf16 products are exact in fp32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # optional dependency: MLA then never takes the kernel
+    triton = tl = None
+
+HAS_TRITON = triton is not None
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# one program holds its rows' latent accumulator (BLOCK_M × R fp32) and queries in registers: R up to 512
+# (DeepSeek-V3's kv_lora_rank; bench_ref's is 256), the rope part up to 128 (V3: 64, bench_ref: 32)
+MAX_R = 512
+MAX_P = 128
+# decode-sized steps: up to 16 new tokens a row (chunked prefill beyond this keeps the formula's bmm's, whose
+# tensor-core tiles suit many query rows better than re-reading the keys once per block of 64 rows)
+MAX_T = 16
+# the key split (a function of S alone, see the module docstring): at least this many keys a split, at most
+# this many splits. First guesses for bench_ref on an H100, not yet timed: benchmarks/bench_mla_decode.py
+MIN_KEYS_PER_SPLIT = 128
+MAX_SPLITS = 16
+
+
+def kernel_applies(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
+                   mask_B1TS: torch.Tensor, num_keys: int) -> bool:
+    """Whether ``mla_decode_attention`` computes this call: Triton importable; no gradient needed (the kernel has
+    no backward); q_lat (B, H, T, R), q_rot (B, T, H, P), the cache buffer kv (B, S_max, R + P) with
+    0 < num_keys ≤ S_max, all one dtype in ``DTYPES`` (the formula casts the cache to the queries' dtype: the
+    kernel does not) on one device; the mask bool, exactly (B, 1, T, num_keys) (the formula broadcasts; the
+    kernel does not); T ≤ ``MAX_T``, R ≤ ``MAX_R``, P ≤ ``MAX_P``, nothing empty. Shapes, dtypes and flags only:
+    no host sync."""
+    tensors = (q_lat_BHTR, q_rot_BTHP, kv_BSX)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if needs_grad or not HAS_TRITON or q_lat_BHTR.dim() != 4 or q_rot_BTHP.dim() != 4 or kv_BSX.dim() != 3:
+        return False
+    B, H, T, R = q_lat_BHTR.shape
+    P = q_rot_BTHP.shape[-1]
+    return (q_lat_BHTR.numel() > 0 and P > 0 and 0 < num_keys <= kv_BSX.shape[1] and T <= MAX_T and R <= MAX_R
+            and P <= MAX_P and tuple(q_rot_BTHP.shape) == (B, T, H, P) and tuple(kv_BSX.shape[::2]) == (B, R + P)
+            and q_lat_BHTR.dtype in DTYPES and all(t.dtype == q_lat_BHTR.dtype for t in tensors)
+            and mask_B1TS.dtype == torch.bool and tuple(mask_B1TS.shape) == (B, 1, T, num_keys)
+            and all(t.device == q_lat_BHTR.device for t in (q_rot_BTHP, kv_BSX, mask_B1TS)))
+
+
+def key_splits(S: int, keys_per_split: int | None = None) -> tuple[int, int]:
+    """(keys a split, number of splits) for S keys: at most ``MAX_SPLITS`` splits of at least
+    ``MIN_KEYS_PER_SPLIT`` keys, a multiple of the key block, or ``keys_per_split`` if given. S alone decides."""
+    if keys_per_split is None:
+        num = min(MAX_SPLITS, triton.cdiv(S, MIN_KEYS_PER_SPLIT))
+        keys_per_split = triton.cdiv(triton.cdiv(S, num), 64) * 64
+    if keys_per_split <= 0 or keys_per_split % 64:
+        raise ValueError(f"keys_per_split={keys_per_split}: a positive multiple of 64 (whole key blocks)")
+    return keys_per_split, triton.cdiv(S, keys_per_split)
+
+
+def launch_config(num_rows: int, R: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M query rows, BLOCK_S keys, num_warps) of the attention kernel: all of a batch row's H·T rows up to
+    64 (32 for R > 256), at least 16 (a tensor-core tile); 64 keys a block (32 in fp32: twice the bytes); 4 warps,
+    8 from a 64 × 256 fp32 accumulator (64 registers a thread). ptxas (sm_90, bench_ref's decode): 255 registers
+    at 4 warps, no spills; 8 warps take 224, 8 warps of 32-key blocks 160 (first guesses, not yet timed)."""
+    block_m = min(max(16, triton.next_power_of_2(num_rows)), 64 if R <= 256 else 32)
+    block_r = max(16, triton.next_power_of_2(R))
+    return block_m, 32 if dtype == torch.float32 else 64, 8 if block_m * block_r >= 16384 else 4
+
+
+def combine_config(num_splits: int, R: int) -> tuple[int, int]:
+    """(BLOCK_N splits, num_warps) of the combine kernel: every split of a row in one tile, a warp per 1,024
+    accumulator values (bench_ref at 16 splits: 4 warps)."""
+    block_n = triton.next_power_of_2(num_splits)
+    return block_n, min(8, max(1, block_n * max(16, triton.next_power_of_2(R)) // 1024))
+
+
+def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
+                         mask_B1TS: torch.Tensor, num_keys: int, scale: float,
+                         keys_per_split: int | None = None, block_s: int | None = None,
+                         num_warps: int | None = None) -> torch.Tensor:
+    """o_lat (B, H, T, R), contiguous, in the queries' dtype: the formula of the module docstring over the cache
+    slots [0, num_keys) (see ``kernel_applies`` for the inputs). ``keys_per_split`` overrides ``key_splits``,
+    ``block_s`` (a power of two from 16 dividing the split) and ``num_warps`` ``launch_config``: the benchmark's
+    sweep (benchmarks/bench_mla_decode.py)."""
+    if not HAS_TRITON:
+        raise RuntimeError("the fused MLA decode attention needs triton, which is not importable here")
+    B, H, T, R = q_lat_BHTR.shape
+    P = q_rot_BTHP.shape[-1]
+    M = H * T
+    out_BHTR = torch.empty((B, H, T, R), dtype=q_lat_BHTR.dtype, device=q_lat_BHTR.device)
+    split_len, num_splits = key_splits(num_keys, keys_per_split)
+    block_m, default_block_s, warps = launch_config(M, R, q_lat_BHTR.dtype)
+    block_s, warps = block_s or default_block_s, num_warps or warps
+    if split_len % block_s or block_s < 16 or block_s & (block_s - 1):
+        raise ValueError(f"block_s={block_s}: a power of two from 16 dividing the split's {split_len} keys")
+    block_r, block_p = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(P))
+    ieee = q_lat_BHTR.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if num_splits > 1:
+        m_BNM = torch.empty((B, num_splits, M), dtype=torch.float32, device=q_lat_BHTR.device)
+        l_BNM = torch.empty_like(m_BNM)
+        acc_BNMR = torch.empty((B, num_splits, M, R), dtype=torch.float32, device=q_lat_BHTR.device)
+    else:  # not written (SPLIT is off): any fp32 pointer
+        m_BNM = l_BNM = acc_BNMR = torch.empty(1, dtype=torch.float32, device=q_lat_BHTR.device)
+    mask_B1TS = mask_B1TS.view(torch.uint8)  # the same bytes, a pointer type Triton loads on every backend
+    grid = (B, num_splits, triton.cdiv(M, block_m))
+    _mla_decode_kernel[grid](
+        q_lat_BHTR, *q_lat_BHTR.stride(), q_rot_BTHP, *q_rot_BTHP.stride(), kv_BSX, *kv_BSX.stride(),
+        mask_B1TS, mask_B1TS.stride(0), mask_B1TS.stride(2), mask_B1TS.stride(3), out_BHTR, m_BNM, l_BNM, acc_BNMR,
+        float(scale), num_keys, num_splits, T, M, SPLIT_LEN=split_len, R=R, P=P, BLOCK_M=block_m, BLOCK_S=block_s,
+        BLOCK_R=block_r, BLOCK_P=block_p, SPLIT=num_splits > 1, IEEE=ieee, num_warps=warps)
+    if num_splits > 1:
+        block_n, combine_warps = combine_config(num_splits, R)
+        _mla_combine_kernel[(B * M,)](m_BNM, l_BNM, acc_BNMR, out_BHTR, num_splits, M, R=R, BLOCK_N=block_n,
+                                      BLOCK_R=block_r, num_warps=combine_warps)
+    return out_BHTR
+
+
+if HAS_TRITON:
+    from .triton_rounding import rounded
+
+    @torch.library.custom_op("moeflow::mla_decode_attention", mutates_args=())
+    def mla_decode_attention_op(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
+                                mask_B1TS: torch.Tensor, num_keys: int, scale: float) -> torch.Tensor:
+        """``mla_decode_attention`` as an op ``torch.compile`` keeps opaque (the launcher, looked up at call time)."""
+        return mla_decode_attention(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale)
+
+    @mla_decode_attention_op.register_fake
+    def _mla_decode_attention_fake(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale):
+        return q_lat_BHTR.new_empty(q_lat_BHTR.shape)  # contiguous (B, H, T, R) in the queries' dtype
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        """acc + a @ b in fp32. IEEE: fp32 operands with fp32 products (fp32 inputs, where the default would be
+        tf32; and in Triton's interpreter, whose dot misreads bf16). bf16 products are exact in fp32 either way."""
+        if IEEE:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _mla_decode_kernel(ql_ptr, ql_sb, ql_sh, ql_st, ql_sr, qr_ptr, qr_sb, qr_st, qr_sh, qr_sp,
+                          kv_ptr, kv_sb, kv_ss, kv_sx, mask_ptr, mask_sb, mask_st, mask_ss,
+                          out_ptr, m_ptr, l_ptr, acc_ptr, scale, S, num_splits, T, M, SPLIT_LEN: tl.constexpr,
+                          R: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+        """One program per (batch row b, key split, block of query rows): the online softmax over the split's keys
+        [split · SPLIT_LEN, min(S, (split + 1) · SPLIT_LEN)); the normalised rows (rounded to the queries' dtype),
+        or with SPLIT the split's running max, sum and fp32 accumulator for ``_mla_combine_kernel``."""
+        b = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        m_M = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # query row m = h·T + t
+        h_M, t_M = (m_M // T).to(tl.int64), m_M % T
+        rows_M = m_M < M
+        r_R, p_P = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_P)
+        ty = kv_ptr.dtype.element_ty
+        q_lat_MR = tl.load(ql_ptr + b * ql_sb + h_M[:, None] * ql_sh + t_M[:, None] * ql_st + r_R[None, :] * ql_sr,
+                           mask=rows_M[:, None] & (r_R < R)[None, :], other=0.0)
+        q_rot_MP = tl.load(qr_ptr + b * qr_sb + t_M[:, None] * qr_st + h_M[:, None] * qr_sh + p_P[None, :] * qr_sp,
+                           mask=rows_M[:, None] & (p_P < P)[None, :], other=0.0)
+        mask_row_M = mask_ptr + b * mask_sb + t_M * mask_st
+        kv_b = kv_ptr + b * kv_sb
+        max_M = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        sum_M = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_MR = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        start = split * SPLIT_LEN
+        end = tl.minimum(S, start + SPLIT_LEN)
+        # the split's blocks (the last split's tail blocks past S load nothing and add 0). Bounds from arguments
+        # only: the interpreter takes no range from runtime values, and a for loop (not a while) is what Triton
+        # software-pipelines on the GPU. SPLIT_LEN is a constexpr: a few values (multiples of 64) per process
+        for s0 in range(0, SPLIT_LEN, BLOCK_S):
+            s_S = start + s0 + tl.arange(0, BLOCK_S)
+            keys_S = s_S < end
+            kv_S = kv_b + s_S.to(tl.int64)[:, None] * kv_ss
+            lat_SR = tl.load(kv_S + r_R[None, :] * kv_sx, mask=keys_S[:, None] & (r_R < R)[None, :], other=0.0)
+            rot_SP = tl.load(kv_S + (R + p_P)[None, :] * kv_sx, mask=keys_S[:, None] & (p_P < P)[None, :], other=0.0)
+            score_MS = _dot(q_lat_MR, tl.trans(lat_SR), tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32), IEEE)
+            score_MS = _dot(q_rot_MP, tl.trans(rot_SP), score_MS, IEEE) * scale
+            allowed_MS = tl.load(mask_row_M[:, None] + s_S[None, :] * mask_ss,
+                                 mask=rows_M[:, None] & keys_S[None, :], other=0) != 0
+            score_MS = tl.where(allowed_MS, score_MS, float("-inf"))
+            new_max_M = tl.maximum(max_M, tl.max(score_MS, axis=1))
+            # a row with no allowed key so far keeps max −inf: exponentiate against 0 there (exp(−inf) = 0, not
+            # exp(−inf + inf) = NaN), so its sum and accumulator stay 0
+            base_M = tl.where(new_max_M == float("-inf"), 0.0, new_max_M)
+            alpha_M = tl.exp(max_M - base_M)
+            p_MS = tl.exp(score_MS - base_M[:, None])
+            sum_M = sum_M * alpha_M + tl.sum(p_MS, axis=1)
+            if IEEE:
+                p_op = rounded(p_MS, ty)  # the value dtype's value, held in fp32 for the fp32 dot
+            else:
+                p_op = p_MS.to(ty)  # cvt.rn: the same rounding (to nearest, ties to even)
+            acc_MR = _dot(p_op, lat_SR, acc_MR * alpha_M[:, None], IEEE)
+            max_M = new_max_M
+        out_ty = out_ptr.dtype.element_ty
+        if SPLIT:
+            part_M = (b * num_splits + split) * M + m_M
+            tl.store(m_ptr + part_M, max_M, mask=rows_M)
+            tl.store(l_ptr + part_M, sum_M, mask=rows_M)
+            tl.store(acc_ptr + part_M.to(tl.int64)[:, None] * R + r_R[None, :], acc_MR,
+                     mask=rows_M[:, None] & (r_R < R)[None, :])
+        else:  # a row without an allowed key: 0 / 0 = NaN, as the formula's softmax (padding rows divide by 1)
+            o_MR = rounded(tl.math.div_rn(acc_MR, tl.where(rows_M, sum_M, 1.0)[:, None]), out_ty)
+            tl.store(out_ptr + (b * M + m_M)[:, None] * R + r_R[None, :], o_MR.to(out_ty),
+                     mask=rows_M[:, None] & (r_R < R)[None, :])
+
+    @triton.jit
+    def _mla_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, M, R: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+        """One program per row b·M + m of the (B·M, R) output: the splits' accumulators rescaled to their common
+        max, summed in split order (a tree fixed by the shape), divided by the sums rescaled alike. A split without
+        an allowed key adds 0; a row without any: 0 / 0 = NaN, as the formula's softmax."""
+        row = tl.program_id(0).to(tl.int64)
+        b, m = row // M, row % M
+        n_N, r_R = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
+        splits_N = n_N < num_splits
+        part_N = (b * num_splits + n_N) * M + m
+        max_N = tl.load(m_ptr + part_N, mask=splits_N, other=float("-inf"))
+        top = tl.max(max_N, axis=0)
+        weight_N = tl.where(max_N == float("-inf"), 0.0, tl.exp(max_N - tl.where(top == float("-inf"), 0.0, top)))
+        total = tl.sum(weight_N * tl.load(l_ptr + part_N, mask=splits_N, other=0.0), axis=0)
+        acc_NR = tl.load(acc_ptr + part_N[:, None] * R + r_R[None, :], mask=splits_N[:, None] & (r_R < R)[None, :],
+                         other=0.0)
+        out_ty = out_ptr.dtype.element_ty
+        o_R = rounded(tl.math.div_rn(tl.sum(weight_N[:, None] * acc_NR, axis=0), total), out_ty)
+        tl.store(out_ptr + row * R + r_R, o_R.to(out_ty), mask=r_R < R)
