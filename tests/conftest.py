@@ -143,6 +143,27 @@ def sm90_compile_report(script: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def kernel_test_model(device, dtype=None, *, norm_weights: bool = False, **cfg_kw):
+    """The tiny model the fused-kernel modules decode with (vocabulary 128, init std 0.08, 64 positions), routing
+    biases that are not zero (so choices are not ties), and with ``norm_weights`` RMSNorm weights that are not
+    ones; ``cfg_kw`` changes the config (e.g. ``q_lora_rank``)."""
+    import torch
+
+    from moeflow.models import ModelConfig, MoETransformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08, max_seq_len=64, **cfg_kw)
+    model = MoETransformer(cfg).eval().to(device, dtype)
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.normal_(0.0, 0.05)
+        if norm_weights:
+            for name, p in model.named_parameters():
+                if p.dim() == 1 and "bias" not in name:
+                    p.uniform_(0.5, 1.5)
+    return model
+
+
 def engine_greedy_tokens(engine, prompts: list[list[int]], max_tokens: int, max_steps: int = 500) -> list[list[int]]:
     """Each prompt added to ``engine`` (a models.serving.Engine) as a greedy request, the engine stepped until idle:
     every request's generated token ids, in prompt order (to hold against ``generate()``'s)."""

@@ -24,9 +24,8 @@ import sys
 import pytest
 import torch
 
-from conftest import engine_greedy_tokens, sm90_compile_report, triton_kernels
+from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
 
-from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.attention import MLA
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -252,22 +251,12 @@ class _Counted:
         monkeypatch.setattr(mk, "mla_decode_attention", wrapper)
 
 
-def _tiny_model(device, dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08, max_seq_len=64)
-    model = MoETransformer(cfg).eval().to(device, dtype)
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0.0, 0.05)
-    return model
-
-
 def test_cpu_takes_the_formula_by_default(mk, monkeypatch):
     from moeflow.models.generation import generate
 
     _Counted(mk, monkeypatch, raise_on_call=True)
     assert MLA.fused_decode_attention is False and MLA.kernel_devices == ("cuda",)
-    model = _tiny_model("cpu")
+    model = kernel_test_model("cpu")
     generate(model, [[5, 6, 7]], 2)
     monkeypatch.setattr(MLA, "fused_decode_attention", True)  # on, but the CPU is no kernel device
     generate(model, [[5, 6, 7]], 2)
@@ -281,7 +270,7 @@ def test_model_decodes_through_the_kernel_close_to_the_formula(mk, device, monke
     from moeflow.models.generation import generate
 
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
-    model = _tiny_model(device)
+    model = kernel_test_model(device)
     L = model.cfg.num_layers
     prompts = [[5, 17, 3, 99, 42], [7, 8]]
     runs = {}
@@ -313,7 +302,7 @@ def test_bf16_model_decodes_through_the_kernel(mk, device, monkeypatch):
     from moeflow.models.generation import generate
 
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
-    model = _tiny_model(device, torch.bfloat16)
+    model = kernel_test_model(device, torch.bfloat16)
     prompts = [[5, 17, 3, 99, 42, 11, 12], [7, 8]]
     runs = {}
     for fused in (False, True):
@@ -333,7 +322,7 @@ def test_engine_equals_generate_with_the_kernel(mk, device, monkeypatch):
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
     monkeypatch.setattr(MLA, "fused_decode_attention", True)
     counted = _Counted(mk, monkeypatch)
-    model = _tiny_model(device)
+    model = kernel_test_model(device)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
@@ -348,7 +337,7 @@ def test_torch_compile_keeps_the_op_opaque(mk, device, monkeypatch):
     softmax: opaque to the compiler, run by the launcher), with the eager kernel's logits; switched off, the graph
     holds the formula."""
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
-    model = _tiny_model(device)
+    model = kernel_test_model(device)
     ids = torch.tensor([[5, 6, 7]], device=device)
     for fused in (True, False):
         monkeypatch.setattr(MLA, "fused_decode_attention", fused)
@@ -381,7 +370,7 @@ def test_compiled_engine_equals_generate_with_the_op(mk, device, monkeypatch):
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
     monkeypatch.setattr(MLA, "fused_decode_attention", True)
     counted = _Counted(mk, monkeypatch)
-    model = _tiny_model(device)
+    model = kernel_test_model(device)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
     torch._dynamo.reset()
@@ -500,7 +489,7 @@ def test_cuda_graph_engine_equals_generate_with_the_kernel(mk, monkeypatch):
 
     monkeypatch.setattr(MLA, "fused_decode_attention", True)
     counted = _Counted(mk, monkeypatch)
-    model = _tiny_model("cpu").to("cuda", torch.bfloat16)
+    model = kernel_test_model("cpu").to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)

@@ -19,9 +19,9 @@ import itertools
 import pytest
 import torch
 
-from conftest import engine_greedy_tokens, sm90_compile_report, triton_kernels
+from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
 
-from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models import ModelConfig
 from moeflow.models.attention import MLA
 from moeflow.models.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_norm
 
@@ -241,19 +241,6 @@ class _Counted:
         monkeypatch.setattr(mk, "mla_prep", wrapper)
 
 
-def _tiny_model(device, **kw):
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08, max_seq_len=64, **kw)
-    model = MoETransformer(cfg).eval().to(device)
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0.0, 0.05)
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "bias" not in name:
-                p.uniform_(0.5, 1.5)  # norm weights that are not ones
-    return model
-
-
 def _kernels_on_the_cpu_too(monkeypatch, fused=True):
     """The kernel (and the fused RMSNorm, the unfused path's norm) may run here: on CUDA, or interpreted on the CPU."""
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
@@ -273,7 +260,7 @@ def _prefill_and_decode_logits(model, ids, steps: int):
 def test_off_by_default_and_never_on_the_cpu_by_default(mk, monkeypatch):
     _Counted(mk, monkeypatch, raise_on_call=True)
     assert MLA.fused_cache_write is False and MLA.kernel_devices == ("cuda",)
-    model = _tiny_model("cpu")
+    model = kernel_test_model("cpu", norm_weights=True)
     ids = torch.tensor([[5, 17, 3]])
     with torch.no_grad():
         _prefill_and_decode_logits(model, ids, 2)
@@ -287,7 +274,7 @@ def test_model_decode_logits_equal_with_the_switch_on_and_off(mk, rk, device, mo
     cache equal the unfused path's bit for bit, with the fused RoPE off and on for the unfused path."""
     L = ModelConfig.preset("tiny").num_layers
     for kw, fused_rope in [({}, False), ({}, True), ({"q_lora_rank": 24}, False)]:
-        model = _tiny_model(device, **kw)
+        model = kernel_test_model(device, norm_weights=True, **kw)
         ids = torch.tensor([[5, 17, 3, 99, 42], [7, 8, 1, 2, 3]], device=device)
         monkeypatch.setattr(RotaryEmbedding, "kernel_devices", ("cuda", "cpu"))
         monkeypatch.setattr(RotaryEmbedding, "fused_inference", fused_rope)
@@ -308,7 +295,7 @@ def test_generate_and_training_paths(mk, device, monkeypatch):
     no cache) and an uncached no-grad forward keep the formula (the wrapper would raise)."""
     from moeflow.models.generation import generate
 
-    model = _tiny_model(device)
+    model = kernel_test_model(device, norm_weights=True)
     prompts = [[5, 17, 3, 99, 42], [7, 8]]
     runs = {}
     for fused in (False, True):
@@ -329,7 +316,7 @@ def test_a_cache_step_with_autograd_keeps_the_formula(mk, device, monkeypatch):
     """A cache step that needs a gradient (parameters requiring grad, autograd on) takes the formula; the same step
     of a frozen model (nothing requires grad) takes the kernel."""
     _kernels_on_the_cpu_too(monkeypatch)
-    model = _tiny_model(device)
+    model = kernel_test_model(device, norm_weights=True)
     counted = _Counted(mk, monkeypatch)
     ids = torch.tensor([[5, 17, 3]], device=device)
     model(ids, cache=model.new_cache(1, 4)).logits.sum().backward()
@@ -457,7 +444,7 @@ def test_engine_equals_generate_with_the_kernel(mk, device, monkeypatch):
 
     _kernels_on_the_cpu_too(monkeypatch)
     counted = _Counted(mk, monkeypatch)
-    model = _tiny_model(device)
+    model = kernel_test_model(device, norm_weights=True)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
@@ -597,7 +584,7 @@ def test_cuda_graph_engine_equals_generate_and_the_switch_off(mk, monkeypatch):
     from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
-    model = _tiny_model("cpu").to("cuda", torch.bfloat16)
+    model = kernel_test_model("cpu", norm_weights=True).to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
     runs = {}

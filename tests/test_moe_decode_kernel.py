@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import engine_greedy_tokens, sm90_compile_report, triton_kernels
+from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeflow.models import ModelConfig
@@ -505,23 +505,6 @@ def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md, mo
     assert OP not in ops.names and EM_OP not in ops.names
 
 
-def _peaky_tiny_model(device):
-    """The tiny model with routing biases and norm weights that are not the init's, vocabulary 128 (as the
-    other kernel modules' engine tests build it)."""
-    from moeflow.models import MoETransformer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08, max_seq_len=64)
-    model = MoETransformer(cfg).eval().to(device)
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0.0, 0.05)
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "bias" not in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
 @pytest.mark.slow  # ~25 s: the engine's steps through the interpreted kernels
 def test_engine_equals_generate_with_the_fused_experts(md, device):
     """The serving engine's bucketed static step (the captured step's code, uncaptured) with every decode-sized
@@ -530,7 +513,7 @@ def test_engine_equals_generate_with_the_fused_experts(md, device):
     from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
-    model = _peaky_tiny_model(device)
+    model = kernel_test_model(device, norm_weights=True)
     layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     for m in layers:
         m.fused_decode = True
@@ -556,7 +539,7 @@ def test_cuda_graph_engine_equals_generate_with_the_fused_experts_on_auto(md):
     from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
-    model = _peaky_tiny_model("cpu").to("cuda", torch.bfloat16)
+    model = kernel_test_model("cpu", norm_weights=True).to("cuda", torch.bfloat16)
     layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     for m in layers:
         m.fused_decode = None  # auto

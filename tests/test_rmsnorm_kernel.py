@@ -18,9 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import engine_greedy_tokens, sm90_compile_report, triton_kernels
+from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
 
-from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.layers import RMSNorm, rms_norm
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -276,19 +275,6 @@ def test_torch_compile_traces_the_formula(rk, device, monkeypatch):
     assert targets.count("rsqrt") == 2 and "mean" in targets, targets
 
 
-def _tiny_model(device):
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08, max_seq_len=64)
-    model = MoETransformer(cfg).eval().to(device)
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0.0, 0.05)
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "bias" not in name:
-                p.uniform_(0.5, 1.5)  # norm weights that are not ones
-    return model
-
-
 def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, monkeypatch):
     """The tiny model end to end (prefill + cached decode): every norm of a no-grad forward takes the kernel
     (per layer: the attention input, the MLA latent, the fused residual add + FFN input; then the final norm),
@@ -297,7 +283,7 @@ def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, mon
     from moeflow.models.generation import generate
 
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
-    model = _tiny_model(device)
+    model = kernel_test_model(device, norm_weights=True)
     L = model.cfg.num_layers
     prompts = [[5, 17, 3, 99, 42], [7, 8]]
     runs = {}
@@ -326,7 +312,7 @@ def test_engine_equals_generate_with_the_kernel(rk, device, monkeypatch):
 
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
     counted = _Counted(rk, monkeypatch)
-    model = _tiny_model(device)
+    model = kernel_test_model(device, norm_weights=True)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
@@ -433,7 +419,7 @@ def test_cuda_graph_engine_equals_generate_with_the_fused_norm(rk, monkeypatch):
 
     monkeypatch.setattr(RMSNorm, "fused_inference", True)
     counted = _Counted(rk, monkeypatch)
-    model = _tiny_model("cpu").to("cuda", torch.bfloat16)
+    model = kernel_test_model("cpu", norm_weights=True).to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)

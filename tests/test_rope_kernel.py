@@ -18,9 +18,9 @@ import itertools
 import pytest
 import torch
 
-from conftest import engine_greedy_tokens, sm90_compile_report, triton_kernels
+from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
 
-from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models import ModelConfig
 from moeflow.models.layers import RotaryEmbedding, apply_rope
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -226,16 +226,6 @@ def test_torch_compile_traces_the_formula(rk, device, monkeypatch):
     assert "cat" in targets and targets.count("mul") >= 4, targets
 
 
-def _tiny_model(device):
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08, max_seq_len=64)
-    model = MoETransformer(cfg).eval().to(device)
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0.0, 0.05)
-    return model
-
-
 def test_model_decodes_through_the_kernel_exactly_as_through_the_formula(rk, device, monkeypatch):
     """The tiny model end to end (prefill + cached decode): every RoPE of a no-grad forward takes the kernel (two
     a layer: the queries' and the shared key's), with the formula's tokens and log-probs exactly (bit-equal
@@ -243,7 +233,7 @@ def test_model_decodes_through_the_kernel_exactly_as_through_the_formula(rk, dev
     from moeflow.models.generation import generate
 
     monkeypatch.setattr(RotaryEmbedding, "kernel_devices", ("cuda", "cpu"))
-    model = _tiny_model(device)
+    model = kernel_test_model(device)
     L = model.cfg.num_layers
     prompts = [[5, 17, 3, 99, 42], [7, 8]]
     runs = {}
@@ -269,7 +259,7 @@ def test_engine_equals_generate_with_the_kernel(rk, device, monkeypatch):
     monkeypatch.setattr(RotaryEmbedding, "kernel_devices", ("cuda", "cpu"))
     monkeypatch.setattr(RotaryEmbedding, "fused_inference", True)
     counted = _Counted(rk, monkeypatch)
-    model = _tiny_model(device)
+    model = kernel_test_model(device)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
@@ -375,7 +365,7 @@ def test_cuda_graph_engine_equals_generate_with_the_fused_rope(rk, monkeypatch):
 
     monkeypatch.setattr(RotaryEmbedding, "fused_inference", True)
     counted = _Counted(rk, monkeypatch)
-    model = _tiny_model("cpu").to("cuda", torch.bfloat16)
+    model = kernel_test_model("cpu").to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)

@@ -20,9 +20,9 @@ import itertools
 import pytest
 import torch
 
-from conftest import engine_greedy_tokens, sm90_compile_report, triton_kernels
+from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
 
-from moeflow.models import ModelConfig, MoETransformer
+from moeflow.models import ModelConfig
 from moeflow.models.expert_order import topk_by_rank
 from moeflow.models.moe import Router, select_experts
 
@@ -432,23 +432,13 @@ def test_eager_router_op_count(rk, device, monkeypatch):
 
 
 # --------------------------------------------------------------------------- the model: generate() and the engine
-def _tiny_model(device, **cfg_kw):
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=128, init_std=0.08, max_seq_len=64, **cfg_kw)
-    model = MoETransformer(cfg).eval().to(device)
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0.0, 0.05)
-    return model
-
-
 def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, monkeypatch):
     """The tiny model end to end (prefill + cached decode): every router of a no-grad forward takes the kernel, with
     the formula's tokens (log-probs within the interpreter's exp tolerance; bit-equal on the GPU); a training forward
     keeps the formula."""
     from moeflow.models.generation import generate
 
-    model = _tiny_model(device)
+    model = kernel_test_model(device)
     num_moe = len(list(model.routers()))
     prompts = [[5, 17, 3, 99, 42], [7, 8]]
     runs = {}
@@ -474,7 +464,7 @@ def test_engine_equals_generate_with_the_kernel(rk, device, monkeypatch):
 
     _on(monkeypatch)
     counted = _Counted(rk, monkeypatch)
-    model = _tiny_model(device)
+    model = kernel_test_model(device)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
@@ -607,7 +597,7 @@ def test_cuda_graph_engine_equals_generate_with_the_fused_router(rk, monkeypatch
 
     monkeypatch.setattr(Router, "fused_inference", True)
     counted = _Counted(rk, monkeypatch)
-    model = _tiny_model("cpu").to("cuda", torch.bfloat16)
+    model = kernel_test_model("cpu").to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
