@@ -20,7 +20,7 @@ is rounded (the GEMM's output), and so is the gate weight (``weight_TK.to(bf16)`
 K is taken in fp32 and rounded once (inductor's reduction; eager rounds each product to bf16 before its
 fp32 sum). What differs from the compiled grouped path is only the order of the fp32 sums inside each dot
 product (cuBLAS's vs these tiles'); from eager, the two extra roundings named above. The rounding is
-round-to-nearest-even done on the bits (``_rounded``, from triton_rounding.py), so Triton's CPU interpreter,
+round-to-nearest-even done on the bits (``rounded``, from triton_rounding.py), so Triton's CPU interpreter,
 which truncates, gives the GPU's values and the tests can check them. tests/test_moe_decode_kernel.py measures
 the error against float64: the same as the reference path's, or lower.
 
@@ -49,7 +49,7 @@ compile, no host sync) and
     output y[n] at its own row n = t·K + k;
 (c) ``_combine_kernel``, grid (T, D blocks): Σ_k rounded(w[t, k]) · y[t·K + k] in fp32, k in order, rounded
     once: the slot-major down kernel's sum term for term.
-The rounding points are the slot-major kernels' (the same ``_rounded`` calls), so the two differ only in the
+The rounding points are the slot-major kernels' (the same ``rounded`` calls), so the two differ only in the
 order of the fp32 sums inside each dot product.
 
 Triton is an optional accelerator: ``moeflow`` imports and runs without it (``HAS_TRITON`` is False and
@@ -169,7 +169,7 @@ def expert_major_decode(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: tor
 if HAS_TRITON:
 
     # bf16 rounding by bits: Triton's interpreter (the CPU tests) truncates a plain ``.to(tl.bfloat16)``
-    from .triton_rounding import rounded as _rounded
+    from .triton_rounding import rounded  # its own name: inductor re-emits a triton_op kernel's helpers by name
 
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, K: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
@@ -193,10 +193,10 @@ if HAS_TRITON:
             acc_gate_F += tl.sum(wg_FD * x_D[None, :], axis=1)
             acc_up_F += tl.sum(wu_FD * x_D[None, :], axis=1)
         out_ty = h_ptr.dtype.element_ty
-        gate_F = _rounded(acc_gate_F, out_ty)  # the grouped GEMM's rounded output
-        up_F = _rounded(acc_up_F, out_ty)
+        gate_F = rounded(acc_gate_F, out_ty)  # the grouped GEMM's rounded output
+        up_F = rounded(acc_up_F, out_ty)
         h_F = gate_F * tl.sigmoid(gate_F) * up_F
-        tl.store(h_ptr + n * F + f_F, _rounded(h_F, out_ty).to(out_ty), mask=mask_F)
+        tl.store(h_ptr + n * F + f_F, rounded(h_F, out_ty).to(out_ty), mask=mask_F)
 
     @triton.jit
     def _down_combine_kernel(h_ptr, idx_ptr, gw_ptr, w_ptr, y_ptr, K: tl.constexpr, D: tl.constexpr,
@@ -209,7 +209,7 @@ if HAS_TRITON:
         for k in tl.static_range(K):  # unrolled: the K experts' loads are independent
             n = t * K + k
             e = tl.load(idx_ptr + n).to(tl.int64)
-            gw = _rounded(tl.load(gw_ptr + n).to(tl.float32), out_ty)  # weight_TK.to(compute dtype)
+            gw = rounded(tl.load(gw_ptr + n).to(tl.float32), out_ty)  # weight_TK.to(compute dtype)
             rows_DF = w_ptr + e * (D * F) + d_D[:, None] * F
             acc_D = tl.zeros((BLOCK_D,), dtype=tl.float32)
             for f0 in range(0, F, BLOCK_F):
@@ -218,8 +218,8 @@ if HAS_TRITON:
                 h_F = tl.load(h_ptr + n * F + f_F, mask=mask_F, other=0.0).to(tl.float32)
                 w_DF = tl.load(rows_DF + f_F[None, :], mask=mask_D[:, None] & mask_F[None, :], other=0.0).to(tl.float32)
                 acc_D += tl.sum(w_DF * h_F[None, :], axis=1)
-            y_D += _rounded(acc_D, out_ty) * gw  # the slot's rounded GEMM output × its gate weight
-        tl.store(y_ptr + t * D + d_D, _rounded(y_D, out_ty).to(out_ty), mask=mask_D)
+            y_D += rounded(acc_D, out_ty) * gw  # the slot's rounded GEMM output × its gate weight
+        tl.store(y_ptr + t * D + d_D, rounded(y_D, out_ty).to(out_ty), mask=mask_D)
 
     @torch.library.triton_op("moeflow::routed_experts_decode", mutates_args=())
     def routed_experts_decode(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
@@ -303,10 +303,10 @@ if HAS_TRITON:
                                other=0.0)
                 acc_gate_FS = _dot(wg_FD, x_DS, acc_gate_FS, IEEE)
                 acc_up_FS = _dot(wu_FD, x_DS, acc_up_FS, IEEE)
-            gate_FS = _rounded(acc_gate_FS, out_ty)  # the grouped GEMM's rounded output, as slot-major
-            up_FS = _rounded(acc_up_FS, out_ty)
+            gate_FS = rounded(acc_gate_FS, out_ty)  # the grouped GEMM's rounded output, as slot-major
+            up_FS = rounded(acc_up_FS, out_ty)
             h_FS = gate_FS * tl.sigmoid(gate_FS) * up_FS
-            tl.store(h_ptr + s_S[None, :] * F + f_F[:, None], _rounded(h_FS, out_ty).to(out_ty),
+            tl.store(h_ptr + s_S[None, :] * F + f_F[:, None], rounded(h_FS, out_ty).to(out_ty),
                      mask=mask_F[:, None] & mask_S[None, :])
             s0 += BLOCK_S
 
@@ -335,7 +335,7 @@ if HAS_TRITON:
                 h_FS = tl.load(h_ptr + s_S[None, :] * F + f_F[:, None], mask=mask_F[:, None] & mask_S[None, :],
                                other=0.0)
                 acc_DS = _dot(w_DF, h_FS, acc_DS, IEEE)
-            tl.store(y_ptr + n_S[None, :] * D + d_D[:, None], _rounded(acc_DS, out_ty).to(out_ty),
+            tl.store(y_ptr + n_S[None, :] * D + d_D[:, None], rounded(acc_DS, out_ty).to(out_ty),
                      mask=mask_D[:, None] & mask_S[None, :])
             s0 += BLOCK_S
 
@@ -350,9 +350,9 @@ if HAS_TRITON:
         y_D = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for k in tl.static_range(K):
             n = t * K + k
-            gw = _rounded(tl.load(gw_ptr + n).to(tl.float32), out_ty)
+            gw = rounded(tl.load(gw_ptr + n).to(tl.float32), out_ty)
             y_D += tl.load(y_ptr + n * D + d_D, mask=mask_D, other=0.0).to(tl.float32) * gw
-        tl.store(out_ptr + t * D + d_D, _rounded(y_D, out_ty).to(out_ty), mask=mask_D)
+        tl.store(out_ptr + t * D + d_D, rounded(y_D, out_ty).to(out_ty), mask=mask_D)
 
     @torch.library.triton_op("moeflow::routed_experts_decode_by_expert", mutates_args=())
     def routed_experts_decode_by_expert(x_TD: torch.Tensor, order_N: torch.Tensor, ends_E: torch.Tensor,
