@@ -243,7 +243,7 @@ class MLA(nn.Module):
     # Decode-sized absorbed attention (the bmm branch: cat, bmm, cast, masked_fill, scale, softmax, cast, bmm: 8
     # kernels a layer) as one Triton launch, two with a key split (kernels/mla_decode.py), where it is safe, the
     # rules of ``RMSNorm.fused_inference`` (no gradient needed, a device in ``kernel_devices``, Triton importable,
-    # up to ``mla_decode.MAX_T`` new tokens: ``kernel_applies`` has the rest), and under torch.compile too, as a
+    # one-token decode steps (``mla_decode.MAX_T``): ``kernel_applies`` has the rest), and under torch.compile too, as a
     # custom op opaque to the compiler (inductor has no fused kernel for the two bmm's). The same function up to
     # fp32 sum order, except that its scores stay fp32 where the formula rounds them to the queries' dtype (closer
     # to float64, tested); generate() and the serving engine both take it. Off by default until it has run on a GPU:

@@ -203,8 +203,8 @@ def test_key_splits_table(mk):
 
 
 def test_kernel_applies_table(mk):
-    q_lat, q_rot, kv = torch.zeros(2, 4, 3, 32), torch.zeros(2, 3, 4, 8), torch.zeros(2, 20, 40)
-    mask = torch.ones(2, 1, 3, 17, dtype=torch.bool)
+    q_lat, q_rot, kv = torch.zeros(2, 4, 1, 32), torch.zeros(2, 1, 4, 8), torch.zeros(2, 20, 40)  # one new token
+    mask = torch.ones(2, 1, 1, 17, dtype=torch.bool)
     assert mk.kernel_applies(q_lat, q_rot, kv, mask, 17)
     assert mk.kernel_applies(q_lat.bfloat16(), q_rot.bfloat16(), kv.bfloat16(), mask, 17)
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_kernel_applies_table(mk):
                (q_lat, q_rot, kv, mask.float(), 17),                          # a float mask
                (q_lat, q_rot, kv, mask[:1], 17),                              # a broadcast mask
                (q_lat, q_rot, kv, mask[..., :16], 17),                        # mask narrower than num_keys
-               (q_lat, q_rot, kv, torch.ones(2, 1, 3, 21, dtype=torch.bool), 21),  # num_keys past the cache
+               (q_lat, q_rot, kv, torch.ones(2, 1, 1, 21, dtype=torch.bool), 21),  # num_keys past the cache
                (q_lat, q_rot, kv, mask[..., :0], 0),                          # no key
                (q_lat, q_rot[..., :7], kv, mask, 17),                         # R + P != the cache's width
                (q_lat, q_rot.transpose(1, 2), kv, mask, 17),                  # q_rot not (B, T, H, P)
@@ -263,9 +263,9 @@ def test_cpu_takes_the_formula_by_default(mk, monkeypatch):
 
 
 def test_model_decodes_through_the_kernel_close_to_the_formula(mk, device, monkeypatch):
-    """The tiny model end to end (prefill of up to 5 tokens + cached decode): every layer of every cached forward
-    takes the kernel; greedy tokens equal the formula's, log-probs close (fp32: the sums' order only). A prefill
-    past ``MAX_T`` tokens keeps the formula, and so do calls past ``absorbed_bmm_max_scores`` and a forward that
+    """The tiny model end to end (prefill of up to 5 tokens + cached decode): every layer of every one-token decode
+    step takes the kernel; greedy tokens equal the formula's, log-probs close (fp32: the sums' order only). A
+    prefill (past ``MAX_T`` = 1 new token) keeps the formula, and so do calls past ``absorbed_bmm_max_scores`` and a forward that
     needs a gradient."""
     from moeflow.models.generation import generate
 
@@ -278,7 +278,7 @@ def test_model_decodes_through_the_kernel_close_to_the_formula(mk, device, monke
         monkeypatch.setattr(MLA, "fused_decode_attention", fused)
         counted = _Counted(mk, monkeypatch)
         runs[fused] = generate(model, prompts, 6, return_logprobs=True)
-        assert counted.calls == (6 * L if fused else 0)  # prefill + 5 decode steps
+        assert counted.calls == (5 * L if fused else 0)  # the 5 decode steps (the prefill: the formula)
     assert runs[True].tokens == runs[False].tokens
     for a, b in zip(runs[True].logprobs, runs[False].logprobs):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
@@ -286,7 +286,7 @@ def test_model_decodes_through_the_kernel_close_to_the_formula(mk, device, monke
     monkeypatch.setattr(MLA, "fused_decode_attention", True)
     long_prompt = list(range(1, mk.MAX_T + 3))
     generate(model, [long_prompt], 2)
-    assert counted.calls == L  # the 18-token prefill: the formula; the one decode step: the kernel
+    assert counted.calls == L  # the 3-token prefill: the formula; the one decode step: the kernel
     monkeypatch.setattr(MLA, "absorbed_bmm_max_scores", 2)  # every call past the bmm branch: the SDPA branch
     _Counted(mk, monkeypatch, raise_on_call=True)
     generate(model, [[5, 6, 7]], 2)
@@ -338,7 +338,7 @@ def test_torch_compile_keeps_the_op_opaque(mk, device, monkeypatch):
     holds the formula."""
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
     model = kernel_test_model(device)
-    ids = torch.tensor([[5, 6, 7]], device=device)
+    ids = torch.tensor([[5], [6]], device=device)  # one new token a row: the kernel's calls (MAX_T = 1)
     for fused in (True, False):
         monkeypatch.setattr(MLA, "fused_decode_attention", fused)
         counted = _Counted(mk, monkeypatch)
@@ -350,8 +350,8 @@ def test_torch_compile_keeps_the_op_opaque(mk, device, monkeypatch):
 
         torch._dynamo.reset()
         with torch.no_grad():
-            got = torch.compile(model, backend=keep_graph)(ids, cache=model.new_cache(1, 8)).logits
-            want = model(ids, cache=model.new_cache(1, 8)).logits
+            got = torch.compile(model, backend=keep_graph)(ids, cache=model.new_cache(2, 8)).logits
+            want = model(ids, cache=model.new_cache(2, 8)).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert counted.op_calls == (model.cfg.num_layers if fused else 0)
         targets = " ".join(str(node.target) for gm in graphs for node in gm.graph.nodes)
@@ -499,3 +499,24 @@ def test_cuda_graph_engine_equals_generate_with_the_kernel(mk, monkeypatch):
     assert counted.calls > 0
     for i, p in enumerate(prompts):
         assert got[i] == generate(model, [p], 30).tokens[0], f"request {i}"
+
+
+def test_bf16_engine_with_chunked_prefill_equals_generate(mk, device, monkeypatch):
+    """bf16, prompts longer than the engine's prefill chunk (8): the engine prefills 8 tokens at a time, generate()
+    each prompt whole, and only one-token decode steps take the kernel in both, so greedy tokens stay equal. (With
+    the kernel taking multi-token steps too, the engine's chunks took it where generate()'s 17-30-token prompts
+    took the formula, and requests 1, 3 and 5 parted by their third or fourth token: on an H200 and here.)"""
+    from moeflow.models.generation import generate
+    from moeflow.models.serving import Engine
+
+    monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
+    monkeypatch.setattr(MLA, "fused_decode_attention", True)
+    model = kernel_test_model(device, torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
+    counted = _Counted(mk, monkeypatch)
+    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode="static")
+    got = engine_greedy_tokens(engine, prompts, 6)
+    assert counted.calls > 0
+    for i, p in enumerate(prompts):
+        assert got[i] == generate(model, [p], 6).tokens[0], f"request {i}"

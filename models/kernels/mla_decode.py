@@ -72,9 +72,12 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (DeepSeek-V3's kv_lora_rank; bench_ref's is 256), the rope part up to 128 (V3: 64, bench_ref: 32)
 MAX_R = 512
 MAX_P = 128
-# decode-sized steps: up to 16 new tokens a row (chunked prefill beyond this keeps the formula's bmm's, whose
-# tensor-core tiles suit many query rows better than re-reading the keys once per block of 64 rows)
-MAX_T = 16
+# The model takes the kernel for one-token decode steps only (the kernel itself computes up to 16 new tokens a row,
+# called directly). With more, how a prompt is chunked would decide the path: the engine's 8-token prefill chunks
+# took the kernel where generate()'s whole 17-30-token prompts took the formula, and in bf16 the two parted in greedy
+# output (the kernel's fp32 scores against the formula's bf16 ones; seen on an H200 and in the interpreter,
+# 2026-12-07). Prefill keeps the formula's bmm's, whose tensor-core tiles suit many query rows anyway.
+MAX_T = 1
 # the key split (a function of S alone, see the module docstring): at least this many keys a split, at most
 # this many splits. First guesses for bench_ref on an H100, not yet timed: benchmarks/bench_mla_decode.py
 MIN_KEYS_PER_SPLIT = 128
