@@ -34,8 +34,8 @@ def undefined_calls(source: str) -> set[str]:
     """Bare names called in ``source`` that it neither defines (def, import, assignment) nor are builtins."""
     tree = ast.parse(source)
     defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
-    defined |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                for a in n.names}
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    defined |= {(a.asname or a.name).split(".")[0] for n in imports for a in n.names}
     defined |= {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
     called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     return {c for c in called if c not in defined and not hasattr(builtins, c)}

@@ -265,8 +265,8 @@ def test_cpu_takes_the_formula_by_default(mk, monkeypatch):
 def test_model_decodes_through_the_kernel_close_to_the_formula(mk, device, monkeypatch):
     """The tiny model end to end (prefill of up to 5 tokens + cached decode): every layer of every one-token decode
     step takes the kernel; greedy tokens equal the formula's, log-probs close (fp32: the sums' order only). A
-    prefill (past ``MAX_T`` = 1 new token) keeps the formula, and so do calls past ``absorbed_bmm_max_scores`` and a forward that
-    needs a gradient."""
+    prefill (past ``MAX_T`` = 1 new token) keeps the formula, and so do calls past ``absorbed_bmm_max_scores`` and
+    a forward that needs a gradient."""
     from moeflow.models.generation import generate
 
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
