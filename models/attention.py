@@ -235,21 +235,23 @@ class MLA(nn.Module):
     # needed, a device in ``kernel_devices``, not while torch.compile traces (inductor fuses the formula; the kernel
     # is no op it could trace), Triton importable (``kernels.mla_prep.kernel_applies`` has the rest). Bit-equal to
     # the unfused path with the fused RMSNorm (the same norm arithmetic; RoPE, cat, cast and copy are exact), and
-    # generate() and the serving engine both take it, so greedy engine output still equals generate()'s. Off by
-    # default until it has run on a GPU: written and tested in Triton's CPU interpreter only (2026-12-07);
-    # tests/test_mla_prep_kernel.py's ``gpu`` tests and benchmarks/bench_decode.py (engine mode "graph+cachewrite")
-    # decide it.
-    fused_cache_write: bool = False
+    # generate() and the serving engine both take it, so greedy engine output still equals generate()'s. On by
+    # default since it ran on a GPU (H200, 2026-12-07, RESULTS.md "Serving"): its GPU tests passed (bit-equal), and
+    # the default graph engine step ran 942 vs 773 tok/s at batch 1 and 18,253 vs 15,541 at batch 32 with it (same
+    # call). benchmarks/bench_decode.py "+nocachewrite" is the row without it.
+    fused_cache_write: bool = True
     # Decode-sized absorbed attention (the bmm branch: cat, bmm, cast, masked_fill, scale, softmax, cast, bmm: 8
     # kernels a layer) as one Triton launch, two with a key split (kernels/mla_decode.py), where it is safe, the
     # rules of ``RMSNorm.fused_inference`` (no gradient needed, a device in ``kernel_devices``, Triton importable,
     # one-token decode steps (``mla_decode.MAX_T``): ``kernel_applies`` has the rest), and under torch.compile too, as a
     # custom op opaque to the compiler (inductor has no fused kernel for the two bmm's). The same function up to
     # fp32 sum order, except that its scores stay fp32 where the formula rounds them to the queries' dtype (closer
-    # to float64, tested); generate() and the serving engine both take it. Off by default until it has run on a GPU:
-    # written and tested in Triton's CPU interpreter only (2026-12-07); tests/test_mla_decode_kernel.py's gpu
-    # tests, benchmarks/bench_mla_decode.py and bench_decode.py's engine mode "+mla" decide it (issue 13).
-    fused_decode_attention: bool = False
+    # to float64, tested); generate() and the serving engine both take it. On by default since it ran on a GPU
+    # (H200, 2026-12-07, RESULTS.md "Serving"): the default graph engine step ran 838 vs 773 tok/s at batch 1 and
+    # 16,712 vs 15,541 at batch 32 with it (same call); its GPU tests passed but engine == generate(), which failed
+    # while multi-token prefill chunks took it (hence MAX_T = 1; the interpreter test of that passes).
+    # benchmarks/bench_decode.py "+nomla" is the row without it.
+    fused_decode_attention: bool = True
     # where those two kernels may run; the CPU tests add "cpu" to run them in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)
 

@@ -136,10 +136,10 @@ class RotaryEmbedding(nn.Module):
     # traces (inductor fuses the formula; the kernel is no op it could trace), Triton importable
     # (``kernels.rope.kernel_applies`` has the rest). Bit-equal to the formula (element-wise, every rounding point
     # kept), and generate() and the serving engine both take it, so greedy engine output still equals
-    # generate()'s. Off by default until it has run on a GPU: written and tested in Triton's CPU interpreter only
-    # (2026-12-07); tests/test_rope_kernel.py's ``gpu`` tests and benchmarks/bench_decode.py --fused-rope on|off
-    # (engine modes "+rope" / "+norope") decide it (issue 13: 18 launches a layer become 2).
-    fused_inference: bool = False
+    # generate()'s. On by default since it ran on a GPU (H200, 2026-12-07, RESULTS.md "Serving"): its GPU tests
+    # passed, and the default graph engine step ran 901 vs 773 tok/s at batch 1 and 17,623 vs 15,541 at batch 32
+    # with it (same call; 18 launches a layer become 2). benchmarks/bench_decode.py "+norope" is the row without it.
+    fused_inference: bool = True
     # where the kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)
 

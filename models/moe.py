@@ -89,10 +89,11 @@ class Router(nn.Module):
     # with group-limited routing), K ≤ 16, fp32 logits (``kernels.router.kernel_applies``). The formula's choices in its column
     # order (ties to the lower id) and, on the GPU, its scores and weights bit for bit (CUDA's expf, IEEE divisions,
     # CUDA ``sum``'s order); generate() and the serving engine both take it, so greedy engine output still equals
-    # generate()'s. Off by default until it has run on a GPU: written and tested in Triton's CPU interpreter only
-    # (2026-12-07); tests/test_router_kernel.py's ``gpu`` tests and benchmarks/bench_decode.py --fused-router on|off
-    # (engine modes "+router" / "+norouter") decide it (issue 13: 63 launches a bench_ref decode step become 7).
-    fused_inference: bool = False
+    # generate()'s. On by default since it ran on a GPU (H200, 2026-12-07, RESULTS.md "Serving"): its GPU tests
+    # passed (bit-equal to eager CUDA, CUDA's sum order included), and the default graph engine step ran 863 vs 773
+    # tok/s at batch 1 and 16,814 vs 15,541 at batch 32 with it (same call; 63 launches a bench_ref decode step
+    # become 7). benchmarks/bench_decode.py "+norouter" is the row without it.
+    fused_inference: bool = True
     # where the kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)
 
@@ -204,11 +205,12 @@ class RoutedExperts(nn.Module):
     fp8_grad_dtype: torch.dtype | None = None
     # decode-sized calls through fused Triton kernels, kernels/moe_decode.py (slot-major up to T·K = 3·E,
     # expert-major above); None: auto (CUDA, bf16, no autograd, triton importable, T·K ≤ 6·E:
-    # moe_decode.decide_fused_decode); True forces. Off (False) by
-    # default: the kernels round where inductor does, not where the eager grouped path does, so greedy output
-    # could part from generate()'s at near-tied routers (as the compiled step's can). 5.5x the grouped path at
-    # 1 token on an H100 (RESULTS.md); serving turns it on per model with EngineConfig.fused_moe
-    fused_decode: bool | None = False
+    # moe_decode.decide_fused_decode); True forces; False keeps the grouped path. Auto by default since
+    # 2026-12-07: the kernels round where inductor does, not where the eager grouped path does (no farther from
+    # float64), and generate() and the serving engine take them alike (the graphed engine == generate() with them
+    # on auto passed on an H200); 5.5x the grouped layer at 1 token, 1.4x at 32 (H100, RESULTS.md).
+    # EngineConfig.fused_moe sets it per served model.
+    fused_decode: bool | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

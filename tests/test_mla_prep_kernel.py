@@ -259,7 +259,7 @@ def _prefill_and_decode_logits(model, ids, steps: int):
 
 def test_off_by_default_and_never_on_the_cpu_by_default(mk, monkeypatch):
     _Counted(mk, monkeypatch, raise_on_call=True)
-    assert MLA.fused_cache_write is False and MLA.kernel_devices == ("cuda",)
+    assert MLA.fused_cache_write is True and MLA.kernel_devices == ("cuda",)  # on, but only on CUDA
     model = kernel_test_model("cpu", norm_weights=True)
     ids = torch.tensor([[5, 17, 3]])
     with torch.no_grad():

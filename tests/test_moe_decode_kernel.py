@@ -464,7 +464,7 @@ def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md, mo
     debug mode "error" nothing syncs."""
     E, D, F_, K = 64, 1024, 512, 6
     ex = _experts(E, D, F_, K, torch.bfloat16, "cuda", std=0.05)
-    ex.fused_decode = None  # auto (the class default is off: EngineConfig.fused_moe turns it on)
+    ex.fused_decode = None  # auto (the class default)
     compiled = torch.compile(ex, fullgraph=True)
     for T in (1, 2, 4, 8, 10, 11, 16, 32, 33, 64):
         x, idx, w = _routing(T, K, E, D, "cuda", seed=T)

@@ -167,7 +167,7 @@ def _inputs(device, B=2, T=3, H=4, P=8, seed=4):
 
 def test_cpu_tensors_take_the_formula_by_default(rk, monkeypatch):
     _Counted(rk, monkeypatch, raise_on_call=True)
-    assert RotaryEmbedding.fused_inference is False and RotaryEmbedding.kernel_devices == ("cuda",)
+    assert RotaryEmbedding.fused_inference is True and RotaryEmbedding.kernel_devices == ("cuda",)  # on, CUDA only
     x, cos, sin = _inputs("cpu")
     with torch.no_grad():
         assert torch.equal(RotaryEmbedding.rotate(x, cos, sin), apply_rope(x, cos, sin))

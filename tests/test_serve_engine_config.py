@@ -75,7 +75,7 @@ def test_a_default_model_server_on_the_cpu_steps_its_engine_in_a_thread(tmp_path
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_fused_moe_reaches_the_routed_experts_of_the_loaded_model_but_not_int8_stacks(tmp_path, setting, value,
                                                                                       quantize):
-    """``EngineConfig.fused_moe`` (default off until measured on a GPU) sets ``RoutedExperts.fused_decode`` on
+    """``EngineConfig.fused_moe`` (default auto) sets ``RoutedExperts.fused_decode`` on
     every MoE layer of the served model; INT8 stacks keep their per-slot / whole-stack path."""
     from serve_helpers import make_model_dir
 
@@ -83,7 +83,7 @@ def test_fused_moe_reaches_the_routed_experts_of_the_loaded_model_but_not_int8_s
     from moeflow.models.quant import Int8RoutedExperts
     from moeflow.platform.serve.model_server import load_model
 
-    assert EngineConfig().fused_moe == "off" and RoutedExperts.fused_decode is False
+    assert EngineConfig().fused_moe == "auto" and RoutedExperts.fused_decode is None
     spec = ServedModel(name="tiny", version="1", model_dir=str(make_model_dir(tmp_path / "m")),
                        engine={"fused_moe": setting, "quantize": quantize})
     experts = [m for m in load_model(spec).modules() if isinstance(m, RoutedExperts)]

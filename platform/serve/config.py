@@ -46,13 +46,13 @@ class EngineConfig(StageConfig):
                             "per-token work overlaps the GPU's next step (one wasted row after a stop); "
                             "'auto' = on for CUDA, off on the CPU (nothing runs asynchronously there)")
     fused_moe: Literal["off", "auto", "on"] = Field(
-        "off", description="the routed experts of decode steps as fused Triton kernels (models/kernels/moe_decode.py) "
+        "auto", description="the routed experts of decode steps as fused Triton kernels (models/kernels/moe_decode.py) "
                            "instead of a sort and two grouped GEMMs: slot-major up to 3 routed slots an expert "
                            "(bench_ref: batch <= 32), expert-major up to 6 (batch <= 64); on an H100 5.5x the grouped "
                            "layer at batch 1, 1.4x at 32 and 64 (CUDA graphs). 'auto' = where it applies (CUDA, bf16, "
                            "Triton importable, those sizes); 'on' forces the fused kernels for every inference call. "
-                           "Off by default: it rounds as inductor does, so greedy output can part from generate() at "
-                           "near-tied routers (as with compile); INT8 keeps its own path")
+                           "'off' keeps the grouped GEMM. Auto by default: it rounds as inductor does (no farther from "
+                           "float64), and generate() on the served model takes it alike; INT8 keeps its own path")
     gil_switch_ms: float | None = Field(
         None, ge=0.05, le=100.0,
         description="the process's GIL switch interval in ms (sys.setswitchinterval; Python's default is 5): the "
