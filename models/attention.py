@@ -246,12 +246,12 @@ class MLA(nn.Module):
     # one-token decode steps (``mla_decode.MAX_T``): ``kernel_applies`` has the rest), and under torch.compile too, as a
     # custom op opaque to the compiler (inductor has no fused kernel for the two bmm's). The same function up to
     # fp32 sum order, except that its scores stay fp32 where the formula rounds them to the queries' dtype (closer
-    # to float64, tested); generate() and the serving engine both take it. On by default since it ran on a GPU
-    # (H200, 2026-12-07, RESULTS.md "Serving"): the default graph engine step ran 838 vs 773 tok/s at batch 1 and
-    # 16,712 vs 15,541 at batch 32 with it (same call); its GPU tests passed but engine == generate(), which failed
-    # while multi-token prefill chunks took it (hence MAX_T = 1; the interpreter test of that passes).
-    # benchmarks/bench_decode.py "+nomla" is the row without it.
-    fused_decode_attention: bool = True
+    # to float64, tested); generate() and the serving engine both take it. Measured on a GPU (H200, 2026-12-07,
+    # RESULTS.md "Serving"): the default graph engine step ran 838 vs 773 tok/s at batch 1 and 16,712 vs 15,541 at
+    # batch 32 with it (same call), and its GPU tests passed except engine == generate(), which failed while
+    # multi-token prefill chunks took the kernel (hence MAX_T = 1 since; the interpreter test of exactly that
+    # passes). Off by default until that GPU test has passed: `bash benchmarks/gpu_kernels.sh`, engine mode "+mla".
+    fused_decode_attention: bool = False
     # where those two kernels may run; the CPU tests add "cpu" to run them in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)
 

@@ -255,7 +255,7 @@ def test_cpu_takes_the_formula_by_default(mk, monkeypatch):
     from moeflow.models.generation import generate
 
     _Counted(mk, monkeypatch, raise_on_call=True)
-    assert MLA.fused_decode_attention is True and MLA.kernel_devices == ("cuda",)  # on, but only on CUDA
+    assert MLA.fused_decode_attention is False and MLA.kernel_devices == ("cuda",)
     model = kernel_test_model("cpu")
     generate(model, [[5, 6, 7]], 2)
     monkeypatch.setattr(MLA, "fused_decode_attention", True)  # on, but the CPU is no kernel device
