@@ -30,14 +30,14 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
 - ``engine graph int8``: the same on the INT8 weight-only copy (``models/quant.py``), with ``--int8``.
 - ``engine graph+nonorm``: a mode flag for a peer row: the engine with ``RMSNorm.fused_inference`` off (the
   eager 8-kernel norm) where the other rows take the fused Triton norm (``--fused-norm``, on by default).
-- ``engine graph+rope``: likewise the engine with ``RotaryEmbedding.fused_inference`` on (one Triton launch per
-  RoPE instead of 9 kernels) where the other rows take the eager formula (``--fused-rope``, off by default);
-  ``+norope`` turns it off for a row. Flags combine: ``graph+rope+nonorm``.
-- ``engine graph+cachewrite``: likewise the engine with ``MLA.fused_cache_write`` on (a cache step's latent norm, key
-  RoPE, cat and cache write and the queries' RoPE in one Triton launch instead of 21 a layer, 5 with the fused RoPE)
-  (``--fused-cache-write``, off by default); ``+nocachewrite`` turns it off for a row.
-- ``engine graph+router``: likewise ``Router.fused_inference`` (one Triton launch per router after its logits GEMV
-  instead of 9 kernels; ``--fused-router``, off by default; ``+norouter`` turns it off for a row).
+- ``engine graph+norope``: likewise the engine with ``RotaryEmbedding.fused_inference`` off (on by default: one
+  Triton launch per RoPE instead of 9 kernels; ``--fused-rope`` sets it for every row, ``+rope`` turns it on for
+  a row). Flags combine: ``graph+norope+nonorm``.
+- ``engine graph+nocachewrite``: likewise ``MLA.fused_cache_write`` off (on by default: a cache step's latent norm,
+  key RoPE, cat and cache write and the queries' RoPE in one Triton launch instead of 21 a layer, 5 with the fused
+  RoPE; ``--fused-cache-write``, ``+cachewrite``).
+- ``engine graph+norouter``: likewise ``Router.fused_inference`` off (on by default: one Triton launch per router
+  after its logits GEMV instead of 9 kernels; ``--fused-router``, ``+router``).
 - ``engine graph+mla``: likewise the engine with ``MLA.fused_decode_attention`` on (the absorbed attention's cat,
   bmm, masked fp32 softmax and second bmm as one Triton launch, two with a key split) where the other rows take
   the formula (``--fused-mla``, off by default); ``+nomla`` turns it off for a row. Under ``+compile`` it runs as
@@ -348,13 +348,13 @@ def main(argv=None) -> int:
     p.add_argument("--fused-norm", default="on", choices=["on", "off"],
                    help="RMSNorm.fused_inference (one Triton launch per norm and per residual add + norm at inference "
                    "on CUDA) for every row; an engine mode's +nonorm / +norm flag overrides it for that row")
-    p.add_argument("--fused-rope", default="off", choices=["on", "off"],
+    p.add_argument("--fused-rope", default="on", choices=["on", "off"],
                    help="RotaryEmbedding.fused_inference (one Triton launch per RoPE at inference on CUDA) for every "
                    "row; an engine mode's +norope / +rope flag overrides it for that row")
-    p.add_argument("--fused-cache-write", default="off", choices=["on", "off"],
+    p.add_argument("--fused-cache-write", default="on", choices=["on", "off"],
                    help="MLA.fused_cache_write (a cache step's latent write and the queries' RoPE in one Triton launch "
                    "per layer on CUDA) for every row; an engine mode's +nocachewrite / +cachewrite overrides it")
-    p.add_argument("--fused-router", default="off", choices=["on", "off"],
+    p.add_argument("--fused-router", default="on", choices=["on", "off"],
                    help="Router.fused_inference (one Triton launch per router after its logits at inference on CUDA) "
                    "for every row; an engine mode's +norouter / +router flag overrides it for that row")
     p.add_argument("--fused-mla", default="off", choices=["on", "off"],

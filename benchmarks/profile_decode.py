@@ -16,10 +16,10 @@ sum of kernel time (GPU busy) and the number of kernels a step launches. A kerne
 kernels of a few µs) and a bandwidth-bound one (few kernels near the copy bandwidth) need different work.
 Mode flags: ``+compile`` (the inductor step), ``+nonorm`` / ``+norm`` (``RMSNorm.fused_inference`` off / on for
 that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` counts the fused norm's launches;
-``+norope`` / ``+rope`` likewise ``RotaryEmbedding.fused_inference`` (``--fused-rope``, off by default), counted in
+``+norope`` / ``+rope`` likewise ``RotaryEmbedding.fused_inference`` (``--fused-rope``, on by default), counted in
 ``rope_kernels_per_step``; ``+nocachewrite`` / ``+cachewrite`` likewise ``MLA.fused_cache_write``
-(``--fused-cache-write``, off by default), counted in ``cache_write_kernels_per_step``; ``+norouter`` / ``+router``
-``Router.fused_inference`` (``--fused-router``, off by default), counted in ``router_kernels_per_step``; ``+nomla``
+(``--fused-cache-write``, on by default), counted in ``cache_write_kernels_per_step``; ``+norouter`` / ``+router``
+``Router.fused_inference`` (``--fused-router``, on by default), counted in ``router_kernels_per_step``; ``+nomla``
 / ``+mla`` ``MLA.fused_decode_attention`` (``--fused-mla``, off by default), its launches (attention and combine
 kernels) counted in ``mla_kernels_per_step``.
 """
@@ -123,11 +123,11 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--fused-norm", default="on", choices=["on", "off"], help="RMSNorm.fused_inference for modes "
                    "without +norm / +nonorm")
-    p.add_argument("--fused-rope", default="off", choices=["on", "off"], help="RotaryEmbedding.fused_inference for "
+    p.add_argument("--fused-rope", default="on", choices=["on", "off"], help="RotaryEmbedding.fused_inference for "
                    "modes without +rope / +norope")
-    p.add_argument("--fused-cache-write", default="off", choices=["on", "off"], help="MLA.fused_cache_write for "
+    p.add_argument("--fused-cache-write", default="on", choices=["on", "off"], help="MLA.fused_cache_write for "
                    "modes without +cachewrite / +nocachewrite")
-    p.add_argument("--fused-router", default="off", choices=["on", "off"], help="Router.fused_inference for modes "
+    p.add_argument("--fused-router", default="on", choices=["on", "off"], help="Router.fused_inference for modes "
                    "without +router / +norouter")
     p.add_argument("--fused-mla", default="off", choices=["on", "off"], help="MLA.fused_decode_attention for "
                    "modes without +mla / +nomla")
