@@ -175,7 +175,7 @@ def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_
 
 
 if HAS_TRITON:
-    from .triton_rounding import rounded
+    from .triton_rounding import fp32_dot, rounded
 
     @torch.library.custom_op("moeflow::mla_decode_attention", mutates_args=())
     def mla_decode_attention_op(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
@@ -186,15 +186,6 @@ if HAS_TRITON:
     @mla_decode_attention_op.register_fake
     def _mla_decode_attention_fake(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale):
         return q_lat_BHTR.new_empty(q_lat_BHTR.shape)  # contiguous (B, H, T, R) in the queries' dtype
-
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        """acc + a @ b in fp32. IEEE: fp32 operands with fp32 products (fp32 inputs, where the default would be
-        tf32; and in Triton's interpreter, whose dot misreads bf16). bf16 products are exact in fp32 either way."""
-        if IEEE:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
 
     @triton.jit
     def _mla_decode_kernel(ql_ptr, ql_sb, ql_sh, ql_st, ql_sr, qr_ptr, qr_sb, qr_st, qr_sh, qr_sp,
@@ -232,8 +223,8 @@ if HAS_TRITON:
             kv_S = kv_b + s_S.to(tl.int64)[:, None] * kv_ss
             lat_SR = tl.load(kv_S + r_R[None, :] * kv_sx, mask=keys_S[:, None] & (r_R < R)[None, :], other=0.0)
             rot_SP = tl.load(kv_S + (R + p_P)[None, :] * kv_sx, mask=keys_S[:, None] & (p_P < P)[None, :], other=0.0)
-            score_MS = _dot(q_lat_MR, tl.trans(lat_SR), tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32), IEEE)
-            score_MS = _dot(q_rot_MP, tl.trans(rot_SP), score_MS, IEEE) * scale
+            score_MS = fp32_dot(q_lat_MR, tl.trans(lat_SR), tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32), IEEE)
+            score_MS = fp32_dot(q_rot_MP, tl.trans(rot_SP), score_MS, IEEE) * scale
             allowed_MS = tl.load(mask_row_M[:, None] + s_S[None, :] * mask_ss,
                                  mask=rows_M[:, None] & keys_S[None, :], other=0) != 0
             score_MS = tl.where(allowed_MS, score_MS, float("-inf"))
@@ -248,7 +239,7 @@ if HAS_TRITON:
                 p_op = rounded(p_MS, ty)  # the value dtype's value, held in fp32 for the fp32 dot
             else:
                 p_op = p_MS.to(ty)  # cvt.rn: the same rounding (to nearest, ties to even)
-            acc_MR = _dot(p_op, lat_SR, acc_MR * alpha_M[:, None], IEEE)
+            acc_MR = fp32_dot(p_op, lat_SR, acc_MR * alpha_M[:, None], IEEE)
             max_M = new_max_M
         out_ty = out_ptr.dtype.element_ty
         if SPLIT:

@@ -169,7 +169,7 @@ def expert_major_decode(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: tor
 if HAS_TRITON:
 
     # bf16 rounding by bits: Triton's interpreter (the CPU tests) truncates a plain ``.to(tl.bfloat16)``
-    from .triton_rounding import rounded  # its own name: inductor re-emits a triton_op kernel's helpers by name
+    from .triton_rounding import fp32_dot, rounded  # their own names (inductor re-emits helpers by name)
 
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, K: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
@@ -257,15 +257,6 @@ if HAS_TRITON:
     # call, the activations (T·K rows of D or F) come again per row block, from L2.
 
     @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        """acc + a @ b in fp32. IEEE: in fp32 with fp32 products (fp32 operands, where the default would be
-        tf32; and in Triton's interpreter, whose dot misreads bf16). bf16 products are exact in fp32 either way."""
-        if IEEE:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
-
-    @triton.jit
     def _expert_run(ends_ptr, e):
         """[start, end) of expert e's slots in the expert-sorted slot list."""
         start = tl.where(e > 0, tl.load(ends_ptr + tl.maximum(e - 1, 0)), 0)
@@ -301,8 +292,8 @@ if HAS_TRITON:
                 wu_FD = tl.load(up_FD + d_D[None, :], mask=mask_FD, other=0.0)
                 x_DS = tl.load(x_ptr + t_S[None, :] * D + d_D[:, None], mask=mask_D[:, None] & mask_S[None, :],
                                other=0.0)
-                acc_gate_FS = _dot(wg_FD, x_DS, acc_gate_FS, IEEE)
-                acc_up_FS = _dot(wu_FD, x_DS, acc_up_FS, IEEE)
+                acc_gate_FS = fp32_dot(wg_FD, x_DS, acc_gate_FS, IEEE)
+                acc_up_FS = fp32_dot(wu_FD, x_DS, acc_up_FS, IEEE)
             gate_FS = rounded(acc_gate_FS, out_ty)  # the grouped GEMM's rounded output, as slot-major
             up_FS = rounded(acc_up_FS, out_ty)
             h_FS = gate_FS * tl.sigmoid(gate_FS) * up_FS
@@ -334,7 +325,7 @@ if HAS_TRITON:
                 w_DF = tl.load(rows_DF + f_F[None, :], mask=mask_D[:, None] & mask_F[None, :], other=0.0)
                 h_FS = tl.load(h_ptr + s_S[None, :] * F + f_F[:, None], mask=mask_F[:, None] & mask_S[None, :],
                                other=0.0)
-                acc_DS = _dot(w_DF, h_FS, acc_DS, IEEE)
+                acc_DS = fp32_dot(w_DF, h_FS, acc_DS, IEEE)
             tl.store(y_ptr + n_S[None, :] * D + d_D[:, None], rounded(acc_DS, out_ty).to(out_ty),
                      mask=mask_D[:, None] & mask_S[None, :])
             s0 += BLOCK_S

@@ -185,8 +185,9 @@ if HAS_TRITON:
     def _router_kernel(logits_ptr, logits_stride, bias_ptr, idx_ptr, weight_ptr, scores_ptr, route_scale,
                        E: tl.constexpr, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                        SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GROUPS: tl.constexpr,
-                       TOPK_GROUP: tl.constexpr, SOFTMAX_LANES: tl.constexpr, SOFTMAX_LEVELS: tl.constexpr, SUM_LANES: tl.constexpr,
-                       SUM_LEVELS: tl.constexpr, HALVING: tl.constexpr, INTERPRET: tl.constexpr):
+                       TOPK_GROUP: tl.constexpr, SOFTMAX_LANES: tl.constexpr, SOFTMAX_LEVELS: tl.constexpr,
+                       SUM_LANES: tl.constexpr, SUM_LEVELS: tl.constexpr, HALVING: tl.constexpr,
+                       INTERPRET: tl.constexpr):
         """One program per token: scores, the K best biased choices (largest first, ties to the lower id), their
         unbiased scores renormalised in CUDA ``sum``'s order, times route_scale."""
         row = tl.program_id(0).to(tl.int64)
