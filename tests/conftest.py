@@ -164,6 +164,22 @@ def kernel_test_model(device, dtype=None, *, norm_weights: bool = False, **cfg_k
     return model
 
 
+def kernel_test_prompts(lengths, seed: int = 3) -> list[list[int]]:
+    """Random prompts of the given lengths over the kernel test model's vocabulary (ids 1..127)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_generate_equals(model, prompts: list[list[int]], got: list[list[int]], max_tokens: int) -> None:
+    """Each prompt's greedy ``generate()`` tokens (one prompt a call) equal ``got`` (the engine's, in prompt order)."""
+    from moeflow.models.generation import generate
+
+    for i, p in enumerate(prompts):
+        assert got[i] == generate(model, [p], max_tokens).tokens[0], f"request {i}"
+
+
 def engine_greedy_tokens(engine, prompts: list[list[int]], max_tokens: int, max_steps: int = 500) -> list[list[int]]:
     """Each prompt added to ``engine`` (a models.serving.Engine) as a greedy request, the engine stepped until idle:
     every request's generated token ids, in prompt order (to hold against ``generate()``'s)."""

@@ -24,7 +24,9 @@ import sys
 import pytest
 import torch
 
-from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
+from conftest import (
+    assert_generate_equals, engine_greedy_tokens, kernel_test_model, kernel_test_prompts, sm90_compile_report,
+    triton_kernels)
 
 from moeflow.models.attention import MLA
 
@@ -316,20 +318,17 @@ def test_bf16_model_decodes_through_the_kernel(mk, device, monkeypatch):
 def test_engine_equals_generate_with_the_kernel(mk, device, monkeypatch):
     """The serving engine's bucketed static step (the captured step's code, uncaptured) with the kernel on,
     prompts joining mid-way: each request's greedy tokens equal generate()'s (which takes the kernel too)."""
-    from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
     monkeypatch.setattr(MLA, "fused_decode_attention", True)
     counted = _Counted(mk, monkeypatch)
     model = kernel_test_model(device)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
+    prompts = kernel_test_prompts((3, 9, 1))
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
     got = engine_greedy_tokens(engine, prompts, 5)
     assert counted.calls > 0
-    for i, p in enumerate(prompts):
-        assert got[i] == generate(model, [p], 5).tokens[0], f"request {i}"
+    assert_generate_equals(model, prompts, got, 5)
 
 
 def test_torch_compile_keeps_the_op_opaque(mk, device, monkeypatch):
@@ -364,21 +363,18 @@ def test_compiled_engine_equals_generate_with_the_op(mk, device, monkeypatch):
     """The serving engine's static step compiled (aot_eager: traced, functionalized, the op through its fake, the
     engine's buckets recompiling with symbolic shapes) with the kernel on: each request's greedy tokens equal
     generate()'s eager ones (which take the launcher directly)."""
-    from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
     monkeypatch.setattr(MLA, "fused_decode_attention", True)
     counted = _Counted(mk, monkeypatch)
     model = kernel_test_model(device)
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
+    prompts = kernel_test_prompts((3, 9, 1), seed=4)
     torch._dynamo.reset()
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static", compile="aot_eager")
     got = engine_greedy_tokens(engine, prompts, 5)
     assert counted.op_calls > 0  # the compiled decode steps' (the prefill runs eagerly)
-    for i, p in enumerate(prompts):
-        assert got[i] == generate(model, [p], 5).tokens[0], f"request {i}"
+    assert_generate_equals(model, prompts, got, 5)
 
 
 # --------------------------------------------------------------------------- compiled for the GPU
@@ -484,21 +480,18 @@ def test_on_the_gpu_against_the_formula_never_syncs_and_captures(mk):
 def test_cuda_graph_engine_equals_generate_with_the_kernel(mk, monkeypatch):
     """The serving engine's captured decode (bf16) with the fused attention on, against generate() (which takes it
     too), token for token; the kernel ran (counted at capture and in generate's eager steps)."""
-    from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
     monkeypatch.setattr(MLA, "fused_decode_attention", True)
     counted = _Counted(mk, monkeypatch)
     model = kernel_test_model("cpu").to("cuda", torch.bfloat16)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
+    prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
     assert engine.decode_mode == "graph"
     got = engine_greedy_tokens(engine, prompts, 30)
     assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
     assert counted.calls > 0
-    for i, p in enumerate(prompts):
-        assert got[i] == generate(model, [p], 30).tokens[0], f"request {i}"
+    assert_generate_equals(model, prompts, got, 30)
 
 
 def test_bf16_engine_with_chunked_prefill_equals_generate(mk, device, monkeypatch):
@@ -506,17 +499,14 @@ def test_bf16_engine_with_chunked_prefill_equals_generate(mk, device, monkeypatc
     each prompt whole, and only one-token decode steps take the kernel in both, so greedy tokens stay equal. (With
     the kernel taking multi-token steps too, the engine's chunks took it where generate()'s 17-30-token prompts
     took the formula, and requests 1, 3 and 5 parted by their third or fourth token: on an H200 and here.)"""
-    from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
     monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
     monkeypatch.setattr(MLA, "fused_decode_attention", True)
     model = kernel_test_model(device, torch.bfloat16)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
+    prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
     counted = _Counted(mk, monkeypatch)
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode="static")
     got = engine_greedy_tokens(engine, prompts, 6)
     assert counted.calls > 0
-    for i, p in enumerate(prompts):
-        assert got[i] == generate(model, [p], 6).tokens[0], f"request {i}"
+    assert_generate_equals(model, prompts, got, 6)

@@ -19,7 +19,9 @@ import itertools
 import pytest
 import torch
 
-from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
+from conftest import (
+    assert_generate_equals, engine_greedy_tokens, kernel_test_model, kernel_test_prompts, sm90_compile_report,
+    triton_kernels)
 
 from moeflow.models import ModelConfig
 from moeflow.models.attention import MLA
@@ -439,19 +441,16 @@ def test_a_decode_step_launches_one_kernel_for_the_unfused_21(mk, rk, device, mo
 def test_engine_equals_generate_with_the_kernel(mk, device, monkeypatch):
     """The serving engine's bucketed static step (the captured step's code, uncaptured: cache_position slots) with
     the kernel on, prompts joining mid-way: each request's greedy tokens equal generate()'s (which takes it too)."""
-    from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
     _kernels_on_the_cpu_too(monkeypatch)
     counted = _Counted(mk, monkeypatch)
     model = kernel_test_model(device, norm_weights=True)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
+    prompts = kernel_test_prompts((3, 9, 1))
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
     got = engine_greedy_tokens(engine, prompts, 5)
     assert counted.calls > 0
-    for i, p in enumerate(prompts):
-        assert got[i] == generate(model, [p], 5).tokens[0], f"request {i}"
+    assert_generate_equals(model, prompts, got, 5)
 
 
 # --------------------------------------------------------------------------- compiled for the GPU
@@ -585,8 +584,7 @@ def test_cuda_graph_engine_equals_generate_and_the_switch_off(mk, monkeypatch):
     from moeflow.models.serving import Engine
 
     model = kernel_test_model("cpu", norm_weights=True).to("cuda", torch.bfloat16)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
+    prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
     runs = {}
     for fused in (False, True):
         monkeypatch.setattr(MLA, "fused_cache_write", fused)

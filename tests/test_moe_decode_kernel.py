@@ -8,11 +8,12 @@ it is an optional accelerator, and moeflow must work without it.
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
-from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
+from conftest import (
+    assert_generate_equals, engine_greedy_tokens, kernel_test_model, kernel_test_prompts, sm90_compile_report,
+    triton_kernels)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeflow.models import ModelConfig
@@ -517,8 +518,7 @@ def test_engine_equals_generate_with_the_fused_experts(md, device):
     layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     for m in layers:
         m.fused_decode = True
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
+    prompts = kernel_test_prompts((3, 9, 1))
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
     with _Ops() as ops:
         got = engine_greedy_tokens(engine, prompts, 3)
@@ -536,20 +536,17 @@ def test_cuda_graph_engine_equals_generate_with_the_fused_experts_on_auto(md):
     """The serving engine's captured decode (bf16) with the routed experts on auto (the fused kernels for
     decode-sized calls, the grouped GEMM for large prefill chunks), against generate() (which decides alike),
     token for token; the fused kernels ran in the captured steps."""
-    from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
     model = kernel_test_model("cpu", norm_weights=True).to("cuda", torch.bfloat16)
     layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     for m in layers:
         m.fused_decode = None  # auto
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
+    prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
     assert engine.decode_mode == "graph"
     with _Ops() as ops:
         got = engine_greedy_tokens(engine, prompts, 30)
     assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
     assert ops.names.count(OP) > 0  # dispatched while the graphs were captured
-    for i, p in enumerate(prompts):
-        assert got[i] == generate(model, [p], 30).tokens[0], f"request {i}"
+    assert_generate_equals(model, prompts, got, 30)

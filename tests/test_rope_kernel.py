@@ -18,7 +18,9 @@ import itertools
 import pytest
 import torch
 
-from conftest import engine_greedy_tokens, kernel_test_model, sm90_compile_report, triton_kernels
+from conftest import (
+    assert_generate_equals, engine_greedy_tokens, kernel_test_model, kernel_test_prompts, sm90_compile_report,
+    triton_kernels)
 
 from moeflow.models import ModelConfig
 from moeflow.models.layers import RotaryEmbedding, apply_rope
@@ -253,20 +255,17 @@ def test_model_decodes_through_the_kernel_exactly_as_through_the_formula(rk, dev
 def test_engine_equals_generate_with_the_kernel(rk, device, monkeypatch):
     """The serving engine's bucketed static step (the captured step's code, uncaptured) with the kernel on,
     prompts joining mid-way: each request's greedy tokens equal generate()'s (which takes the kernel too)."""
-    from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
     monkeypatch.setattr(RotaryEmbedding, "kernel_devices", ("cuda", "cpu"))
     monkeypatch.setattr(RotaryEmbedding, "fused_inference", True)
     counted = _Counted(rk, monkeypatch)
     model = kernel_test_model(device)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 9, 1)]
+    prompts = kernel_test_prompts((3, 9, 1))
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
     got = engine_greedy_tokens(engine, prompts, 5)
     assert counted.calls > 0
-    for i, p in enumerate(prompts):
-        assert got[i] == generate(model, [p], 5).tokens[0], f"request {i}"
+    assert_generate_equals(model, prompts, got, 5)
 
 
 # --------------------------------------------------------------------------- compiled for the GPU
@@ -360,18 +359,15 @@ def test_on_the_gpu_equals_eager_cuda_never_syncs_and_captures(rk):
 def test_cuda_graph_engine_equals_generate_with_the_fused_rope(rk, monkeypatch):
     """The serving engine's captured decode (bf16) with the fused RoPE on, against generate() (which takes it
     too), token for token; the kernel ran (counted at capture and in generate's eager steps)."""
-    from moeflow.models.generation import generate
     from moeflow.models.serving import Engine
 
     monkeypatch.setattr(RotaryEmbedding, "fused_inference", True)
     counted = _Counted(rk, monkeypatch)
     model = kernel_test_model("cpu").to("cuda", torch.bfloat16)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 30, 9, 24)]
+    prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
     assert engine.decode_mode == "graph"
     got = engine_greedy_tokens(engine, prompts, 30)
     assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
     assert counted.calls > 0
-    for i, p in enumerate(prompts):
-        assert got[i] == generate(model, [p], 30).tokens[0], f"request {i}"
+    assert_generate_equals(model, prompts, got, 30)
