@@ -21,7 +21,8 @@ that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` c
 (``--fused-cache-write``, on by default), counted in ``cache_write_kernels_per_step``; ``+norouter`` / ``+router``
 ``Router.fused_inference`` (``--fused-router``, on by default), counted in ``router_kernels_per_step``; ``+nomla``
 / ``+mla`` ``MLA.fused_decode_attention`` (``--fused-mla``, off by default), its launches (attention and combine
-kernels) counted in ``mla_kernels_per_step``.
+kernels) counted in ``mla_kernels_per_step``; ``+noboundary`` / ``+boundary`` ``MoETransformer.defer_residual_add``
+(the block boundary's residual add inside the next norm's launch; on by default).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def build_model(preset: str) -> MoETransformer:
 # mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
-                  "mla": (MLA, "fused_decode_attention")}
+                  "mla": (MLA, "fused_decode_attention"), "boundary": (MoETransformer, "defer_residual_add")}
 
 
 def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
