@@ -45,6 +45,9 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
 - ``engine graph+noboundary``: ``MoETransformer.defer_residual_add`` off (on by default: a cache step adds each
   block's output to the residual stream in the next block's input norm, one fused launch instead of two a block
   boundary); ``+boundary`` turns it on for a row.
+- ``engine graph+nosharedfold``: likewise ``DeepSeekMoE.fused_shared`` off (on by default: the shared expert computed
+  inside the fused routed-experts kernels, where they run, instead of 6 launches a MoE layer; ``--fused-shared``,
+  ``+sharedfold``).
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
@@ -73,17 +76,19 @@ from moeflow.models.attention import MLA
 from moeflow.models.generation import CudaGraphPool, generate
 from moeflow.models.hf import export_hf
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
-from moeflow.models.moe import Router
+from moeflow.models.moe import DeepSeekMoE, Router
 from moeflow.models.quant import model_bytes, quantize_int8
 from moeflow.models.serving import Engine, SamplingParams
 
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
-# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla)
+# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla,
+# sharedfold)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
-                  "mla": (MLA, "fused_decode_attention"), "boundary": (MoETransformer, "defer_residual_add")}
+                  "mla": (MLA, "fused_decode_attention"), "boundary": (MoETransformer, "defer_residual_add"),
+                  "sharedfold": (DeepSeekMoE, "fused_shared")}
 
 
 def fused_norm() -> bool | None:
@@ -107,6 +112,11 @@ def fused_router() -> bool | None:
 def fused_mla() -> bool | None:
     """MLA.fused_decode_attention now (None in trees without the fused decode attention)."""
     return getattr(MLA, "fused_decode_attention", None)
+
+
+def fused_shared() -> bool | None:
+    """DeepSeekMoE.fused_shared now (None in trees without the shared expert's fold)."""
+    return getattr(DeepSeekMoE, "fused_shared", None)
 
 
 @contextlib.contextmanager
@@ -297,7 +307,7 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
                     row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "fused_norm": fused_norm(),
                            "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
-                           "fused_router": fused_router(), "fused_mla": fused_mla(),
+                           "fused_router": fused_router(), "fused_mla": fused_mla(), "fused_shared": fused_shared(),
                            **{k: v for k, v in r.items() if k != "tokens"},
                            "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
                            "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
@@ -345,7 +355,8 @@ def main(argv=None) -> int:
                    "row; +norope / +rope: the fused RoPE off / on; +nocachewrite / +cachewrite: the fused MLA cache "
                    "step off / on; +norouter / +router: the fused router off / on; +nomla / +mla: the fused MLA decode "
                    "attention off / on; +noboundary / +boundary: the block boundary's residual add in the next norm off / "
-                   "on); the first also runs on the INT8 model")
+                   "on; +nosharedfold / +sharedfold: the shared expert's fold into the fused MoE kernels off / on); the "
+                   "first also runs on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")
@@ -364,6 +375,9 @@ def main(argv=None) -> int:
     p.add_argument("--fused-mla", default="off", choices=["on", "off"],
                    help="MLA.fused_decode_attention (the absorbed decode attention in one or two Triton launches on "
                    "CUDA) for every row; an engine mode's +nomla / +mla flag overrides it for that row")
+    p.add_argument("--fused-shared", default="on", choices=["on", "off"],
+                   help="DeepSeekMoE.fused_shared (the shared expert inside the fused routed-experts kernels where "
+                   "they run) for every row; an engine mode's +nosharedfold / +sharedfold overrides it for that row")
     p.add_argument("--ppl-seqs", type=int, default=16)
     p.add_argument("--ppl-len", type=int, default=240)
     args = p.parse_args(argv)
@@ -383,8 +397,10 @@ def main(argv=None) -> int:
         MLA.fused_cache_write = args.fused_cache_write == "on"
     if fused_router() is not None:  # likewise the fused router
         Router.fused_inference = args.fused_router == "on"
-    if fused_mla() is not None:  # and the fused MLA decode attention
+    if fused_mla() is not None:  # likewise the fused MLA decode attention
         MLA.fused_decode_attention = args.fused_mla == "on"
+    if fused_shared() is not None:  # and the shared expert's fold
+        DeepSeekMoE.fused_shared = args.fused_shared == "on"
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,3", 8, 6, 1
         args.ppl_seqs, args.ppl_len = 2, 16
@@ -452,7 +468,7 @@ def main(argv=None) -> int:
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                    "fused_norm": fused_norm(), "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
-                   "fused_router": fused_router(), "fused_mla": fused_mla(),
+                   "fused_router": fused_router(), "fused_mla": fused_mla(), "fused_shared": fused_shared(),
                    "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)

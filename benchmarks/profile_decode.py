@@ -7,6 +7,7 @@
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+cachewrite
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+router
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+mla
+    PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+nosharedfold
 
 ``bench_ref`` in bf16 with random weights, B requests of a 64-token random prompt decoding greedily
 through the serving ``Engine`` (CUDA-graph step, optionally the inductor-compiled step). After every
@@ -22,7 +23,10 @@ that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` c
 ``Router.fused_inference`` (``--fused-router``, on by default), counted in ``router_kernels_per_step``; ``+nomla``
 / ``+mla`` ``MLA.fused_decode_attention`` (``--fused-mla``, off by default), its launches (attention and combine
 kernels) counted in ``mla_kernels_per_step``; ``+noboundary`` / ``+boundary`` ``MoETransformer.defer_residual_add``
-(the block boundary's residual add inside the next norm's launch; on by default).
+(the block boundary's residual add inside the next norm's launch; on by default); ``+nosharedfold`` / ``+sharedfold``
+``DeepSeekMoE.fused_shared`` (``--fused-shared``, on by default), the fused MoE kernels' launches counted in
+``moe_kernels_per_step`` (2 a MoE layer at batch 1 either way; the fold takes the shared expert's 6 off
+``kernels_per_step``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from torch.profiler import ProfilerActivity, profile
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.attention import MLA
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
-from moeflow.models.moe import Router
+from moeflow.models.moe import DeepSeekMoE, Router
 from moeflow.models.serving import Engine, SamplingParams
 
 
@@ -52,10 +56,16 @@ def build_model(preset: str) -> MoETransformer:
     return model
 
 
-# mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla)
+# mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla,
+# boundary, sharedfold)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
-                  "mla": (MLA, "fused_decode_attention"), "boundary": (MoETransformer, "defer_residual_add")}
+                  "mla": (MLA, "fused_decode_attention"), "boundary": (MoETransformer, "defer_residual_add"),
+                  "sharedfold": (DeepSeekMoE, "fused_shared")}
+
+
+# the fused MoE decode kernels (models/kernels/moe_decode.py), slot- and expert-major
+MOE_KERNELS = ("_gate_up_swiglu_kernel", "_down_combine_kernel", "_expert_down_kernel", "_combine_kernel")
 
 
 def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:
@@ -111,6 +121,9 @@ def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int
             "router_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_router_kernel" in k) / steps,
             "fused_mla": MLA.fused_decode_attention,
             "mla_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_mla_" in k and "_mla_prep" not in k) / steps,
+            "fused_shared": DeepSeekMoE.fused_shared,
+            "moe_kernels_per_step": sum(v[0] for k, v in per_kernel.items()
+                                        if any(n in k for n in MOE_KERNELS)) / steps,
             "top": table}
 
 
@@ -132,6 +145,8 @@ def main(argv=None) -> int:
                    "without +router / +norouter")
     p.add_argument("--fused-mla", default="off", choices=["on", "off"], help="MLA.fused_decode_attention for "
                    "modes without +mla / +nomla")
+    p.add_argument("--fused-shared", default="on", choices=["on", "off"], help="DeepSeekMoE.fused_shared for "
+                   "modes without +sharedfold / +nosharedfold")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     RMSNorm.fused_inference = args.fused_norm == "on"
@@ -139,6 +154,7 @@ def main(argv=None) -> int:
     MLA.fused_cache_write = args.fused_cache_write == "on"
     Router.fused_inference = args.fused_router == "on"
     MLA.fused_decode_attention = args.fused_mla == "on"
+    DeepSeekMoE.fused_shared = args.fused_shared == "on"
     model = build_model(args.preset)
     rows = []
     for batch in args.batches:
@@ -152,7 +168,8 @@ def main(argv=None) -> int:
                   f"{r['cache_write_kernels_per_step']:.0f} fused cache-write launches; "
                   f"fused_cache_write={r['fused_cache_write']}; "
                   f"{r['router_kernels_per_step']:.0f} fused router launches; fused_router={r['fused_router']}; "
-                  f"{r['mla_kernels_per_step']:.0f} fused mla launches; fused_mla={r['fused_mla']})", flush=True)
+                  f"{r['mla_kernels_per_step']:.0f} fused mla launches; fused_mla={r['fused_mla']}; "
+                  f"{r['moe_kernels_per_step']:.0f} fused moe launches; fused_shared={r['fused_shared']})", flush=True)
             for t in r["top"]:
                 print(f"  {t['us_per_step']:8.1f} us {t['pct']:5.1f}% x{t['per_step']:<5} {t['kernel']}", flush=True)
     if args.out:

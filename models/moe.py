@@ -232,14 +232,17 @@ class RoutedExperts(nn.Module):
             return self.use_grouped_mm
         return x.is_cuda and self.compute_dtype(x) == torch.bfloat16
 
-    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-        """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) for every token t."""
+    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
+                shared: nn.Module | None = None) -> torch.Tensor:
+        """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) for every token t, plus shared(x[t]) when the MoE's shared
+        expert is given: folded into the fused decode kernels where they run and it folds
+        (``moe_decode.shared_fold_weights``), else its module's output added, as ``DeepSeekMoE`` adds it."""
         if self.fused_decode or (self.fused_decode is None and x_TD.is_cuda):
             from .kernels import moe_decode  # imports triton (optional), so only where the fused path may run
 
             stacks = (self.gate_up_proj, self.down_proj)  # read once: LoRA's parametrization computes them per read
             if moe_decode.fused_decode_applies(self, x_TD, idx_TK, *stacks):
-                return moe_decode.fused_routed_experts(self, x_TD, idx_TK, weight_TK, *stacks)
+                return moe_decode.fused_routed_experts(self, x_TD, idx_TK, weight_TK, *stacks, shared=shared)
         T, K = idx_TK.shape
         flat_N = idx_TK.reshape(-1)
         order_N, inv_order_N = stable_expert_order(flat_N)
@@ -253,7 +256,8 @@ class RoutedExperts(nn.Module):
         # multiply + sum, not a (T,1,K)@(T,K,D) bmm: cuBLAS runs that shape ~10x slower (measured).
         y_ND = _PermuteRows.apply(y_sorted_ND, inv_order_N, order_N)
         w_TK1 = weight_TK.to(y_ND.dtype)[:, :, None]
-        return (y_ND.view(T, K, -1) * w_TK1).sum(dim=1)
+        y_TD = (y_ND.view(T, K, -1) * w_TK1).sum(dim=1)
+        return y_TD if shared is None else y_TD + shared(x_TD)
 
     def _swiglu_rows(self, h_X2F: torch.Tensor) -> torch.Tensor:
         gate, up = h_X2F.split(self.width, dim=-1)
@@ -313,6 +317,15 @@ class MoEStats:
 class DeepSeekMoE(nn.Module):
     """Shared experts + routed experts. ``forward`` returns (y_BTD, MoEStats)."""
 
+    # Hand the shared expert to the routed experts, whose fused decode kernels then compute it as S more slots a
+    # token (kernels/moe_decode.py, slot-major): a decode-sized MoE layer's whole FFN in their two launches, where
+    # the shared SwiGLU and the add took 6 (gate, up, silu, mul, down GEMVs and kernels, and the add: 42 a bench_ref
+    # decode step). Elsewhere (grouped/looped paths, expert-major kernels, a shared expert that does not fold)
+    # RoutedExperts adds the module's output as this class did. Rounds once fewer than the formula (the shared
+    # output joins the routed fp32 sum unrounded by an add; no farther from float64, tests/test_shared_fold.py).
+    # benchmarks/bench_decode.py "+nosharedfold" is the row without it.
+    fused_shared: bool = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -334,9 +347,13 @@ class DeepSeekMoE(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         forced = forced_idx_BTK.reshape(B * T, -1) if forced_idx_BTK is not None else None
         r = self.gate(x_TD, forced)
-        y_TD = self.experts(x_TD, r.topk_idx_TK, r.topk_weight_TK)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        # isinstance: a stand-in for the routed experts (platform/train/expert_parallel.py's) takes no shared expert
+        if self.shared_experts is not None and self.fused_shared and isinstance(self.experts, RoutedExperts):
+            y_TD = self.experts(x_TD, r.topk_idx_TK, r.topk_weight_TK, shared=self.shared_experts)
+        else:
+            y_TD = self.experts(x_TD, r.topk_idx_TK, r.topk_weight_TK)
+            if self.shared_experts is not None:
+                y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view(B, T, D), self._stats(r, B, T, with_losses, valid_BT, with_stats)
 
     def _stats(self, r: RouterOutput, B: int, T: int, with_losses: bool, valid_BT: torch.Tensor | None,

@@ -140,11 +140,14 @@ class Int8RoutedExperts(RoutedExperts):
         # benchmarks/RESULTS.md, "INT8 routed experts at decode sizes")
         return idx_TK.numel() < self.num_experts and (x_TD.is_cuda or self._grouped_path(x_TD))
 
-    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-        """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]), by the per-slot gather or the whole stack."""
+    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
+                shared: nn.Module | None = None) -> torch.Tensor:
+        """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) (+ shared(x[t]) where given), by the per-slot gather or the
+        whole stack."""
         if self._slot_path(x_TD, idx_TK):
-            return self._per_slot(x_TD, idx_TK, weight_TK)
-        return super().forward(x_TD, idx_TK, weight_TK)
+            y_TD = self._per_slot(x_TD, idx_TK, weight_TK)
+            return y_TD if shared is None else y_TD + shared(x_TD)
+        return super().forward(x_TD, idx_TK, weight_TK, shared)
 
     def slot_weights(self, expert_N: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized (gate_up (N, 2F, D), down (N, D, F)) of expert ``expert_N[n]`` for each slot n.

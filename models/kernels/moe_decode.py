@@ -13,6 +13,14 @@ each slot reads its own expert's rows directly:
 (b) ``_down_combine_kernel``, grid (tokens T, D blocks): y[t, d] = Σ_k w[t, k] · (down[e_k, d] · h[t·K+k]),
     the K slots summed inside the program in a fixed order (deterministic, no atomics), fp32 accumulation.
 
+The shared expert folds in (``DeepSeekMoE.fused_shared``; ``shared_fold_weights`` says when): SwiGLU is separable
+along its width, so a shared expert of width H = S·F is S more slots a token of the routed experts' width F, each
+of gate weight 1 (exactly: no router weight to round). Token t's slots are n = t·(K + S) + j, routed for j < K,
+shared slot j − K after them: (a) takes a shared slot's rows from the shared gate_proj/up_proj weights (a scalar
+branch on the program id picks the base pointers, no copy of any weight), and (b) adds the S shared slots as the
+one down GEMM of width S·F they are (their h rows are adjacent; down_proj's columns). A decode-sized MoE layer's
+whole FFN is then these two launches, where the shared SwiGLU and the add took 6 more (3 GEMVs, silu, mul, add).
+
 Rounding: where ``RoutedExperts``' grouped path rounds, as the compiled decode step runs it. Gate and up
 are rounded to the compute dtype (the grouped GEMM's output); silu(gate)·up is taken in fp32 and rounded
 once (inductor's fused pointwise kernel; eager rounds silu(gate) to bf16 first); each slot's down output
@@ -22,7 +30,11 @@ fp32 sum). What differs from the compiled grouped path is only the order of the 
 product (cuBLAS's vs these tiles'); from eager, the two extra roundings named above. The rounding is
 round-to-nearest-even done on the bits (``rounded``, from triton_rounding.py), so Triton's CPU interpreter,
 which truncates, gives the GPU's values and the tests can check them. tests/test_moe_decode_kernel.py measures
-the error against float64: the same as the reference path's, or lower.
+the error against float64: the same as the reference path's, or lower. The folded shared expert rounds where
+the formula (``shared_experts(x)``) does, compiled: gate, up, silu·up once, its down GEMM's output (one GEMM over
+all S·F, as the formula's), but that output then joins the routed terms' fp32 sum and the total is rounded once,
+where the formula rounds the routed sum, then routed + shared (one rounding fewer; tests/test_shared_fold.py:
+no farther from float64 than the formula).
 
 Registered with ``torch.library.triton_op`` so ``torch.compile`` sees (and inlines) the kernels and a
 CUDA graph captures them; an explicit fake kernel gives compile the output's shape. No host
@@ -50,7 +62,10 @@ compile, no host sync) and
 (c) ``_combine_kernel``, grid (T, D blocks): Σ_k rounded(w[t, k]) · y[t·K + k] in fp32, k in order, rounded
     once: the slot-major down kernel's sum term for term.
 The rounding points are the slot-major kernels' (the same ``rounded`` calls), so the two differ only in the
-order of the fp32 sums inside each dot product.
+order of the fp32 sums inside each dot product. The shared expert does not fold here (yet): it would be one more
+"expert" holding all T tokens (E + ceil(T / block_s) program rows, say), with its own token gather and h layout
+in both kernels and a term in the combine; at 33-64 tokens the layer is not launch-bound the way batch 1 is, so
+``fused_routed_experts`` adds the shared module's output (the formula) on this path.
 
 Triton is an optional accelerator: ``moeflow`` imports and runs without it (``HAS_TRITON`` is False and
 the dispatch never picks this path); ``models/moe.py`` imports this module only on CUDA or when forced.
@@ -58,7 +73,7 @@ On a CPU, set ``TRITON_INTERPRET=1`` before this module is imported to run the k
 interpreter (the tests do).
 
 Shape suffixes (as in models/moe.py): T tokens, D hidden, E experts, K experts per token, N = T·K routed
-slots, F expert width.
+slots, F expert width, H = S·F the shared expert's width (S shared slots a token).
 """
 
 import os
@@ -136,16 +151,46 @@ def fused_decode_applies(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, gate
 
 
 def fused_routed_experts(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
-                         gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor) -> torch.Tensor:
+                         gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, shared=None) -> torch.Tensor:
     """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) by the fused kernels (slot- or expert-major:
-    ``uses_expert_major``), in ``experts``' compute dtype."""
+    ``uses_expert_major``), in ``experts``' compute dtype; plus ``shared(x)`` when ``shared`` (the MoE's shared
+    expert, a SwiGLU) is given: inside the slot-major kernels where it folds (``shared_fold_weights``), else added
+    as its own module's output (the expert-major kernels keep it separate)."""
     if not HAS_TRITON:
         raise RuntimeError("RoutedExperts.fused_decode=True needs triton, which is not importable here")
     dtype = experts.compute_dtype(x_TD)
     args = (x_TD.to(dtype), idx_TK, weight_TK, gate_up_E2FD.to(dtype), down_EDF.to(dtype))
     if uses_expert_major(idx_TK.numel(), experts.num_experts):
-        return expert_major_decode(*args)
-    return routed_experts_decode(*args)
+        y_TD = expert_major_decode(*args)
+    else:
+        folded = None if shared is None else shared_fold_weights(shared, experts.width, dtype)
+        if folded is not None:
+            return routed_experts_decode(*args, *folded)
+        y_TD = routed_experts_decode(*args)
+    return y_TD if shared is None else y_TD + shared(x_TD)
+
+
+def shared_fold_weights(shared, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...] | None:
+    """(gate (H, D), up (H, D), down (D, H)) of a shared expert the slot-major kernels can take as S = H / width
+    slots of the routed experts' width, each read once (a parametrization computes the weight per read), else
+    None: ``shared`` must be a plain ``SwiGLU`` of bias-free linears computing ``F.linear`` with their weight
+    (so not LoRALinear, Fp8Linear, Int8Linear: they compute something else), of a width that is a multiple of
+    ``width`` (DeepSeekMoE builds it num_shared × moe_intermediate_size wide: every preset folds), with weights
+    already in the compute ``dtype`` (no cast kernels) and no gradient wanted of them (the op has no backward)."""
+    from ..layers import SwiGLU
+
+    if type(shared) is not SwiGLU:
+        return None
+    linears = (shared.gate_proj, shared.up_proj, shared.down_proj)
+    if not all(isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward and m.bias is None
+               for m in linears):
+        return None
+    weights = tuple(m.weight for m in linears)
+    H = weights[0].shape[0]
+    if H % width or any(w.dtype != dtype for w in weights) or (
+            torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+        return None
+    return weights
 
 
 def expert_major_routing(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,15 +217,24 @@ if HAS_TRITON:
     from .triton_rounding import fp32_dot, rounded  # their own names (inductor re-emits helpers by name)
 
     @triton.jit
-    def _gate_up_swiglu_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, K: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-                               BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
-        n = tl.program_id(0)  # routed slot n = t·K + k
-        t = n // K
-        e = tl.load(idx_ptr + n).to(tl.int64)
+    def _gate_up_swiglu_kernel(x_ptr, idx_ptr, w_ptr, sg_ptr, su_ptr, h_ptr, K: tl.constexpr, S: tl.constexpr,
+                               D: tl.constexpr, F: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+        n = tl.program_id(0)  # slot n = t·(K + S) + j: routed (expert idx[t, j]) for j < K, shared slot j − K after
+        t = n // (K + S)
+        j = n % (K + S)
         f_F = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         mask_F = f_F < F
-        gate_FD = w_ptr + e * (2 * F * D) + f_F[:, None] * D  # row f of expert e's gate half
-        up_FD = gate_FD + F * D                                # row F + f: its up twin
+        # scalar bases chosen by the branch, the same row offsets after it (offsets computed in the branches took
+        # 124 registers a thread on sm_90 against 62 so: the gate and up pointer tiles no longer shared them)
+        if j < K:
+            e = tl.load(idx_ptr + t * K + j).to(tl.int64)
+            gate_base = w_ptr + e * (2 * F * D)  # expert e's gate half
+            up_base = gate_base + F * D          # its up half
+        else:  # the shared expert's rows (j − K)·F + f of its own gate_proj and up_proj weights (S·F, D)
+            gate_base = sg_ptr + (j - K) * (F * D)
+            up_base = su_ptr + (j - K) * (F * D)
+        gate_FD = gate_base + f_F[:, None] * D  # rows f of the slot's gate
+        up_FD = up_base + f_F[:, None] * D      # and their up twins
         acc_gate_F = tl.zeros((BLOCK_F,), dtype=tl.float32)
         acc_up_F = tl.zeros((BLOCK_F,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -199,54 +253,71 @@ if HAS_TRITON:
         tl.store(h_ptr + n * F + f_F, rounded(h_F, out_ty).to(out_ty), mask=mask_F)
 
     @triton.jit
-    def _down_combine_kernel(h_ptr, idx_ptr, gw_ptr, w_ptr, y_ptr, K: tl.constexpr, D: tl.constexpr,
-                             F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    def _rows_dot(rows_DF, h_ptr, mask_D, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+        """Σ_f rows[d, f] · h[f] over f < WIDTH in fp32: one slot's down GEMM for a block of output rows."""
+        acc_D = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for f0 in range(0, WIDTH, BLOCK_F):
+            f_F = f0 + tl.arange(0, BLOCK_F)
+            mask_F = f_F < WIDTH
+            h_F = tl.load(h_ptr + f_F, mask=mask_F, other=0.0).to(tl.float32)
+            w_DF = tl.load(rows_DF + f_F[None, :], mask=mask_D[:, None] & mask_F[None, :], other=0.0).to(tl.float32)
+            acc_D += tl.sum(w_DF * h_F[None, :], axis=1)
+        return acc_D
+
+    @triton.jit
+    def _down_combine_kernel(h_ptr, idx_ptr, gw_ptr, w_ptr, sd_ptr, y_ptr, K: tl.constexpr, S: tl.constexpr,
+                             D: tl.constexpr, F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
         t = tl.program_id(0)
         d_D = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_D = d_D < D
         out_ty = y_ptr.dtype.element_ty
+        h_t = h_ptr + t * (K + S) * F  # token t's K routed then S shared slots of h, F values each
         y_D = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for k in tl.static_range(K):  # unrolled: the K experts' loads are independent
-            n = t * K + k
-            e = tl.load(idx_ptr + n).to(tl.int64)
-            gw = rounded(tl.load(gw_ptr + n).to(tl.float32), out_ty)  # weight_TK.to(compute dtype)
-            rows_DF = w_ptr + e * (D * F) + d_D[:, None] * F
-            acc_D = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for f0 in range(0, F, BLOCK_F):
-                f_F = f0 + tl.arange(0, BLOCK_F)
-                mask_F = f_F < F
-                h_F = tl.load(h_ptr + n * F + f_F, mask=mask_F, other=0.0).to(tl.float32)
-                w_DF = tl.load(rows_DF + f_F[None, :], mask=mask_D[:, None] & mask_F[None, :], other=0.0).to(tl.float32)
-                acc_D += tl.sum(w_DF * h_F[None, :], axis=1)
+            e = tl.load(idx_ptr + t * K + k).to(tl.int64)
+            gw = rounded(tl.load(gw_ptr + t * K + k).to(tl.float32), out_ty)  # weight_TK.to(compute dtype)
+            acc_D = _rows_dot(w_ptr + e * (D * F) + d_D[:, None] * F, h_t + k * F, mask_D, F, BLOCK_D, BLOCK_F)
             y_D += rounded(acc_D, out_ty) * gw  # the slot's rounded GEMM output × its gate weight
+        if S > 0:  # the S shared slots as the one down GEMM of width S·F they are (adjacent in h), weight 1
+            acc_D = _rows_dot(sd_ptr + d_D[:, None] * (S * F), h_t + K * F, mask_D, S * F, BLOCK_D, BLOCK_F)
+            y_D += rounded(acc_D, out_ty)  # shared_experts(x): its down GEMM's rounded output
         tl.store(y_ptr + t * D + d_D, rounded(y_D, out_ty).to(out_ty), mask=mask_D)
 
     @torch.library.triton_op("moeflow::routed_experts_decode", mutates_args=())
     def routed_experts_decode(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
-                              gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, gate_up_block_f: int = 16,
+                              gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor,
+                              shared_gate_HD: torch.Tensor | None = None, shared_up_HD: torch.Tensor | None = None,
+                              shared_down_DH: torch.Tensor | None = None, gate_up_block_f: int = 16,
                               gate_up_block_d: int = 1024, down_block_d: int = 8, down_block_f: int = 512,
                               num_warps: int = 4) -> torch.Tensor:
-        """(T, D) in x's dtype. Block sizes are powers of two (any D, F: the kernels mask the tails). The
-        defaults, for bench_ref on sm_90 (ptxas: 60 registers, no spills, 16-byte loads): one gate_up program
-        loads its 16 gate + 16 up rows of D = 1024 in one go (64 KB in flight; 192 programs for 6 slots), one
-        down program 8 rows × F of each of its K experts (the K loop unrolled: 48 KB in flight; 128 programs
-        for one token). benchmarks/bench_moe_decode.py --sweep times others."""
+        """(T, D) in x's dtype: the routed experts' weighted sum, plus the shared expert's output where its three
+        weights are given (H = S·F, S shared slots a token; the three or none). Block sizes are powers of two
+        (any D, F: the kernels mask the tails). The defaults, for bench_ref on sm_90 (ptxas: 60 registers, no
+        spills, 16-byte loads): one gate_up program loads its 16 gate + 16 up rows of D = 1024 in one go (64 KB in
+        flight; 192 programs for 6 slots, 224 with the shared one), one down program 8 rows × F of each of its K
+        experts (the K loop unrolled: 48 KB in flight; 128 programs for one token). benchmarks/bench_moe_decode.py
+        --sweep times others."""
         T, K = idx_TK.shape
         E, D, F = down_EDF.shape
+        S = 0 if shared_down_DH is None else shared_down_DH.shape[1] // F
         x_TD, idx_TK, weight_TK = x_TD.contiguous(), idx_TK.contiguous(), weight_TK.contiguous()
         gate_up_E2FD, down_EDF = gate_up_E2FD.contiguous(), down_EDF.contiguous()
-        h_NF = x_TD.new_empty(T * K, F)
+        # without a shared expert the kernels never read these pointers (S = 0): any tensor of the dtype will do
+        shared = (down_EDF,) * 3 if S == 0 else tuple(w.contiguous() for w in (shared_gate_HD, shared_up_HD,
+                                                                               shared_down_DH))
+        h_NF = x_TD.new_empty(T * (K + S), F)
         y_TD = x_TD.new_empty(T, D)
-        torch.library.wrap_triton(_gate_up_swiglu_kernel)[(T * K, triton.cdiv(F, gate_up_block_f))](
-            x_TD, idx_TK, gate_up_E2FD, h_NF, K, D, F, BLOCK_F=gate_up_block_f, BLOCK_D=gate_up_block_d,
-            num_warps=num_warps)
+        torch.library.wrap_triton(_gate_up_swiglu_kernel)[(T * (K + S), triton.cdiv(F, gate_up_block_f))](
+            x_TD, idx_TK, gate_up_E2FD, shared[0], shared[1], h_NF, K, S, D, F, BLOCK_F=gate_up_block_f,
+            BLOCK_D=gate_up_block_d, num_warps=num_warps)
         torch.library.wrap_triton(_down_combine_kernel)[(T, triton.cdiv(D, down_block_d))](
-            h_NF, idx_TK, weight_TK, down_EDF, y_TD, K, D, F, BLOCK_D=down_block_d,
+            h_NF, idx_TK, weight_TK, down_EDF, shared[2], y_TD, K, S, D, F, BLOCK_D=down_block_d,
             BLOCK_F=min(down_block_f, triton.next_power_of_2(F)), num_warps=num_warps)
         return y_TD
 
     @routed_experts_decode.register_fake
-    def _routed_experts_decode_fake(x_TD, idx_TK, weight_TK, gate_up_E2FD, down_EDF, *blocks, **named_blocks):
+    def _routed_experts_decode_fake(x_TD, idx_TK, weight_TK, gate_up_E2FD, down_EDF, *shared_and_blocks,
+                                    **named):
         # Shapes only. triton_op would use the body itself (make_fx-traceable on a GPU); this one also traces
         # where the kernels are Triton-interpreted (TRITON_INTERPRET=1, CPU tests), which fake tensors cannot run.
         return x_TD.new_empty(idx_TK.shape[0], down_EDF.shape[1])
