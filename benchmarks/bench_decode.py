@@ -38,6 +38,9 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
   RoPE; ``--fused-cache-write``, ``+cachewrite``).
 - ``engine graph+norouter``: likewise ``Router.fused_inference`` off (on by default: one Triton launch per router
   after its logits GEMV instead of 9 kernels; ``--fused-router``, ``+router``).
+- ``engine graph+norouterlogits``: likewise ``Router.fused_logits`` off (on by default: the fused router's launch
+  also forms the logits, so the two casts and the fp32 GEMV of ``Router.logits`` go, 4 launches a MoE layer become 1;
+  ``--fused-router-logits``, ``+routerlogits``; it needs the fused router on).
 - ``engine graph+mla``: likewise the engine with ``MLA.fused_decode_attention`` on (the absorbed attention's cat,
   bmm, masked fp32 softmax and second bmm as one Triton launch, two with a key split) where the other rows take
   the formula (``--fused-mla``, off by default); ``+nomla`` turns it off for a row. Under ``+compile`` it runs as
@@ -77,10 +80,11 @@ from moeflow.models.serving import Engine, SamplingParams
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
-# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla)
+# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router,
+# routerlogits, mla)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
-                  "mla": (MLA, "fused_decode_attention")}
+                  "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention")}
 
 
 def fused_norm() -> bool | None:
@@ -99,6 +103,11 @@ def fused_cache_write() -> bool | None:
 def fused_router() -> bool | None:
     """Router.fused_inference now (None in trees without the fused router)."""
     return getattr(Router, "fused_inference", None)
+
+
+def fused_router_logits() -> bool | None:
+    """Router.fused_logits now (None in trees without the logits in the fused router)."""
+    return getattr(Router, "fused_logits", None)
 
 
 def fused_mla() -> bool | None:
@@ -294,7 +303,8 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
                     row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "fused_norm": fused_norm(),
                            "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
-                           "fused_router": fused_router(), "fused_mla": fused_mla(),
+                           "fused_router": fused_router(), "fused_router_logits": fused_router_logits(),
+                           "fused_mla": fused_mla(),
                            **{k: v for k, v in r.items() if k != "tokens"},
                            "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
                            "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
@@ -340,7 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
                    "row; +norope / +rope: the fused RoPE off / on; +nocachewrite / +cachewrite: the fused MLA cache "
-                   "step off / on; +norouter / +router: the fused router off / on; +nomla / +mla: the fused MLA decode "
+                   "step off / on; +norouter / +router: the fused router off / on; +norouterlogits / +routerlogits: "
+                   "the logits in it off / on; +nomla / +mla: the fused MLA decode "
                    "attention off / on); the first also runs on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
@@ -357,6 +368,9 @@ def main(argv=None) -> int:
     p.add_argument("--fused-router", default="on", choices=["on", "off"],
                    help="Router.fused_inference (one Triton launch per router after its logits at inference on CUDA) "
                    "for every row; an engine mode's +norouter / +router flag overrides it for that row")
+    p.add_argument("--fused-router-logits", default="on", choices=["on", "off"],
+                   help="Router.fused_logits (the fused router also forms the logits: one launch per MoE layer instead "
+                   "of 4) for every row; an engine mode's +norouterlogits / +routerlogits flag overrides it")
     p.add_argument("--fused-mla", default="off", choices=["on", "off"],
                    help="MLA.fused_decode_attention (the absorbed decode attention in one or two Triton launches on "
                    "CUDA) for every row; an engine mode's +nomla / +mla flag overrides it for that row")
@@ -379,6 +393,8 @@ def main(argv=None) -> int:
         MLA.fused_cache_write = args.fused_cache_write == "on"
     if fused_router() is not None:  # likewise the fused router
         Router.fused_inference = args.fused_router == "on"
+    if fused_router_logits() is not None:  # likewise the logits in it
+        Router.fused_logits = args.fused_router_logits == "on"
     if fused_mla() is not None:  # and the fused MLA decode attention
         MLA.fused_decode_attention = args.fused_mla == "on"
     if args.smoke:
@@ -448,7 +464,8 @@ def main(argv=None) -> int:
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                    "fused_norm": fused_norm(), "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
-                   "fused_router": fused_router(), "fused_mla": fused_mla(),
+                   "fused_router": fused_router(), "fused_router_logits": fused_router_logits(),
+                   "fused_mla": fused_mla(),
                    "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)
