@@ -297,16 +297,23 @@ def test_logits_within_an_fp32_dot_error_of_float64(rk, device, x_dtype, w_dtype
         assert_fp32_dot_error(logits, x, w)
         gemm = torch.nn.functional.linear(x.float(), w.float())  # Router.logits: the same bound holds for it
         assert_fp32_dot_error(gemm, x, w)
+        # rows of x and of the weight read in place at a row stride past D (column slices of wider tensors)
+        wide_x, wide_w = torch.zeros(T, D + 8, dtype=x_dtype, device=device), torch.zeros(E, D + 8, dtype=w_dtype,
+                                                                                        device=device)
+        wide_x[:, 8:], wide_w[:, 8:] = x, w
+        assert torch.equal(rk.route_hidden(wide_x[:, 8:], wide_w[:, 8:], None, min(6, E), "sigmoid", True, 1.0)[3],
+                           logits)
 
 
 def test_route_hidden_routes_its_logits_as_route_does(rk, device):
     """After its logits the launch is ``route``'s, bit for bit: scores, choices and weights equal ``route`` of the
-    logits it wrote, for sigmoid with bias, softmax, group-limited routing, E 256; and the choices are the formula's
+    logits it wrote, for sigmoid with bias, softmax, group-limited routing, E 256, E 12 (masked experts); and the choices are the formula's
     on the GEMM's logits wherever the choices are well separated (no two of the K + 1 best within 1e-5 in float64)."""
     g = torch.Generator().manual_seed(11)
     checked = 0
     for T, D, E, K, score_func, groups in [(40, 1024, 64, 6, "sigmoid", (1, 1)), (9, 512, 64, 6, "softmax", (1, 1)),
-                                           (9, 256, 64, 6, "sigmoid", (8, 3)), (4, 128, 256, 8, "sigmoid", (8, 4))]:
+                                           (9, 256, 64, 6, "sigmoid", (8, 3)), (4, 128, 256, 8, "sigmoid", (8, 4)),
+                                           (9, 100, 12, 6, "sigmoid", (1, 1)), (9, 100, 12, 6, "softmax", (1, 1))]:
         x, w = _router_inputs(T, D, E, g, device=device)
         bias = (torch.randn(E, generator=g) * 0.05).to(device)
         idx, wt, s, logits = rk.route_hidden(x, w, bias, K, score_func, True, 2.5, *groups)
@@ -590,7 +597,8 @@ def test_eager_router_op_count(rk, device, monkeypatch):
 # --------------------------------------------------------------------------- the model: generate() and the engine
 def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, monkeypatch):
     """The tiny model end to end (prefill + cached decode): every router of a no-grad forward takes the kernel, with
-    the formula's tokens (log-probs within the interpreter's exp tolerance; bit-equal on the GPU); a training forward
+    the formula's tokens; log-probs after ``Router.logits`` within the interpreter's exp tolerance (bit-equal on the
+    GPU), with the logits in the kernel (``fused_logits``) within what their fp32 sum order moves; a training forward
     keeps the formula."""
     from moeflow.models.generation import generate
 
@@ -598,14 +606,17 @@ def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, mon
     num_moe = len(list(model.routers()))
     prompts = [[5, 17, 3, 99, 42], [7, 8]]
     runs = {}
-    for fused in (False, True):
-        _on(monkeypatch, fused)
+    for fused, logits in ((False, False), (True, False), (True, True)):
+        _on(monkeypatch, fused, logits)
         counted = _Counted(rk, monkeypatch)
-        runs[fused] = generate(model, prompts, 4, return_logprobs=True)
+        runs[fused, logits] = generate(model, prompts, 4, return_logprobs=True)
         assert counted.calls == (4 * num_moe if fused else 0)  # prefill + 3 decode steps
-    assert runs[True].tokens == runs[False].tokens
-    for got, want in zip(runs[True].logprobs, runs[False].logprobs):
-        assert got == pytest.approx(want, abs=1e-5 if device == "cpu" else 0)
+        assert counted.hidden_calls == (counted.calls if logits else 0)
+    want = runs[False, False]
+    for key, tol in (((True, False), 1e-5 if device == "cpu" else 0), ((True, True), 1e-4)):
+        assert runs[key].tokens == want.tokens, key
+        for got, ref in zip(runs[key].logprobs, want.logprobs):
+            assert got == pytest.approx(ref, abs=tol), key
     _Counted(rk, monkeypatch, raise_on_call=True)
     ids = torch.tensor(prompts[:1], device=device)
     model.train()
