@@ -307,8 +307,9 @@ def test_logits_within_an_fp32_dot_error_of_float64(rk, device, x_dtype, w_dtype
 
 def test_route_hidden_routes_its_logits_as_route_does(rk, device):
     """After its logits the launch is ``route``'s, bit for bit: scores, choices and weights equal ``route`` of the
-    logits it wrote, for sigmoid with bias, softmax, group-limited routing, E 256, E 12 (masked experts); and the choices are the formula's
-    on the GEMM's logits wherever the choices are well separated (no two of the K + 1 best within 1e-5 in float64)."""
+    logits it wrote, for sigmoid with bias, softmax, group-limited routing, E 256, E 12 (masked experts); and the
+    choices are the formula's on the GEMM's logits wherever the choices are well separated (no two of the K + 1 best
+    within 1e-5 in float64)."""
     g = torch.Generator().manual_seed(11)
     checked = 0
     for T, D, E, K, score_func, groups in [(40, 1024, 64, 6, "sigmoid", (1, 1)), (9, 512, 64, 6, "softmax", (1, 1)),
