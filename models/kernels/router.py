@@ -7,10 +7,11 @@ kernels a MoE layer with sigmoid scores and the balancing bias (8 without it): s
 gatherTopK's select and a bitonic sort of the k), gather, sum, add 1e-20, div, mul by route_scale. How counted:
 ``torch.profiler`` lists the top-level aten ops of an eager call after ``aten::linear`` as sigmoid, detach (a view,
 no kernel), add, topk, gather, sum, add, div, mul (tests/test_router_kernel.py ``test_eager_router_op_count`` pins
-that list, and that with the kernel on nothing but its entry is left); on CUDA each is one kernel except topk, two. Fused: 1 launch a layer, so 9 → 1 (bench_ref's 7
-MoE layers: 63 → 7 launches a decode step; benchmarks/profile_decode.py's ``graph`` vs ``graph+router`` rows should
-differ by 56 kernels a step). With the logits in it (``route_hidden``, ``Router.fused_logits``): 12 → 1 a layer,
-84 → 7 a step (``graph+norouterlogits`` has 21 more kernels a step than ``graph``).
+that list, and that with the kernel on nothing but its entry is left); on CUDA each is one kernel except topk, two.
+Fused: 1 launch a layer, so 9 → 1 (bench_ref's 7 MoE layers: 63 → 7 launches a decode step; the ``graph`` vs
+``graph+norouter`` rows of benchmarks/profile_decode.py should differ by 56 kernels a step). With the logits in it
+(``route_hidden``, ``Router.fused_logits``): 12 → 1 a layer, 84 → 7 a step (``graph+norouterlogits`` has 21 more
+kernels a step than ``graph``).
 
 The logits in the kernel (``route_hidden``; ``route`` reads ``Router.logits``' instead): logit[t, e] = Σ_d x[t, d] ·
 w[e, d] in fp32, x and w read in their dtypes (bf16, fp16 or fp32: an fp32 master weight as it is) and each product
