@@ -45,6 +45,9 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
   bmm, masked fp32 softmax and second bmm as one Triton launch, two with a key split) where the other rows take
   the formula (``--fused-mla``, off by default); ``+nomla`` turns it off for a row. Under ``+compile`` it runs as
   a custom op the compiler keeps opaque: ``graph+compile+mla`` is the compiled step's peer row.
+- ``engine graph+noboundary``: ``MoETransformer.defer_residual_add`` off (on by default: a cache step adds each
+  block's output to the residual stream in the next block's input norm, one fused launch instead of two a block
+  boundary); ``+boundary`` turns it on for a row.
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
@@ -81,10 +84,11 @@ STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
 # engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router,
-# routerlogits, mla)
+# routerlogits, mla, boundary)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
-                  "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention")}
+                  "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention"),
+                  "boundary": (MoETransformer, "defer_residual_add")}
 
 
 def fused_norm() -> bool | None:
@@ -351,8 +355,9 @@ def main(argv=None) -> int:
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
                    "row; +norope / +rope: the fused RoPE off / on; +nocachewrite / +cachewrite: the fused MLA cache "
                    "step off / on; +norouter / +router: the fused router off / on; +norouterlogits / +routerlogits: "
-                   "the logits in it off / on; +nomla / +mla: the fused MLA decode "
-                   "attention off / on); the first also runs on the INT8 model")
+                   "the logits in it off / on; +nomla / +mla: the fused MLA decode attention off / on; +noboundary / "
+                   "+boundary: the block boundary's residual add in the next norm off / on); the first also runs on "
+                   "the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")

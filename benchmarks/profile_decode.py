@@ -26,7 +26,8 @@ launch also forms the logits), so ``graph+norouterlogits`` has 3 kernels a MoE l
 casts and the GEMV, counted as ``kernels_per_step`` − the other rows' and not by name: cuBLAS's kernel names vary),
 and ``router_kernels_per_step`` is the same 7 in both; ``+nomla``
 / ``+mla`` ``MLA.fused_decode_attention`` (``--fused-mla``, off by default), its launches (attention and combine
-kernels) counted in ``mla_kernels_per_step``.
+kernels) counted in ``mla_kernels_per_step``; ``+noboundary`` / ``+boundary`` ``MoETransformer.defer_residual_add``
+(the block boundary's residual add inside the next norm's launch; on by default).
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ def build_model(preset: str) -> MoETransformer:
 
 
 # mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router,
-# routerlogits, mla)
+# routerlogits, mla, boundary)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
-                  "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention")}
+                  "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention"),
+                  "boundary": (MoETransformer, "defer_residual_add")}
 
 
 def profile_mode(model, batch: int, mode: str, steps: int, prompt_len: int, top: int) -> dict:

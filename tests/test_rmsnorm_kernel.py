@@ -279,9 +279,9 @@ def test_torch_compile_traces_the_formula(rk, device, monkeypatch):
 
 def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, monkeypatch):
     """The tiny model end to end (prefill + cached decode): every norm of a no-grad forward takes the kernel
-    (per layer: the attention input, the MLA latent, the fused residual add + FFN input; then the final norm),
-    with the same greedy tokens as the formula and log-probs to fp32 rounding; a training forward keeps the
-    formula."""
+    (per layer: the MLA latent and the fused residual add + FFN input; the first layer's attention input alone,
+    each later one's fused with the block boundary's residual add, and so is the final norm), with the same
+    greedy tokens as the formula and log-probs to fp32 rounding; a training forward keeps the formula."""
     from moeflow.models.generation import generate
 
     monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
@@ -294,7 +294,7 @@ def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, mon
         counted = _Counted(rk, monkeypatch)
         runs[fused] = generate(model, prompts, 4, return_logprobs=True)
         forwards = 4  # prefill + 3 decode steps
-        want = {"rms_norm": forwards * (2 * L + 1), "add_rms_norm": forwards * L} if fused else {
+        want = {"rms_norm": forwards * (L + 1), "add_rms_norm": forwards * 2 * L} if fused else {
             "rms_norm": 0, "add_rms_norm": 0}
         assert counted.calls == want
     assert runs[True].tokens == runs[False].tokens
@@ -304,6 +304,31 @@ def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, mon
     ids = torch.tensor(prompts[:1], device=device)
     model.train()
     model(ids, targets=ids).loss.backward()  # grad on: the formula (the wrappers would raise)
+
+
+def test_block_boundary_add_in_the_next_norm_is_bit_equal_to_the_plain_add(rk, device, monkeypatch):
+    """A cache step adds each block's output in the next block's input norm and the final norm
+    (``MoETransformer.defer_residual_add``): with the kernel on or off, the same tokens and bit-equal log-probs as
+    the plain add, and with the kernel on L − 1 + 1 fused launches more and as many plain norms fewer a forward."""
+    from moeflow.models import MoETransformer
+    from moeflow.models.generation import generate
+
+    monkeypatch.setattr(RMSNorm, "kernel_devices", ("cuda", "cpu"))
+    model = kernel_test_model(device, norm_weights=True)
+    L, prompts, forwards = model.cfg.num_layers, [[5, 17, 3, 99, 42], [7, 8]], 4
+    for fused in (False, True):
+        monkeypatch.setattr(RMSNorm, "fused_inference", fused)
+        runs, calls = {}, {}
+        for defer in (False, True):
+            monkeypatch.setattr(MoETransformer, "defer_residual_add", defer)
+            counted = _Counted(rk, monkeypatch)
+            runs[defer] = generate(model, prompts, 4, return_logprobs=True)
+            calls[defer] = dict(counted.calls)  # a snapshot: the next _Counted wraps this one
+        assert runs[True].tokens == runs[False].tokens
+        assert runs[True].logprobs == runs[False].logprobs  # bit-equal, not close
+        if fused:
+            assert calls[True]["add_rms_norm"] - calls[False]["add_rms_norm"] == forwards * L
+            assert calls[False]["rms_norm"] - calls[True]["rms_norm"] == forwards * L
 
 
 def test_engine_equals_generate_with_the_kernel(rk, device, monkeypatch):
