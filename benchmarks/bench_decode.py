@@ -38,6 +38,9 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
   RoPE; ``--fused-cache-write``, ``+cachewrite``).
 - ``engine graph+norouter``: likewise ``Router.fused_inference`` off (on by default: one Triton launch per router
   after its logits GEMV instead of 9 kernels; ``--fused-router``, ``+router``).
+- ``engine graph+norouterlogits``: likewise ``Router.fused_logits`` off (on by default: the fused router's launch
+  also forms the logits, so the two casts and the fp32 GEMV of ``Router.logits`` go, 4 launches a MoE layer become 1;
+  ``--fused-router-logits``, ``+routerlogits``; it needs the fused router on).
 - ``engine graph+mla``: likewise the engine with ``MLA.fused_decode_attention`` on (the absorbed attention's cat,
   bmm, masked fp32 softmax and second bmm as one Triton launch, two with a key split) where the other rows take
   the formula (``--fused-mla``, off by default); ``+nomla`` turns it off for a row. Under ``+compile`` it runs as
@@ -83,12 +86,12 @@ from moeflow.models.serving import Engine, SamplingParams
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
-# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla,
-# sharedfold)
+# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router,
+# routerlogits, mla, boundary, sharedfold)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
-                  "mla": (MLA, "fused_decode_attention"), "boundary": (MoETransformer, "defer_residual_add"),
-                  "sharedfold": (DeepSeekMoE, "fused_shared")}
+                  "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention"),
+                  "boundary": (MoETransformer, "defer_residual_add"), "sharedfold": (DeepSeekMoE, "fused_shared")}
 
 
 def fused_norm() -> bool | None:
@@ -107,6 +110,11 @@ def fused_cache_write() -> bool | None:
 def fused_router() -> bool | None:
     """Router.fused_inference now (None in trees without the fused router)."""
     return getattr(Router, "fused_inference", None)
+
+
+def fused_router_logits() -> bool | None:
+    """Router.fused_logits now (None in trees without the logits in the fused router)."""
+    return getattr(Router, "fused_logits", None)
 
 
 def fused_mla() -> bool | None:
@@ -307,7 +315,8 @@ def engine_rows(model, args, cuda: bool, bw: float | None) -> list[dict]:
                     row = {"bench": "engine_decode", "impl": f"engine {mode}", "weights": label, "batch": B,
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "fused_norm": fused_norm(),
                            "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
-                           "fused_router": fused_router(), "fused_mla": fused_mla(), "fused_shared": fused_shared(),
+                           "fused_router": fused_router(), "fused_router_logits": fused_router_logits(),
+                           "fused_mla": fused_mla(), "fused_shared": fused_shared(),
                            **{k: v for k, v in r.items() if k != "tokens"},
                            "weight_bytes": model_bytes(m), "bytes_per_step": step_bytes,
                            "mbu_stated_bw": step_bytes / (r["step_ms"] / 1e3) / STATED_BW,
@@ -353,10 +362,11 @@ def main(argv=None) -> int:
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
                    "row; +norope / +rope: the fused RoPE off / on; +nocachewrite / +cachewrite: the fused MLA cache "
-                   "step off / on; +norouter / +router: the fused router off / on; +nomla / +mla: the fused MLA decode "
-                   "attention off / on; +noboundary / +boundary: the block boundary's residual add in the next norm off / "
-                   "on; +nosharedfold / +sharedfold: the shared expert's fold into the fused MoE kernels off / on); the "
-                   "first also runs on the INT8 model")
+                   "step off / on; +norouter / +router: the fused router off / on; +norouterlogits / +routerlogits: "
+                   "the logits in it off / on; +nomla / +mla: the fused MLA decode attention off / on; +noboundary / "
+                   "+boundary: the block boundary's residual add in the next norm off / on; +nosharedfold / "
+                   "+sharedfold: the shared expert's fold into the fused MoE kernels off / on); the first also runs "
+                   "on the INT8 model")
     p.add_argument("--moe-fused", default="auto", choices=["auto", "on", "off"],
                    help="RoutedExperts.fused_decode (the fused routed-experts kernels: slot-major at T·K < E, "
                    "expert-major up to 8·E), where the tree has it")
@@ -372,6 +382,9 @@ def main(argv=None) -> int:
     p.add_argument("--fused-router", default="on", choices=["on", "off"],
                    help="Router.fused_inference (one Triton launch per router after its logits at inference on CUDA) "
                    "for every row; an engine mode's +norouter / +router flag overrides it for that row")
+    p.add_argument("--fused-router-logits", default="on", choices=["on", "off"],
+                   help="Router.fused_logits (the fused router also forms the logits: one launch per MoE layer instead "
+                   "of 4) for every row; an engine mode's +norouterlogits / +routerlogits flag overrides it")
     p.add_argument("--fused-mla", default="off", choices=["on", "off"],
                    help="MLA.fused_decode_attention (the absorbed decode attention in one or two Triton launches on "
                    "CUDA) for every row; an engine mode's +nomla / +mla flag overrides it for that row")
@@ -397,7 +410,9 @@ def main(argv=None) -> int:
         MLA.fused_cache_write = args.fused_cache_write == "on"
     if fused_router() is not None:  # likewise the fused router
         Router.fused_inference = args.fused_router == "on"
-    if fused_mla() is not None:  # likewise the fused MLA decode attention
+    if fused_router_logits() is not None:  # likewise the logits in it
+        Router.fused_logits = args.fused_router_logits == "on"
+    if fused_mla() is not None:  # and the fused MLA decode attention
         MLA.fused_decode_attention = args.fused_mla == "on"
     if fused_shared() is not None:  # and the shared expert's fold
         DeepSeekMoE.fused_shared = args.fused_shared == "on"
@@ -468,7 +483,8 @@ def main(argv=None) -> int:
                    "steady_tokens_per_s": B * (args.new_tokens - 2) / max(t_full - t_two, 1e-9),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                    "fused_norm": fused_norm(), "fused_rope": fused_rope(), "fused_cache_write": fused_cache_write(),
-                   "fused_router": fused_router(), "fused_mla": fused_mla(), "fused_shared": fused_shared(),
+                   "fused_router": fused_router(), "fused_router_logits": fused_router_logits(),
+                   "fused_mla": fused_mla(), "fused_shared": fused_shared(),
                    "teacher_forced": teacher_forced_check(model, prompts, res.tokens)}
             log(json.dumps(row))
             rows.append(row)

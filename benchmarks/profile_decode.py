@@ -6,6 +6,7 @@
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+rope
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+cachewrite
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+router
+    PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+norouterlogits
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+mla
     PYTHONPATH=/tmp/pkg python3 benchmarks/profile_decode.py --batches 1 32 --modes graph graph+nosharedfold
 
@@ -20,7 +21,11 @@ that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` c
 ``+norope`` / ``+rope`` likewise ``RotaryEmbedding.fused_inference`` (``--fused-rope``, on by default), counted in
 ``rope_kernels_per_step``; ``+nocachewrite`` / ``+cachewrite`` likewise ``MLA.fused_cache_write``
 (``--fused-cache-write``, on by default), counted in ``cache_write_kernels_per_step``; ``+norouter`` / ``+router``
-``Router.fused_inference`` (``--fused-router``, on by default), counted in ``router_kernels_per_step``; ``+nomla``
+``Router.fused_inference`` (``--fused-router``, on by default), counted in ``router_kernels_per_step``;
+``+norouterlogits`` / ``+routerlogits`` ``Router.fused_logits`` (``--fused-router-logits``, on by default: the same
+launch also forms the logits), so ``graph+norouterlogits`` has 3 kernels a MoE layer more (bench_ref: 21 a step; the
+casts and the GEMV, counted as ``kernels_per_step`` − the other rows' and not by name: cuBLAS's kernel names vary),
+and ``router_kernels_per_step`` is the same 7 in both; ``+nomla``
 / ``+mla`` ``MLA.fused_decode_attention`` (``--fused-mla``, off by default), its launches (attention and combine
 kernels) counted in ``mla_kernels_per_step``; ``+noboundary`` / ``+boundary`` ``MoETransformer.defer_residual_add``
 (the block boundary's residual add inside the next norm's launch; on by default); ``+nosharedfold`` / ``+sharedfold``
@@ -56,12 +61,12 @@ def build_model(preset: str) -> MoETransformer:
     return model
 
 
-# mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router, mla,
-# boundary, sharedfold)
+# mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router,
+# routerlogits, mla, boundary, sharedfold)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
-                  "mla": (MLA, "fused_decode_attention"), "boundary": (MoETransformer, "defer_residual_add"),
-                  "sharedfold": (DeepSeekMoE, "fused_shared")}
+                  "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention"),
+                  "boundary": (MoETransformer, "defer_residual_add"), "sharedfold": (DeepSeekMoE, "fused_shared")}
 
 
 # the fused MoE decode kernels (models/kernels/moe_decode.py), slot- and expert-major
@@ -119,6 +124,7 @@ def _profile(model, batch: int, mode: str, steps: int, prompt_len: int, top: int
             "cache_write_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_mla_prep_kernel" in k) / steps,
             "fused_router": Router.fused_inference,
             "router_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_router_kernel" in k) / steps,
+            "fused_router_logits": Router.fused_logits,
             "fused_mla": MLA.fused_decode_attention,
             "mla_kernels_per_step": sum(v[0] for k, v in per_kernel.items() if "_mla_" in k and "_mla_prep" not in k) / steps,
             "fused_shared": DeepSeekMoE.fused_shared,
@@ -143,6 +149,8 @@ def main(argv=None) -> int:
                    "modes without +cachewrite / +nocachewrite")
     p.add_argument("--fused-router", default="on", choices=["on", "off"], help="Router.fused_inference for modes "
                    "without +router / +norouter")
+    p.add_argument("--fused-router-logits", default="on", choices=["on", "off"], help="Router.fused_logits for "
+                   "modes without +routerlogits / +norouterlogits")
     p.add_argument("--fused-mla", default="off", choices=["on", "off"], help="MLA.fused_decode_attention for "
                    "modes without +mla / +nomla")
     p.add_argument("--fused-shared", default="on", choices=["on", "off"], help="DeepSeekMoE.fused_shared for "
@@ -153,6 +161,7 @@ def main(argv=None) -> int:
     RotaryEmbedding.fused_inference = args.fused_rope == "on"
     MLA.fused_cache_write = args.fused_cache_write == "on"
     Router.fused_inference = args.fused_router == "on"
+    Router.fused_logits = args.fused_router_logits == "on"
     MLA.fused_decode_attention = args.fused_mla == "on"
     DeepSeekMoE.fused_shared = args.fused_shared == "on"
     model = build_model(args.preset)
@@ -168,6 +177,7 @@ def main(argv=None) -> int:
                   f"{r['cache_write_kernels_per_step']:.0f} fused cache-write launches; "
                   f"fused_cache_write={r['fused_cache_write']}; "
                   f"{r['router_kernels_per_step']:.0f} fused router launches; fused_router={r['fused_router']}; "
+                  f"fused_router_logits={r['fused_router_logits']}; "
                   f"{r['mla_kernels_per_step']:.0f} fused mla launches; fused_mla={r['fused_mla']}; "
                   f"{r['moe_kernels_per_step']:.0f} fused moe launches; fused_shared={r['fused_shared']})", flush=True)
             for t in r["top"]:

@@ -22,8 +22,8 @@ over the same permuted rows computes the same function. The combine un-permutes 
 takes the gate-weighted sum over the k slots of each token (deterministic, unlike an atomic
 scatter-add).
 
-Router at inference: after the logits GEMV, one Triton launch may compute the scores, the biased top-k and the
-gate weights (kernels/router.py; off by default, ``Router.fused_inference``), the formula's values and choices.
+Router at inference: one Triton launch may compute the logits, the scores, the biased top-k and the gate weights
+(kernels/router.py; ``Router.fused_inference`` and ``Router.fused_logits``), the formula's choices.
 
 Shape suffixes: T tokens (flattened batch), D hidden, E experts, K experts per token,
 N = T·K routed slots, M padded slots, F expert width, G groups.
@@ -94,6 +94,15 @@ class Router(nn.Module):
     # tok/s at batch 1 and 16,814 vs 15,541 at batch 32 with it (same call; 63 launches a bench_ref decode step
     # become 7). benchmarks/bench_decode.py "+norouter" is the row without it.
     fused_inference: bool = True
+    # Where the fused router runs (above), the same launch also forms the logits from x and the weight
+    # (``kernels.router.route_hidden``): the two casts and cuBLAS's fp32 GEMV of ``logits`` go, 4 launches a MoE layer
+    # become 1 (bench_ref: 21 fewer a decode step). Also an fp32 weight and bf16/fp16/fp32 inputs, in fp32; fp64 and
+    # a gradient through x or the weight take ``logits``. The logits differ from cuBLAS's only in the order of their
+    # fp32 sums, and that order is the same for every token of every call (batch invariance: the engine's prefill
+    # chunks and generate()'s whole prompts route alike); choices can differ from ``logits``' at near-ties. On by
+    # default (CPU interpreter tests; not yet timed on a GPU); "+norouterlogits" in benchmarks/bench_decode.py is the
+    # row without it.
+    fused_logits: bool = True
     # where the kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)
 
@@ -124,8 +133,13 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, forced_idx_TK: torch.Tensor | None = None) -> RouterOutput:
         """forced_idx_TK (optional) replays given expert choices (e.g. routing replay in RL)."""
+        kernel = self._kernel(x_TD, forced_idx_TK)
+        if kernel is not None and self.fused_logits:
+            fused = self._fused_from_input(kernel, x_TD)
+            if fused is not None:
+                return RouterOutput(*fused)
         logits_TE = self.logits(x_TD)
-        fused = self._fused(logits_TE, forced_idx_TK)
+        fused = self._fused(kernel, logits_TE) if kernel is not None else None
         if fused is not None:
             return RouterOutput(*fused, logits_TE)
         scores_TE = logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
@@ -142,19 +156,36 @@ class Router(nn.Module):
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return RouterOutput(idx_TK, weight_TK * self.route_scale, scores_TE, logits_TE)
 
-    def _fused(self, logits_TE: torch.Tensor, forced_idx_TK: torch.Tensor | None):
-        """(idx_TK, weight_TK, scores_TE) from the fused kernel where it may run (``fused_inference``), else None."""
+    def _kernel(self, x_TD: torch.Tensor, forced_idx_TK: torch.Tensor | None):
+        """kernels.router where the fused router may run (``fused_inference``; the rest: its ``*_applies``), else
+        None."""
         # is_compiling first: under torch.compile nothing else is read, so no guard on the switch
         if (torch.compiler.is_compiling() or not self.fused_inference
-                or logits_TE.device.type not in self.kernel_devices or forced_idx_TK is not None or self.force_balanced):
+                or x_TD.device.type not in self.kernel_devices or forced_idx_TK is not None or self.force_balanced):
             return None
         from .kernels import router  # imports triton, an optional dependency CPU training need not load
 
+        return router
+
+    def _routing_args(self):
         bias_E = self.e_score_correction_bias if self.use_bias else None
-        groups = (self.n_group, self.topk_group)
-        if not router.kernel_applies(logits_TE, bias_E, self.k, self.score_func, *groups):
+        return bias_E, self.k, self.score_func, self.n_group, self.topk_group
+
+    def _fused_from_input(self, kernel, x_TD: torch.Tensor):
+        """(idx_TK, weight_TK, scores_TE, logits_TE) from one launch that also forms the logits, else None."""
+        weight_ED = self.weight  # read once (a parametrization computes it per read)
+        bias_E, k, score_func, *groups = self._routing_args()
+        if not kernel.logits_kernel_applies(x_TD, weight_ED, bias_E, k, score_func, *groups):
             return None
-        return router.route(logits_TE, bias_E, self.k, self.score_func, self.norm_topk_prob, self.route_scale, *groups)
+        return kernel.route_hidden(x_TD, weight_ED, bias_E, k, score_func, self.norm_topk_prob, self.route_scale,
+                                   *groups)
+
+    def _fused(self, kernel, logits_TE: torch.Tensor):
+        """(idx_TK, weight_TK, scores_TE) from the kernel after ``logits``, else None."""
+        bias_E, k, score_func, *groups = self._routing_args()
+        if not kernel.kernel_applies(logits_TE, bias_E, k, score_func, *groups):
+            return None
+        return kernel.route(logits_TE, bias_E, k, score_func, self.norm_topk_prob, self.route_scale, *groups)
 
 
 class _GatherTokenSlots(torch.autograd.Function):

@@ -16,6 +16,8 @@ taken in CUDA ``sum``'s order (``cuda_sum_order``), ``torch.equal``.
 from __future__ import annotations
 
 import itertools
+import math
+from unittest import mock
 
 import pytest
 import torch
@@ -262,21 +264,139 @@ def test_kernel_applies_table(rk):
         assert not rk.kernel_applies(x.cuda(), b, 2, "sigmoid")  # bias on another device
 
 
+# --------------------------------------------------------------------------- the logits in the kernel
+def assert_fp32_dot_error(logits_TE, x_TD, weight_ED, ulps=4):
+    """|logits − x · weightᵀ| (exact, in float64) ≤ ulps · √D · u · Σ_d |x_d · w_ed| for every element (u = 2⁻²⁴):
+    an fp32 dot product's rounding error over D terms (its worst case grows with the depth of the summation, under
+    2·log2(D) + D/BLOCK_D here; √D is the bound's usual scale), not a bf16 one (u = 2⁻⁹)."""
+    x64, w64 = x_TD.double().cpu(), weight_ED.double().cpu()
+    err = (logits_TE.double().cpu() - x64 @ w64.T).abs()
+    scale = x64.abs() @ w64.abs().T
+    bound = ulps * math.sqrt(x_TD.shape[1]) * 2.0 ** -24 * scale
+    assert bool((err <= bound).all()), float((err / scale.clamp_min(1e-30)).max())
+
+
+def _router_inputs(T, D, E, g, x_dtype=torch.bfloat16, w_dtype=torch.bfloat16, device="cpu"):
+    x = torch.randn(T, D, generator=g).to(device, x_dtype)
+    w = (torch.randn(E, D, generator=g) * D ** -0.5).to(device, w_dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_logits_within_an_fp32_dot_error_of_float64(rk, device, x_dtype, w_dtype):
+    """The kernel's logits (``route_hidden``) against x · wᵀ in float64: within an fp32 dot product's error, as
+    torch's fp32 GEMM (``Router.logits``) is; bench_ref's D 1024 and E 64, a D that is no multiple of the block (1000),
+    a small one (24: one block, masked), E 12 (masked experts) and 256."""
+    g = torch.Generator().manual_seed(10)
+    for T, D, E in [(5, 1024, 64), (3, 1000, 12), (4, 24, 8), (2, 256, 256)]:
+        x, w = _router_inputs(T, D, E, g, x_dtype, w_dtype, device)
+        assert rk.logits_kernel_applies(x, w, None, min(6, E), "sigmoid")
+        _, _, _, logits = rk.route_hidden(x, w, None, min(6, E), "sigmoid", True, 1.0)
+        assert logits.dtype == torch.float32 and logits.shape == (T, E)
+        assert_fp32_dot_error(logits, x, w)
+        gemm = torch.nn.functional.linear(x.float(), w.float())  # Router.logits: the same bound holds for it
+        assert_fp32_dot_error(gemm, x, w)
+        # rows of x and of the weight read in place at a row stride past D (column slices of wider tensors)
+        wide_x, wide_w = torch.zeros(T, D + 8, dtype=x_dtype, device=device), torch.zeros(E, D + 8, dtype=w_dtype,
+                                                                                        device=device)
+        wide_x[:, 8:], wide_w[:, 8:] = x, w
+        assert torch.equal(rk.route_hidden(wide_x[:, 8:], wide_w[:, 8:], None, min(6, E), "sigmoid", True, 1.0)[3],
+                           logits)
+
+
+def test_route_hidden_routes_its_logits_as_route_does(rk, device):
+    """After its logits the launch is ``route``'s, bit for bit: scores, choices and weights equal ``route`` of the
+    logits it wrote, for sigmoid with bias, softmax, group-limited routing, E 256, E 12 (masked experts); and the
+    choices are the formula's on the GEMM's logits wherever the choices are well separated (no two of the K + 1 best
+    within 1e-5 in float64)."""
+    g = torch.Generator().manual_seed(11)
+    checked = 0
+    for T, D, E, K, score_func, groups in [(40, 1024, 64, 6, "sigmoid", (1, 1)), (9, 512, 64, 6, "softmax", (1, 1)),
+                                           (9, 256, 64, 6, "sigmoid", (8, 3)), (4, 128, 256, 8, "sigmoid", (8, 4)),
+                                           (9, 100, 12, 6, "sigmoid", (1, 1)), (9, 100, 12, 6, "softmax", (1, 1))]:
+        x, w = _router_inputs(T, D, E, g, device=device)
+        bias = (torch.randn(E, generator=g) * 0.05).to(device)
+        idx, wt, s, logits = rk.route_hidden(x, w, bias, K, score_func, True, 2.5, *groups)
+        want = rk.route(logits, bias, K, score_func, True, 2.5, *groups)
+        assert all(torch.equal(a, b) for a, b in zip((idx, wt, s), want)), (E, score_func, groups)
+        exact = (x.double() @ w.double().T).cpu()
+        s64 = exact.sigmoid() if score_func == "sigmoid" else exact.softmax(dim=-1)
+        top = (s64 + bias.double().cpu()).topk(K + 1, dim=1).values
+        separated = (top[:, :-1] - top[:, 1:]).min(dim=1).values > 1e-5
+        gemm_logits = torch.nn.functional.linear(x.float(), w.float())
+        s32 = gemm_logits.sigmoid() if score_func == "sigmoid" else gemm_logits.softmax(dim=-1)
+        formula = select_experts(s32, bias, K, *groups).cpu()
+        assert torch.equal(idx.cpu()[separated], formula[separated]), (E, score_func, groups)
+        checked += int(separated.sum())
+    assert checked >= 50
+
+
+def test_logits_are_batch_invariant(rk, device):
+    """A token's logits, scores, choices and weights are the same bits whatever the call: alone, 4th of 7, 212th of
+    300, and in a call whose rows start at an odd element offset (another alignment of x): the sum order is the D
+    blocking's, never the call's (the serving engine's prefill chunks and generate()'s whole prompts must route
+    alike)."""
+    g = torch.Generator().manual_seed(12)
+    D, E = 256, 16  # few experts and K 2: the interpreter's 300 programs in seconds
+    x, w = _router_inputs(300, D, E, g, device=device)
+    bias = (torch.randn(E, generator=g) * 0.05).to(device)
+    token = x[211].clone()
+
+    def run(rows_TD, at):
+        return [t[at] for t in rk.route_hidden(rows_TD, w, bias, 2, "sigmoid", True, 1.0)]
+
+    alone = run(token[None], 0)
+    seven = x[:7].clone()
+    seven[3] = token
+    flat = torch.empty(7 * D + 1, dtype=x.dtype, device=device)
+    odd = flat[1:].view(7, D)  # rows one element past an aligned start
+    odd.copy_(seven)
+    for got in (run(seven, 3), run(x, 211), run(odd, 3)):
+        assert all(torch.equal(a, b) for a, b in zip(got, alone))
+
+
+def test_logits_kernel_applies_table(rk):
+    x, w, b = torch.zeros(3, 16, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.bfloat16), torch.zeros(8)
+    assert rk.logits_kernel_applies(x, w, b, 6, "sigmoid") and rk.logits_kernel_applies(x, w, None, 8, "softmax")
+    assert rk.logits_kernel_applies(x.float(), w.float(), b, 2, "sigmoid")  # an fp32 model
+    assert rk.logits_kernel_applies(x, w.float(), b, 2, "sigmoid")  # fp32 master weights, bf16 activations
+    strided = torch.zeros(3, 32, dtype=torch.bfloat16)[:, :16]  # a row stride of 32 for rows of 16: read in place
+    assert rk.logits_kernel_applies(strided, w, b, 2, "sigmoid")
+    with torch.no_grad():
+        assert rk.logits_kernel_applies(x, w.clone().requires_grad_(True), b, 2, "sigmoid")
+    refused = [(x.double(), w, b, 2), (x, w.double(), b, 2), (x, w[:, :8], b, 2), (x[:, :0], w[:, :0], b, 2),
+               (x[:0], w, b, 2), (x.t().contiguous().t(), w, b, 2), (x, w.t().contiguous().t(), b, 2),
+               (x[0], w, b, 2), (x, w, b.double(), 2), (x, w, b, 9), (x, w[:0], None, 1),
+               (x, w.clone().requires_grad_(True), b, 2), (x.clone().requires_grad_(True), w, b, 2),
+               (x, w, b.clone().requires_grad_(True), 2), (x.int(), w, b, 2)]
+    for x_, w_, b_, k in refused:
+        assert not rk.logits_kernel_applies(x_, w_, b_, k, "sigmoid"), (tuple(x_.shape), x_.dtype, w_.dtype, k)
+    assert not rk.logits_kernel_applies(x, w, b, 2, "relu")
+    assert not rk.logits_kernel_applies(x, torch.zeros(12, 16, dtype=torch.bfloat16), None, 2, "sigmoid", 3, 1)
+    if torch.cuda.is_available():
+        assert not rk.logits_kernel_applies(x.cuda(), w, b, 2, "sigmoid")  # weight on another device
+
+
 # --------------------------------------------------------------------------- where Router.forward takes it
 class _Counted:
-    """Replaces the kernel entry with a counting wrapper (``raise_on_call``: fail instead)."""
+    """Replaces the kernel's two entries (from the logits, ``route``; from x, ``route_hidden``) with counting wrappers
+    (``raise_on_call``: fail instead): ``calls`` both, ``hidden_calls`` the second's."""
 
     def __init__(self, rk, monkeypatch, raise_on_call=False):
-        self.calls = 0
-        real = rk.route
+        self.calls = self.hidden_calls = 0
+        for entry in ("route", "route_hidden"):
+            monkeypatch.setattr(rk, entry, self._wrap(getattr(rk, entry), entry == "route_hidden", raise_on_call))
 
+    def _wrap(self, real, hidden, raise_on_call):
         def wrapper(*args, **kw):
             if raise_on_call:
                 raise AssertionError("the router kernel was called where the formula was expected")
             self.calls += 1
+            self.hidden_calls += hidden
             return real(*args, **kw)
 
-        monkeypatch.setattr(rk, "route", wrapper)
+        return wrapper
 
 
 def _router(device, **cfg_kw):
@@ -289,18 +409,29 @@ def _router(device, **cfg_kw):
     return router
 
 
-def _on(monkeypatch, on=True):
+def _on(monkeypatch, on=True, logits=True):
     monkeypatch.setattr(Router, "kernel_devices", ("cuda", "cpu"))
     monkeypatch.setattr(Router, "fused_inference", on)
+    monkeypatch.setattr(Router, "fused_logits", logits)
 
 
-def _same_routing(got, want, device):
-    """The kernel's RouterOutput against the formula's: logits the same tensor values, choices equal, scores and
-    weights within the interpreter's exp tolerance (bit-equal on the GPU)."""
+def _formula_on(router, logits_TE):
+    """``Router.forward``'s formula (the kernel off) after the given logits: ``Router.logits`` replaced for the call."""
+    with mock.patch.object(Router, "fused_inference", False), mock.patch.object(router, "logits", lambda x: logits_TE):
+        return router(logits_TE.new_empty(logits_TE.shape[0], router.weight.shape[1]))
+
+
+def _same_routing(router, got, want, device):
+    """The kernel's RouterOutput against the formula's: the logits within an fp32 GEMM's rounding of the formula's
+    (the same values where the kernel reads ``Router.logits``), the same choices (no near-ties here); scores and
+    weights the formula's on the kernel's own logits, within the interpreter's exp tolerance (bit-equal on the GPU)."""
     tol = 0 if device == "cuda" else SCORE_ULPS
-    assert torch.equal(got.logits_TE, want.logits_TE) and torch.equal(got.topk_idx_TK, want.topk_idx_TK)
-    assert ulps_apart(got.scores_TE, want.scores_TE) <= tol
-    assert ulps_apart(got.topk_weight_TK, want.topk_weight_TK) <= tol + 2  # + the CPU sum's own order
+    torch.testing.assert_close(got.logits_TE, want.logits_TE, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.topk_idx_TK, want.topk_idx_TK)
+    own = _formula_on(router, got.logits_TE)
+    assert torch.equal(got.topk_idx_TK, own.topk_idx_TK)
+    assert ulps_apart(got.scores_TE, own.scores_TE) <= tol
+    assert ulps_apart(got.topk_weight_TK, own.topk_weight_TK) <= tol + 2  # + the CPU sum's own order
 
 
 def test_cpu_tensors_take_the_formula_by_default(rk, monkeypatch):
@@ -325,7 +456,7 @@ def test_the_kernel_only_where_it_applies(rk, device, monkeypatch):
     _on(monkeypatch)
     counted = _Counted(rk, monkeypatch)
     with torch.no_grad():
-        _same_routing(router(x), want, device)
+        _same_routing(router, router(x), want, device)
     with torch.inference_mode():
         router(x)
     assert counted.calls == 2
@@ -357,8 +488,13 @@ def test_the_kernel_only_where_it_applies(rk, device, monkeypatch):
             monkeypatch.setattr(Router, "fused_inference", False)
             want = grouped(x)
             monkeypatch.setattr(Router, "fused_inference", True)
-            _same_routing(grouped(x), want, device)
-    assert counted.calls == 5
+            _same_routing(grouped, grouped(x), want, device)
+    assert counted.calls == counted.hidden_calls == 5  # the logits in the kernel too (``fused_logits``, on)
+    with torch.no_grad():
+        monkeypatch.setattr(Router, "fused_logits", False)  # the logits GEMV, then the kernel after it
+        got = router(x)
+        assert torch.equal(got.logits_TE, router.logits(x))
+    assert counted.calls == 6 and counted.hidden_calls == 5
 
 
 def test_softmax_router_and_no_bias(rk, device, monkeypatch):
@@ -371,7 +507,26 @@ def test_softmax_router_and_no_bias(rk, device, monkeypatch):
         with torch.no_grad():
             want = router(x)
             _on(monkeypatch)
-            _same_routing(router(x), want, device)
+            _same_routing(router, router(x), want, device)
+
+
+def test_fp32_router_under_autocast_forms_its_logits_in_the_kernel(rk, device, monkeypatch):
+    """An fp32 router (fp32 master weights) fed bf16 activations under autocast: ``Router.logits`` forms fp32 logits
+    from the fp32 weight whatever autocast says, and so does the kernel (it reads the fp32 weight as it is): the same
+    routing as the formula's; an fp64 router takes the formula."""
+    router = _router(device)
+    x = torch.randn(6, router.weight.shape[1], device=device).bfloat16()
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        want = router(x)
+        _on(monkeypatch)
+        counted = _Counted(rk, monkeypatch)
+        got = router(x)
+    assert counted.hidden_calls == 1 and got.logits_TE.dtype == torch.float32
+    assert_fp32_dot_error(got.logits_TE, x, router.weight)
+    _same_routing(router, got, want, device)
+    with torch.no_grad():
+        router.double()(x.double())
+    assert counted.calls == 1
 
 
 def test_torch_compile_traces_the_formula(rk, device, monkeypatch):
@@ -399,44 +554,52 @@ def test_torch_compile_traces_the_formula(rk, device, monkeypatch):
 
 
 def test_eager_router_op_count(rk, device, monkeypatch):
-    """What the kernel replaces, counted: the top-level aten ops of an eager bench_ref router call after its logits
-    (torch.profiler on the CPU; each but detach is one CUDA kernel, topk two: select and sort) and, with the kernel
-    on, nothing but the kernel's entry (marked with ``record_function``: in the interpreter the launch runs torch ops
-    of its own, on the GPU it is the three output allocations and one launch)."""
+    """What the kernel replaces, counted: the top-level aten ops of an eager bench_ref router call (torch.profiler on
+    the CPU; each but detach is one CUDA kernel, topk two: select and sort) are its logits (``aten::linear``: in a
+    bf16 model on CUDA two casts and the fp32 GEMV, 3 kernels; in the fp32 model here the casts are no-ops) and 9
+    after them;
+    with the kernel on, nothing but its entry (marked with ``record_function``: in the interpreter the launch runs
+    torch ops of its own, on the GPU it is the output allocations and one launch); with ``fused_logits`` off, the
+    logits and the entry."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    real = rk.route
+    for entry in ("route", "route_hidden"):
+        real = getattr(rk, entry)
 
-    def marked(*args, **kw):
-        with record_function("router_kernel"):
-            return real(*args, **kw)
+        def marked(*args, _real=real, **kw):
+            with record_function("router_kernel"):
+                return _real(*args, **kw)
 
-    monkeypatch.setattr(rk, "route", marked)
+        monkeypatch.setattr(rk, entry, marked)
 
-    def top_level_ops_after_linear(router, x):
+    def top_level_ops(router, x):
         with torch.inference_mode():
             router(x)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 router(x)
-        names = [e.name for e in prof.events() if e.cpu_parent is None and not e.name.startswith("USDT")]
-        return names[names.index("aten::linear") + 1:]
+        return [e.name for e in prof.events() if e.cpu_parent is None and not e.name.startswith("USDT")]
 
     cfg = ModelConfig.preset("bench_ref")
     router = Router(cfg).to(device)
     torch.nn.init.normal_(router.weight, std=0.02)
     x = torch.randn(1, cfg.hidden_size, device=device)
-    eager = top_level_ops_after_linear(router, x)
-    assert eager == ["aten::sigmoid", "aten::detach", "aten::add", "aten::topk", "aten::gather", "aten::sum",
-                     "aten::add", "aten::div", "aten::mul"], eager
+    logits_ops = ["aten::promote_types", "aten::to", "aten::to", "aten::linear"]  # the casts: no-ops in fp32
+    eager = top_level_ops(router, x)
+    assert eager == logits_ops + ["aten::sigmoid", "aten::detach", "aten::add", "aten::topk", "aten::gather",
+                     "aten::sum", "aten::add", "aten::div", "aten::mul"], eager
     _on(monkeypatch)
-    fused = top_level_ops_after_linear(router, x)
+    fused = top_level_ops(router, x)
     assert fused == ["router_kernel"], fused
+    monkeypatch.setattr(Router, "fused_logits", False)
+    after_logits = top_level_ops(router, x)
+    assert after_logits == logits_ops + ["router_kernel"], after_logits
 
 
 # --------------------------------------------------------------------------- the model: generate() and the engine
 def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, monkeypatch):
     """The tiny model end to end (prefill + cached decode): every router of a no-grad forward takes the kernel, with
-    the formula's tokens (log-probs within the interpreter's exp tolerance; bit-equal on the GPU); a training forward
+    the formula's tokens; log-probs after ``Router.logits`` within the interpreter's exp tolerance (bit-equal on the
+    GPU), with the logits in the kernel (``fused_logits``) within what their fp32 sum order moves; a training forward
     keeps the formula."""
     from moeflow.models.generation import generate
 
@@ -444,14 +607,17 @@ def test_model_decodes_through_the_kernel_as_through_the_formula(rk, device, mon
     num_moe = len(list(model.routers()))
     prompts = [[5, 17, 3, 99, 42], [7, 8]]
     runs = {}
-    for fused in (False, True):
-        _on(monkeypatch, fused)
+    for fused, logits in ((False, False), (True, False), (True, True)):
+        _on(monkeypatch, fused, logits)
         counted = _Counted(rk, monkeypatch)
-        runs[fused] = generate(model, prompts, 4, return_logprobs=True)
+        runs[fused, logits] = generate(model, prompts, 4, return_logprobs=True)
         assert counted.calls == (4 * num_moe if fused else 0)  # prefill + 3 decode steps
-    assert runs[True].tokens == runs[False].tokens
-    for got, want in zip(runs[True].logprobs, runs[False].logprobs):
-        assert got == pytest.approx(want, abs=1e-5 if device == "cpu" else 0)
+        assert counted.hidden_calls == (counted.calls if logits else 0)
+    want = runs[False, False]
+    for key, tol in (((True, False), 1e-5 if device == "cpu" else 0), ((True, True), 1e-4)):
+        assert runs[key].tokens == want.tokens, key
+        for got, ref in zip(runs[key].logprobs, want.logprobs):
+            assert got == pytest.approx(ref, abs=tol), key
     _Counted(rk, monkeypatch, raise_on_call=True)
     ids = torch.tensor(prompts[:1], device=device)
     model.train()
@@ -484,24 +650,30 @@ from moeflow.models.kernels import router as rk
 cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
 report = {}
 # bench_ref (E 64, K 6, sigmoid + bias, renormalised), DeepSeek-V3 (256, top-8, 4 of 8 groups), a softmax router
-# without bias, K 1
-for name, E, K, softmax, bias, norm, G in [("bench_ref", 64, 6, False, True, True, 1),
-                                           ("v3", 256, 8, False, True, True, 8), ("softmax", 64, 6, True, False, True, 1),
-                                           ("k1", 8, 1, False, True, False, 1)]:
+# without bias, K 1; each from its logits and (+x) forming them from x and the weight: bench_ref's bf16 (D 1024),
+# DeepSeek-V3's bf16 (D 7168), an fp32 weight with bf16 x
+for name, E, K, softmax, bias, norm, G, D, x_ty, w_ty in [
+        ("bench_ref", 64, 6, False, True, True, 1, 0, "", ""), ("v3", 256, 8, False, True, True, 8, 0, "", ""),
+        ("softmax", 64, 6, True, False, True, 1, 0, "", ""), ("k1", 8, 1, False, True, False, 1, 0, "", ""),
+        ("bench_ref+x", 64, 6, False, True, True, 1, 1024, "*bf16", "*bf16"),
+        ("v3+x", 256, 8, False, True, True, 8, 7168, "*bf16", "*bf16"),
+        ("fp32_weight+x", 64, 6, False, True, True, 1, 1024, "*bf16", "*fp32")]:
     fn = rk._router_kernel
     block_e, block_k = triton.next_power_of_2(E), triton.next_power_of_2(K)
     lanes, sum_lanes = min(block_e, rk.SOFTMAX_WARP), rk.last_pow2(K)
     constexprs = {"E": E, "K": K, "BLOCK_E": block_e, "BLOCK_K": block_k, "SOFTMAX": softmax, "HAS_BIAS": bias,
                   "NORM": norm, "GROUPS": G, "TOPK_GROUP": 4, "SOFTMAX_LANES": lanes, "SOFTMAX_LEVELS": lanes.bit_length() - 1,
                   "SUM_LANES": sum_lanes, "SUM_LEVELS": sum_lanes.bit_length() - 1, "HALVING": True,
-                  "INTERPRET": False}
+                  "FROM_X": D > 0, "D": max(D, 1), "BLOCK_D": rk.logits_block_d(E, D) if D else 16, "INTERPRET": False}
     types = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "idx_ptr": "*i64", "weight_ptr": "*fp32",
-             "scores_ptr": "*fp32", "route_scale": "fp32", "logits_stride": "i32"}
+             "scores_ptr": "*fp32", "route_scale": "fp32", "logits_stride": "i32", "x_ptr": x_ty or "*fp32",
+             "x_stride": "i32", "w_ptr": w_ty or "*fp32", "w_stride": "i32"}
     signature = {n: "constexpr" if n in constexprs else types[n] for n in fn.arg_names}
     aligned = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                    attrs={(i,): aligned for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")})
-    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1, **rk.COMPILE_OPTIONS})
+                    attrs={(i,): aligned for i, n in enumerate(fn.arg_names) if n.endswith(("_ptr", "_stride"))})
+    warps = rk.LOGITS_WARPS if D else 1
+    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **rk.COMPILE_OPTIONS})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -522,9 +694,10 @@ def test_kernel_compiles_for_sm90(rk):
     CUDA's ``1 / (1 + expf(−x))`` and eager's renormalising division; libdevice's expf inlined (its ``ex2``); no
     spills."""
     report = sm90_compile_report(_COMPILE_FOR_SM90)
-    assert set(report) == {"bench_ref", "v3", "softmax", "k1"}, report
+    assert set(report) == {"bench_ref", "v3", "softmax", "k1", "bench_ref+x", "v3+x", "fp32_weight+x"}, report
     assert all(r["div_rn"] >= 1 and r["div_approx"] == 0 and r["ex2"] >= 1 for r in report.values()), report
     assert all(r["LOCAL"] == 0 and r["REG"] <= 255 and r["global_stores"] >= 3 for r in report.values()), report
+    assert all(r["global_stores"] >= 4 for name, r in report.items() if name.endswith("+x")), report  # + the logits
 
 
 # --------------------------------------------------------------------------- on the GPU (the lead runs these)
@@ -588,12 +761,67 @@ def test_on_the_gpu_equals_eager_cuda_never_syncs_and_captures(rk, T, score_func
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_engine_equals_generate_with_the_fused_router(rk, monkeypatch):
-    """The serving engine's captured decode (bf16) with the fused router on, against generate() (which takes it too),
-    token for token; the kernel ran (counted at capture and in generate's eager steps)."""
+@pytest.mark.parametrize("T,w_dtype,score_func", [(1, torch.bfloat16, "sigmoid"), (32, torch.bfloat16, "sigmoid"),
+                                                  (2048, torch.bfloat16, "sigmoid"), (32, torch.bfloat16, "softmax"),
+                                                  (32, torch.float32, "sigmoid")])
+def test_on_the_gpu_logits_in_the_kernel_never_sync_capture_and_are_batch_invariant(rk, T, w_dtype, score_func):
+    """bench_ref's router (D 1024, E 64, K 6, bias) from bf16 x on CUDA, its weight bf16 (or fp32: master weights):
+    the logits within an fp32 dot product's error of float64 (as cuBLAS's are); scores, choices and weights those of
+    ``route`` on the same logits and of the eager CUDA formula on them, bit for bit (the formula's tied choices in
+    any order); nothing syncs; a CUDA graph's replay gives the eager call's outputs; a token's outputs are the same
+    bits alone, 4th of 7, 212th of 300 and with its rows at an odd element offset."""
+    g = torch.Generator().manual_seed(13)
+    router = _router("cpu", hidden_size=1024, num_routed_experts=64, num_experts_per_tok=6, score_func=score_func)
+    with torch.no_grad():
+        router.weight.normal_(0.0, 1024 ** -0.5, generator=g)
+    router = router.to("cuda", w_dtype)
+    x = torch.randn(max(T, 300), 1024, generator=g).cuda().bfloat16()
+    args = (router.e_score_correction_bias, router.k, score_func, router.norm_topk_prob, router.route_scale)
+    with torch.inference_mode():
+        rk.route_hidden(x[:T], router.weight, *args)  # JIT first
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = rk.route_hidden(x[:T], router.weight, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        idx, w, s, logits = out
+        assert_fp32_dot_error(logits, x[:T], router.weight)
+        assert all(torch.equal(a, b) for a, b in zip((idx, w, s), rk.route(logits, *args)))
+        want = _formula_on(router, logits)
+        assert torch.equal(s, want.scores_TE)
+        assert torch.equal(idx.sort(1).values, want.topk_idx_TK.sort(1).values)
+        same_order = (idx == want.topk_idx_TK).all(dim=1)
+        assert same_order.float().mean() > 0.99 and torch.equal(w[same_order], want.topk_weight_TK[same_order])
+        static_x = torch.zeros_like(x[:T])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = rk.route_hidden(static_x, router.weight, *args)
+        static_x.copy_(x[:T])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(static_out, out))
+        token = x[211].clone()
+        alone = [t[0] for t in rk.route_hidden(token[None], router.weight, *args)]
+        seven = x[:7].clone()
+        seven[3] = token
+        odd = torch.empty(7 * 1024 + 1, dtype=x.dtype, device="cuda")[1:].view(7, 1024)
+        odd.copy_(seven)
+        for rows, at in ((seven, 3), (x[:300], 211), (odd, 3)):
+            got = [t[at] for t in rk.route_hidden(rows, router.weight, *args)]
+            assert all(torch.equal(a, b) for a, b in zip(got, alone)), at
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused_logits", [True, False])
+def test_cuda_graph_engine_equals_generate_with_the_fused_router(rk, monkeypatch, fused_logits):
+    """The serving engine's captured decode (bf16) with the fused router on, the logits in it or not
+    (``fused_logits``), against generate() (which takes it too), token for token; the kernel ran (counted at capture
+    and in generate's eager steps), the entry the switch names."""
     from moeflow.models.serving import Engine
 
     monkeypatch.setattr(Router, "fused_inference", True)
+    monkeypatch.setattr(Router, "fused_logits", fused_logits)
     counted = _Counted(rk, monkeypatch)
     model = kernel_test_model("cpu").to("cuda", torch.bfloat16)
     prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
@@ -601,5 +829,5 @@ def test_cuda_graph_engine_equals_generate_with_the_fused_router(rk, monkeypatch
     assert engine.decode_mode == "graph"
     got = engine_greedy_tokens(engine, prompts, 30)
     assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
-    assert counted.calls > 0
+    assert counted.calls > 0 and counted.hidden_calls == (counted.calls if fused_logits else 0)
     assert_generate_equals(model, prompts, got, 30)
