@@ -315,9 +315,12 @@ class MoETransformer(nn.Module):
                 chain_BT = targets if mtp_boundary_BT is None else targets.masked_fill(mtp_boundary_BT, IGNORE_INDEX)
                 mtp_losses = self._mtp_losses(x_BTD, input_ids_BT, chain_BT, cos, sin, mask, all_stats)
                 mtp_loss = torch.stack(mtp_losses).mean()
-        seq_aux = sum((s.seq_aux_loss for s in all_stats), zero)
-        z = sum((s.z_loss for s in all_stats), zero)
-        lb = sum((s.lb_loss for s in all_stats), zero)
+        if with_losses:
+            seq_aux = sum((s.seq_aux_loss for s in all_stats), zero)
+            z = sum((s.z_loss for s in all_stats), zero)
+            lb = sum((s.lb_loss for s in all_stats), zero)
+        else:  # every block's are zeros (DeepSeekMoE._stats): no sums (3 adds a MoE layer in each decode step)
+            seq_aux = z = lb = zero
         loss = None
         terms = {}
         if targets is not None:

@@ -145,7 +145,11 @@ def test_a_generate_closed_at_accepted_leaves_the_engine(stack):
     async def run():
         agen = server.generate({"prompt": "def", "params": {"max_tokens": 100, "temperature": 1.0, "seed": 2}})
         assert (await agen.__anext__())["kind"] == "accepted"
-        await asyncio.sleep(0.2)  # it runs in the child meanwhile
+        # until the child has run a step of it (polled: a fixed 0.2 s sleep let the 100 tokens finish first when
+        # a loaded machine kept this process from waking up in time)
+        steps0, deadline = server.loop.stats()["steps"], time.time() + 5
+        while server.loop.stats()["steps"] == steps0 and time.time() < deadline:
+            await asyncio.sleep(0.005)
         assert server.loop.stats()["running"] + server.loop.stats()["waiting"] == 1
         steps = server.loop.stats()["steps"]
         await agen.aclose()
