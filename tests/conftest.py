@@ -164,6 +164,23 @@ def kernel_test_model(device, dtype=None, *, norm_weights: bool = False, **cfg_k
     return model
 
 
+def dispatched_ops():
+    """A dispatch mode recording the ops a call dispatches (``with dispatched_ops() as ops:``, then ``ops.names``,
+    ``str(op)`` in order): which path ran, without patching anything."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return _Ops()
+
+
 def kernel_test_prompts(lengths, seed: int = 3) -> list[list[int]]:
     """Random prompts of the given lengths over the kernel test model's vocabulary (ids 1..127)."""
     import torch

@@ -12,9 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    assert_generate_equals, engine_greedy_tokens, kernel_test_model, kernel_test_prompts, sm90_compile_report,
-    triton_kernels)
-from torch.utils._python_dispatch import TorchDispatchMode
+    assert_generate_equals, dispatched_ops, engine_greedy_tokens, kernel_test_model, kernel_test_prompts,
+    sm90_compile_report, triton_kernels)
 
 from moeflow.models import ModelConfig
 from moeflow.models.moe import RoutedExperts
@@ -76,23 +75,11 @@ def _emulated(ex, x, idx, w):
     return (y_TKD * r(w)[..., None]).sum(dim=1).to(dt)
 
 
-class _Ops(TorchDispatchMode):
-    """Records the ops a call dispatches (which path ran, without patching anything)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _run(ex, x, idx, w, fused, takes_fused_op=None):
     """ex(x, idx, w) with ``fused_decode = fused``, checking which path ran (``fused`` unless told): the grouped
     or looped one, or the fused op of the call's size (``uses_expert_major``: slot-major up to T·K = 3·E)."""
     ex.fused_decode = fused
-    with torch.no_grad(), _Ops() as ops:
+    with torch.no_grad(), dispatched_ops() as ops:
         y = ex(x, idx, w)
     took_fused = bool(fused) if takes_fused_op is None else takes_fused_op
     from moeflow.models.kernels.moe_decode import uses_expert_major
@@ -396,7 +383,7 @@ def test_generate_with_the_fused_path_forced_equals_the_default(md, device):
     for fused in (False, True):
         for m in layers:
             m.fused_decode = fused
-        with _Ops() as ops:
+        with dispatched_ops() as ops:
             runs[fused] = generate(model, prompts, 4, return_logprobs=True)
         # 1 prefill (2 × 8 tokens × top-2 > 3 slots an expert: expert-major) + 3 decode steps (slot-major) a layer
         assert ops.names.count(EM_OP) == (len(layers) if fused else 0)
@@ -508,7 +495,7 @@ def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md, mo
 
     q = Int8RoutedExperts(ex)
     q.use_slot_gather = False
-    with torch.inference_mode(), _Ops() as ops:
+    with torch.inference_mode(), dispatched_ops() as ops:
         q(x, idx, w)
     assert OP not in ops.names and EM_OP not in ops.names
 
@@ -527,11 +514,11 @@ def test_engine_equals_generate_with_the_fused_experts(md, device):
         m.fused_decode = True
     prompts = kernel_test_prompts((3, 9, 1))
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
-    with _Ops() as ops:
+    with dispatched_ops() as ops:
         got = engine_greedy_tokens(engine, prompts, 3)
     assert ops.names.count(OP) >= len(layers) * 2
     for i, p in enumerate(prompts):
-        with _Ops() as ops:
+        with dispatched_ops() as ops:
             want = generate(model, [p], 3).tokens[0]
         assert ops.names.count(OP) >= len(layers) * 2  # the 2 decode steps (and a short prompt's prefill)
         assert got[i] == want, f"request {i}"
@@ -552,7 +539,7 @@ def test_cuda_graph_engine_equals_generate_with_the_fused_experts_on_auto(md):
     prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
     assert engine.decode_mode == "graph"
-    with _Ops() as ops:
+    with dispatched_ops() as ops:
         got = engine_greedy_tokens(engine, prompts, 30)
     assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
     assert ops.names.count(OP) > 0  # dispatched while the graphs were captured

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    assert_generate_equals, engine_greedy_tokens, kernel_test_model, kernel_test_prompts, triton_kernels)
-from torch.utils._python_dispatch import TorchDispatchMode
+    assert_generate_equals, dispatched_ops, engine_greedy_tokens, kernel_test_model, kernel_test_prompts,
+    triton_kernels)
 
 from moeflow.models import ModelConfig
 from moeflow.models.layers import SwiGLU
@@ -30,18 +30,6 @@ def md():
 @pytest.fixture(scope="module")
 def device(md):
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class _Ops(TorchDispatchMode):
-    """Records the ops a call dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _moe(device, dtype, *, E=32, K=2, D=48, F_=24, S=1, std=0.1, seed=0):
@@ -63,7 +51,7 @@ def _call(moe, x_TD, *, fused, fold):
     hooks = [m.register_forward_hook(lambda *_: calls.append(1))
              for m in (shared, shared.gate_proj, shared.up_proj, shared.down_proj)]
     try:
-        with torch.no_grad(), _Ops() as ops:
+        with torch.no_grad(), dispatched_ops() as ops:
             y = moe(x_TD[None], with_losses=False, with_stats=False)[0][0]
     finally:
         for h in hooks:
@@ -305,7 +293,7 @@ def test_engine_equals_generate_with_the_shared_expert_folded(md, device):
         m.shared_experts.register_forward_hook(lambda *_: calls.append(1))
     prompts = kernel_test_prompts((3, 9, 1))
     engine = Engine(model, max_batch=2, prefill_chunk=8, decode_mode="static")
-    with _Ops() as ops:
+    with dispatched_ops() as ops:
         got = engine_greedy_tokens(engine, prompts, 3)
     assert ops.names.count(OP) >= len(moes) * 2 and not calls
     assert_generate_equals(model, prompts, got, 3)
@@ -365,7 +353,7 @@ def test_cuda_graph_engine_equals_generate_with_the_shared_expert_folded(md):
     prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
     assert engine.decode_mode == "graph"
-    with _Ops() as ops:
+    with dispatched_ops() as ops:
         got = engine_greedy_tokens(engine, prompts, 30)
     assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
     assert ops.names.count(OP) > 0
