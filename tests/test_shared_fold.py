@@ -344,17 +344,22 @@ def test_on_the_gpu_the_fold_compiles_captures_never_syncs_and_equals_the_formul
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_engine_equals_generate_with_the_shared_expert_folded(md):
-    """The serving engine's captured decode (bf16, everything on its defaults: routed experts auto, the fold on)
+    """The serving engine's captured decode (bf16, routed experts auto, the fold on)
     against generate(), token for token; the fused op ran while capturing and no shared SwiGLU was called in the
     decode steps' captures."""
     from moeflow.models.serving import Engine
 
     model = kernel_test_model("cpu", norm_weights=True).to("cuda", torch.bfloat16)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, DeepSeekMoE):
+            m.fused_shared = True  # off by default until measured on a GPU
+            m.shared_experts.register_forward_hook(lambda *_: calls.append(1))
     prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
     engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65)
     assert engine.decode_mode == "graph"
     with dispatched_ops() as ops:
         got = engine_greedy_tokens(engine, prompts, 30)
     assert engine.static.num_graphs >= 2 and engine.static.num_replays > 30
-    assert ops.names.count(OP) > 0
+    assert ops.names.count(OP) > 0 and not calls  # 8-token prefill chunks and decode steps: all slot-major, folded
     assert_generate_equals(model, prompts, got, 30)
