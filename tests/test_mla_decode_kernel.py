@@ -497,7 +497,8 @@ def test_cuda_graph_engine_equals_generate_with_the_kernel(mk, monkeypatch):
     assert_generate_equals(model, prompts, got, 30)
 
 
-@pytest.mark.slow  # 43 s on 2 cores; the MAX_T gate is held on the CPU by test_model_decodes_through_the_kernel_close_to_the_formula
+# 43 s on 2 cores; the MAX_T gate's CPU test is test_model_decodes_through_the_kernel_close_to_the_formula
+@pytest.mark.slow
 def test_bf16_engine_with_chunked_prefill_equals_generate(mk, device, monkeypatch):
     """bf16, prompts longer than the engine's prefill chunk (8): the engine prefills 8 tokens at a time, generate()
     each prompt whole, and only one-token decode steps take the kernel in both, so greedy tokens stay equal. (With
