@@ -34,7 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # switch name -> (module path, class, attribute); "+name" sets it on, "+noname" off for a mode
 SWITCHES = {"norm": ("layers", "RMSNorm", "fused_inference"), "rope": ("layers", "RotaryEmbedding", "fused_inference"),
-            "cachewrite": ("attention", "MLA", "fused_cache_write"), "router": ("moe", "Router", "fused_inference"),
+            "cachewrite": ("attention", "MLA", "fused_cache_write"),
+            "cachestep": ("attention", "MLA", "fused_cache_step"), "router": ("moe", "Router", "fused_inference"),
             "routerlogits": ("moe", "Router", "fused_logits"), "mla": ("attention", "MLA", "fused_decode_attention"),
             "boundary": ("transformer", "MoETransformer", "defer_residual_add"),
             "sharedfold": ("moe", "DeepSeekMoE", "fused_shared")}
@@ -146,6 +147,8 @@ def count_mode(model, mode: str, batch: int, prompt_len: int) -> dict:
         engine.add(str(i), prompt, SamplingParams(max_tokens=8, temperature=0.0))
     for _ in range(2):
         engine.step()
+    # the RoPE table the fused cache step copies rows from, built once (a server's first step, before capture)
+    model.rotary.table(engine.slots.max_len, model.lm_head.weight.device)
     with switches(mode) as state:
         counter = LaunchCounter()
         hooks = []
