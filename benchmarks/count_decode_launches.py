@@ -14,8 +14,9 @@ captures), counted inside the model's forward:
 - a launch = a Triton kernel run (each ``kernel[grid](...)``), or an aten op that would launch a CUDA kernel: views,
   allocations (``empty*``), dtype queries and no-op casts (``to`` that returns its input) do not count; the ops the
   interpreter itself runs to copy a kernel's arguments do not either;
-- each op is charged to the decoder layer it ran in (dense / MoE), the rest to "outside" (embedding, RoPE table,
-  final norm, LM head).
+- each op is charged to the decoder layer it ran in (dense / MoE), the rest to "outside" (embedding, the cache
+  step's key mask / counts / positions / mask and RoPE table (one launch by default, ``MLA.fused_cache_step``), final
+  norm, LM head); the RoPE table a fused cache step copies from is built before (once, as a server's first step).
 A bench_ref step is then outside + 1 dense + 7 MoE layers. CPU ops stand for CUDA kernels one for one except where
 an op decomposes differently on CUDA (e.g. an einsum's copies); the GPU profile (benchmarks/profile_decode.py) counts
 the real ones.

@@ -7,6 +7,7 @@ Run from the repository root (PYTHONPATH so that ``import moeflow`` is this chec
     python tests/mutations_cache_step.py "position + 1"    # some of them, by name
 Prints, per mutation, the test that caught it or SURVIVED (``-x``: the first failure). Not collected by pytest (no
 test_ prefix): it rewrites source files while it runs, so never run it beside other work in the same checkout.
+All 18 caught on 2026-12-07 (about 4 minutes on 2 cores).
 """
 
 import pathlib
