@@ -102,8 +102,9 @@ def _clone(cache):
 
 # (B, S, mode, mask): a decode step of a batch with padded (not real) rows, of every row real (no mask), left-padded
 # generate()'s (B, length + 1) mask of int64 ones/zeros, the static mode at a slot in the middle and at the last slot,
-# a static view narrower than the cache (strided key-mask rows), 2,500 slots (several mask blocks), batch 1
-CASES = [(3, 9, "dynamic", "rows"), (2, 7, "dynamic", None), (4, 12, "dynamic", "long"),
+# a static view narrower than the cache (strided key-mask rows), 2,500 slots (several mask blocks), batch 1, a first
+# token (one key: a one-token prompt's prefill)
+CASES = [(2, 1, "dynamic", "rows"), (3, 9, "dynamic", "rows"), (2, 7, "dynamic", None), (4, 12, "dynamic", "long"),
          (3, 10, ("static", 6), "rows"), (2, 10, ("static", 9), None), (3, 16, ("view", 5, 11), "rows"),
          (2, 2500, ("static", 2100), "rows"), (1, 33, ("static", 20), "rows")]
 
@@ -260,6 +261,21 @@ def test_decode_logits_bit_equal_and_generate_and_engine(ck, device, monkeypatch
     assert_generate_equals(model, kernel_test_prompts((3, 9, 1)), got, 5)
 
 
+def test_a_one_token_prompt_prefills_through_the_kernel(ck, device, monkeypatch):
+    """A one-token prompt's prefill is a one-token cache step (one key): generate() takes the kernel for it too and
+    gives the formula's tokens and log-probs exactly."""
+    from moeflow.models.generation import generate
+
+    model = kernel_test_model(device, norm_weights=True)
+    runs = {}
+    for on in (False, True):
+        _kernel_on_the_cpu_too(monkeypatch, on)
+        counted = _Counted(ck, monkeypatch)
+        runs[on] = generate(model, [[7]], 3, return_logprobs=True)
+        assert counted.calls == (3 if on else 0)
+    assert runs[True].tokens == runs[False].tokens and runs[True].logprobs == runs[False].logprobs
+
+
 def test_model_logits_bit_equal_every_step(ck, device, monkeypatch):
     """Logits of a left-padded cached prefill and 4 decode steps (dynamic mode), kernel on and off: equal bit for
     bit, and the caches' key masks and counts too."""
@@ -318,11 +334,12 @@ from moeflow.models.kernels import cache_step as ck
 
 fn = ck._cache_step_kernel
 report = {}
-for name, real_ty, has_real, P in [("bool_mask", "*u8", True, 32), ("long_mask", "*i64", True, 64),
-                                   ("no_mask", "*i64", False, 8)]:
+CASES = [("bool_mask", "*u8", True, 32, ck.BLOCK_S), ("long_mask", "*i64", True, 64, ck.BLOCK_S),
+         ("no_mask", "*i64", False, 2, 1)]
+for name, real_ty, has_real, P, block_s in CASES:
     types = {"real_ptr": real_ty, "slot_ptr": "*i64", "km_ptr": "*u8", "num_real_ptr": "*i64", "pos_ptr": "*i64",
              "mask_ptr": "*u8", "table_ptr": "*fp32", "rope_ptr": "*fp32"}
-    consts = {"HAS_REAL": has_real, "P": P, "BLOCK_P": P, "BLOCK_S": ck.BLOCK_S}
+    consts = {"HAS_REAL": has_real, "P": P, "BLOCK_P": P, "BLOCK_S": block_s}
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                      options={"num_warps": 4})
@@ -333,7 +350,8 @@ print(json.dumps(report))
 
 def test_kernel_compiles_for_sm90(ck):
     """The interpreter is lenient: the kernel compiles for sm_90 (Triton's own ptxas, no GPU needed) with a bool
-    (byte) mask, an int64 mask and none, at the tiny, bench_ref and DeepSeek-V3 rope dims."""
+    (byte) mask, an int64 mask and none, at rope dims 32 (bench_ref) and 64 (DeepSeek-V3), and 2 with one mask
+    column (a first token's step: one key)."""
     report = sm90_compile_report(_COMPILE_FOR_SM90)
     assert set(report) == {"bool_mask", "long_mask", "no_mask"} and all(r["cubin"] > 0 for r in report.values())
 
