@@ -36,6 +36,8 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
 - ``engine graph+nocachewrite``: likewise ``MLA.fused_cache_write`` off (on by default: a cache step's latent norm,
   key RoPE, cat and cache write and the queries' RoPE in one Triton launch instead of 21 a layer, 5 with the fused
   RoPE; ``--fused-cache-write``, ``+cachewrite``).
+- ``engine graph+nocachestep``: likewise ``MLA.fused_cache_step`` off (on by default: a decode step's key mask,
+  counts, positions, attention mask and RoPE cos/sin in one Triton launch instead of 19; ``+cachestep``).
 - ``engine graph+norouter``: likewise ``Router.fused_inference`` off (on by default: one Triton launch per router
   after its logits GEMV instead of 9 kernels; ``--fused-router``, ``+router``).
 - ``engine graph+routerlogits``: likewise ``Router.fused_logits`` on (off by default until measured on a GPU: the
@@ -86,10 +88,11 @@ from moeflow.models.serving import Engine, SamplingParams
 STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
-# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, router,
-# routerlogits, mla, boundary, sharedfold)
+# engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, cachestep,
+# router, routerlogits, mla, boundary, sharedfold)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
-                  "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
+                  "cachewrite": (MLA, "fused_cache_write"), "cachestep": (MLA, "fused_cache_step"),
+                  "router": (Router, "fused_inference"),
                   "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention"),
                   "boundary": (MoETransformer, "defer_residual_add"), "sharedfold": (DeepSeekMoE, "fused_shared")}
 
@@ -362,7 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-modes", default="", help="engine rows to run, e.g. graph+compile,graph+compile+sync "
                    "(+compile: inductor step; +sync: overlap off; +nonorm / +norm: the fused RMSNorm off / on for the "
                    "row; +norope / +rope: the fused RoPE off / on; +nocachewrite / +cachewrite: the fused MLA cache "
-                   "step off / on; +norouter / +router: the fused router off / on; +norouterlogits / +routerlogits: "
+                   "step off / on; +nocachestep / +cachestep: a decode step's bookkeeping and RoPE table in one "
+                   "launch off / on; +norouter / +router: the fused router off / on; +norouterlogits / +routerlogits: "
                    "the logits in it off / on; +nomla / +mla: the fused MLA decode attention off / on; +noboundary / "
                    "+boundary: the block boundary's residual add in the next norm off / on; +nosharedfold / "
                    "+sharedfold: the shared expert's fold into the fused MoE kernels off / on); the first also runs "

@@ -14,8 +14,9 @@ captures), counted inside the model's forward:
 - a launch = a Triton kernel run (each ``kernel[grid](...)``), or an aten op that would launch a CUDA kernel: views,
   allocations (``empty*``), dtype queries and no-op casts (``to`` that returns its input) do not count; the ops the
   interpreter itself runs to copy a kernel's arguments do not either;
-- each op is charged to the decoder layer it ran in (dense / MoE), the rest to "outside" (embedding, RoPE table,
-  final norm, LM head).
+- each op is charged to the decoder layer it ran in (dense / MoE), the rest to "outside" (embedding, the cache
+  step's key mask / counts / positions / mask and RoPE table (one launch by default, ``MLA.fused_cache_step``), final
+  norm, LM head); the RoPE table a fused cache step copies from is built before (once, as a server's first step).
 A bench_ref step is then outside + 1 dense + 7 MoE layers. CPU ops stand for CUDA kernels one for one except where
 an op decomposes differently on CUDA (e.g. an einsum's copies); the GPU profile (benchmarks/profile_decode.py) counts
 the real ones.
@@ -34,7 +35,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # switch name -> (module path, class, attribute); "+name" sets it on, "+noname" off for a mode
 SWITCHES = {"norm": ("layers", "RMSNorm", "fused_inference"), "rope": ("layers", "RotaryEmbedding", "fused_inference"),
-            "cachewrite": ("attention", "MLA", "fused_cache_write"), "router": ("moe", "Router", "fused_inference"),
+            "cachewrite": ("attention", "MLA", "fused_cache_write"),
+            "cachestep": ("attention", "MLA", "fused_cache_step"), "router": ("moe", "Router", "fused_inference"),
             "routerlogits": ("moe", "Router", "fused_logits"), "mla": ("attention", "MLA", "fused_decode_attention"),
             "boundary": ("transformer", "MoETransformer", "defer_residual_add"),
             "sharedfold": ("moe", "DeepSeekMoE", "fused_shared")}
@@ -146,6 +148,8 @@ def count_mode(model, mode: str, batch: int, prompt_len: int) -> dict:
         engine.add(str(i), prompt, SamplingParams(max_tokens=8, temperature=0.0))
     for _ in range(2):
         engine.step()
+    # the RoPE table the fused cache step copies rows from, built once (a server's first step, before capture)
+    model.rotary.table(engine.slots.max_len, model.lm_head.weight.device)
     with switches(mode) as state:
         counter = LaunchCounter()
         hooks = []

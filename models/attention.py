@@ -63,6 +63,8 @@ class MLACache:
         self.split_views(kv_lora_rank)
         self.key_mask_BS = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.num_real_B = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # 0..max_len-1 once: a step's slots and the mask's key slots are views of it (no arange launch a step)
+        self.slot_ids_S = torch.arange(max_len, device=device)
         self.length = 0
 
     def split_views(self, kv_lora_rank: int) -> None:
@@ -95,14 +97,21 @@ class CacheStep:
     slots_T: torch.Tensor
     num_keys: int
     mask_B1TS: torch.Tensor  # bool, True = may attend
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's (cos, sin) where the fused cache step made them
 
 
 def prepare_attention(input_ids_BT: torch.Tensor, positions: torch.Tensor | None,
                       attention_mask_BS: torch.Tensor | None, cache: MLACache | None,
-                      cache_position: torch.Tensor | None, document_ids_BT: torch.Tensor | None = None):
+                      cache_position: torch.Tensor | None, document_ids_BT: torch.Tensor | None = None,
+                      rotary: RotaryEmbedding | None = None):
     """RoPE positions (B, T), the boolean attention mask (B, 1, T, S) or None (plain causal), and the
     cache step (None without a cache). With a cache this also writes the key mask / real-token counts
-    and advances ``cache.length`` (dynamic mode). See ``MoETransformer`` for the argument semantics."""
+    and advances ``cache.length`` (dynamic mode). See ``MoETransformer`` for the argument semantics.
+
+    A one-token cache step with ``rotary`` given may take one Triton launch (kernels/cache_step.py) for the key
+    mask, the counts, the positions, the mask and the step's RoPE cos/sin (then in ``CacheStep.rope``), see
+    ``MLA.fused_cache_step``; positions not given.
+    Bit-equal: integers and booleans, and cos/sin rows copied from ``RotaryEmbedding.table``."""
     B, T = input_ids_BT.shape
     dev = input_ids_BT.device
     if document_ids_BT is not None:
@@ -123,18 +132,51 @@ def prepare_attention(input_ids_BT: torch.Tensor, positions: torch.Tensor | None
         start = cache.length
         if start + T > cache.max_len:
             raise ValueError(f"cache full: {start} + {T} tokens > max_len {cache.max_len}")
-        slots_T, num_keys = torch.arange(start, start + T, device=dev), start + T
+        slots_T, num_keys = _slot_ids(cache, dev)[start:start + T], start + T
         cache.length = start + T
     else:
         slots_T, num_keys = cache_position.to(dev), cache.max_len
+    if positions is None and T == 1 and rotary is not None:
+        fused = _fused_cache_step(attention_mask_BS, slots_T, cache, num_keys, rotary)
+        if fused is not None:
+            positions, mask, cos, sin = fused
+            return positions, mask, CacheStep(cache, slots_T, num_keys, mask, (cos, sin))
     new_real_BT = (attention_mask_BS[:, -T:].to(device=dev, dtype=torch.bool) if attention_mask_BS is not None
                    else torch.ones(B, T, dtype=torch.bool, device=dev))
     cache.key_mask_BS.index_copy_(1, slots_T, new_real_BT)
     if positions is None:
-        positions = cache.num_real_B[:, None] + (new_real_BT.long().cumsum(1) - 1).clamp_min(0)
-    cache.num_real_B.add_(new_real_BT.sum(1))
-    mask = _attention_mask(slots_T, torch.arange(num_keys, device=dev), cache.key_mask_BS[:, :num_keys])
+        # one token: the cumsum term is 0, the position is the count (copied: the counts advance below)
+        positions = (cache.num_real_B[:, None].clone() if T == 1
+                     else cache.num_real_B[:, None] + (new_real_BT.long().cumsum(1) - 1).clamp_min(0))
+    cache.num_real_B.add_(new_real_BT[:, 0] if T == 1 else new_real_BT.sum(1))
+    mask = _attention_mask(slots_T, _slot_ids(cache, dev)[:num_keys], cache.key_mask_BS[:, :num_keys])
     return positions, mask, CacheStep(cache, slots_T, num_keys, mask)
+
+
+def _slot_ids(cache: MLACache, device: torch.device) -> torch.Tensor:
+    """0..max_len-1 on ``device``: the cache's (a view of it, no launch) where it has them there."""
+    ids = getattr(cache, "slot_ids_S", None)
+    if ids is None or ids.device != device or ids.shape[0] < cache.max_len:
+        return torch.arange(cache.max_len, device=device)
+    return ids
+
+
+def _fused_cache_step(attention_mask_BS, slots_T, cache: MLACache, num_keys: int, rotary: RotaryEmbedding):
+    """kernels.cache_step's (positions, mask, cos, sin) of a one-token step, or None where it does not apply
+    (then nothing was written)."""
+    dev = cache.key_mask_BS.device
+    # is_compiling first: under torch.compile nothing else is read, so no guard on the switch
+    if torch.compiler.is_compiling() or not MLA.fused_cache_step or dev.type not in MLA.kernel_devices:
+        return None
+    from .kernels import cache_step  # imports triton, an optional dependency CPU training need not load
+
+    real_B1 = attention_mask_BS[:, -1:] if attention_mask_BS is not None else None
+    # positions < the cache's slots (a row's real tokens each hold one): a table of max_len rows covers them
+    table_NP = rotary.table(cache.max_len, dev) if cache_step.HAS_TRITON else None
+    if table_NP is None or not cache_step.kernel_applies(real_B1, slots_T, cache.key_mask_BS, cache.num_real_B,
+                                                         num_keys, table_NP):
+        return None
+    return cache_step.cache_step(real_B1, slots_T, cache.key_mask_BS, cache.num_real_B, num_keys, table_NP)
 
 
 def document_attention(document_ids_BT: torch.Tensor, positions: torch.Tensor | None = None):
@@ -252,7 +294,16 @@ class MLA(nn.Module):
     # multi-token prefill chunks took the kernel (hence MAX_T = 1 since; the interpreter test of exactly that
     # passes). Off by default until that GPU test has passed: `bash benchmarks/gpu_kernels.sh`, engine mode "+mla".
     fused_decode_attention: bool = False
-    # where those two kernels may run; the CPU tests add "cpu" to run them in Triton's interpreter
+    # A one-token cache step's bookkeeping before the first layer (the key mask's slot, the real-token counts, the
+    # RoPE positions, the boolean mask: 13 kernels) and its RoPE cos/sin (6 more, ``RotaryEmbedding.forward``) as one
+    # Triton launch (kernels/cache_step.py, ``prepare_attention``), where it is safe, the rules of
+    # ``RMSNorm.fused_inference`` (a device in ``kernel_devices``, not while torch.compile traces, Triton importable;
+    # ``kernel_applies`` has the rest). Bit-equal (integers and booleans; cos/sin rows copied from
+    # ``RotaryEmbedding.table``, the formula's own values), generate() and the serving engine both take it. On by
+    # default (bit-equal); CPU-tested only (interpreter) so far, its GPU tests are tests/test_cache_step_kernel.py -m
+    # gpu. benchmarks/bench_decode.py "+nocachestep" is the row without it.
+    fused_cache_step: bool = True
+    # where those kernels may run; the CPU tests add "cpu" to run them in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:

@@ -143,10 +143,14 @@ class RotaryEmbedding(nn.Module):
     # where the kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)
 
+    # the smallest table ``table`` builds (rows; more where asked, to the next power of two)
+    min_table_rows: int = 1024
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         inv_freq, self.attention_factor = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: list[tuple[tuple, torch.Tensor]] = []  # (inv_freq's identity, table); see ``table``
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not round the inverse frequencies: a bf16 inv_freq is off by up to
@@ -162,6 +166,35 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles_BTp = positions_BT.float()[..., None] * self.inv_freq.float()
         return angles_BTp.cos() * self.attention_factor, angles_BTp.sin() * self.attention_factor
+
+    def table(self, num_positions: int, device) -> torch.Tensor | None:
+        """(N, P) fp32 with N ≥ ``num_positions``: row p is ``forward``'s cos ‖ sin of position p, computed by
+        ``forward`` itself over positions 0..N-1 on ``device`` (element-wise fp32 ops: the same bits as from any
+        other positions tensor; tests/test_cache_step_kernel.py checks it). The fused cache step
+        (kernels/cache_step.py) copies a step's rows from it instead of computing them (6 launches).
+
+        Built on first use and kept; a larger one is built when asked for more rows, the smaller kept too (a
+        captured CUDA graph may read it), never while a graph is being captured (None then: the caller keeps the
+        formula). A new ``inv_freq`` (``init_weights``, a move) gets new tables, dropping those of the old one."""
+        device = torch.device(device)
+        if self.inv_freq.device != device:
+            return None
+        try:
+            version = self.inv_freq._version
+        except RuntimeError:  # an inference tensor (a model built under inference_mode) has no version counter
+            version = -1
+        key = (device, self.inv_freq.data_ptr(), version)
+        for k, t in self._tables:
+            if k == key and t.shape[0] >= num_positions:
+                return t
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        n = max(self.min_table_rows, 1 << max(0, num_positions - 1).bit_length())
+        with torch.inference_mode(False), torch.no_grad():
+            cos_1Np, sin_1Np = self.forward(torch.arange(n, device=device)[None])
+            table_NP = torch.cat([cos_1Np[0], sin_1Np[0]], dim=-1)
+        self._tables = [(k, t) for k, t in self._tables if k == key] + [(key, table_NP)]
+        return table_NP
 
     @classmethod
     def rotate(cls, x: torch.Tensor, cos_BTp: torch.Tensor, sin_BTp: torch.Tensor) -> torch.Tensor:

@@ -339,9 +339,10 @@ class MoEStats:
     tokens_per_expert_E: torch.Tensor | None  # fp32 counts (detached)
     maxvio: torch.Tensor | None
     router_entropy: torch.Tensor | None
-    seq_aux_loss: torch.Tensor         # already × α
-    z_loss: torch.Tensor               # already × weight
-    lb_loss: torch.Tensor              # already × weight
+    # the balancing losses; None when the forward was asked for none (``with_losses=False``: decode steps)
+    seq_aux_loss: torch.Tensor | None  # already × α
+    z_loss: torch.Tensor | None        # already × weight
+    lb_loss: torch.Tensor | None       # already × weight
     topk_idx_BTK: torch.Tensor
 
 
@@ -390,17 +391,20 @@ class DeepSeekMoE(nn.Module):
 
     def _stats(self, r: RouterOutput, B: int, T: int, with_losses: bool, valid_BT: torch.Tensor | None,
                with_stats: bool = True) -> MoEStats:
-        cfg, zero = self.cfg, r.scores_TE.new_zeros(())
+        cfg = self.cfg
         stats = (None, None, None)
         if with_stats:
             with torch.no_grad():
                 counts_E = balancing.tokens_per_expert(r.topk_idx_TK, cfg.num_routed_experts, valid_BT)
                 stats = (counts_E, balancing.maxvio(counts_E), balancing.router_entropy(r.scores_TE, valid_BT))
         idx_BTK = r.topk_idx_TK.view(B, T, -1)
+        if not with_losses:  # no zeros either (a launch a MoE layer of every decode step); no one reads them
+            return MoEStats(*stats, None, None, None, idx_BTK)
+        zero = r.scores_TE.new_zeros(())
         seq_aux = (balancing.seq_aux_loss(r.scores_TE.view(B, T, -1), idx_BTK, cfg.seq_aux_alpha, valid_BT)
-                   if with_losses and cfg.seq_aux_alpha > 0 else zero)
+                   if cfg.seq_aux_alpha > 0 else zero)
         z = (balancing.z_loss(r.logits_TE, cfg.z_loss_weight, valid_BT)
-             if with_losses and cfg.z_loss_weight > 0 else zero)
+             if cfg.z_loss_weight > 0 else zero)
         lb = (balancing.load_balancing_loss(r.scores_TE, r.topk_idx_TK, cfg.lb_loss_weight, valid_BT)
-              if with_losses and cfg.lb_loss_weight > 0 else zero)
+              if cfg.lb_loss_weight > 0 else zero)
         return MoEStats(*stats, seq_aux, z, lb, idx_BTK)

@@ -278,8 +278,9 @@ class MoETransformer(nn.Module):
         cfg = self.cfg
         with_losses = targets is not None if with_losses is None else with_losses
         positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position,
-                                                  document_ids_BT)
-        cos, sin = self.rotary(positions)
+                                                  document_ids_BT, rotary=self.rotary)
+        # a one-token cache step's cos/sin may come with it (kernels/cache_step.py: one launch for both)
+        cos, sin = step.rope if step is not None and step.rope is not None else self.rotary(positions)
         x_BTD = self._embed(input_ids_BT)
         all_stats: list[MoEStats] = []
         moe_i = 0

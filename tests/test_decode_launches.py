@@ -31,7 +31,7 @@ def cl():
 def counts(cl):
     """Rows of the tiny model (3 layers: 1 dense, 2 MoE) for each mode, batch 1."""
     model = cl.build_model(3, 128, "tiny")
-    modes = ["default", "+routerlogits", "+sharedfold", "+mla", "+noboundary",
+    modes = ["default", "+routerlogits", "+sharedfold", "+mla", "+noboundary", "+nocachestep",
              "+nonorm+norope+nocachewrite+norouter+noboundary"]
     return {m: cl.count_mode(model, m, batch=1, prompt_len=5) for m in modes}
 
@@ -70,3 +70,28 @@ def test_nothing_outside_the_layers_grows_with_the_moe_layers(cl):
     and with 3 MoE layers (they were 3 adds a MoE layer: 21 launches a bench_ref step)."""
     rows = [cl.count_mode(cl.build_model(n, 128, "tiny"), "default", batch=1, prompt_len=5) for n in (2, 4)]
     assert rows[0]["outside"] == rows[1]["outside"]
+
+
+def test_a_steps_bookkeeping_and_rope_table_are_one_launch(counts):
+    """Outside the layers a decode step launches the embedding, the fused cache step (kernels/cache_step.py: the key
+    mask's slot, the counts, the positions, the mask and the RoPE cos/sin), the final norm, the LM head and the
+    step's zero losses: 5 (23 before: the cache step's 13 small kernels and the RoPE table's 6). With
+    ``MLA.fused_cache_step`` off the formula's 17: a one-token step's position is a copy of the count (no cast,
+    cumsum, sub, clamp, add), its count advances by the mask entry (no sum), the slots and key slots are views of the
+    cache's aranges (no arange): its 13 are 7, and the table's 6."""
+    assert counts["default"]["outside_ops"] == {"aten.embedding": 1, "triton._cache_step_kernel": 1,
+                                                "triton._rms_norm_kernel": 1, "aten.linear": 1,
+                                                "aten.new_zeros": 1}, counts["default"]["outside_ops"]
+    off = counts["+nocachestep"]
+    assert off["outside"] == 17 and off["outside"] - counts["default"]["outside"] == 12, off["outside_ops"]
+    assert not {"aten.cumsum", "aten.arange", "aten.sum", "aten.clamp_min"} & set(off["outside_ops"]), off
+    assert {k: off["outside_ops"].get(k) for k in ("aten.cos", "aten.sin", "aten.clone", "aten.index_copy_")} == {
+        "aten.cos": 1, "aten.sin": 1, "aten.clone": 1, "aten.index_copy_": 1}, off["outside_ops"]
+    assert off["moe_layer"] == counts["default"]["moe_layer"] and off["dense_layer"] == counts["default"]["dense_layer"]
+
+
+def test_a_moe_layer_makes_no_zero_losses_at_decode(counts):
+    """No losses asked for (a decode step): a MoE layer allocates no zeros for them (a ``new_zeros`` launch a MoE
+    layer: 7 a bench_ref step)."""
+    for mode, row in counts.items():
+        assert "aten.new_zeros" not in row["moe_layer_ops"] and "aten.zeros" not in row["moe_layer_ops"], mode

@@ -99,6 +99,7 @@ class SlotCache:
         view.split_views(c.kv_latent[0].shape[-1])
         view.key_mask_BS = c.key_mask_BS[:num_rows]
         view.num_real_B = c.num_real_B[:num_rows]
+        view.slot_ids_S = c.slot_ids_S
         view.length = self.cursor
         return view
 
