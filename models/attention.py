@@ -292,7 +292,10 @@ class MLA(nn.Module):
     # RESULTS.md "Serving"): the default graph engine step ran 838 vs 773 tok/s at batch 1 and 16,712 vs 15,541 at
     # batch 32 with it (same call), and its GPU tests passed except engine == generate(), which failed while
     # multi-token prefill chunks took the kernel (hence MAX_T = 1 since; the interpreter test of exactly that
-    # passes). Off by default until that GPU test has passed: `bash benchmarks/gpu_kernels.sh`, engine mode "+mla".
+    # passes). With MAX_T = 1 (H100, 2026-12-07 late) the row gained again (1,396 vs 1,213 tok/s at batch 1, 22,488
+    # vs 20,577 at 32) but engine == generate() still failed (request 3, a 30-token prompt prefilled in 8-token
+    # chunks, parted at its fourth token): one-token steps alone do not make it batch invariant; not diagnosed.
+    # Off by default until that GPU test has passed: `bash benchmarks/gpu_kernels.sh`, engine mode "+mla".
     fused_decode_attention: bool = False
     # A one-token cache step's bookkeeping before the first layer (the key mask's slot, the real-token counts, the
     # RoPE positions, the boolean mask: 13 kernels) and its RoPE cos/sin (6 more, ``RotaryEmbedding.forward``) as one
@@ -300,8 +303,11 @@ class MLA(nn.Module):
     # ``RMSNorm.fused_inference`` (a device in ``kernel_devices``, not while torch.compile traces, Triton importable;
     # ``kernel_applies`` has the rest). Bit-equal (integers and booleans; cos/sin rows copied from
     # ``RotaryEmbedding.table``, the formula's own values), generate() and the serving engine both take it. On by
-    # default (bit-equal); CPU-tested only (interpreter) so far, its GPU tests are tests/test_cache_step_kernel.py -m
-    # gpu. benchmarks/bench_decode.py "+nocachestep" is the row without it.
+    # default (bit-equal). On a GPU (H100, 2026-12-07 late): the default graph engine step ran 1,213 vs 1,187 tok/s
+    # at batch 1 and 20,577 vs 20,130 at batch 32 with it, its 128 tokens × 32 rows equal to the row without it, and
+    # the other kernels' graphed engine == generate() GPU tests passed with it on; its own GPU test
+    # (tests/test_cache_step_kernel.py -m gpu) stopped at a test bug (``table(.., "cuda")`` vs cuda:0, fixed after).
+    # benchmarks/bench_decode.py "+nocachestep" is the row without it.
     fused_cache_step: bool = True
     # where those kernels may run; the CPU tests add "cpu" to run them in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)

@@ -177,6 +177,8 @@ class RotaryEmbedding(nn.Module):
         captured CUDA graph may read it), never while a graph is being captured (None then: the caller keeps the
         formula). A new ``inv_freq`` (``init_weights``, a move) gets new tables, dropping those of the old one."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" names the current device: compare as cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.inv_freq.device != device:
             return None
         try:

@@ -99,10 +99,12 @@ class Router(nn.Module):
     # become 1 (bench_ref: 21 fewer a decode step). Also an fp32 weight and bf16/fp16/fp32 inputs, in fp32; fp64 and
     # a gradient through x or the weight take ``logits``. The logits differ from cuBLAS's only in the order of their
     # fp32 sums, and that order is the same for every token of every call (batch invariance: the engine's prefill
-    # chunks and generate()'s whole prompts route alike); choices can differ from ``logits``' at near-ties. Off by
-    # default until its GPU tests pass and its engine row gains (CPU interpreter tests only so far; the rule every
-    # fused kernel followed); "+routerlogits" in benchmarks/bench_decode.py is the row with it.
-    fused_logits: bool = False
+    # chunks and generate()'s whole prompts route alike); choices can differ from ``logits``' at near-ties. On by
+    # default since it ran on a GPU (H100, 2026-12-07 late, RESULTS.md "Three more decode kernels on the GPU"): its
+    # GPU tests passed (no sync, graph replay, the graphed engine == generate()) and the default graph engine step
+    # ran 1,244 vs 1,213 tok/s at batch 1 and 21,069 vs 20,577 at batch 32 with it (same call).
+    # benchmarks/bench_decode.py "+norouterlogits" is the row without it.
+    fused_logits: bool = True
     # where the kernel may run; the CPU tests add "cpu" to run it in Triton's interpreter
     kernel_devices: tuple[str, ...] = ("cuda",)
 
@@ -355,9 +357,11 @@ class DeepSeekMoE(nn.Module):
     # decode step). Elsewhere (grouped/looped paths, expert-major kernels, a shared expert that does not fold)
     # RoutedExperts adds the module's output as this class did. Rounds once fewer than the formula (the shared
     # output joins the routed fp32 sum unrounded by an add; no farther from float64, tests/test_shared_fold.py).
-    # Off by default until its GPU tests pass and its engine row gains (CPU interpreter tests only so far);
-    # benchmarks/bench_decode.py "+sharedfold" is the row with it.
-    fused_shared: bool = False
+    # On by default since it ran on a GPU (H100, 2026-12-07 late, RESULTS.md "Three more decode kernels on the GPU"):
+    # its GPU tests passed (compiled, captured, no sync, == the formula; the graphed engine == generate() with no
+    # shared SwiGLU run) and the default graph engine step ran 1,411 vs 1,213 tok/s at batch 1 and 21,217 vs 20,577
+    # at batch 32 with it (same call). benchmarks/bench_decode.py "+nosharedfold" is the row without it.
+    fused_shared: bool = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -10,17 +10,26 @@ The function (shape suffixes: B batch, H heads, T new tokens, S keys = ``num_key
 M = H·T query rows of one batch row, m = h·T + t as in the formula's ``(B, H·T, R + P)`` view; NS key splits):
     score[m, s] = (q_lat[b, h, t] · kv[b, s, :R] + q_rot[b, t, h] · kv[b, s, R:]) · scale   (fp32 sums)
     score[m, s] = −inf where not mask[b, 0, t, s]
-    o_lat[b, h, t] = Σ_s round(p[m, s]) · kv[b, s, :R] / Σ_s p[m, s]   (fp32 sums, an IEEE division (``div_rn``,
-                                                                        not the GPU's approximate one), rounded
-                                                                        once at the end)
-with p the softmax's numerators exp(score − running max), taken in fp32 (online softmax). ``round`` is to the
-value dtype (the cache's = the queries'), as the formula rounds its probabilities before its second bmm.
+    o_lat[b, h, t] = Σ_s p[m, s] · kv[b, s, :R] / Σ_s p[m, s]   (fp32 sums, an IEEE division (``div_rn``, not the
+                                                                 GPU's approximate one), rounded once at the end)
+with p the softmax's numerators exp(score − running max), taken in fp32 (online softmax) and NOT rounded to the
+value dtype: each is split into three values of it (hi + mid + lo = p exactly in bf16, 3 × 8 bits) for three
+tensor-core dots (an fp32 cache: one, p itself).
 What differs from the formula, besides the order of the fp32 sums:
 - the scores are not rounded: the formula's first bmm returns them in the queries' dtype (bf16: 8 bits, an error
   of ~|score|·2⁻⁹, the formula's largest) before casting them to fp32; here they stay fp32, so the kernel is
   closer to float64 than the formula is (tests/test_mla_decode_kernel.py holds both against float64);
-- the rounded probability is the numerator exp(score − running max) (rounding error ≤ 2⁻⁹ relative, as the
-  formula's normalised one), divided by the fp32 sum after the product, as flash attention does.
+- the probabilities are not rounded either (the formula rounds its normalised ones to the value dtype before its
+  second bmm); the numerators are divided by the fp32 sum after the product, as flash attention does.
+
+Layout invariance: a row's output must not depend on where its keys sit among the cache's columns, or the serving
+engine (a request's keys at its slot columns among other requests', a bucket of S columns, maybe several splits)
+and generate() (the same keys at [0, n)) compute different tokens for one request. The formula has this (its
+softmax uses the row's max; masked keys add exact zeros). The kernel's running max depends on which keys share a
+block, so a numerator rounded to the value dtype relative to it rounded differently per layout: 1.5-7 % of bf16
+outputs parted in the interpreter, and the graphed engine left generate()'s greedy tokens on an H100
+(2026-12-07). Carried whole, p differs between layouts only in fp32 sum order (tested: bit-equal in the
+interpreter); the two extra dots cost little in a launch-bound step.
 A row whose keys are all masked gives NaN, as the formula's softmax of −inf everywhere does (0/0 here). The
 model never builds one: ``attention._attention_mask`` lets every query see its own slot, free engine rows too.
 A NaN in a masked cache slot reaches the output in both (probability 0 times NaN); the cache starts zeroed.
@@ -235,11 +244,25 @@ if HAS_TRITON:
             alpha_M = tl.exp(max_M - base_M)
             p_MS = tl.exp(score_MS - base_M[:, None])
             sum_M = sum_M * alpha_M + tl.sum(p_MS, axis=1)
+            # p · latent with p unrounded: p = hi + mid + lo, three values of the latent's dtype (3 × 8 bits hold
+            # fp32's 24 in bf16), three tensor-core dots. Rounding p to that dtype once (as the formula rounds its
+            # probabilities) would round it relative to the running max, which depends on where a row's keys sit
+            # among the blocks: the engine's slot columns and generate()'s dense ones then parted (see the module
+            # docstring, "Layout invariance").
             if IEEE:
-                p_op = rounded(p_MS, ty)  # the value dtype's value, held in fp32 for the fp32 dot
+                p_hi = rounded(p_MS, ty)  # the value dtype's value, held in fp32 for the fp32 dot
+                rest_MS = p_MS - p_hi
+                p_mid = rounded(rest_MS, ty)
+                p_lo = rounded(rest_MS - p_mid, ty)
             else:
-                p_op = p_MS.to(ty)  # cvt.rn: the same rounding (to nearest, ties to even)
-            acc_MR = fp32_dot(p_op, lat_SR, acc_MR * alpha_M[:, None], IEEE)
+                p_hi = p_MS.to(ty)  # cvt.rn: the same rounding (to nearest, ties to even)
+                rest_MS = p_MS - p_hi.to(tl.float32)
+                p_mid = rest_MS.to(ty)
+                p_lo = (rest_MS - p_mid.to(tl.float32)).to(ty)
+            acc_MR = fp32_dot(p_hi, lat_SR, acc_MR * alpha_M[:, None], IEEE)
+            if ty != tl.float32:  # fp32: p_hi is p already
+                acc_MR = fp32_dot(p_mid, lat_SR, acc_MR, IEEE)
+                acc_MR = fp32_dot(p_lo, lat_SR, acc_MR, IEEE)
             max_M = new_max_M
         out_ty = out_ptr.dtype.element_ty
         if SPLIT:
