@@ -40,9 +40,9 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
   counts, positions, attention mask and RoPE cos/sin in one Triton launch instead of 19; ``+cachestep``).
 - ``engine graph+norouter``: likewise ``Router.fused_inference`` off (on by default: one Triton launch per router
   after its logits GEMV instead of 9 kernels; ``--fused-router``, ``+router``).
-- ``engine graph+routerlogits``: likewise ``Router.fused_logits`` on (off by default until measured on a GPU: the
+- ``engine graph+norouterlogits``: likewise ``Router.fused_logits`` off (on by default since its H100 run: the
   fused router's launch also forms the logits, so the two casts and the fp32 GEMV of ``Router.logits`` go, 4 launches
-  a MoE layer become 1; ``--fused-router-logits``, ``+norouterlogits``; it needs the fused router on).
+  a MoE layer become 1; ``--fused-router-logits``, ``+routerlogits``; it needs the fused router on).
 - ``engine graph+mla``: likewise the engine with ``MLA.fused_decode_attention`` on (the absorbed attention's cat,
   bmm, masked fp32 softmax and second bmm as one Triton launch, two with a key split) where the other rows take
   the formula (``--fused-mla``, off by default); ``+nomla`` turns it off for a row. Under ``+compile`` it runs as
@@ -50,9 +50,9 @@ Serving engine rows (``models/serving``, continuous batching; ``--engine``):
 - ``engine graph+noboundary``: ``MoETransformer.defer_residual_add`` off (on by default: a cache step adds each
   block's output to the residual stream in the next block's input norm, one fused launch instead of two a block
   boundary); ``+boundary`` turns it on for a row.
-- ``engine graph+sharedfold``: likewise ``DeepSeekMoE.fused_shared`` on (off by default until measured on a GPU: the
+- ``engine graph+nosharedfold``: likewise ``DeepSeekMoE.fused_shared`` off (on by default since its H100 run: the
   shared expert computed inside the fused routed-experts kernels, where they run, instead of 6 launches a MoE layer;
-  ``--fused-shared``, ``+nosharedfold``).
+  ``--fused-shared``, ``+sharedfold``).
 MBU (decode) = bytes a step must read ÷ step time ÷ bandwidth, where bytes = every weight except the
 embedding table (one row per token is read) and the routed experts, + the routed experts' bytes × the
 expected fraction of experts a batch of B tokens touches, 1 − (1 − k/E)^B, + the latent cache of the live
@@ -386,13 +386,13 @@ def main(argv=None) -> int:
     p.add_argument("--fused-router", default="on", choices=["on", "off"],
                    help="Router.fused_inference (one Triton launch per router after its logits at inference on CUDA) "
                    "for every row; an engine mode's +norouter / +router flag overrides it for that row")
-    p.add_argument("--fused-router-logits", default="off", choices=["on", "off"],
+    p.add_argument("--fused-router-logits", default="on", choices=["on", "off"],
                    help="Router.fused_logits (the fused router also forms the logits: one launch per MoE layer instead "
                    "of 4) for every row; an engine mode's +norouterlogits / +routerlogits flag overrides it")
     p.add_argument("--fused-mla", default="off", choices=["on", "off"],
                    help="MLA.fused_decode_attention (the absorbed decode attention in one or two Triton launches on "
                    "CUDA) for every row; an engine mode's +nomla / +mla flag overrides it for that row")
-    p.add_argument("--fused-shared", default="off", choices=["on", "off"],
+    p.add_argument("--fused-shared", default="on", choices=["on", "off"],
                    help="DeepSeekMoE.fused_shared (the shared expert inside the fused routed-experts kernels where "
                    "they run) for every row; an engine mode's +nosharedfold / +sharedfold overrides it for that row")
     p.add_argument("--ppl-seqs", type=int, default=16)

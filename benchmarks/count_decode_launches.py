@@ -189,9 +189,9 @@ def count_mode(model, mode: str, batch: int, prompt_len: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", nargs="+", default=["default", "+noboundary", "+routerlogits", "+sharedfold", "+mla",
-                                                   "+routerlogits+sharedfold+mla",
-                                                   "+nonorm+norope+nocachewrite+norouter+noboundary"])
+    p.add_argument("--modes", nargs="+", default=["default", "+noboundary", "+norouterlogits", "+nosharedfold",
+                                                   "+nocachestep", "+mla", "+nonorm+norope+nocachewrite+norouter"
+                                                   "+norouterlogits+nosharedfold+nocachestep+noboundary"])
     p.add_argument("--preset", default="bench_ref", help="the model config whose layer shapes are counted")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (the first dense): 2 = one of each")
     p.add_argument("--vocab", type=int, default=1024)

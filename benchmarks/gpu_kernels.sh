@@ -7,8 +7,8 @@
 #   2. bench_mla_decode.py (MICRO=1; SWEEP=1 adds key splits, key blocks and warps): one layer's absorbed attention,
 #      formula vs kernel, eager and CUDA graph;
 #   3. bench_decode.py --engine --engine-only over MODES (one engine row per mode flag set, same process: the peers of
-#      one run), batch 1 and 32: graph (the defaults: norm, RoPE, cache write, router and the block boundary fused; the
-#      router logits, the shared-expert fold and the MLA attention not) and
+#      one run), batch 1 and 32: graph (the defaults: norm, RoPE, cache write, cache step, router, router logits,
+#      the shared-expert fold and the block boundary fused; the MLA attention not) and
 #      graph+no<switch> / +<switch> for rope (RotaryEmbedding.fused_inference), cachewrite (MLA.fused_cache_write),
 #      router (Router.fused_inference), routerlogits (Router.fused_logits: the logits in the router's launch), mla
 #      (MLA.fused_decode_attention), boundary (MoETransformer.defer_residual_add: the block boundary's residual add
@@ -23,7 +23,7 @@ mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/moeflow
 export PYTHONPATH=/tmp/pkg:/tmp/site MOEFLOW_HOME=/tmp/mfhome MOEFLOW_TRACKING=noop PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor TRITON_CACHE_DIR=/tmp/triton
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-MODES=${MODES:-graph,graph+routerlogits,graph+sharedfold,graph+mla,graph+noboundary,graph+routerlogits+sharedfold+mla}
+MODES=${MODES:-graph,graph+norouterlogits+nosharedfold,graph+nocachestep,graph+mla}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
 if [ -n "${TESTS-x}" ]; then
   timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} -rf --tb=short ${TESTS:-tests/test_rope_kernel.py \

@@ -22,14 +22,14 @@ that mode; ``--fused-norm`` sets it for the others): ``norm_kernels_per_step`` c
 ``rope_kernels_per_step``; ``+nocachewrite`` / ``+cachewrite`` likewise ``MLA.fused_cache_write``
 (``--fused-cache-write``, on by default), counted in ``cache_write_kernels_per_step``; ``+norouter`` / ``+router``
 ``Router.fused_inference`` (``--fused-router``, on by default), counted in ``router_kernels_per_step``;
-``+norouterlogits`` / ``+routerlogits`` ``Router.fused_logits`` (``--fused-router-logits``, off by default: the same
-launch also forms the logits), so ``graph+routerlogits`` has 3 kernels a MoE layer fewer (bench_ref: 21 a step; the
+``+norouterlogits`` / ``+routerlogits`` ``Router.fused_logits`` (``--fused-router-logits``, on by default: the same
+launch also forms the logits), so ``graph+norouterlogits`` has 3 kernels a MoE layer more (bench_ref: 21 a step; the
 casts and the GEMV, counted as ``kernels_per_step`` − the other rows' and not by name: cuBLAS's kernel names vary),
 and ``router_kernels_per_step`` is the same 7 in both; ``+nomla``
 / ``+mla`` ``MLA.fused_decode_attention`` (``--fused-mla``, off by default), its launches (attention and combine
 kernels) counted in ``mla_kernels_per_step``; ``+noboundary`` / ``+boundary`` ``MoETransformer.defer_residual_add``
 (the block boundary's residual add inside the next norm's launch; on by default); ``+nosharedfold`` / ``+sharedfold``
-``DeepSeekMoE.fused_shared`` (``--fused-shared``, off by default), the fused MoE kernels' launches counted in
+``DeepSeekMoE.fused_shared`` (``--fused-shared``, on by default), the fused MoE kernels' launches counted in
 ``moe_kernels_per_step`` (2 a MoE layer at batch 1 either way; the fold takes the shared expert's 6 off
 ``kernels_per_step``).
 """
@@ -149,11 +149,11 @@ def main(argv=None) -> int:
                    "modes without +cachewrite / +nocachewrite")
     p.add_argument("--fused-router", default="on", choices=["on", "off"], help="Router.fused_inference for modes "
                    "without +router / +norouter")
-    p.add_argument("--fused-router-logits", default="off", choices=["on", "off"], help="Router.fused_logits for "
+    p.add_argument("--fused-router-logits", default="on", choices=["on", "off"], help="Router.fused_logits for "
                    "modes without +routerlogits / +norouterlogits")
     p.add_argument("--fused-mla", default="off", choices=["on", "off"], help="MLA.fused_decode_attention for "
                    "modes without +mla / +nomla")
-    p.add_argument("--fused-shared", default="off", choices=["on", "off"], help="DeepSeekMoE.fused_shared for "
+    p.add_argument("--fused-shared", default="on", choices=["on", "off"], help="DeepSeekMoE.fused_shared for "
                    "modes without +sharedfold / +nosharedfold")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)

@@ -27,9 +27,11 @@ engine (a request's keys at its slot columns among other requests', a bucket of 
 and generate() (the same keys at [0, n)) compute different tokens for one request. The formula has this (its
 softmax uses the row's max; masked keys add exact zeros). The kernel's running max depends on which keys share a
 block, so a numerator rounded to the value dtype relative to it rounded differently per layout: 1.5-7 % of bf16
-outputs parted in the interpreter, and the graphed engine left generate()'s greedy tokens on an H100
-(2026-12-07). Carried whole, p differs between layouts only in fp32 sum order (tested: bit-equal in the
-interpreter); the two extra dots cost little in a launch-bound step.
+outputs parted in the interpreter. Carried whole, p differs between layouts only at fp32 level (tested: bit-equal
+in the interpreter); the two extra dots cost ~1 % of the +mla engine row on an H100. Not enough on the GPU: the
+graphed engine still parts from generate() there (H100, 2026-12-07: a tiny bf16 model's near-ties flip on the
+fp32 differences left: the approximate exp taken against different running maxima, block-wise sums). A first pass
+for the row's max would remove the first of those.
 A row whose keys are all masked gives NaN, as the formula's softmax of −inf everywhere does (0/0 here). The
 model never builds one: ``attention._attention_mask`` lets every query see its own slot, free engine rows too.
 A NaN in a masked cache slot reaches the output in both (probability 0 times NaN); the cache starts zeroed.
