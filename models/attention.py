@@ -433,7 +433,8 @@ class MLA(nn.Module):
             # fp32 masked softmax; far fewer kernel launches than SDPA's math fallback.
             scores_BHTS = torch.bmm(q_BHTX.reshape(B, H * T, X), k_BSX.transpose(1, 2)).view(B, H, T, -1)
             scores_BHTS = scores_BHTS.to(torch.promote_types(scores_BHTS.dtype, torch.float32))
-            scores_BHTS = scores_BHTS.masked_fill(~step.mask_B1TS, float("-inf")) * self.softmax_scale
+            # where(mask, s, −inf): masked_fill(~mask, −inf)'s values in one launch (no inverted mask)
+            scores_BHTS = torch.where(step.mask_B1TS, scores_BHTS, float("-inf")) * self.softmax_scale
             probs_BQS = scores_BHTS.softmax(dim=-1).to(kv_lat_BSR.dtype).view(B, H * T, -1)
             o_lat_BHTR = torch.bmm(probs_BQS, kv_lat_BSR).view(B, H, T, -1)
         else:  # long prefill: a fused kernel, heads expanded as views

@@ -53,6 +53,14 @@ def test_each_switch_removes_what_it_claims(counts):
     assert counts["+mla"]["dense_layer"] == counts["+mla"]["moe_layer"] - (base["moe_layer"] - base["dense_layer"])
 
 
+def test_the_formula_attention_masks_in_one_launch(counts):
+    """Without the MLA kernel the decode-sized attention masks its scores with one ``where`` (no inverted mask and
+    ``masked_fill``: a launch a layer fewer, the same values)."""
+    ops = counts["default"]["moe_layer_ops"]
+    assert ops.get("aten.where") == 1 and "aten.bitwise_not" not in ops and "aten.masked_fill" not in ops, ops
+    assert counts["default"]["dense_layer"] - counts["+mla"]["dense_layer"] == 7  # where, not 8, the kernel replaces
+
+
 def test_block_boundary_add_lives_in_the_next_norm(counts):
     base, plain = counts["default"], counts["+noboundary"]
     # one add a layer more without it (the last layer's goes to the final norm, counted outside)

@@ -108,7 +108,11 @@ def _check(mk, q_lat, q_rot, kv, mask, S, scale, **kw):
     err_kernel = (got.double() - exact)[rows].abs().max().item() if rows.any() else 0.0
     err_formula = (want.double() - exact)[rows].abs().max().item() if rows.any() else 0.0
     ulp = ULP[q_lat.dtype] * top
-    assert err_kernel <= err_formula + ulp, (err_kernel, err_formula, ulp)
+    # fp32 on a GPU: the kernel's exp is the approximate one (ex2.approx, ~2 ulps), the formula's is not; seen on an
+    # H100 (fp32, 300 keys): 9.3e-7 against the formula's 5.7e-7 + 1 ulp (3.1e-7). In 16-bit dtypes the final
+    # rounding dwarfs it. The interpreter's exp is numpy's: one ulp there.
+    slack = 2 if got.is_cuda and q_lat.dtype == torch.float32 else 1
+    assert err_kernel <= err_formula + slack * ulp, (err_kernel, err_formula, ulp)
     assert (got.double() - want.double())[rows].abs().max().item() <= err_formula + 2 * ulp if rows.any() else True
     return got
 
