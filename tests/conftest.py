@@ -190,11 +190,32 @@ def kernel_test_prompts(lengths, seed: int = 3) -> list[list[int]]:
 
 
 def assert_generate_equals(model, prompts: list[list[int]], got: list[list[int]], max_tokens: int) -> None:
-    """Each prompt's greedy ``generate()`` tokens (one prompt a call) equal ``got`` (the engine's, in prompt order)."""
+    """Each prompt's greedy ``generate()`` tokens (one prompt a call) equal ``got`` (the engine's, in prompt order).
+    A mismatch names the request and the first token that parts, and says how close a call it was: the margin
+    between the two tokens in a teacher-forced forward without a cache (a third opinion: a near-tie of the model
+    is a margin of rounding size; a wrong key, mask or position is a margin far above it)."""
     from moeflow.models.generation import generate
 
     for i, p in enumerate(prompts):
-        assert got[i] == generate(model, [p], max_tokens).tokens[0], f"request {i}"
+        want = generate(model, [p], max_tokens).tokens[0]
+        if got[i] != want:
+            raise AssertionError(f"request {i}: " + _parting_report(model, p, got[i], want))
+
+
+def _parting_report(model, prompt: list[int], got: list[int], want: list[int]) -> str:
+    import torch
+
+    j = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    if j >= min(len(got), len(want)):
+        return f"lengths {len(got)} vs {len(want)} (equal up to the shorter)"
+    ids = torch.tensor([prompt + want[:j]], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].float()
+    top2 = logits.topk(2)
+    margin, gap = (logits[want[j]] - logits[got[j]]).item(), (top2.values[0] - top2.values[1]).item()
+    return (f"parts at token {j} (engine {got[j]}, generate {want[j]}); teacher-forced logits there: generate's "
+            f"token leads the engine's by {margin:.4g}, the top two differ by {gap:.4g} (top ids "
+            f"{top2.indices.tolist()}); tokens so far {want[:j]}")
 
 
 def engine_greedy_tokens(engine, prompts: list[list[int]], max_tokens: int, max_steps: int = 500) -> list[list[int]]:
