@@ -2,8 +2,9 @@
 # The fused decode kernels (issue 13) on the lent GPU, ONE call from the repository root, parts in priority order,
 # each under its own timeout (what a part leaves under $OUT comes back even if a later one runs out of time):
 #   1. their tests on CUDA (TESTS=, default every fused-kernel module; PYTEST_ARGS="-m gpu" for the gpu-marked ones
-#      only): on CUDA the CPU-shaped tests run the compiled kernels against eager CUDA's formula, the gpu tests check
-#      no sync, graph replay and the graphed engine == generate() with each kernel on;
+#      only; PYTEST_K="a or b" for pytest -k, kept as one argument): on CUDA the CPU-shaped tests run the compiled
+#      kernels against eager CUDA's formula, the gpu tests check no sync, graph replay and the graphed engine ==
+#      generate() with each kernel on;
 #   2. bench_mla_decode.py (MICRO=1; SWEEP=1 adds key splits, key blocks and warps): one layer's absorbed attention,
 #      formula vs kernel, eager and CUDA graph;
 #   3. bench_decode.py --engine --engine-only over MODES (one engine row per mode flag set, same process: the peers of
@@ -26,7 +27,8 @@ T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 MODES=${MODES:-graph,graph+norouterlogits+nosharedfold,graph+nocachestep,graph+mla}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
 if [ -n "${TESTS-x}" ]; then
-  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} -rf --tb=short ${TESTS:-tests/test_rope_kernel.py \
+  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} -rf \
+    --tb=short ${TESTS:-tests/test_rope_kernel.py \
     tests/test_mla_prep_kernel.py tests/test_router_kernel.py tests/test_mla_decode_kernel.py tests/test_moe_decode_kernel.py \
     tests/test_rmsnorm_kernel.py} 2>&1 | grep -v DEBUG | tail -30 > $OUT/kernel_tests.log
   tail -6 $OUT/kernel_tests.log; el tests

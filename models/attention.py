@@ -294,14 +294,12 @@ class MLA(nn.Module):
     # multi-token prefill chunks took the kernel (hence MAX_T = 1 since; the interpreter test of exactly that
     # passes). With MAX_T = 1 (H100, 2026-12-07 late) the row gained again (1,396 vs 1,213 tok/s at batch 1, 22,488
     # vs 20,577 at 32) but engine == generate() still failed (request 3, a 30-token prompt prefilled in 8-token
-    # chunks, parted at its fourth token). One cause found and removed since: numerators rounded relative to the
-    # running max made a row's output depend on where its keys sit among the cache's columns (the engine's slot
-    # columns vs generate()'s dense ones; kernels/mla_decode.py "Layout invariance"). The next H100 call (1,380 vs
-    # 1,216, 22,365 vs 20,502 with it) still failed both engine tests (request 3 at token 4; the chunked-prefill
-    # test's request 5 at token 2): the GPU's fp32 differences between layouts (approximate exp against different
-    # running maxima, the block-wise sums) are enough to flip this tiny model's near-ties; the formula's softmax
-    # over the row's max has none of those. A two-pass kernel (the row's max first) is the next thing to try.
-    # Off by default until that GPU test has passed: `bash benchmarks/gpu_kernels.sh`, engine mode "+mla".
+    # chunks, parted at its fourth token). The cause: the kernel's output depended on where a row's keys sit among
+    # the cache's columns (the engine's right-aligned slot rows vs generate()'s [0, n); kernels/mla_decode.py
+    # "Layout invariance"). Unrounded numerators alone (the next H100 call: 1,380 vs 1,216 tok/s, 22,365 vs 20,502)
+    # still failed both engine tests; the key blocks now also start at the row's first allowed key (bit-equal across
+    # layouts in the interpreter, not yet run on a GPU). Off by default until that GPU test has passed:
+    # `bash benchmarks/gpu_kernels.sh`, engine mode "+mla".
     fused_decode_attention: bool = False
     # A one-token cache step's bookkeeping before the first layer (the key mask's slot, the real-token counts, the
     # RoPE positions, the boolean mask: 13 kernels) and its RoPE cos/sin (6 more, ``RotaryEmbedding.forward``) as one

@@ -23,18 +23,17 @@ What differs from the formula, besides the order of the fp32 sums:
   second bmm); the numerators are divided by the fp32 sum after the product, as flash attention does.
 
 Layout invariance: a row's output must not depend on where its keys sit among the cache's columns, or the serving
-engine (a request's keys at its slot columns among other requests', a bucket of S columns, maybe several splits)
-and generate() (the same keys at [0, n)) compute different tokens for one request. The formula has this (its
-softmax uses the row's max; masked keys add exact zeros). The kernel's running max depends on which keys share a
-block, so a numerator rounded to the value dtype relative to it rounded differently per layout: 1.5-7 % of bf16
-outputs parted in the interpreter. Carried whole, p differs between layouts only at fp32 level (tested: bit-equal
-in the interpreter); the two extra dots cost ~1 % of the +mla engine row on an H100. Not enough on the GPU: the
-graphed engine still parts from generate() there (H100, 2026-12-07: a tiny bf16 model's near-ties flip on the
-fp32 differences left: the approximate exp taken against different running maxima, block-wise sums). A first pass
-for the row's max would remove the first of those.
-A row whose keys are all masked gives NaN, as the formula's softmax of −inf everywhere does (0/0 here). The
-model never builds one: ``attention._attention_mask`` lets every query see its own slot, free engine rows too.
-A NaN in a masked cache slot reaches the output in both (probability 0 times NaN); the cache starts zeroed.
+engine and generate() compute different tokens for one request: the engine's slot rows are right-aligned at a
+shared cursor (a request's keys at [c − n, c) of a bucket of S columns, other requests' columns masked), generate()
+holds the same keys at [0, n). The formula has this (its softmax uses the row's max; masked keys add exact zeros;
+the engine == generate() GPU tests pass with it). So here (1) the splits and key blocks start at the first key any
+of a program's queries may see, found by a pass over its mask rows, not at column 0: the same keys share a block
+in both layouts, the running maxima and the dots are the same, and blocks or splits past the row's keys add exact
+zeros; (2) the numerators are carried whole (above). With blocks at column 0, numerators rounded once relative to
+the running max parted 1.5-7 % of bf16 outputs between the two layouts in the interpreter (the graphed engine left
+generate()'s greedy tokens on an H100, 2026-12-07); (2) alone made the interpreter bit-equal but not the H100's
+engine test; (1) alone (``exact_p=False``) is bit-equal in the interpreter too (tests/test_mla_decode_kernel.py:
+``test_a_rows_output_does_not_depend_on_where_its_keys_sit``); both together are not yet measured on a GPU.
 
 Occupancy and the split (flash-decoding): the latent is ONE key/value head shared by all heads, so a program
 takes a batch row's H·T query rows together (the M side of tensor-core dots, ≥ 16 rows: bench_ref's 16 heads
@@ -93,6 +92,7 @@ MAX_T = 1
 # this many splits. First guesses for bench_ref on an H100, not yet timed: benchmarks/bench_mla_decode.py
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 16
+MASK_BLOCK = 1024  # mask columns a program reads at once looking for its row's first allowed key
 
 
 def kernel_applies(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
@@ -147,11 +147,12 @@ def combine_config(num_splits: int, R: int) -> tuple[int, int]:
 def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
                          mask_B1TS: torch.Tensor, num_keys: int, scale: float,
                          keys_per_split: int | None = None, block_s: int | None = None,
-                         num_warps: int | None = None) -> torch.Tensor:
+                         num_warps: int | None = None, exact_p: bool = True) -> torch.Tensor:
     """o_lat (B, H, T, R), contiguous, in the queries' dtype: the formula of the module docstring over the cache
     slots [0, num_keys) (see ``kernel_applies`` for the inputs). ``keys_per_split`` overrides ``key_splits``,
     ``block_s`` (a power of two from 16 dividing the split) and ``num_warps`` ``launch_config``: the benchmark's
-    sweep (benchmarks/bench_mla_decode.py)."""
+    sweep (benchmarks/bench_mla_decode.py). ``exact_p=False`` rounds each numerator to the value dtype once (one
+    tensor-core dot instead of three; the tests' control for the block alignment, see "Layout invariance")."""
     if not HAS_TRITON:
         raise RuntimeError("the fused MLA decode attention needs triton, which is not importable here")
     B, H, T, R = q_lat_BHTR.shape
@@ -177,7 +178,8 @@ def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_
         q_lat_BHTR, *q_lat_BHTR.stride(), q_rot_BTHP, *q_rot_BTHP.stride(), kv_BSX, *kv_BSX.stride(),
         mask_B1TS, mask_B1TS.stride(0), mask_B1TS.stride(2), mask_B1TS.stride(3), out_BHTR, m_BNM, l_BNM, acc_BNMR,
         float(scale), num_keys, num_splits, T, M, SPLIT_LEN=split_len, R=R, P=P, BLOCK_M=block_m, BLOCK_S=block_s,
-        BLOCK_R=block_r, BLOCK_P=block_p, SPLIT=num_splits > 1, IEEE=ieee, num_warps=warps)
+        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_F=MASK_BLOCK, F_BLOCKS=triton.cdiv(num_keys, MASK_BLOCK),
+        SPLIT=num_splits > 1, IEEE=ieee, EXACT_P=exact_p, num_warps=warps)
     if num_splits > 1:
         block_n, combine_warps = combine_config(num_splits, R)
         _mla_combine_kernel[(B * M,)](m_BNM, l_BNM, acc_BNMR, out_BHTR, num_splits, M, R=R, BLOCK_N=block_n,
@@ -203,7 +205,8 @@ if HAS_TRITON:
                           kv_ptr, kv_sb, kv_ss, kv_sx, mask_ptr, mask_sb, mask_st, mask_ss,
                           out_ptr, m_ptr, l_ptr, acc_ptr, scale, S, num_splits, T, M, SPLIT_LEN: tl.constexpr,
                           R: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
+                          F_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, EXACT_P: tl.constexpr):
         """One program per (batch row b, key split, block of query rows): the online softmax over the split's keys
         [split · SPLIT_LEN, min(S, (split + 1) · SPLIT_LEN)); the normalised rows (rounded to the queries' dtype),
         or with SPLIT the split's running max, sum and fp32 accumulator for ``_mla_combine_kernel``."""
@@ -223,7 +226,17 @@ if HAS_TRITON:
         max_M = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         sum_M = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc_MR = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        start = split * SPLIT_LEN
+        # the first key any of the program's queries may see: the splits and key blocks start there, not at column 0,
+        # so a row's keys fall into the same blocks wherever its columns sit (the engine's right-aligned slot rows vs
+        # generate()'s [0, n)): the same running maxima, the same dots (see "Layout invariance"). Keys before it are
+        # masked for every query here: skipping them changes nothing. None allowed: first = S, no key.
+        first = S
+        for f in range(F_BLOCKS):  # a constexpr count (the interpreter takes no range from runtime values)
+            f_F = f * BLOCK_F + tl.arange(0, BLOCK_F)
+            seen_MF = tl.load(mask_row_M[:, None] + f_F[None, :] * mask_ss,
+                              mask=rows_M[:, None] & (f_F < S)[None, :], other=0) != 0
+            first = tl.minimum(first, tl.min(tl.min(tl.where(seen_MF, f_F[None, :], S), axis=1), axis=0))
+        start = first + split * SPLIT_LEN
         end = tl.minimum(S, start + SPLIT_LEN)
         # the split's blocks (the last split's tail blocks past S load nothing and add 0). Bounds from arguments
         # only: the interpreter takes no range from runtime values, and a for loop (not a while) is what Triton
@@ -262,7 +275,7 @@ if HAS_TRITON:
                 p_mid = rest_MS.to(ty)
                 p_lo = (rest_MS - p_mid.to(tl.float32)).to(ty)
             acc_MR = fp32_dot(p_hi, lat_SR, acc_MR * alpha_M[:, None], IEEE)
-            if ty != tl.float32:  # fp32: p_hi is p already
+            if EXACT_P and ty != tl.float32:  # fp32: p_hi is p already
                 acc_MR = fp32_dot(p_mid, lat_SR, acc_MR, IEEE)
                 acc_MR = fp32_dot(p_lo, lat_SR, acc_MR, IEEE)
             max_M = new_max_M
