@@ -27,10 +27,15 @@ T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 MODES=${MODES:-graph,graph+norouterlogits+nosharedfold,graph+nocachestep,graph+mla}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
 if [ -n "${TESTS-x}" ]; then
-  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} -rf \
+  timeout ${T_TESTS:-200} python3 -m pytest -v -p no:cacheprovider ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} -rf \
     --tb=short ${TESTS:-tests/test_rope_kernel.py \
     tests/test_mla_prep_kernel.py tests/test_router_kernel.py tests/test_mla_decode_kernel.py tests/test_moe_decode_kernel.py \
-    tests/test_rmsnorm_kernel.py} 2>&1 | grep -v DEBUG | tail -30 > $OUT/kernel_tests.log
+    tests/test_rmsnorm_kernel.py} 2>&1 | grep -v DEBUG > $OUT/kernel_tests_full.log
+  # the summary; a part that ran out of time prints none, so then the names of the tests that failed so far
+  # (-v prints each test's outcome as it ends; pytest prints the failures' details only at the end)
+  tail -30 $OUT/kernel_tests_full.log > $OUT/kernel_tests.log
+  grep -qE "^=+ .* in [0-9.]+s" $OUT/kernel_tests.log || { echo "(timed out; failed so far:)";
+    grep -E " (FAILED|ERROR)" $OUT/kernel_tests_full.log | head -40; } >> $OUT/kernel_tests.log
   tail -6 $OUT/kernel_tests.log; el tests
 fi
 if [ -n "${MICRO:-}" ]; then
