@@ -25,8 +25,8 @@ over ``--rounds`` rounds of ``--reps`` timed calls (CUDA events), rows interleav
 path reads an expert once per slot routed to it, so with repeats it reads more than this (H100 copy bandwidth
 is ~3.0 TB/s: the expert-major rows at 32 and 64 tokens should come near it). ``max_rel_diff`` =
 max |row − grouped| ÷ max |grouped| on the same input. ``--sweep`` adds graph rows of the fused op with other
-block sizes (``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/num_warps``; expert-major:
-``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/block_s/num_warps``), to choose defaults.
+block sizes (``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/num_warps``; expert-major, wherever it
+applies: ``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/block_s/num_warps/num_stages``), to choose defaults.
 The whole run takes well under a minute on an H100 (most of it Triton compiling the kernels). ``--device cpu
 --preset tiny`` runs the same rows in Triton's interpreter (a smoke test, not a timing).
 """
@@ -48,12 +48,18 @@ SWEEP = [  # gate_up_block_f, gate_up_block_d, down_block_d, down_block_f, num_w
     (8, 1024, 8, 512, 4), (32, 1024, 8, 512, 4), (16, 256, 8, 512, 4), (16, 1024, 4, 512, 4),
     (16, 1024, 16, 512, 4), (16, 1024, 8, 256, 4), (16, 1024, 8, 512, 8), (16, 1024, 8, 512, 2),
 ]
-# expert-major: gate_up_block_f, gate_up_block_d, down_block_d, down_block_f, block_s, num_warps
-# (the default: 32, 128, 32, 128, 16, 4)
+# expert-major: gate_up_block_f, gate_up_block_d, down_block_d, down_block_f, block_s, num_warps, num_stages
+# (the default: 32, 128, 32, 128, 16, 4, 3): one setting changed at a time, then a few deeper pipelines with larger
+# tiles (a bandwidth-bound kernel wants more bytes in flight a program)
 EM_SWEEP = [
-    (16, 128, 32, 128, 16, 4), (64, 128, 32, 128, 16, 4), (32, 256, 32, 128, 16, 4), (32, 64, 32, 128, 16, 4),
-    (32, 128, 16, 128, 16, 4), (32, 128, 64, 128, 16, 4), (32, 128, 32, 256, 16, 4), (32, 128, 32, 128, 32, 4),
-    (32, 128, 32, 128, 16, 8),
+    (16, 128, 32, 128, 16, 4, 3), (64, 128, 32, 128, 16, 4, 3), (32, 256, 32, 128, 16, 4, 3),
+    (32, 64, 32, 128, 16, 4, 3), (32, 128, 16, 128, 16, 4, 3), (32, 128, 64, 128, 16, 4, 3),
+    (32, 128, 32, 256, 16, 4, 3), (32, 128, 32, 64, 16, 4, 3), (32, 128, 32, 128, 32, 4, 3),
+    (32, 128, 32, 128, 16, 8, 3), (32, 128, 32, 128, 16, 2, 3), (32, 128, 32, 128, 16, 4, 2),
+    (32, 128, 32, 128, 16, 4, 4), (32, 128, 32, 128, 16, 4, 5), (32, 256, 32, 256, 16, 4, 4),
+    (32, 256, 64, 256, 16, 8, 4), (64, 256, 64, 256, 16, 8, 3), (16, 256, 16, 256, 16, 4, 4),
+    (16, 512, 16, 512, 16, 4, 2), (32, 64, 32, 64, 16, 4, 6), (64, 64, 64, 64, 16, 4, 5),
+    (16, 128, 16, 128, 16, 2, 4),
 ]
 
 
@@ -141,14 +147,19 @@ def bench_tokens(ex: RoutedExperts, cfg: ModelConfig, T: int, args) -> list[dict
         fns[("slot_major", None)] = lambda: moe_decode.routed_experts_decode(x, idx, w, *stacks)
     elif idx.numel() >= cfg.num_routed_experts:
         fns[("expert_major", None)] = lambda: moe_decode.expert_major_decode(x, idx, w, *stacks)
-    if args.sweep:
-        names = ("gate_up_block_f", "gate_up_block_d", "down_block_d", "down_block_f", "num_warps")
-        op = moe_decode.routed_experts_decode
-        if expert_major:
-            names, op = names[:4] + ("block_s", "num_warps"), moe_decode.expert_major_decode
-        for blocks in EM_SWEEP if expert_major else SWEEP:
-            kw = dict(zip(names, blocks))
-            fns[(fused_name, blocks)] = lambda kw=kw, op=op: op(x, idx, w, *stacks, **kw)
+    if args.sweep:  # slot-major's SWEEP where auto takes it, expert-major's EM_SWEEP wherever it applies
+        if not expert_major:
+            names = ("gate_up_block_f", "gate_up_block_d", "down_block_d", "down_block_f", "num_warps")
+            for blocks in SWEEP:
+                kw = dict(zip(names, blocks))
+                fns[(fused_name, blocks)] = lambda kw=kw: moe_decode.routed_experts_decode(x, idx, w, *stacks, **kw)
+        if idx.numel() >= cfg.num_routed_experts:
+            names = ("gate_up_block_f", "gate_up_block_d", "down_block_d", "down_block_f", "block_s", "num_warps",
+                     "num_stages")
+            for blocks in EM_SWEEP:
+                kw = dict(zip(names, blocks))
+                fns[("expert_major", blocks)] = lambda kw=kw: moe_decode.expert_major_decode(x, idx, w, *stacks,
+                                                                                              **kw)
     with torch.inference_mode():
         reference = path(False)()
         diffs = {key: ((fn().float() - reference.float()).abs().max() / reference.float().abs().max()).item()

@@ -4,6 +4,7 @@
 #   1. batch 1: graph+compile (the fused routed experts auto: slot-major at 1 token) with inductor's defaults, then
 #      the same with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 (inductor benchmarks Triton GEMM templates against cuBLAS for
 #      every matmul of the step: the ~80 GEMVs of a batch-1 step are ~1/3 of its GPU time);
+#   b1_mla / b32_mla: the same with the MLA decode attention kernel (MLA.fused_decode_attention) on;
 #   2. batch 32: graph+compile with the fused routed experts auto (slot-major: 3 slots an expert) vs off (grouped);
 #   3. g_auto / g_off: the DEFAULT (uncompiled) graph step at batch 1 and 32 with the fused routed experts auto vs
 #      off (EngineConfig.fused_moe is off by default: these rows decide whether it can be auto).
@@ -27,6 +28,8 @@ for r in ${ROWS:-b1 b1_autotune b32_auto b32_off}; do
   case $r in
     b1) row b1 graph+compile 1 auto ;;
     b1_autotune) row b1_autotune graph+compile 1 auto TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 ;;
+    b1_mla) row b1_mla graph+compile+mla 1 auto ;;
+    b32_mla) row b32_mla graph+compile+mla 32 auto ;;
     b32_auto) row b32_auto graph+compile 32 auto ;;
     b32_off) row b32_off graph+compile 32 off ;;
     g_auto) row g_auto graph 1,32 auto ;;

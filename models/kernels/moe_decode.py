@@ -421,7 +421,8 @@ if HAS_TRITON:
                                         weight_TK: torch.Tensor, gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor,
                                         gate_up_block_f: int = 32, gate_up_block_d: int = 128,
                                         down_block_d: int = 32, down_block_f: int = 128, block_s: int = 16,
-                                        combine_block_d: int = 256, num_warps: int = 4) -> torch.Tensor:
+                                        combine_block_d: int = 256, num_warps: int = 4,
+                                        num_stages: int = 3) -> torch.Tensor:
         """(T, D) in x's dtype, from ``expert_major_routing``'s (order_N, ends_E). Three kernels: gate_up +
         SwiGLU, grid (E, F blocks), into h (N, F) in expert order; down, grid (E, D blocks), into each slot's
         rounded output (N, D); the combine over K, grid (T, D blocks). Blocks are powers of two, the dot's
@@ -438,10 +439,10 @@ if HAS_TRITON:
         out_TD = x_TD.new_empty(T, D)
         torch.library.wrap_triton(_expert_gate_up_swiglu_kernel)[(E, triton.cdiv(F, gate_up_block_f))](
             x_TD, order_N, ends_E, gate_up_E2FD, h_NF, K, D, F, BLOCK_F=gate_up_block_f,
-            BLOCK_D=gate_up_block_d, BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps)
+            BLOCK_D=gate_up_block_d, BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
         torch.library.wrap_triton(_expert_down_kernel)[(E, triton.cdiv(D, down_block_d))](
             h_NF, order_N, ends_E, down_EDF, y_ND, D, F, BLOCK_D=down_block_d, BLOCK_F=down_block_f,
-            BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps)
+            BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
         torch.library.wrap_triton(_combine_kernel)[(T, triton.cdiv(D, combine_block_d))](
             y_ND, weight_TK, out_TD, K, D, BLOCK_D=combine_block_d, num_warps=num_warps)
         return out_TD
