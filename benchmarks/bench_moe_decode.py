@@ -15,7 +15,12 @@ to K distinct random experts (seeded), weights uniform. Rows, per T:
 - ``expert_major``: ``fused_decode = True`` at T·K ≥ E (bench_ref: T ≥ 11): the expert-major kernels (each
   expert's rows read once; auto takes them up to T·K = 8·E), the routing bookkeeping included;
 - ``slot_major``: at T·K ≥ E also the slot-major op called directly (each slot reads its expert's rows), to
-  see where the switch between the two should lie.
+  see where the switch between the two should lie;
+- ``slot_major+shared``, ``slot_major_folded``, ``expert_major+shared``, ``expert_major_folded``: at T·K ≥ E, with
+  the preset's shared expert (a bf16 SwiGLU of width num_shared·F, random weights): each op plus the shared
+  module's output (its GEMMs, SwiGLU and the add) against the op with the shared expert folded in
+  (``DeepSeekMoE.fused_shared``), the four a MoE layer would run at that size (``max_rel_diff`` against grouped +
+  the shared module; ``GB/s`` counts the shared weights too). ``--no-shared`` leaves them out.
 
 Each row is timed eagerly (``graph = no``: one call after another, the host launching every kernel) and as
 replays of one captured CUDA graph holding ``--calls-per-graph`` consecutive calls (``graph = yes``: what a
@@ -42,6 +47,7 @@ import time
 import torch
 
 from moeflow.models import ModelConfig
+from moeflow.models.layers import SwiGLU
 from moeflow.models.moe import RoutedExperts
 
 SWEEP = [  # gate_up_block_f, gate_up_block_d, down_block_d, down_block_f, num_warps (the default: 16, 1024, 8, 512, 4)
@@ -125,7 +131,19 @@ def time_rows(calls: dict, rounds: int, reps: int, device: str) -> dict[str, flo
     return {name: statistics.median(v) for name, v in per_call.items()}
 
 
-def bench_tokens(ex: RoutedExperts, cfg: ModelConfig, T: int, args) -> list[dict]:
+def build_shared(cfg: ModelConfig, device: str) -> SwiGLU | None:
+    """The preset's shared expert (as DeepSeekMoE builds it) in bf16 with random weights, or None without one."""
+    if cfg.num_shared_experts == 0:
+        return None
+    torch.manual_seed(1)
+    shared = SwiGLU(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_intermediate_size)
+    with torch.no_grad():
+        for p in shared.parameters():
+            p.normal_(0, 0.02)
+    return shared.to(device, torch.bfloat16).requires_grad_(False)
+
+
+def bench_tokens(ex: RoutedExperts, shared: SwiGLU | None, cfg: ModelConfig, T: int, args) -> list[dict]:
     from moeflow.models.kernels import moe_decode
 
     x, idx, w = routing(T, cfg, seed=T, device=args.device)
@@ -147,6 +165,14 @@ def bench_tokens(ex: RoutedExperts, cfg: ModelConfig, T: int, args) -> list[dict
         fns[("slot_major", None)] = lambda: moe_decode.routed_experts_decode(x, idx, w, *stacks)
     elif idx.numel() >= cfg.num_routed_experts:
         fns[("expert_major", None)] = lambda: moe_decode.expert_major_decode(x, idx, w, *stacks)
+    with_shared = set()  # rows that add the shared expert's output (their reference adds it too)
+    if shared is not None and idx.numel() >= cfg.num_routed_experts:
+        weights = tuple(m.weight for m in (shared.gate_proj, shared.up_proj, shared.down_proj))
+        for name, op in (("slot_major", moe_decode.routed_experts_decode),
+                         ("expert_major", moe_decode.expert_major_decode)):
+            fns[(name + "+shared", None)] = lambda op=op: op(x, idx, w, *stacks) + shared(x)
+            fns[(name + "_folded", None)] = lambda op=op: op(x, idx, w, *stacks, *weights)
+            with_shared |= {(name + "+shared", None), (name + "_folded", None)}
     if args.sweep:  # slot-major's SWEEP where auto takes it, expert-major's EM_SWEEP wherever it applies
         if not expert_major:
             names = ("gate_up_block_f", "gate_up_block_d", "down_block_d", "down_block_f", "num_warps")
@@ -162,8 +188,13 @@ def bench_tokens(ex: RoutedExperts, cfg: ModelConfig, T: int, args) -> list[dict
                                                                                               **kw)
     with torch.inference_mode():
         reference = path(False)()
-        diffs = {key: ((fn().float() - reference.float()).abs().max() / reference.float().abs().max()).item()
-                 for key, fn in fns.items()}
+        formula = reference + shared(x) if with_shared else None
+
+        def diff(key, y):
+            want = (formula if key in with_shared else reference).float()
+            return ((y.float() - want).abs().max() / want.abs().max()).item()
+
+        diffs = {key: diff(key, fn()) for key, fn in fns.items()}
         calls = {}
         for graph in (False, True) if args.device == "cuda" else (False,):
             for key, fn in fns.items():
@@ -172,11 +203,13 @@ def bench_tokens(ex: RoutedExperts, cfg: ModelConfig, T: int, args) -> list[dict
         ms = time_rows(calls, args.rounds, args.reps, args.device)
     unique = int(torch.unique(idx).numel())
     nbytes = unique * 3 * D * F_ * 2
+    shared_bytes = 0 if shared is None else 3 * D * shared.down_proj.weight.shape[1] * 2
     rows = []
     for (name, blocks, graph), t_ms in ms.items():
+        row_bytes = nbytes + (shared_bytes if (name, blocks) in with_shared else 0)
         rows.append({"bench": "moe_decode", "preset": args.preset, "tokens": T, "path": name,
                      "blocks": list(blocks) if blocks else "default", "cuda_graph": graph, "ms": round(t_ms, 5),
-                     "GBps": round(nbytes / t_ms / 1e6, 1), "unique_experts": unique, "auto": auto,
+                     "GBps": round(row_bytes / t_ms / 1e6, 1), "unique_experts": unique, "auto": auto,
                      "max_rel_diff": diffs[(name, blocks)], **machine(args.device)})
     return rows
 
@@ -196,16 +229,18 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--calls-per-graph", type=int, default=10)
     p.add_argument("--sweep", action="store_true", help="also time the fused op with the block sizes of SWEEP")
+    p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=True,
+                   help="the rows with the preset's shared expert added and folded (where T·K ≥ E)")
     p.add_argument("--out", default="", help="append JSON lines here")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke run of the rows in Triton's interpreter (TRITON_INTERPRET=1), no graph rows")
     args = p.parse_args(argv)
     cfg = ModelConfig.preset(args.preset)
-    ex = build(cfg, args.device)
+    ex, shared = build(cfg, args.device), build_shared(cfg, args.device) if args.shared else None
     t0 = time.perf_counter()
     rows = []
     for T in args.tokens:
-        rows += bench_tokens(ex, cfg, T, args)
+        rows += bench_tokens(ex, shared, cfg, T, args)
     log("| T | path | blocks | CUDA graph | ms / call | GB/s (distinct experts) | max_rel_diff | auto |")
     log("| ---: | --- | --- | --- | ---: | ---: | ---: | --- |")
     for r in rows:

@@ -352,15 +352,17 @@ class DeepSeekMoE(nn.Module):
     """Shared experts + routed experts. ``forward`` returns (y_BTD, MoEStats)."""
 
     # Hand the shared expert to the routed experts, whose fused decode kernels then compute it as S more slots a
-    # token (kernels/moe_decode.py, slot-major): a decode-sized MoE layer's whole FFN in their two launches, where
-    # the shared SwiGLU and the add took 6 (gate, up, silu, mul, down GEMVs and kernels, and the add: 42 a bench_ref
-    # decode step). Elsewhere (grouped/looped paths, expert-major kernels, a shared expert that does not fold)
-    # RoutedExperts adds the module's output as this class did. Rounds once fewer than the formula (the shared
-    # output joins the routed fp32 sum unrounded by an add; no farther from float64, tests/test_shared_fold.py).
-    # On by default since it ran on a GPU (H100, 2026-12-07 late, RESULTS.md "Three more decode kernels on the GPU"):
-    # its GPU tests passed (compiled, captured, no sync, == the formula; the graphed engine == generate() with no
-    # shared SwiGLU run) and the default graph engine step ran 1,411 vs 1,213 tok/s at batch 1 and 21,217 vs 20,577
-    # at batch 32 with it (same call). benchmarks/bench_decode.py "+nosharedfold" is the row without it.
+    # token (kernels/moe_decode.py, slot-major) or one more expert holding every token (expert-major): a
+    # decode-sized MoE layer's whole FFN in their two (three) launches, where the shared SwiGLU and the add took 6
+    # (gate, up, silu, mul, down GEMVs and kernels, and the add: 42 a bench_ref decode step). Elsewhere
+    # (grouped/looped paths, a shared expert that does not fold) RoutedExperts adds the module's output as this
+    # class did. Rounds once fewer than the formula (the shared output joins the routed fp32 sum unrounded by an add;
+    # no farther from float64, tests/test_shared_fold.py). On by default since it ran on a GPU (H100, 2026-12-07 late,
+    # RESULTS.md "Three more decode kernels on the GPU"; the slot-major fold then, the expert-major one came later and
+    # has run in Triton's CPU interpreter only so far): its GPU tests passed (compiled, captured, no sync, == the
+    # formula; the graphed engine == generate() with no shared SwiGLU run) and the default graph engine step ran 1,411
+    # vs 1,213 tok/s at batch 1 and 21,217 vs 20,577 at batch 32 with it (same call). benchmarks/bench_decode.py
+    # "+nosharedfold" is the row without it.
     fused_shared: bool = True
 
     def __init__(self, cfg: ModelConfig) -> None:

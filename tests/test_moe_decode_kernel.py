@@ -282,13 +282,18 @@ kernels = {  # slot-major with the shared expert folded in (S = 1, bench_ref) an
     "down": (md._down_combine_kernel, down, dict(S=1, BLOCK_D=8, BLOCK_F=512)),
     "gate_up_s0": (md._gate_up_swiglu_kernel, slot_major, dict(S=0, BLOCK_F=16, BLOCK_D=1024)),
     "down_s0": (md._down_combine_kernel, down, dict(S=0, BLOCK_D=8, BLOCK_F=512)),
-    # expert-major, routed_experts_decode_by_expert's default blocks
-    "em_gate_up": (md._expert_gate_up_swiglu_kernel, ["*bf16", "*i64", "*i32", "*bf16", "*bf16"],
-                   dict(BLOCK_F=32, BLOCK_D=128, BLOCK_S=16, IEEE=False)),
-    "em_down": (md._expert_down_kernel, ["*bf16", "*i64", "*i32", "*bf16", "*bf16"],
-                dict(BLOCK_D=32, BLOCK_F=128, BLOCK_S=16, IEEE=False)),
-    "em_combine": (md._combine_kernel, ["*bf16", "*fp32", "*bf16"], dict(BLOCK_D=256)),
 }
+# expert-major, routed_experts_decode_by_expert's default blocks, without the shared expert and with it folded in
+# (S = 1, bench_ref: the shared branch's tiles compiled too). gate_up: x, order, ends, stack, shared gate, up, h, T;
+# down: h, order, ends, stack, shared down, y, T; combine: y, weights, out, T
+em_gate_up = ["*bf16", "*i64", "*i32", "*bf16", "*bf16", "*bf16", "*bf16", "i32"]
+em_down = ["*bf16", "*i64", "*i32", "*bf16", "*bf16", "*bf16", "i32"]
+for S, name in ((0, ""), (1, "_s1")):
+    kernels["em_gate_up" + name] = (md._expert_gate_up_swiglu_kernel, em_gate_up,
+                                    dict(S=S, E=64, BLOCK_F=32, BLOCK_D=128, BLOCK_S=16, IEEE=False))
+    kernels["em_down" + name] = (md._expert_down_kernel, em_down,
+                                 dict(S=S, E=64, BLOCK_D=32, BLOCK_F=128, BLOCK_S=16, IEEE=False))
+    kernels["em_combine" + name] = (md._combine_kernel, ["*bf16", "*fp32", "*bf16", "i32"], dict(S=S, BLOCK_D=256))
 cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
 report = {}
 for name, (fn, pointers, blocks) in kernels.items():
@@ -296,7 +301,7 @@ for name, (fn, pointers, blocks) in kernels.items():
     signature = {n: (pointers[i] if i < len(pointers) else "constexpr") for i, n in enumerate(names)}
     sizes = {k: v for k, v in shapes.items() if k in names}
     src = ASTSource(fn=fn, signature=signature, constexprs={**sizes, **blocks},
-                    attrs={(i,): aligned for i in range(len(pointers))})
+                    attrs={(i,): aligned for i, p in enumerate(pointers) if p.startswith("*")})
     kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -306,7 +311,7 @@ for name, (fn, pointers, blocks) in kernels.items():
     ptx = kernel.asm["ptx"]
     report[name] = {"v4_loads": ptx.count("ld.global.v4"), "cp_async": ptx.count("cp.async.cg"),
                     "bf16_mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
-                    **{k: int(v) for k, v in fields.items()}}
+                    "shared_bytes": kernel.metadata.shared, **{k: int(v) for k, v in fields.items()}}
 print(json.dumps(report))
 """
 
@@ -315,7 +320,8 @@ def test_kernels_compile_for_sm90_with_vector_loads(md):
     """The interpreter is lenient: compile the kernels for real (Triton's own ptxas, no GPU needed) with
     the default blocks at bench_ref sizes. They must compile, the slot-major ones load weights with 16-byte
     vector loads, the expert-major ones multiply on the tensor cores (bf16 mma, not the interpreter's fp32
-    dot) from 16-byte asynchronous copies (the pipelined weight stream), and none spill to local memory or
+    dot) from 16-byte asynchronous copies (the pipelined weight stream; the folded shared expert's tiles too), and
+    none spill to local memory or
     use more than 128 registers a thread (ptxas, via cuobjdump)."""
     report = sm90_compile_report(_COMPILE_FOR_SM90)
     # gate_up: 16 rows × 1024 of gate and of up = 64 KB over 128 threads = 32 16-byte loads per thread
@@ -324,6 +330,12 @@ def test_kernels_compile_for_sm90_with_vector_loads(md):
         assert report["gate_up" + s]["v4_loads"] >= 32 and report["down" + s]["v4_loads"] >= 24, report
     assert report["em_gate_up"]["bf16_mma"] > 0 and report["em_down"]["bf16_mma"] > 0, report
     assert report["em_gate_up"]["cp_async"] > 0 and report["em_down"]["cp_async"] > 0, report
+    # the folded shared expert's tiles: on the tensor cores and pipelined as the routed ones (more mma and cp.async
+    # than without it), in the same shared memory (the two branches' buffers are never live together)
+    for k in ("em_gate_up", "em_down"):
+        for field in ("bf16_mma", "cp_async"):
+            assert report[k + "_s1"][field] > report[k][field], (k, field, report)
+        assert report[k + "_s1"]["shared_bytes"] == report[k]["shared_bytes"], report
     assert all(r["LOCAL"] == 0 and r["REG"] <= 128 for r in report.values()), report
     assert report["gate_up"]["REG"] <= 64, report  # the shared slot's branch costs ~2 (124 with tiles per branch)
 
@@ -350,7 +362,8 @@ def test_auto_dispatch_table(md, monkeypatch):
 def test_bench_moe_decode_runs_in_the_interpreter(md, device, tmp_path):
     """benchmarks/bench_moe_decode.py (its GPU run is for the lead) on the tiny preset (8 experts, top-2): the
     rows of 1 token (slot-major), 4 tokens (slot-major by auto, expert-major beside it) and 16 tokens
-    (expert-major by auto, slot-major beside it) run, agree, and land in the JSONL."""
+    (expert-major by auto, slot-major beside it), and at 4 tokens each op with the shared expert added and folded
+    (at 16 tokens left out: the interpreter is slow), run, agree, and land in the JSONL."""
     import importlib.util
     import json
     import pathlib
@@ -360,12 +373,14 @@ def test_bench_moe_decode_runs_in_the_interpreter(md, device, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "rows.jsonl"
-    assert bench.main(["--device", device, "--preset", "tiny", "--tokens", "1", "4", "16", "--rounds", "1", "--reps", "1",
-                       "--out", str(out)]) == 0
+    run = ["--device", device, "--preset", "tiny", "--rounds", "1", "--reps", "1", "--out", str(out)]
+    assert bench.main(run + ["--tokens", "1", "16", "--no-shared"]) == 0
+    assert bench.main(run + ["--tokens", "4"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["tokens"], r["path"], r["cuda_graph"]) for r in rows} >= {
         (1, "grouped", False), (1, "fused", False), (4, "grouped", False), (4, "fused", False),
-        (4, "expert_major", False), (16, "expert_major", False), (16, "slot_major", False)}
+        (4, "expert_major", False), (16, "expert_major", False), (16, "slot_major", False)} | {
+        (4, op + shared, False) for op in ("slot_major", "expert_major") for shared in ("+shared", "_folded")}
     assert all(r["ms"] > 0 and r["max_rel_diff"] < 0.02 for r in rows)
 
 

@@ -1,6 +1,7 @@
 """The shared expert folded into the fused decode kernels (``DeepSeekMoE.fused_shared``, models/kernels/moe_decode.py
-``shared_fold_weights``): a decode-sized MoE layer's routed AND shared experts in the two slot-major launches, against
-the formula (the fold off: the shared SwiGLU's module added) and float64.
+``shared_fold_weights``): a decode-sized MoE layer's routed AND shared experts in the two slot-major launches (or the
+three expert-major ones), against the formula (the fold off: the shared SwiGLU's module added), float64, and each
+other.
 
 The kernels run on CUDA where there is one, else in Triton's interpreter on the CPU (conftest turns it on without a
 GPU); everything skips when triton is not importable.
@@ -20,11 +21,13 @@ from moeflow.models.moe import DeepSeekMoE, RoutedExperts
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 OP = "moeflow.routed_experts_decode.default"
+EM_OP = "moeflow.routed_experts_decode_by_expert.default"  # expert-major (T·K > 3·E)
 
 
 @pytest.fixture(scope="module")
 def md():
-    return triton_kernels("moe_decode", "_gate_up_swiglu_kernel", "_down_combine_kernel")
+    return triton_kernels("moe_decode", "_gate_up_swiglu_kernel", "_down_combine_kernel",
+                          "_expert_gate_up_swiglu_kernel", "_expert_down_kernel", "_combine_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +62,17 @@ def _call(moe, x_TD, *, fused, fold):
     return y, ops.names, len(calls)
 
 
-def _float64(moe, x_TD):
-    """routed + shared in float64 on the routing the layer itself chooses (its router in fp32)."""
-    with torch.no_grad():
-        r = moe.gate(x_TD.float())
+def _float64(moe, x_TD, idx_TK=None, weight_TK=None):
+    """routed + shared in float64 on the given routing, else the one the layer itself chooses (its router in fp32)."""
+    if idx_TK is None:
+        with torch.no_grad():
+            r = moe.gate(x_TD.float())
+        idx_TK, weight_TK = r.topk_idx_TK, r.topk_weight_TK
     x, ex, sh = x_TD.double(), moe.experts, moe.shared_experts
-    g, d, F_ = ex.gate_up_proj.double()[r.topk_idx_TK], ex.down_proj.double()[r.topk_idx_TK], ex.width
+    g, d, F_ = ex.gate_up_proj.double()[idx_TK], ex.down_proj.double()[idx_TK], ex.width
     h = torch.einsum("td,tkfd->tkf", x, g)
     routed = torch.einsum("tkf,tkdf,tk->td", torch.nn.functional.silu(h[..., :F_]) * h[..., F_:], d,
-                          r.topk_weight_TK.double())
+                          weight_TK.double())
     shared = (torch.nn.functional.silu(x @ sh.gate_proj.weight.double().t()) * (x @ sh.up_proj.weight.double().t())
               ) @ sh.down_proj.weight.double().t()
     return routed + shared
@@ -159,6 +164,145 @@ def test_bf16_rounds_where_documented_and_is_as_close_to_float64_as_the_formula(
     assert err_fold <= 1.05 * err_formula, (err_fold, err_formula)
 
 
+# The expert-major kernels' fold (T·K > 3·E). Their smallest blocks (block_s 16 is tl.dot's least) where a test
+# wants token tiles and expert runs split; the slot-major op's beside them for the comparison.
+EM_SMALL = dict(gate_up_block_f=16, gate_up_block_d=16, down_block_d=16, down_block_f=16, block_s=16,
+                combine_block_d=16)
+SM_SMALL = dict(gate_up_block_f=16, gate_up_block_d=16, down_block_d=16, down_block_f=16)
+EM_BIG = dict(gate_up_block_f=512, gate_up_block_d=1024, down_block_d=1024, down_block_f=512, block_s=64,
+              combine_block_d=1024)
+
+
+def _shared_weights(moe):
+    sh = moe.shared_experts
+    return sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight
+
+
+@pytest.mark.parametrize("T,S", [(13, 1), (21, 2), (37, 1)])
+def test_expert_major_fold_equals_the_formula_and_the_slot_major_fold(md, device, T, S):
+    """Through DeepSeekMoE at expert-major sizes (8 experts, top-2: from 13 tokens), one and two shared slots a
+    token, the shared expert's tokens in one, two and three tiles of block_s (the last one partial): the folded
+    layer ran the expert-major op once and no shared module (4 calls a layer unfolded), and equals the fold off,
+    the grouped/looped formula, the slot-major fold (its op on the same routing) and float64, in fp32."""
+    moe = _moe(device, torch.float32, E=8, S=S)
+    x = _x(T, 48, device, torch.float32, seed=T)
+    folded, ops, calls = _call(moe, x, fused=True, fold=True)
+    assert calls == 0 and ops.count(EM_OP) == 1 and OP not in ops, (calls, ops.count(EM_OP))
+    unfolded, ops, calls = _call(moe, x, fused=True, fold=False)
+    assert calls == 4 and ops.count(EM_OP) == 1
+    formula, ops, calls = _call(moe, x, fused=False, fold=True)
+    assert calls == 4 and EM_OP not in ops
+    ex = moe.experts
+    with torch.no_grad():
+        r = moe.gate(x)
+        slot_major = md.routed_experts_decode(x, r.topk_idx_TK, r.topk_weight_TK, ex.gate_up_proj, ex.down_proj,
+                                              *_shared_weights(moe))
+    scale = formula.abs().max()
+    for got in (folded, unfolded, slot_major):
+        torch.testing.assert_close(got, formula, rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(folded, slot_major, rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(folded.double(), _float64(moe, x), rtol=1e-5, atol=2e-6 * scale)
+
+
+def _forced_routing(T, K, E, device, seed):
+    """(idx, w): every token's first slot on expert E // 2 (T slots: past one tile of 16 when T > 16), its others on
+    distinct experts of 1 .. E − 2 besides it, so experts 0 and E − 1 get no slots."""
+    g = torch.Generator().manual_seed(seed)
+    others = torch.tensor([e for e in range(1, E - 1) if e != E // 2])
+    idx = torch.stack([torch.cat([torch.tensor([E // 2]), others[torch.randperm(len(others), generator=g)[:K - 1]]])
+                       for _ in range(T)])
+    return idx.to(device), (torch.rand(T, K, generator=g) + 0.1).to(device)
+
+
+@pytest.mark.parametrize("S", [1, 2])
+def test_expert_major_fold_with_idle_experts_and_an_expert_past_one_tile(md, device, S):
+    """The expert-major op directly on forced routing (8 experts, top-3, 20 tokens): one expert takes 20 slots
+    (two tiles of block_s 16), two take none, the shared expert's 20 tokens two tiles (the second partial). The fold
+    equals the formula (the op unfolded + the shared module), the slot-major fold and float64 in fp32."""
+    T, K, E = 20, 3, 8
+    moe = _moe(device, torch.float32, E=E, K=K, S=S)
+    x = _x(T, 48, device, torch.float32, seed=S)
+    idx, w = _forced_routing(T, K, E, device, seed=S)
+    routed = (x, idx, w, moe.experts.gate_up_proj, moe.experts.down_proj)
+    with torch.no_grad():
+        got = md.expert_major_decode(*routed, *_shared_weights(moe), **EM_SMALL)
+        formula = md.expert_major_decode(*routed, **EM_SMALL) + moe.shared_experts(x)
+        slot_major = md.routed_experts_decode(*routed, *_shared_weights(moe), **SM_SMALL)
+    assert got.shape == (T, 48) and got.dtype == torch.float32
+    scale = formula.abs().max()
+    torch.testing.assert_close(got, formula, rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(got, slot_major, rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(got.double(), _float64(moe, x, idx, w), rtol=1e-5, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("S", [1, 2])
+def test_expert_major_fold_in_bf16_rounds_as_the_slot_major_fold(md, device, S):
+    """bench_ref's D, F and top-6 with 8 experts (the interpreter's time goes with the weights read) at 5 tokens
+    (30 slots > 24: expert-major) in bf16, the op directly with large blocks: the expert-major fold (1) equals the
+    torch emulation of the documented rounding points and the slot-major fold up to the order of fp32 sums (nearly
+    all bit-equal, the rest one bf16 step); (2) is within bf16 noise of the formula (the expert-major op unfolded +
+    the shared module); (3) is no farther from float64 than the formula, nor than the slot-major fold."""
+    moe = _moe(device, torch.bfloat16, E=8, K=6, D=1024, F_=512, S=S, std=0.05)
+    x = _x(5, 1024, device, torch.bfloat16, seed=5)
+    ex = moe.experts
+    with torch.no_grad():
+        r = moe.gate(x)
+        routed = (x, r.topk_idx_TK, r.topk_weight_TK, ex.gate_up_proj, ex.down_proj)
+        assert md.uses_expert_major(r.topk_idx_TK.numel(), 8)
+        got = md.expert_major_decode(*routed, *_shared_weights(moe), **EM_BIG)
+        formula = md.expert_major_decode(*routed, **EM_BIG) + moe.shared_experts(x)
+        slot_major = md.routed_experts_decode(*routed, *_shared_weights(moe), **BIG_BLOCKS)
+    assert got.dtype == torch.bfloat16
+    eps = torch.finfo(torch.bfloat16).eps
+    for other in (_emulated(moe, x), slot_major):
+        assert (got.float() - other.float()).abs().max() <= eps * other.abs().max()
+        assert (got == other).float().mean() > 0.97, (got == other).float().mean()
+    want64 = _float64(moe, x)
+    assert (got.double() - formula.double()).abs().max() <= 0.02 * want64.abs().max()
+
+    def err(y):
+        return (y.double() - want64).norm() / want64.norm()
+
+    assert err(got) <= 1.05 * err(formula), (err(got), err(formula))
+    assert err(got) <= 1.05 * err(slot_major), (err(got), err(slot_major))
+
+
+def test_expert_major_folded_layer_traces_without_graph_breaks(md, device):
+    """torch.compile(fullgraph=True, eager backend) through DeepSeekMoE at an expert-major size with two shared
+    slots a token: the expert-major op with the shared weights in the graph (no sort, no shared module's linears),
+    bit-equal to the eager call; the fake kernel's shapes with the shared inputs."""
+    moe = _moe(device, torch.float32, E=8, S=2)
+    moe.experts.fused_decode, moe.fused_shared = True, True
+    x = _x(13, 48, device, torch.float32)
+    with torch.no_grad():
+        want = moe(x[None], with_losses=False, with_stats=False)[0]
+    graphs = []
+
+    def eager_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(moe, backend=eager_backend, fullgraph=True)(x[None], with_losses=False,
+                                                                       with_stats=False)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    nodes = [node for gm in graphs for node in gm.graph.nodes]
+    ops = [node for node in nodes if "routed_experts_decode_by_expert" in str(node.target)]
+    assert len(ops) == 1 and len([a for a in ops[0].args if a is not None]) >= 9, ops  # 6 + the 3 shared weights
+    assert not any("sort" in str(node.target) for node in nodes)
+    assert len([n for n in nodes if "linear" in str(n.target)]) == 1  # the router's logits; no shared linear
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    r = moe.gate(x)
+    order, ends = md.expert_major_routing(r.topk_idx_TK, 8)
+    tensors = (x, order, ends, r.topk_weight_TK, moe.experts.gate_up_proj, moe.experts.down_proj,
+               *_shared_weights(moe))
+    with FakeTensorMode() as mode:
+        fake = md.routed_experts_decode_by_expert(*(mode.from_tensor(t) for t in tensors))
+    assert fake.shape == (13, 48) and fake.dtype == x.dtype and fake.device == x.device
+
+
 class _ScaledLinear(torch.nn.Linear):
     """An nn.Linear computing something else than F.linear with its weight (as LoRALinear and Fp8Linear do)."""
 
@@ -173,27 +317,27 @@ def _swap(shared: SwiGLU, name: str, cls) -> None:
     setattr(shared, name, new)
 
 
-def test_what_does_not_fold_takes_the_module(md, device):
+@pytest.mark.parametrize("T", [3, 21])
+def test_what_does_not_fold_takes_the_module(md, device, T):
     """Not folded, the shared module's own output added instead (and still right): a linear with its own forward
-    (LoRA, fp8), a width that is not a multiple of F, weights that want a gradient, a call the expert-major kernels
-    take (T·K > 3·E)."""
-    x = _x(3, 48, device, torch.float32)
-    for case in ("linear_forward", "width", "grad", "expert_major"):
-        moe = _moe(device, torch.float32)
+    (LoRA, fp8), a width that is not a multiple of F, weights that want a gradient; on the slot-major kernels
+    (3 tokens) and the expert-major ones (21 tokens × top-2 > 3 slots an expert of 8)."""
+    x = _x(T, 48, device, torch.float32)
+    for case in ("linear_forward", "width", "grad"):
+        moe = _moe(device, torch.float32, E=32 if T == 3 else 8)
         if case == "linear_forward":
             _swap(moe.shared_experts, "up_proj", _ScaledLinear)
         elif case == "width":  # 1.5 × F wide
             moe.shared_experts = SwiGLU(48, 36).to(device)
         elif case == "grad":
             moe.shared_experts.down_proj.weight.requires_grad_(True)
-        if case == "expert_major":
-            x = _x(64, 48, device, torch.float32)  # 128 slots > 3 · 32
         moe.experts.fused_decode, moe.fused_shared = True, True
         calls = []
         moe.shared_experts.register_forward_hook(lambda *_: calls.append(1))
-        with torch.set_grad_enabled(case == "grad"):
+        with torch.set_grad_enabled(case == "grad"), dispatched_ops() as ops:
             got = moe(x[None], with_losses=False)[0][0]
         assert calls == [1], case
+        assert ops.names.count(EM_OP if T == 21 else OP) == 1, case
         moe.fused_shared = False
         with torch.no_grad():
             want = moe(x[None], with_losses=False)[0][0]
@@ -303,16 +447,18 @@ def test_engine_equals_generate_with_the_shared_expert_folded(md, device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_the_gpu_the_fold_compiles_captures_never_syncs_and_equals_the_formula(md):
-    """bench_ref's layer in bf16 on CUDA, routed experts on auto, 1..32 tokens (slot-major): folded (no shared
-    module called), within bf16 noise of the fold off and no farther from float64; compiled (inductor) bit-equal to
-    the eager kernels; a CUDA graph's replay equal; with sync debug mode "error" nothing syncs."""
+    """bench_ref's layer in bf16 on CUDA, routed experts on auto, 1..32 tokens (slot-major) and 33, 64 (expert-major):
+    folded (no shared module called), within bf16 noise of the fold off and no farther from float64; compiled
+    (inductor) bit-equal to the eager kernels; a CUDA graph's replay equal; with sync debug mode "error" nothing
+    syncs."""
     moe = _moe("cuda", torch.bfloat16, E=64, K=6, D=1024, F_=512, S=1, std=0.05)
     compiled = torch.compile(moe, fullgraph=True)
-    for T in (1, 2, 8, 10, 32):
+    for T in (1, 2, 8, 10, 32, 33, 64):
         x = _x(T, 1024, "cuda", torch.bfloat16, seed=T)
+        op = EM_OP if md.uses_expert_major(T * 6, 64) else OP
         with torch.inference_mode():
             folded, ops, calls = _call(moe, x, fused=None, fold=True)
-            assert calls == 0 and ops.count(OP) == 1, (T, calls)
+            assert calls == 0 and ops.count(op) == 1, (T, calls)
             formula = _call(moe, x, fused=None, fold=False)[0]
             moe.fused_shared = True
 

@@ -19,7 +19,8 @@ of gate weight 1 (exactly: no router weight to round). Token t's slots are n = t
 shared slot j − K after them: (a) takes a shared slot's rows from the shared gate_proj/up_proj weights (a scalar
 branch on the program id picks the base pointers, no copy of any weight), and (b) adds the S shared slots as the
 one down GEMM of width S·F they are (their h rows are adjacent; down_proj's columns). A decode-sized MoE layer's
-whole FFN is then these two launches, where the shared SwiGLU and the add took 6 more (3 GEMVs, silu, mul, add).
+whole FFN is then these two launches, where the shared SwiGLU and the add took 6 more (3 GEMVs, silu, mul, add). The
+expert-major kernels fold it in likewise (below).
 
 Rounding: where ``RoutedExperts``' grouped path rounds, as the compiled decode step runs it. Gate and up
 are rounded to the compute dtype (the grouped GEMM's output); silu(gate)·up is taken in fp32 and rounded
@@ -62,10 +63,22 @@ compile, no host sync) and
 (c) ``_combine_kernel``, grid (T, D blocks): Σ_k rounded(w[t, k]) · y[t·K + k] in fp32, k in order, rounded
     once: the slot-major down kernel's sum term for term.
 The rounding points are the slot-major kernels' (the same ``rounded`` calls), so the two differ only in the
-order of the fp32 sums inside each dot product. The shared expert does not fold here (yet): it would be one more
-"expert" holding all T tokens (E + ceil(T / block_s) program rows, say), with its own token gather and h layout
-in both kernels and a term in the combine; at 33-64 tokens the layer is not launch-bound the way batch 1 is, so
-``fused_routed_experts`` adds the shared module's output (the formula) on this path.
+order of the fp32 sums inside each dot product.
+
+The shared expert folds in here too (where ``shared_fold_weights`` gives its weights, as for slot-major): it is one
+more "expert" holding all T tokens, in program rows after the E experts' (one tile of ``block_s`` tokens a row, so
+no program loops over all T alone; the row is picked by a scalar branch on the program id, one tile helper per
+kernel computing routed and shared tiles alike). (a) takes S·ceil(T / block_s) more rows, (slice j of width F,
+token tile), reading rows j·F + f of the shared gate_proj/up_proj weights into h rows T·K + t·S + j, so token t's S
+shared rows lie adjacent; (b) takes ceil(T / block_s) more, each the shared down GEMM of width S·F over those rows
+(one GEMM, as the formula's), its rounded output at y row T·K + t; (c) adds that row after the K routed terms with
+weight 1 (no router weight to round) and rounds the total once. The rounding points and the sum are the slot-major
+fold's term for term (see Rounding above), so the two folds again differ only in the order of the fp32 sums inside
+each dot product. Why fold at expert-major sizes (bench_ref: from 33 tokens; 32 if the crossover moves), where the
+layer is not launch-bound the way batch 1 is: the shared module is still 5 more launches a MoE layer (3 GEMMs,
+silu·mul, the add) for ~3 MB of weights (bench_ref), and a captured decode step pays each launch's gap. Without a
+shared expert (S = 0, a constexpr) the shared branches are not compiled and the grids have E rows: the unfolded op's
+kernels as before (sm_90: the same registers, shared memory and pipelined copies).
 
 Triton is an optional accelerator: ``moeflow`` imports and runs without it (``HAS_TRITON`` is False and
 the dispatch never picks this path); ``models/moe.py`` imports this module only on CUDA or when forced.
@@ -154,27 +167,25 @@ def fused_routed_experts(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, weig
                          gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, shared=None) -> torch.Tensor:
     """Σ_k weight[t, k] · expert_{idx[t, k]}(x[t]) by the fused kernels (slot- or expert-major:
     ``uses_expert_major``), in ``experts``' compute dtype; plus ``shared(x)`` when ``shared`` (the MoE's shared
-    expert, a SwiGLU) is given: inside the slot-major kernels where it folds (``shared_fold_weights``), else added
-    as its own module's output (the expert-major kernels keep it separate)."""
+    expert, a SwiGLU) is given: inside either kernels where it folds (``shared_fold_weights``), else added as its
+    own module's output."""
     if not HAS_TRITON:
         raise RuntimeError("RoutedExperts.fused_decode=True needs triton, which is not importable here")
     dtype = experts.compute_dtype(x_TD)
     args = (x_TD.to(dtype), idx_TK, weight_TK, gate_up_E2FD.to(dtype), down_EDF.to(dtype))
-    if uses_expert_major(idx_TK.numel(), experts.num_experts):
-        y_TD = expert_major_decode(*args)
-    else:
-        folded = None if shared is None else shared_fold_weights(shared, experts.width, dtype)
-        if folded is not None:
-            return routed_experts_decode(*args, *folded)
-        y_TD = routed_experts_decode(*args)
+    folded = None if shared is None else shared_fold_weights(shared, experts.width, dtype)
+    decode = expert_major_decode if uses_expert_major(idx_TK.numel(), experts.num_experts) else routed_experts_decode
+    if folded is not None:
+        return decode(*args, *folded)
+    y_TD = decode(*args)
     return y_TD if shared is None else y_TD + shared(x_TD)
 
 
 def shared_fold_weights(shared, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...] | None:
-    """(gate (H, D), up (H, D), down (D, H)) of a shared expert the slot-major kernels can take as S = H / width
-    slots of the routed experts' width, each read once (a parametrization computes the weight per read), else
-    None: ``shared`` must be a plain ``SwiGLU`` of bias-free linears computing ``F.linear`` with their weight
-    (so not LoRALinear, Fp8Linear, Int8Linear: they compute something else), of a width that is a multiple of
+    """(gate (H, D), up (H, D), down (D, H)) of a shared expert the fused kernels (slot- and expert-major) can take
+    as S = H / width slots of the routed experts' width, each read once (a parametrization computes the weight per
+    read), else None: ``shared`` must be a plain ``SwiGLU`` of bias-free linears computing ``F.linear`` with their
+    weight (so not LoRALinear, Fp8Linear, Int8Linear: they compute something else), of a width that is a multiple of
     ``width`` (DeepSeekMoE builds it num_shared × moe_intermediate_size wide: every preset folds), with weights
     already in the compute ``dtype`` (no cast kernels) and no gradient wanted of them (the op has no backward)."""
     from ..layers import SwiGLU
@@ -205,10 +216,13 @@ def expert_major_routing(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.
 
 
 def expert_major_decode(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
-                        gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, **blocks) -> torch.Tensor:
-    """The expert-major kernels on (T, K) routing: ``expert_major_routing``, then the op."""
+                        gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, *shared_weights: torch.Tensor,
+                        **blocks) -> torch.Tensor:
+    """The expert-major kernels on (T, K) routing: ``expert_major_routing``, then the op (with the shared
+    expert's three weights where given: ``shared_fold_weights``' (gate, up, down))."""
     order_N, ends_E = expert_major_routing(idx_TK, down_EDF.shape[0])
-    return routed_experts_decode_by_expert(x_TD, order_N, ends_E, weight_TK, gate_up_E2FD, down_EDF, **blocks)
+    return routed_experts_decode_by_expert(x_TD, order_N, ends_E, weight_TK, gate_up_E2FD, down_EDF, *shared_weights,
+                                           **blocks)
 
 
 if HAS_TRITON:
@@ -325,7 +339,10 @@ if HAS_TRITON:
     # Expert-major: T·K > 3·E (decode at batch ≥ 33 for bench_ref). One program per (expert, block of rows)
     # loads its rows once for all the slots routed to that expert (up to ``block_s`` a tile) and multiplies
     # them with tl.dot (tensor cores in bf16, fp32 accumulation): the weights of all E experts are read once a
-    # call, the activations (T·K rows of D or F) come again per row block, from L2.
+    # call, the activations (T·K rows of D or F) come again per row block, from L2. A folded shared expert (S > 0)
+    # takes the program rows after the E experts' (``_shared_rows``): one more "expert" holding every token, a tile
+    # of ``block_s`` tokens a row, so its weights are read once per tile (from L2 after the first) and no program
+    # loops over all T tokens alone.
 
     @triton.jit
     def _expert_run(ends_ptr, e):
@@ -334,76 +351,126 @@ if HAS_TRITON:
         return start, tl.load(ends_ptr + e)
 
     @triton.jit
-    def _expert_gate_up_swiglu_kernel(x_ptr, order_ptr, ends_ptr, w_ptr, h_ptr, K: tl.constexpr, D: tl.constexpr,
+    def _swiglu_tile(gate_FD, up_FD, mask_F, x_ptr, t_S, mask_S, D: tl.constexpr, BLOCK_F: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, out_ty: tl.constexpr):
+        """silu(gate · x[t]) · (up · x[t]) of a tile, (BLOCK_F, BLOCK_S) in fp32 holding out_ty values: rows f
+        (gate_FD, up_FD point at each row's column 0) times the gathered rows x[t] of the tile's tokens t_S; gate
+        and up rounded (the grouped GEMM's output), silu·up taken in fp32 and rounded once (inductor's fused
+        pointwise kernel), the rounding points of the slot-major kernels. One helper for the routed and the shared
+        rows: they round alike by construction."""
+        acc_gate_FS = tl.zeros((BLOCK_F, BLOCK_S), dtype=tl.float32)
+        acc_up_FS = tl.zeros((BLOCK_F, BLOCK_S), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_D = d0 + tl.arange(0, BLOCK_D)
+            mask_D = d_D < D
+            mask_FD = mask_F[:, None] & mask_D[None, :]
+            wg_FD = tl.load(gate_FD + d_D[None, :], mask=mask_FD, other=0.0)
+            wu_FD = tl.load(up_FD + d_D[None, :], mask=mask_FD, other=0.0)
+            x_DS = tl.load(x_ptr + t_S[None, :] * D + d_D[:, None], mask=mask_D[:, None] & mask_S[None, :],
+                           other=0.0)  # one load of the tokens' x for both dots
+            acc_gate_FS = fp32_dot(wg_FD, x_DS, acc_gate_FS, IEEE)
+            acc_up_FS = fp32_dot(wu_FD, x_DS, acc_up_FS, IEEE)
+        gate_FS = rounded(acc_gate_FS, out_ty)
+        up_FS = rounded(acc_up_FS, out_ty)
+        return rounded(gate_FS * tl.sigmoid(gate_FS) * up_FS, out_ty)
+
+    @triton.jit
+    def _down_tile(rows_DF, mask_D, h_FS, mask_S, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, out_ty: tl.constexpr):
+        """Σ_f rows[d, f] · h[f, s] over f < WIDTH, (BLOCK_D, BLOCK_S) rounded to out_ty (the GEMM's output):
+        rows_DF points at each down row's column 0, h_FS at each tile column's h row (its value f at + f)."""
+        acc_DS = tl.zeros((BLOCK_D, BLOCK_S), dtype=tl.float32)
+        for f0 in range(0, WIDTH, BLOCK_F):
+            f_F = f0 + tl.arange(0, BLOCK_F)
+            mask_F = f_F < WIDTH
+            w_DF = tl.load(rows_DF + f_F[None, :], mask=mask_D[:, None] & mask_F[None, :], other=0.0)
+            h_tile_FS = tl.load(h_FS + f_F[:, None], mask=mask_F[:, None] & mask_S[None, :], other=0.0)
+            acc_DS = fp32_dot(w_DF, h_tile_FS, acc_DS, IEEE)
+        return rounded(acc_DS, out_ty)
+
+    @triton.jit
+    def _shared_rows(r, T, BLOCK_S: tl.constexpr):
+        """Shared program row r's tile: its tokens t_S (a block of BLOCK_S) and which are < T."""
+        t_S = r * BLOCK_S + tl.arange(0, BLOCK_S)
+        return t_S, t_S < T
+
+    @triton.jit
+    def _expert_gate_up_swiglu_kernel(x_ptr, order_ptr, ends_ptr, w_ptr, sg_ptr, su_ptr, h_ptr, T,
+                                      K: tl.constexpr, S: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
                                       F: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                                       BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
         """h[s, f] for the slots s of expert e = program_id(0) (rows s of the expert-sorted list, so the down
-        kernel reads them contiguously), f in program_id(1)'s block; an expert without slots loads nothing."""
+        kernel reads them contiguously), f in program_id(1)'s block; an expert without slots loads nothing.
+        Program rows E + r (S > 0): the shared expert's slice j = r % S (its gate_proj/up_proj rows j·F + f) for
+        the tile r // S of tokens, into h row T·K + t·S + j (token t's S shared rows adjacent: one down GEMM of
+        width S·F reads them as one row)."""
         e = tl.program_id(0)
-        start, end = _expert_run(ends_ptr, e)
         f_F = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         mask_F = f_F < F
-        gate_FD = w_ptr + e.to(tl.int64) * (2 * F * D) + f_F[:, None] * D  # rows f of expert e's gate half
-        up_FD = gate_FD + F * D                                             # rows F + f: their up twins
         out_ty = h_ptr.dtype.element_ty
-        s0 = start
-        # one tile unless the expert has more than BLOCK_S slots. A while loop: Triton's interpreter (the CPU
-        # tests) cannot take a for loop's bounds from loaded values (its scalars are 1-element arrays)
-        while s0 < end:
-            s_S = s0 + tl.arange(0, BLOCK_S)
-            mask_S = s_S < end
-            t_S = tl.load(order_ptr + s_S, mask=mask_S, other=0) // K  # slot n = t·K + k reads token t
-            acc_gate_FS = tl.zeros((BLOCK_F, BLOCK_S), dtype=tl.float32)
-            acc_up_FS = tl.zeros((BLOCK_F, BLOCK_S), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d_D = d0 + tl.arange(0, BLOCK_D)
-                mask_D = d_D < D
-                mask_FD = mask_F[:, None] & mask_D[None, :]
-                wg_FD = tl.load(gate_FD + d_D[None, :], mask=mask_FD, other=0.0)
-                wu_FD = tl.load(up_FD + d_D[None, :], mask=mask_FD, other=0.0)
-                x_DS = tl.load(x_ptr + t_S[None, :] * D + d_D[:, None], mask=mask_D[:, None] & mask_S[None, :],
-                               other=0.0)
-                acc_gate_FS = fp32_dot(wg_FD, x_DS, acc_gate_FS, IEEE)
-                acc_up_FS = fp32_dot(wu_FD, x_DS, acc_up_FS, IEEE)
-            gate_FS = rounded(acc_gate_FS, out_ty)  # the grouped GEMM's rounded output, as slot-major
-            up_FS = rounded(acc_up_FS, out_ty)
-            h_FS = gate_FS * tl.sigmoid(gate_FS) * up_FS
-            tl.store(h_ptr + s_S[None, :] * F + f_F[:, None], rounded(h_FS, out_ty).to(out_ty),
+        if e < E:
+            start, end = _expert_run(ends_ptr, e)
+            gate_FD = w_ptr + e.to(tl.int64) * (2 * F * D) + f_F[:, None] * D  # rows f of expert e's gate half
+            up_FD = gate_FD + F * D                                             # rows F + f: their up twins
+            s0 = start
+            # one tile unless the expert has more than BLOCK_S slots. A while loop: Triton's interpreter (the CPU
+            # tests) cannot take a for loop's bounds from loaded values (its scalars are 1-element arrays)
+            while s0 < end:
+                s_S = s0 + tl.arange(0, BLOCK_S)
+                mask_S = s_S < end
+                t_S = tl.load(order_ptr + s_S, mask=mask_S, other=0) // K  # slot n = t·K + k reads token t
+                h_FS = _swiglu_tile(gate_FD, up_FD, mask_F, x_ptr, t_S, mask_S, D, BLOCK_F, BLOCK_D, BLOCK_S, IEEE,
+                                    out_ty)
+                tl.store(h_ptr + s_S[None, :] * F + f_F[:, None], h_FS.to(out_ty),
+                         mask=mask_F[:, None] & mask_S[None, :])
+                s0 += BLOCK_S
+        elif S > 0:  # never compiled without a shared expert (S = 0: the grid has E rows)
+            j = (e - E) % S
+            t_S, mask_S = _shared_rows((e - E) // S, T, BLOCK_S)
+            rows_F = j * F + f_F  # the slice's rows of the shared gate_proj and up_proj weights (S·F, D)
+            h_FS = _swiglu_tile(sg_ptr + rows_F[:, None] * D, su_ptr + rows_F[:, None] * D, mask_F, x_ptr, t_S,
+                                mask_S, D, BLOCK_F, BLOCK_D, BLOCK_S, IEEE, out_ty)
+            tl.store(h_ptr + (T * K + t_S[None, :] * S + j).to(tl.int64) * F + f_F[:, None], h_FS.to(out_ty),
                      mask=mask_F[:, None] & mask_S[None, :])
-            s0 += BLOCK_S
 
     @triton.jit
-    def _expert_down_kernel(h_ptr, order_ptr, ends_ptr, w_ptr, y_ptr, D: tl.constexpr, F: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr,
-                            IEEE: tl.constexpr):
+    def _expert_down_kernel(h_ptr, order_ptr, ends_ptr, w_ptr, sd_ptr, y_ptr, T, K: tl.constexpr, S: tl.constexpr,
+                            E: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
         """y[n, d] = down[e, d] · h[s], rounded, for the slots of expert e = program_id(0), written at the
-        slot's own row n = t·K + k (the combine then reads a token's K rows together)."""
+        slot's own row n = t·K + k (the combine then reads a token's K rows together). Program rows E + r
+        (S > 0): the shared expert's down GEMM for the tile r of tokens, one of width S·F over token t's S adjacent
+        h rows (the formula's one GEMM over the shared width), rounded, into y row T·K + t."""
         e = tl.program_id(0)
-        start, end = _expert_run(ends_ptr, e)
         d_D = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_D = d_D < D
-        rows_DF = w_ptr + e.to(tl.int64) * (D * F) + d_D[:, None] * F
         out_ty = y_ptr.dtype.element_ty
-        s0 = start
-        while s0 < end:  # a while loop, as in the gate_up kernel
-            s_S = s0 + tl.arange(0, BLOCK_S)
-            mask_S = s_S < end
-            n_S = tl.load(order_ptr + s_S, mask=mask_S, other=0)
-            acc_DS = tl.zeros((BLOCK_D, BLOCK_S), dtype=tl.float32)
-            for f0 in range(0, F, BLOCK_F):
-                f_F = f0 + tl.arange(0, BLOCK_F)
-                mask_F = f_F < F
-                w_DF = tl.load(rows_DF + f_F[None, :], mask=mask_D[:, None] & mask_F[None, :], other=0.0)
-                h_FS = tl.load(h_ptr + s_S[None, :] * F + f_F[:, None], mask=mask_F[:, None] & mask_S[None, :],
-                               other=0.0)
-                acc_DS = fp32_dot(w_DF, h_FS, acc_DS, IEEE)
-            tl.store(y_ptr + n_S[None, :] * D + d_D[:, None], rounded(acc_DS, out_ty).to(out_ty),
+        if e < E:
+            start, end = _expert_run(ends_ptr, e)
+            rows_DF = w_ptr + e.to(tl.int64) * (D * F) + d_D[:, None] * F
+            s0 = start
+            while s0 < end:  # a while loop, as in the gate_up kernel
+                s_S = s0 + tl.arange(0, BLOCK_S)
+                mask_S = s_S < end
+                n_S = tl.load(order_ptr + s_S, mask=mask_S, other=0)
+                y_DS = _down_tile(rows_DF, mask_D, h_ptr + s_S[None, :] * F, mask_S, F, BLOCK_D, BLOCK_F, BLOCK_S,
+                                  IEEE, out_ty)
+                tl.store(y_ptr + n_S[None, :] * D + d_D[:, None], y_DS.to(out_ty),
+                         mask=mask_D[:, None] & mask_S[None, :])
+                s0 += BLOCK_S
+        elif S > 0:  # as in the gate_up kernel: only with a shared expert
+            t_S, mask_S = _shared_rows(e - E, T, BLOCK_S)
+            h_FS = h_ptr + (T * K + t_S[None, :] * S).to(tl.int64) * F  # token t's S shared rows, S·F values
+            y_DS = _down_tile(sd_ptr + d_D[:, None] * (S * F), mask_D, h_FS, mask_S, S * F, BLOCK_D, BLOCK_F, BLOCK_S,
+                              IEEE, out_ty)
+            tl.store(y_ptr + (T * K + t_S[None, :]).to(tl.int64) * D + d_D[:, None], y_DS.to(out_ty),
                      mask=mask_D[:, None] & mask_S[None, :])
-            s0 += BLOCK_S
 
     @triton.jit
-    def _combine_kernel(y_ptr, gw_ptr, out_ptr, K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[t] = Σ_k rounded(w[t, k]) · y[t·K + k] in fp32, k in order, rounded once: the slot-major
+    def _combine_kernel(y_ptr, gw_ptr, out_ptr, T, K: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+        """out[t] = Σ_k rounded(w[t, k]) · y[t·K + k] in fp32, k in order, plus (S > 0) the shared expert's
+        rounded output y[T·K + t] with weight 1 (not rounded: no router weight), rounded once: the slot-major
         down kernel's sum, term for term."""
         t = tl.program_id(0)
         d_D = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -414,40 +481,54 @@ if HAS_TRITON:
             n = t * K + k
             gw = rounded(tl.load(gw_ptr + n).to(tl.float32), out_ty)
             y_D += tl.load(y_ptr + n * D + d_D, mask=mask_D, other=0.0).to(tl.float32) * gw
+        if S > 0:  # after the routed terms, as the slot-major kernel adds it
+            y_D += tl.load(y_ptr + (T * K + t) * D + d_D, mask=mask_D, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * D + d_D, rounded(y_D, out_ty).to(out_ty), mask=mask_D)
 
     @torch.library.triton_op("moeflow::routed_experts_decode_by_expert", mutates_args=())
     def routed_experts_decode_by_expert(x_TD: torch.Tensor, order_N: torch.Tensor, ends_E: torch.Tensor,
                                         weight_TK: torch.Tensor, gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor,
+                                        shared_gate_HD: torch.Tensor | None = None,
+                                        shared_up_HD: torch.Tensor | None = None,
+                                        shared_down_DH: torch.Tensor | None = None,
                                         gate_up_block_f: int = 32, gate_up_block_d: int = 128,
                                         down_block_d: int = 32, down_block_f: int = 128, block_s: int = 16,
                                         combine_block_d: int = 256, num_warps: int = 4,
                                         num_stages: int = 3) -> torch.Tensor:
-        """(T, D) in x's dtype, from ``expert_major_routing``'s (order_N, ends_E). Three kernels: gate_up +
-        SwiGLU, grid (E, F blocks), into h (N, F) in expert order; down, grid (E, D blocks), into each slot's
-        rounded output (N, D); the combine over K, grid (T, D blocks). Blocks are powers of two, the dot's
-        ones ≥ 16 (tl.dot's least). The defaults are a first guess for bench_ref on sm_90, not yet timed
-        (benchmarks/bench_moe_decode.py --sweep times others): 1,024 gate_up programs of 2 × 32 rows × D, 2,048
-        down programs of 32 rows × F, at most 16 slots a tile."""
+        """(T, D) in x's dtype, from ``expert_major_routing``'s (order_N, ends_E): the routed experts' weighted
+        sum, plus the shared expert's output where its three weights are given (H = S·F; the three or none, as
+        ``routed_experts_decode``). Three kernels: gate_up + SwiGLU, grid (E [+ S·ceil(T / block_s)], F blocks),
+        into h (N [+ T·S], F), the routed rows in expert order; down, grid (E [+ ceil(T / block_s)], D blocks),
+        into each slot's rounded output (N [+ T], D); the combine over K [and the shared row], grid (T, D blocks).
+        Blocks are powers of two, the dot's ones ≥ 16 (tl.dot's least). The defaults are a first guess for
+        bench_ref on sm_90, not yet timed (benchmarks/bench_moe_decode.py --sweep times others): 1,024 gate_up
+        programs of 2 × 32 rows × D, 2,048 down programs of 32 rows × F, at most 16 slots a tile."""
         T, K = weight_TK.shape
         E, D, F = down_EDF.shape
+        S = 0 if shared_down_DH is None else shared_down_DH.shape[1] // F
         x_TD, order_N, ends_E, weight_TK = (t.contiguous() for t in (x_TD, order_N, ends_E, weight_TK))
         gate_up_E2FD, down_EDF = gate_up_E2FD.contiguous(), down_EDF.contiguous()
+        # without a shared expert the kernels never read these pointers (S = 0): any tensor of the dtype will do
+        shared = (down_EDF,) * 3 if S == 0 else tuple(w.contiguous() for w in (shared_gate_HD, shared_up_HD,
+                                                                               shared_down_DH))
         ieee = x_TD.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
-        h_NF = x_TD.new_empty(T * K, F)
-        y_ND = x_TD.new_empty(T * K, D)
+        shared_tiles = 0 if S == 0 else triton.cdiv(T, block_s)  # program rows of the shared expert's token tiles
+        h_NF = x_TD.new_empty(T * K + T * S, F)  # routed rows (expert order), then token t's S shared rows
+        y_ND = x_TD.new_empty(T * K + (T if S else 0), D)  # slot n's output at row n, then token t's shared one
         out_TD = x_TD.new_empty(T, D)
-        torch.library.wrap_triton(_expert_gate_up_swiglu_kernel)[(E, triton.cdiv(F, gate_up_block_f))](
-            x_TD, order_N, ends_E, gate_up_E2FD, h_NF, K, D, F, BLOCK_F=gate_up_block_f,
-            BLOCK_D=gate_up_block_d, BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
-        torch.library.wrap_triton(_expert_down_kernel)[(E, triton.cdiv(D, down_block_d))](
-            h_NF, order_N, ends_E, down_EDF, y_ND, D, F, BLOCK_D=down_block_d, BLOCK_F=down_block_f,
-            BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
+        torch.library.wrap_triton(_expert_gate_up_swiglu_kernel)[(E + S * shared_tiles,
+                                                                  triton.cdiv(F, gate_up_block_f))](
+            x_TD, order_N, ends_E, gate_up_E2FD, shared[0], shared[1], h_NF, T, K, S, E, D, F,
+            BLOCK_F=gate_up_block_f, BLOCK_D=gate_up_block_d, BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps,
+            num_stages=num_stages)
+        torch.library.wrap_triton(_expert_down_kernel)[(E + shared_tiles, triton.cdiv(D, down_block_d))](
+            h_NF, order_N, ends_E, down_EDF, shared[2], y_ND, T, K, S, E, D, F, BLOCK_D=down_block_d,
+            BLOCK_F=down_block_f, BLOCK_S=block_s, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
         torch.library.wrap_triton(_combine_kernel)[(T, triton.cdiv(D, combine_block_d))](
-            y_ND, weight_TK, out_TD, K, D, BLOCK_D=combine_block_d, num_warps=num_warps)
+            y_ND, weight_TK, out_TD, T, K, S, D, BLOCK_D=combine_block_d, num_warps=num_warps)
         return out_TD
 
     @routed_experts_decode_by_expert.register_fake
-    def _routed_experts_decode_by_expert_fake(x_TD, order_N, ends_E, weight_TK, gate_up_E2FD, down_EDF, *blocks,
-                                              **named_blocks):
+    def _routed_experts_decode_by_expert_fake(x_TD, order_N, ends_E, weight_TK, gate_up_E2FD, down_EDF,
+                                              *shared_and_blocks, **named):
         return x_TD.new_empty(weight_TK.shape[0], down_EDF.shape[1])
