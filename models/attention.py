@@ -98,12 +98,15 @@ class CacheStep:
     num_keys: int
     mask_B1TS: torch.Tensor  # bool, True = may attend
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's (cos, sin) where the fused cache step made them
+    # the caller's word that this step appends one generated token a row (generate()'s and the serving engine's decode
+    # steps), not prompt tokens: only such a step may take the fused decode attention (``MLA.fused_decode_attention``)
+    decode: bool = False
 
 
 def prepare_attention(input_ids_BT: torch.Tensor, positions: torch.Tensor | None,
                       attention_mask_BS: torch.Tensor | None, cache: MLACache | None,
                       cache_position: torch.Tensor | None, document_ids_BT: torch.Tensor | None = None,
-                      rotary: RotaryEmbedding | None = None):
+                      rotary: RotaryEmbedding | None = None, decode: bool = False):
     """RoPE positions (B, T), the boolean attention mask (B, 1, T, S) or None (plain causal), and the
     cache step (None without a cache). With a cache this also writes the key mask / real-token counts
     and advances ``cache.length`` (dynamic mode). See ``MoETransformer`` for the argument semantics.
@@ -140,7 +143,7 @@ def prepare_attention(input_ids_BT: torch.Tensor, positions: torch.Tensor | None
         fused = _fused_cache_step(attention_mask_BS, slots_T, cache, num_keys, rotary)
         if fused is not None:
             positions, mask, cos, sin = fused
-            return positions, mask, CacheStep(cache, slots_T, num_keys, mask, (cos, sin))
+            return positions, mask, CacheStep(cache, slots_T, num_keys, mask, (cos, sin), decode)
     new_real_BT = (attention_mask_BS[:, -T:].to(device=dev, dtype=torch.bool) if attention_mask_BS is not None
                    else torch.ones(B, T, dtype=torch.bool, device=dev))
     cache.key_mask_BS.index_copy_(1, slots_T, new_real_BT)
@@ -150,7 +153,7 @@ def prepare_attention(input_ids_BT: torch.Tensor, positions: torch.Tensor | None
                      else cache.num_real_B[:, None] + (new_real_BT.long().cumsum(1) - 1).clamp_min(0))
     cache.num_real_B.add_(new_real_BT[:, 0] if T == 1 else new_real_BT.sum(1))
     mask = _attention_mask(slots_T, _slot_ids(cache, dev)[:num_keys], cache.key_mask_BS[:, :num_keys])
-    return positions, mask, CacheStep(cache, slots_T, num_keys, mask)
+    return positions, mask, CacheStep(cache, slots_T, num_keys, mask, None, decode)
 
 
 def _slot_ids(cache: MLACache, device: torch.device) -> torch.Tensor:
@@ -445,7 +448,7 @@ class MLA(nn.Module):
         """The fused decode attention (kernels/mla_decode.py) where ``fused_decode_attention`` may take this call
         (decode-sized: the bmm branch's bound, and ``kernel_applies``): its launcher, or under torch.compile its
         custom op (opaque to the compiler); else None."""
-        if (not self.fused_decode_attention or q_lat_BHTR.device.type not in self.kernel_devices
+        if (not self.fused_decode_attention or not step.decode or q_lat_BHTR.device.type not in self.kernel_devices
                 or q_lat_BHTR.numel() // q_lat_BHTR.shape[-1] * step.num_keys > self.absorbed_bmm_max_scores):
             return None
         from .kernels import mla_decode  # imports triton, an optional dependency CPU training need not load

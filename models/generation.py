@@ -207,7 +207,8 @@ class _CachedDecoder:
     def step(self, next_B: torch.Tensor, real_B: torch.Tensor) -> torch.Tensor:
         self.mask_BS[:, self.len] = real_B
         self.len += 1
-        return self._call(next_B[:, None], cache=self.cache, attention_mask_BS=self.mask_BS[:, : self.len])
+        return self._call(next_B[:, None], cache=self.cache, attention_mask_BS=self.mask_BS[:, : self.len],
+                          decode=True)
 
     def routing_per_row(self, mask_BP: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
         all_LBSK = torch.cat(self.routes, dim=2).cpu()  # (L, B, P + steps, K)
@@ -326,7 +327,7 @@ class _GraphDecoder(_CachedDecoder):
     def _static_step(self, fn) -> torch.Tensor:
         e = self.e
         out = fn(e["tok_B1"], cache=self.cache, cache_position=e["slot_1"], attention_mask_BS=e["real_B1"],
-                 last_logits_only=True, return_router_choices=self.record, router_stats=False)
+                 last_logits_only=True, return_router_choices=self.record, router_stats=False, decode=True)
         if self.record:
             e["route_LB1K"] = out.aux["router_choices"]
         return out.logits[:, -1]

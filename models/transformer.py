@@ -167,6 +167,10 @@ class MoETransformer(nn.Module):
       written at slots [cache.length, cache.length + T) (or at ``cache_position`` (T,) int64, the
       static CUDA-graph mode) and attend to every earlier real slot. Prefill = a call with the
       prompt, decode = calls with T = 1. Logits equal the full forward's.
+    - decode: the call appends one generated token a row (a decode step of ``generate`` or the serving
+      engine), not prompt tokens. Only such a call may take the fused MLA decode attention: the path of a
+      token's attention must not depend on how its prompt was chunked (a 1-token prefill chunk is T = 1
+      too, and would otherwise take the kernel where a whole-prompt prefill takes the formula).
     - document_ids_BT (B, T): packed rows of several documents (runs of equal ids): attention is
       block-diagonal causal and RoPE positions restart per document (no cache, no attention_mask_BS).
     - with_losses: compute the balancing losses (default: when targets are given); without targets
@@ -274,11 +278,12 @@ class MoETransformer(nn.Module):
                 forced_routing: list[torch.Tensor] | None = None, last_logits_only: bool = False,
                 return_hidden: bool = False, return_router_choices: bool = False,
                 document_ids_BT: torch.Tensor | None = None, with_losses: bool | None = None,
-                mtp_boundary_BT: torch.Tensor | None = None, router_stats: bool = True) -> ModelOutput:
+                mtp_boundary_BT: torch.Tensor | None = None, router_stats: bool = True,
+                decode: bool = False) -> ModelOutput:
         cfg = self.cfg
         with_losses = targets is not None if with_losses is None else with_losses
         positions, mask, step = prepare_attention(input_ids_BT, positions, attention_mask_BS, cache, cache_position,
-                                                  document_ids_BT, rotary=self.rotary)
+                                                  document_ids_BT, rotary=self.rotary, decode=decode)
         # a one-token cache step's cos/sin may come with it (kernels/cache_step.py: one launch for both)
         cos, sin = step.rope if step is not None and step.rope is not None else self.rotary(positions)
         x_BTD = self._embed(input_ids_BT)

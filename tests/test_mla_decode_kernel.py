@@ -368,6 +368,42 @@ def test_engine_equals_generate_with_the_kernel(mk, device, monkeypatch):
     assert_generate_equals(model, prompts, got, 5)
 
 
+def test_only_decode_steps_take_the_kernel_not_one_token_prefill_chunks(mk, device, monkeypatch):
+    """A token's attention path must not depend on how its prompt was chunked. The engine's prefill planner gives a
+    prompt a 1-token chunk where one token of the step's budget is left (T = 1, shaped like a decode step); that chunk
+    took the kernel where generate()'s whole-prompt prefill took the formula, so the caches parted and in bf16 the
+    greedy tokens did (the H100's engine tests, 2026-12-08: request 5's first chunk was 1 token). Only calls marked
+    ``decode=True`` (generate()'s and the engine's decode steps) take it now."""
+    from moeflow.models.generation import generate
+    from moeflow.models.serving import Engine
+
+    monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
+    monkeypatch.setattr(MLA, "fused_decode_attention", True)
+    model = kernel_test_model(device)
+    L = model.cfg.num_layers
+    counted = _Counted(mk, monkeypatch)
+    with torch.no_grad():
+        model(torch.tensor([[5]], device=device), cache=model.new_cache(1, 8))  # a 1-token prompt's prefill
+        assert counted.calls == 0
+        model(torch.tensor([[6]], device=device), cache=model.new_cache(1, 8), decode=True)
+        assert counted.calls == L
+    generate(model, [[5]], 3)  # the prefill: the formula; two decode steps: the kernel
+    assert counted.calls == 3 * L
+    chunks = []
+    real_chunk = Engine._prefill_chunk
+
+    def chunk(engine, seq, n, out):
+        before = counted.calls
+        real_chunk(engine, seq, n, out)
+        chunks.append((n, counted.calls - before))
+
+    monkeypatch.setattr(Engine, "_prefill_chunk", chunk)
+    prompts = kernel_test_prompts((3, 17, 1, 30, 9, 24))
+    engine = Engine(model, max_batch=3, prefill_chunk=8, cache_len=65, decode_mode="static")
+    engine_greedy_tokens(engine, prompts, 6)
+    assert (1, 0) in chunks and all(calls == 0 for _, calls in chunks), chunks
+
+
 def test_torch_compile_keeps_the_op_opaque(mk, device, monkeypatch):
     """Under torch.compile the kernel is the custom op ``moeflow.mla_decode_attention`` in the FX graph (no bmm, no
     softmax: opaque to the compiler, run by the launcher), with the eager kernel's logits; switched off, the graph
@@ -386,8 +422,8 @@ def test_torch_compile_keeps_the_op_opaque(mk, device, monkeypatch):
 
         torch._dynamo.reset()
         with torch.no_grad():
-            got = torch.compile(model, backend=keep_graph)(ids, cache=model.new_cache(2, 8)).logits
-            want = model(ids, cache=model.new_cache(2, 8)).logits
+            got = torch.compile(model, backend=keep_graph)(ids, cache=model.new_cache(2, 8), decode=True).logits
+            want = model(ids, cache=model.new_cache(2, 8), decode=True).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert counted.op_calls == (model.cfg.num_layers if fused else 0)
         targets = " ".join(str(node.target) for gm in graphs for node in gm.graph.nodes)

@@ -318,7 +318,7 @@ class Engine:
             real_B1 = host_to_device(real, torch.bool, self.device)[:, None]
             view = self.slots.rows_view(num_rows)
             logits_BV = self.model(self.next_tok_B[:num_rows, None], cache=view, attention_mask_BS=real_B1,
-                                   last_logits_only=True, router_stats=False).logits[:, -1]
+                                   last_logits_only=True, router_stats=False, decode=True).logits[:, -1]
         self.slots.advance(rows)
         self._sample(seqs, _take_rows(logits_BV, rows))  # free slots below the last live one are left out
 

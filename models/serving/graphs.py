@@ -93,7 +93,7 @@ class StaticDecoder:
         view = self.slots.static_view(b, w)
         out = self._fn(self.tok_B1[:b], cache=view, cache_position=self.slot_1,
                        attention_mask_BS=self.real_B1[:b], last_logits_only=True,
-                       router_stats=False)
+                       router_stats=False, decode=True)
         return out.logits[:, -1]
 
     def run(self, real: list[bool], cursor: int) -> torch.Tensor:
