@@ -283,10 +283,11 @@ class MLA(nn.Module):
     # call). benchmarks/bench_decode.py "+nocachewrite" is the row without it.
     fused_cache_write: bool = True
     # Decode-sized absorbed attention (the bmm branch: cat, bmm, cast, masked_fill, scale, softmax, cast, bmm: 8
-    # kernels a layer) as one Triton launch, two with a key split (kernels/mla_decode.py), where it is safe, the
-    # rules of ``RMSNorm.fused_inference`` (no gradient needed, a device in ``kernel_devices``, Triton importable,
-    # one-token decode steps (``mla_decode.MAX_T``): ``kernel_applies`` has the rest), and under torch.compile too, as a
-    # custom op opaque to the compiler (inductor has no fused kernel for the two bmm's). The same function up to
+    # kernels a layer, and the einsum with W_uv after them) as one Triton launch, two with a key split
+    # (kernels/mla_decode.py), where it is safe, the rules of ``RMSNorm.fused_inference`` (no gradient needed, a
+    # device in ``kernel_devices``, Triton importable, one-token decode steps (``mla_decode.MAX_T``):
+    # ``kernel_applies`` has the rest), and under torch.compile too, as a custom op opaque to the compiler (inductor
+    # has no fused kernel for the two bmm's). The same function up to
     # fp32 sum order, except that its scores stay fp32 where the formula rounds them to the queries' dtype (closer
     # to float64, tested); generate() and the serving engine both take it. Measured on a GPU (H200, 2026-12-07,
     # RESULTS.md "Serving"): the default graph engine step ran 838 vs 773 tok/s at batch 1 and 16,712 vs 15,541 at
@@ -298,7 +299,11 @@ class MLA(nn.Module):
     # the cache's columns (the engine's right-aligned slot rows vs generate()'s [0, n); kernels/mla_decode.py
     # "Layout invariance"). Unrounded numerators alone (the next H100 call: 1,380 vs 1,216 tok/s, 22,365 vs 20,502)
     # still failed both engine tests; the key blocks now also start at the row's first allowed key (bit-equal across
-    # layouts in the interpreter, not yet run on a GPU). Off by default until that GPU test has passed:
+    # layouts in the interpreter, not yet run on a GPU). The value up-projection after it (the einsum of o_lat with
+    # W_uv) now runs in the same launches (``w_uv_HVR``: in the combine with a key split, in the attention kernel's
+    # epilogue without): one launch a layer fewer (a bench_ref step 103 -> 95 counted on the CPU,
+    # benchmarks/count_decode_launches.py --modes +mla), its output that einsum's up to fp32 sum order (its rounding
+    # points: o_lat rounded first), not yet measured on a GPU. Off by default until that GPU test has passed:
     # `bash benchmarks/gpu_kernels.sh`, engine mode "+mla".
     fused_decode_attention: bool = False
     # A one-token cache step's bookkeeping before the first layer (the key mask's slot, the real-token counts, the
@@ -420,10 +425,10 @@ class MLA(nn.Module):
         kv_lat_BSR = k_BSX[..., : self.kv_lora_rank]                     # the value: the latent columns of it
         w_uk_HNR, w_uv_HVR = self.absorbed_weights()
         q_lat_BHTR = torch.einsum("bthn,hnr->bhtr", q_nope_BTHN, w_uk_HNR)
-        fused = self._fused_decode(q_lat_BHTR, q_rot_BTHP, cache.kv[i], step)
-        if fused is not None:  # the block below (cat → second bmm) in one or two launches
-            o_lat_BHTR = fused(q_lat_BHTR, q_rot_BTHP, cache.kv[i], step.mask_B1TS, step.num_keys, self.softmax_scale)
-            return torch.einsum("bhtr,hvr->bthv", o_lat_BHTR, w_uv_HVR)
+        fused = self._fused_decode(q_lat_BHTR, q_rot_BTHP, cache.kv[i], w_uv_HVR, step)
+        if fused is not None:  # the block below (cat → second bmm) and the final einsum in one or two launches
+            return fused(q_lat_BHTR, q_rot_BTHP, cache.kv[i], step.mask_B1TS, step.num_keys, self.softmax_scale,
+                         w_uv_HVR)
         q_BHTX = torch.cat([q_lat_BHTR, q_rot_BTHP.transpose(1, 2)], dim=-1)
         B, H, T, X = q_BHTX.shape
         if B * H * T * step.num_keys <= self.absorbed_bmm_max_scores:
@@ -441,15 +446,15 @@ class MLA(nn.Module):
                 attn_mask=step.mask_B1TS, scale=self.softmax_scale)
         return torch.einsum("bhtr,hvr->bthv", o_lat_BHTR, w_uv_HVR)
 
-    def _fused_decode(self, q_lat_BHTR, q_rot_BTHP, kv_BSX, step: CacheStep):
-        """The fused decode attention (kernels/mla_decode.py) where ``fused_decode_attention`` may take this call
-        (decode-sized: the bmm branch's bound, and ``kernel_applies``): its launcher, or under torch.compile its
-        custom op (opaque to the compiler); else None."""
+    def _fused_decode(self, q_lat_BHTR, q_rot_BTHP, kv_BSX, w_uv_HVR, step: CacheStep):
+        """The fused decode attention (kernels/mla_decode.py) with the value up-projection where
+        ``fused_decode_attention`` may take this call (decode-sized: the bmm branch's bound, and ``kernel_applies``):
+        its launcher, or under torch.compile its custom op (opaque to the compiler); else None."""
         if (not self.fused_decode_attention or q_lat_BHTR.device.type not in self.kernel_devices
                 or q_lat_BHTR.numel() // q_lat_BHTR.shape[-1] * step.num_keys > self.absorbed_bmm_max_scores):
             return None
         from .kernels import mla_decode  # imports triton, an optional dependency CPU training need not load
 
-        if not mla_decode.kernel_applies(q_lat_BHTR, q_rot_BTHP, kv_BSX, step.mask_B1TS, step.num_keys):
+        if not mla_decode.kernel_applies(q_lat_BHTR, q_rot_BTHP, kv_BSX, step.mask_B1TS, step.num_keys, w_uv_HVR):
             return None
         return mla_decode.mla_decode_attention_op if torch.compiler.is_compiling() else mla_decode.mla_decode_attention
