@@ -89,11 +89,12 @@ STATED_BW = 4.3e12  # BENCHMARKS.md: H200 copy bandwidth
 
 
 # engine mode flag -> (the class, its switch) it sets: "+norm" on, "+nonorm" off (likewise rope, cachewrite, cachestep,
-# router, routerlogits, mla, boundary, sharedfold)
+# router, routerlogits, mla, vproj (with mla: the value up-projection in its launches), boundary, sharedfold)
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "cachestep": (MLA, "fused_cache_step"),
                   "router": (Router, "fused_inference"),
                   "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention"),
+                  "vproj": (MLA, "fused_value_projection"),
                   "boundary": (MoETransformer, "defer_residual_add"), "sharedfold": (DeepSeekMoE, "fused_shared")}
 
 

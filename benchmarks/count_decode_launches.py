@@ -38,6 +38,7 @@ SWITCHES = {"norm": ("layers", "RMSNorm", "fused_inference"), "rope": ("layers",
             "cachewrite": ("attention", "MLA", "fused_cache_write"),
             "cachestep": ("attention", "MLA", "fused_cache_step"), "router": ("moe", "Router", "fused_inference"),
             "routerlogits": ("moe", "Router", "fused_logits"), "mla": ("attention", "MLA", "fused_decode_attention"),
+            "vproj": ("attention", "MLA", "fused_value_projection"),
             "boundary": ("transformer", "MoETransformer", "defer_residual_add"),
             "sharedfold": ("moe", "DeepSeekMoE", "fused_shared")}
 # classes whose kernel_devices must include the CPU for their kernels to run here

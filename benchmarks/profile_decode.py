@@ -66,6 +66,7 @@ def build_model(preset: str) -> MoETransformer:
 FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding, "fused_inference"),
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
                   "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention"),
+                  "vproj": (MLA, "fused_value_projection"),
                   "boundary": (MoETransformer, "defer_residual_add"), "sharedfold": (DeepSeekMoE, "fused_shared")}
 
 

@@ -286,10 +286,11 @@ class MLA(nn.Module):
     # call). benchmarks/bench_decode.py "+nocachewrite" is the row without it.
     fused_cache_write: bool = True
     # Decode-sized absorbed attention (the bmm branch: cat, bmm, cast, masked_fill, scale, softmax, cast, bmm: 8
-    # kernels a layer) as one Triton launch, two with a key split (kernels/mla_decode.py), where it is safe, the
-    # rules of ``RMSNorm.fused_inference`` (no gradient needed, a device in ``kernel_devices``, Triton importable,
-    # one-token decode steps (``mla_decode.MAX_T``): ``kernel_applies`` has the rest), and under torch.compile too, as a
-    # custom op opaque to the compiler (inductor has no fused kernel for the two bmm's). The same function up to
+    # kernels a layer, and the einsum with W_uv after them) as one Triton launch, two with a key split
+    # (kernels/mla_decode.py), where it is safe, the rules of ``RMSNorm.fused_inference`` (no gradient needed, a
+    # device in ``kernel_devices``, Triton importable, one-token decode steps (``mla_decode.MAX_T``):
+    # ``kernel_applies`` has the rest), and under torch.compile too, as a custom op opaque to the compiler (inductor
+    # has no fused kernel for the two bmm's). The same function up to
     # fp32 sum order, except that its scores stay fp32 where the formula rounds them to the queries' dtype (closer
     # to float64, tested); generate() and the serving engine both take it. Measured on a GPU (H200, 2026-12-07,
     # RESULTS.md "Serving"): the default graph engine step ran 838 vs 773 tok/s at batch 1 and 16,712 vs 15,541 at
@@ -300,10 +301,22 @@ class MLA(nn.Module):
     # chunks, parted at its fourth token). The cause: the kernel's output depended on where a row's keys sit among
     # the cache's columns (the engine's right-aligned slot rows vs generate()'s [0, n); kernels/mla_decode.py
     # "Layout invariance"). Unrounded numerators alone (the next H100 call: 1,380 vs 1,216 tok/s, 22,365 vs 20,502)
-    # still failed both engine tests; the key blocks now also start at the row's first allowed key (bit-equal across
-    # layouts in the interpreter, not yet run on a GPU). Off by default until that GPU test has passed:
-    # `bash benchmarks/gpu_kernels.sh`, engine mode "+mla".
+    # still failed both engine tests; the key blocks now also start at the row's first allowed key. On the H100
+    # (2026-12-08) that made the layout test bit-equal on the GPU too (and the row 1,617 vs 1,472 tok/s at batch 1,
+    # 23,721 vs 22,214 at 32 against the new defaults), but both engine tests still failed: not the layout, the
+    # path. The engine's prefill planner gives a prompt a 1-token chunk where one token of a step's budget is left;
+    # T = 1 took the kernel there while generate()'s whole-prompt prefill took the formula. So only calls marked
+    # ``decode=True`` take it now (``CacheStep.decode``: generate()'s and the engine's decode steps; a CPU test
+    # counts no kernel call in any prefill chunk). Not yet re-run on a GPU. The value up-projection after it (the
+    # einsum of o_lat with W_uv) now runs in the same launches (``w_uv_HVR``: in the combine with a key split, in the
+    # attention kernel's epilogue without; ``fused_value_projection``): one launch a layer fewer (a bench_ref step
+    # 103 -> 95 counted on the CPU, benchmarks/count_decode_launches.py --modes +mla), its output that einsum's up to
+    # fp32 sum order (its rounding points: o_lat rounded first), not yet measured on a GPU. Off by default until the
+    # engine tests pass on a GPU: `bash benchmarks/gpu_kernels.sh`, engine modes "+mla", "+mla+novproj".
     fused_decode_attention: bool = False
+    # With the fused decode attention: the value up-projection in its launches (above) or the einsum after it
+    # (False: benchmarks/bench_decode.py "+mla+novproj", the row that says what the fold buys on a GPU).
+    fused_value_projection: bool = True
     # A one-token cache step's bookkeeping before the first layer (the key mask's slot, the real-token counts, the
     # RoPE positions, the boolean mask: 13 kernels) and its RoPE cos/sin (6 more, ``RotaryEmbedding.forward``) as one
     # Triton launch (kernels/cache_step.py, ``prepare_attention``), where it is safe, the rules of
@@ -312,8 +325,9 @@ class MLA(nn.Module):
     # ``RotaryEmbedding.table``, the formula's own values), generate() and the serving engine both take it. On by
     # default (bit-equal). On a GPU (H100, 2026-12-07 late): the default graph engine step ran 1,213 vs 1,187 tok/s
     # at batch 1 and 20,577 vs 20,130 at batch 32 with it, its 128 tokens × 32 rows equal to the row without it, and
-    # the other kernels' graphed engine == generate() GPU tests passed with it on; its own GPU test
-    # (tests/test_cache_step_kernel.py -m gpu) stopped at a test bug (``table(.., "cuda")`` vs cuda:0, fixed after).
+    # the other kernels' graphed engine == generate() GPU tests passed with it on; its own GPU tests
+    # (tests/test_cache_step_kernel.py) all passed on the H100 on 2026-12-08 (bit-equal, no sync, graph replay,
+    # graphed engine == generate() and == the switch off): +2.4 % at batch 1, +2.2 % at 32 that call.
     # benchmarks/bench_decode.py "+nocachestep" is the row without it.
     fused_cache_step: bool = True
     # where those kernels may run; the CPU tests add "cpu" to run them in Triton's interpreter
@@ -423,10 +437,12 @@ class MLA(nn.Module):
         kv_lat_BSR = k_BSX[..., : self.kv_lora_rank]                     # the value: the latent columns of it
         w_uk_HNR, w_uv_HVR = self.absorbed_weights()
         q_lat_BHTR = torch.einsum("bthn,hnr->bhtr", q_nope_BTHN, w_uk_HNR)
-        fused = self._fused_decode(q_lat_BHTR, q_rot_BTHP, cache.kv[i], step)
-        if fused is not None:  # the block below (cat → second bmm) in one or two launches
-            o_lat_BHTR = fused(q_lat_BHTR, q_rot_BTHP, cache.kv[i], step.mask_B1TS, step.num_keys, self.softmax_scale)
-            return torch.einsum("bhtr,hvr->bthv", o_lat_BHTR, w_uv_HVR)
+        w_uv_fused = w_uv_HVR if self.fused_value_projection else None
+        fused = self._fused_decode(q_lat_BHTR, q_rot_BTHP, cache.kv[i], w_uv_fused, step)
+        if fused is not None:  # the block below (cat → second bmm) and the final einsum in one or two launches
+            out = fused(q_lat_BHTR, q_rot_BTHP, cache.kv[i], step.mask_B1TS, step.num_keys, self.softmax_scale,
+                        w_uv_fused)
+            return out if w_uv_fused is not None else torch.einsum("bhtr,hvr->bthv", out, w_uv_HVR)
         q_BHTX = torch.cat([q_lat_BHTR, q_rot_BTHP.transpose(1, 2)], dim=-1)
         B, H, T, X = q_BHTX.shape
         if B * H * T * step.num_keys <= self.absorbed_bmm_max_scores:
@@ -444,15 +460,16 @@ class MLA(nn.Module):
                 attn_mask=step.mask_B1TS, scale=self.softmax_scale)
         return torch.einsum("bhtr,hvr->bthv", o_lat_BHTR, w_uv_HVR)
 
-    def _fused_decode(self, q_lat_BHTR, q_rot_BTHP, kv_BSX, step: CacheStep):
-        """The fused decode attention (kernels/mla_decode.py) where ``fused_decode_attention`` may take this call
-        (decode-sized: the bmm branch's bound, and ``kernel_applies``): its launcher, or under torch.compile its
-        custom op (opaque to the compiler); else None."""
+    def _fused_decode(self, q_lat_BHTR, q_rot_BTHP, kv_BSX, w_uv_HVR, step: CacheStep):
+        """The fused decode attention (kernels/mla_decode.py), with the value up-projection where
+        ``fused_value_projection`` (``w_uv_HVR`` None: without), where ``fused_decode_attention`` may take this call
+        (a decode step, decode-sized: the bmm branch's bound, and ``kernel_applies``): its launcher, or under
+        torch.compile its custom op (opaque to the compiler); else None."""
         if (not self.fused_decode_attention or not step.decode or q_lat_BHTR.device.type not in self.kernel_devices
                 or q_lat_BHTR.numel() // q_lat_BHTR.shape[-1] * step.num_keys > self.absorbed_bmm_max_scores):
             return None
         from .kernels import mla_decode  # imports triton, an optional dependency CPU training need not load
 
-        if not mla_decode.kernel_applies(q_lat_BHTR, q_rot_BTHP, kv_BSX, step.mask_B1TS, step.num_keys):
+        if not mla_decode.kernel_applies(q_lat_BHTR, q_rot_BTHP, kv_BSX, step.mask_B1TS, step.num_keys, w_uv_HVR):
             return None
         return mla_decode.mla_decode_attention_op if torch.compiler.is_compiling() else mla_decode.mla_decode_attention

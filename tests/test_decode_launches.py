@@ -47,9 +47,11 @@ def test_each_switch_removes_what_it_claims(counts):
     # the add come back
     assert counts["+nosharedfold"]["moe_layer"] - base["moe_layer"] == 6
     assert "aten.silu" not in ops and "aten.silu" in counts["+nosharedfold"]["moe_layer_ops"]
-    # the MLA attention: cat, bmm, cast, masked_fill (and its mask's not), scale, softmax, cast, bmm -> 1 launch
+    # the MLA attention: cat, bmm, cast, where, scale, softmax, cast, bmm and the value up-projection's einsum -> 1
+    # launch (the one-split kernel at these 6 keys); the one einsum left is the query's absorption (W_uk)
     mla = counts["+mla"]["moe_layer_ops"]
-    assert base["moe_layer"] - counts["+mla"]["moe_layer"] >= 7 and "aten.softmax" not in mla
+    assert base["moe_layer"] - counts["+mla"]["moe_layer"] == 8 and "aten.softmax" not in mla
+    assert mla.get("aten.einsum") == 1 and base["moe_layer_ops"].get("aten.einsum") == 2, mla
     assert counts["+mla"]["dense_layer"] == counts["+mla"]["moe_layer"] - (base["moe_layer"] - base["dense_layer"])
 
 
@@ -58,7 +60,8 @@ def test_the_formula_attention_masks_in_one_launch(counts):
     ``masked_fill``: a launch a layer fewer, the same values)."""
     ops = counts["default"]["moe_layer_ops"]
     assert ops.get("aten.where") == 1 and "aten.bitwise_not" not in ops and "aten.masked_fill" not in ops, ops
-    assert counts["default"]["dense_layer"] - counts["+mla"]["dense_layer"] == 7  # where, not 8, the kernel replaces
+    # where, not masked_fill and not: the kernel replaces 8 (7 of the attention's, the einsum after it)
+    assert counts["default"]["dense_layer"] - counts["+mla"]["dense_layer"] == 8
 
 
 def test_block_boundary_add_lives_in_the_next_norm(counts):

@@ -35,6 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 # output ulp at 1.0 of each dtype: the slack allowed beyond the formula's own distance from float64, in units of
 # the largest |output| (both round their output once; the kernel's sums differ in order)
 ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-23}
+# stored mantissa bits: an ulp of x in [2^(e-1), 2^e) is 2^(e-1-bits)
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
 
 @pytest.fixture(scope="module")
@@ -180,21 +182,89 @@ def test_a_rows_output_does_not_depend_on_where_its_keys_sit(mk, device, offset,
     row's first allowed key, so the same keys share a block in both; before, blocks started at column 0 and
     numerators rounded relative to the running max parted 1.5-7 % of the outputs (the engine then left
     generate()'s greedy tokens on an H100). ``exact_p=False`` (one rounding of each numerator) holds the alignment
-    alone to it."""
-    n, H, R, P = 50, 16, 64, 32
+    alone to it. With the value up-projection in the kernel (``w_uv_HVR``, the model's call; a strided view as
+    ``MLA.absorbed_weights``'): the same, in the combine (S 130, 300) and in the one-split epilogue (S 128)."""
+    n, H, R, P, V = 50, 16, 64, 32, 32
     g = torch.Generator().manual_seed(offset)
     q_lat = torch.randn(1, 1, H, R, generator=g).bfloat16().to(device).transpose(1, 2)
     q_rot = torch.randn(1, 1, H, P, generator=g).bfloat16().to(device)
     keys = (torch.randn(n, R + P, generator=g) * 2).bfloat16().to(device)
-    dense = mk.mla_decode_attention(q_lat, q_rot, keys[None], torch.ones(1, 1, 1, n, dtype=torch.bool, device=device),
-                                    n, 0.3, exact_p=exact_p)
     kv = torch.randn(1, S, R + P, generator=g).bfloat16().to(device)  # other requests' keys, masked
     kv[0, offset:offset + n] = keys
     mask = torch.zeros(1, 1, 1, S, dtype=torch.bool, device=device)
     mask[..., offset:offset + n] = True
-    sparse = mk.mla_decode_attention(q_lat, q_rot, kv, mask, S, 0.3, exact_p=exact_p)
+    w_uv = torch.randn(H, 16 + V, R, generator=g).bfloat16().to(device)[:, 16:] if exact_p else None
     assert mk.key_splits(S)[1] > 1 or offset % 64  # another split or another block boundary than the dense call's
-    assert torch.equal(sparse, dense), (sparse != dense).float().mean().item()
+    for w in (None, w_uv) if exact_p else (None,):
+        dense = mk.mla_decode_attention(q_lat, q_rot, keys[None],
+                                        torch.ones(1, 1, 1, n, dtype=torch.bool, device=device), n, 0.3, w,
+                                        exact_p=exact_p)
+        sparse = mk.mla_decode_attention(q_lat, q_rot, kv, mask, S, 0.3, w, exact_p=exact_p)
+        assert torch.equal(sparse, dense), (w is None, (sparse != dense).float().mean().item())
+
+
+# --------------------------------------------------------------------------- the value up-projection in the kernel
+def _w_uv(H, V, R, dtype, device, seed, nope=24):
+    """W_uv (H, V, R) as ``MLA.absorbed_weights`` gives it: the value rows of a kv_b_proj weight (H·(N + V), R),
+    a strided view (head stride (N + V)·R), not contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    w_HXR = (torch.randn(H * (nope + V), R, generator=g) * R**-0.5).to(device=device, dtype=dtype).view(H, -1, R)
+    return w_HXR[:, nope:]
+
+
+def _check_projected(mk, q_lat, q_rot, kv, mask, S, scale, w_uv, **kw):
+    """The kernel with ``w_uv`` against the kernel's o_lat then the model's einsum, and against float64.
+
+    The two compute the same products of the same rounded o_lat and W_uv (exact in fp32 for the 16-bit dtypes,
+    each rounded once in fp32) and sum them over R in fp32 in another order, then round to the dtype once. Two fp32
+    sums of the same R terms each lie within γ_R · Σ|terms| (γ_R ≈ R · 2⁻²⁴) of the exact sum, so they differ by at
+    most 2 · R · 2⁻²⁴ · Σ_r |o_r · w_vr| before the final rounding, and by at most one ulp of the dtype (where they
+    fall on either side of a rounding boundary) plus that after it: the bound below, per element. Against float64
+    (the formula's o_lat in float64 times W_uv in float64): no farther than the unfused kernel + einsum, plus a
+    fraction of an output ulp (``_check``'s rule) or in fp32 the sum-order bound."""
+    got = mk.mla_decode_attention(q_lat, q_rot, kv, mask, S, scale, w_uv, **kw)
+    o_lat = mk.mla_decode_attention(q_lat, q_rot, kv, mask, S, scale, **kw)
+    want = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)
+    B, H, T, R = q_lat.shape
+    assert got.shape == (B, T, H, w_uv.shape[1]) and got.dtype == q_lat.dtype and got.is_contiguous()
+    assert torch.equal(got.isnan(), want.isnan())
+    rows = ~want.isnan()
+    mag = torch.einsum("bhtr,hvr->bthv", o_lat.double().abs(), w_uv.double().abs())
+    larger = torch.maximum(got.double().abs(), want.double().abs()).clamp_min(2.0**-100)
+    ulp = torch.ldexp(torch.ones_like(larger), torch.frexp(larger)[1] - 1 - MANTISSA_BITS[q_lat.dtype])
+    bound = ulp + 2 * R * 2.0**-24 * mag
+    assert ((got.double() - want.double()).abs() <= bound)[rows].all(), (got.double() - want.double()).abs().max()
+    exact = torch.einsum("bhtr,hvr->bthv", formula(q_lat, q_rot, kv, mask, S, scale, torch.float64), w_uv.double())
+    top = exact[rows].abs().max().item()
+    err_fused = (got.double() - exact)[rows].abs().max().item()
+    err_unfused = (want.double() - exact)[rows].abs().max().item()
+    # in 16-bit dtypes the output's rounding dominates (``_check``'s fraction of an ulp); in fp32 the sums' order
+    # over R is all that separates them (seen in the interpreter: 8.4e-7 against 5.4e-7, 1.3 ulps at the top)
+    slack = max(ULP[q_lat.dtype] * top, bound[rows].max().item())
+    assert err_fused <= err_unfused + slack, (err_fused, err_unfused, slack)
+    return got, want
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on 0/0
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_value_projection_in_the_kernel_is_o_lat_then_the_einsum(mk, device, dtype):
+    """``w_uv_HVR`` (the strided view of a kv_b_proj weight): the up-projected output equals the kernel's o_lat then
+    ``einsum("bhtr,hvr->bthv")`` within the fp32 sum-order bound of ``_check_projected`` (bit for bit in bf16 in
+    the interpreter), and is no farther from float64. One split (64 keys: the attention kernel's epilogue) and
+    three (300 keys: the combine), 16 heads at batch 2 of ragged rows; the tiny model's 4 heads at batch 3
+    (dots padded: R 32, V 16); 16 heads at T = 5 (80 rows: two blocks of 64, the second's first head 12, heads
+    split across its rows). A fully masked query: NaN across V, as the einsum of its NaN o_lat."""
+    for B, H, T, R, P, V, S in [(2, 16, 1, 64, 32, 32, 64), (2, 16, 1, 64, 32, 32, 300), (3, 4, 1, 32, 8, 16, 300),
+                                (1, 16, 5, 32, 8, 16, 40), (1, 16, 5, 32, 8, 16, 300)]:
+        q_lat, q_rot, kv = _inputs(B, H, T, R, P, S, dtype, device, seed=S + T)
+        mask = _ragged_mask(B, T, S, device, seed=S)
+        mask[-1, 0, -1] = False  # the last row's last query sees nothing: NaN
+        w_uv = _w_uv(H, V, R, dtype, device, seed=S)
+        assert not w_uv.is_contiguous()
+        got, want = _check_projected(mk, q_lat, q_rot, kv, mask, S, 0.2, w_uv)
+        assert got[-1, -1].isnan().all() and not got[:-1].isnan().any() and not got[-1, :-1].isnan().any()
+        if dtype == torch.bfloat16 and device == "cpu":
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=str((B, H, T, S)))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on 0/0
@@ -269,6 +339,11 @@ def test_kernel_applies_table(mk):
         assert not mk.kernel_applies(*args), [tuple(getattr(t, "shape", ())) for t in args[:4]]
     if torch.cuda.is_available():
         assert not mk.kernel_applies(q_lat.cuda(), q_rot.cuda(), kv, mask.cuda(), 17)  # the cache elsewhere
+    w_uv = torch.zeros(4, 40, 32)[:, 24:]  # W_uv (H, V, R), a strided view as MLA's
+    assert mk.kernel_applies(q_lat, q_rot, kv, mask, 17, w_uv)
+    for bad in (w_uv[:3], w_uv[..., :16], w_uv.double(), torch.zeros(4, mk.MAX_V + 1, 32), w_uv[:, :0],
+                w_uv.clone().requires_grad_(True)):  # another H, R, dtype; V past MAX_V, empty; training
+        assert not mk.kernel_applies(q_lat, q_rot, kv, mask, 17, bad), tuple(bad.shape)
 
 
 # --------------------------------------------------------------------------- where MLA takes it
@@ -334,6 +409,43 @@ def test_model_decodes_through_the_kernel_close_to_the_formula(mk, device, monke
     with torch.enable_grad():
         ids = torch.tensor([[5, 6, 7]], device=device)
         model(ids, cache=cache).logits.sum().backward()  # grad on: the formula (the wrapper would raise)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_step_projects_values_in_the_kernel_as_the_einsum_did(mk, device, monkeypatch, dtype):
+    """A decode step of the tiny model (batch 2, ragged prompts) with the kernel on: ``MLA`` passes its W_uv view
+    (kv_b_proj's rows, strided) to every layer's call and takes the (B, T, H, V) output as it is; its logits equal,
+    within the fp32 sum order, those of the step before (the kernel's o_lat, then the einsum), bit for bit in bf16
+    in the interpreter."""
+    monkeypatch.setattr(MLA, "kernel_devices", ("cuda", "cpu"))
+    monkeypatch.setattr(MLA, "fused_decode_attention", True)
+    model = kernel_test_model(device, dtype)
+    real = mk.mla_decode_attention
+    seen = []
+
+    def einsum_after(q_lat, q_rot, kv, mask, num_keys, scale, w_uv_HVR=None, **kw):
+        seen.append(w_uv_HVR)
+        return torch.einsum("bhtr,hvr->bthv", real(q_lat, q_rot, kv, mask, num_keys, scale, **kw), w_uv_HVR)
+
+    prompt = torch.tensor([[5, 17, 3, 99, 42], [7, 8, 9, 10, 11]], device=device)
+    logits = {}
+    with torch.no_grad():
+        for name, launcher, fold in (("fused", real, True), ("einsum after", einsum_after, True),
+                                     ("switch off", real, False)):
+            monkeypatch.setattr(mk, "mla_decode_attention", launcher)
+            monkeypatch.setattr(MLA, "fused_value_projection", fold)
+            cache = model.new_cache(2, 16)
+            model(prompt, cache=cache)  # the prefill: the formula (not a decode step)
+            logits[name] = model(torch.tensor([[6], [12]], device=device), cache=cache, decode=True).logits
+    attn = model.model.layers[0].self_attn
+    # MLA.fused_value_projection off: the kernel's o_lat, then MLA's own einsum (what "einsum after" does)
+    assert torch.equal(logits["switch off"], logits["einsum after"])
+    assert len(seen) == model.cfg.num_layers and not seen[0].is_contiguous()
+    assert seen[0].data_ptr() == attn.absorbed_weights()[1].data_ptr()
+    if dtype == torch.bfloat16 and device == "cpu":
+        assert torch.equal(logits["fused"], logits["einsum after"])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 on a GPU: an output ulp apart where the sums part
+    torch.testing.assert_close(logits["fused"], logits["einsum after"], rtol=tol, atol=tol)
 
 
 def test_bf16_model_decodes_through_the_kernel(mk, device, monkeypatch):
@@ -480,47 +592,62 @@ def build(fn, types, constexprs, warps):
             "mufu_ex2": sass.count("MUFU.EX2"), **fields}
 
 
-# (name, H, T, R, P, S, dtype): bench_ref decode (one split at S 128; split at 2,048), T = 2 and 4 (64 rows, 8
-# warps), fp32, DeepSeek-V3 (128 heads, R 512, P 64: 32-row blocks), the tiny model (padded dots)
-CASES = [("bench_ref", 16, 1, 256, 32, 128, "bf16"), ("bench_ref_split", 16, 1, 256, 32, 2048, "bf16"),
-         ("bench_ref_t2", 16, 2, 256, 32, 2048, "bf16"), ("bench_ref_t4", 16, 4, 256, 32, 128, "bf16"),
-         ("fp32", 16, 1, 256, 32, 2048, "fp32"), ("v3", 128, 1, 512, 64, 4096, "bf16"),
-         ("tiny", 4, 1, 32, 8, 300, "fp16")]
-for name, H, T, R, P, S, ty in CASES:
+# (name, H, T, R, P, V, S, dtype; V 0: o_lat out, no value up-projection): bench_ref decode (one split at S 128;
+# split at 2,048), with the projection (V 64) too, T = 2 and 4 (64 rows, 8 warps), fp32, DeepSeek-V3 (128 heads,
+# R 512, P 64, V 128: 32-row blocks), the tiny model (padded dots)
+CASES = [("bench_ref", 16, 1, 256, 32, 0, 128, "bf16"), ("bench_ref_split", 16, 1, 256, 32, 0, 2048, "bf16"),
+         ("bench_ref_v", 16, 1, 256, 32, 64, 128, "bf16"), ("bench_ref_v_split", 16, 1, 256, 32, 64, 2048, "bf16"),
+         ("bench_ref_t2", 16, 2, 256, 32, 0, 2048, "bf16"), ("bench_ref_t4", 16, 4, 256, 32, 0, 128, "bf16"),
+         ("bench_ref_t4_v", 16, 4, 256, 32, 64, 128, "bf16"), ("fp32", 16, 1, 256, 32, 0, 2048, "fp32"),
+         ("fp32_v", 16, 1, 256, 32, 64, 128, "fp32"), ("v3", 128, 1, 512, 64, 0, 4096, "bf16"),
+         ("v3_v", 128, 1, 512, 64, 128, 128, "bf16"), ("v3_v_split", 128, 1, 512, 64, 128, 4096, "bf16"),
+         ("tiny", 4, 1, 32, 8, 0, 300, "fp16"), ("tiny_v", 4, 1, 32, 8, 16, 64, "fp16")]
+for name, H, T, R, P, V, S, ty in CASES:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ty]
     split_len, num_splits = mk.key_splits(S)
     block_m, block_s, warps = mk.launch_config(H * T, R, dtype)
     block_r, block_p = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(P))
+    block_v, chunk_v, group_heads, _ = mk.projection_config(H, T, max(V, 1), R, dtype, block_m, V > 0)
     types = {"ql_ptr": f"*{ty}", "qr_ptr": f"*{ty}", "kv_ptr": f"*{ty}", "mask_ptr": "*u8", "out_ptr": f"*{ty}",
-             "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
-    constexprs = {"SPLIT_LEN": split_len, "R": R, "P": P, "BLOCK_M": block_m, "BLOCK_S": block_s,
-                  "BLOCK_R": block_r, "BLOCK_P": block_p, "BLOCK_F": mk.MASK_BLOCK,
-                  "F_BLOCKS": triton.cdiv(S, mk.MASK_BLOCK), "SPLIT": num_splits > 1, "IEEE": ty == "fp32",
-                  "EXACT_P": True}
+             "wuv_ptr": f"*{ty}", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
+    constexprs = {"SPLIT_LEN": split_len, "R": R, "P": P, "V": max(V, 1), "BLOCK_M": block_m, "BLOCK_S": block_s,
+                  "BLOCK_R": block_r, "BLOCK_P": block_p, "BLOCK_V": block_v, "CHUNK_V": chunk_v,
+                  "GROUP_HEADS": group_heads, "BLOCK_F": mk.MASK_BLOCK, "F_BLOCKS": triton.cdiv(S, mk.MASK_BLOCK),
+                  "SPLIT": num_splits > 1, "FUSE_V": V > 0, "IEEE": ty == "fp32", "EXACT_P": True}
     report[name] = build(mk._mla_decode_kernel, types, constexprs, warps)
     report[name]["warps"] = warps
-    if name in ("bench_ref_split", "v3"):  # the combine's shapes: bench_ref's 16 splits of R 256, V3's of R 512
-        comb = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{ty}"}
-        block_n, combine_warps = mk.combine_config(num_splits, R)
-        report[name + "_combine"] = build(mk._mla_combine_kernel, comb, {"R": R, "BLOCK_N": block_n,
-                                          "BLOCK_R": block_r}, combine_warps)
+    if num_splits > 1 and name in ("bench_ref_split", "bench_ref_v_split", "v3", "v3_v_split"):
+        # the combine's shapes: bench_ref's 16 splits of R 256, V3's of R 512, without and with the projection
+        comb = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "wuv_ptr": f"*{ty}", "out_ptr": f"*{ty}"}
+        report[name + "_combine"] = build(mk._mla_combine_kernel, comb, {
+            "R": R, "V": max(V, 1), "BLOCK_M": block_m, "BLOCK_N": mk.combine_config(num_splits), "BLOCK_R": block_r,
+            "BLOCK_V": block_v, "CHUNK_V": chunk_v, "GROUP_HEADS": group_heads, "FUSE_V": V > 0,
+            "IEEE": ty == "fp32"}, warps)
 print(json.dumps(report))
 """
 
 
 def test_kernels_compile_for_sm90_on_tensor_cores_without_spills(mk):
     """The interpreter is lenient: compile both kernels for sm_90 (Triton's own ptxas, no GPU needed) at bench_ref's
-    decode shapes (one split; 16 splits and the combine; T = 2 and 4), fp32, DeepSeek-V3's and the tiny model's.
-    No spills; the bf16/fp16 dots on tensor cores (HMMA, or HGMMA for 64-row tiles), the fp32 one not (ieee:
-    FFMA, never tf32); exp on MUFU."""
+    decode shapes (one split; 16 splits and the combine; T = 2 and 4), fp32, DeepSeek-V3's and the tiny model's,
+    with and without the value up-projection. No spills; the bf16/fp16 dots on tensor cores (HMMA, or HGMMA for
+    64-row tiles), the fp32 ones not (ieee: FFMA, never tf32); exp on MUFU. The projection's dots are the same
+    code in the attention kernel's epilogue and in the combine (``_mla_project_rows``): as many tensor-core
+    instructions in both (the layout invariance needs the same bits from them; seen 2026-12-08: 64 at bench_ref,
+    512 at V3; the fused builds at 254-255 registers, as the attention kernel was already)."""
     report = sm90_compile_report(_COMPILE_FOR_SM90)
-    assert set(report) == {"bench_ref", "bench_ref_split", "bench_ref_split_combine", "bench_ref_t2", "bench_ref_t4",
-                           "fp32", "v3", "v3_combine", "tiny"}, report
+    assert set(report) == {"bench_ref", "bench_ref_split", "bench_ref_split_combine", "bench_ref_v",
+                           "bench_ref_v_split", "bench_ref_v_split_combine", "bench_ref_t2", "bench_ref_t4", "bench_ref_t4_v", "fp32",
+                           "fp32_v", "v3", "v3_combine", "v3_v", "v3_v_split", "v3_v_split_combine", "tiny",
+                           "tiny_v"}, report
     assert all(r["LOCAL"] == 0 and r["REG"] <= 255 for r in report.values()), report
     attention = [k for k in report if not k.endswith("_combine")]
-    assert all(report[k]["mma"] > 0 for k in attention if k != "fp32"), report
-    assert report["fp32"]["mma"] == 0 and report["fp32"]["ffma"] > 0, report
+    assert all(report[k]["mma"] > 0 for k in attention if not k.startswith("fp32")), report
+    assert all(report[k]["mma"] == 0 and report[k]["ffma"] > 0 for k in ("fp32", "fp32_v")), report
     assert all(report[k]["mufu_ex2"] > 0 for k in report), report
+    for shape in ("bench_ref", "v3"):  # the projection's dots: as many in the epilogue as in the combine
+        in_epilogue = report[shape + "_v"]["mma"] - report[shape]["mma"]
+        assert in_epilogue == report[shape + "_v_split_combine"]["mma"] > 0, report
 
 
 # --------------------------------------------------------------------------- on the GPU (the lead runs these)
@@ -529,25 +656,31 @@ def test_kernels_compile_for_sm90_on_tensor_cores_without_spills(mk):
 def test_on_the_gpu_against_the_formula_never_syncs_and_captures(mk):
     """bench_ref's attention in bf16 on CUDA at B 1 / 8 / 32 and S 64 / 400 / 2,048 (one launch; splits and the
     combine), ragged masks: against eager CUDA's formula and float64 (as on the CPU); with sync debug mode "error"
-    nothing syncs; a CUDA graph's replay gives the eager kernel call's output."""
+    nothing syncs; a CUDA graph's replay gives the eager kernel call's output. The same with the value
+    up-projection in the kernel (bench_ref's V 64, W_uv a strided view): against the kernel's o_lat then the einsum
+    (``_check_projected``'s bound), no sync, captured."""
     for B, S in itertools.product((1, 8, 32), (64, 400, 2048)):
         q_lat, q_rot, kv = _inputs(B, 16, 1, 256, 32, S, torch.bfloat16, "cuda", seed=B + S)
         mask = _ragged_mask(B, 1, S, "cuda", seed=S)
+        w_uv = _w_uv(16, 64, 256, torch.bfloat16, "cuda", seed=S, nope=64)
         with torch.inference_mode():
             _check(mk, q_lat, q_rot, kv, mask, S, 96**-0.5)  # JIT first
+            _check_projected(mk, q_lat, q_rot, kv, mask, S, 96**-0.5, w_uv)
             torch.cuda.set_sync_debug_mode("error")
             try:
                 got = mk.mla_decode_attention(q_lat, q_rot, kv, mask, S, 96**-0.5)
+                got_v = mk.mla_decode_attention(q_lat, q_rot, kv, mask, S, 96**-0.5, w_uv)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             static_q = torch.zeros_like(q_lat)  # the queries are copied in after the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 static_out = mk.mla_decode_attention(static_q, q_rot, kv, mask, S, 96**-0.5)
+                static_out_v = mk.mla_decode_attention(static_q, q_rot, kv, mask, S, 96**-0.5, w_uv)
             static_q.copy_(q_lat)
             graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static_out, got), (B, S)
+        assert torch.equal(static_out, got) and torch.equal(static_out_v, got_v), (B, S)
 
 
 @pytest.mark.gpu

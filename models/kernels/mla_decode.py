@@ -4,7 +4,8 @@ Why: a serving decode step at batch 1 is launch-bound (issue 13). ``MLA._absorbe
 between the absorbed query and the value up-projection, 8 kernels a layer: the cat of the latent query and its
 RoPE part, the bmm of the scores, a cast to fp32, masked_fill, the scale, softmax, a cast back and the bmm with
 the latent. Here they are one launch (two when the keys are split, see below), reading the queries' two parts and
-the cache buffer in place.
+the cache buffer in place. With ``w_uv_HVR`` given, the value up-projection that follows (the einsum of o_lat with
+W_uv) runs in the same launches too: one launch a layer fewer again ("The value up-projection" below).
 
 The function (shape suffixes: B batch, H heads, T new tokens, S keys = ``num_keys``, R kv_lora_rank, P rope dim,
 M = H·T query rows of one batch row, m = h·T + t as in the formula's ``(B, H·T, R + P)`` view; NS key splits):
@@ -35,6 +36,35 @@ generate()'s greedy tokens on an H100, 2026-12-07); (2) alone made the interpret
 engine test; (1) alone (``exact_p=False``) is bit-equal in the interpreter too (tests/test_mla_decode_kernel.py:
 ``test_a_rows_output_does_not_depend_on_where_its_keys_sit``); both together are not yet measured on a GPU.
 
+The value up-projection (``w_uv_HVR``, what ``MLA._absorbed`` passes): out[b, t, h] = o_lat[b, h, t] · W_uv[h]ᵀ
+(B, T, H, V), the formula's ``einsum("bhtr,hvr->bthv", o_lat, w_uv)`` with its rounding points: o_lat rounded to
+the dtype first (as above: the einsum takes the rounded o_lat), the products summed in fp32 (exact in fp32 for the
+16-bit dtypes), rounded once. So it equals "o_lat from the kernel, then the einsum" up to the order of the fp32
+sums over R (bit for bit in bf16 in the interpreter, tested). W_uv is any strided (H, V, R) view
+(``MLA.absorbed_weights``: rows of kv_b_proj.weight), read in place.
+Where it runs: without a key split in the attention kernel's epilogue, with one in the combine kernel, both
+through ``_mla_project_rows`` on the same block of BLOCK_M rows with the same tiles and warps. That sameness is
+what keeps the layout invariance: generate()'s n keys may take one split where the engine's wider bucket splits
+(S 50 against 130 in the test), and the two o_lat are the same bits; a projection computed otherwise in each (a
+first version summed a row's products with ``tl.sum`` in a per-row combine, and a tensor-core dot in the epilogue)
+parted 1 output in 512 between the layouts. The combine therefore takes the attention kernel's row blocks (it
+took one row a program) and adds the splits one after another (it summed them as a tree): o_lat's bits change
+within the fp32 sum order, the same with or without the projection. A block of rows spans several heads, each
+with its own W_uv[h]: one tensor-core dot of the whole rounded block with W_uv[h]ᵀ per head, keeping that head's
+rows (BLOCK_M / T times the products kept: a few hundred thousand MACs at bench_ref's size, nothing for the
+tensor cores). The heads are shared out among programs of at most ``GROUP_BYTES`` = 64 KB of W_uv each
+(bench_ref: 8 programs of 2 heads a block of rows), each computing the block's attention again without a split
+(≤ 128 keys: ≤ 74 KB of cache, from L2 after the first; the same bits in every program) and reading only its
+heads' partials with one: one program reading all of W_uv (512 KB at bench_ref) would stream it through one SM
+at batch 1, at one SM's share of L2 or HBM bandwidth (tens of GB/s: µs, as much as the launch it saves). Guesses
+from bandwidth figures, not timed: the extra attention work at batch 32 (8 programs a batch row) may want fewer
+groups. W_uv is read once a batch row (bench_ref: 512 KB; at batch 32, 16 MB of mostly L2 reads a layer, where
+the einsum read it once). Registers: the epilogue runs after the key loop (its accumulator dead by then),
+holding the rounded block and a BLOCK_R × ``CHUNK_V`` tile of W_uv (``projection_config``: at most 16K values, 64
+registers a thread at bench_ref's 4 warps); tests/test_mla_decode_kernel.py builds the fused kernels for sm_90
+(Triton's ptxas, no GPU) and checks registers and spills. The bit-equality of the two paths on a GPU rests on
+the same dot code giving the same bits in two kernels: not yet run on one.
+
 Occupancy and the split (flash-decoding): the latent is ONE key/value head shared by all heads, so a program
 takes a batch row's H·T query rows together (the M side of tensor-core dots, ≥ 16 rows: bench_ref's 16 heads
 at T = 1 fill exactly one m16 tile) against a block of keys, reading each key once for all heads. So at batch 1
@@ -52,11 +82,12 @@ request's batch-1 values bit for bit (tested). These are first guesses, not time
 --sweep times other splits, key blocks and warps.
 
 Capture-safe: no host synchronisation (every size comes from shapes and ``num_keys``, a Python int), outputs and
-partials allocated by the caller's allocator (a CUDA graph's pool). Under ``torch.compile`` ``MLA`` calls it as the
-custom op ``torch.ops.moeflow.mla_decode_attention``, opaque to the compiler (its fake gives the output's shape;
-at run time it is this launcher, with concrete sizes, so symbolic shapes of the engine's buckets need nothing
-here): inductor has no fused kernel for the formula's two bmm's, and the compiled engine step then runs the same
-launches as the eager one. No autograd formula: ``MLA`` takes it only when no gradient is needed.
+partials allocated by the caller's allocator (a CUDA graph's pool); W_uv's strides are arguments (no copy). Under
+``torch.compile`` ``MLA`` calls it as the custom op ``torch.ops.moeflow.mla_decode_attention``, opaque to the
+compiler (its fake gives the output's shape, (B, T, H, V) with W_uv; at run time it is this launcher, with concrete
+sizes, so symbolic shapes of the engine's buckets need nothing here): inductor has no fused kernel for the formula's
+two bmm's, and the compiled engine step then runs the same launches as the eager one. No autograd formula: ``MLA``
+takes it only when no gradient is needed.
 
 Triton is optional: without it ``HAS_TRITON`` is False and ``MLA`` keeps the formula. On a CPU, set
 ``TRITON_INTERPRET=1`` before this module is imported to run the kernels in Triton's interpreter (the tests do;
@@ -88,6 +119,12 @@ MAX_P = 128
 # output (the kernel's fp32 scores against the formula's bf16 ones; seen on an H200 and in the interpreter,
 # 2026-12-07). Prefill keeps the formula's bmm's, whose tensor-core tiles suit many query rows anyway.
 MAX_T = 1
+# the value up-projection folded into the kernel (``w_uv_HVR``): V up to 256 (V3's v_head_dim is 128, bench_ref's 64),
+# walked in chunks of output columns so that W_uv's tile stays small (see ``projection_config``)
+MAX_V = 256
+# without a key split, the W_uv bytes one program projects with (its block of rows' attention computed again in each:
+# see "The value up-projection" in the module docstring). A first guess, not timed
+GROUP_BYTES = 64 * 1024
 # the key split (a function of S alone, see the module docstring): at least this many keys a split, at most
 # this many splits. First guesses for bench_ref on an H100, not yet timed: benchmarks/bench_mla_decode.py
 MIN_KEYS_PER_SPLIT = 128
@@ -96,14 +133,15 @@ MASK_BLOCK = 1024  # mask columns a program reads at once looking for its row's 
 
 
 def kernel_applies(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
-                   mask_B1TS: torch.Tensor, num_keys: int) -> bool:
+                   mask_B1TS: torch.Tensor, num_keys: int, w_uv_HVR: torch.Tensor | None = None) -> bool:
     """Whether ``mla_decode_attention`` computes this call: Triton importable; no gradient needed (the kernel has
     no backward); q_lat (B, H, T, R), q_rot (B, T, H, P), the cache buffer kv (B, S_max, R + P) with
     0 < num_keys ≤ S_max, all one dtype in ``DTYPES`` (the formula casts the cache to the queries' dtype: the
     kernel does not) on one device; the mask bool, exactly (B, 1, T, num_keys) (the formula broadcasts; the
-    kernel does not); T ≤ ``MAX_T``, R ≤ ``MAX_R``, P ≤ ``MAX_P``, nothing empty. Shapes, dtypes and flags only:
-    no host sync."""
-    tensors = (q_lat_BHTR, q_rot_BTHP, kv_BSX)
+    kernel does not); T ≤ ``MAX_T``, R ≤ ``MAX_R``, P ≤ ``MAX_P``, nothing empty; ``w_uv_HVR`` where given
+    (the value up-projection in the kernel) (H, V, R) with 0 < V ≤ ``MAX_V``, any strides, the same dtype and
+    device. Shapes, dtypes and flags only: no host sync."""
+    tensors = (q_lat_BHTR, q_rot_BTHP, kv_BSX) + (() if w_uv_HVR is None else (w_uv_HVR,))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if needs_grad or not HAS_TRITON or q_lat_BHTR.dim() != 4 or q_rot_BTHP.dim() != 4 or kv_BSX.dim() != 3:
         return False
@@ -113,7 +151,9 @@ def kernel_applies(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: t
             and P <= MAX_P and tuple(q_rot_BTHP.shape) == (B, T, H, P) and tuple(kv_BSX.shape[::2]) == (B, R + P)
             and q_lat_BHTR.dtype in DTYPES and all(t.dtype == q_lat_BHTR.dtype for t in tensors)
             and mask_B1TS.dtype == torch.bool and tuple(mask_B1TS.shape) == (B, 1, T, num_keys)
-            and all(t.device == q_lat_BHTR.device for t in (q_rot_BTHP, kv_BSX, mask_B1TS)))
+            and all(t.device == q_lat_BHTR.device for t in (*tensors, mask_B1TS))
+            and (w_uv_HVR is None or (w_uv_HVR.dim() == 3 and tuple(w_uv_HVR.shape[::2]) == (H, R)
+                                      and 0 < w_uv_HVR.shape[1] <= MAX_V)))
 
 
 def key_splits(S: int, keys_per_split: int | None = None) -> tuple[int, int]:
@@ -137,28 +177,53 @@ def launch_config(num_rows: int, R: int, dtype: torch.dtype) -> tuple[int, int, 
     return block_m, 32 if dtype == torch.float32 else 64, 8 if block_m * block_r >= 16384 else 4
 
 
-def combine_config(num_splits: int, R: int) -> tuple[int, int]:
-    """(BLOCK_N splits, num_warps) of the combine kernel: every split of a row in one tile, a warp per 1,024
-    accumulator values (bench_ref at 16 splits: 4 warps)."""
-    block_n = triton.next_power_of_2(num_splits)
-    return block_n, min(8, max(1, block_n * max(16, triton.next_power_of_2(R)) // 1024))
+def combine_config(num_splits: int) -> int:
+    """BLOCK_N of the combine kernel: every split's running max of a block of rows in one tile (their max first);
+    the accumulators are then added one split after another (BLOCK_M × R at a time)."""
+    return triton.next_power_of_2(num_splits)
+
+
+def projection_config(H: int, T: int, V: int, R: int, dtype: torch.dtype, block_m: int, fuse_v: bool
+                      ) -> tuple[int, int, int, int]:
+    """(BLOCK_V, W_uv columns a chunk, heads a program, programs a block of rows) of the value up-projection (and of
+    the combine's rows without it). The tile of W_uv[h]ᵀ (BLOCK_R × chunk) at most 16K values (bench_ref's R 256:
+    all 64 columns at once, 64 registers a thread at 4 warps; V3's R 512: 32 columns). The heads of a block of
+    rows (at most ⌈(BLOCK_M − 1) / T⌉ + 1) go to programs of at most ``GROUP_BYTES`` of W_uv each (bench_ref: 8
+    programs of 2 heads at batch 1), or without the projection one head a combine program (its partials only): see
+    "The value up-projection" in the module docstring."""
+    block_v, block_r = max(16, triton.next_power_of_2(V)), max(16, triton.next_power_of_2(R))
+    block_heads = min(H, block_m, -(-(block_m - 1) // T) + 1)
+    group_heads = max(1, min(block_heads, GROUP_BYTES // (V * R * dtype.itemsize))) if fuse_v else 1
+    return block_v, min(block_v, max(16, 16384 // block_r)), group_heads, triton.cdiv(block_heads, group_heads)
 
 
 def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
-                         mask_B1TS: torch.Tensor, num_keys: int, scale: float,
+                         mask_B1TS: torch.Tensor, num_keys: int, scale: float, w_uv_HVR: torch.Tensor | None = None,
                          keys_per_split: int | None = None, block_s: int | None = None,
                          num_warps: int | None = None, exact_p: bool = True) -> torch.Tensor:
     """o_lat (B, H, T, R), contiguous, in the queries' dtype: the formula of the module docstring over the cache
-    slots [0, num_keys) (see ``kernel_applies`` for the inputs). ``keys_per_split`` overrides ``key_splits``,
-    ``block_s`` (a power of two from 16 dividing the split) and ``num_warps`` ``launch_config``: the benchmark's
-    sweep (benchmarks/bench_mla_decode.py). ``exact_p=False`` rounds each numerator to the value dtype once (one
-    tensor-core dot instead of three; the tests' control for the block alignment, see "Layout invariance")."""
+    slots [0, num_keys) (see ``kernel_applies`` for the inputs); with ``w_uv_HVR`` (W_uv (H, V, R), any strides:
+    ``MLA.absorbed_weights``' view of kv_b_proj.weight) o_lat's up-projection instead, (B, T, H, V) contiguous:
+    ``einsum("bhtr,hvr->bthv", o_lat, w_uv)`` in the same launches ("The value up-projection" in the module
+    docstring). ``keys_per_split`` overrides ``key_splits``, ``block_s`` (a power of two from 16 dividing the
+    split) and ``num_warps`` ``launch_config``: the benchmark's sweep (benchmarks/bench_mla_decode.py).
+    ``exact_p=False`` rounds each numerator to the value dtype once (one tensor-core dot instead of three; the
+    tests' control for the block alignment, see "Layout invariance")."""
     if not HAS_TRITON:
         raise RuntimeError("the fused MLA decode attention needs triton, which is not importable here")
     B, H, T, R = q_lat_BHTR.shape
     P = q_rot_BTHP.shape[-1]
     M = H * T
-    out_BHTR = torch.empty((B, H, T, R), dtype=q_lat_BHTR.dtype, device=q_lat_BHTR.device)
+    fuse_v = w_uv_HVR is not None
+    V = w_uv_HVR.shape[1] if fuse_v else 1
+    if fuse_v and (tuple(w_uv_HVR.shape[::2]) != (H, R) or w_uv_HVR.dtype != q_lat_BHTR.dtype):
+        raise ValueError(f"w_uv_HVR {tuple(w_uv_HVR.shape)} {w_uv_HVR.dtype}: (H, V, R) = ({H}, V, {R}) in "
+                         f"{q_lat_BHTR.dtype}, the queries' dtype")
+    out_shape = (B, T, H, V) if fuse_v else (B, H, T, R)
+    out = torch.empty(out_shape, dtype=q_lat_BHTR.dtype, device=q_lat_BHTR.device)
+    # unfused: any pointer of the dtype, never read (FUSE_V is off)
+    w_uv = w_uv_HVR if fuse_v else q_lat_BHTR
+    w_strides = w_uv_HVR.stride() if fuse_v else (0, 0, 0)
     split_len, num_splits = key_splits(num_keys, keys_per_split)
     block_m, default_block_s, warps = launch_config(M, R, q_lat_BHTR.dtype)
     block_s, warps = block_s or default_block_s, num_warps or warps
@@ -173,18 +238,22 @@ def mla_decode_attention(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_
     else:  # not written (SPLIT is off): any fp32 pointer
         m_BNM = l_BNM = acc_BNMR = torch.empty(1, dtype=torch.float32, device=q_lat_BHTR.device)
     mask_B1TS = mask_B1TS.view(torch.uint8)  # the same bytes, a pointer type Triton loads on every backend
-    grid = (B, num_splits, triton.cdiv(M, block_m))
+    block_v, chunk_v, group_heads, groups = projection_config(H, T, V, R, q_lat_BHTR.dtype, block_m, fuse_v)
+    # axis 1: the key splits, or without a split (and with the projection) the head groups of a block of rows
+    grid = (B, num_splits if num_splits > 1 or not fuse_v else groups, triton.cdiv(M, block_m))
     _mla_decode_kernel[grid](
         q_lat_BHTR, *q_lat_BHTR.stride(), q_rot_BTHP, *q_rot_BTHP.stride(), kv_BSX, *kv_BSX.stride(),
-        mask_B1TS, mask_B1TS.stride(0), mask_B1TS.stride(2), mask_B1TS.stride(3), out_BHTR, m_BNM, l_BNM, acc_BNMR,
-        float(scale), num_keys, num_splits, T, M, SPLIT_LEN=split_len, R=R, P=P, BLOCK_M=block_m, BLOCK_S=block_s,
-        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_F=MASK_BLOCK, F_BLOCKS=triton.cdiv(num_keys, MASK_BLOCK),
-        SPLIT=num_splits > 1, IEEE=ieee, EXACT_P=exact_p, num_warps=warps)
-    if num_splits > 1:
-        block_n, combine_warps = combine_config(num_splits, R)
-        _mla_combine_kernel[(B * M,)](m_BNM, l_BNM, acc_BNMR, out_BHTR, num_splits, M, R=R, BLOCK_N=block_n,
-                                      BLOCK_R=block_r, num_warps=combine_warps)
-    return out_BHTR
+        mask_B1TS, mask_B1TS.stride(0), mask_B1TS.stride(2), mask_B1TS.stride(3), w_uv, *w_strides,
+        out, m_BNM, l_BNM, acc_BNMR, float(scale), num_keys, num_splits, T, H, M, SPLIT_LEN=split_len, R=R, P=P,
+        V=V, BLOCK_M=block_m, BLOCK_S=block_s, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_V=block_v,
+        CHUNK_V=chunk_v, GROUP_HEADS=group_heads, BLOCK_F=MASK_BLOCK, F_BLOCKS=triton.cdiv(num_keys, MASK_BLOCK),
+        SPLIT=num_splits > 1, FUSE_V=fuse_v, IEEE=ieee, EXACT_P=exact_p, num_warps=warps)
+    if num_splits > 1:  # the attention kernel's row blocks and warps: the projection's dots are the same code
+        _mla_combine_kernel[(B, groups, triton.cdiv(M, block_m))](
+            m_BNM, l_BNM, acc_BNMR, w_uv, *w_strides, out, num_splits, T, H, M, R=R, V=V, BLOCK_M=block_m,
+            BLOCK_N=combine_config(num_splits), BLOCK_R=block_r, BLOCK_V=block_v, CHUNK_V=chunk_v,
+            GROUP_HEADS=group_heads, FUSE_V=fuse_v, IEEE=ieee, num_warps=warps)
+    return out
 
 
 if HAS_TRITON:
@@ -192,26 +261,36 @@ if HAS_TRITON:
 
     @torch.library.custom_op("moeflow::mla_decode_attention", mutates_args=())
     def mla_decode_attention_op(q_lat_BHTR: torch.Tensor, q_rot_BTHP: torch.Tensor, kv_BSX: torch.Tensor,
-                                mask_B1TS: torch.Tensor, num_keys: int, scale: float) -> torch.Tensor:
+                                mask_B1TS: torch.Tensor, num_keys: int, scale: float,
+                                w_uv_HVR: torch.Tensor | None = None) -> torch.Tensor:
         """``mla_decode_attention`` as an op ``torch.compile`` keeps opaque (the launcher, looked up at call time)."""
-        return mla_decode_attention(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale)
+        return mla_decode_attention(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale, w_uv_HVR)
 
     @mla_decode_attention_op.register_fake
-    def _mla_decode_attention_fake(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale):
-        return q_lat_BHTR.new_empty(q_lat_BHTR.shape)  # contiguous (B, H, T, R) in the queries' dtype
+    def _mla_decode_attention_fake(q_lat_BHTR, q_rot_BTHP, kv_BSX, mask_B1TS, num_keys, scale, w_uv_HVR=None):
+        if w_uv_HVR is None:
+            return q_lat_BHTR.new_empty(q_lat_BHTR.shape)  # contiguous (B, H, T, R) in the queries' dtype
+        B, H, T, _ = q_lat_BHTR.shape
+        return q_lat_BHTR.new_empty((B, T, H, w_uv_HVR.shape[1]))  # contiguous (B, T, H, V)
 
     @triton.jit
     def _mla_decode_kernel(ql_ptr, ql_sb, ql_sh, ql_st, ql_sr, qr_ptr, qr_sb, qr_st, qr_sh, qr_sp,
-                          kv_ptr, kv_sb, kv_ss, kv_sx, mask_ptr, mask_sb, mask_st, mask_ss,
-                          out_ptr, m_ptr, l_ptr, acc_ptr, scale, S, num_splits, T, M, SPLIT_LEN: tl.constexpr,
-                          R: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
-                          F_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, EXACT_P: tl.constexpr):
+                          kv_ptr, kv_sb, kv_ss, kv_sx, mask_ptr, mask_sb, mask_st, mask_ss, wuv_ptr, wuv_sh, wuv_sv,
+                          wuv_sr, out_ptr, m_ptr, l_ptr, acc_ptr, scale, S, num_splits, T, H, M,
+                          SPLIT_LEN: tl.constexpr, R: tl.constexpr, P: tl.constexpr, V: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_V: tl.constexpr, CHUNK_V: tl.constexpr, GROUP_HEADS: tl.constexpr,
+                          BLOCK_F: tl.constexpr,
+                          F_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, FUSE_V: tl.constexpr, IEEE: tl.constexpr,
+                          EXACT_P: tl.constexpr):
         """One program per (batch row b, key split, block of query rows): the online softmax over the split's keys
-        [split · SPLIT_LEN, min(S, (split + 1) · SPLIT_LEN)); the normalised rows (rounded to the queries' dtype),
-        or with SPLIT the split's running max, sum and fp32 accumulator for ``_mla_combine_kernel``."""
+        [split · SPLIT_LEN, min(S, (split + 1) · SPLIT_LEN)); the normalised rows (rounded to the queries' dtype;
+        with FUSE_V times W_uv of their heads, rounded again: out (B, T, H, V)), or with SPLIT the split's running
+        max, sum and fp32 accumulator for ``_mla_combine_kernel``. Without SPLIT, axis 1 is the group of
+        GROUP_HEADS heads whose rows this program projects with FUSE_V (one group otherwise): every group's program
+        computes the block's attention alike (the same keys, blocks and sums: the same bits)."""
         b = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
+        split = tl.program_id(1) if SPLIT else 0
         m_M = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # query row m = h·T + t
         h_M, t_M = (m_M // T).to(tl.int64), m_M % T
         rows_M = m_M < M
@@ -288,26 +367,83 @@ if HAS_TRITON:
                      mask=rows_M[:, None] & (r_R < R)[None, :])
         else:  # a row without an allowed key: 0 / 0 = NaN, as the formula's softmax (padding rows divide by 1)
             o_MR = rounded(tl.math.div_rn(acc_MR, tl.where(rows_M, sum_M, 1.0)[:, None]), out_ty)
-            tl.store(out_ptr + (b * M + m_M)[:, None] * R + r_R[None, :], o_MR.to(out_ty),
-                     mask=rows_M[:, None] & (r_R < R)[None, :])
+            if FUSE_V:
+                head0 = tl.program_id(2) * BLOCK_M // T + tl.program_id(1) * GROUP_HEADS
+                _mla_project_rows(o_MR, b, h_M, t_M, rows_M, head0, wuv_ptr, wuv_sh, wuv_sv, wuv_sr, out_ptr, T, H,
+                                  R, V, BLOCK_M, BLOCK_R, BLOCK_V, CHUNK_V, GROUP_HEADS, IEEE)
+            else:
+                tl.store(out_ptr + (b * M + m_M)[:, None] * R + r_R[None, :], o_MR.to(out_ty),
+                         mask=rows_M[:, None] & (r_R < R)[None, :])
 
     @triton.jit
-    def _mla_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, M, R: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
-        """One program per row b·M + m of the (B·M, R) output: the splits' accumulators rescaled to their common
-        max, summed in split order (a tree fixed by the shape), divided by the sums rescaled alike. A split without
-        an allowed key adds 0; a row without any: 0 / 0 = NaN, as the formula's softmax."""
-        row = tl.program_id(0).to(tl.int64)
-        b, m = row // M, row % M
-        n_N, r_R = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
-        splits_N = n_N < num_splits
-        part_N = (b * num_splits + n_N) * M + m
-        max_N = tl.load(m_ptr + part_N, mask=splits_N, other=float("-inf"))
-        top = tl.max(max_N, axis=0)
-        weight_N = tl.where(max_N == float("-inf"), 0.0, tl.exp(max_N - tl.where(top == float("-inf"), 0.0, top)))
-        total = tl.sum(weight_N * tl.load(l_ptr + part_N, mask=splits_N, other=0.0), axis=0)
-        acc_NR = tl.load(acc_ptr + part_N[:, None] * R + r_R[None, :], mask=splits_N[:, None] & (r_R < R)[None, :],
-                         other=0.0)
+    def _mla_project_rows(o_MR, b, h_M, t_M, rows_M, head0, wuv_ptr, wuv_sh, wuv_sv, wuv_sr, out_ptr, T, H,
+                          R: tl.constexpr, V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_V: tl.constexpr, CHUNK_V: tl.constexpr, GROUP_HEADS: tl.constexpr,
+                          IEEE: tl.constexpr):
+        """out[b, t, h] = o_lat[b, h, t] · W_uv[h]ᵀ for the rows of a block whose head is one of the group's
+        [head0, head0 + GROUP_HEADS), stored into (B, T, H, V) contiguous. Both kernels call this with the same
+        block of rows, tiles and warps, so a row's projection is the same code wherever its o_lat comes from (the
+        attention kernel without a split, the combine with one): the same bits, as the layout invariance needs
+        (the engine's bucket may split where generate()'s keys do not).
+        The rows are several heads, each with its own W_uv[h], so one tensor-core dot per head of the group (m =
+        h·T + t): all rows against W_uv[h], keeping the rows of head h (the others' products are thrown away: a few
+        hundred thousand MACs a program at bench_ref's size, nothing for the tensor cores; a row's dot does not
+        depend on the other rows). o_MR holds values of the output dtype (rounded by the caller: the formula's
+        einsum takes the rounded o_lat), so the cast is exact; the products are exact in fp32 (16-bit dtypes),
+        summed in fp32, rounded once."""
         out_ty = out_ptr.dtype.element_ty
-        o_R = rounded(tl.math.div_rn(tl.sum(weight_N[:, None] * acc_NR, axis=0), total), out_ty)
-        tl.store(out_ptr + row * R + r_R, o_R.to(out_ty), mask=r_R < R)
+        o_MR = o_MR.to(out_ty)
+        r_R = tl.arange(0, BLOCK_R)
+        mine_M = rows_M & (h_M >= head0) & (h_M < head0 + GROUP_HEADS)
+        out_row_M = (b * T + t_M) * H + h_M
+        for v0 in tl.static_range(0, BLOCK_V, CHUNK_V):  # W_uv's tile CHUNK_V columns at a time
+            v_C = v0 + tl.arange(0, CHUNK_V)
+            y_MC = tl.zeros((BLOCK_M, CHUNK_V), dtype=tl.float32)
+            for j in tl.static_range(GROUP_HEADS):
+                h = (head0 + j).to(tl.int64)
+                w_RC = tl.load(wuv_ptr + h * wuv_sh + v_C[None, :] * wuv_sv + r_R[:, None] * wuv_sr,
+                               mask=(h < H) & (r_R < R)[:, None] & (v_C < V)[None, :], other=0.0)
+                y_MC = tl.where((h_M == h)[:, None],
+                                fp32_dot(o_MR, w_RC, tl.zeros((BLOCK_M, CHUNK_V), dtype=tl.float32), IEEE), y_MC)
+            tl.store(out_ptr + out_row_M[:, None] * V + v_C[None, :], rounded(y_MC, out_ty).to(out_ty),
+                     mask=mine_M[:, None] & (v_C < V)[None, :])
+
+    @triton.jit
+    def _mla_combine_kernel(m_ptr, l_ptr, acc_ptr, wuv_ptr, wuv_sh, wuv_sv, wuv_sr, out_ptr, num_splits, T, H, M,
+                            R: tl.constexpr, V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK_V: tl.constexpr,
+                            GROUP_HEADS: tl.constexpr, FUSE_V: tl.constexpr, IEEE: tl.constexpr):
+        """One program per (batch row b, group of GROUP_HEADS heads, block of BLOCK_M query rows: the attention
+        kernel's): for the block's rows of the group's heads (the others are left 0), the splits' accumulators
+        rescaled to their common max and added in split order, divided by the sums rescaled alike, rounded to the
+        output dtype: o_lat (B, H, T, R), or with FUSE_V its projection (``_mla_project_rows``). A split without
+        an allowed key adds 0; a row without any: 0 / 0 = NaN, as the formula's softmax."""
+        b = tl.program_id(0).to(tl.int64)
+        head0 = tl.program_id(2) * BLOCK_M // T + tl.program_id(1) * GROUP_HEADS
+        m_M = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        h_M, t_M = (m_M // T).to(tl.int64), m_M % T
+        rows_M = m_M < M
+        mine_M = rows_M & (h_M >= head0) & (h_M < head0 + GROUP_HEADS)
+        n_N, r_R = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
+        part_NM = (b * num_splits + n_N[:, None]) * M + m_M[None, :]
+        top_M = tl.max(tl.load(m_ptr + part_NM, mask=(n_N < num_splits)[:, None] & mine_M[None, :],
+                               other=float("-inf")), axis=0)
+        top_M = tl.where(top_M == float("-inf"), 0.0, top_M)
+        total_M = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_MR = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n in range(BLOCK_N):  # a constexpr count (the interpreter takes no range from runtime values)
+            live_M = mine_M & (n < num_splits)
+            part_M = (b * num_splits + n) * M + m_M
+            max_M = tl.load(m_ptr + part_M, mask=live_M, other=float("-inf"))
+            weight_M = tl.where(max_M == float("-inf"), 0.0, tl.exp(max_M - top_M))
+            total_M += weight_M * tl.load(l_ptr + part_M, mask=live_M, other=0.0)
+            acc_MR += weight_M[:, None] * tl.load(acc_ptr + part_M.to(tl.int64)[:, None] * R + r_R[None, :],
+                                                  mask=live_M[:, None] & (r_R < R)[None, :], other=0.0)
+        out_ty = out_ptr.dtype.element_ty
+        o_MR = rounded(tl.math.div_rn(acc_MR, tl.where(mine_M, total_M, 1.0)[:, None]), out_ty)
+        if FUSE_V:
+            _mla_project_rows(o_MR, b, h_M, t_M, rows_M, head0, wuv_ptr, wuv_sh, wuv_sv, wuv_sr, out_ptr, T, H, R, V,
+                              BLOCK_M, BLOCK_R, BLOCK_V, CHUNK_V, GROUP_HEADS, IEEE)
+        else:
+            tl.store(out_ptr + (b * M + m_M)[:, None] * R + r_R[None, :], o_MR.to(out_ty),
+                     mask=mine_M[:, None] & (r_R < R)[None, :])
