@@ -267,13 +267,9 @@ def test_expert_major_fold_in_bf16_rounds_as_the_slot_major_fold(md, device, S):
     assert err(got) <= 1.05 * err(slot_major), (err(got), err(slot_major))
 
 
-def test_expert_major_folded_layer_traces_without_graph_breaks(md, device):
-    """torch.compile(fullgraph=True, eager backend) through DeepSeekMoE at an expert-major size with two shared
-    slots a token: the expert-major op with the shared weights in the graph (no sort, no shared module's linears),
-    bit-equal to the eager call; the fake kernel's shapes with the shared inputs."""
-    moe = _moe(device, torch.float32, E=8, S=2)
-    moe.experts.fused_decode, moe.fused_shared = True, True
-    x = _x(13, 48, device, torch.float32)
+def _compiled_equals_eager(moe, x):
+    """The FX graphs of torch.compile(fullgraph=True, an eager backend) of ``moe`` on x, after checking the compiled
+    call bit-equal to the eager one."""
     with torch.no_grad():
         want = moe(x[None], with_losses=False, with_stats=False)[0]
     graphs = []
@@ -287,6 +283,17 @@ def test_expert_major_folded_layer_traces_without_graph_breaks(md, device):
         got = torch.compile(moe, backend=eager_backend, fullgraph=True)(x[None], with_losses=False,
                                                                        with_stats=False)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    return graphs
+
+
+def test_expert_major_folded_layer_traces_without_graph_breaks(md, device):
+    """torch.compile(fullgraph=True, eager backend) through DeepSeekMoE at an expert-major size with two shared
+    slots a token: the expert-major op with the shared weights in the graph (no sort, no shared module's linears),
+    bit-equal to the eager call; the fake kernel's shapes with the shared inputs."""
+    moe = _moe(device, torch.float32, E=8, S=2)
+    moe.experts.fused_decode, moe.fused_shared = True, True
+    x = _x(13, 48, device, torch.float32)
+    graphs = _compiled_equals_eager(moe, x)
     nodes = [node for gm in graphs for node in gm.graph.nodes]
     ops = [node for node in nodes if "routed_experts_decode_by_expert" in str(node.target)]
     assert len(ops) == 1 and len([a for a in ops[0].args if a is not None]) >= 9, ops  # 6 + the 3 shared weights
@@ -391,19 +398,7 @@ def test_folded_layer_traces_without_graph_breaks(md, device):
     moe = _moe(device, torch.float32, S=2)
     moe.experts.fused_decode, moe.fused_shared = True, True
     x = _x(2, 48, device, torch.float32)
-    with torch.no_grad():
-        want = moe(x[None], with_losses=False, with_stats=False)[0]
-    graphs = []
-
-    def eager_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        got = torch.compile(moe, backend=eager_backend, fullgraph=True)(x[None], with_losses=False,
-                                                                       with_stats=False)[0]
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    graphs = _compiled_equals_eager(moe, x)
     ops = [node for gm in graphs for node in gm.graph.nodes if "routed_experts_decode" in str(node.target)]
     assert len(ops) == 1 and len([a for a in ops[0].args if a is not None]) >= 8, ops  # 5 + the 3 shared weights
     from torch._subclasses.fake_tensor import FakeTensorMode
