@@ -81,7 +81,7 @@ from moeflow.models.attention import MLA
 from moeflow.models.generation import CudaGraphPool, generate
 from moeflow.models.hf import export_hf
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
-from moeflow.models.moe import DeepSeekMoE, Router
+from moeflow.models.moe import DeepSeekMoE, Router, RoutedExperts
 from moeflow.models.quant import model_bytes, quantize_int8
 from moeflow.models.serving import Engine, SamplingParams
 
@@ -95,7 +95,8 @@ FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding
                   "router": (Router, "fused_inference"),
                   "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention"),
                   "vproj": (MLA, "fused_value_projection"),
-                  "boundary": (MoETransformer, "defer_residual_add"), "sharedfold": (DeepSeekMoE, "fused_shared")}
+                  "boundary": (MoETransformer, "defer_residual_add"), "sharedfold": (DeepSeekMoE, "fused_shared"),
+                  "moeorder": (RoutedExperts, "fused_decode_order")}
 
 
 def fused_norm() -> bool | None:

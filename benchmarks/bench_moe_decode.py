@@ -20,7 +20,10 @@ to K distinct random experts (seeded), weights uniform. Rows, per T:
   the preset's shared expert (a bf16 SwiGLU of width num_shared·F, random weights): each op plus the shared
   module's output (its GEMMs, SwiGLU and the add) against the op with the shared expert folded in
   (``DeepSeekMoE.fused_shared``), the four a MoE layer would run at that size (``max_rel_diff`` against grouped +
-  the shared module; ``GB/s`` counts the shared weights too). ``--no-shared`` leaves them out.
+  the shared module; ``GB/s`` counts the shared weights too). ``--no-shared`` leaves them out;
+- ``expert_major_folded+order``: the same with the routing bookkeeping (the slots' stable order by expert and each
+  expert's end: a radix argsort, a scatter and a count uncompiled) as one launch
+  (``RoutedExperts.fused_decode_order``).
 
 Each row is timed eagerly (``graph = no``: one call after another, the host launching every kernel) and as
 replays of one captured CUDA graph holding ``--calls-per-graph`` consecutive calls (``graph = yes``: what a
@@ -31,7 +34,8 @@ path reads an expert once per slot routed to it, so with repeats it reads more t
 is ~3.0 TB/s: the expert-major rows at 32 and 64 tokens should come near it). ``max_rel_diff`` =
 max |row − grouped| ÷ max |grouped| on the same input. ``--sweep`` adds graph rows of the fused op with other
 block sizes (``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/num_warps``; expert-major, wherever it
-applies: ``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/block_s/num_warps/num_stages``), to choose defaults.
+applies: ``gate_up_block_f/gate_up_block_d/down_block_d/down_block_f/block_s/num_warps/num_stages``), to choose
+defaults.
 The whole run takes well under a minute on an H100 (most of it Triton compiling the kernels). ``--device cpu
 --preset tiny`` runs the same rows in Triton's interpreter (a smoke test, not a timing).
 """
@@ -173,6 +177,10 @@ def bench_tokens(ex: RoutedExperts, shared: SwiGLU | None, cfg: ModelConfig, T: 
             fns[(name + "+shared", None)] = lambda op=op: op(x, idx, w, *stacks) + shared(x)
             fns[(name + "_folded", None)] = lambda op=op: op(x, idx, w, *stacks, *weights)
             with_shared |= {(name + "+shared", None), (name + "_folded", None)}
+        # the expert-major fold with its routing bookkeeping in one launch (RoutedExperts.fused_decode_order)
+        fns[("expert_major_folded+order", None)] = lambda: moe_decode.expert_major_decode(
+            x, idx, w, *stacks, *weights, fused_order=True)
+        with_shared.add(("expert_major_folded+order", None))
     if args.sweep:  # slot-major's SWEEP where auto takes it, expert-major's EM_SWEEP wherever it applies
         if not expert_major:
             names = ("gate_up_block_f", "gate_up_block_d", "down_block_d", "down_block_f", "num_warps")

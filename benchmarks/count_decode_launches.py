@@ -40,7 +40,8 @@ SWITCHES = {"norm": ("layers", "RMSNorm", "fused_inference"), "rope": ("layers",
             "routerlogits": ("moe", "Router", "fused_logits"), "mla": ("attention", "MLA", "fused_decode_attention"),
             "vproj": ("attention", "MLA", "fused_value_projection"),
             "boundary": ("transformer", "MoETransformer", "defer_residual_add"),
-            "sharedfold": ("moe", "DeepSeekMoE", "fused_shared")}
+            "sharedfold": ("moe", "DeepSeekMoE", "fused_shared"),
+            "moeorder": ("moe", "RoutedExperts", "fused_decode_order")}
 # classes whose kernel_devices must include the CPU for their kernels to run here
 KERNEL_CLASSES = (("layers", "RMSNorm"), ("layers", "RotaryEmbedding"), ("attention", "MLA"), ("moe", "Router"))
 MAY_COPY = {"to", "reshape", "contiguous", "flatten", "type_as"}

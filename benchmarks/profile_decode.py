@@ -47,7 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.models.attention import MLA
 from moeflow.models.layers import RMSNorm, RotaryEmbedding
-from moeflow.models.moe import DeepSeekMoE, Router
+from moeflow.models.moe import DeepSeekMoE, Router, RoutedExperts
 from moeflow.models.serving import Engine, SamplingParams
 
 
@@ -67,7 +67,8 @@ FUSED_SWITCHES = {"norm": (RMSNorm, "fused_inference"), "rope": (RotaryEmbedding
                   "cachewrite": (MLA, "fused_cache_write"), "router": (Router, "fused_inference"),
                   "routerlogits": (Router, "fused_logits"), "mla": (MLA, "fused_decode_attention"),
                   "vproj": (MLA, "fused_value_projection"),
-                  "boundary": (MoETransformer, "defer_residual_add"), "sharedfold": (DeepSeekMoE, "fused_shared")}
+                  "boundary": (MoETransformer, "defer_residual_add"), "sharedfold": (DeepSeekMoE, "fused_shared"),
+                  "moeorder": (RoutedExperts, "fused_decode_order")}
 
 
 # the fused MoE decode kernels (models/kernels/moe_decode.py), slot- and expert-major

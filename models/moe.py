@@ -244,6 +244,13 @@ class RoutedExperts(nn.Module):
     # on auto passed on an H200); 5.5x the grouped layer at 1 token, 1.4x at 32 (H100, RESULTS.md).
     # EngineConfig.fused_moe sets it per served model.
     fused_decode: bool | None = None
+    # The expert-major kernels' routing bookkeeping (the slots' stable order by expert and each expert's end in it)
+    # as one Triton launch (moe_decode.fused_expert_order) where the uncompiled step runs a radix argsort, the
+    # inverse's scatter and the ends' count (~27 µs a layer for 192 ids on an H100, profile_decode.py): the same
+    # integers. Outside torch.compile only (there the comparison count fuses into one inductor kernel). Off until
+    # its GPU test and an engine row have run (written 2026-12-08, loans paused): benchmarks/bench_decode.py
+    # "+moeorder", benchmarks/bench_moe_decode.py "expert_major_folded+order".
+    fused_decode_order: bool = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -212,6 +212,41 @@ def test_expert_major_routing_groups_the_slots_by_expert(md):
     assert torch.equal(stable_expert_order(idx.reshape(-1), force_rank=True)[0], order)
 
 
+@pytest.mark.parametrize("T,K,E", [(3, 2, 7), (11, 6, 64), (64, 6, 64), (5, 3, 256), (1, 1, 4), (40, 4, 16)])
+def test_fused_expert_order_is_the_stable_sort_and_its_ends(md, device, T, K, E):
+    """``fused_expert_order`` (one launch, RoutedExperts.fused_decode_order) gives expert_major_routing's integers:
+    the stable argsort by expert, each expert's end (idle experts, an expert holding many slots, N not a power of
+    two, E past 128, one slot)."""
+    g = torch.Generator().manual_seed(T * K + E)
+    idx = torch.randint(0, E, (T, K), generator=g)
+    idx[: T // 2, 0] = E // 2  # one expert holding many slots; most experts idle at the small sizes
+    idx = idx.to(device)
+    order, ends = md.fused_expert_order(idx, E)
+    want_order, want_ends = md.expert_major_routing(idx, E)
+    assert order.dtype == want_order.dtype == torch.int64 and ends.dtype == want_ends.dtype == torch.int32
+    assert torch.equal(order, want_order) and torch.equal(ends, want_ends)
+    assert torch.equal(order.cpu(), torch.argsort(idx.reshape(-1).cpu(), stable=True))
+
+
+def test_the_fused_order_switch_feeds_the_expert_major_kernels(md, device, monkeypatch):
+    """With ``RoutedExperts.fused_decode_order`` an expert-major call takes the one-launch order (called once) and
+    gives the default's output bit for bit (the same integers); off, it is not called."""
+    E, D, F_, K, T = 16, 48, 24, 4, 13
+    ex = _experts(E, D, F_, K, torch.float32, device)
+    ex.fused_decode = True
+    x, idx, w = _routing(T, K, E, D, device, seed=5)
+    calls = []
+    real = md.fused_expert_order
+    monkeypatch.setattr(md, "fused_expert_order", lambda *a: calls.append(1) or real(*a))
+    assert md.uses_expert_major(idx.numel(), E)
+    with torch.no_grad():
+        default = ex(x, idx, w)
+        assert calls == []
+        monkeypatch.setattr(RoutedExperts, "fused_decode_order", True)
+        fused = ex(x, idx, w)
+    assert calls == [1] and torch.equal(fused, default)
+
+
 @pytest.mark.parametrize("T,E", [(3, 16)] + [pytest.param(T, 64, marks=pytest.mark.slow) for T in (11, 32)])
 def test_expert_major_bf16_rounds_as_the_slot_major_kernels(md, device, T, E):
     """bf16 at bench_ref's D, F and top-6 (E = 16 for the quick case: the interpreter's time goes with the
@@ -294,15 +329,18 @@ for S, name in ((0, ""), (1, "_s1")):
     kernels["em_down" + name] = (md._expert_down_kernel, em_down,
                                  dict(S=S, E=64, BLOCK_D=32, BLOCK_F=128, BLOCK_S=16, IEEE=False))
     kernels["em_combine" + name] = (md._combine_kernel, ["*bf16", "*fp32", "*bf16", "i32"], dict(S=S, BLOCK_D=256))
+# the one-launch expert order (RoutedExperts.fused_decode_order) at batch 64 × top-6 over 64 experts: idx, order, ends
+kernels["order"] = (md._expert_order_kernel, ["*i64", "*i64", "*i32", "i32", "i32"],
+                    dict(BLOCK_N=512, BLOCK_E=64, CHUNK=8), 8)  # fused_expert_order's launch: 8 warps
 cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
 report = {}
-for name, (fn, pointers, blocks) in kernels.items():
+for name, (fn, pointers, blocks, *warps) in kernels.items():
     names = fn.arg_names
     signature = {n: (pointers[i] if i < len(pointers) else "constexpr") for i, n in enumerate(names)}
     sizes = {k: v for k, v in shapes.items() if k in names}
     src = ASTSource(fn=fn, signature=signature, constexprs={**sizes, **blocks},
                     attrs={(i,): aligned for i, p in enumerate(pointers) if p.startswith("*")})
-    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps[0] if warps else 4})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -380,7 +418,8 @@ def test_bench_moe_decode_runs_in_the_interpreter(md, device, tmp_path):
     assert {(r["tokens"], r["path"], r["cuda_graph"]) for r in rows} >= {
         (1, "grouped", False), (1, "fused", False), (4, "grouped", False), (4, "fused", False),
         (4, "expert_major", False), (16, "expert_major", False), (16, "slot_major", False)} | {
-        (4, op + shared, False) for op in ("slot_major", "expert_major") for shared in ("+shared", "_folded")}
+        (4, op + shared, False) for op in ("slot_major", "expert_major") for shared in ("+shared", "_folded")} | {
+        (4, "expert_major_folded+order", False)}
     assert all(r["ms"] > 0 and r["max_rel_diff"] < 0.02 for r in rows)
 
 
@@ -500,6 +539,21 @@ def test_on_the_gpu_auto_compiles_captures_never_syncs_and_equals_grouped(md, mo
         torch.cuda.synchronize()
         assert torch.equal(again, fused) and torch.equal(static_y, fused)
         assert torch.equal(from_compiled, fused), "inductor runs the same kernels: bit-equal expected"
+        if md.uses_expert_major(idx.numel(), E):  # the one-launch order: the same integers, no sync, captured
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                order, ends = md.fused_expert_order(idx, E)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            want_order, want_ends = md.expert_major_routing(idx, E)
+            assert torch.equal(order, want_order) and torch.equal(ends, want_ends)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph):
+                static_y = md.expert_major_decode(static_x, static_idx, static_w, ex.gate_up_proj, ex.down_proj,
+                                                  fused_order=True)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static_y, fused)
         want64 = _float64(ex, x, idx, w)
         assert (fused.double() - grouped.double()).abs().max() <= 0.02 * want64.abs().max()
         err_fused = (fused.double() - want64).norm() / want64.norm()

@@ -90,6 +90,7 @@ slots, F expert width, H = S·F the shared expert's width (S shared slots a toke
 """
 
 import os
+from functools import partial
 
 import torch
 
@@ -174,7 +175,10 @@ def fused_routed_experts(experts, x_TD: torch.Tensor, idx_TK: torch.Tensor, weig
     dtype = experts.compute_dtype(x_TD)
     args = (x_TD.to(dtype), idx_TK, weight_TK, gate_up_E2FD.to(dtype), down_EDF.to(dtype))
     folded = None if shared is None else shared_fold_weights(shared, experts.width, dtype)
-    decode = expert_major_decode if uses_expert_major(idx_TK.numel(), experts.num_experts) else routed_experts_decode
+    if uses_expert_major(idx_TK.numel(), experts.num_experts):
+        decode = partial(expert_major_decode, fused_order=experts.fused_decode_order)
+    else:
+        decode = routed_experts_decode
     if folded is not None:
         return decode(*args, *folded)
     y_TD = decode(*args)
@@ -204,23 +208,47 @@ def shared_fold_weights(shared, width: int, dtype: torch.dtype) -> tuple[torch.T
     return weights
 
 
-def expert_major_routing(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_major_routing(idx_TK: torch.Tensor, num_experts: int,
+                         fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(order_N, ends_E): the slots n = t·K + k grouped by expert (stably), and the end of each expert's run
     in that list (int32; expert e's slots are order_N[ends_E[e-1] : ends_E[e]]). No sort kernel under
     torch.compile (``stable_expert_order``'s comparison count; argsort eagerly) and no bincount (data-dependent
-    size): the ends are one comparison-and-count over (E, N), which inductor fuses into one kernel."""
+    size): the ends are one comparison-and-count over (E, N), which inductor fuses into one kernel. ``fused``
+    (``RoutedExperts.fused_decode_order``): outside torch.compile, ``fused_expert_order``'s one launch instead."""
+    if fused and not torch.compiler.is_compiling() and HAS_TRITON:
+        return fused_expert_order(idx_TK, num_experts)
     flat_N = idx_TK.reshape(-1)
     order_N, _ = stable_expert_order(flat_N)
     expert_E1 = torch.arange(num_experts, device=flat_N.device)[:, None]
     return order_N, (flat_N[None, :] <= expert_E1).sum(dim=1, dtype=torch.int32)
 
 
+def fused_expert_order(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``expert_major_routing``'s (order_N int64, ends_E int32), the same integers, in one Triton launch: one
+    program ranks every slot by counting (``stable_expert_order``'s comparison, (e_m, m) < (e_n, n), in chunks of
+    slots) and scatters it to its rank; the ends are the count of slots with an expert id ≤ e. For decode sizes
+    (the expert-major kernels take up to 6·E slots): the (N × chunk) comparison tiles of one program."""
+    flat_N = idx_TK.reshape(-1).contiguous()
+    N = flat_N.numel()
+    order_N = torch.empty(N, dtype=torch.int64, device=flat_N.device)
+    ends_E = torch.empty(num_experts, dtype=torch.int32, device=flat_N.device)
+    block_n = max(16, triton.next_power_of_2(N))
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    # ≤ 4,096 comparisons a tile (16 a thread at 8 warps): ptxas (sm_90) gives 95 registers at 512 slots, no spills
+    # (16k a tile took all 255 at 4 warps); one program, so its registers cost no occupancy, only its latency
+    chunk = max(1, min(64, 4096 // max(block_n, block_e)))
+    _expert_order_kernel[(1,)](flat_N, order_N, ends_E, N, num_experts, BLOCK_N=block_n, BLOCK_E=block_e,
+                               CHUNK=chunk, num_warps=8)
+    return order_N, ends_E
+
+
 def expert_major_decode(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
                         gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, *shared_weights: torch.Tensor,
-                        **blocks) -> torch.Tensor:
-    """The expert-major kernels on (T, K) routing: ``expert_major_routing``, then the op (with the shared
-    expert's three weights where given: ``shared_fold_weights``' (gate, up, down))."""
-    order_N, ends_E = expert_major_routing(idx_TK, down_EDF.shape[0])
+                        fused_order: bool = False, **blocks) -> torch.Tensor:
+    """The expert-major kernels on (T, K) routing: ``expert_major_routing`` (``fused_order``: its one-launch
+    form), then the op (with the shared expert's three weights where given: ``shared_fold_weights``' (gate, up,
+    down))."""
+    order_N, ends_E = expert_major_routing(idx_TK, down_EDF.shape[0], fused=fused_order)
     return routed_experts_decode_by_expert(x_TD, order_N, ends_E, weight_TK, gate_up_E2FD, down_EDF, *shared_weights,
                                            **blocks)
 
@@ -229,6 +257,27 @@ if HAS_TRITON:
 
     # bf16 rounding by bits: Triton's interpreter (the CPU tests) truncates a plain ``.to(tl.bfloat16)``
     from .triton_rounding import fp32_dot, rounded  # their own names (inductor re-emits helpers by name)
+
+    @triton.jit
+    def _expert_order_kernel(idx_ptr, order_ptr, ends_ptr, N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                             CHUNK: tl.constexpr):
+        """One program: order[rank(n)] = n with rank(n) = #{m : (e_m, m) < (e_n, n)} (a stable sort by expert id),
+        ends[e] = #{m : e_m ≤ e}. Slots past N read expert id E (after every real one): they rank no real slot
+        and count in no end, and are not stored."""
+        n_N = tl.arange(0, BLOCK_N)
+        live_N = n_N < N
+        e_N = tl.load(idx_ptr + n_N, mask=live_N, other=E)
+        e_E = tl.arange(0, BLOCK_E)
+        rank_N = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        ends_E = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for m0 in range(0, BLOCK_N, CHUNK):  # constexpr bounds (the interpreter takes no range from runtime values)
+            m_M = m0 + tl.arange(0, CHUNK)
+            e_M = tl.load(idx_ptr + m_M, mask=m_M < N, other=E)
+            before_NM = (e_M[None, :] < e_N[:, None]) | ((e_M[None, :] == e_N[:, None]) & (m_M[None, :] < n_N[:, None]))
+            rank_N += tl.sum(before_NM.to(tl.int32), axis=1)
+            ends_E += tl.sum((e_M[None, :] <= e_E[:, None]).to(tl.int32), axis=1)
+        tl.store(order_ptr + rank_N, n_N.to(tl.int64), mask=live_N)
+        tl.store(ends_ptr + e_E, ends_E, mask=e_E < E)
 
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, idx_ptr, w_ptr, sg_ptr, su_ptr, h_ptr, K: tl.constexpr, S: tl.constexpr,
