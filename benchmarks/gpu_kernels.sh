@@ -13,7 +13,8 @@
 #      graph+no<switch> / +<switch> for rope (RotaryEmbedding.fused_inference), cachewrite (MLA.fused_cache_write),
 #      router (Router.fused_inference), routerlogits (Router.fused_logits: the logits in the router's launch), mla
 #      (MLA.fused_decode_attention), vproj (with mla: MLA.fused_value_projection, the value up-projection in its
-#      launches; default rows graph, graph+mla, graph+mla+novproj), boundary (MoETransformer.defer_residual_add: the block boundary's residual add
+#      launches; default rows graph, graph+mla, graph+mla+novproj, graph+moeorder), moeorder
+#      (RoutedExperts.fused_decode_order: the expert-major routing in one launch; batch 33-64: BATCHES=1,32,64), boundary (MoETransformer.defer_residual_add: the block boundary's residual add
 #      in the next norm's launch), sharedfold (DeepSeekMoE.fused_shared), and several at once; MOE_FUSED=auto|on|off
 #      sets the routed experts' fused decode path for every row (auto: the default);
 #   4. profile_decode.py (PROFILE=1): kernels per step and each fused kernel's launches, the same modes.
@@ -25,7 +26,7 @@ mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/moeflow
 export PYTHONPATH=/tmp/pkg:/tmp/site MOEFLOW_HOME=/tmp/mfhome MOEFLOW_TRACKING=noop PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor TRITON_CACHE_DIR=/tmp/triton
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-MODES=${MODES:-graph,graph+mla,graph+mla+novproj}
+MODES=${MODES:-graph,graph+mla,graph+mla+novproj,graph+moeorder}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/device.txt
 if [ -n "${TESTS-x}" ]; then
   timeout ${T_TESTS:-200} python3 -m pytest -v -p no:cacheprovider ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} -rf \
