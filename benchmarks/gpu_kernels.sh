@@ -14,8 +14,8 @@
 #      router (Router.fused_inference), routerlogits (Router.fused_logits: the logits in the router's launch), mla
 #      (MLA.fused_decode_attention), vproj (with mla: MLA.fused_value_projection, the value up-projection in its
 #      launches; default rows graph, graph+mla, graph+mla+novproj, graph+moeorder), moeorder
-#      (RoutedExperts.fused_decode_order: the expert-major routing in one launch; batch 33-64: BATCHES=1,32,64), boundary (MoETransformer.defer_residual_add: the block boundary's residual add
-#      in the next norm's launch), sharedfold (DeepSeekMoE.fused_shared), and several at once; MOE_FUSED=auto|on|off
+#      (RoutedExperts.fused_decode_order: the expert-major routing in one launch; batch 33-64: BATCHES=1,32,64),
+#      boundary (MoETransformer.defer_residual_add: the block boundary's residual add in the next norm's launch), sharedfold (DeepSeekMoE.fused_shared), and several at once; MOE_FUSED=auto|on|off
 #      sets the routed experts' fused decode path for every row (auto: the default);
 #   4. profile_decode.py (PROFILE=1): kernels per step and each fused kernel's launches, the same modes.
 # A switch is turned on by default (with the numbers, as RMSNorm.fused_inference was) where its row gains and its
